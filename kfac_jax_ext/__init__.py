@@ -1,0 +1,20 @@
+"""kfac_jax_ext: natural-gradient preconditioners as optax transformations.
+
+Public face only; see ``spec/api.md`` for the contract.
+"""
+
+from kfac_jax_ext.kfac import Health, KfacState, curvature_due, scale_by_kfac
+from kfac_jax_ext.layers import Layer, describe_layers, find_layers
+from kfac_jax_ext.losses import (sigmoid_cross_entropy, softmax_cross_entropy,
+                                 squared_error)
+from kfac_jax_ext.optimizers import clip_by_kl, kfac
+from kfac_jax_ext.statistics import CurvatureBatch, value_and_grad
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CurvatureBatch", "Health", "KfacState", "Layer", "clip_by_kl",
+    "curvature_due", "describe_layers", "find_layers", "kfac", "scale_by_kfac",
+    "sigmoid_cross_entropy", "softmax_cross_entropy", "squared_error",
+    "value_and_grad",
+]

@@ -1,0 +1,123 @@
+"""Every use of JAX-internal API in the library, behind one module.
+
+JAX changes its internals between releases (kfac-jax 0.0.8 crashes on jax >= 0.9.2
+because ``Primitive.get_bind_params`` changed its return type). Everything the
+library needs from ``jax.extend`` / ``jax._src`` lives here, so a JAX upgrade is
+a one-file change. The rest of the package only sees the small functions below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.extend import core as jex_core
+from jax.interpreters import ad, batching, mlir
+
+Var = jex_core.Var
+Literal = jex_core.Literal
+Jaxpr = jex_core.Jaxpr
+ClosedJaxpr = jex_core.ClosedJaxpr
+JaxprEqn = jex_core.JaxprEqn
+
+# Call-like primitives whose body is traced code that discovery looks through.
+# name -> (parameter holding the body, kind of transparency)
+_JIT_NAMES = ("jit", "pjit", "closed_call", "core_call")
+_REMAT_NAMES = ("remat2", "checkpoint", "remat")
+_CUSTOM_NAMES = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+
+
+def call_kind(eqn: JaxprEqn) -> str | None:
+  """Classifies a call-like equation: "jit", "remat", "custom" or None."""
+  name = eqn.primitive.name
+  if name in _JIT_NAMES:
+    return "jit"
+  if name in _REMAT_NAMES:
+    return "remat"
+  if name in _CUSTOM_NAMES:
+    return "custom"
+  return None
+
+
+def call_body(eqn: JaxprEqn) -> tuple[Jaxpr, Sequence[Any]]:
+  """The (open) body jaxpr of a call-like equation and its constants."""
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    if key in eqn.params:
+      body = eqn.params[key]
+      if isinstance(body, ClosedJaxpr):
+        return body.jaxpr, body.consts
+      return body, ()
+  raise NotImplementedError(f"no body found for call primitive {eqn.primitive}")
+
+
+def remat_options(eqn: JaxprEqn) -> dict[str, Any]:
+  """Keyword arguments of ``jax.checkpoint`` that reproduce a remat equation."""
+  return dict(prevent_cse=eqn.params.get("prevent_cse", True),
+              policy=eqn.params.get("policy", None))
+
+
+def sub_jaxprs(eqn: JaxprEqn) -> list[Jaxpr]:
+  """All jaxprs nested in an equation's parameters (control flow, calls)."""
+  found = []
+  for value in eqn.params.values():
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for v in values:
+      if isinstance(v, ClosedJaxpr):
+        found.append(v.jaxpr)
+      elif isinstance(v, Jaxpr):
+        found.append(v)
+  return found
+
+
+def bind_equation(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
+  """Re-applies an equation to new inputs; returns its outputs as a list."""
+  bind_params = eqn.primitive.get_bind_params(eqn.params)
+  if isinstance(bind_params, tuple):  # jax < 0.9.2: (subfuns, params)
+    subfuns, bind_params = bind_params
+    out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+  else:
+    out = eqn.primitive.bind(*invals, **bind_params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def read_atom(env: dict, atom: Any) -> Any:
+  return atom.val if isinstance(atom, Literal) else env[atom]
+
+
+def is_literal(atom: Any) -> bool:
+  return isinstance(atom, Literal)
+
+
+def make_closed_jaxpr(fn: Callable[..., Any], *args: Any) -> ClosedJaxpr:
+  return jax.make_jaxpr(fn)(*args)
+
+
+def make_identity_primitive(name: str) -> Callable[..., tuple]:
+  """A multiple-results identity primitive that survives jit, grad, vmap, remat.
+
+  Used to tag values (the loss helpers' predictions and targets) so that a jaxpr
+  walk can find them; it lowers to nothing and its derivative is the identity.
+
+  Returns:
+    ``bind(*arrays, **static_params) -> tuple(arrays)``.
+  """
+  prim = jex_core.Primitive(name)
+  prim.multiple_results = True
+  prim.def_impl(lambda *xs, **_: tuple(xs))
+  prim.def_abstract_eval(lambda *avals, **_: tuple(avals))
+
+  def jvp(primals, tangents, **params):
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    return prim.bind(*primals, **params), tangents
+
+  ad.primitive_jvps[prim] = jvp
+  batching.primitive_batchers[prim] = (
+      lambda args, dims, **params: (prim.bind(*args, **params), dims))
+  mlir.register_lowering(
+      prim, mlir.lower_fun(lambda *xs, **_: tuple(xs), multiple_results=True))
+
+  def bind(*xs, **params):
+    return tuple(prim.bind(*xs, **params))
+
+  bind.primitive = prim
+  return bind

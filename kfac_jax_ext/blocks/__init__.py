@@ -1,0 +1,1 @@
+"""Curvature blocks: per-layer statistics, refresh and preconditioning."""

@@ -1,0 +1,103 @@
+"""K-FAC / KFC Kronecker blocks: ``F_l ≈ A ⊗ G``.
+
+With ``ā = [a; 1]`` (the homogeneous coordinate folds the bias in), K tokens
+and M loss examples (dense: K = M; conv: K = M·|T|; sequences: K = M·T):
+
+    A = (1/K) Σ_tok ā āᵀ,     G = (1/M) Σ_tok g gᵀ,
+
+which equals KFC's ``Ω ⊗ Γ`` for conv layers (and kfac-jax's ``|T|``-scaled
+factors). The canonical gradient matrix ``V`` is ``[d_in(+1), d_out]`` (flax
+orientation, bias as last row); in row-major vec ``(A ⊗ G) vec(V) = vec(A V G)``.
+
+Damping (``damping_mode``):
+* ``"tikhonov"``: exact ``(A⊗G + λI)⁻¹ vec(V) = Q_A [(Q_Aᵀ V Q_G) ⊘ (α γᵀ + λ)] Q_Gᵀ``;
+* ``"factored"``: ``(A + π√λ I)⁻¹ V (G + √λ/π I)⁻¹``, π = sqrt((trA/dA)/(trG/dG)).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kfac_jax_ext import linalg
+
+
+class KroneckerFactors(NamedTuple):
+  """Running factors of a ≥2-D parameter leaf, padded to its slot sizes.
+
+  ``rows``: ``(prod(shape[:-1]) + 1)²``; ``cols``: ``(shape[-1] + 1)²``.
+  A layer uses one side as A and the other as G, sliced to its dimensions.
+  """
+  rows: jax.Array
+  cols: jax.Array
+
+
+class KroneckerInverse(NamedTuple):
+  """Refreshed inverse data: damped inverses (factored mode) or eigenvectors
+  and eigenvalues (tikhonov mode; ``*_vals`` are empty in factored mode)."""
+  rows: jax.Array
+  cols: jax.Array
+  rows_vals: jax.Array
+  cols_vals: jax.Array
+
+
+def slot_sizes(shape) -> tuple[int, int]:
+  rows = 1
+  for n in shape[:-1]:
+    rows *= n
+  return rows + 1, shape[-1] + 1
+
+
+def init_factors(shape, dtype) -> KroneckerFactors:
+  r, c = slot_sizes(shape)
+  return KroneckerFactors(jnp.eye(r, dtype=dtype), jnp.eye(c, dtype=dtype))
+
+
+def init_inverse(shape, dtype, mode: str) -> KroneckerInverse:
+  r, c = slot_sizes(shape)
+  vals = (lambda n: jnp.ones((n,), dtype)) if mode == "tikhonov" else (
+      lambda n: jnp.zeros((0,), dtype))
+  return KroneckerInverse(jnp.eye(r, dtype=dtype), jnp.eye(c, dtype=dtype),
+                          vals(r), vals(c))
+
+
+def batch_factors(a, g, has_bias: bool, num_examples, dtype):
+  """``(A_b, G_b)`` of one batch from ``a [K, d_in]`` and ``g [K, d_out]``."""
+  a = a.astype(dtype)
+  g = g.astype(dtype)
+  k = a.shape[0]
+  aa = a.T @ a
+  if has_bias:
+    s = jnp.sum(a, axis=0)
+    top = jnp.concatenate([aa, s[:, None]], axis=1)
+    bottom = jnp.concatenate([s, jnp.array([k], dtype)])[None, :]
+    aa = jnp.concatenate([top, bottom], axis=0)
+  return aa / k, (g.T @ g) / num_examples.astype(dtype)
+
+
+def refresh(a, g, damping, mode: str):
+  """Inverse data for one layer's factors.
+
+  Returns:
+    ``(inverse_a, inverse_g, vals_a, vals_g, ok)``.
+  """
+  if mode == "tikhonov":
+    va, qa, ok_a = linalg.eigh(a)
+    vg, qg, ok_g = linalg.eigh(g)
+    return qa, qg, va, vg, ok_a & ok_g
+  pi = linalg.pi_adjustment(a, g)
+  root = jnp.sqrt(damping)
+  inv_a, ok_a = linalg.damped_inverse(a, pi * root)
+  inv_g, ok_g = linalg.damped_inverse(g, root / pi)
+  return inv_a, inv_g, None, None, ok_a & ok_g
+
+
+def precondition(v, inv_a, inv_g, vals_a, vals_g, damping, mode: str):
+  """Applies the damped block inverse to the canonical gradient matrix ``v``."""
+  if mode == "tikhonov":
+    rotated = inv_a.T @ v @ inv_g
+    rotated = rotated / (vals_a[:, None] * vals_g[None, :] + damping)
+    return inv_a @ rotated @ inv_g.T
+  return inv_a @ v @ inv_g

@@ -1,0 +1,331 @@
+"""K-FAC (Martens & Grosse 2015; KFC for conv, Grosse & Martens 2016) as optax.
+
+``scale_by_kfac(loss_fn, ...)`` is a ``GradientTransformationExtraArgs`` that
+turns the gradient into the K-FAC natural-gradient direction. Per layer,
+``Δ = (A⊗G + λI)⁻¹ vec(∇)`` (tikhonov) or its π-factored variant; see
+``blocks/kronecker.py`` for the math and ``statistics.py`` for the pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kfac_jax_ext import linalg
+from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext import statistics
+from kfac_jax_ext import tracing
+from kfac_jax_ext.blocks import diagonal
+from kfac_jax_ext.blocks import kronecker
+
+
+class Health(NamedTuple):
+  """Counters users can read: statistics batches skipped for being non-finite,
+  and per-layer inverse refreshes that failed (the previous inverse was kept)."""
+  nonfinite_statistics: jax.Array
+  failed_inverses: jax.Array
+
+
+class KfacState(NamedTuple):
+  """State of ``scale_by_kfac`` (arrays only; one entry per parameter leaf).
+
+  Attributes:
+    count: number of ``update`` calls so far.
+    statistics_count: accepted statistics batches (drives the EMA schedule).
+    curvature_due: whether the next ``update`` is a statistics step.
+    factors: per leaf, ``KroneckerFactors`` or None.
+    inverses: per leaf, ``KroneckerInverse`` or None.
+    diagonals: per leaf, running diagonal Fisher (scale/shift and fallback).
+    health: ``Health`` counters.
+  """
+  count: jax.Array
+  statistics_count: jax.Array
+  curvature_due: jax.Array
+  factors: tuple
+  inverses: tuple
+  diagonals: tuple
+  health: Health
+
+
+def curvature_due(opt_state) -> jax.Array:
+  """Whether any curvature preconditioner in ``opt_state`` wants statistics now."""
+  found = [s.curvature_due for s in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, KfacState)) if isinstance(
+          s, KfacState)]
+  if not found:
+    raise ValueError("opt_state contains no kfac_jax_ext preconditioner state.")
+  return jnp.any(jnp.stack(found))
+
+
+def _check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
+                   ema_decay, damping):
+  choices = dict(damping_mode=(damping_mode, ("tikhonov", "factored")),
+                 fisher=(fisher, ("sampled", "empirical")),
+                 fallback=(fallback, ("identity", "diagonal")))
+  for name, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+  for name, value in (("stats_every", stats_every), ("inverse_every", inverse_every)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}.")
+  if isinstance(ema_decay, (int, float)) and not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
+  if isinstance(damping, (int, float)) and damping <= 0:
+    raise ValueError(f"damping must be positive, got {damping!r}.")
+
+
+def scale_by_kfac(
+    loss_fn: Callable[..., Any],
+    *,
+    damping: float | Callable[[jax.Array], jax.Array] = 1e-3,
+    damping_mode: str = "factored",
+    fisher: str = "sampled",
+    stats_every: int = 1,
+    inverse_every: int = 5,
+    ema_decay: float = 0.95,
+    fallback: str = "identity",
+    max_factor_dim: int = 4096,
+    axis_name: str | None = None,
+    has_aux: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Preconditions gradients with K-FAC's Kronecker-factored Fisher blocks.
+
+  Per dense/conv layer with factors ``A = E[āāᵀ]``, ``G = E[ggᵀ]`` (running
+  averages ``X ← εX + (1-ε)X_b``, ``ε_k = min(1 - 1/k, ema_decay)``):
+
+  * ``damping_mode="tikhonov"``: ``Δ = (A⊗G + λI)⁻¹ vec(∇)`` exactly, via the
+    eigenbases of A and G;
+  * ``damping_mode="factored"``: ``Δ = (A + π√λI)⁻¹ ∇ (G + √λ/π I)⁻¹``.
+
+  Scale-and-shift layers get their diagonal Fisher; leaves no layer owns pass
+  through (``fallback="identity"``) or are divided by a running diagonal
+  (``"diagonal"``). See ``kfe.describe_layers`` for the assignment.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)`` returning a loss made with a loss
+      helper (``kfe.softmax_cross_entropy`` ...).
+    damping: Tikhonov λ, a float or a schedule ``step -> λ``.
+    damping_mode: ``"tikhonov"`` or ``"factored"`` (π-adjusted, cheaper).
+    fisher: ``"sampled"`` (targets from the model; needs ``key``) or
+      ``"empirical"`` (data targets).
+    stats_every: refresh statistics every k updates (the first update does).
+    inverse_every: refresh inverses every k updates (the first update does).
+    ema_decay: running-average cap ε; 0.0 uses the latest batch only.
+    fallback: ``"identity"`` or ``"diagonal"`` for leaves no layer owns.
+    max_factor_dim: leaves whose factors would be larger fall back.
+    axis_name: reserved for multi-device statistics (not yet supported).
+    has_aux: ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
+    ``(updates, state, params, *, batch, key=None, curvature=None)``.
+
+  Example:
+    >>> tx = optax.chain(kfe.scale_by_kfac(loss_fn, damping=1e-3),
+    ...                  optax.sgd(0.1, momentum=0.9))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params, batch=batch, key=key)
+  """
+  _check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
+                 ema_decay, damping)
+  if axis_name is not None:
+    raise NotImplementedError("axis_name (multi-device statistics) is not yet "
+                              "supported by scale_by_kfac.")
+
+  def init_fn(params):
+    dtype = linalg.factor_dtype()
+    factors, inverses, diags = [], [], []
+    for leaf in jax.tree_util.tree_leaves(params):
+      shape = tuple(jnp.shape(leaf))
+      fits = len(shape) >= 2 and max(kronecker.slot_sizes(shape)) <= max_factor_dim
+      factors.append(kronecker.init_factors(shape, dtype) if fits else None)
+      inverses.append(kronecker.init_inverse(shape, dtype, damping_mode)
+                      if fits else None)
+      diags.append(jnp.zeros(shape, dtype))
+    zero = jnp.zeros([], jnp.int32)
+    return KfacState(zero, zero, jnp.array(True), tuple(factors), tuple(inverses),
+                     tuple(diags), Health(zero, zero))
+
+  def update_fn(updates, state, params=None, *, batch=None, key=None,
+                curvature=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("scale_by_kfac needs params: update(grads, state, params, "
+                       "batch=batch, key=key).")
+    if batch is None:
+      raise ValueError("scale_by_kfac needs the batch loss_fn takes: "
+                       "update(grads, state, params, batch=batch, key=key).")
+    traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
+    grads, treedef = jax.tree_util.tree_flatten(updates)
+    _check_structure(traced, grads, treedef, state)
+    plan = plan_lib.make_plan(traced, state.factors)
+    lam = damping(state.count) if callable(damping) else damping
+    dtype = state.diagonals[0].dtype if state.diagonals else jnp.float32
+    lam = jnp.asarray(lam, dtype)
+
+    def new_statistics(st):
+      if curvature is not None:
+        batch_stats = curvature
+        _check_curvature(traced, batch_stats)
+      else:
+        batch_stats = statistics.statistics_pass(traced, params, batch, key,
+                                                 fisher)[2]
+      return _accumulate(plan, traced, st, batch_stats, ema_decay, fallback, dtype)
+
+    def old_statistics(st):
+      return st.factors, st.diagonals, st.statistics_count, st.health
+
+    if curvature is None and fisher == "sampled" and key is None:
+      raise ValueError("fisher='sampled' draws targets from the model: pass "
+                       "key=<PRNG key> to update (or use fisher='empirical').")
+    factors, diags, stats_count, health = jax.lax.cond(
+        state.curvature_due, new_statistics, old_statistics, state)
+
+    def refresh(inverses):
+      return _refresh(plan, factors, inverses, lam, damping_mode)
+
+    inverses, failures = jax.lax.cond(
+        state.count % inverse_every == 0, refresh,
+        lambda inv: (inv, jnp.zeros([], jnp.int32)), state.inverses)
+    health = health._replace(failed_inverses=health.failed_inverses + failures)
+    out = _precondition(plan, traced, grads, factors, inverses, diags, lam,
+                        damping_mode, fallback)
+    count = state.count + 1
+    new_state = KfacState(count, stats_count, count % stats_every == 0, factors,
+                          inverses, diags, health)
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_structure(traced, grads, treedef, state):
+  if len(grads) != len(traced.param_shapes) or len(grads) != len(state.diagonals):
+    raise ValueError(f"updates have {len(grads)} leaves, params "
+                     f"{len(traced.param_shapes)} and the state "
+                     f"{len(state.diagonals)}: were they made from the same params?")
+  for g, shape, d in zip(grads, traced.param_shapes, state.diagonals):
+    if tuple(g.shape) != shape or tuple(d.shape) != shape:
+      raise ValueError(f"update leaf of shape {tuple(g.shape)} does not match the "
+                       f"param shape {shape} / state shape {tuple(d.shape)}.")
+
+
+def _check_curvature(traced, cb):
+  if not isinstance(cb, statistics.CurvatureBatch) or len(cb.layers) != len(
+      traced.layers):
+    raise ValueError("curvature= must be the CurvatureBatch that "
+                     "kfe.value_and_grad(loss_fn) returned for this batch.")
+  for stats, layer in zip(cb.layers, traced.layers):
+    if layer.kind in ("dense", "conv2d"):
+      a, g = stats
+      if a.shape[1:] != (layer.d_in,) or g.shape[1:] != (layer.d_out,) or (
+          a.shape[0] != g.shape[0]):
+        raise ValueError(
+            f"curvature statistics of layer {layer.name} have shapes "
+            f"{a.shape}, {g.shape}, inconsistent with the traced layer "
+            f"(d_in={layer.d_in}, d_out={layer.d_out}).")
+
+
+def _ema(old, new, eps):
+  return eps * old + (1.0 - eps) * new
+
+
+def _accumulate(plan, traced, st, cb, ema_decay, fallback, dtype):
+  """EMA of the batch statistics into the slots; skipped if non-finite."""
+  m = cb.num_examples
+  k = (st.statistics_count + 1).astype(dtype)
+  eps = jnp.minimum(1.0 - 1.0 / k, ema_decay)
+  factors, diags = list(st.factors), list(st.diagonals)
+  batch_values = []
+  for kl in plan.kronecker:
+    a, g = cb.layers[kl.index]
+    fa, fg = kronecker.batch_factors(a, g, kl.has_bias, m, dtype)
+    batch_values += [fa, fg]
+    slots = factors[kl.layer.kernel]
+    sa, sg = getattr(slots, kl.a_side), getattr(slots, kl.g_side)
+    sa = sa.at[:kl.d_a, :kl.d_a].set(_ema(sa[:kl.d_a, :kl.d_a], fa, eps))
+    sg = sg.at[:kl.d_g, :kl.d_g].set(_ema(sg[:kl.d_g, :kl.d_g], fg, eps))
+    factors[kl.layer.kernel] = slots._replace(**{kl.a_side: sa, kl.g_side: sg})
+  for i, layer in plan.diagonal_layers:
+    for leaf, u in zip((layer.scale, layer.shift), cb.layers[i]):
+      if leaf is not None:
+        d = diagonal.from_tokens(u, m, dtype).reshape(diags[leaf].shape)
+        batch_values.append(d)
+        diags[leaf] = _ema(diags[leaf], d, eps)
+  if fallback == "diagonal":
+    for i, layer, _ in plan.unfactored_layers:
+      a, g = cb.layers[i]
+      a = a.astype(dtype)
+      if layer.bias is not None:
+        a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), dtype)], axis=1)
+      d = (a * a).T @ jnp.square(g.astype(dtype)) / m.astype(dtype)
+      dk, db = plan_lib.from_matrix(layer, d, traced.param_shapes[layer.kernel],
+                                    layer.bias is not None)
+      for leaf, v in ((layer.kernel, dk), (layer.bias, db)):
+        if leaf is not None:
+          batch_values.append(v)
+          diags[leaf] = _ema(diags[leaf], v, eps)
+    for leaf, grad in zip(plan.fallback_leaves, cb.fallback_grads):
+      d = diagonal.from_summed_gradient(grad, m, dtype)
+      batch_values.append(d)
+      diags[leaf] = _ema(diags[leaf], d, eps)
+  ok = linalg.all_finite(*batch_values)
+  keep = lambda new, old: jax.tree_util.tree_map(
+      lambda n, o: jnp.where(ok, n, o), new, old)
+  health = st.health._replace(
+      nonfinite_statistics=st.health.nonfinite_statistics + (~ok).astype(jnp.int32))
+  return (keep(tuple(factors), st.factors), keep(tuple(diags), st.diagonals),
+          st.statistics_count + ok.astype(jnp.int32), health)
+
+
+def _refresh(plan, factors, inverses, lam, mode):
+  inverses = list(inverses)
+  failures = jnp.zeros([], jnp.int32)
+  for kl in plan.kronecker:
+    slots = factors[kl.layer.kernel]
+    fa = getattr(slots, kl.a_side)[:kl.d_a, :kl.d_a]
+    fg = getattr(slots, kl.g_side)[:kl.d_g, :kl.d_g]
+    ia, ig, va, vg, ok = kronecker.refresh(fa, fg, lam, mode)
+    old = inverses[kl.layer.kernel]
+    new = {kl.a_side: getattr(old, kl.a_side).at[:kl.d_a, :kl.d_a].set(ia),
+           kl.g_side: getattr(old, kl.g_side).at[:kl.d_g, :kl.d_g].set(ig)}
+    if mode == "tikhonov":
+      new[kl.a_side + "_vals"] = getattr(old, kl.a_side + "_vals").at[:kl.d_a].set(va)
+      new[kl.g_side + "_vals"] = getattr(old, kl.g_side + "_vals").at[:kl.d_g].set(vg)
+    inverses[kl.layer.kernel] = jax.tree_util.tree_map(
+        lambda n, o: jnp.where(ok, n, o), old._replace(**new), old)
+    failures = failures + (~ok).astype(jnp.int32)
+  return tuple(inverses), failures
+
+
+def _precondition(plan, traced, grads, factors, inverses, diags, lam, mode,
+                  fallback):
+  out = list(grads)
+  for kl in plan.kronecker:
+    layer = kl.layer
+    kernel_grad = grads[layer.kernel]
+    bias_grad = grads[layer.bias] if kl.has_bias else None
+    v = plan_lib.to_matrix(layer, kernel_grad, bias_grad).astype(lam.dtype)
+    inv = inverses[layer.kernel]
+    ia = getattr(inv, kl.a_side)[:kl.d_a, :kl.d_a]
+    ig = getattr(inv, kl.g_side)[:kl.d_g, :kl.d_g]
+    va = getattr(inv, kl.a_side + "_vals")[:kl.d_a] if mode == "tikhonov" else None
+    vg = getattr(inv, kl.g_side + "_vals")[:kl.d_g] if mode == "tikhonov" else None
+    delta = kronecker.precondition(v, ia, ig, va, vg, lam, mode)
+    dk, db = plan_lib.from_matrix(layer, delta, kernel_grad.shape, kl.has_bias)
+    out[layer.kernel] = dk.astype(kernel_grad.dtype)
+    if kl.has_bias:
+      out[layer.bias] = db.astype(bias_grad.dtype)
+  diag_leaves = [leaf for _, layer in plan.diagonal_layers
+                 for leaf in (layer.scale, layer.shift) if leaf is not None]
+  if fallback == "diagonal":
+    diag_leaves += list(plan.fallback_leaves)
+    diag_leaves += [leaf for _, layer, _ in plan.unfactored_layers
+                    for leaf in (layer.kernel, layer.bias) if leaf is not None]
+  for leaf in diag_leaves:
+    g = grads[leaf]
+    out[leaf] = diagonal.precondition(g.astype(lam.dtype), diags[leaf],
+                                      lam).astype(g.dtype)
+  return out

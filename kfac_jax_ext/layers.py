@@ -1,0 +1,100 @@
+"""Public layer discovery: ``find_layers`` and ``describe_layers``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from kfac_jax_ext import tracing
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """A layer found by tracing ``loss_fn``.
+
+  Attributes:
+    name: readable name (the module path of its parameters).
+    kind: ``"dense"``, ``"conv2d"`` or ``"scale_and_shift"``.
+    params: key paths of the parameter leaves it owns.
+    inputs_shape: shape of its input (scale-and-shift: of the scaled array).
+    outputs_shape: shape of its pre-activation output.
+    has_bias: whether a bias is folded into the block.
+  """
+  name: str
+  kind: str
+  params: tuple
+  inputs_shape: tuple
+  outputs_shape: tuple
+  has_bias: bool = False
+
+
+def _public(traced: tracing.TracedLoss, m: tracing.LayerMatch) -> Layer:
+  return Layer(name=m.name, kind=m.kind,
+               params=tuple(traced.param_paths[i] for i in m.leaves),
+               inputs_shape=m.inputs_shape, outputs_shape=m.outputs_shape,
+               has_bias=m.bias is not None)
+
+
+def find_layers(loss_fn: Callable, params: Any, batch: Any,
+                has_aux: bool = False) -> tuple[Layer, ...]:
+  """Traces ``loss_fn(params, batch)`` (never runs it) and lists its layers.
+
+  Args:
+    loss_fn: the user's loss, calling a loss helper.
+    params: parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
+    batch: what ``loss_fn`` takes (arrays or shape structs).
+    has_aux: ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    One ``Layer`` per recognised layer, in forward order.
+
+  Raises:
+    ValueError: ``loss_fn`` registers no loss (call a ``kfe.*`` loss helper).
+
+  Example:
+    >>> for layer in kfe.find_layers(loss_fn, params, batch):
+    ...   print(layer.name, layer.kind)
+  """
+  traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
+  return tuple(_public(traced, m) for m in traced.layers)
+
+
+def _table(rows, header):
+  widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+  fmt = "  ".join("{:<%d}" % w for w in widths)
+  lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+  lines += [fmt.format(*map(str, r)) for r in rows]
+  return "\n".join(line.rstrip() for line in lines)
+
+
+def describe_layers(loss_fn: Callable, params: Any, batch: Any,
+                    has_aux: bool = False, fallback: str = "identity") -> str:
+  """A readable table of the layers and of every parameter no layer owns.
+
+  Args:
+    loss_fn, params, batch, has_aux: as for ``find_layers``.
+    fallback: the preconditioner's ``fallback`` option, shown for the
+      parameters no layer owns.
+
+  Returns:
+    The table as a string; ``print`` it.
+  """
+  traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
+  rows = []
+  for m in traced.layers:
+    layer = _public(traced, m)
+    block = "diagonal" if m.kind == "scale_and_shift" else (
+        f"kronecker {m.d_in + int(m.bias is not None)}x{m.d_out}")
+    rows.append((layer.name, layer.kind, block,
+                 ", ".join("/".join(map(str, p)) for p in layer.params),
+                 layer.inputs_shape, layer.outputs_shape))
+  text = f"Layers ({len(rows)}):\n" + _table(
+      rows, ("name", "kind", "block", "params", "inputs", "outputs"))
+  rest = [("/".join(map(str, traced.param_paths[i])), traced.param_shapes[i],
+           reason, fallback) for i, reason in sorted(traced.leaf_reasons.items())]
+  if rest:
+    text += f"\n\nParameters no layer owns ({len(rest)}):\n" + _table(
+        rest, ("param", "shape", "reason", "fallback"))
+  else:
+    text += "\n\nEvery parameter belongs to a layer."
+  return text

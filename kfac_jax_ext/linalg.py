@@ -1,0 +1,67 @@
+"""Damped inverses and decompositions of curvature factors.
+
+All functions take factors in float32 (float64 under x64), symmetrize before
+decomposing, and report failure as a boolean instead of returning NaN: the
+caller keeps the previous inverse and counts the failure.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def factor_dtype():
+  """float64 when x64 is enabled, else float32, whatever the model's dtype."""
+  return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+def symmetrize(x):
+  return 0.5 * (x + x.T)
+
+
+def all_finite(*arrays) -> jax.Array:
+  ok = jnp.array(True)
+  for x in arrays:
+    if x is not None:
+      ok = ok & jnp.all(jnp.isfinite(x))
+  return ok
+
+
+def damped_inverse(x, damping):
+  """``(x + damping·I)⁻¹`` of a symmetric PSD matrix by Cholesky.
+
+  Returns:
+    ``(inverse, ok)``; ``ok`` is False when the factorization failed or the
+    result is not finite.
+  """
+  n = x.shape[0]
+  eye = jnp.eye(n, dtype=x.dtype)
+  chol = jnp.linalg.cholesky(symmetrize(x) + damping * eye)
+  inv = jax.scipy.linalg.cho_solve((chol, True), eye)
+  inv = symmetrize(inv)
+  return inv, all_finite(inv)
+
+
+def eigh(x):
+  """Eigendecomposition ``x = Q diag(v) Qᵀ`` with eigenvalues clipped at 0.
+
+  Returns:
+    ``(eigenvalues, eigenvectors, ok)``.
+  """
+  vals, vecs = jnp.linalg.eigh(symmetrize(x))
+  vals = jnp.maximum(vals, 0.0)
+  return vals, vecs, all_finite(vals, vecs)
+
+
+def pi_adjustment(a, g):
+  """Martens & Grosse's π = sqrt((tr A / dim A) / (tr G / dim G)).
+
+  Invariant to ``(A, G) -> (cA, G/c)``; 1 when either trace vanishes.
+  """
+  ta = jnp.trace(a) / a.shape[0]
+  tg = jnp.trace(g) / g.shape[0]
+  tiny = jnp.finfo(a.dtype).tiny
+  ok = (ta > tiny) & (tg > tiny)
+  return jnp.where(ok, jnp.sqrt(jnp.where(ok, ta / jnp.where(ok, tg, 1.0), 1.0)),
+                   1.0)

@@ -1,0 +1,166 @@
+"""Loss helpers that register the model's predictive distribution.
+
+Each helper returns the batch-mean loss, ``mean_n w_n * l_n``, and tags its
+inputs so that the curvature machinery can find the predictive distribution by
+tracing the user's ``loss_fn`` and draw targets from it (true Fisher) or reuse
+the data targets (empirical Fisher).
+
+The leading axes of ``predictions`` are examples (``[N, C]``, or ``[N, T, C]``
+for a sequence model: N*T examples); the last axis holds the outputs.
+
+Example:
+  >>> def loss_fn(params, batch):
+  ...   logits = model.apply(params, batch["x"])
+  ...   return kfe.softmax_cross_entropy(logits, batch["y"])
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kfac_jax_ext import _jax_internals
+
+_tag = _jax_internals.make_identity_primitive("kfe_loss_tag")
+LOSS_TAG_PRIMITIVE = _tag.primitive
+
+KINDS = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
+
+
+def _prepare(predictions, targets, weights, kind):
+  predictions = jnp.asarray(predictions)
+  targets = jnp.asarray(targets)
+  if predictions.ndim == 0:
+    raise ValueError(f"{kind}: predictions must have a batch axis, got a scalar.")
+  if predictions.ndim == 1 and kind != "softmax_cross_entropy":
+    predictions = predictions[:, None]   # [N] -> N examples with one output
+    if targets.ndim == 1:
+      targets = targets[:, None]
+  batch_shape = predictions.shape[:-1]
+  if kind == "softmax_cross_entropy" and targets.shape == batch_shape:
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+      raise ValueError(f"{kind}: labels of shape {targets.shape} must be integer "
+                       f"class ids (or one-hot/probabilities of shape "
+                       f"{predictions.shape}), got dtype {targets.dtype}.")
+  elif targets.shape != predictions.shape:
+    raise ValueError(
+        f"{kind}: targets of shape {targets.shape} are inconsistent with "
+        f"predictions of shape {predictions.shape} (expected {predictions.shape}"
+        + (f" or integer labels of shape {batch_shape}" if kind ==
+           "softmax_cross_entropy" else "") + ").")
+  if weights is None:
+    weights = jnp.ones(batch_shape, predictions.dtype)
+  weights = jnp.asarray(weights)
+  if weights.shape != batch_shape:
+    raise ValueError(f"{kind}: weights of shape {weights.shape} must have the "
+                     f"examples' shape {batch_shape}.")
+  return predictions, targets, weights
+
+
+def per_example_loss(kind: str, predictions, targets):
+  """Unweighted per-example loss ``l_n`` (shape ``predictions.shape[:-1]``)."""
+  if kind == "softmax_cross_entropy":
+    logp = jax.nn.log_softmax(predictions, axis=-1)
+    if targets.shape == predictions.shape[:-1]:
+      return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return -jnp.sum(targets * logp, axis=-1)
+  if kind == "sigmoid_cross_entropy":
+    log_p = jax.nn.log_sigmoid(predictions)
+    log_not_p = jax.nn.log_sigmoid(-predictions)
+    return -jnp.sum(targets * log_p + (1 - targets) * log_not_p, axis=-1)
+  if kind == "squared_error":
+    return 0.5 * jnp.sum(jnp.square(predictions - targets), axis=-1)
+  raise ValueError(f"unknown loss kind {kind!r}")
+
+
+def sample_targets(kind: str, predictions, key):
+  """Draws one target per example from the model's predictive distribution."""
+  predictions = jax.lax.stop_gradient(predictions)
+  if kind == "softmax_cross_entropy":
+    labels = jax.random.categorical(key, predictions.astype(jnp.float32), axis=-1)
+    return jax.nn.one_hot(labels, predictions.shape[-1], dtype=predictions.dtype)
+  if kind == "sigmoid_cross_entropy":
+    p = jax.nn.sigmoid(predictions.astype(jnp.float32))
+    return jax.random.bernoulli(key, p).astype(predictions.dtype)
+  if kind == "squared_error":
+    noise = jax.random.normal(key, predictions.shape, jnp.float32)
+    return predictions + noise.astype(predictions.dtype)
+  raise ValueError(f"unknown loss kind {kind!r}")
+
+
+class RegisteredLoss(NamedTuple):
+  """A loss found in a traced ``loss_fn``: its kind and its tagged inputs."""
+  kind: str
+  predictions: jax.Array
+  targets: jax.Array
+  weights: jax.Array
+
+  @property
+  def num_examples(self) -> int:
+    return int(jnp.size(self.weights))
+
+  def fisher_objective(self, key, fisher: str, scale: float = 1.0):
+    """``scale * sum_n sqrt(w_n) l_n(y_n)`` with sampled or data targets.
+
+    Its gradient with respect to a pre-activation is the per-example output
+    gradient ``g_n`` of the *summed* loss (no 1/N), weighted so that
+    ``g_n g_nᵀ`` carries ``w_n``: the statistics of every method follow.
+    """
+    if fisher == "sampled":
+      targets = sample_targets(self.kind, self.predictions, key)
+    elif fisher == "empirical":
+      targets = jax.lax.stop_gradient(self.targets)
+    else:
+      raise ValueError(f"fisher must be 'sampled' or 'empirical', got {fisher!r}")
+    losses = per_example_loss(self.kind, self.predictions, targets)
+    root_w = jnp.sqrt(jnp.maximum(jax.lax.stop_gradient(self.weights), 0))
+    return scale * jnp.sum(root_w.astype(losses.dtype) * losses)
+
+
+def _register_and_mean(kind, predictions, targets, weights):
+  predictions, targets, weights = _prepare(predictions, targets, weights, kind)
+  predictions, targets, weights = _tag(predictions, targets, weights, kind=kind)
+  losses = per_example_loss(kind, predictions, targets)
+  return jnp.mean(weights.astype(losses.dtype) * losses)
+
+
+def softmax_cross_entropy(logits, labels, weights=None):
+  """Categorical loss ``-log softmax(logits)[label]``, batch-mean; registers it.
+
+  Args:
+    logits: ``[..., C]`` unnormalised log-probabilities.
+    labels: integer class ids ``[...]`` or one-hot/probabilities ``[..., C]``.
+    weights: optional per-example weights ``[...]`` (non-negative).
+
+  Returns:
+    The scalar ``mean_n w_n * l_n``.
+  """
+  return _register_and_mean("softmax_cross_entropy", logits, labels, weights)
+
+
+def sigmoid_cross_entropy(logits, targets, weights=None):
+  """Independent-Bernoulli loss summed over outputs, batch-mean; registers it.
+
+  Args:
+    logits: ``[..., D]`` log-odds. targets: ``[..., D]`` in ``[0, 1]``.
+    weights: optional per-example weights.
+
+  Returns:
+    The scalar ``mean_n w_n * sum_d BCE(logits_nd, targets_nd)``.
+  """
+  return _register_and_mean("sigmoid_cross_entropy", logits, targets, weights)
+
+
+def squared_error(predictions, targets, weights=None):
+  """Unit-variance Gaussian loss ``0.5 ||pred - target||²``, batch-mean.
+
+  Args:
+    predictions, targets: ``[..., D]`` (a ``[N]`` vector is N scalar outputs).
+    weights: optional per-example weights.
+
+  Returns:
+    The scalar ``mean_n w_n * 0.5 * ||pred_n - target_n||²``.
+  """
+  return _register_and_mean("squared_error", predictions, targets, weights)

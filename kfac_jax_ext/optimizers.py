@@ -1,0 +1,100 @@
+"""Complete optimizers: preconditioner → KL-clip → weight decay → momentum → lr.
+
+The pipeline of the reference K-FAC codes (``algorithms.md`` §0.5) as an
+``optax.chain``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kfac_jax_ext import kfac as kfac_lib
+
+
+class KlClipState(NamedTuple):
+  count: jax.Array
+  inner: Any
+
+
+def clip_by_kl(inner: optax.GradientTransformation, max_kl,
+               learning_rate) -> optax.GradientTransformationExtraArgs:
+  r"""Wraps a preconditioner with KL-clipping (Ba, Grosse & Martens 2017).
+
+  ``ν = min(1, sqrt(κ / (lr² Σ⟨Δ, ∇⟩)))`` and ``Δ ← νΔ``, where ``∇`` is the
+  raw gradient and ``Δ`` the preconditioned one, so that afterwards
+  ``lr² ν² Σ⟨Δ, ∇⟩ ≤ κ`` (equality iff clipped).
+
+  Args:
+    inner: the preconditioner (e.g. ``scale_by_kfac(...)``).
+    max_kl: κ (float or array).
+    learning_rate: float or schedule, the same one the optimizer applies.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return KlClipState(jnp.zeros([], jnp.int32), inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    delta, inner_state = inner.update(updates, state.inner, params, **extra_args)
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    inner_product = sum(
+        jnp.vdot(d.astype(jnp.float32), g.astype(jnp.float32))
+        for d, g in zip(jax.tree_util.tree_leaves(delta),
+                        jax.tree_util.tree_leaves(updates)))
+    quad = jnp.asarray(lr, jnp.float32) ** 2 * jnp.abs(inner_product)
+    nu = jnp.where(quad > 0, jnp.minimum(1.0, jnp.sqrt(max_kl / jnp.where(
+        quad > 0, quad, 1.0))), 1.0)
+    delta = jax.tree_util.tree_map(lambda d: (d * nu).astype(d.dtype), delta)
+    return delta, KlClipState(state.count + 1, inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_zero(x) -> bool:
+  return isinstance(x, (int, float)) and x == 0
+
+
+def with_optimizer_steps(preconditioner, learning_rate, *, momentum=0.9,
+                         weight_decay=0.0, kl_clip=None):
+  """``chain(clip_by_kl(preconditioner), add_decayed_weights, trace, -lr)``."""
+  parts = [preconditioner if kl_clip is None else
+           clip_by_kl(preconditioner, kl_clip, learning_rate)]
+  if not _is_zero(weight_decay):
+    parts.append(optax.add_decayed_weights(weight_decay))
+  if momentum is not None and not _is_zero(momentum):
+    parts.append(optax.trace(decay=momentum, nesterov=False))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*parts)
+
+
+def kfac(loss_fn: Callable, learning_rate, *, momentum=0.9, weight_decay=0.0,
+         kl_clip=None, **options) -> optax.GradientTransformationExtraArgs:
+  """K-FAC optimizer: ``scale_by_kfac`` with KL-clip, weight decay, momentum, lr.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)`` using a ``kfe`` loss helper.
+    learning_rate: float or optax schedule.
+    momentum: heavy-ball momentum (no dampening, no Nesterov); 0 or None: off.
+    weight_decay: added to the preconditioned direction (``Δ + wd·θ``).
+    kl_clip: κ for KL-clipping, or None.
+    **options: passed to ``scale_by_kfac`` (damping, damping_mode, fisher, ...).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs
+    ``params``, ``batch=`` and (sampled Fisher) ``key=``.
+
+  Example:
+    >>> opt = kfe.kfac(loss_fn, learning_rate=0.1, damping=1e-3)
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update(grads, state, params, batch=batch, key=key)
+  """
+  return with_optimizer_steps(kfac_lib.scale_by_kfac(loss_fn, **options),
+                              learning_rate, momentum=momentum,
+                              weight_decay=weight_decay, kl_clip=kl_clip)

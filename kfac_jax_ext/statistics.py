@@ -1,0 +1,226 @@
+"""The one statistics pass: loss, gradient and per-layer (a, g) from one forward.
+
+The traced jaxpr of ``loss_fn`` is re-evaluated with every layer's input ``a``
+captured and a zero *probe* added to every pre-activation ``s``. One ``jax.vjp``
+of ``(params, probes) -> (loss, fisher_objective)`` shares the forward pass
+between two backward passes: the true loss gives the parameter gradient, the
+Fisher objective ``sum_n sqrt(w_n) l_n(ŷ_n)`` (sampled or data targets) gives
+``g = d objective / d probe``: the per-token output gradients of the summed loss.
+
+Canonical per-layer statistics (tokens = all non-feature positions, K of them):
+``a``: ``[K, d_in]`` layer inputs (conv: im2col patches, feature order
+(C, kh, kw)); ``g``: ``[K, d_out]``. With M the number of loss examples, the
+K-FAC block of the mean loss is ``A ⊗ G``, ``A = āᵀā / K``, ``G = gᵀg / M``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kfac_jax_ext import _jax_internals as jint
+from kfac_jax_ext import losses as losses_lib
+from kfac_jax_ext import tracing
+
+
+class CurvatureBatch(NamedTuple):
+  """Statistics of one batch (arrays only; pass to ``update(curvature=...)``).
+
+  ``layers``: per traced layer, ``(a, g)`` for dense/conv and
+  ``(u_scale, u_shift)`` per-token gradients for scale-and-shift (None where
+  absent). ``fallback_grads``: per parameter leaf no layer owns, the gradient
+  of the Fisher objective (its square / M estimates the diagonal Fisher).
+  ``num_examples``: M, the number of per-example losses.
+  """
+  layers: tuple
+  fallback_grads: tuple
+  num_examples: jax.Array
+
+
+def _evaluate(jaxpr, consts, args, path, probes, actions, active):
+  env: dict = {}
+  for v, x in zip(jaxpr.constvars, consts):
+    env[v] = x
+  for v, x in zip(jaxpr.invars, args):
+    env[v] = x
+  captured = {}
+  for i, eqn in enumerate(jaxpr.eqns):
+    invals = [jint.read_atom(env, v) for v in eqn.invars]
+    acts = actions.get((path, i), ())
+    for act in acts:
+      if act[0] == "capture":
+        captured[act[1]] = invals[act[2]]
+    sub = path + (i,)
+    kind = jint.call_kind(eqn)
+    if kind is not None and sub in active:
+      body, body_consts = jint.call_body(eqn)
+      sub_probes = {k: v for k, v in probes.items() if k[0][:len(sub)] == sub}
+
+      def run(vals, prb, body=body, body_consts=body_consts, sub=sub):
+        return _evaluate(body, body_consts, vals, sub, prb, actions, active)
+
+      if kind == "remat":
+        run = jax.checkpoint(run, **jint.remat_options(eqn))
+      outs, sub_captured = run(invals, sub_probes)
+      outs = list(outs)
+      captured.update(sub_captured)
+    else:
+      outs = jint.bind_equation(eqn, invals)
+    for act in acts:
+      if act[0] == "probe":
+        outs[0] = outs[0] + probes[(path, i)]
+      elif act[0] == "loss":
+        captured[act[1]] = tuple(outs)
+    for v, x in zip(eqn.outvars, outs):
+      env[v] = x
+  return [jint.read_atom(env, v) for v in jaxpr.outvars], captured
+
+
+def _instrumentation(traced: tracing.TracedLoss):
+  actions: dict = {}
+  for li, layer in enumerate(traced.layers):
+    for ci, (site, operand) in enumerate(layer.captures):
+      actions.setdefault(site, []).append(("capture", ("a", li, ci), operand))
+    for site in layer.probes:
+      actions.setdefault(site, []).append(("probe",))
+  for k, site in enumerate(traced.loss_sites):
+    actions.setdefault(site, []).append(("loss", ("loss", k)))
+  active = {site[0][:n] for site in actions for n in range(1, len(site[0]) + 1)}
+  return actions, active
+
+
+def _probe_zeros(traced):
+  probes = {}
+  for layer in traced.layers:
+    for path, i in layer.probes:
+      aval = traced.jaxprs[path].eqns[i].outvars[0].aval
+      probes[(path, i)] = jnp.zeros(aval.shape, aval.dtype)
+  return probes
+
+
+def _canonical_inputs(layer: tracing.LayerMatch, x):
+  if layer.kind == "conv2d":
+    strides, padding, lhs_dil, rhs_dil, dn, spatial = layer.conv
+    x = jax.lax.conv_general_dilated_patches(
+        x, spatial, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
+        dimension_numbers=dn)
+    return jnp.moveaxis(x, dn.out_spec[1], -1).reshape(-1, layer.d_in)
+  return jnp.moveaxis(x, layer.x_axis, -1).reshape(-1, layer.d_in)
+
+
+def _layer_statistics(layer, traced, captured, probe_grads, li):
+  if layer.kind in ("dense", "conv2d"):
+    a = _canonical_inputs(layer, captured[("a", li, 0)])
+    g = probe_grads[layer.probes[0]]
+    g = jnp.moveaxis(g, layer.out_axis, -1).reshape(-1, layer.d_out)
+    return (a, g)
+  size = int(np.prod(traced.param_shapes[layer.scale if layer.scale is not None
+                                          else layer.shift]))
+  u_scale = u_shift = None
+  k = 0
+  if layer.scale is not None:
+    g = probe_grads[layer.probes[0]]
+    x = jnp.broadcast_to(captured[("a", li, 0)], g.shape)
+    u_scale = (x * g).reshape(-1, size)
+    k = 1
+  if layer.shift is not None:
+    u_shift = probe_grads[layer.probes[k]].reshape(-1, size)
+  return (u_scale, u_shift)
+
+
+def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
+                    fisher: str, with_statistics: bool = True):
+  """Runs the fused pass. Returns ``(outputs, grads, CurvatureBatch | None)``.
+
+  ``outputs`` is what ``loss_fn`` returned; ``grads`` the gradient of its loss
+  with respect to ``params`` (same tree).
+  """
+  p_leaves = jax.tree_util.tree_leaves(params)
+  b_leaves = jax.tree_util.tree_leaves(batch)
+  closed = traced.closed_jaxpr
+  actions, active = _instrumentation(traced)
+  kinds = [traced.jaxprs[p].eqns[i].params["kind"] for p, i in traced.loss_sites]
+  if with_statistics and fisher == "sampled" and key is None:
+    raise ValueError("fisher='sampled' draws targets from the model: pass a PRNG "
+                     "key (update(..., key=key)) on statistics steps.")
+
+  def forward(p, probes):
+    outs, captured = _evaluate(closed.jaxpr, closed.consts, list(p) + b_leaves,
+                               (), probes, actions, active)
+    registered = [losses_lib.RegisteredLoss(kind, *captured[("loss", k)])
+                  for k, kind in enumerate(kinds)]
+    m0 = registered[0].num_examples
+    objective = 0.0
+    if with_statistics:
+      for k, reg in enumerate(registered):
+        sub_key = None if key is None else jax.random.fold_in(key, k)
+        objective = objective + reg.fisher_objective(
+            sub_key, fisher, scale=float(np.sqrt(m0 / reg.num_examples)))
+    a_captures = {k: v for k, v in captured.items() if k[0] == "a"}
+    return (outs[0], objective), (outs, a_captures, m0)
+
+  probes = _probe_zeros(traced) if with_statistics else {}
+  (loss, objective), vjp_fn, (outs, captured, m0) = jax.vjp(
+      forward, p_leaves, probes, has_aux=True)
+  one = jnp.ones_like(loss)
+  zero = jnp.zeros_like(loss)
+  grads, _ = vjp_fn((one, jnp.zeros_like(objective)))
+  grads = jax.tree_util.tree_unflatten(traced.param_treedef, grads)
+  outputs = jax.tree_util.tree_unflatten(traced.out_treedef, outs)
+  if not with_statistics:
+    return outputs, grads, None
+  obj_grads, probe_grads = vjp_fn((zero, jnp.ones_like(objective)))
+  layers = tuple(_layer_statistics(layer, traced, captured, probe_grads, li)
+                 for li, layer in enumerate(traced.layers))
+  fallback = tuple(obj_grads[i] for i in sorted(traced.leaf_reasons))
+  return outputs, grads, CurvatureBatch(layers, fallback,
+                                        jnp.asarray(m0, jnp.float32))
+
+
+def value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
+                   fisher: str = "sampled") -> Callable:
+  """Loss, gradient and curvature statistics from one forward pass.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)`` calling one of the loss helpers.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``.
+    fisher: ``"sampled"`` (true Fisher) or ``"empirical"``; must match the
+      preconditioner's own ``fisher`` option.
+
+  Returns:
+    ``fn(params, batch, key=None, *, opt_state=None) -> (value, grads, curvature)``
+    where ``value`` is what ``loss_fn`` returns. Given ``opt_state``, the
+    statistics are computed only when a preconditioner in it is due for a
+    statistics step (otherwise ``curvature`` holds zeros and is ignored).
+
+  Example:
+    >>> vg = kfe.value_and_grad(loss_fn)
+    >>> loss, grads, curv = vg(params, batch, key, opt_state=state)
+    >>> updates, state = tx.update(grads, state, params, batch=batch, key=key,
+    ...                            curvature=curv)
+  """
+  def fn(params, batch, key=None, *, opt_state=None):
+    traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
+
+    def full(_):
+      return statistics_pass(traced, params, batch, key, fisher)
+
+    if opt_state is None:
+      return full(None)
+    from kfac_jax_ext import kfac as kfac_lib  # late import: no cycle
+    due = kfac_lib.curvature_due(opt_state)
+    shapes = jax.eval_shape(full, None)
+
+    def grads_only(_):
+      outputs, grads, _ = statistics_pass(traced, params, batch, key, fisher,
+                                          with_statistics=False)
+      zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                     shapes[2])
+      return outputs, grads, zeros
+
+    return jax.lax.cond(due, full, grads_only, None)
+
+  return fn
