@@ -1,0 +1,84 @@
+"""Brute-force references, independent of the library's statistics code.
+
+Per-example quantities come from ``jax.vmap(jax.grad(...))`` on hand-written
+models with the pre-activations as explicit inputs; conv patches are cut out
+with explicit slicing loops.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def mlp_init(key, sizes, dtype=jnp.float64):
+  params = []
+  for k, (m, n) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes, sizes[1:])):
+    kw, kb = jax.random.split(k)
+    params.append({"w": jax.random.normal(kw, (m, n), dtype) / np.sqrt(m),
+                   "b": 0.1 * jax.random.normal(kb, (n,), dtype)})
+  return params
+
+
+def mlp_apply(params, x, act=jnp.tanh):
+  for i, p in enumerate(params):
+    x = x @ p["w"] + p["b"]
+    if i < len(params) - 1:
+      x = act(x)
+  return x
+
+
+def mlp_inputs_and_preacts(params, x, act=jnp.tanh):
+  """Per-layer inputs a_l and pre-activations s_l of the MLP (forward by hand)."""
+  inputs, pre = [], []
+  for i, p in enumerate(params):
+    inputs.append(x)
+    x = x @ p["w"] + p["b"]
+    pre.append(x)
+    if i < len(params) - 1:
+      x = act(x)
+  return inputs, pre
+
+
+def mlp_output_grads(params, x, per_example_loss, act=jnp.tanh):
+  """g_{n,l} = d l_n / d s_{n,l} (per-example loss, not divided by N)."""
+
+  def one(xn, yn_loss_args):
+    def from_preacts(perturb):
+      h = xn
+      for i, p in enumerate(params):
+        h = h @ p["w"] + p["b"] + perturb[i]
+        if i < len(params) - 1:
+          h = act(h)
+      return per_example_loss(h, *yn_loss_args)
+    zeros = [jnp.zeros(p["b"].shape, xn.dtype) for p in params]
+    return jax.grad(from_preacts)(zeros)
+
+  return one
+
+
+def homogeneous(a):
+  return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+
+
+def kron_solve(a, g, v, damping):
+  """solve(A⊗G + λI, vec_r(V)) with an explicit Kronecker product."""
+  big = jnp.kron(a, g) + damping * jnp.eye(a.shape[0] * g.shape[0], dtype=a.dtype)
+  return jnp.linalg.solve(big, v.reshape(-1)).reshape(v.shape)
+
+
+def patches_by_loops(x, kh, kw, stride, padding, dilation):
+  """im2col of an NHWC input, feature order (C, kh, kw); explicit slicing."""
+  n, h, w, c = x.shape
+  (pt, pb), (pl, pr) = padding
+  xp = np.pad(np.asarray(x), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  eh, ew = (kh - 1) * dilation + 1, (kw - 1) * dilation + 1
+  ho = (xp.shape[1] - eh) // stride + 1
+  wo = (xp.shape[2] - ew) // stride + 1
+  out = np.zeros((n, ho, wo, c, kh, kw), xp.dtype)
+  for i in range(ho):
+    for j in range(wo):
+      for u in range(kh):
+        for v in range(kw):
+          out[:, i, j, :, u, v] = xp[:, i * stride + u * dilation,
+                                     j * stride + v * dilation, :]
+  return out.reshape(n, ho, wo, c * kh * kw)
