@@ -44,11 +44,12 @@ def clip_by_kl(inner: optax.GradientTransformation, max_kl,
   def update_fn(updates, state, params=None, **extra_args):
     delta, inner_state = inner.update(updates, state.inner, params, **extra_args)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    wide = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
     inner_product = sum(
-        jnp.vdot(d.astype(jnp.float32), g.astype(jnp.float32))
+        jnp.vdot(wide(d), wide(g))
         for d, g in zip(jax.tree_util.tree_leaves(delta),
                         jax.tree_util.tree_leaves(updates)))
-    quad = jnp.asarray(lr, jnp.float32) ** 2 * jnp.abs(inner_product)
+    quad = jnp.asarray(lr, inner_product.dtype) ** 2 * jnp.abs(inner_product)
     nu = jnp.where(quad > 0, jnp.minimum(1.0, jnp.sqrt(max_kl / jnp.where(
         quad > 0, quad, 1.0))), 1.0)
     delta = jax.tree_util.tree_map(lambda d: (d * nu).astype(d.dtype), delta)
