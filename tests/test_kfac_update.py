@@ -162,7 +162,8 @@ def test_kl_clip_bounds_the_quadratic_model():
       np.testing.assert_allclose(nu, 1.0, rtol=1e-12)
       assert lr**2 * quad < kappa
   kappa = 1e-3
-  opt = kfe.kfac(_loss, lr, kl_clip=kappa, fisher="empirical", momentum=0.0)
+  opt = kfe.kfac(_loss, lr, kl_clip=kappa, fisher="empirical", momentum=0.0,
+                 damping=DAMPING)
   upd, _ = opt.update(grads, opt.init(params), params, batch=batch)
   nu = -_inner(upd, grads) / (lr * quad)   # upd = -lr·νΔ
   np.testing.assert_allclose(lr**2 * nu**2 * quad, kappa, rtol=1e-9)
