@@ -3,7 +3,8 @@
 Public face only; see ``spec/api.md`` for the contract.
 """
 
-from kfac_jax_ext.kfac import Health, KfacState, curvature_due, scale_by_kfac
+from kfac_jax_ext.kfac_transform import scale_by_kfac
+from kfac_jax_ext.state import Health, KfacState, curvature_due
 from kfac_jax_ext.layers import Layer, describe_layers, find_layers
 from kfac_jax_ext.losses import (sigmoid_cross_entropy, softmax_cross_entropy,
                                  squared_error)

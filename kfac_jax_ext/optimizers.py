@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kfac_jax_ext import kfac as kfac_lib
+from kfac_jax_ext import kfac_transform
 
 
 class KlClipState(NamedTuple):
@@ -76,8 +76,14 @@ def with_optimizer_steps(preconditioner, learning_rate, *, momentum=0.9,
 
 
 def kfac(loss_fn: Callable, learning_rate, *, momentum=0.9, weight_decay=0.0,
-         kl_clip=None, **options) -> optax.GradientTransformationExtraArgs:
+         kl_clip=None, damping=1e-3, damping_mode="factored", fisher="sampled",
+         stats_every=1, inverse_every=5, ema_decay=0.95, fallback="identity",
+         max_factor_dim=4096, axis_name=None,
+         has_aux=False) -> optax.GradientTransformationExtraArgs:
   """K-FAC optimizer: ``scale_by_kfac`` with KL-clip, weight decay, momentum, lr.
+
+  Options are explicit keywords (not ``**kwargs``) so that
+  ``optax.inject_hyperparams(kfe.kfac, static_args=("loss_fn",))`` can bind them.
 
   Args:
     loss_fn: ``loss_fn(params, batch)`` using a ``kfe`` loss helper.
@@ -85,7 +91,8 @@ def kfac(loss_fn: Callable, learning_rate, *, momentum=0.9, weight_decay=0.0,
     momentum: heavy-ball momentum (no dampening, no Nesterov); 0 or None: off.
     weight_decay: added to the preconditioned direction (``Δ + wd·θ``).
     kl_clip: κ for KL-clipping, or None.
-    **options: passed to ``scale_by_kfac`` (damping, damping_mode, fisher, ...).
+    damping, damping_mode, fisher, stats_every, inverse_every, ema_decay,
+    fallback, max_factor_dim, axis_name, has_aux: see ``scale_by_kfac``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs
@@ -96,6 +103,10 @@ def kfac(loss_fn: Callable, learning_rate, *, momentum=0.9, weight_decay=0.0,
     >>> state = opt.init(params)
     >>> updates, state = opt.update(grads, state, params, batch=batch, key=key)
   """
-  return with_optimizer_steps(kfac_lib.scale_by_kfac(loss_fn, **options),
-                              learning_rate, momentum=momentum,
+  preconditioner = kfac_transform.scale_by_kfac(
+      loss_fn, damping=damping, damping_mode=damping_mode, fisher=fisher,
+      stats_every=stats_every, inverse_every=inverse_every, ema_decay=ema_decay,
+      fallback=fallback, max_factor_dim=max_factor_dim, axis_name=axis_name,
+      has_aux=has_aux)
+  return with_optimizer_steps(preconditioner, learning_rate, momentum=momentum,
                               weight_decay=weight_decay, kl_clip=kl_clip)

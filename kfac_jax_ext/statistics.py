@@ -23,6 +23,7 @@ import numpy as np
 
 from kfac_jax_ext import _jax_internals as jint
 from kfac_jax_ext import losses as losses_lib
+from kfac_jax_ext import state as state_lib
 from kfac_jax_ext import tracing
 
 
@@ -79,9 +80,9 @@ def _evaluate(jaxpr, consts, args, path, probes, actions, active):
   return [jint.read_atom(env, v) for v in jaxpr.outvars], captured
 
 
-def _instrumentation(traced: tracing.TracedLoss):
+def _instrumentation(traced: tracing.TracedLoss, with_statistics: bool):
   actions: dict = {}
-  for li, layer in enumerate(traced.layers):
+  for li, layer in enumerate(traced.layers if with_statistics else ()):
     for ci, (site, operand) in enumerate(layer.captures):
       actions.setdefault(site, []).append(("capture", ("a", li, ci), operand))
     for site in layer.probes:
@@ -141,7 +142,7 @@ def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
   p_leaves = jax.tree_util.tree_leaves(params)
   b_leaves = jax.tree_util.tree_leaves(batch)
   closed = traced.closed_jaxpr
-  actions, active = _instrumentation(traced)
+  actions, active = _instrumentation(traced, with_statistics)
   kinds = [traced.jaxprs[p].eqns[i].params["kind"] for p, i in traced.loss_sites]
   if with_statistics and fisher == "sampled" and key is None:
     raise ValueError("fisher='sampled' draws targets from the model: pass a PRNG "
@@ -210,8 +211,7 @@ def value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
 
     if opt_state is None:
       return full(None)
-    from kfac_jax_ext import kfac as kfac_lib  # late import: no cycle
-    due = kfac_lib.curvature_due(opt_state)
+    due = state_lib.curvature_due(opt_state)
     shapes = jax.eval_shape(full, None)
 
     def grads_only(_):

@@ -17,47 +17,10 @@ import optax
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import statistics
+from kfac_jax_ext.state import Health, KfacState
 from kfac_jax_ext import tracing
 from kfac_jax_ext.blocks import diagonal
 from kfac_jax_ext.blocks import kronecker
-
-
-class Health(NamedTuple):
-  """Counters users can read: statistics batches skipped for being non-finite,
-  and per-layer inverse refreshes that failed (the previous inverse was kept)."""
-  nonfinite_statistics: jax.Array
-  failed_inverses: jax.Array
-
-
-class KfacState(NamedTuple):
-  """State of ``scale_by_kfac`` (arrays only; one entry per parameter leaf).
-
-  Attributes:
-    count: number of ``update`` calls so far.
-    statistics_count: accepted statistics batches (drives the EMA schedule).
-    curvature_due: whether the next ``update`` is a statistics step.
-    factors: per leaf, ``KroneckerFactors`` or None.
-    inverses: per leaf, ``KroneckerInverse`` or None.
-    diagonals: per leaf, running diagonal Fisher (scale/shift and fallback).
-    health: ``Health`` counters.
-  """
-  count: jax.Array
-  statistics_count: jax.Array
-  curvature_due: jax.Array
-  factors: tuple
-  inverses: tuple
-  diagonals: tuple
-  health: Health
-
-
-def curvature_due(opt_state) -> jax.Array:
-  """Whether any curvature preconditioner in ``opt_state`` wants statistics now."""
-  found = [s.curvature_due for s in jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, KfacState)) if isinstance(
-          s, KfacState)]
-  if not found:
-    raise ValueError("opt_state contains no kfac_jax_ext preconditioner state.")
-  return jnp.any(jnp.stack(found))
 
 
 def _check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
@@ -69,7 +32,9 @@ def _check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
     if value not in allowed:
       raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
   for name, value in (("stats_every", stats_every), ("inverse_every", inverse_every)):
-    if not isinstance(value, int) or value < 1:
+    if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.integer):
+      continue  # optax.inject_hyperparams passes numeric options as arrays
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"{name} must be a positive int, got {value!r}.")
   if isinstance(ema_decay, (int, float)) and not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
@@ -140,7 +105,8 @@ def scale_by_kfac(
     factors, inverses, diags = [], [], []
     for leaf in jax.tree_util.tree_leaves(params):
       shape = tuple(jnp.shape(leaf))
-      fits = len(shape) >= 2 and max(kronecker.slot_sizes(shape)) <= max_factor_dim
+      fits = len(shape) >= 2 and max(kronecker.slot_sizes(shape)) <= int(
+          max_factor_dim)
       factors.append(kronecker.init_factors(shape, dtype) if fits else None)
       inverses.append(kronecker.init_inverse(shape, dtype, damping_mode)
                       if fits else None)

@@ -1,0 +1,46 @@
+"""Optimizer state of the curvature preconditioners (arrays only)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Health(NamedTuple):
+  """Counters users can read: statistics batches skipped for being non-finite,
+  and per-layer inverse refreshes that failed (the previous inverse was kept)."""
+  nonfinite_statistics: jax.Array
+  failed_inverses: jax.Array
+
+
+class KfacState(NamedTuple):
+  """State of ``scale_by_kfac`` (arrays only; one entry per parameter leaf).
+
+  Attributes:
+    count: number of ``update`` calls so far.
+    statistics_count: accepted statistics batches (drives the EMA schedule).
+    curvature_due: whether the next ``update`` is a statistics step.
+    factors: per leaf, ``KroneckerFactors`` or None.
+    inverses: per leaf, ``KroneckerInverse`` or None.
+    diagonals: per leaf, running diagonal Fisher (scale/shift and fallback).
+    health: ``Health`` counters.
+  """
+  count: jax.Array
+  statistics_count: jax.Array
+  curvature_due: jax.Array
+  factors: tuple
+  inverses: tuple
+  diagonals: tuple
+  health: Health
+
+
+def curvature_due(opt_state) -> jax.Array:
+  """Whether any curvature preconditioner in ``opt_state`` wants statistics now."""
+  found = [s.curvature_due for s in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, KfacState)) if isinstance(
+          s, KfacState)]
+  if not found:
+    raise ValueError("opt_state contains no kfac_jax_ext preconditioner state.")
+  return jnp.any(jnp.stack(found))
