@@ -111,9 +111,9 @@ def scale_by_kfac(
       inverses.append(kronecker.init_inverse(shape, dtype, damping_mode)
                       if fits else None)
       diags.append(jnp.zeros(shape, dtype))
-    zero = jnp.zeros([], jnp.int32)
-    return KfacState(zero, zero, jnp.array(True), tuple(factors), tuple(inverses),
-                     tuple(diags), Health(zero, zero))
+    zero = lambda: jnp.zeros([], jnp.int32)  # distinct buffers: state is donatable
+    return KfacState(zero(), zero(), jnp.array(True), tuple(factors),
+                     tuple(inverses), tuple(diags), Health(zero(), zero()))
 
   def update_fn(updates, state, params=None, *, batch=None, key=None,
                 curvature=None, **extra_args):
