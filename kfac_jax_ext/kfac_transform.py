@@ -255,13 +255,18 @@ def _refresh(plan, factors, inverses, lam, mode):
     fg = getattr(slots, kl.g_side)[:kl.d_g, :kl.d_g]
     ia, ig, va, vg, ok = kronecker.refresh(fa, fg, lam, mode)
     old = inverses[kl.layer.kernel]
-    new = {kl.a_side: getattr(old, kl.a_side).at[:kl.d_a, :kl.d_a].set(ia),
-           kl.g_side: getattr(old, kl.g_side).at[:kl.d_g, :kl.d_g].set(ig)}
+    # On failure keep the previous inverse: select on the refreshed block only.
+    keep = lambda new, prev: jnp.where(ok, new, prev)
+    slot_a, slot_g = getattr(old, kl.a_side), getattr(old, kl.g_side)
+    new = {kl.a_side: slot_a.at[:kl.d_a, :kl.d_a].set(
+               keep(ia, slot_a[:kl.d_a, :kl.d_a])),
+           kl.g_side: slot_g.at[:kl.d_g, :kl.d_g].set(
+               keep(ig, slot_g[:kl.d_g, :kl.d_g]))}
     if mode == "tikhonov":
-      new[kl.a_side + "_vals"] = getattr(old, kl.a_side + "_vals").at[:kl.d_a].set(va)
-      new[kl.g_side + "_vals"] = getattr(old, kl.g_side + "_vals").at[:kl.d_g].set(vg)
-    inverses[kl.layer.kernel] = jax.tree_util.tree_map(
-        lambda n, o: jnp.where(ok, n, o), old._replace(**new), old)
+      for side, d, vals in ((kl.a_side, kl.d_a, va), (kl.g_side, kl.d_g, vg)):
+        prev = getattr(old, side + "_vals")
+        new[side + "_vals"] = prev.at[:d].set(keep(vals, prev[:d]))
+    inverses[kl.layer.kernel] = old._replace(**new)
     failures = failures + (~ok).astype(jnp.int32)
   return tuple(inverses), failures
 

@@ -37,9 +37,9 @@ def damped_inverse(x, damping):
   """
   n = x.shape[0]
   eye = jnp.eye(n, dtype=x.dtype)
-  chol = jnp.linalg.cholesky(symmetrize(x) + damping * eye)
+  # symmetrize_input: cholesky symmetrizes (x + xᵀ)/2 itself, in the same pass.
+  chol = jax.lax.linalg.cholesky(x + damping * eye, symmetrize_input=True)
   inv = jax.scipy.linalg.cho_solve((chol, True), eye)
-  inv = symmetrize(inv)
   return inv, all_finite(inv)
 
 
