@@ -147,14 +147,14 @@ def scale_by_kfac(
     if curvature is None and fisher == "sampled" and key is None:
       raise ValueError("fisher='sampled' draws targets from the model: pass "
                        "key=<PRNG key> to update (or use fisher='empirical').")
-    factors, diags, stats_count, health = jax.lax.cond(
-        state.curvature_due, new_statistics, old_statistics, state)
+    factors, diags, stats_count, health = _maybe(
+        stats_every, state.curvature_due, new_statistics, old_statistics, state)
 
     def refresh(inverses):
       return _refresh(plan, factors, inverses, lam, damping_mode)
 
-    inverses, failures = jax.lax.cond(
-        state.count % inverse_every == 0, refresh,
+    inverses, failures = _maybe(
+        inverse_every, state.count % inverse_every == 0, refresh,
         lambda inv: (inv, jnp.zeros([], jnp.int32)), state.inverses)
     health = health._replace(failed_inverses=health.failed_inverses + failures)
     out = _precondition(plan, traced, grads, factors, inverses, diags, lam,
@@ -165,6 +165,13 @@ def scale_by_kfac(
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _maybe(period, pred, true_fn, false_fn, operand):
+  """``lax.cond``, or a direct call when the period is statically 1."""
+  if isinstance(period, int) and period == 1:
+    return true_fn(operand)
+  return jax.lax.cond(pred, true_fn, false_fn, operand)
 
 
 def _check_structure(traced, grads, treedef, state):

@@ -183,3 +183,37 @@ def test_sampled_fisher_converges_to_exact_fisher():
     assert err < 5 * se + 1e-12, (l, err, se)
     assert se < 0.02, se           # the tolerance is tight ...
     assert emp_err > 10 * se, emp_err   # ... and the empirical Fisher fails it
+
+
+@pytest.mark.parametrize("kind", ["sigmoid_cross_entropy", "squared_error"])
+def test_sampled_targets_of_sigmoid_and_gaussian_losses(kind):
+  """Output-layer G under sampled targets → mean_n H_n: diag(p(1-p)) for the
+  Bernoulli loss, I for the unit Gaussian; the empirical G differs."""
+  w = jax.random.normal(jax.random.PRNGKey(0), (3, 4), jnp.float64)
+  x = jax.random.normal(jax.random.PRNGKey(1), (6, 3), jnp.float64)
+  y = jax.random.uniform(jax.random.PRNGKey(2), (6, 4), jnp.float64)
+  if kind == "sigmoid_cross_entropy":
+    y = (y > 0.5).astype(jnp.float64)
+  helper = getattr(kfe, kind)
+  loss_fn = lambda p, b: helper(b["x"] @ p["w"], b["y"])
+  batch = {"x": x, "y": y}
+  traced = tracing.trace_loss(loss_fn, {"w": w}, batch)
+
+  def g_factor(key, fisher):
+    cb = statistics.statistics_pass(traced, {"w": w}, batch, key, fisher)[2]
+    g = cb.layers[0][1]
+    return g.T @ g / cb.num_examples
+
+  samples = 4000
+  sampled = jax.jit(jax.vmap(lambda k: g_factor(k, "sampled")))(
+      jax.random.split(jax.random.PRNGKey(3), samples))
+  if kind == "sigmoid_cross_entropy":
+    p = jax.nn.sigmoid(x @ w)
+    exact = jnp.diag(jnp.mean(p * (1 - p), axis=0))
+  else:
+    exact = jnp.eye(4)
+  err = np.linalg.norm(sampled.mean(0) - exact) / np.linalg.norm(exact)
+  se = np.linalg.norm(sampled.std(0)) / np.sqrt(samples) / np.linalg.norm(exact)
+  emp_err = np.linalg.norm(g_factor(None, "empirical") - exact) / np.linalg.norm(exact)
+  assert err < 5 * se and se < 0.02, (err, se)
+  assert emp_err > 10 * se, emp_err

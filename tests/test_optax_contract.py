@@ -197,3 +197,22 @@ def test_failed_inverse_refresh_keeps_previous_inverse():
   chex.assert_trees_all_equal(after.inverses[1], good.inverses[1])
   chex.assert_trees_all_close(after.inverses[3], good.inverses[3])
   assert all(np.isfinite(l).all() for l in jax.tree_util.tree_leaves(updates))
+
+
+def test_damping_and_learning_rate_schedules():
+  params, batch, loss_fn = _setup()
+  damping = optax.exponential_decay(1e-1, transition_steps=1, decay_rate=0.5)
+  lr = optax.linear_schedule(0.1, 0.0, transition_steps=4)
+  opt = kfe.kfac(loss_fn, lr, damping=damping, momentum=0.0, inverse_every=1,
+                 damping_mode="tikhonov", fisher="empirical", ema_decay=0.0)
+  state = opt.init(params)
+  grads = jax.grad(loss_fn)(params, batch)
+  step = jax.jit(lambda s: opt.update(grads, s, params, batch=batch))
+  for i in range(3):
+    updates, state = step(state)
+    tx = kfe.scale_by_kfac(loss_fn, damping=float(damping(i)), damping_mode="tikhonov",
+                           fisher="empirical", ema_decay=0.0)
+    direction, _ = tx.update(grads, tx.init(params), params, batch=batch)
+    chex.assert_trees_all_close(
+        updates, jax.tree_util.tree_map(lambda d: -float(lr(i)) * d, direction),
+        rtol=1e-9)
