@@ -215,4 +215,4 @@ def test_damping_and_learning_rate_schedules():
     direction, _ = tx.update(grads, tx.init(params), params, batch=batch)
     chex.assert_trees_all_close(
         updates, jax.tree_util.tree_map(lambda d: -float(lr(i)) * d, direction),
-        rtol=1e-9)
+        rtol=1e-6)   # optax evaluates the schedules in float32
