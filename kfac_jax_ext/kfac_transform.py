@@ -1,61 +1,34 @@
 """K-FAC (Martens & Grosse 2015; KFC for conv, Grosse & Martens 2016) as optax.
 
-``scale_by_kfac(loss_fn, ...)`` is a ``GradientTransformationExtraArgs`` that
-turns the gradient into the K-FAC natural-gradient direction. Per layer,
-``Δ = (A⊗G + λI)⁻¹ vec(∇)`` (tikhonov) or its π-factored variant; see
-``blocks/kronecker.py`` for the math and ``statistics.py`` for the pass.
+The K-FAC variant of the Kronecker family: ``A = E[āāᵀ]``, ``G = E[ggᵀ]``
+(see ``blocks/kronecker.py`` for the scale conventions) and one damping λ.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import optax
 
-from kfac_jax_ext import linalg
-from kfac_jax_ext import plan as plan_lib
-from kfac_jax_ext import statistics
-from kfac_jax_ext.state import Health, KfacState
-from kfac_jax_ext import tracing
-from kfac_jax_ext.blocks import diagonal
+from kfac_jax_ext import kronecker_family
 from kfac_jax_ext.blocks import kronecker
 
 
-def _check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
-                   ema_decay, damping):
-  choices = dict(damping_mode=(damping_mode, ("tikhonov", "factored")),
-                 fisher=(fisher, ("sampled", "empirical")),
-                 fallback=(fallback, ("identity", "diagonal")))
-  for name, (value, allowed) in choices.items():
-    if value not in allowed:
-      raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
-  for name, value in (("stats_every", stats_every), ("inverse_every", inverse_every)):
-    if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.integer):
-      continue  # optax.inject_hyperparams passes numeric options as arrays
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"{name} must be a positive int, got {value!r}.")
-  if isinstance(ema_decay, (int, float)) and not 0.0 <= ema_decay < 1.0:
-    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
-  if isinstance(damping, (int, float)) and damping <= 0:
-    raise ValueError(f"damping must be positive, got {damping!r}.")
+def _statistics(a, g, has_bias, num_examples, dtype, layer):
+  del layer
+  fa, fg = kronecker.batch_factors(a, g, has_bias, num_examples, dtype)
+  return fa, fg, jnp.zeros([], dtype)
 
 
-def scale_by_kfac(
-    loss_fn: Callable[..., Any],
-    *,
-    damping: float | Callable[[jax.Array], jax.Array] = 1e-3,
-    damping_mode: str = "factored",
-    fisher: str = "sampled",
-    stats_every: int = 1,
-    inverse_every: int = 5,
-    ema_decay: float = 0.95,
-    fallback: str = "identity",
-    max_factor_dim: int = 4096,
-    axis_name: str | None = None,
-    has_aux: bool = False,
-) -> optax.GradientTransformationExtraArgs:
+KFAC = kronecker_family.KroneckerVariant(
+    batch_statistics=_statistics,
+    effective_factors=lambda side_a, side_g, trace: (side_a, side_g),
+    layer_damping=lambda damping, layer, side_a, side_g, trace: damping)
+
+
+def scale_by_kfac(loss_fn: Callable[..., Any], **options
+                  ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions gradients with K-FAC's Kronecker-factored Fisher blocks.
 
   Per dense/conv layer with factors ``A = E[āāᵀ]``, ``G = E[ggᵀ]`` (running
@@ -63,7 +36,8 @@ def scale_by_kfac(
 
   * ``damping_mode="tikhonov"``: ``Δ = (A⊗G + λI)⁻¹ vec(∇)`` exactly, via the
     eigenbases of A and G;
-  * ``damping_mode="factored"``: ``Δ = (A + π√λI)⁻¹ ∇ (G + √λ/π I)⁻¹``.
+  * ``damping_mode="factored"``: ``Δ = (A + π√λI)⁻¹ ∇ (G + √λ/π I)⁻¹``,
+    ``π = sqrt((trA/dim A)/(trG/dim G))``.
 
   Scale-and-shift layers get their diagonal Fisher; leaves no layer owns pass
   through (``fallback="identity"``) or are divided by a running diagonal
@@ -72,15 +46,18 @@ def scale_by_kfac(
   Args:
     loss_fn: ``loss_fn(params, batch)`` returning a loss made with a loss
       helper (``kfe.softmax_cross_entropy`` ...).
-    damping: Tikhonov λ, a float or a schedule ``step -> λ``.
-    damping_mode: ``"tikhonov"`` or ``"factored"`` (π-adjusted, cheaper).
-    fisher: ``"sampled"`` (targets from the model; needs ``key``) or
+    damping: Tikhonov λ, a float or a schedule ``step -> λ`` (default 1e-3).
+    damping_mode: ``"tikhonov"`` or ``"factored"`` (π-adjusted, cheaper;
+      default).
+    fisher: ``"sampled"`` (targets from the model; needs ``key``; default) or
       ``"empirical"`` (data targets).
-    stats_every: refresh statistics every k updates (the first update does).
-    inverse_every: refresh inverses every k updates (the first update does).
-    ema_decay: running-average cap ε; 0.0 uses the latest batch only.
-    fallback: ``"identity"`` or ``"diagonal"`` for leaves no layer owns.
-    max_factor_dim: leaves whose factors would be larger fall back.
+    stats_every: refresh statistics every k updates (default 1; the first
+      update always does).
+    inverse_every: refresh inverses every k updates (default 5).
+    ema_decay: running-average cap ε (default 0.95); 0.0 = latest batch only.
+    fallback: ``"identity"`` (default) or ``"diagonal"`` for leaves no layer
+      owns.
+    max_factor_dim: leaves whose factors would be larger fall back (4096).
     axis_name: reserved for multi-device statistics (not yet supported).
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
 
@@ -94,216 +71,5 @@ def scale_by_kfac(
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params, batch=batch, key=key)
   """
-  _check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
-                 ema_decay, damping)
-  if axis_name is not None:
-    raise NotImplementedError("axis_name (multi-device statistics) is not yet "
-                              "supported by scale_by_kfac.")
-
-  def init_fn(params):
-    dtype = linalg.factor_dtype()
-    factors, inverses, diags = [], [], []
-    for leaf in jax.tree_util.tree_leaves(params):
-      shape = tuple(jnp.shape(leaf))
-      fits = len(shape) >= 2 and max(kronecker.slot_sizes(shape)) <= int(
-          max_factor_dim)
-      factors.append(kronecker.init_factors(shape, dtype) if fits else None)
-      inverses.append(kronecker.init_inverse(shape, dtype, damping_mode)
-                      if fits else None)
-      diags.append(jnp.zeros(shape, dtype))
-    zero = lambda: jnp.zeros([], jnp.int32)  # distinct buffers: state is donatable
-    return KfacState(zero(), zero(), jnp.array(True), tuple(factors),
-                     tuple(inverses), tuple(diags), Health(zero(), zero()))
-
-  def update_fn(updates, state, params=None, *, batch=None, key=None,
-                curvature=None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError("scale_by_kfac needs params: update(grads, state, params, "
-                       "batch=batch, key=key).")
-    if batch is None:
-      raise ValueError("scale_by_kfac needs the batch loss_fn takes: "
-                       "update(grads, state, params, batch=batch, key=key).")
-    traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
-    grads, treedef = jax.tree_util.tree_flatten(updates)
-    _check_structure(traced, grads, treedef, state)
-    plan = plan_lib.make_plan(traced, state.factors)
-    lam = damping(state.count) if callable(damping) else damping
-    dtype = state.diagonals[0].dtype if state.diagonals else jnp.float32
-    lam = jnp.asarray(lam, dtype)
-
-    def new_statistics(st):
-      if curvature is not None:
-        batch_stats = curvature
-        _check_curvature(traced, batch_stats)
-      else:
-        batch_stats = statistics.statistics_pass(traced, params, batch, key,
-                                                 fisher)[2]
-      return _accumulate(plan, traced, st, batch_stats, ema_decay, fallback, dtype)
-
-    def old_statistics(st):
-      return st.factors, st.diagonals, st.statistics_count, st.health
-
-    if curvature is None and fisher == "sampled" and key is None:
-      raise ValueError("fisher='sampled' draws targets from the model: pass "
-                       "key=<PRNG key> to update (or use fisher='empirical').")
-    factors, diags, stats_count, health = _maybe(
-        stats_every, state.curvature_due, new_statistics, old_statistics, state)
-
-    def refresh(inverses):
-      return _refresh(plan, factors, inverses, lam, damping_mode)
-
-    inverses, failures = _maybe(
-        inverse_every, state.count % inverse_every == 0, refresh,
-        lambda inv: (inv, jnp.zeros([], jnp.int32)), state.inverses)
-    health = health._replace(failed_inverses=health.failed_inverses + failures)
-    out = _precondition(plan, traced, grads, factors, inverses, diags, lam,
-                        damping_mode, fallback)
-    count = state.count + 1
-    new_state = KfacState(count, stats_count, count % stats_every == 0, factors,
-                          inverses, diags, health)
-    return jax.tree_util.tree_unflatten(treedef, out), new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _maybe(period, pred, true_fn, false_fn, operand):
-  """``lax.cond``, or a direct call when the period is statically 1."""
-  if isinstance(period, int) and period == 1:
-    return true_fn(operand)
-  return jax.lax.cond(pred, true_fn, false_fn, operand)
-
-
-def _check_structure(traced, grads, treedef, state):
-  if len(grads) != len(traced.param_shapes) or len(grads) != len(state.diagonals):
-    raise ValueError(f"updates have {len(grads)} leaves, params "
-                     f"{len(traced.param_shapes)} and the state "
-                     f"{len(state.diagonals)}: were they made from the same params?")
-  for g, shape, d in zip(grads, traced.param_shapes, state.diagonals):
-    if tuple(g.shape) != shape or tuple(d.shape) != shape:
-      raise ValueError(f"update leaf of shape {tuple(g.shape)} does not match the "
-                       f"param shape {shape} / state shape {tuple(d.shape)}.")
-
-
-def _check_curvature(traced, cb):
-  if not isinstance(cb, statistics.CurvatureBatch) or len(cb.layers) != len(
-      traced.layers):
-    raise ValueError("curvature= must be the CurvatureBatch that "
-                     "kfe.value_and_grad(loss_fn) returned for this batch.")
-  for stats, layer in zip(cb.layers, traced.layers):
-    if layer.kind in ("dense", "conv2d"):
-      a, g = stats
-      if a.shape[1:] != (layer.d_in,) or g.shape[1:] != (layer.d_out,) or (
-          a.shape[0] != g.shape[0]):
-        raise ValueError(
-            f"curvature statistics of layer {layer.name} have shapes "
-            f"{a.shape}, {g.shape}, inconsistent with the traced layer "
-            f"(d_in={layer.d_in}, d_out={layer.d_out}).")
-
-
-def _ema(old, new, eps):
-  return eps * old + (1.0 - eps) * new
-
-
-def _accumulate(plan, traced, st, cb, ema_decay, fallback, dtype):
-  """EMA of the batch statistics into the slots; skipped if non-finite."""
-  m = cb.num_examples
-  k = (st.statistics_count + 1).astype(dtype)
-  eps = jnp.minimum(1.0 - 1.0 / k, ema_decay)
-  factors, diags = list(st.factors), list(st.diagonals)
-  batch_values = []
-  for kl in plan.kronecker:
-    a, g = cb.layers[kl.index]
-    fa, fg = kronecker.batch_factors(a, g, kl.has_bias, m, dtype)
-    batch_values += [fa, fg]
-    slots = factors[kl.layer.kernel]
-    sa, sg = getattr(slots, kl.a_side), getattr(slots, kl.g_side)
-    sa = sa.at[:kl.d_a, :kl.d_a].set(_ema(sa[:kl.d_a, :kl.d_a], fa, eps))
-    sg = sg.at[:kl.d_g, :kl.d_g].set(_ema(sg[:kl.d_g, :kl.d_g], fg, eps))
-    factors[kl.layer.kernel] = slots._replace(**{kl.a_side: sa, kl.g_side: sg})
-  for i, layer in plan.diagonal_layers:
-    for leaf, u in zip((layer.scale, layer.shift), cb.layers[i]):
-      if leaf is not None:
-        d = diagonal.from_tokens(u, m, dtype).reshape(diags[leaf].shape)
-        batch_values.append(d)
-        diags[leaf] = _ema(diags[leaf], d, eps)
-  if fallback == "diagonal":
-    for i, layer, _ in plan.unfactored_layers:
-      a, g = cb.layers[i]
-      a = a.astype(dtype)
-      if layer.bias is not None:
-        a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), dtype)], axis=1)
-      d = (a * a).T @ jnp.square(g.astype(dtype)) / m.astype(dtype)
-      dk, db = plan_lib.from_matrix(layer, d, traced.param_shapes[layer.kernel],
-                                    layer.bias is not None)
-      for leaf, v in ((layer.kernel, dk), (layer.bias, db)):
-        if leaf is not None:
-          batch_values.append(v)
-          diags[leaf] = _ema(diags[leaf], v, eps)
-    for leaf, grad in zip(plan.fallback_leaves, cb.fallback_grads):
-      d = diagonal.from_summed_gradient(grad, m, dtype)
-      batch_values.append(d)
-      diags[leaf] = _ema(diags[leaf], d, eps)
-  ok = linalg.all_finite(*batch_values)
-  keep = lambda new, old: jax.tree_util.tree_map(
-      lambda n, o: jnp.where(ok, n, o), new, old)
-  health = st.health._replace(
-      nonfinite_statistics=st.health.nonfinite_statistics + (~ok).astype(jnp.int32))
-  return (keep(tuple(factors), st.factors), keep(tuple(diags), st.diagonals),
-          st.statistics_count + ok.astype(jnp.int32), health)
-
-
-def _refresh(plan, factors, inverses, lam, mode):
-  inverses = list(inverses)
-  failures = jnp.zeros([], jnp.int32)
-  for kl in plan.kronecker:
-    slots = factors[kl.layer.kernel]
-    fa = getattr(slots, kl.a_side)[:kl.d_a, :kl.d_a]
-    fg = getattr(slots, kl.g_side)[:kl.d_g, :kl.d_g]
-    ia, ig, va, vg, ok = kronecker.refresh(fa, fg, lam, mode)
-    old = inverses[kl.layer.kernel]
-    # On failure keep the previous inverse: select on the refreshed block only.
-    keep = lambda new, prev: jnp.where(ok, new, prev)
-    slot_a, slot_g = getattr(old, kl.a_side), getattr(old, kl.g_side)
-    new = {kl.a_side: slot_a.at[:kl.d_a, :kl.d_a].set(
-               keep(ia, slot_a[:kl.d_a, :kl.d_a])),
-           kl.g_side: slot_g.at[:kl.d_g, :kl.d_g].set(
-               keep(ig, slot_g[:kl.d_g, :kl.d_g]))}
-    if mode == "tikhonov":
-      for side, d, vals in ((kl.a_side, kl.d_a, va), (kl.g_side, kl.d_g, vg)):
-        prev = getattr(old, side + "_vals")
-        new[side + "_vals"] = prev.at[:d].set(keep(vals, prev[:d]))
-    inverses[kl.layer.kernel] = old._replace(**new)
-    failures = failures + (~ok).astype(jnp.int32)
-  return tuple(inverses), failures
-
-
-def _precondition(plan, traced, grads, factors, inverses, diags, lam, mode,
-                  fallback):
-  out = list(grads)
-  for kl in plan.kronecker:
-    layer = kl.layer
-    kernel_grad = grads[layer.kernel]
-    bias_grad = grads[layer.bias] if kl.has_bias else None
-    v = plan_lib.to_matrix(layer, kernel_grad, bias_grad).astype(lam.dtype)
-    inv = inverses[layer.kernel]
-    ia = getattr(inv, kl.a_side)[:kl.d_a, :kl.d_a]
-    ig = getattr(inv, kl.g_side)[:kl.d_g, :kl.d_g]
-    va = getattr(inv, kl.a_side + "_vals")[:kl.d_a] if mode == "tikhonov" else None
-    vg = getattr(inv, kl.g_side + "_vals")[:kl.d_g] if mode == "tikhonov" else None
-    delta = kronecker.precondition(v, ia, ig, va, vg, lam, mode)
-    dk, db = plan_lib.from_matrix(layer, delta, kernel_grad.shape, kl.has_bias)
-    out[layer.kernel] = dk.astype(kernel_grad.dtype)
-    if kl.has_bias:
-      out[layer.bias] = db.astype(bias_grad.dtype)
-  diag_leaves = [leaf for _, layer in plan.diagonal_layers
-                 for leaf in (layer.scale, layer.shift) if leaf is not None]
-  if fallback == "diagonal":
-    diag_leaves += list(plan.fallback_leaves)
-    diag_leaves += [leaf for _, layer, _ in plan.unfactored_layers
-                    for leaf in (layer.kernel, layer.bias) if leaf is not None]
-  for leaf in diag_leaves:
-    g = grads[leaf]
-    out[leaf] = diagonal.precondition(g.astype(lam.dtype), diags[leaf],
-                                      lam).astype(g.dtype)
-  return out
+  return kronecker_family.scale_by_kronecker(loss_fn, KFAC, name="scale_by_kfac",
+                                             **options)

@@ -6,6 +6,7 @@ The pipeline of the reference K-FAC codes (``algorithms.md`` §0.5) as an
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -13,6 +14,8 @@ import jax.numpy as jnp
 import optax
 
 from kfac_jax_ext import kfac_transform
+from kfac_jax_ext import kronecker_family
+from kfac_jax_ext import tkfac_transform
 
 
 class KlClipState(NamedTuple):
@@ -75,38 +78,65 @@ def with_optimizer_steps(preconditioner, learning_rate, *, momentum=0.9,
   return optax.chain(*parts)
 
 
-def kfac(loss_fn: Callable, learning_rate, *, momentum=0.9, weight_decay=0.0,
-         kl_clip=None, damping=1e-3, damping_mode="factored", fisher="sampled",
-         stats_every=1, inverse_every=5, ema_decay=0.95, fallback="identity",
-         max_factor_dim=4096, axis_name=None,
-         has_aux=False) -> optax.GradientTransformationExtraArgs:
-  """K-FAC optimizer: ``scale_by_kfac`` with KL-clip, weight decay, momentum, lr.
+def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
+                     doc: str) -> Callable:
+  """``name(loss_fn, learning_rate, *, momentum, weight_decay, kl_clip, ...)``.
 
-  Options are explicit keywords (not ``**kwargs``) so that
-  ``optax.inject_hyperparams(kfe.kfac, static_args=("loss_fn",))`` can bind them.
-
-  Args:
-    loss_fn: ``loss_fn(params, batch)`` using a ``kfe`` loss helper.
-    learning_rate: float or optax schedule.
-    momentum: heavy-ball momentum (no dampening, no Nesterov); 0 or None: off.
-    weight_decay: added to the preconditioned direction (``Δ + wd·θ``).
-    kl_clip: κ for KL-clipping, or None.
-    damping, damping_mode, fisher, stats_every, inverse_every, ema_decay,
-    fallback, max_factor_dim, axis_name, has_aux: see ``scale_by_kfac``.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``; ``update`` needs
-    ``params``, ``batch=`` and (sampled Fisher) ``key=``.
-
-  Example:
-    >>> opt = kfe.kfac(loss_fn, learning_rate=0.1, damping=1e-3)
-    >>> state = opt.init(params)
-    >>> updates, state = opt.update(grads, state, params, batch=batch, key=key)
+  Its ``__signature__`` lists every option explicitly (taken from the shared
+  transform and the method), so ``optax.inject_hyperparams`` can bind them.
   """
-  preconditioner = kfac_transform.scale_by_kfac(
-      loss_fn, damping=damping, damping_mode=damping_mode, fisher=fisher,
-      stats_every=stats_every, inverse_every=inverse_every, ema_decay=ema_decay,
-      fallback=fallback, max_factor_dim=max_factor_dim, axis_name=axis_name,
-      has_aux=has_aux)
-  return with_optimizer_steps(preconditioner, learning_rate, momentum=momentum,
-                              weight_decay=weight_decay, kl_clip=kl_clip)
+  def optimizer(loss_fn, learning_rate, *, momentum=0.9, weight_decay=0.0,
+                kl_clip=None, **options):
+    return with_optimizer_steps(scale_by(loss_fn, **options), learning_rate,
+                                momentum=momentum, weight_decay=weight_decay,
+                                kl_clip=kl_clip)
+
+  own = [p for p in inspect.signature(optimizer).parameters.values()
+         if p.kind is not inspect.Parameter.VAR_KEYWORD]
+  extra = [p for fn in (method_options, kronecker_family.scale_by_kronecker)
+           for p in inspect.signature(fn).parameters.values()
+           if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "name"]
+  optimizer.__signature__ = inspect.Signature(own + extra)
+  optimizer.__name__ = optimizer.__qualname__ = name
+  optimizer.__doc__ = doc
+  return optimizer
+
+
+kfac = _optimizer_alias(kfac_transform.scale_by_kfac, lambda: None, "kfac", """\
+K-FAC optimizer: ``scale_by_kfac`` → KL-clip → weight decay → momentum → lr.
+
+Args:
+  loss_fn: ``loss_fn(params, batch)`` using a ``kfe`` loss helper.
+  learning_rate: float or optax schedule.
+  momentum: heavy-ball momentum (no dampening, no Nesterov); 0 or None: off.
+  weight_decay: added to the preconditioned direction (``Δ + wd·θ``).
+  kl_clip: κ for KL-clipping (``clip_by_kl``), or None.
+  **options: ``scale_by_kfac``'s options (damping, damping_mode, fisher,
+    stats_every, inverse_every, ema_decay, fallback, max_factor_dim, has_aux).
+
+Returns:
+  An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``,
+  ``batch=`` and (sampled Fisher) ``key=``. Works under
+  ``optax.inject_hyperparams(kfe.kfac, static_args=("loss_fn",))``.
+
+Example:
+  >>> opt = kfe.kfac(loss_fn, learning_rate=0.1, damping=1e-3)
+  >>> state = opt.init(params)
+  >>> updates, state = opt.update(grads, state, params, batch=batch, key=key)
+""")
+
+
+def _tkfac_options(*, factors="weighted", trace="tokens", conv_damping=None):
+  """TKFAC's own options (see ``scale_by_tkfac``)."""
+
+
+tkfac = _optimizer_alias(tkfac_transform.scale_by_tkfac, _tkfac_options, "tkfac",
+                         """\
+TKFAC optimizer: ``scale_by_tkfac`` → KL-clip → weight decay → momentum → lr.
+
+Same signature as ``kfe.kfac`` plus TKFAC's ``factors``, ``trace`` and
+``conv_damping`` (see ``scale_by_tkfac``).
+
+Example:
+  >>> opt = kfe.tkfac(loss_fn, learning_rate=0.1, damping=1e-3)
+""")

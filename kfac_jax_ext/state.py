@@ -16,13 +16,16 @@ class Health(NamedTuple):
 
 
 class KfacState(NamedTuple):
-  """State of ``scale_by_kfac`` (arrays only; one entry per parameter leaf).
+  """State of the Kronecker-family preconditioners (``scale_by_kfac``,
+  ``scale_by_tkfac``); arrays only, one entry per parameter leaf.
 
   Attributes:
     count: number of ``update`` calls so far.
     statistics_count: accepted statistics batches (drives the EMA schedule).
     curvature_due: whether the next ``update`` is a statistics step.
     factors: per leaf, ``KroneckerFactors`` or None.
+    traces: per leaf, a running scalar of the method (TKFAC: the block trace
+      δ; K-FAC: unused) or None.
     inverses: per leaf, ``KroneckerInverse`` or None.
     diagonals: per leaf, running diagonal Fisher (scale/shift and fallback).
     health: ``Health`` counters.
@@ -31,6 +34,7 @@ class KfacState(NamedTuple):
   statistics_count: jax.Array
   curvature_due: jax.Array
   factors: tuple
+  traces: tuple
   inverses: tuple
   diagonals: tuple
   health: Health

@@ -100,6 +100,12 @@ class TracedLoss:
   leaf_reasons: dict      # leaf -> why no layer owns it
   jaxprs: dict            # path -> Jaxpr (for the interpreter)
 
+  @property
+  def num_examples(self) -> int:
+    """M: the number of per-example losses of the first registered loss."""
+    path, i = self.loss_sites[0]
+    return int(np.prod(self.jaxprs[path].eqns[i].outvars[2].aval.shape))
+
 
 def _key_name(k) -> Any:
   for attr in ("key", "name", "idx"):

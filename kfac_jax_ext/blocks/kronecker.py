@@ -63,18 +63,26 @@ def init_inverse(shape, dtype, mode: str) -> KroneckerInverse:
                           vals(r), vals(c))
 
 
+def homogeneous_gram(a, has_bias: bool, weights=None):
+  """``Σ_tok w ā āᵀ`` (unnormalised) with ``ā = [a; 1]`` when ``has_bias``,
+  without materialising the ones column."""
+  aw = a if weights is None else a * weights[:, None]
+  gram = a.T @ aw
+  if not has_bias:
+    return gram
+  s = jnp.sum(aw, axis=0)
+  total = jnp.sum(weights) if weights is not None else jnp.asarray(a.shape[0], a.dtype)
+  top = jnp.concatenate([gram, s[:, None]], axis=1)
+  bottom = jnp.concatenate([s, total[None].astype(a.dtype)])[None, :]
+  return jnp.concatenate([top, bottom], axis=0)
+
+
 def batch_factors(a, g, has_bias: bool, num_examples, dtype):
   """``(A_b, G_b)`` of one batch from ``a [K, d_in]`` and ``g [K, d_out]``."""
   a = a.astype(dtype)
   g = g.astype(dtype)
-  k = a.shape[0]
-  aa = a.T @ a
-  if has_bias:
-    s = jnp.sum(a, axis=0)
-    top = jnp.concatenate([aa, s[:, None]], axis=1)
-    bottom = jnp.concatenate([s, jnp.array([k], dtype)])[None, :]
-    aa = jnp.concatenate([top, bottom], axis=0)
-  return aa / k, (g.T @ g) / num_examples.astype(dtype)
+  return (homogeneous_gram(a, has_bias) / a.shape[0],
+          (g.T @ g) / jnp.asarray(num_examples, dtype))
 
 
 def refresh(a, g, damping, mode: str):

@@ -1,0 +1,75 @@
+"""TKFAC (Gao et al., AAAI 2021): Kronecker blocks with the exact block trace.
+
+Per token (dense: an example; conv: an (example, location) pair) let
+``α = ‖ā‖²`` and ``β = ‖g‖²``. With M loss examples:
+
+* ``factors="weighted"``: ``P = Σ β āāᵀ / M``, ``Q = Σ α ggᵀ / M``;
+* ``factors="unweighted"``: K-FAC's ``A``, ``G``;
+* ``δ = tr F``: ``Σ_tok α β / M`` (``trace="tokens"``: exact for dense layers,
+  the spatially-uncorrelated trace for conv) or ``(1/M) Σ_n ‖Σ_t ā_t g_tᵀ‖²``
+  (``trace="exact"``, the trace of the exact per-example block);
+
+and the block is ``F̃ = δ · Φ ⊗ Ψ`` with ``Φ = P/trP``, ``Ψ = Q/trQ``, so
+``tr F̃ = δ`` and ``trΦ = trΨ = 1``. Running averages are kept of the
+un-normalised P, Q and δ, so the identity holds for the averages too. With
+constant token norms ``F̃ = A ⊗ G`` (K-FAC); for one example ``F̃`` is exact.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from kfac_jax_ext.blocks import kronecker
+
+
+def exact_block_trace(a, g, has_bias: bool, num_examples: int):
+  """``(1/M) Σ_n ‖Σ_{t∈n} ā_t g_tᵀ‖²_F``, tokens grouped example-major.
+
+  Uses the Gram form ``Σ_{t,t'} (ā_t·ā_t')(g_t·g_t')`` when ``T²(d_a+d_g) <
+  d_a d_g``, else the explicit per-example gradients.
+  """
+  k = a.shape[0]
+  if k % num_examples:
+    raise ValueError(f"trace='exact' needs the {k} tokens of a layer to split "
+                     f"evenly over the {num_examples} loss examples.")
+  per = k // num_examples
+  if has_bias:
+    a = jnp.concatenate([a, jnp.ones((k, 1), a.dtype)], axis=1)
+  a = a.reshape(num_examples, per, a.shape[-1])
+  g = g.reshape(num_examples, per, g.shape[-1])
+  d_a, d_g = a.shape[-1], g.shape[-1]
+  if per * per * (d_a + d_g) < d_a * d_g:
+    gram = jnp.einsum("ntd,nsd->nts", a, a) * jnp.einsum("nte,nse->nts", g, g)
+    return jnp.sum(gram) / num_examples
+  u = jnp.einsum("ntd,nte->nde", a, g)
+  return jnp.sum(u * u) / num_examples
+
+
+def batch_statistics(a, g, has_bias, num_examples, dtype, *, factors: str,
+                     trace: str):
+  """``(P or A, Q or G, δ)`` of one batch; see the module docstring."""
+  a = a.astype(dtype)
+  g = g.astype(dtype)
+  alpha = jnp.sum(a * a, axis=1) + (1.0 if has_bias else 0.0)
+  beta = jnp.sum(g * g, axis=1)
+  m = jnp.asarray(num_examples, dtype)
+  if factors == "weighted":
+    side_a = kronecker.homogeneous_gram(a, has_bias, beta) / m
+    side_g = (g * alpha[:, None]).T @ g / m
+  else:
+    side_a, side_g = kronecker.batch_factors(a, g, has_bias, num_examples, dtype)
+  if trace == "exact":
+    delta = exact_block_trace(a, g, has_bias, num_examples)
+  else:
+    delta = jnp.sum(alpha * beta) / m
+  return side_a, side_g, delta
+
+
+def _unit_trace(x):
+  t = jnp.trace(x)
+  return x / jnp.where(t > 0, t, 1.0)
+
+
+def effective_factors(side_a, side_g, delta):
+  """``(δΦ, Ψ)``: their Kronecker product is ``δ Φ⊗Ψ``."""
+  return delta * _unit_trace(side_a), _unit_trace(side_g)

@@ -1,0 +1,321 @@
+"""The optax shell shared by the Kronecker-factored methods (K-FAC, TKFAC).
+
+``scale_by_kronecker(loss_fn, variant, ...)`` is a
+``GradientTransformationExtraArgs``: it gets per-layer statistics from the one
+statistics pass, keeps running averages in per-leaf slots, refreshes damped
+inverses on schedule and applies them. A ``KroneckerVariant`` says what the
+batch statistics are, which Kronecker factors they define and how each layer
+is damped; everything else (periods, EMA, failure handling, dtypes, optax
+contract) is shared.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kfac_jax_ext import linalg
+from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext import statistics
+from kfac_jax_ext.state import Health, KfacState
+from kfac_jax_ext import tracing
+from kfac_jax_ext.blocks import diagonal
+from kfac_jax_ext.blocks import kronecker
+
+
+class KroneckerVariant(NamedTuple):
+  """What distinguishes a Kronecker-factored method.
+
+  Attributes:
+    batch_statistics: ``(a, g, has_bias, num_examples, dtype, layer) ->
+      (side_a, side_g, trace)`` (``num_examples``: M, a static int): the matrices kept (EMA) in the A- and G-slots
+      and a scalar kept per layer (K-FAC: unused zero).
+    effective_factors: ``(side_a, side_g, trace) -> (A, G)``; the block is
+      ``A ⊗ G``.
+    layer_damping: ``(damping, layer, side_a, side_g, trace) -> λ_l``.
+  """
+  batch_statistics: Callable
+  effective_factors: Callable
+  layer_damping: Callable
+
+
+def _check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
+                   ema_decay, damping):
+  choices = dict(damping_mode=(damping_mode, ("tikhonov", "factored")),
+                 fisher=(fisher, ("sampled", "empirical")),
+                 fallback=(fallback, ("identity", "diagonal")))
+  for name, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+  for name, value in (("stats_every", stats_every), ("inverse_every", inverse_every)):
+    if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.integer):
+      continue  # optax.inject_hyperparams passes numeric options as arrays
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}.")
+  if isinstance(ema_decay, (int, float)) and not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
+  if isinstance(damping, (int, float)) and damping <= 0:
+    raise ValueError(f"damping must be positive, got {damping!r}.")
+
+
+def scale_by_kronecker(
+    loss_fn: Callable[..., Any],
+    variant: KroneckerVariant,
+    *,
+    damping: float | Callable[[jax.Array], jax.Array] = 1e-3,
+    damping_mode: str = "factored",
+    fisher: str = "sampled",
+    stats_every: int = 1,
+    inverse_every: int = 5,
+    ema_decay: float = 0.95,
+    fallback: str = "identity",
+    max_factor_dim: int = 4096,
+    axis_name: str | None = None,
+    has_aux: bool = False,
+    name: str = "scale_by_kronecker",
+) -> optax.GradientTransformationExtraArgs:
+  """The shared Kronecker-family transform (see ``scale_by_kfac`` for options).
+
+  Args:
+    loss_fn: the user's loss (calls a ``kfe`` loss helper).
+    variant: the method's ``KroneckerVariant``.
+    name: the public name, used in error messages.
+    (the rest): as documented by ``scale_by_kfac``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  _check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
+                 ema_decay, damping)
+  if axis_name is not None:
+    raise NotImplementedError("axis_name (multi-device statistics) is not yet "
+                              f"supported by {name}.")
+
+  def init_fn(params):
+    dtype = linalg.factor_dtype()
+    factors, inverses, diags, traces = [], [], [], []
+    for leaf in jax.tree_util.tree_leaves(params):
+      shape = tuple(jnp.shape(leaf))
+      fits = len(shape) >= 2 and max(kronecker.slot_sizes(shape)) <= int(
+          max_factor_dim)
+      factors.append(kronecker.init_factors(shape, dtype) if fits else None)
+      inverses.append(kronecker.init_inverse(shape, dtype, damping_mode)
+                      if fits else None)
+      diags.append(jnp.zeros(shape, dtype))
+      traces.append(jnp.zeros([], dtype) if fits else None)
+    zero = lambda: jnp.zeros([], jnp.int32)  # distinct buffers: state is donatable
+    return KfacState(zero(), zero(), jnp.array(True), tuple(factors),
+                     tuple(traces), tuple(inverses), tuple(diags),
+                     Health(zero(), zero()))
+
+  def update_fn(updates, state, params=None, *, batch=None, key=None,
+                curvature=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError(f"{name} needs params: update(grads, state, params, "
+                       "batch=batch, key=key).")
+    if batch is None:
+      raise ValueError(f"{name} needs the batch loss_fn takes: "
+                       "update(grads, state, params, batch=batch, key=key).")
+    traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
+    grads, treedef = jax.tree_util.tree_flatten(updates)
+    _check_structure(traced, grads, treedef, state)
+    plan = plan_lib.make_plan(traced, state.factors)
+    lam = damping(state.count) if callable(damping) else damping
+    dtype = state.diagonals[0].dtype if state.diagonals else jnp.float32
+    lam = jnp.asarray(lam, dtype)
+
+    def new_statistics(st):
+      if curvature is not None:
+        batch_stats = curvature
+        _check_curvature(traced, batch_stats)
+      else:
+        batch_stats = statistics.statistics_pass(traced, params, batch, key,
+                                                 fisher)[2]
+      return _accumulate(plan, traced, st, batch_stats, variant, ema_decay,
+                         fallback, dtype)
+
+    def old_statistics(st):
+      return (st.factors, st.traces, st.diagonals, st.statistics_count,
+              st.health)
+
+    if curvature is None and fisher == "sampled" and key is None:
+      raise ValueError("fisher='sampled' draws targets from the model: pass "
+                       "key=<PRNG key> to update (or use fisher='empirical').")
+    factors, traces, diags, stats_count, health = _maybe(
+        stats_every, state.curvature_due, new_statistics, old_statistics, state)
+
+    def refresh(inverses):
+      return _refresh(plan, factors, traces, inverses, lam, variant, damping_mode)
+
+    inverses, failures = _maybe(
+        inverse_every, state.count % inverse_every == 0, refresh,
+        lambda inv: (inv, jnp.zeros([], jnp.int32)), state.inverses)
+    health = health._replace(failed_inverses=health.failed_inverses + failures)
+    out = _precondition(plan, traced, grads, factors, traces, inverses, diags,
+                        lam, variant, damping_mode, fallback)
+    count = state.count + 1
+    new_state = KfacState(count, stats_count, count % stats_every == 0, factors,
+                          traces, inverses, diags, health)
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _maybe(period, pred, true_fn, false_fn, operand):
+  """``lax.cond``, or a direct call when the period is statically 1."""
+  if isinstance(period, int) and period == 1:
+    return true_fn(operand)
+  return jax.lax.cond(pred, true_fn, false_fn, operand)
+
+
+def _check_structure(traced, grads, treedef, state):
+  if len(grads) != len(traced.param_shapes) or len(grads) != len(state.diagonals):
+    raise ValueError(f"updates have {len(grads)} leaves, params "
+                     f"{len(traced.param_shapes)} and the state "
+                     f"{len(state.diagonals)}: were they made from the same params?")
+  for g, shape, d in zip(grads, traced.param_shapes, state.diagonals):
+    if tuple(g.shape) != shape or tuple(d.shape) != shape:
+      raise ValueError(f"update leaf of shape {tuple(g.shape)} does not match the "
+                       f"param shape {shape} / state shape {tuple(d.shape)}.")
+
+
+def _check_curvature(traced, cb):
+  if not isinstance(cb, statistics.CurvatureBatch) or len(cb.layers) != len(
+      traced.layers):
+    raise ValueError("curvature= must be the CurvatureBatch that "
+                     "kfe.value_and_grad(loss_fn) returned for this batch.")
+  for stats, layer in zip(cb.layers, traced.layers):
+    if layer.kind in ("dense", "conv2d"):
+      a, g = stats
+      if a.shape[1:] != (layer.d_in,) or g.shape[1:] != (layer.d_out,) or (
+          a.shape[0] != g.shape[0]):
+        raise ValueError(
+            f"curvature statistics of layer {layer.name} have shapes "
+            f"{a.shape}, {g.shape}, inconsistent with the traced layer "
+            f"(d_in={layer.d_in}, d_out={layer.d_out}).")
+
+
+def _ema(old, new, eps):
+  return eps * old + (1.0 - eps) * new
+
+
+def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype):
+  """EMA of the batch statistics into the slots; skipped if non-finite."""
+  m = cb.num_examples
+  k = (st.statistics_count + 1).astype(dtype)
+  eps = jnp.minimum(1.0 - 1.0 / k, ema_decay)
+  factors, traces, diags = list(st.factors), list(st.traces), list(st.diagonals)
+  batch_values = []
+  for kl in plan.kronecker:
+    a, g = cb.layers[kl.index]
+    fa, fg, tr = variant.batch_statistics(a, g, kl.has_bias, traced.num_examples,
+                                          dtype, kl.layer)
+    batch_values += [fa, fg, tr]
+    traces[kl.layer.kernel] = _ema(traces[kl.layer.kernel], tr, eps)
+    slots = factors[kl.layer.kernel]
+    sa, sg = getattr(slots, kl.a_side), getattr(slots, kl.g_side)
+    sa = sa.at[:kl.d_a, :kl.d_a].set(_ema(sa[:kl.d_a, :kl.d_a], fa, eps))
+    sg = sg.at[:kl.d_g, :kl.d_g].set(_ema(sg[:kl.d_g, :kl.d_g], fg, eps))
+    factors[kl.layer.kernel] = slots._replace(**{kl.a_side: sa, kl.g_side: sg})
+  for i, layer in plan.diagonal_layers:
+    for leaf, u in zip((layer.scale, layer.shift), cb.layers[i]):
+      if leaf is not None:
+        d = diagonal.from_tokens(u, m, dtype).reshape(diags[leaf].shape)
+        batch_values.append(d)
+        diags[leaf] = _ema(diags[leaf], d, eps)
+  if fallback == "diagonal":
+    for i, layer, _ in plan.unfactored_layers:
+      a, g = cb.layers[i]
+      a = a.astype(dtype)
+      if layer.bias is not None:
+        a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), dtype)], axis=1)
+      d = (a * a).T @ jnp.square(g.astype(dtype)) / m.astype(dtype)
+      dk, db = plan_lib.from_matrix(layer, d, traced.param_shapes[layer.kernel],
+                                    layer.bias is not None)
+      for leaf, v in ((layer.kernel, dk), (layer.bias, db)):
+        if leaf is not None:
+          batch_values.append(v)
+          diags[leaf] = _ema(diags[leaf], v, eps)
+    for leaf, grad in zip(plan.fallback_leaves, cb.fallback_grads):
+      d = diagonal.from_summed_gradient(grad, m, dtype)
+      batch_values.append(d)
+      diags[leaf] = _ema(diags[leaf], d, eps)
+  ok = linalg.all_finite(*batch_values)
+  keep = lambda new, old: jax.tree_util.tree_map(
+      lambda n, o: jnp.where(ok, n, o), new, old)
+  health = st.health._replace(
+      nonfinite_statistics=st.health.nonfinite_statistics + (~ok).astype(jnp.int32))
+  return (keep(tuple(factors), st.factors), keep(tuple(traces), st.traces),
+          keep(tuple(diags), st.diagonals),
+          st.statistics_count + ok.astype(jnp.int32), health)
+
+
+def _layer_factors(kl, slots, trace, variant, lam):
+  """The layer's effective ``(A, G)`` and its damping λ_l."""
+  side_a = getattr(slots, kl.a_side)[:kl.d_a, :kl.d_a]
+  side_g = getattr(slots, kl.g_side)[:kl.d_g, :kl.d_g]
+  a, g = variant.effective_factors(side_a, side_g, trace)
+  return a, g, variant.layer_damping(lam, kl.layer, side_a, side_g, trace)
+
+
+def _refresh(plan, factors, traces, inverses, lam, variant, mode):
+  inverses = list(inverses)
+  failures = jnp.zeros([], jnp.int32)
+  for kl in plan.kronecker:
+    fa, fg, lam_l = _layer_factors(kl, factors[kl.layer.kernel],
+                                   traces[kl.layer.kernel], variant, lam)
+    ia, ig, va, vg, ok = kronecker.refresh(fa, fg, lam_l, mode)
+    old = inverses[kl.layer.kernel]
+    # On failure keep the previous inverse: select on the refreshed block only.
+    keep = lambda new, prev: jnp.where(ok, new, prev)
+    slot_a, slot_g = getattr(old, kl.a_side), getattr(old, kl.g_side)
+    new = {kl.a_side: slot_a.at[:kl.d_a, :kl.d_a].set(
+               keep(ia, slot_a[:kl.d_a, :kl.d_a])),
+           kl.g_side: slot_g.at[:kl.d_g, :kl.d_g].set(
+               keep(ig, slot_g[:kl.d_g, :kl.d_g]))}
+    if mode == "tikhonov":
+      for side, d, vals in ((kl.a_side, kl.d_a, va), (kl.g_side, kl.d_g, vg)):
+        prev = getattr(old, side + "_vals")
+        new[side + "_vals"] = prev.at[:d].set(keep(vals, prev[:d]))
+    inverses[kl.layer.kernel] = old._replace(**new)
+    failures = failures + (~ok).astype(jnp.int32)
+  return tuple(inverses), failures
+
+
+def _precondition(plan, traced, grads, factors, traces, inverses, diags, lam,
+                  variant, mode, fallback):
+  out = list(grads)
+  for kl in plan.kronecker:
+    layer = kl.layer
+    kernel_grad = grads[layer.kernel]
+    bias_grad = grads[layer.bias] if kl.has_bias else None
+    v = plan_lib.to_matrix(layer, kernel_grad, bias_grad).astype(lam.dtype)
+    inv = inverses[layer.kernel]
+    ia = getattr(inv, kl.a_side)[:kl.d_a, :kl.d_a]
+    ig = getattr(inv, kl.g_side)[:kl.d_g, :kl.d_g]
+    va = getattr(inv, kl.a_side + "_vals")[:kl.d_a] if mode == "tikhonov" else None
+    vg = getattr(inv, kl.g_side + "_vals")[:kl.d_g] if mode == "tikhonov" else None
+    lam_l = lam
+    if mode == "tikhonov":  # the damping is applied here, at today's λ
+      lam_l = _layer_factors(kl, factors[layer.kernel], traces[layer.kernel],
+                             variant, lam)[2]
+    delta = kronecker.precondition(v, ia, ig, va, vg, lam_l, mode)
+    dk, db = plan_lib.from_matrix(layer, delta, kernel_grad.shape, kl.has_bias)
+    out[layer.kernel] = dk.astype(kernel_grad.dtype)
+    if kl.has_bias:
+      out[layer.bias] = db.astype(bias_grad.dtype)
+  diag_leaves = [leaf for _, layer in plan.diagonal_layers
+                 for leaf in (layer.scale, layer.shift) if leaf is not None]
+  if fallback == "diagonal":
+    diag_leaves += list(plan.fallback_leaves)
+    diag_leaves += [leaf for _, layer, _ in plan.unfactored_layers
+                    for leaf in (layer.kernel, layer.bias) if leaf is not None]
+  for leaf in diag_leaves:
+    g = grads[leaf]
+    out[leaf] = diagonal.precondition(g.astype(lam.dtype), diags[leaf],
+                                      lam).astype(g.dtype)
+  return out
