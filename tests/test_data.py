@@ -14,3 +14,16 @@ def test_mnist_matches_published_facts():
                                  5949])
   assert abs(float(np.mean(x_train * 256)) - 33.32) < 0.05
   np.testing.assert_array_equal(np.rint(x_train * 256), x_train * 256)
+
+
+def test_fashion_mnist_matches_published_facts():
+  try:
+    x_train, y_train, x_test, y_test = data.load_fashion_mnist()
+  except data.DatasetUnavailable as e:
+    import pytest
+    pytest.skip(str(e))
+  assert x_train.shape == (60000, 28, 28, 1) and x_test.shape == (10000, 28, 28, 1)
+  np.testing.assert_array_equal(np.bincount(y_train), [6000] * 10)
+  np.testing.assert_array_equal(np.bincount(y_test), [1000] * 10)
+  assert abs(float(x_train.mean()) - 0.2860) < 5e-4
+  assert abs(float(x_train.std()) - 0.3530) < 5e-4
