@@ -31,8 +31,9 @@ class KroneckerVariant(NamedTuple):
 
   Attributes:
     batch_statistics: ``(a, g, has_bias, num_examples, dtype, layer) ->
-      (side_a, side_g, trace)`` (``num_examples``: M, a static int): the matrices kept (EMA) in the A- and G-slots
-      and a scalar kept per layer (K-FAC: unused zero).
+      (side_a, side_g, trace)``: the matrices kept (EMA) in the A- and G-slots
+      and a scalar kept per layer (K-FAC: unused zero); ``num_examples`` is
+      M, a static int.
     effective_factors: ``(side_a, side_g, trace) -> (A, G)``; the block is
       ``A ⊗ G``.
     layer_damping: ``(damping, layer, side_a, side_g, trace) -> λ_l``.
@@ -78,6 +79,10 @@ def scale_by_kronecker(
     name: str = "scale_by_kronecker",
 ) -> optax.GradientTransformationExtraArgs:
   """The shared Kronecker-family transform (see ``scale_by_kfac`` for options).
+
+  Without ``curvature=`` a statistics step runs its own pass inside
+  ``lax.cond``; pass the statistics of ``kfe.value_and_grad`` (the fused
+  path) to share the forward and keep convolutions out of the conditional.
 
   Args:
     loss_fn: the user's loss (calls a ``kfe`` loss helper).

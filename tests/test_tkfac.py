@@ -120,6 +120,18 @@ def test_conv_trace_tokens_and_exact():
     np.testing.assert_allclose(jnp.trace(jnp.kron(delta * phi, psi)), target,
                                rtol=1e-11)
   assert abs(exact - tokens) > 1e-3 * exact   # cross-location terms matter here
+  # with running averages over two batches: δ̄ = mean of the exact traces
+  batch2 = {"x": 1.5 * jax.random.normal(jax.random.PRNGKey(7), x.shape, jnp.float64),
+            "y": y}
+  u2 = jax.vmap(jax.grad(lambda p, xs, ys: 0.5 * jnp.sum((model(p, xs[None])[0] - ys)
+                                                         ** 2)), (None, 0, 0))(
+      params, batch2["x"], y)
+  exact2 = float(jnp.mean(jnp.sum(u2["k"] ** 2, (1, 2, 3, 4)) + jnp.sum(u2["b"] ** 2, 1)))
+  tx = kfe.scale_by_tkfac(loss, trace="exact", ema_decay=0.95, fisher="empirical")
+  delta, phi, psi = _block(_state_after(tx, loss, params, [batch, batch2]), leaf, 19, 3)
+  np.testing.assert_allclose(delta, (exact + exact2) / 2, rtol=1e-11)
+  np.testing.assert_allclose(jnp.trace(jnp.kron(delta * phi, psi)), (exact + exact2) / 2,
+                             rtol=1e-11)
 
 
 def test_tikhonov_update_equals_damped_trace_restricted_solve():
