@@ -25,11 +25,16 @@ import optax
 
 import kfac_jax_ext as kfe
 from benchmarks import data, step_time
-from kfac_jax_ext import kfac_transform, plan as plan_lib, statistics, tracing
+from kfac_jax_ext import kronecker_family, plan as plan_lib, statistics, tracing
+from kfac_jax_ext.kfac_transform import KFAC
 from kfac_jax_ext.blocks import kronecker
 
 
-def _median_ms(fn, *args, repeats=7):
+REPEATS = 7
+
+
+def _median_ms(fn, *args, repeats=None):
+  repeats = repeats or REPEATS
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
@@ -53,8 +58,14 @@ def phase_flops(sizes, batch):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--model", default="autoencoder", choices=list(step_time.MODELS))
+  parser.add_argument("--batch", type=int, default=None, help="override the batch")
+  parser.add_argument("--repeats", type=int, default=7)
   args = parser.parse_args(argv)
-  spec = step_time.MODELS[args.model]
+  spec = dict(step_time.MODELS[args.model])
+  if args.batch:
+    spec["batch"] = args.batch
+  global REPEATS
+  REPEATS = args.repeats
   loss_fn, _ = step_time.make_losses(spec)
   params = step_time.init_mlp(jax.random.PRNGKey(0), spec["sizes"])
   x_train, y_train, _, _ = data.load_mnist()
@@ -76,8 +87,9 @@ def main(argv=None):
 
   def precondition(g, s):
     leaves = jax.tree_util.tree_leaves(g)
-    return kfac_transform._precondition(plan, traced, leaves, s.factors, s.inverses,
-                                        s.diagonals, lam, "factored", "identity")
+    return kronecker_family._precondition(
+        plan, traced, leaves, s.factors, s.traces, s.inverses, s.diagonals, lam,
+        KFAC, "factored", "identity")
 
   adam = optax.adam(1e-3)
   grads = jax.grad(loss_fn)(params, batch)
@@ -89,8 +101,8 @@ def main(argv=None):
           traced, p, batch, key, "sampled")), params),
       "+ factor products": _median_ms(jax.jit(with_factors), params),
       "precondition": _median_ms(jax.jit(precondition), grads, state),
-      "refresh": _median_ms(jax.jit(lambda s: kfac_transform._refresh(
-          plan, s.factors, s.inverses, lam, "factored")), state),
+      "refresh": _median_ms(jax.jit(lambda s: kronecker_family._refresh(
+          plan, s.factors, s.traces, s.inverses, lam, KFAC, "factored")), state),
   }
   f = phase_flops(spec["sizes"], spec["batch"])
   flops = {"gradient": f["grad"], "gradient + statistics": f["grad"] + f["backward_g"],
