@@ -11,6 +11,7 @@ contract) is shared.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -129,6 +130,10 @@ def scale_by_kronecker(
     grads, treedef = jax.tree_util.tree_flatten(updates)
     _check_structure(traced, grads, treedef, state)
     plan = plan_lib.make_plan(traced, state.factors)
+    for _, layer, reason in plan.unfactored_layers:   # at trace time, once
+      warnings.warn(f"{name}: layer {layer.name} ({layer.kind}) gets no "
+                    f"Kronecker block ({reason}); it falls back to "
+                    f"fallback={fallback!r}.", stacklevel=2)
     lam = damping(state.count) if callable(damping) else damping
     dtype = state.diagonals[0].dtype if state.diagonals else jnp.float32
     lam = jnp.asarray(lam, dtype)
@@ -210,7 +215,7 @@ def _ema(old, new, eps):
 
 def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype):
   """EMA of the batch statistics into the slots; skipped if non-finite."""
-  m = cb.num_examples
+  m = traced.num_examples   # M, static
   k = (st.statistics_count + 1).astype(dtype)
   eps = jnp.minimum(1.0 - 1.0 / k, ema_decay)
   factors, traces, diags = list(st.factors), list(st.traces), list(st.diagonals)
@@ -238,7 +243,7 @@ def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype):
       a = a.astype(dtype)
       if layer.bias is not None:
         a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), dtype)], axis=1)
-      d = (a * a).T @ jnp.square(g.astype(dtype)) / m.astype(dtype)
+      d = (a * a).T @ jnp.square(g.astype(dtype)) / m
       dk, db = plan_lib.from_matrix(layer, d, traced.param_shapes[layer.kernel],
                                     layer.bias is not None)
       for leaf, v in ((layer.kernel, dk), (layer.bias, db)):

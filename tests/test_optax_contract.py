@@ -217,3 +217,13 @@ def test_damping_and_learning_rate_schedules():
         updates, jax.tree_util.tree_map(lambda d: -float(lr(i)) * d, direction),
         rtol=1e-5, atol=1e-10)   # optax evaluates the schedules in float32;
     # a wrong step would differ by O(1): λ halves and the lr falls each step.
+
+
+def test_layers_without_a_kronecker_block_fall_back_loudly():
+  params, batch, loss_fn = _setup()
+  tx = kfe.scale_by_kfac(loss_fn, max_factor_dim=5)   # 4+1 fits, 6+1 does not
+  grads = jax.grad(loss_fn)(params, batch)
+  with pytest.warns(UserWarning, match="factor larger than max_factor_dim"):
+    updates, _ = tx.update(grads, tx.init(params), params, batch=batch,
+                           key=jax.random.PRNGKey(0))
+  chex.assert_trees_all_equal(updates[1], grads[1])   # identity fallback

@@ -15,12 +15,12 @@ import jax.numpy as jnp
 
 def from_tokens(u, num_examples, dtype):
   u = u.astype(dtype)
-  return jnp.sum(u * u, axis=0) / num_examples.astype(dtype)
+  return jnp.sum(u * u, axis=0) / jnp.asarray(num_examples, dtype)
 
 
 def from_summed_gradient(grad, num_examples, dtype):
   grad = grad.astype(dtype)
-  return grad * grad / num_examples.astype(dtype)
+  return grad * grad / jnp.asarray(num_examples, dtype)
 
 
 def precondition(grad, diag, damping):
