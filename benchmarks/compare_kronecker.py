@@ -72,16 +72,15 @@ def make_optimizer(name, loss_fn, lr, settings):
                 **settings)
 
 
-def train(opt, loss_fn, params, batches, test, steps, seed=0):
+def train(opt, loss_fn, params, batches, test, steps, seed=0, curvature=True):
+  """Trains; ``curvature``: the optimizer takes ``kfe.value_and_grad``'s
+  statistics (the fused path), else a plain optax optimizer."""
   state = opt.init(params)
   vg = kfe.value_and_grad(loss_fn)
-  fused = not isinstance(opt, optax.GradientTransformation) or True
 
   @jax.jit
   def step(params, state, batch, key):
-    if isinstance(state, tuple) and any(
-        isinstance(s, kfe.KfacState) for s in jax.tree_util.tree_leaves(
-            state, is_leaf=lambda s: isinstance(s, kfe.KfacState))):
+    if curvature:
       loss, grads, curv = vg(params, batch, key, opt_state=state)
       updates, state = opt.update(grads, state, params, batch=batch, key=key,
                                   curvature=curv)
@@ -90,7 +89,6 @@ def train(opt, loss_fn, params, batches, test, steps, seed=0):
       updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
-  del fused
   rng = np.random.default_rng(seed)
   key = jax.random.PRNGKey(seed)
   losses, clock, elapsed = [], [], 0.0
@@ -112,6 +110,12 @@ def smoothed_final(losses, window=20):
   return float(np.mean(losses[-window:]))
 
 
+def window_mean(losses, center, half=5):
+  """Mean loss over ``[center - half, center + half)``, clamped to the run."""
+  lo = max(0, center - half)
+  return float(np.mean(losses[lo:max(lo + 1, center + half)]))
+
+
 def run(task, steps, sweep_steps):
   loss_fn, params, batches, test, lrs, settings = make_task(task)
   results = {"task": task, "steps": steps, "settings": settings, "runs": {}}
@@ -120,11 +124,11 @@ def run(task, steps, sweep_steps):
     scores = {}
     for lr in grid:   # short sweep on the training loss
       r = train(make_optimizer(name, loss_fn, lr, settings), loss_fn, params,
-                batches, test, sweep_steps, seed=1)
+                batches, test, sweep_steps, seed=1, curvature=name != "adam")
       scores[lr] = smoothed_final(r["loss"], 10) if r["finite"] else np.inf
     lr = min(scores, key=scores.get)
     r = train(make_optimizer(name, loss_fn, lr, settings), loss_fn, params, batches,
-              test, steps)
+              test, steps, curvature=name != "adam")
     r.update(learning_rate=lr, sweep={str(k): v for k, v in scores.items()})
     results["runs"][name] = r
   return results
@@ -143,8 +147,8 @@ def report(results):
     hit = np.nonzero(smooth <= target)[0]
     steps_to = int(hit[0]) + 10 if len(hit) else None
     secs_to = r["seconds"][steps_to - 1] if steps_to else None
-    print(f"{name:<7}{r['learning_rate']:>7g}{np.mean(r['loss'][n // 4 - 5:n // 4 + 5]):>10.4f}"
-          f"{np.mean(r['loss'][n // 2 - 5:n // 2 + 5]):>10.4f}{smoothed_final(r['loss']):>9.4f}"
+    print(f"{name:<7}{r['learning_rate']:>7g}{window_mean(r['loss'], n // 4):>10.4f}"
+          f"{window_mean(r['loss'], n // 2):>10.4f}{smoothed_final(r['loss']):>9.4f}"
           f"{r['test_loss']:>9.4f}{r['seconds'][-1] / (n - 1):>8.3f}"
           f"{steps_to if steps_to else '-':>10}"
           f"{f'{secs_to:.1f}' if secs_to else '-':>8}")
