@@ -26,8 +26,6 @@ from kfac_jax_ext import _jax_internals
 _tag = _jax_internals.make_identity_primitive("kfe_loss_tag")
 LOSS_TAG_PRIMITIVE = _tag.primitive
 
-KINDS = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
-
 
 def _prepare(predictions, targets, weights, kind):
   predictions = jnp.asarray(predictions)

@@ -80,9 +80,9 @@ def _evaluate(jaxpr, consts, args, path, probes, actions, active):
   return [jint.read_atom(env, v) for v in jaxpr.outvars], captured
 
 
-def _instrumentation(traced: tracing.TracedLoss, with_statistics: bool):
+def _instrumentation(traced: tracing.TracedLoss):
   actions: dict = {}
-  for li, layer in enumerate(traced.layers if with_statistics else ()):
+  for li, layer in enumerate(traced.layers):
     for ci, (site, operand) in enumerate(layer.captures):
       actions.setdefault(site, []).append(("capture", ("a", li, ci), operand))
     for site in layer.probes:
@@ -133,8 +133,8 @@ def _layer_statistics(layer, traced, captured, probe_grads, li):
 
 
 def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
-                    fisher: str, with_statistics: bool = True, due=None):
-  """Runs the fused pass. Returns ``(outputs, grads, CurvatureBatch | None)``.
+                    fisher: str, due=None):
+  """Runs the fused pass. Returns ``(outputs, grads, CurvatureBatch)``.
 
   ``outputs`` is what ``loss_fn`` returned; ``grads`` the gradient of its loss
   with respect to ``params`` (same tree). Given a boolean ``due``, the
@@ -146,9 +146,9 @@ def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
   p_leaves = jax.tree_util.tree_leaves(params)
   b_leaves = jax.tree_util.tree_leaves(batch)
   closed = traced.closed_jaxpr
-  actions, active = _instrumentation(traced, with_statistics)
+  actions, active = _instrumentation(traced)
   kinds = [traced.jaxprs[p].eqns[i].params["kind"] for p, i in traced.loss_sites]
-  if with_statistics and fisher == "sampled" and key is None:
+  if fisher == "sampled" and key is None:
     raise ValueError("fisher='sampled' draws targets from the model: pass a PRNG "
                      "key (update(..., key=key)) on statistics steps.")
 
@@ -159,22 +159,19 @@ def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
                   for k, kind in enumerate(kinds)]
     m0 = registered[0].num_examples
     objective = 0.0
-    if with_statistics:
-      for k, reg in enumerate(registered):
-        sub_key = None if key is None else jax.random.fold_in(key, k)
-        objective = objective + reg.fisher_objective(
-            sub_key, fisher, scale=float(np.sqrt(m0 / reg.num_examples)))
+    for k, reg in enumerate(registered):
+      sub_key = None if key is None else jax.random.fold_in(key, k)
+      objective = objective + reg.fisher_objective(
+          sub_key, fisher, scale=float(np.sqrt(m0 / reg.num_examples)))
     a_captures = {k: v for k, v in captured.items() if k[0] == "a"}
     return (outs[0], objective), (outs, a_captures)
 
-  probes = _probe_zeros(traced) if with_statistics else {}
+  probes = _probe_zeros(traced)
   (loss, objective), vjp_fn, (outs, captured) = jax.vjp(
       forward, p_leaves, probes, has_aux=True)
   grads, _ = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(objective)))
   grads = jax.tree_util.tree_unflatten(traced.param_treedef, grads)
   outputs = jax.tree_util.tree_unflatten(traced.out_treedef, outs)
-  if not with_statistics:
-    return outputs, grads, None
 
   def curvature(_):
     obj_grads, probe_grads = vjp_fn((jnp.zeros_like(loss),

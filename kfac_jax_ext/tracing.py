@@ -285,10 +285,17 @@ def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False) -> Trace
                     reasons, walker.jaxprs)
 
 
+def _module_name(paths, leaf) -> str:
+  """A leaf's module path (its key path without the last key)."""
+  return "/".join(map(str, paths[leaf][:-1])) or str(leaf)
+
+
 def _match_layers(walker, shapes, paths, n):
   by_leaf: dict[int, list[_Use]] = {i: [] for i in range(n)}
+  at_operand: dict[tuple, _Use] = {}   # (path, eqn, operand) -> parameter use
   for u in walker.uses:
     by_leaf[u.leaf].append(u)
+    at_operand[(u.path, u.eqn, u.operand)] = u
   single = {i: us[0] for i, us in by_leaf.items() if len(us) == 1 and not us[0].reason}
   taken: set[int] = set()
   found = []  # (site, LayerMatch)
@@ -301,31 +308,26 @@ def _match_layers(walker, shapes, paths, n):
       m = _match_dense(use, eqn, shapes)
     elif use.primitive == "conv_general_dilated":
       m = _match_conv(use, eqn, shapes)
-    if m is None or any(u.path == use.path and u.eqn == use.eqn and
-                        u.operand == m["x_operand"] for u in walker.uses):
+    if m is None or (use.path, use.eqn, m["x_operand"]) in at_operand:
       continue  # no pattern, or the layer input is itself a parameter
     s = eqn.outvars[0]
     out_eqn, bias = use.eqn, None
     cons = _consumers(jaxpr, s)
     if len(cons) == 1 and cons[0][0] is not None:
       ci, cj = cons[0]
-      add = jaxpr.eqns[ci]
-      walker_use = None
-      if add.primitive.name == "add":
-        for u2 in single.values():
-          if u2.path == use.path and u2.eqn == ci and u2.operand == 1 - cj:
-            walker_use = u2
-        if walker_use is not None and len(shapes[walker_use.leaf]) == 1:
-          view = _simulate(shapes[walker_use.leaf], walker_use.view.chain)
-          out_shape = s.aval.shape
-          if _aligned(view, shapes[walker_use.leaf], out_shape,
-                      (m["out_axis"] % len(out_shape),)):
-            out_eqn, bias = ci, walker_use.leaf
+      b = at_operand.get((use.path, ci, 1 - cj))
+      if (jaxpr.eqns[ci].primitive.name == "add" and b is not None
+          and single.get(b.leaf) is b and len(shapes[b.leaf]) == 1):
+        view = _simulate(shapes[b.leaf], b.view.chain)
+        out_shape = s.aval.shape
+        if _aligned(view, shapes[b.leaf], out_shape,
+                    (m["out_axis"] % len(out_shape),)):
+          out_eqn, bias = ci, b.leaf
     x = eqn.invars[m["x_operand"]]
     kshape = shapes[leaf]
     d_in = int(np.prod([kshape[a] for a in m["kernel_perm"][:-1]]))
     layer = LayerMatch(
-        kind=m["kind"], name="/".join(map(str, paths[leaf][:-1])) or str(leaf),
+        kind=m["kind"], name=_module_name(paths, leaf),
         kernel=leaf, bias=bias, captures=(((use.path, use.eqn), m["x_operand"]),),
         probes=((use.path, out_eqn),), kernel_perm=m["kernel_perm"],
         x_axis=m["x_axis"] % len(x.aval.shape),
@@ -340,10 +342,7 @@ def _match_layers(walker, shapes, paths, n):
     if leaf in taken or use.primitive not in ("mul", "add"):
       continue
     eqn = walker.jaxprs[use.path].eqns[use.eqn]
-    other = eqn.invars[1 - use.operand]
-    if not jint.is_literal(other) and any(
-        u.path == use.path and u.eqn == use.eqn and u.operand != use.operand
-        for u in walker.uses):
+    if (use.path, use.eqn, 1 - use.operand) in at_operand:
       continue  # both operands are parameters
     out_shape = eqn.outvars[0].aval.shape
     k = len(shapes[leaf])
@@ -353,7 +352,7 @@ def _match_layers(walker, shapes, paths, n):
     if not _aligned(_simulate(shapes[leaf], use.view.chain), shapes[leaf],
                     out_shape, axes):
       continue
-    name = "/".join(map(str, paths[leaf][:-1])) or str(leaf)
+    name = _module_name(paths, leaf)
     g = groups.setdefault(name, dict(site=(use.path, use.eqn), captures=(),
                                      probes=(), scale=None, shift=None,
                                      inputs_shape=tuple(out_shape)))
