@@ -29,17 +29,18 @@ def all_finite(*arrays) -> jax.Array:
 
 
 def damped_inverse(x, damping):
-  """``(x + damping·I)⁻¹`` of a symmetric PSD matrix by Cholesky.
+  """``(x + damping·I)⁻¹`` of a symmetric PSD matrix.
+
+  LU (``jnp.linalg.inv``) of the symmetrized, damped matrix: for the 16
+  autoencoder factors it took 228 ms against 243 ms for Cholesky +
+  ``cho_solve`` on the 2-core CPU (``python -m benchmarks.cpu_facts``). ``x + damping·I`` is positive
+  definite for PSD ``x`` and ``damping > 0``; a non-finite result is reported.
 
   Returns:
-    ``(inverse, ok)``; ``ok`` is False when the factorization failed or the
-    result is not finite.
+    ``(inverse, ok)``; ``ok`` is False when the result is not finite.
   """
   n = x.shape[0]
-  eye = jnp.eye(n, dtype=x.dtype)
-  # symmetrize_input: cholesky symmetrizes (x + xᵀ)/2 itself, in the same pass.
-  chol = jax.lax.linalg.cholesky(x + damping * eye, symmetrize_input=True)
-  inv = jax.scipy.linalg.cho_solve((chol, True), eye)
+  inv = jnp.linalg.inv(symmetrize(x) + damping * jnp.eye(n, dtype=x.dtype))
   return inv, all_finite(inv)
 
 

@@ -1,0 +1,92 @@
+"""Two measured facts behind design choices (``python -m benchmarks.cpu_facts``).
+
+1. XLA CPU runs convolutions inside ``lax.cond`` branches several times slower
+   than outside: why ``statistics_pass`` keeps the forward and the gradient
+   outside its conditional.
+2. Ways to get a damped inverse of SPD factors of the autoencoder's sizes, and
+   the per-step cost of applying one: why refreshes use an LU inverse and
+   steps multiply by the explicit inverse.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kfac_jax_ext import linalg
+
+
+def _median_ms(fn, *args, repeats=5):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
+
+
+def conv_in_cond():
+  from benchmarks import compare_kronecker
+  model = compare_kronecker.FashionCNN()
+  x = jax.random.uniform(jax.random.PRNGKey(0), (128, 28, 28, 1))
+  y = jnp.zeros(128, jnp.int32)
+  params = model.init(jax.random.PRNGKey(1), x[:1])
+  loss = lambda p: jnp.mean(jax.nn.logsumexp(model.apply(p, x), -1) -
+                            model.apply(p, x)[jnp.arange(128), y])
+  grad = jax.grad(loss)
+  in_cond = jax.jit(lambda p, c: jax.lax.cond(
+      c, lambda: grad(p), lambda: jax.tree_util.tree_map(jnp.zeros_like, p)))
+  print("Fashion-MNIST CNN (batch 128), jax.grad:")
+  print(f"  outside lax.cond {_median_ms(jax.jit(grad), params):8.1f} ms")
+  print(f"  inside lax.cond  {_median_ms(in_cond, params, True):8.1f} ms")
+
+
+def inverse_options():
+  dims = [785, 1000, 1001, 500, 501, 250, 251, 30, 31, 250, 251, 500, 501, 1000,
+          1001, 784]
+  mats = []
+  for i, n in enumerate(dims):
+    x = jax.random.normal(jax.random.PRNGKey(i), (1000, n))
+    mats.append(x.T @ x / 1000)
+  lam = 1e-2
+
+  def tri_inverse(m):
+    chol = jnp.linalg.cholesky(m + lam * jnp.eye(m.shape[0]))
+    li = jax.lax.linalg.triangular_solve(chol, jnp.eye(m.shape[0]), left_side=True,
+                                         lower=True)
+    return li.T @ li
+
+  options = {
+      "linalg.damped_inverse (used: LU)": lambda ms: [
+          linalg.damped_inverse(m, lam)[0] for m in ms],
+      "cholesky + cho_solve": lambda ms: [jax.scipy.linalg.cho_solve(
+          (jnp.linalg.cholesky(m + lam * jnp.eye(m.shape[0])), True),
+          jnp.eye(m.shape[0])) for m in ms],
+      "cholesky + triangular inverse + GEMM": lambda ms: [tri_inverse(m) for m in ms],
+      "cholesky only (apply by solves)": lambda ms: [jnp.linalg.cholesky(
+          m + lam * jnp.eye(m.shape[0])) for m in ms],
+  }
+  print("refresh: damped inverses of the 16 autoencoder factors:")
+  for name, fn in options.items():
+    print(f"  {name:<38}{_median_ms(jax.jit(fn), mats):8.1f} ms")
+  a = mats[2] + lam * jnp.eye(1001)
+  chol = jnp.linalg.cholesky(a)
+  inv = jnp.linalg.inv(a)
+  v = jax.random.normal(jax.random.PRNGKey(99), (1001, 1000))
+  solve = lambda c, v: jax.lax.linalg.triangular_solve(
+      c, jax.lax.linalg.triangular_solve(c, v, left_side=True, lower=True),
+      left_side=True, lower=True, transpose_a=True)
+  print("per step, one 1001x1001 factor applied to a 1001x1000 gradient:")
+  print(f"  {'GEMM with the inverse (used)':<38}"
+        f"{_median_ms(jax.jit(lambda i, v: i @ v), inv, v):8.1f} ms")
+  print(f"  {'two triangular solves':<38}{_median_ms(jax.jit(solve), chol, v):8.1f} ms")
+
+
+if __name__ == "__main__":
+  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
+  conv_in_cond()
+  inverse_options()
