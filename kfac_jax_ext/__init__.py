@@ -8,8 +8,9 @@ from kfac_jax_ext.state import Health, KfacState, curvature_due
 from kfac_jax_ext.layers import Layer, describe_layers, find_layers
 from kfac_jax_ext.losses import (sigmoid_cross_entropy, softmax_cross_entropy,
                                  squared_error)
-from kfac_jax_ext.optimizers import clip_by_kl, kfac, tkfac
+from kfac_jax_ext.optimizers import clip_by_kl, kfac, tengrad, tkfac
 from kfac_jax_ext.statistics import CurvatureBatch, value_and_grad
+from kfac_jax_ext.tengrad_transform import TengradState, scale_by_tengrad
 from kfac_jax_ext.tkfac_transform import scale_by_tkfac
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CurvatureBatch", "Health", "KfacState", "Layer", "clip_by_kl",
     "curvature_due", "describe_layers", "find_layers", "kfac", "scale_by_kfac",
-    "scale_by_tkfac", "sigmoid_cross_entropy", "softmax_cross_entropy",
-    "squared_error", "tkfac", "value_and_grad",
+    "scale_by_tengrad", "scale_by_tkfac", "sigmoid_cross_entropy",
+    "softmax_cross_entropy", "squared_error", "tengrad", "TengradState",
+    "tkfac", "value_and_grad",
 ]

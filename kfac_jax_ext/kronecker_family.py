@@ -44,7 +44,7 @@ class KroneckerVariant(NamedTuple):
   layer_damping: Callable
 
 
-def _check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
+def check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
                    ema_decay, damping):
   choices = dict(damping_mode=(damping_mode, ("tikhonov", "factored")),
                  fisher=(fisher, ("sampled", "empirical")),
@@ -94,7 +94,7 @@ def scale_by_kronecker(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  _check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
+  check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
                  ema_decay, damping)
   if axis_name is not None:
     raise NotImplementedError("axis_name (multi-device statistics) is not yet "
@@ -128,7 +128,7 @@ def scale_by_kronecker(
                        "update(grads, state, params, batch=batch, key=key).")
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     grads, treedef = jax.tree_util.tree_flatten(updates)
-    _check_structure(traced, grads, treedef, state)
+    check_structure(traced, grads, treedef, state)
     plan = plan_lib.make_plan(traced, state.factors)
     for _, layer, reason in plan.unfactored_layers:   # at trace time, once
       warnings.warn(f"{name}: layer {layer.name} ({layer.kind}) gets no "
@@ -141,7 +141,7 @@ def scale_by_kronecker(
     def new_statistics(st):
       if curvature is not None:
         batch_stats = curvature
-        _check_curvature(traced, batch_stats)
+        check_curvature(traced, batch_stats)
       else:
         batch_stats = statistics.statistics_pass(traced, params, batch, key,
                                                  fisher)[2]
@@ -155,13 +155,13 @@ def scale_by_kronecker(
     if curvature is None and fisher == "sampled" and key is None:
       raise ValueError("fisher='sampled' draws targets from the model: pass "
                        "key=<PRNG key> to update (or use fisher='empirical').")
-    factors, traces, diags, stats_count, health = _maybe(
+    factors, traces, diags, stats_count, health = maybe(
         stats_every, state.curvature_due, new_statistics, old_statistics, state)
 
     def refresh(inverses):
       return _refresh(plan, factors, traces, inverses, lam, variant, damping_mode)
 
-    inverses, failures = _maybe(
+    inverses, failures = maybe(
         inverse_every, state.count % inverse_every == 0, refresh,
         lambda inv: (inv, jnp.zeros([], jnp.int32)), state.inverses)
     health = health._replace(failed_inverses=health.failed_inverses + failures)
@@ -175,14 +175,14 @@ def scale_by_kronecker(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _maybe(period, pred, true_fn, false_fn, operand):
+def maybe(period, pred, true_fn, false_fn, operand):
   """``lax.cond``, or a direct call when the period is statically 1."""
   if isinstance(period, int) and period == 1:
     return true_fn(operand)
   return jax.lax.cond(pred, true_fn, false_fn, operand)
 
 
-def _check_structure(traced, grads, treedef, state):
+def check_structure(traced, grads, treedef, state):
   if len(grads) != len(traced.param_shapes) or len(grads) != len(state.diagonals):
     raise ValueError(f"updates have {len(grads)} leaves, params "
                      f"{len(traced.param_shapes)} and the state "
@@ -193,7 +193,7 @@ def _check_structure(traced, grads, treedef, state):
                        f"param shape {shape} / state shape {tuple(d.shape)}.")
 
 
-def _check_curvature(traced, cb):
+def check_curvature(traced, cb):
   if not isinstance(cb, statistics.CurvatureBatch) or len(cb.layers) != len(
       traced.layers):
     raise ValueError("curvature= must be the CurvatureBatch that "
@@ -215,7 +215,6 @@ def _ema(old, new, eps):
 
 def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype):
   """EMA of the batch statistics into the slots; skipped if non-finite."""
-  m = traced.num_examples   # M, static
   k = (st.statistics_count + 1).astype(dtype)
   eps = jnp.minimum(1.0 - 1.0 / k, ema_decay)
   factors, traces, diags = list(st.factors), list(st.traces), list(st.diagonals)
@@ -231,29 +230,10 @@ def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype):
     sa = sa.at[:kl.d_a, :kl.d_a].set(_ema(sa[:kl.d_a, :kl.d_a], fa, eps))
     sg = sg.at[:kl.d_g, :kl.d_g].set(_ema(sg[:kl.d_g, :kl.d_g], fg, eps))
     factors[kl.layer.kernel] = slots._replace(**{kl.a_side: sa, kl.g_side: sg})
-  for i, layer in plan.diagonal_layers:
-    for leaf, u in zip((layer.scale, layer.shift), cb.layers[i]):
-      if leaf is not None:
-        d = diagonal.from_tokens(u, m, dtype).reshape(diags[leaf].shape)
-        batch_values.append(d)
-        diags[leaf] = _ema(diags[leaf], d, eps)
-  if fallback == "diagonal":
-    for i, layer, _ in plan.unfactored_layers:
-      a, g = cb.layers[i]
-      a = a.astype(dtype)
-      if layer.bias is not None:
-        a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), dtype)], axis=1)
-      d = (a * a).T @ jnp.square(g.astype(dtype)) / m
-      dk, db = plan_lib.from_matrix(layer, d, traced.param_shapes[layer.kernel],
-                                    layer.bias is not None)
-      for leaf, v in ((layer.kernel, dk), (layer.bias, db)):
-        if leaf is not None:
-          batch_values.append(v)
-          diags[leaf] = _ema(diags[leaf], v, eps)
-    for leaf, grad in zip(plan.fallback_leaves, cb.fallback_grads):
-      d = diagonal.from_summed_gradient(grad, m, dtype)
-      batch_values.append(d)
-      diags[leaf] = _ema(diags[leaf], d, eps)
+  for leaf, d in diagonal.batch_diagonals(plan, traced, cb, fallback,
+                                          dtype).items():
+    batch_values.append(d)
+    diags[leaf] = _ema(diags[leaf], d, eps)
   ok = linalg.all_finite(*batch_values)
   keep = lambda new, old: jax.tree_util.tree_map(
       lambda n, o: jnp.where(ok, n, o), new, old)
@@ -318,14 +298,4 @@ def _precondition(plan, traced, grads, factors, traces, inverses, diags, lam,
     out[layer.kernel] = dk.astype(kernel_grad.dtype)
     if kl.has_bias:
       out[layer.bias] = db.astype(bias_grad.dtype)
-  diag_leaves = [leaf for _, layer in plan.diagonal_layers
-                 for leaf in (layer.scale, layer.shift) if leaf is not None]
-  if fallback == "diagonal":
-    diag_leaves += list(plan.fallback_leaves)
-    diag_leaves += [leaf for _, layer, _ in plan.unfactored_layers
-                    for leaf in (layer.kernel, layer.bias) if leaf is not None]
-  for leaf in diag_leaves:
-    g = grads[leaf]
-    out[leaf] = diagonal.precondition(g.astype(lam.dtype), diags[leaf],
-                                      lam).astype(g.dtype)
-  return out
+  return diagonal.precondition_leaves(plan, grads, diags, lam, fallback, out)

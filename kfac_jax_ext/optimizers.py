@@ -15,6 +15,7 @@ import optax
 
 from kfac_jax_ext import kfac_transform
 from kfac_jax_ext import kronecker_family
+from kfac_jax_ext import tengrad_transform
 from kfac_jax_ext import tkfac_transform
 
 
@@ -79,7 +80,8 @@ def with_optimizer_steps(preconditioner, learning_rate, *, momentum=0.9,
 
 
 def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
-                     doc: str) -> Callable:
+                     doc: str, shared: Callable = kronecker_family.scale_by_kronecker
+                     ) -> Callable:
   """``name(loss_fn, learning_rate, *, momentum, weight_decay, kl_clip, ...)``.
 
   Its ``__signature__`` lists every option explicitly (taken from the shared
@@ -93,7 +95,7 @@ def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
 
   own = [p for p in inspect.signature(optimizer).parameters.values()
          if p.kind is not inspect.Parameter.VAR_KEYWORD]
-  extra = [p for fn in (method_options, kronecker_family.scale_by_kronecker)
+  extra = [p for fn in (method_options, shared)
            for p in inspect.signature(fn).parameters.values()
            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "name"]
   optimizer.__signature__ = inspect.Signature(own + extra)
@@ -140,3 +142,15 @@ Same signature as ``kfe.kfac`` plus TKFAC's ``factors``, ``trace`` and
 Example:
   >>> opt = kfe.tkfac(loss_fn, learning_rate=0.1, damping=1e-3)
 """)
+
+
+tengrad = _optimizer_alias(
+    tengrad_transform.scale_by_tengrad, lambda: None, "tengrad", """\
+TENGraD optimizer: ``scale_by_tengrad`` → KL-clip → weight decay → momentum → lr.
+
+Same shape as ``kfe.kfac``; options are ``scale_by_tengrad``'s (damping,
+gram_batch, conv_gram, fisher, inverse_every, fallback, has_aux).
+
+Example:
+  >>> opt = kfe.tengrad(loss_fn, learning_rate=0.01, damping=0.1, gram_batch=128)
+""", shared=tengrad_transform.scale_by_tengrad)

@@ -41,10 +41,15 @@ class KfacState(NamedTuple):
 
 
 def curvature_due(opt_state) -> jax.Array:
-  """Whether any curvature preconditioner in ``opt_state`` wants statistics now."""
+  """Whether any curvature preconditioner in ``opt_state`` wants statistics now.
+
+  Finds every kfac_jax_ext preconditioner state (K-FAC, TKFAC, TENGraD, ...):
+  the NamedTuples of this package that carry a ``curvature_due`` flag.
+  """
+  is_ours = lambda x: (isinstance(x, tuple) and hasattr(x, "curvature_due")
+                       and type(x).__module__.startswith("kfac_jax_ext"))
   found = [s.curvature_due for s in jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, KfacState)) if isinstance(
-          s, KfacState)]
+      opt_state, is_leaf=is_ours) if is_ours(s)]
   if not found:
     raise ValueError("opt_state contains no kfac_jax_ext preconditioner state.")
   return jnp.any(jnp.stack(found))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from kfac_jax_ext import plan as plan_lib
+
 
 def from_tokens(u, num_examples, dtype):
   u = u.astype(dtype)
@@ -25,3 +27,52 @@ def from_summed_gradient(grad, num_examples, dtype):
 
 def precondition(grad, diag, damping):
   return grad / (diag.reshape(grad.shape) + damping)
+
+
+def layer_diagonal(a, g, has_bias: bool, num_examples, dtype):
+  """Diagonal of a dense/conv layer's Fisher without cross-token terms,
+  ``Σ_tok ā² g²ᵀ / M`` as a ``[d_in(+1), d_out]`` matrix."""
+  a = a.astype(dtype)
+  if has_bias:
+    a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), dtype)], axis=1)
+  return (a * a).T @ jnp.square(g.astype(dtype)) / jnp.asarray(num_examples,
+                                                                dtype)
+
+
+def batch_diagonals(plan, traced, cb, fallback: str, dtype) -> dict:
+  """Per parameter leaf, the diagonal Fisher of one statistics batch: the
+  scale-and-shift layers always; with ``fallback="diagonal"`` also the
+  layers without a block and the leaves no layer owns."""
+  m = traced.num_examples
+  out = {}
+  for i, layer in plan.diagonal_layers:
+    for leaf, u in zip((layer.scale, layer.shift), cb.layers[i]):
+      if leaf is not None:
+        out[leaf] = from_tokens(u, m, dtype).reshape(traced.param_shapes[leaf])
+  if fallback == "diagonal":
+    for i, layer, _ in plan.unfactored_layers:
+      a, g = cb.layers[i]
+      d = layer_diagonal(a, g, layer.bias is not None, m, dtype)
+      dk, db = plan_lib.from_matrix(layer, d, traced.param_shapes[layer.kernel],
+                                    layer.bias is not None)
+      for leaf, v in ((layer.kernel, dk), (layer.bias, db)):
+        if leaf is not None:
+          out[leaf] = v
+    for leaf, grad in zip(plan.fallback_leaves, cb.fallback_grads):
+      out[leaf] = from_summed_gradient(grad, m, dtype)
+  return out
+
+
+def precondition_leaves(plan, grads, diags, damping, fallback: str, out: list):
+  """``out[leaf] = ∇ / (diag F + λ)`` for every leaf served by a diagonal."""
+  leaves = [leaf for _, layer in plan.diagonal_layers
+            for leaf in (layer.scale, layer.shift) if leaf is not None]
+  if fallback == "diagonal":
+    leaves += list(plan.fallback_leaves)
+    leaves += [leaf for _, layer, _ in plan.unfactored_layers
+               for leaf in (layer.kernel, layer.bias) if leaf is not None]
+  for leaf in leaves:
+    g = grads[leaf]
+    out[leaf] = precondition(g.astype(damping.dtype), diags[leaf],
+                             damping).astype(g.dtype)
+  return out

@@ -1,0 +1,203 @@
+"""TENGraD blocks: the exact damped Fisher block of a batch, by Woodbury.
+
+For one layer and the ``n`` examples of the statistics batch, let
+``U = [vec(DW̄_1), …, vec(DW̄_n)]`` hold the per-example gradients of the
+*summed* loss (``DW̄_n = Σ_t ā_nt g_ntᵀ``, bias folded in by ``ā = [a; 1]``),
+``F = UUᵀ/n`` and ``K = UᵀU`` (``n×n``). Then
+
+    Δ = (F + λI)⁻¹ ∇ = (1/λ) [∇ − U (K/n + λI)⁻¹ Uᵀ∇ / n],
+
+so only the ``n×n`` matrix is inverted and the ``P×P`` block is never formed.
+
+Layouts (fixed per parameter leaf at ``init``; ``N`` = ``gram_batch``):
+
+* **factored** (2-D kernels, one location per example): store ``Ā [N, d_a]``
+  and ``G [N, d_g]``; ``K = (ĀĀᵀ)∘(GGᵀ)``, ``Uᵀvec(V) = rowsum((ĀV)∘G)``,
+  ``Uw = Āᵀ diag(w) G``.
+* **explicit** (conv and other ≥3-D kernels): store the per-example gradients
+  ``U [N, d_a, d_g]`` (memory ``N·d_a·d_g``); the per-step products are
+  matrix-vector products with it. The Gram is computed by the cheaper of
+  the factored conv formula ``K_nm = Σ_{t,t'} (ā_nt·ā_mt')(g_nt·g_mt')``
+  (cost ``n²T²(d_a+d_g)``) and ``K = UUᵀ`` (cost ``n²d_a d_g``).
+
+Examples beyond the first ``N`` are not used; fewer than ``N`` examples are
+zero-padded, which is exact: zero columns of ``U`` add nothing to ``F`` and
+the divisor is the true ``n``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kfac_jax_ext import linalg
+
+CONV_GRAMS = ("exact", "spatial_sum", "same_location")
+
+
+class WoodburyBlock(NamedTuple):
+  """Stored statistics of one leaf and the inverted Gram.
+
+  ``rows [N, r+1]``, ``cols [N, c+1]`` (factored layout; a layer uses one as
+  ``Ā`` and the other as ``G``) or ``per_example [N, r+1, c]`` (explicit
+  layout; unused fields are empty). ``gram_inverse``: ``(K/n + λ_r I)⁻¹``;
+  ``examples``: ``n``; ``damping``: ``λ_r`` at the refresh.
+  """
+  rows: jax.Array
+  cols: jax.Array
+  per_example: jax.Array
+  gram_inverse: jax.Array
+  examples: jax.Array
+  damping: jax.Array
+
+
+def layout(shape) -> str | None:
+  """``"factored"`` for 2-D leaves, ``"explicit"`` for ≥3-D, None otherwise."""
+  if len(shape) == 2:
+    return "factored"
+  return "explicit" if len(shape) >= 3 else None
+
+
+def _rows_cols(shape):
+  rows = 1
+  for n in shape[:-1]:
+    rows *= n
+  return rows, shape[-1]
+
+
+def storage_elements(shape, capacity: int) -> int:
+  """Number of stored elements of a leaf's block (0 for ≤1-D leaves)."""
+  kind = layout(shape)
+  if kind is None:
+    return 0
+  r, c = _rows_cols(shape)
+  body = capacity * (r + c + 2) if kind == "factored" else capacity * (r + 1) * c
+  return body + capacity * capacity
+
+
+def init_block(shape, capacity: int, dtype, damping) -> WoodburyBlock | None:
+  kind = layout(shape)
+  if kind is None:
+    return None
+  r, c = _rows_cols(shape)
+  empty = jnp.zeros((0,), dtype)
+  if kind == "factored":
+    rows, cols, per = (jnp.zeros((capacity, r + 1), dtype),
+                       jnp.zeros((capacity, c + 1), dtype), empty)
+  else:
+    rows, cols, per = empty, jnp.zeros((0,), dtype), jnp.zeros(
+        (capacity, r + 1, c), dtype)
+  return WoodburyBlock(rows, cols, per, jnp.zeros((capacity, capacity), dtype),
+                       jnp.ones([], dtype), jnp.asarray(damping, dtype))
+
+
+def available_memory_bytes() -> int | None:
+  """Free memory of the default device (accelerator limit, or host RAM)."""
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # noqa: BLE001 - backends without memory stats
+    stats = None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def check_fits(num_bytes: int, what: str, hint: str):
+  """Raises ``MemoryError`` before allocating more than the free memory."""
+  free = available_memory_bytes()
+  if free is not None and num_bytes > free:
+    raise MemoryError(f"{what} needs an estimated {num_bytes / 2**30:.2f} GiB but "
+                      f"only {free / 2**30:.2f} GiB is free; {hint}")
+
+
+def per_example_tokens(a, g, has_bias: bool, num_examples: int, n: int):
+  """``ā [n, T, d_a]``, ``g [n, T, d_g]`` of the first ``n`` examples
+  (tokens are grouped example-major)."""
+  k = a.shape[0]
+  if k % num_examples:
+    raise ValueError(f"the {k} tokens of a layer do not split evenly over the "
+                     f"{num_examples} loss examples.")
+  t = k // num_examples
+  a, g = a[:n * t], g[:n * t]
+  if has_bias:
+    a = jnp.concatenate([a, jnp.ones((n * t, 1), a.dtype)], axis=1)
+  return a.reshape(n, t, a.shape[-1]), g.reshape(n, t, g.shape[-1])
+
+
+def factored_conv_gram_is_cheaper(t: int, d_a: int, d_g: int) -> bool:
+  """TENGraD's rule (§2.2): ``T²(d_a+d_g) < d_a·d_g``."""
+  return t * t * (d_a + d_g) < d_a * d_g
+
+
+def dense_gram(a, g):
+  """``K = (ĀĀᵀ)∘(GGᵀ)`` for ``a [n, d_a]``, ``g [n, d_g]``."""
+  return (a @ a.T) * (g @ g.T)
+
+
+def conv_gram(a, g, kind: str = "exact"):
+  """Gram of the per-example gradients from the tokens ``a [n,T,d_a]``,
+  ``g [n,T,d_g]``.
+
+  * ``"exact"``: ``Σ_{t,t'} (ā_nt·ā_mt')(g_nt·g_mt')`` (memory ``n²T²``);
+  * ``"spatial_sum"``: ``((Σ_t ā_nt)·(Σ_t ā_mt)) ((Σ_t g_nt)·(Σ_t g_mt))`` —
+    the Gram of the rank-one surrogates ``(Σ_t g)(Σ_t ā)ᵀ``; exact only when
+    ``T = 1``;
+  * ``"same_location"`` (ASDL): ``(Σ_t ā_nt·ā_mt)(Σ_t g_nt·g_mt)/T`` — drops
+    the cross-location terms; exact only when ``T = 1``.
+
+  On Gaussian random tokens (``T`` = 9 and 25) the Frobenius relative error
+  of ``"spatial_sum"`` was 4–31 and of ``"same_location"`` 0.30–0.54
+  (``tests/test_tengrad.py`` asserts both exceed 0.2).
+  """
+  if kind == "exact":
+    aa = jnp.einsum("ntd,msd->nmts", a, a)
+    gg = jnp.einsum("nte,mse->nmts", g, g)
+    return jnp.sum(aa * gg, axis=(2, 3))
+  if kind == "spatial_sum":
+    return dense_gram(jnp.sum(a, axis=1), jnp.sum(g, axis=1))
+  if kind == "same_location":
+    aa = jnp.einsum("ntd,mtd->nm", a, a)
+    gg = jnp.einsum("nte,mte->nm", g, g)
+    return aa * gg / a.shape[1]
+  raise ValueError(f"conv_gram must be one of {CONV_GRAMS}, got {kind!r}.")
+
+
+def per_example_gradients(a, g):
+  """``U_n = Σ_t ā_nt g_ntᵀ``: ``[n, d_a, d_g]``."""
+  return jnp.einsum("ntd,nte->nde", a, g)
+
+
+def explicit_gram(u):
+  flat = u.reshape(u.shape[0], -1)
+  return flat @ flat.T
+
+
+def pad_examples(x, capacity: int):
+  """Zero-pads the leading (example) axis to ``capacity``."""
+  return jnp.pad(x, [(0, capacity - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def invert_gram(gram, n, damping):
+  """``(K/n + λI)⁻¹`` and whether it is finite."""
+  return linalg.damped_inverse(gram / n, damping)
+
+
+def apply_factored(v, a, g, gram_inverse, n, damping):
+  """``(UUᵀ/n + λI)⁻¹ vec(V)`` with ``U`` given by ``Ā [N, d_a]``, ``G [N, d_g]``;
+  ``v`` is the ``[d_a, d_g]`` gradient matrix."""
+  s = jnp.sum((a @ v) * g, axis=1)               # Uᵀ vec(V)
+  w = gram_inverse @ s / n
+  return (v - a.T @ (w[:, None] * g)) / damping  # (V − U w)/λ
+
+
+def apply_explicit(v, u, gram_inverse, n, damping):
+  """As ``apply_factored`` with the per-example gradients ``u [N, d_a, d_g]``."""
+  flat = u.reshape(u.shape[0], -1)
+  w = gram_inverse @ (flat @ v.reshape(-1)) / n
+  return (v - (w @ flat).reshape(v.shape)) / damping

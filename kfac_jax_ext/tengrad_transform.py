@@ -1,0 +1,320 @@
+"""TENGraD (Soori et al. 2021) as optax: exact Fisher-block inverses by Woodbury.
+
+On a refresh step the statistics batch's per-layer factors (``Ā``, ``G``, or
+the per-example gradients of conv layers) are stored and the ``n×n`` Gram
+``K/n + λI`` inverted; every step then applies the stored block,
+``Δ = (1/λ)[∇ − U (K/n + λI)⁻¹ Uᵀ∇ / n]``, to the fresh gradient (§2.3
+"reuse"). See ``blocks/woodbury.py`` for the layouts and products.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kfac_jax_ext import kronecker_family
+from kfac_jax_ext import linalg
+from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext import statistics
+from kfac_jax_ext import tracing
+from kfac_jax_ext.blocks import diagonal
+from kfac_jax_ext.blocks import woodbury
+from kfac_jax_ext.state import Health
+
+
+class TengradState(NamedTuple):
+  """State of ``scale_by_tengrad`` (arrays only, one entry per parameter leaf).
+
+  Attributes:
+    count: number of ``update`` calls so far.
+    curvature_due: whether the next ``update`` refreshes the stored batch.
+    blocks: per leaf, a ``WoodburyBlock`` (≥2-D leaves) or None.
+    diagonals: per leaf, the diagonal Fisher of the last statistics batch
+      (scale-and-shift layers and the ``"diagonal"`` fallback).
+    health: ``Health`` counters.
+  """
+  count: jax.Array
+  curvature_due: jax.Array
+  blocks: tuple
+  diagonals: tuple
+  health: Health
+
+
+def _check_options(gram_batch, conv_gram, damping_mode, stats_every,
+                   inverse_every, ema_decay):
+  if not isinstance(gram_batch, int) or isinstance(gram_batch, bool) or (
+      gram_batch < 1):
+    raise ValueError(f"gram_batch must be a positive int, got {gram_batch!r}.")
+  if conv_gram not in woodbury.CONV_GRAMS:
+    raise ValueError(f"conv_gram must be one of {woodbury.CONV_GRAMS}, got "
+                     f"{conv_gram!r}.")
+  if damping_mode != "tikhonov":
+    raise ValueError("TENGraD inverts the exact damped block (F + λI): "
+                     f"damping_mode must be 'tikhonov', got {damping_mode!r}.")
+  if isinstance(ema_decay, (int, float)) and ema_decay != 0.0:
+    raise ValueError("TENGraD uses the exact block of one statistics batch (no "
+                     f"running average): ema_decay must be 0.0, got {ema_decay!r}.")
+  if isinstance(stats_every, int) and isinstance(inverse_every, int) and (
+      stats_every not in (1, inverse_every)):
+    raise ValueError("TENGraD stores a statistics batch and its Gram inverse "
+                     "together every inverse_every updates: stats_every must be 1 "
+                     f"or equal to inverse_every, got {stats_every} and "
+                     f"{inverse_every}.")
+
+
+def _make_plan(traced, blocks) -> plan_lib.Plan:
+  """K-FAC's plan, with 2-D (factored) leaves restricted to one location per
+  example: their stored ``Ā``, ``G`` cannot hold sums over locations."""
+  plan = plan_lib.make_plan(traced, blocks)
+  keep, unfactored = [], list(plan.unfactored_layers)
+  m = traced.num_examples
+  for kl in plan.kronecker:
+    tokens = math.prod(kl.layer.outputs_shape) // kl.layer.d_out
+    factored = woodbury.layout(traced.param_shapes[kl.layer.kernel]) == "factored"
+    if factored and tokens != m:
+      unfactored.append((kl.index, kl.layer,
+                         f"{tokens // m} locations per example on a 2-D kernel "
+                         "(TENGraD stores one input and one output per example "
+                         "for 2-D kernels)"))
+    else:
+      keep.append(kl)
+  return dataclasses.replace(plan, kronecker=tuple(keep),
+                             unfactored_layers=tuple(unfactored))
+
+
+def _gram_memory_check(plan, traced, n, capacity, conv_gram, dtype):
+  """Raises before the refresh's transient arrays exceed free memory."""
+  size = jnp.dtype(dtype).itemsize
+  total = 0
+  for kl in plan.kronecker:
+    t = math.prod(kl.layer.outputs_shape) // kl.layer.d_out // traced.num_examples
+    total += capacity * capacity * 2
+    if woodbury.layout(traced.param_shapes[kl.layer.kernel]) == "explicit":
+      total += n * kl.d_a * kl.d_g + n * t * (kl.d_a + kl.d_g)
+      if conv_gram == "exact" and woodbury.factored_conv_gram_is_cheaper(
+          t, kl.d_a, kl.d_g):
+        total += 2 * n * n * t * t
+  woodbury.check_fits(total * size, "the TENGraD refresh",
+                      "lower gram_batch.")
+
+
+def _refresh_layer(kl, traced, cb, block, n, lam, conv_gram, dtype):
+  """The new ``WoodburyBlock`` of one layer and whether it is finite."""
+  a, g = cb.layers[kl.index]
+  a, g = woodbury.per_example_tokens(a.astype(dtype), g.astype(dtype),
+                                     kl.has_bias, traced.num_examples, n)
+  cap = block.gram_inverse.shape[0]
+  if block.per_example.size == 0:                      # factored layout
+    a, g = a[:, 0], g[:, 0]
+    gram = woodbury.dense_gram(a, g)
+    slot_a = getattr(block, kl.a_side)
+    slot_g = getattr(block, kl.g_side)
+    new = {kl.a_side: slot_a.at[:n, :kl.d_a].set(a).at[n:].set(0.0),
+           kl.g_side: slot_g.at[:n, :kl.d_g].set(g).at[n:].set(0.0)}
+  else:
+    t = a.shape[1]
+    if conv_gram == "spatial_sum":
+      a, g = jnp.sum(a, axis=1, keepdims=True), jnp.sum(g, axis=1, keepdims=True)
+    u = woodbury.per_example_gradients(a, g)
+    if conv_gram == "same_location":
+      gram = woodbury.conv_gram(a, g, "same_location")
+    elif conv_gram == "exact" and woodbury.factored_conv_gram_is_cheaper(
+        t, kl.d_a, kl.d_g):
+      gram = woodbury.conv_gram(a, g, "exact")
+    else:
+      gram = woodbury.explicit_gram(u)
+    per = jnp.zeros_like(block.per_example).at[:n, :kl.d_a, :kl.d_g].set(u)
+    new = {"per_example": per}
+  full = jnp.zeros((cap, cap), dtype).at[:n, :n].set(gram)
+  inverse, ok = woodbury.invert_gram(full, jnp.asarray(n, dtype), lam)
+  ok = ok & linalg.all_finite(gram)
+  new_block = block._replace(gram_inverse=inverse, examples=jnp.asarray(n, dtype),
+                             damping=lam, **new)
+  return new_block, ok
+
+
+def _refresh(plan, traced, state, cb, n, lam, conv_gram, fallback, dtype):
+  blocks, failures = list(state.blocks), jnp.zeros([], jnp.int32)
+  for kl in plan.kronecker:
+    old = blocks[kl.layer.kernel]
+    new, ok = _refresh_layer(kl, traced, cb, old, n, lam, conv_gram, dtype)
+    blocks[kl.layer.kernel] = jax.tree_util.tree_map(
+        lambda x, y, ok=ok: jnp.where(ok, x, y), new, old)
+    failures = failures + (~ok).astype(jnp.int32)
+  diags = list(state.diagonals)
+  batch_diags = diagonal.batch_diagonals(plan, traced, cb, fallback, dtype)
+  diag_ok = linalg.all_finite(*batch_diags.values())
+  for leaf, d in batch_diags.items():
+    diags[leaf] = jnp.where(diag_ok, d, diags[leaf])
+  health = state.health._replace(
+      nonfinite_statistics=state.health.nonfinite_statistics + (
+          ~diag_ok).astype(jnp.int32),
+      failed_inverses=state.health.failed_inverses + failures)
+  return tuple(blocks), tuple(diags), health
+
+
+def _precondition(plan, grads, blocks, diags, lam, fallback):
+  out = list(grads)
+  for kl in plan.kronecker:
+    layer = kl.layer
+    kernel_grad = grads[layer.kernel]
+    bias_grad = grads[layer.bias] if kl.has_bias else None
+    b = blocks[layer.kernel]
+    v = plan_lib.to_matrix(layer, kernel_grad, bias_grad).astype(lam.dtype)
+    if b.per_example.size == 0:
+      a = getattr(b, kl.a_side)[:, :kl.d_a]
+      g = getattr(b, kl.g_side)[:, :kl.d_g]
+      delta = woodbury.apply_factored(v, a, g, b.gram_inverse, b.examples,
+                                      b.damping)
+    else:
+      delta = woodbury.apply_explicit(v, b.per_example[:, :kl.d_a, :kl.d_g],
+                                      b.gram_inverse, b.examples, b.damping)
+    dk, db = plan_lib.from_matrix(layer, delta, kernel_grad.shape, kl.has_bias)
+    out[layer.kernel] = dk.astype(kernel_grad.dtype)
+    if kl.has_bias:
+      out[layer.bias] = db.astype(bias_grad.dtype)
+  return diagonal.precondition_leaves(plan, grads, diags, lam, fallback, out)
+
+
+def scale_by_tengrad(
+    loss_fn: Callable[..., Any],
+    *,
+    damping: float | Callable[[jax.Array], jax.Array] = 0.1,
+    gram_batch: int = 128,
+    conv_gram: str = "exact",
+    damping_mode: str = "tikhonov",
+    fisher: str = "sampled",
+    stats_every: int = 1,
+    inverse_every: int = 5,
+    ema_decay: float = 0.0,
+    fallback: str = "identity",
+    axis_name: str | None = None,
+    has_aux: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Preconditions gradients with TENGraD's exact per-layer Fisher blocks.
+
+  Per dense/conv layer (weight and bias one block, ``ā = [a; 1]``) with the
+  per-example gradients ``U`` of the first ``n = min(M, gram_batch)``
+  examples of the statistics batch:
+
+  ``Δ = (UUᵀ/n + λI)⁻¹ ∇ = (1/λ)[∇ − U (K/n + λI)⁻¹ Uᵀ∇ / n]``, ``K = UᵀU``.
+
+  Dense layers keep ``Ā``, ``G`` and use ``K = (ĀĀᵀ)∘(GGᵀ)``; conv layers keep
+  their per-example gradients ``[n, d_a, d_g]`` and build the exact Gram
+  ``Σ_{t,t'}(ā_nt·ā_mt')(g_nt·g_mt')`` by the cheaper of the factored and
+  the explicit path (``T²(d_a+d_g) < d_a d_g``). No running average: the
+  stored batch and its inverted Gram are replaced every ``inverse_every``
+  updates and applied to every fresh gradient in between. Scale-and-shift
+  layers get their diagonal Fisher; leaves no layer owns pass through
+  (``fallback="identity"``) or are divided by the diagonal Fisher.
+
+  Dense layers that see several locations per example (``[N, T, D]`` inputs)
+  cannot keep factored per-example statistics in the per-leaf state and use
+  the fallback, with a warning.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)`` using a ``kfe`` loss helper.
+    damping: λ, a float or a schedule ``step -> λ`` (default 0.1, TENGraD's).
+      Directions outside ``span(U)`` are scaled by ``1/λ``.
+    gram_batch: ``N``, the number of examples of a statistics batch used for
+      the blocks (default 128); fixes the state's size (``N²`` per layer, plus
+      ``N(d_a+d_g)`` per dense and ``N·d_a·d_g`` per conv layer). ``init``
+      raises ``MemoryError`` if that exceeds the free memory.
+    conv_gram: ``"exact"`` (default), or the approximations
+      ``"spatial_sum"`` (rank-one per-example gradients ``(Σ_t g)(Σ_t ā)ᵀ``)
+      and ``"same_location"`` (ASDL's Gram without cross-location terms; the
+      stored gradients stay exact, so the preconditioner is not the inverse of
+      a damped Fisher and need not be positive definite). Both are exact only
+      with one location per example.
+    damping_mode: only ``"tikhonov"`` (the block is inverted exactly).
+    fisher: ``"sampled"`` (default; needs ``key``) or ``"empirical"``.
+    stats_every: 1 or ``inverse_every`` (statistics are only taken with a
+      refresh).
+    inverse_every: refresh the stored batch and Gram inverse every k updates
+      (default 5; TENGraD's reference runs use 100).
+    ema_decay: must be 0.0 (no running average).
+    fallback: ``"identity"`` (default) or ``"diagonal"``.
+    axis_name: reserved for multi-device statistics (not yet supported).
+    has_aux: ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
+    ``(updates, state, params, *, batch, key=None, curvature=None)``.
+
+  Example:
+    >>> tx = optax.chain(kfe.scale_by_tengrad(loss_fn, damping=0.1, gram_batch=64),
+    ...                  optax.sgd(0.01, momentum=0.9))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params, batch=batch, key=key)
+  """
+  name = "scale_by_tengrad"
+  kronecker_family.check_options("tikhonov", fisher, fallback, stats_every,
+                                 inverse_every, 0.0, damping)
+  _check_options(gram_batch, conv_gram, damping_mode, stats_every, inverse_every,
+                 ema_decay)
+  if axis_name is not None:
+    raise NotImplementedError("axis_name (multi-device statistics) is not yet "
+                              f"supported by {name}.")
+  period = inverse_every
+
+  def init_fn(params):
+    dtype = linalg.factor_dtype()
+    leaves = jax.tree_util.tree_leaves(params)
+    shapes = [tuple(jnp.shape(x)) for x in leaves]
+    total = sum(woodbury.storage_elements(s, gram_batch) for s in shapes)
+    woodbury.check_fits(total * jnp.dtype(dtype).itemsize,
+                        f"{name}'s state (gram_batch={gram_batch})",
+                        "lower gram_batch.")
+    lam0 = damping(0) if callable(damping) else damping
+    blocks = tuple(woodbury.init_block(s, gram_batch, dtype, lam0) for s in shapes)
+    diags = tuple(jnp.zeros(s, dtype) for s in shapes)
+    zero = lambda: jnp.zeros([], jnp.int32)
+    return TengradState(zero(), jnp.array(True), blocks, diags,
+                        Health(zero(), zero()))
+
+  def update_fn(updates, state, params=None, *, batch=None, key=None,
+                curvature=None, **extra_args):
+    del extra_args
+    if params is None or batch is None:
+      raise ValueError(f"{name} needs params and the batch loss_fn takes: "
+                       "update(grads, state, params, batch=batch, key=key).")
+    traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
+    grads, treedef = jax.tree_util.tree_flatten(updates)
+    kronecker_family.check_structure(traced, grads, treedef, state)
+    plan = _make_plan(traced, state.blocks)
+    for _, layer, reason in plan.unfactored_layers:
+      warnings.warn(f"{name}: layer {layer.name} ({layer.kind}) gets no "
+                    f"Woodbury block ({reason}); it falls back to "
+                    f"fallback={fallback!r}.", stacklevel=2)
+    dtype = state.diagonals[0].dtype if state.diagonals else jnp.float32
+    lam = jnp.asarray(damping(state.count) if callable(damping) else damping,
+                      dtype)
+    n = min(traced.num_examples, gram_batch)
+    _gram_memory_check(plan, traced, n, gram_batch, conv_gram, dtype)
+    if curvature is None and fisher == "sampled" and key is None:
+      raise ValueError("fisher='sampled' draws targets from the model: pass "
+                       "key=<PRNG key> to update (or use fisher='empirical').")
+
+    def refresh(st):
+      if curvature is not None:
+        kronecker_family.check_curvature(traced, curvature)
+        cb = curvature
+      else:
+        cb = statistics.statistics_pass(traced, params, batch, key, fisher)[2]
+      return _refresh(plan, traced, st, cb, n, lam, conv_gram, fallback, dtype)
+
+    blocks, diags, health = kronecker_family.maybe(
+        period, state.count % period == 0, refresh,
+        lambda st: (st.blocks, st.diagonals, st.health), state)
+    out = _precondition(plan, grads, blocks, diags, lam, fallback)
+    count = state.count + 1
+    new_state = TengradState(count, count % period == 0, blocks, diags, health)
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
