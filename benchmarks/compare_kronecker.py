@@ -134,12 +134,15 @@ def run(task, steps, sweep_steps):
   return results
 
 
-def report(results):
+def report(results, reference="adam"):
+  """Loss at 25%/50%/end, test loss, s/step and the steps and seconds each
+  method needs to reach ``reference``'s final (smoothed) training loss."""
   runs = results["runs"]
-  target = smoothed_final(runs["adam"]["loss"])
+  target = smoothed_final(runs[reference]["loss"])
   print(f"\n{results['task']}: {results['steps']} steps, settings "
-        f"{results['settings']}; target = Adam's final train loss {target:.4f}")
-  print(f"{'method':<7}{'lr':>7}{'loss@25%':>10}{'loss@50%':>10}{'final':>9}"
+        f"{results['settings']}; target = {reference}'s final train loss "
+        f"{target:.4f}")
+  print(f"{'method':<16}{'lr':>7}{'loss@25%':>10}{'loss@50%':>10}{'final':>9}"
         f"{'test':>9}{'s/step':>8}{'steps→tgt':>10}{'s→tgt':>8}")
   for name, r in runs.items():
     n = len(r["loss"])
@@ -147,7 +150,7 @@ def report(results):
     hit = np.nonzero(smooth <= target)[0]
     steps_to = int(hit[0]) + 10 if len(hit) else None
     secs_to = r["seconds"][steps_to - 1] if steps_to else None
-    print(f"{name:<7}{r['learning_rate']:>7g}{window_mean(r['loss'], n // 4):>10.4f}"
+    print(f"{name:<16}{r['learning_rate']:>7g}{window_mean(r['loss'], n // 4):>10.4f}"
           f"{window_mean(r['loss'], n // 2):>10.4f}{smoothed_final(r['loss']):>9.4f}"
           f"{r['test_loss']:>9.4f}{r['seconds'][-1] / (n - 1):>8.3f}"
           f"{steps_to if steps_to else '-':>10}"

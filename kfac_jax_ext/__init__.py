@@ -8,10 +8,13 @@ from kfac_jax_ext.state import Health, KfacState, curvature_due
 from kfac_jax_ext.layers import Layer, describe_layers, find_layers
 from kfac_jax_ext.losses import (sigmoid_cross_entropy, softmax_cross_entropy,
                                  squared_error)
-from kfac_jax_ext.optimizers import clip_by_kl, kfac, tengrad, tkfac
+from kfac_jax_ext.optimizers import (clip_by_kl, kfac, tengrad, tkfac,
+                                     two_level_kfac)
 from kfac_jax_ext.statistics import CurvatureBatch, value_and_grad
 from kfac_jax_ext.tengrad_transform import TengradState, scale_by_tengrad
 from kfac_jax_ext.tkfac_transform import scale_by_tkfac
+from kfac_jax_ext.two_level_transform import (TwoLevelState,
+                                              scale_by_two_level_kfac)
 
 __version__ = "0.1.0"
 
@@ -20,5 +23,6 @@ __all__ = [
     "curvature_due", "describe_layers", "find_layers", "kfac", "scale_by_kfac",
     "scale_by_tengrad", "scale_by_tkfac", "sigmoid_cross_entropy",
     "softmax_cross_entropy", "squared_error", "tengrad", "TengradState",
-    "tkfac", "value_and_grad",
+    "tkfac", "TwoLevelState", "scale_by_two_level_kfac", "two_level_kfac",
+    "value_and_grad",
 ]

@@ -63,7 +63,17 @@ def check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
     raise ValueError(f"damping must be positive, got {damping!r}.")
 
 
-def scale_by_kronecker(
+class StepContext(NamedTuple):
+  """What a Kronecker step leaves for a method built on top (two-level):
+  the trace, the plan, ``precondition(leaves) -> leaves`` (``M⁻¹`` with the
+  step's refreshed state) and the damping λ of the step."""
+  traced: Any
+  plan: Any
+  precondition: Callable
+  damping: jax.Array
+
+
+def kronecker_stepper(
     loss_fn: Callable[..., Any],
     variant: KroneckerVariant,
     *,
@@ -79,20 +89,12 @@ def scale_by_kronecker(
     has_aux: bool = False,
     name: str = "scale_by_kronecker",
 ) -> optax.GradientTransformationExtraArgs:
-  """The shared Kronecker-family transform (see ``scale_by_kfac`` for options).
+  """``(init_fn, step_fn)`` of the Kronecker family (options: ``scale_by_kfac``).
 
-  Without ``curvature=`` a statistics step runs its own pass inside
-  ``lax.cond``; pass the statistics of ``kfe.value_and_grad`` (the fused
-  path) to share the forward and keep convolutions out of the conditional.
-
-  Args:
-    loss_fn: the user's loss (calls a ``kfe`` loss helper).
-    variant: the method's ``KroneckerVariant``.
-    name: the public name, used in error messages.
-    (the rest): as documented by ``scale_by_kfac``.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+  ``step_fn(updates, state, params, *, batch, key, curvature)`` returns
+  ``(preconditioned updates, new state, StepContext)``; ``scale_by_kronecker``
+  wraps it as an optax transformation, ``scale_by_two_level_kfac`` builds its
+  coarse correction on the context.
   """
   check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
                  ema_decay, damping)
@@ -117,9 +119,8 @@ def scale_by_kronecker(
                      tuple(traces), tuple(inverses), tuple(diags),
                      Health(zero(), zero()))
 
-  def update_fn(updates, state, params=None, *, batch=None, key=None,
-                curvature=None, **extra_args):
-    del extra_args
+  def step_fn(updates, state, params=None, *, batch=None, key=None,
+              curvature=None):
     if params is None:
       raise ValueError(f"{name} needs params: update(grads, state, params, "
                        "batch=batch, key=key).")
@@ -165,12 +166,43 @@ def scale_by_kronecker(
         inverse_every, state.count % inverse_every == 0, refresh,
         lambda inv: (inv, jnp.zeros([], jnp.int32)), state.inverses)
     health = health._replace(failed_inverses=health.failed_inverses + failures)
-    out = _precondition(plan, traced, grads, factors, traces, inverses, diags,
-                        lam, variant, damping_mode, fallback)
+    precondition = lambda leaves: _precondition(
+        plan, traced, leaves, factors, traces, inverses, diags, lam, variant,
+        damping_mode, fallback)
     count = state.count + 1
     new_state = KfacState(count, stats_count, count % stats_every == 0, factors,
                           traces, inverses, diags, health)
-    return jax.tree_util.tree_unflatten(treedef, out), new_state
+    out = jax.tree_util.tree_unflatten(treedef, precondition(grads))
+    return out, new_state, StepContext(traced, plan, precondition, lam)
+
+  return init_fn, step_fn
+
+
+def scale_by_kronecker(loss_fn: Callable[..., Any], variant: KroneckerVariant,
+                       **options) -> optax.GradientTransformationExtraArgs:
+  """The shared Kronecker-family transform (see ``scale_by_kfac`` for options).
+
+  Without ``curvature=`` a statistics step runs its own pass inside
+  ``lax.cond``; pass the statistics of ``kfe.value_and_grad`` (the fused
+  path) to share the forward and keep convolutions out of the conditional.
+
+  Args:
+    loss_fn: the user's loss (calls a ``kfe`` loss helper).
+    variant: the method's ``KroneckerVariant``.
+    **options: as documented by ``scale_by_kfac`` (and ``name``, the public
+      name used in error messages).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  init_fn, step_fn = kronecker_stepper(loss_fn, variant, **options)
+
+  def update_fn(updates, state, params=None, *, batch=None, key=None,
+                curvature=None, **extra_args):
+    del extra_args
+    out, new_state, _ = step_fn(updates, state, params, batch=batch, key=key,
+                                curvature=curvature)
+    return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -244,7 +276,7 @@ def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype):
           st.statistics_count + ok.astype(jnp.int32), health)
 
 
-def _layer_factors(kl, slots, trace, variant, lam):
+def layer_factors(kl, slots, trace, variant, lam):
   """The layer's effective ``(A, G)`` and its damping λ_l."""
   side_a = getattr(slots, kl.a_side)[:kl.d_a, :kl.d_a]
   side_g = getattr(slots, kl.g_side)[:kl.d_g, :kl.d_g]
@@ -256,7 +288,7 @@ def _refresh(plan, factors, traces, inverses, lam, variant, mode):
   inverses = list(inverses)
   failures = jnp.zeros([], jnp.int32)
   for kl in plan.kronecker:
-    fa, fg, lam_l = _layer_factors(kl, factors[kl.layer.kernel],
+    fa, fg, lam_l = layer_factors(kl, factors[kl.layer.kernel],
                                    traces[kl.layer.kernel], variant, lam)
     ia, ig, va, vg, ok = kronecker.refresh(fa, fg, lam_l, mode)
     old = inverses[kl.layer.kernel]
@@ -291,7 +323,7 @@ def _precondition(plan, traced, grads, factors, traces, inverses, diags, lam,
     vg = getattr(inv, kl.g_side + "_vals")[:kl.d_g] if mode == "tikhonov" else None
     lam_l = lam
     if mode == "tikhonov":  # the damping is applied here, at today's λ
-      lam_l = _layer_factors(kl, factors[layer.kernel], traces[layer.kernel],
+      lam_l = layer_factors(kl, factors[layer.kernel], traces[layer.kernel],
                              variant, lam)[2]
     delta = kronecker.precondition(v, ia, ig, va, vg, lam_l, mode)
     dk, db = plan_lib.from_matrix(layer, delta, kernel_grad.shape, kl.has_bias)

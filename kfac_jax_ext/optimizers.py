@@ -16,6 +16,7 @@ import optax
 from kfac_jax_ext import kfac_transform
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import tengrad_transform
+from kfac_jax_ext import two_level_transform
 from kfac_jax_ext import tkfac_transform
 
 
@@ -154,3 +155,24 @@ gram_batch, conv_gram, fisher, inverse_every, fallback, has_aux).
 Example:
   >>> opt = kfe.tengrad(loss_fn, learning_rate=0.01, damping=0.1, gram_batch=128)
 """, shared=tengrad_transform.scale_by_tengrad)
+
+
+def _two_level_options(*, base="kfac", coarse_space="nicolaides",
+                       coarse_matrix="kronecker", combine="additive",
+                       omega=(1.0, 1.0), coarse_damping="consistent"):
+  """Two-level K-FAC's own options (see ``scale_by_two_level_kfac``)."""
+
+
+two_level_kfac = _optimizer_alias(
+    two_level_transform.scale_by_two_level_kfac, _two_level_options,
+    "two_level_kfac", """\
+Two-level K-FAC optimizer: ``scale_by_two_level_kfac`` → KL-clip → weight
+decay → momentum → lr.
+
+Same signature as ``kfe.kfac`` plus ``base``, ``coarse_space``,
+``coarse_matrix``, ``combine``, ``omega`` and ``coarse_damping``.
+
+Example:
+  >>> opt = kfe.two_level_kfac(loss_fn, learning_rate=0.1, damping=1e-2,
+  ...                          combine="multiplicative", coarse_matrix="exact")
+""")

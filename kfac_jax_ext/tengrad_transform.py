@@ -50,7 +50,9 @@ def _check_options(gram_batch, conv_gram, damping_mode, stats_every,
                    inverse_every, ema_decay):
   if not isinstance(gram_batch, int) or isinstance(gram_batch, bool) or (
       gram_batch < 1):
-    raise ValueError(f"gram_batch must be a positive int, got {gram_batch!r}.")
+    raise ValueError("gram_batch must be a positive Python int (it fixes the "
+                     "state's shapes; under optax.inject_hyperparams list it in "
+                     f"static_args), got {gram_batch!r}.")
   if conv_gram not in woodbury.CONV_GRAMS:
     raise ValueError(f"conv_gram must be one of {woodbury.CONV_GRAMS}, got "
                      f"{conv_gram!r}.")
@@ -105,10 +107,12 @@ def _gram_memory_check(plan, traced, n, capacity, conv_gram, dtype):
 
 
 def _refresh_layer(kl, traced, cb, block, n, lam, conv_gram, dtype):
-  """The new ``WoodburyBlock`` of one layer and whether it is finite."""
+  """One layer's new ``WoodburyBlock``, whether its statistics are finite and
+  whether its Gram inverse is."""
   a, g = cb.layers[kl.index]
   a, g = woodbury.per_example_tokens(a.astype(dtype), g.astype(dtype),
                                      kl.has_bias, traced.num_examples, n)
+  stats_ok = linalg.all_finite(a, g)
   cap = block.gram_inverse.shape[0]
   if block.per_example.size == 0:                      # factored layout
     a, g = a[:, 0], g[:, 0]
@@ -132,29 +136,40 @@ def _refresh_layer(kl, traced, cb, block, n, lam, conv_gram, dtype):
     per = jnp.zeros_like(block.per_example).at[:n, :kl.d_a, :kl.d_g].set(u)
     new = {"per_example": per}
   full = jnp.zeros((cap, cap), dtype).at[:n, :n].set(gram)
-  inverse, ok = woodbury.invert_gram(full, jnp.asarray(n, dtype), lam)
-  ok = ok & linalg.all_finite(gram)
+  inverse, inverse_ok = woodbury.invert_gram(full, jnp.asarray(n, dtype), lam)
   new_block = block._replace(gram_inverse=inverse, examples=jnp.asarray(n, dtype),
                              damping=lam, **new)
-  return new_block, ok
+  return new_block, stats_ok, inverse_ok & linalg.all_finite(
+      *jax.tree_util.tree_leaves(new_block))
 
 
 def _refresh(plan, traced, state, cb, n, lam, conv_gram, fallback, dtype):
-  blocks, failures = list(state.blocks), jnp.zeros([], jnp.int32)
+  """Replaces the stored blocks by the statistics batch's.
+
+  A batch with non-finite statistics is skipped whole (counted in
+  ``nonfinite_statistics``); a layer whose refreshed block is non-finite
+  keeps its previous block (counted in ``failed_inverses``).
+  """
+  refreshed, stats_ok = [], jnp.array(True)
   for kl in plan.kronecker:
-    old = blocks[kl.layer.kernel]
-    new, ok = _refresh_layer(kl, traced, cb, old, n, lam, conv_gram, dtype)
-    blocks[kl.layer.kernel] = jax.tree_util.tree_map(
-        lambda x, y, ok=ok: jnp.where(ok, x, y), new, old)
-    failures = failures + (~ok).astype(jnp.int32)
-  diags = list(state.diagonals)
+    new, ok_stats, ok_inverse = _refresh_layer(
+        kl, traced, cb, state.blocks[kl.layer.kernel], n, lam, conv_gram, dtype)
+    refreshed.append((kl.layer.kernel, new, ok_inverse))
+    stats_ok = stats_ok & ok_stats
   batch_diags = diagonal.batch_diagonals(plan, traced, cb, fallback, dtype)
-  diag_ok = linalg.all_finite(*batch_diags.values())
+  stats_ok = stats_ok & linalg.all_finite(*batch_diags.values())
+  blocks, diags = list(state.blocks), list(state.diagonals)
+  failures = jnp.zeros([], jnp.int32)
+  for leaf, new, ok in refreshed:
+    take = stats_ok & ok
+    blocks[leaf] = jax.tree_util.tree_map(
+        lambda x, y, take=take: jnp.where(take, x, y), new, blocks[leaf])
+    failures = failures + (stats_ok & ~ok).astype(jnp.int32)
   for leaf, d in batch_diags.items():
-    diags[leaf] = jnp.where(diag_ok, d, diags[leaf])
+    diags[leaf] = jnp.where(stats_ok, d, diags[leaf])
   health = state.health._replace(
       nonfinite_statistics=state.health.nonfinite_statistics + (
-          ~diag_ok).astype(jnp.int32),
+          ~stats_ok).astype(jnp.int32),
       failed_inverses=state.health.failed_inverses + failures)
   return tuple(blocks), tuple(diags), health
 

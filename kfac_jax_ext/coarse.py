@@ -1,0 +1,116 @@
+"""Two-level K-FAC's coarse level (``algorithms.md`` §4): spaces, matrices, FVPs.
+
+Notation: ``M⁻¹`` the base (K-FAC/TKFAC) preconditioner, ``R`` the coarse
+space (rows = coarse vectors, each supported on one layer), ``F_λ = F + λI``
+with ``F = (1/M) Σ_n u_n u_nᵀ`` the Fisher of the statistics batch (``u_n``:
+per-example gradients of the summed loss), ``F_c = R F_λ Rᵀ`` and
+``Q = Rᵀ F_c⁻¹ R``.
+
+* additive:        ``Δ = ω₁ M⁻¹∇ + ω₂ Q∇`` (Tselepidis et al.);
+* multiplicative:  ``Δ = M⁻¹∇ + Q(∇ − F_λ M⁻¹∇)`` — Galerkin: ``R(∇ − F_λΔ) = 0``;
+* balanced:        ``Δ = (I − QF_λ) M⁻¹ (I − F_λQ)∇ + Q∇``.
+
+Coarse vectors of a layer are ``[m, d_a, d_g]`` matrices in the layer's
+canonical orientation: ``"nicolaides"`` one all-ones vector; ``"spectral"``
+``q_A ⊗ q_G`` (eigenvectors of the smallest eigenvalues of the factors, ∞-norm
+1); ``"parameters"`` one unit vector per parameter (``R = I``; small models).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+COARSE_SPACES = ("nicolaides", "spectral", "parameters")
+COARSE_MATRICES = ("kronecker", "exact")
+COMBINES = ("additive", "multiplicative", "balanced")
+
+
+def leaf_slots(shapes, space: str) -> list:
+  """Per leaf, the coarse indices it may host (``[]`` for ≤1-D leaves)."""
+  slots, start = [], 0
+  for shape in shapes:
+    if len(shape) < 2:
+      slots.append([])
+      continue
+    rows = 1
+    for n in shape[:-1]:
+      rows *= n
+    size = (rows + 1) * (shape[-1] + 1) if space == "parameters" else 1
+    slots.append(list(range(start, start + size)))
+    start += size
+  return slots
+
+
+def layer_basis(space: str, d_a: int, d_g: int, vec_a=None, vec_g=None,
+                dtype=jnp.float32):
+  """The layer's coarse vectors ``[m, d_a, d_g]`` and their rank-one factors
+  (``(r_a, r_g)`` or None)."""
+  if space == "nicolaides":
+    r_a, r_g = jnp.ones((d_a,), dtype), jnp.ones((d_g,), dtype)
+  elif space == "spectral":
+    r_a, r_g = vec_a, vec_g
+  else:
+    return jnp.eye(d_a * d_g, dtype=dtype).reshape(-1, d_a, d_g), None
+  return jnp.outer(r_a, r_g)[None], (r_a, r_g)
+
+
+def smallest_eigenvector(x):
+  """Eigenvector of the smallest eigenvalue, scaled to ∞-norm 1."""
+  _, vecs = jnp.linalg.eigh(0.5 * (x + x.T))
+  v = vecs[:, 0]
+  big = jnp.max(jnp.abs(v))
+  return v / jnp.where(big > 0, big, 1.0)
+
+
+def project(basis, v):
+  """``R_l vec(V)`` for ``V [d_a, d_g]``."""
+  return jnp.einsum("kde,de->k", basis, v)
+
+
+def lift(basis, beta):
+  """``R_lᵀ β`` as a ``[d_a, d_g]`` matrix."""
+  return jnp.einsum("k,kde->de", beta, basis)
+
+
+def example_projections(a, g, basis, rank_one):
+  """``c_{n,k} = r_kᵀ u_n = Σ_t ā_ntᵀ R_k g_nt`` for tokens ``a [M,T,d_a]``,
+  ``g [M,T,d_g]``: ``[M, m]``."""
+  if rank_one is not None:
+    r_a, r_g = rank_one
+    return jnp.sum((a @ r_a) * (g @ r_g), axis=1)[:, None]
+  return jnp.einsum("ntd,kde,nte->nk", a, basis, g)
+
+
+def kronecker_sums(pa, pg):
+  """Tselepidis' coarse statistics from per-token projections.
+
+  ``pa[l]``: ``[M, T_l]`` of ``r_aᵀ ā``, ``pg[l]``: ``[M, T_l]`` of
+  ``r_gᵀ g``. Returns ``(S_A, S_G)`` with ``S_A[i,j] = r_aiᵀ A_ij r_aj``,
+  ``S_G[i,j] = r_giᵀ G_ij r_gj`` and ``F_c ≈ S_A ∘ S_G``: with equal token
+  counts ``A_ij = (1/K)Σ_tok ā_i ā_jᵀ``, ``G_ij = (1/M)Σ_tok g_i g_jᵀ`` (the
+  K-FAC scaling, so the diagonal is ``1ᵀ(A_i⊗G_i)1`` for Nicolaides); with
+  different token counts (conv maps of different sizes, dense after conv)
+  the tokens are pooled per example: mean of ``pa``, ``Σ_t pg/√T``.
+  """
+  m = pa[0].shape[0]
+  n = len(pa)
+  s_a = [[None] * n for _ in range(n)]
+  s_g = [[None] * n for _ in range(n)]
+  for i in range(n):
+    for j in range(n):
+      ti, tj = pa[i].shape[1], pa[j].shape[1]
+      if ti == tj:
+        s_a[i][j] = jnp.sum(pa[i] * pa[j]) / (m * ti)
+        s_g[i][j] = jnp.sum(pg[i] * pg[j]) / m
+      else:
+        s_a[i][j] = jnp.sum(pa[i].mean(1) * pa[j].mean(1)) / m
+        s_g[i][j] = jnp.sum(pg[i].sum(1) * pg[j].sum(1)) / (m * (ti * tj) ** 0.5)
+  return jnp.array(s_a), jnp.array(s_g)
+
+
+def fisher_vector_product(tokens, vs, num_examples, damping):
+  """``F_λ v`` on the layers: ``(Fv)_l = (1/M) Σ_n (Σ_l' u_{n,l'}ᵀv_l') u_{n,l}``
+  from the tokens ``[(a [M,T,d_a], g [M,T,d_g])]`` and ``vs [d_a, d_g]``."""
+  s = sum(jnp.sum((a @ v) * g, axis=(1, 2)) for (a, g), v in zip(tokens, vs))
+  return [jnp.einsum("n,ntd,nte->de", s, a, g) / num_examples + damping * v
+          for (a, g), v in zip(tokens, vs)]
