@@ -49,19 +49,24 @@ def make_task(name):
     test = {"x": x_test[:2000]}
     lrs = {"adam": (1e-3, 3e-4), "kronecker": (0.03, 0.1)}
     return loss_fn, params, batches, test, lrs, dict(damping=1.0, kl_clip=1e-2)
+  return fashion_task(FashionCNN(), {"adam": (1e-3, 3e-3), "kronecker": (0.1, 0.3)},
+                      dict(damping=0.1, kl_clip=1e-2))
+
+
+def fashion_task(model, lrs, settings, batch_size=128, test_size=2000):
+  """``(loss_fn, params, batches, test, lrs, settings)`` of a flax classifier
+  on Fashion-MNIST (softmax cross-entropy)."""
   x_train, y_train, x_test, y_test = data.load_fashion_mnist()
-  model = FashionCNN()
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
 
   def loss_fn(p, b):
     return kfe.softmax_cross_entropy(model.apply(p, b["x"]), b["y"])
 
   def batches(rng):
-    idx = rng.integers(0, len(x_train), 128)
+    idx = rng.integers(0, len(x_train), batch_size)
     return {"x": x_train[idx], "y": y_train[idx]}
-  test = {"x": x_test[:2000], "y": y_test[:2000]}
-  lrs = {"adam": (1e-3, 3e-3), "kronecker": (0.1, 0.3)}
-  return loss_fn, params, batches, test, lrs, dict(damping=0.1, kl_clip=1e-2)
+  test = {"x": x_test[:test_size], "y": y_test[:test_size]}
+  return loss_fn, params, batches, test, lrs, settings
 
 
 def make_optimizer(name, loss_fn, lr, settings):
@@ -142,15 +147,16 @@ def report(results, reference="adam"):
   print(f"\n{results['task']}: {results['steps']} steps, settings "
         f"{results['settings']}; target = {reference}'s final train loss "
         f"{target:.4f}")
-  print(f"{'method':<16}{'lr':>7}{'loss@25%':>10}{'loss@50%':>10}{'final':>9}"
+  print(f"{'method':<22}{'lr':>7}{'loss@25%':>10}{'loss@50%':>10}{'final':>9}"
         f"{'test':>9}{'s/step':>8}{'steps→tgt':>10}{'s→tgt':>8}")
   for name, r in runs.items():
     n = len(r["loss"])
-    smooth = np.convolve(r["loss"], np.ones(10) / 10, mode="valid")
+    window = min(10, n)
+    smooth = np.convolve(r["loss"], np.ones(window) / window, mode="valid")
     hit = np.nonzero(smooth <= target)[0]
-    steps_to = int(hit[0]) + 10 if len(hit) else None
+    steps_to = int(hit[0]) + window if len(hit) else None
     secs_to = r["seconds"][steps_to - 1] if steps_to else None
-    print(f"{name:<16}{r['learning_rate']:>7g}{window_mean(r['loss'], n // 4):>10.4f}"
+    print(f"{name:<22}{r['learning_rate']:>7g}{window_mean(r['loss'], n // 4):>10.4f}"
           f"{window_mean(r['loss'], n // 2):>10.4f}{smoothed_final(r['loss']):>9.4f}"
           f"{r['test_loss']:>9.4f}{r['seconds'][-1] / (n - 1):>8.3f}"
           f"{steps_to if steps_to else '-':>10}"

@@ -121,12 +121,7 @@ def kronecker_stepper(
 
   def step_fn(updates, state, params=None, *, batch=None, key=None,
               curvature=None):
-    if params is None:
-      raise ValueError(f"{name} needs params: update(grads, state, params, "
-                       "batch=batch, key=key).")
-    if batch is None:
-      raise ValueError(f"{name} needs the batch loss_fn takes: "
-                       "update(grads, state, params, batch=batch, key=key).")
+    check_update_args(name, params, batch, curvature, fisher, key)
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     grads, treedef = jax.tree_util.tree_flatten(updates)
     check_structure(traced, grads, treedef, state)
@@ -153,9 +148,6 @@ def kronecker_stepper(
       return (st.factors, st.traces, st.diagonals, st.statistics_count,
               st.health)
 
-    if curvature is None and fisher == "sampled" and key is None:
-      raise ValueError("fisher='sampled' draws targets from the model: pass "
-                       "key=<PRNG key> to update (or use fisher='empirical').")
     factors, traces, diags, stats_count, health = maybe(
         stats_every, state.curvature_due, new_statistics, old_statistics, state)
 
@@ -212,6 +204,20 @@ def maybe(period, pred, true_fn, false_fn, operand):
   if isinstance(period, int) and period == 1:
     return true_fn(operand)
   return jax.lax.cond(pred, true_fn, false_fn, operand)
+
+
+def check_update_args(name, params, batch, curvature, fisher, key):
+  """Clear errors for a missing ``params``, ``batch`` or (sampled Fisher
+  without precomputed statistics) ``key``."""
+  if params is None:
+    raise ValueError(f"{name} needs params: update(grads, state, params, "
+                     "batch=batch, key=key).")
+  if batch is None:
+    raise ValueError(f"{name} needs the batch loss_fn takes: "
+                     "update(grads, state, params, batch=batch, key=key).")
+  if curvature is None and fisher == "sampled" and key is None:
+    raise ValueError("fisher='sampled' draws targets from the model: pass "
+                     "key=<PRNG key> to update (or use fisher='empirical').")
 
 
 def check_structure(traced, grads, treedef, state):

@@ -81,7 +81,7 @@ def with_optimizer_steps(preconditioner, learning_rate, *, momentum=0.9,
 
 
 def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
-                     doc: str, shared: Callable = kronecker_family.scale_by_kronecker
+                     doc: str, shared: Callable = kronecker_family.kronecker_stepper
                      ) -> Callable:
   """``name(loss_fn, learning_rate, *, momentum, weight_decay, kl_clip, ...)``.
 

@@ -114,7 +114,7 @@ def _refresh_layer(kl, traced, cb, block, n, lam, conv_gram, dtype):
                                      kl.has_bias, traced.num_examples, n)
   stats_ok = linalg.all_finite(a, g)
   cap = block.gram_inverse.shape[0]
-  if block.per_example.size == 0:                      # factored layout
+  if block.per_example is None:                      # factored layout
     a, g = a[:, 0], g[:, 0]
     gram = woodbury.dense_gram(a, g)
     slot_a = getattr(block, kl.a_side)
@@ -182,7 +182,7 @@ def _precondition(plan, grads, blocks, diags, lam, fallback):
     bias_grad = grads[layer.bias] if kl.has_bias else None
     b = blocks[layer.kernel]
     v = plan_lib.to_matrix(layer, kernel_grad, bias_grad).astype(lam.dtype)
-    if b.per_example.size == 0:
+    if b.per_example is None:
       a = getattr(b, kl.a_side)[:, :kl.d_a]
       g = getattr(b, kl.g_side)[:, :kl.d_g]
       delta = woodbury.apply_factored(v, a, g, b.gram_inverse, b.examples,
@@ -296,9 +296,8 @@ def scale_by_tengrad(
   def update_fn(updates, state, params=None, *, batch=None, key=None,
                 curvature=None, **extra_args):
     del extra_args
-    if params is None or batch is None:
-      raise ValueError(f"{name} needs params and the batch loss_fn takes: "
-                       "update(grads, state, params, batch=batch, key=key).")
+    kronecker_family.check_update_args(name, params, batch, curvature, fisher,
+                                       key)
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     grads, treedef = jax.tree_util.tree_flatten(updates)
     kronecker_family.check_structure(traced, grads, treedef, state)
@@ -312,9 +311,6 @@ def scale_by_tengrad(
                       dtype)
     n = min(traced.num_examples, gram_batch)
     _gram_memory_check(plan, traced, n, gram_batch, conv_gram, dtype)
-    if curvature is None and fisher == "sampled" and key is None:
-      raise ValueError("fisher='sampled' draws targets from the model: pass "
-                       "key=<PRNG key> to update (or use fisher='empirical').")
 
     def refresh(st):
       if curvature is not None:

@@ -224,12 +224,8 @@ def scale_by_two_level_kfac(
   def update_fn(updates, state, params=None, *, batch=None, key=None,
                 curvature=None, **extra_args):
     del extra_args
-    if params is None or batch is None:
-      raise ValueError(f"{name} needs params and the batch loss_fn takes: "
-                       "update(grads, state, params, batch=batch, key=key).")
-    if curvature is None and fisher == "sampled" and key is None:
-      raise ValueError("fisher='sampled' draws targets from the model: pass "
-                       "key=<PRNG key> to update (or use fisher='empirical').")
+    kronecker_family.check_update_args(name, params, batch, curvature, fisher,
+                                       key)
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     due = None if every_step else state.base.curvature_due
     cb = curvature if curvature is not None else statistics.statistics_pass(

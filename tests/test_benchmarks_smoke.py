@@ -1,6 +1,10 @@
 """The benchmark and example entry points run (tiny settings), so they cannot rot."""
 
-from benchmarks import compare_kronecker, quickstart, step_phases, step_time
+import jax
+import jax.numpy as jnp
+
+from benchmarks import (compare_kronecker, compare_tengrad, compare_two_level,
+                        quickstart, step_phases, step_time)
 
 
 def test_quickstart_runs(capsys):
@@ -24,3 +28,20 @@ def test_compare_kronecker_runs(capsys):
   compare_kronecker.main(["--task", "fashion_cnn", "--steps", "12", "--sweep-steps", "2"])
   out = capsys.readouterr().out
   assert "skipped" in out or ("tkfac" in out and "kfac" in out)
+
+
+def test_compare_two_level_runs(capsys):
+  compare_two_level.main(["--task", "fashion_cnn", "--steps", "6",
+                          "--sweep-steps", "0"])
+  out = capsys.readouterr().out
+  assert "skipped" in out or ("2L balanced exact" in out and "/kfac" in out)
+
+
+def test_compare_tengrad_runs_and_builds_3c1f(capsys):
+  compare_tengrad.main(["--task", "autoencoder", "--steps", "6",
+                        "--sweep-steps", "0"])
+  out = capsys.readouterr().out
+  assert "skipped" in out or ("tengrad_sub250" in out and "/kfac" in out)
+  shapes = jax.eval_shape(compare_tengrad.ConvNet3C1F().init,
+                          jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  assert shapes["params"]["Dense_0"]["kernel"].shape == (10368, 500)

@@ -64,7 +64,7 @@ def _nicolaides_rows(params):
            for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   sizes = [l.size for l in jax.tree_util.tree_leaves(params)]
   owners = [p.rsplit("[", 1)[0] for p in paths]
-  rows, start = [], 0
+  start = 0
   layers = list(dict.fromkeys(owners))
   r = np.zeros((len(layers), sum(sizes)))
   for owner, size in zip(owners, sizes):
@@ -98,12 +98,14 @@ def test_no_coarse_space_is_exactly_the_base_method(base):
   chex.assert_trees_all_equal(s_two, s_ref)
 
 
-@pytest.mark.parametrize("task", [_mlp, _cnn], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("task,base", [(_mlp, "kfac"), (_cnn, "kfac"),
+                                       (_mlp, "tkfac")],
+                         ids=["mlp", "cnn", "mlp-tkfac"])
 @pytest.mark.parametrize("combine", ["multiplicative", "balanced"])
-def test_galerkin_orthogonality_with_the_exact_coarse_matrix(task, combine):
+def test_galerkin_orthogonality_with_the_exact_coarse_matrix(task, base, combine):
   loss, params, batch = task(squared=True) if task is _mlp else task()
   delta, _ = _direction(loss, params, batch, coarse_matrix="exact",
-                        combine=combine)
+                        combine=combine, base=base)
   grad, u = _brute(loss, params, batch)
   residual = grad - (u @ u.T / u.shape[1] + LAM * jnp.eye(u.shape[0])) @ delta
   r = _nicolaides_rows(params)

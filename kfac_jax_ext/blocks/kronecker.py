@@ -36,11 +36,12 @@ class KroneckerFactors(NamedTuple):
 
 class KroneckerInverse(NamedTuple):
   """Refreshed inverse data: damped inverses (factored mode) or eigenvectors
-  and eigenvalues (tikhonov mode; ``*_vals`` are empty in factored mode)."""
+  and eigenvalues (tikhonov mode; ``*_vals`` are None in factored mode, so the
+  state holds no zero-size arrays, which orbax cannot save)."""
   rows: jax.Array
   cols: jax.Array
-  rows_vals: jax.Array
-  cols_vals: jax.Array
+  rows_vals: jax.Array | None
+  cols_vals: jax.Array | None
 
 
 def slot_sizes(shape) -> tuple[int, int]:
@@ -58,7 +59,7 @@ def init_factors(shape, dtype) -> KroneckerFactors:
 def init_inverse(shape, dtype, mode: str) -> KroneckerInverse:
   r, c = slot_sizes(shape)
   vals = (lambda n: jnp.ones((n,), dtype)) if mode == "tikhonov" else (
-      lambda n: jnp.zeros((0,), dtype))
+      lambda n: None)
   return KroneckerInverse(jnp.eye(r, dtype=dtype), jnp.eye(c, dtype=dtype),
                           vals(r), vals(c))
 

@@ -43,12 +43,12 @@ class WoodburyBlock(NamedTuple):
 
   ``rows [N, r+1]``, ``cols [N, c+1]`` (factored layout; a layer uses one as
   ``Ā`` and the other as ``G``) or ``per_example [N, r+1, c]`` (explicit
-  layout; unused fields are empty). ``gram_inverse``: ``(K/n + λ_r I)⁻¹``;
+  layout; unused fields are None: orbax cannot save zero-size arrays). ``gram_inverse``: ``(K/n + λ_r I)⁻¹``;
   ``examples``: ``n``; ``damping``: ``λ_r`` at the refresh.
   """
-  rows: jax.Array
-  cols: jax.Array
-  per_example: jax.Array
+  rows: jax.Array | None
+  cols: jax.Array | None
+  per_example: jax.Array | None
   gram_inverse: jax.Array
   examples: jax.Array
   damping: jax.Array
@@ -83,13 +83,11 @@ def init_block(shape, capacity: int, dtype, damping) -> WoodburyBlock | None:
   if kind is None:
     return None
   r, c = _rows_cols(shape)
-  empty = jnp.zeros((0,), dtype)
   if kind == "factored":
     rows, cols, per = (jnp.zeros((capacity, r + 1), dtype),
-                       jnp.zeros((capacity, c + 1), dtype), empty)
+                       jnp.zeros((capacity, c + 1), dtype), None)
   else:
-    rows, cols, per = empty, jnp.zeros((0,), dtype), jnp.zeros(
-        (capacity, r + 1, c), dtype)
+    rows, cols, per = None, None, jnp.zeros((capacity, r + 1, c), dtype)
   return WoodburyBlock(rows, cols, per, jnp.zeros((capacity, capacity), dtype),
                        jnp.ones([], dtype), jnp.asarray(damping, dtype))
 
