@@ -169,7 +169,11 @@ def scale_by_two_level_kfac(
     coarse_matrix: ``"kronecker"`` (Tselepidis: ``F_c[i,j] = (r_aᵀA_ij r_a)
       (r_gᵀG_ij r_g)`` from per-token projections, no ``d×d`` cross products)
       or ``"exact"`` (Koroko: ``(1/M) Σ_n c_n c_nᵀ``, ``c_{n,i} = r_iᵀu_{n,i}``).
-      Both are running averages with the factors' schedule.
+      With the additive combination both are running averages with the
+      factors' schedule, inverted with the fine inverses; multiplicative and
+      balanced use ``F_c`` of the step's own batch (the batch of the
+      Fisher-vector products) and invert it every step (``S×S``, cheap), so
+      Galerkin orthogonality holds at every step.
     combine: ``"additive"`` (default), ``"multiplicative"`` or ``"balanced"``.
     omega: ``(ω₁, ω₂)`` of the additive combination.
     coarse_damping: ``"consistent"`` (``λRRᵀ``, i.e. ``λ·n_i`` for
@@ -253,7 +257,7 @@ def scale_by_two_level_kfac(
       tokens = _tokens(layers, traced, cb, dtype)
       new_a, new_g = _batch_coarse(layers, tokens, size, coarse_matrix, m, dtype)
       k = (st.coarse_count + 1).astype(dtype)
-      eps = jnp.minimum(1.0 - 1.0 / k, ema_decay)
+      eps = 0.0 if every_step else jnp.minimum(1.0 - 1.0 / k, ema_decay)
       ok = linalg.all_finite(new_a, new_g)
       ema = lambda old, new: jnp.where(ok, eps * old + (1 - eps) * new, old)
       health = st.health._replace(nonfinite_statistics=(
@@ -261,8 +265,10 @@ def scale_by_two_level_kfac(
       return (ema(st.coarse_a, new_a), ema(st.coarse_g, new_g),
               st.coarse_count + ok.astype(jnp.int32), health)
 
+    # Multiplicative/balanced: F_c from the step's own batch, the batch of the
+    # Fisher-vector products, so that R(∇ − F_λΔ) = 0 holds at every step.
     coarse_a, coarse_g, coarse_count, health = kronecker_family.maybe(
-        stats_every, stats_due, accumulate,
+        1 if every_step else stats_every, stats_due, accumulate,
         lambda st: (st.coarse_a, st.coarse_g, st.coarse_count, st.health), state)
 
     def refresh(operand):
@@ -274,7 +280,7 @@ def scale_by_two_level_kfac(
       return jnp.where(ok, new, inverse), health
 
     inverse, health = kronecker_family.maybe(
-        inverse_every, refresh_due, refresh, lambda o: o,
+        1 if every_step else inverse_every, refresh_due, refresh, lambda o: o,
         (state.coarse_inverse, health))
 
     grads = jax.tree_util.tree_leaves(updates)
