@@ -122,13 +122,12 @@ def test_conv_update_equals_woodbury_solve_on_both_gram_paths(monkeypatch,
 def test_conv_layers_store_per_example_gradients_dense_layers_factors():
   loss, params, batch = _cnn_task()
   state = kfe.scale_by_tengrad(loss, gram_batch=8).init(params)
-  shapes = {jax.tree_util.keystr(k): b for k, b in
-            jax.tree_util.tree_flatten_with_path(
-                state.blocks, is_leaf=lambda x: isinstance(
-                    x, woodbury.WoodburyBlock))[0]}
-  per_example = [b.per_example.shape for b in shapes.values()
-                 if isinstance(b, woodbury.WoodburyBlock)]
-  assert (8, 9 * 2 + 1, 4) in per_example and (8, 4 * 4 + 1, 5) in per_example
+  blocks = [b for b in state.blocks if b is not None]
+  explicit = sorted(b.per_example.shape for b in blocks
+                    if b.per_example is not None)
+  factored = [(b.rows.shape, b.cols.shape) for b in blocks if b.rows is not None]
+  assert explicit == [(8, 4 * 4 + 1, 5), (8, 9 * 2 + 1, 4)]
+  assert factored == [((8, 3 * 3 * 5 + 1), (8, 3 + 1))]   # dense 45 -> 3
 
 
 def _random_tokens(n, t, d_a, d_g, seed=0):
