@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from kfac_jax_ext.blocks import kronecker
+
 COARSE_SPACES = ("nicolaides", "spectral", "parameters")
 COARSE_MATRICES = ("kronecker", "exact")
 COMBINES = ("additive", "multiplicative", "balanced")
@@ -32,10 +34,8 @@ def leaf_slots(shapes, space: str) -> list:
     if len(shape) < 2:
       slots.append([])
       continue
-    rows = 1
-    for n in shape[:-1]:
-      rows *= n
-    size = (rows + 1) * (shape[-1] + 1) if space == "parameters" else 1
+    rows, cols = kronecker.slot_sizes(shape)   # each +1 for a folded bias
+    size = rows * cols if space == "parameters" else 1
     slots.append(list(range(start, start + size)))
     start += size
   return slots

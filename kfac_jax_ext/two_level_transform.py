@@ -21,6 +21,7 @@ from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import statistics
 from kfac_jax_ext import tkfac_transform
 from kfac_jax_ext import tracing
+from kfac_jax_ext.blocks import kronecker
 from kfac_jax_ext.blocks import woodbury
 from kfac_jax_ext.state import Health, KfacState
 
@@ -216,7 +217,7 @@ def scale_by_two_level_kfac(
                        "'spectral' for models of this size.")
     dtype = linalg.factor_dtype()
     spectral = tuple(
-        (jnp.ones((kronecker_rows(s) + 1,), dtype), jnp.ones((s[-1] + 1,), dtype))
+        tuple(jnp.ones((n,), dtype) for n in kronecker.slot_sizes(s))
         if coarse_space == "spectral" and len(s) >= 2 else None for s in shapes)
     zeros = jnp.zeros((size, size), dtype)
     g0 = zeros if coarse_matrix == "kronecker" else jnp.ones((size, size), dtype)
@@ -313,13 +314,6 @@ def scale_by_two_level_kfac(
     return jax.tree_util.tree_unflatten(treedef, fine), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def kronecker_rows(shape) -> int:
-  rows = 1
-  for n in shape[:-1]:
-    rows *= n
-  return rows
 
 
 def _write(layers, leaves, mats, shapes):
