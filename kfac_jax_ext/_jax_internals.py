@@ -70,7 +70,18 @@ def sub_jaxprs(eqn: JaxprEqn) -> list[Jaxpr]:
 
 
 def bind_equation(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
-  """Re-applies an equation to new inputs; returns its outputs as a list."""
+  """Re-applies an equation to new inputs; returns its outputs as a list.
+
+  ``shard_map``'s invariant->varying cast (``pvary``, inserted where a
+  replicated value meets a sharded one) is skipped for inputs that already
+  vary over its axes: the statistics pass re-evaluates the traced loss with
+  per-device (varying) parameters.
+  """
+  if eqn.primitive.name in ("pvary", "pcast") and "axes" in eqn.params:
+    axes = eqn.params["axes"]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    if all(set(axes) <= varying_axes(x) for x in invals):
+      return list(invals) if eqn.primitive.multiple_results else [invals[0]]
   bind_params = eqn.primitive.get_bind_params(eqn.params)
   if isinstance(bind_params, tuple):  # jax < 0.9.2: (subfuns, params)
     subfuns, bind_params = bind_params
@@ -121,3 +132,33 @@ def make_identity_primitive(name: str) -> Callable[..., tuple]:
 
   bind.primitive = prim
   return bind
+
+
+def varying_axes(x) -> frozenset:
+  """Manual axes over which ``x`` varies inside ``shard_map`` (its type's
+  ``mat.varying`` in jax 0.10, ``vma`` in earlier releases); empty outside."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)
+  if mat is not None and hasattr(mat, "varying"):
+    return frozenset(mat.varying)
+  return frozenset(getattr(aval, "vma", frozenset()))
+
+
+def zeros_like_struct(struct) -> jax.Array:
+  """Zeros of a ``jax.eval_shape`` result, varying over the same manual axes
+  (``lax.cond`` inside ``shard_map`` needs branches of equal types)."""
+  x = jax.numpy.zeros(struct.shape, struct.dtype)
+  mat = getattr(struct, "manual_axis_type", None)
+  varying = tuple(sorted(mat.varying)) if mat is not None else tuple(
+      sorted(getattr(struct, "vma", ())))
+  return jax.lax.pcast(x, varying, to="varying") if varying else x
+
+
+def all_gather_replicated(x, axis_name) -> jax.Array:
+  """``all_gather`` along axis 0 (tiled) typed as invariant over the axis
+  (its value is the same on every device; jax >= 0.10 types it varying by
+  default, which would make the state varying inside ``shard_map``)."""
+  try:
+    return jax.lax.all_gather(x, axis_name, axis=0, tiled=True, to="invarying")
+  except TypeError:   # jax without the ``to`` argument
+    return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kfac_jax_ext import distributed
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import statistics
@@ -98,9 +99,7 @@ def kronecker_stepper(
   """
   check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
                  ema_decay, damping)
-  if axis_name is not None:
-    raise NotImplementedError("axis_name (multi-device statistics) is not yet "
-                              f"supported by {name}.")
+  distributed.check_axis_name(axis_name, name)
 
   def init_fn(params):
     dtype = linalg.factor_dtype()
@@ -140,9 +139,9 @@ def kronecker_stepper(
         check_curvature(traced, batch_stats)
       else:
         batch_stats = statistics.statistics_pass(traced, params, batch, key,
-                                                 fisher)[2]
+                                                 fisher, axis_name=axis_name)[2]
       return _accumulate(plan, traced, st, batch_stats, variant, ema_decay,
-                         fallback, dtype)
+                         fallback, dtype, axis_name)
 
     def old_statistics(st):
       return (st.factors, st.traces, st.diagonals, st.statistics_count,
@@ -152,7 +151,8 @@ def kronecker_stepper(
         stats_every, state.curvature_due, new_statistics, old_statistics, state)
 
     def refresh(inverses):
-      return _refresh(plan, factors, traces, inverses, lam, variant, damping_mode)
+      return _refresh(plan, factors, traces, inverses, lam, variant, damping_mode,
+                      axis_name)
 
     inverses, failures = maybe(
         inverse_every, state.count % inverse_every == 0, refresh,
@@ -251,16 +251,20 @@ def _ema(old, new, eps):
   return eps * old + (1.0 - eps) * new
 
 
-def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype):
-  """EMA of the batch statistics into the slots; skipped if non-finite."""
+def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype,
+                axis_name=None):
+  """EMA of the batch statistics into the slots; skipped if non-finite.
+  With ``axis_name`` the batch statistics are averaged over the devices
+  first (all of them are means over examples)."""
   k = (st.statistics_count + 1).astype(dtype)
   eps = jnp.minimum(1.0 - 1.0 / k, ema_decay)
   factors, traces, diags = list(st.factors), list(st.traces), list(st.diagonals)
+  layer_stats = distributed.mean(
+      [variant.batch_statistics(*cb.layers[kl.index], kl.has_bias,
+                                traced.num_examples, dtype, kl.layer)
+       for kl in plan.kronecker], axis_name)
   batch_values = []
-  for kl in plan.kronecker:
-    a, g = cb.layers[kl.index]
-    fa, fg, tr = variant.batch_statistics(a, g, kl.has_bias, traced.num_examples,
-                                          dtype, kl.layer)
+  for kl, (fa, fg, tr) in zip(plan.kronecker, layer_stats):
     batch_values += [fa, fg, tr]
     traces[kl.layer.kernel] = _ema(traces[kl.layer.kernel], tr, eps)
     slots = factors[kl.layer.kernel]
@@ -269,7 +273,7 @@ def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype):
     sg = sg.at[:kl.d_g, :kl.d_g].set(_ema(sg[:kl.d_g, :kl.d_g], fg, eps))
     factors[kl.layer.kernel] = slots._replace(**{kl.a_side: sa, kl.g_side: sg})
   for leaf, d in diagonal.batch_diagonals(plan, traced, cb, fallback,
-                                          dtype).items():
+                                          dtype, axis_name).items():
     batch_values.append(d)
     diags[leaf] = _ema(diags[leaf], d, eps)
   ok = linalg.all_finite(*batch_values)
@@ -290,13 +294,28 @@ def layer_factors(kl, slots, trace, variant, lam):
   return a, g, variant.layer_damping(lam, kl.layer, side_a, side_g, trace)
 
 
-def _refresh(plan, factors, traces, inverses, lam, variant, mode):
+def refresh_costs(plan) -> list:
+  """Cost of each Kronecker layer's refresh (``d_a³ + d_g³``), for the
+  assignment of blocks to devices."""
+  return [kl.d_a ** 3 + kl.d_g ** 3 for kl in plan.kronecker]
+
+
+def _refresh(plan, factors, traces, inverses, lam, variant, mode,
+             axis_name=None):
+  """New inverse data of every Kronecker layer; with ``axis_name`` each
+  device decomposes only the layers it owns (``distributed.on_owners``)."""
   inverses = list(inverses)
   failures = jnp.zeros([], jnp.int32)
-  for kl in plan.kronecker:
+
+  def layer_refresh(kl):
     fa, fg, lam_l = layer_factors(kl, factors[kl.layer.kernel],
                                    traces[kl.layer.kernel], variant, lam)
-    ia, ig, va, vg, ok = kronecker.refresh(fa, fg, lam_l, mode)
+    return kronecker.refresh(fa, fg, lam_l, mode)
+
+  refreshed = distributed.on_owners(
+      [lambda kl=kl: layer_refresh(kl) for kl in plan.kronecker],
+      refresh_costs(plan), axis_name)
+  for kl, (ia, ig, va, vg, ok) in zip(plan.kronecker, refreshed):
     old = inverses[kl.layer.kernel]
     # On failure keep the previous inverse: select on the refreshed block only.
     keep = lambda new, prev: jnp.where(ok, new, prev)

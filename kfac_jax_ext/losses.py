@@ -73,9 +73,7 @@ def per_example_loss(kind: str, predictions, targets):
   raise ValueError(f"unknown loss kind {kind!r}")
 
 
-def sample_targets(kind: str, predictions, key):
-  """Draws one target per example from the model's predictive distribution."""
-  predictions = jax.lax.stop_gradient(predictions)
+def _sample(kind: str, predictions, key):
   if kind == "softmax_cross_entropy":
     labels = jax.random.categorical(key, predictions.astype(jnp.float32), axis=-1)
     return jax.nn.one_hot(labels, predictions.shape[-1], dtype=predictions.dtype)
@@ -86,6 +84,21 @@ def sample_targets(kind: str, predictions, key):
     noise = jax.random.normal(key, predictions.shape, jnp.float32)
     return predictions + noise.astype(predictions.dtype)
   raise ValueError(f"unknown loss kind {kind!r}")
+
+
+def sample_targets(kind: str, predictions, key, offset=0):
+  """Draws one target per example from the model's predictive distribution.
+
+  Row ``i`` of the leading axis draws with ``fold_in(key, offset + i)``, so
+  the draws of an example depend on its global index only, not on how the
+  batch is split across devices (``offset``: the index of the first row).
+  """
+  predictions = jax.lax.stop_gradient(predictions)
+  if predictions.ndim < 2:   # one example (softmax over a [C] vector)
+    return _sample(kind, predictions, jax.random.fold_in(key, offset))
+  rows = (offset + jnp.arange(predictions.shape[0])).astype(jnp.uint32)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
+  return jax.vmap(lambda k, p: _sample(kind, p, k))(keys, predictions)
 
 
 class RegisteredLoss(NamedTuple):
@@ -99,15 +112,17 @@ class RegisteredLoss(NamedTuple):
   def num_examples(self) -> int:
     return int(jnp.size(self.weights))
 
-  def fisher_objective(self, key, fisher: str, scale: float = 1.0):
-    """``scale * sum_n sqrt(w_n) l_n(y_n)`` with sampled or data targets.
+  def fisher_objective(self, key, fisher: str, scale: float = 1.0, offset=0):
+    """``scale * sum_n sqrt(w_n) l_n(y_n)`` with sampled or data targets
+    (``offset``: global index of the first example row, see
+    ``sample_targets``).
 
     Its gradient with respect to a pre-activation is the per-example output
     gradient ``g_n`` of the *summed* loss (no 1/N), weighted so that
     ``g_n g_nᵀ`` carries ``w_n``: the statistics of every method follow.
     """
     if fisher == "sampled":
-      targets = sample_targets(self.kind, self.predictions, key)
+      targets = sample_targets(self.kind, self.predictions, key, offset)
     elif fisher == "empirical":
       targets = jax.lax.stop_gradient(self.targets)
     else:

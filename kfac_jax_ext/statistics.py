@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfac_jax_ext import _jax_internals as jint
+from kfac_jax_ext import distributed
 from kfac_jax_ext import losses as losses_lib
 from kfac_jax_ext import state as state_lib
 from kfac_jax_ext import tracing
@@ -133,7 +134,7 @@ def _layer_statistics(layer, traced, captured, probe_grads, li):
 
 
 def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
-                    fisher: str, due=None):
+                    fisher: str, due=None, axis_name=None):
   """Runs the fused pass. Returns ``(outputs, grads, CurvatureBatch)``.
 
   ``outputs`` is what ``loss_fn`` returned; ``grads`` the gradient of its loss
@@ -143,6 +144,9 @@ def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
   stay outside it: XLA CPU runs convolutions inside conditional branches
   several times slower (``jax.grad`` of the Fashion-MNIST CNN, batch 128:
   86 ms outside, 585 ms inside; ``python -m benchmarks.cpu_facts``).
+  With ``axis_name`` (inside pmap/shard_map) sampled targets are drawn by
+  global example index (``distributed.example_offset``); the statistics
+  stay per device (the transforms reduce them).
   """
   p_leaves = jax.tree_util.tree_leaves(params)
   b_leaves = jax.tree_util.tree_leaves(batch)
@@ -162,12 +166,16 @@ def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
     objective = 0.0
     for k, reg in enumerate(registered):
       sub_key = None if key is None else jax.random.fold_in(key, k)
+      rows = reg.predictions.shape[0] if reg.predictions.ndim > 1 else 1
       objective = objective + reg.fisher_objective(
-          sub_key, fisher, scale=float(np.sqrt(m0 / reg.num_examples)))
+          sub_key, fisher, scale=float(np.sqrt(m0 / reg.num_examples)),
+          offset=distributed.example_offset(rows, axis_name))
     a_captures = {k: v for k, v in captured.items() if k[0] == "a"}
     return (outs[0], objective), (outs, a_captures)
 
-  probes = _probe_zeros(traced)
+  # Per-device gradients under shard_map (see distributed.per_device).
+  p_leaves, probes = distributed.per_device((p_leaves, _probe_zeros(traced)),
+                                            axis_name)
   (loss, objective), vjp_fn, (outs, captured) = jax.vjp(
       forward, p_leaves, probes, has_aux=True)
   grads, _ = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(objective)))
@@ -186,13 +194,12 @@ def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
   if due is None:
     return outputs, grads, curvature(None)
   shapes = jax.eval_shape(curvature, None)
-  zeros = lambda _: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                           shapes)
+  zeros = lambda _: jax.tree_util.tree_map(jint.zeros_like_struct, shapes)
   return outputs, grads, jax.lax.cond(due, curvature, zeros, None)
 
 
 def value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
-                   fisher: str = "sampled") -> Callable:
+                   fisher: str = "sampled", axis_name=None) -> Callable:
   """Loss, gradient and curvature statistics from one forward pass.
 
   Args:
@@ -200,6 +207,10 @@ def value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
     fisher: ``"sampled"`` (true Fisher) or ``"empirical"``; must match the
       preconditioner's own ``fisher`` option.
+    axis_name: inside ``pmap``/``shard_map``, the data axis (the
+      preconditioner's ``axis_name``): sampled targets are then drawn by global
+      example index, so they do not depend on the sharding. The gradient is
+      this device's; average it over the axis as usual.
 
   Returns:
     ``fn(params, batch, key=None, *, opt_state=None) -> (value, grads, curvature)``
@@ -216,6 +227,7 @@ def value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
   def fn(params, batch, key=None, *, opt_state=None):
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     due = None if opt_state is None else state_lib.curvature_due(opt_state)
-    return statistics_pass(traced, params, batch, key, fisher, due=due)
+    return statistics_pass(traced, params, batch, key, fisher, due=due,
+                           axis_name=axis_name)
 
   return fn

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kfac_jax_ext import distributed
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
@@ -106,57 +107,101 @@ def _gram_memory_check(plan, traced, n, capacity, conv_gram, dtype):
                       "lower gram_batch.")
 
 
-def _refresh_layer(kl, traced, cb, block, n, lam, conv_gram, dtype):
-  """One layer's new ``WoodburyBlock``, whether its statistics are finite and
-  whether its Gram inverse is."""
+def _examples(traced, gram_batch: int, axis_name) -> tuple[int, int]:
+  """``(n_d, n)``: examples each device contributes and the Gram's size.
+
+  Every device contributes the first ``n_d = min(M_d, gram_batch // D)`` of
+  its ``M_d`` examples; ``n = D·n_d``. With ``gram_batch ≥ M`` that is the
+  whole global batch (the single-device result); otherwise the Gram batch
+  is the first ``n_d`` examples of each shard (on one device: the first
+  ``gram_batch``). The scale is always ``F = UUᵀ/n``.
+  """
+  devices = distributed.num_devices(axis_name)
+  n_local = min(traced.num_examples, gram_batch // devices)
+  if n_local < 1:
+    raise ValueError(f"gram_batch={gram_batch} is smaller than the {devices} "
+                     f"devices of axis {axis_name!r}: every device must "
+                     "contribute at least one example.")
+  return n_local, devices * n_local
+
+
+def _layer_tokens(kl, traced, cb, n_local, dtype, axis_name):
+  """The Gram batch's tokens ``ā [n, T, d_a]``, ``g [n, T, d_g]`` of a layer,
+  gathered over the devices."""
   a, g = cb.layers[kl.index]
   a, g = woodbury.per_example_tokens(a.astype(dtype), g.astype(dtype),
-                                     kl.has_bias, traced.num_examples, n)
-  stats_ok = linalg.all_finite(a, g)
-  cap = block.gram_inverse.shape[0]
+                                     kl.has_bias, traced.num_examples, n_local)
+  return (distributed.gather_examples(a, axis_name),
+          distributed.gather_examples(g, axis_name))
+
+
+def _gram(kl, a, g, block, conv_gram):
+  """The layer's Gram ``K`` and the arrays it stores (``rows``/``cols`` or
+  ``per_example``)."""
+  n = a.shape[0]
   if block.per_example is None:                      # factored layout
     a, g = a[:, 0], g[:, 0]
-    gram = woodbury.dense_gram(a, g)
     slot_a = getattr(block, kl.a_side)
     slot_g = getattr(block, kl.g_side)
-    new = {kl.a_side: slot_a.at[:n, :kl.d_a].set(a).at[n:].set(0.0),
-           kl.g_side: slot_g.at[:n, :kl.d_g].set(g).at[n:].set(0.0)}
-  else:
-    t = a.shape[1]
-    if conv_gram == "spatial_sum":
-      a, g = jnp.sum(a, axis=1, keepdims=True), jnp.sum(g, axis=1, keepdims=True)
-    u = woodbury.per_example_gradients(a, g)
-    if conv_gram == "same_location":
-      gram = woodbury.conv_gram(a, g, "same_location")
-    elif conv_gram == "exact" and woodbury.factored_conv_gram_is_cheaper(
-        t, kl.d_a, kl.d_g):
-      gram = woodbury.conv_gram(a, g, "exact")
-    else:
-      gram = woodbury.explicit_gram(u)
-    per = jnp.zeros_like(block.per_example).at[:n, :kl.d_a, :kl.d_g].set(u)
-    new = {"per_example": per}
-  full = jnp.zeros((cap, cap), dtype).at[:n, :n].set(gram)
-  inverse, inverse_ok = woodbury.invert_gram(full, jnp.asarray(n, dtype), lam)
-  new_block = block._replace(gram_inverse=inverse, examples=jnp.asarray(n, dtype),
-                             damping=lam, **new)
-  return new_block, stats_ok, inverse_ok & linalg.all_finite(
-      *jax.tree_util.tree_leaves(new_block))
+    stored = {kl.a_side: slot_a.at[:n, :kl.d_a].set(a).at[n:].set(0.0),
+              kl.g_side: slot_g.at[:n, :kl.d_g].set(g).at[n:].set(0.0)}
+    return (lambda: woodbury.dense_gram(a, g)), stored
+  t = a.shape[1]
+  if conv_gram == "spatial_sum":
+    a, g = jnp.sum(a, axis=1, keepdims=True), jnp.sum(g, axis=1, keepdims=True)
+  u = woodbury.per_example_gradients(a, g)
+  stored = {"per_example": jnp.zeros_like(block.per_example).at[
+      :n, :kl.d_a, :kl.d_g].set(u)}
+  if conv_gram == "same_location":
+    return (lambda: woodbury.conv_gram(a, g, "same_location")), stored
+  if conv_gram == "exact" and woodbury.factored_conv_gram_is_cheaper(
+      t, kl.d_a, kl.d_g):
+    return (lambda: woodbury.conv_gram(a, g, "exact")), stored
+  return (lambda: woodbury.explicit_gram(u)), stored
 
 
-def _refresh(plan, traced, state, cb, n, lam, conv_gram, fallback, dtype):
+def _gram_cost(kl, traced, n, block) -> float:
+  t = math.prod(kl.layer.outputs_shape) // kl.layer.d_out // traced.num_examples
+  body = n * n * (kl.d_a + kl.d_g) if block.per_example is None else n * n * min(
+      t * t * (kl.d_a + kl.d_g), kl.d_a * kl.d_g)
+  return body + n ** 3
+
+
+def _refresh(plan, traced, state, cb, n_local, lam, conv_gram, fallback, dtype,
+             axis_name=None):
   """Replaces the stored blocks by the statistics batch's.
 
-  A batch with non-finite statistics is skipped whole (counted in
-  ``nonfinite_statistics``); a layer whose refreshed block is non-finite
-  keeps its previous block (counted in ``failed_inverses``).
+  With ``axis_name`` the tokens are gathered over the devices and each
+  device builds and inverts the Grams of the layers it owns
+  (``distributed.on_owners``). A batch with non-finite statistics is skipped
+  whole (counted in ``nonfinite_statistics``); a layer whose refreshed block
+  is non-finite keeps its previous block (counted in ``failed_inverses``).
   """
-  refreshed, stats_ok = [], jnp.array(True)
+  stats_ok = jnp.array(True)
+  prepared, jobs, costs = [], [], []
   for kl in plan.kronecker:
-    new, ok_stats, ok_inverse = _refresh_layer(
-        kl, traced, cb, state.blocks[kl.layer.kernel], n, lam, conv_gram, dtype)
-    refreshed.append((kl.layer.kernel, new, ok_inverse))
-    stats_ok = stats_ok & ok_stats
-  batch_diags = diagonal.batch_diagonals(plan, traced, cb, fallback, dtype)
+    block = state.blocks[kl.layer.kernel]
+    a, g = _layer_tokens(kl, traced, cb, n_local, dtype, axis_name)
+    stats_ok = stats_ok & linalg.all_finite(a, g)
+    gram_fn, stored = _gram(kl, a, g, block, conv_gram)
+    n, cap = a.shape[0], block.gram_inverse.shape[0]
+
+    def job(gram_fn=gram_fn, n=n, cap=cap):
+      full = jnp.zeros((cap, cap), dtype).at[:n, :n].set(gram_fn())
+      return woodbury.invert_gram(full, jnp.asarray(n, dtype), lam)
+
+    jobs.append(job)
+    costs.append(_gram_cost(kl, traced, n, block))
+    prepared.append((kl, block, n, stored))
+  inverted = distributed.on_owners(jobs, costs, axis_name)
+  refreshed = []
+  for (kl, block, n, stored), (inverse, inverse_ok) in zip(prepared, inverted):
+    new = block._replace(gram_inverse=inverse, examples=jnp.asarray(n, dtype),
+                         damping=lam, **stored)
+    ok = inverse_ok & linalg.all_finite(*jax.tree_util.tree_leaves(new))
+    refreshed.append((kl.layer.kernel, new, ok))
+  batch_diags = diagonal.batch_diagonals(plan, traced, cb, fallback, dtype,
+                                         axis_name)
   stats_ok = stats_ok & linalg.all_finite(*batch_diags.values())
   blocks, diags = list(state.blocks), list(state.diagonals)
   failures = jnp.zeros([], jnp.int32)
@@ -273,9 +318,7 @@ def scale_by_tengrad(
                                  inverse_every, 0.0, damping)
   _check_options(gram_batch, conv_gram, damping_mode, stats_every, inverse_every,
                  ema_decay)
-  if axis_name is not None:
-    raise NotImplementedError("axis_name (multi-device statistics) is not yet "
-                              f"supported by {name}.")
+  distributed.check_axis_name(axis_name, name)
   period = inverse_every
 
   def init_fn(params):
@@ -309,7 +352,7 @@ def scale_by_tengrad(
     dtype = state.diagonals[0].dtype if state.diagonals else jnp.float32
     lam = jnp.asarray(damping(state.count) if callable(damping) else damping,
                       dtype)
-    n = min(traced.num_examples, gram_batch)
+    n_local, n = _examples(traced, gram_batch, axis_name)
     _gram_memory_check(plan, traced, n, gram_batch, conv_gram, dtype)
 
     def refresh(st):
@@ -317,8 +360,10 @@ def scale_by_tengrad(
         kronecker_family.check_curvature(traced, curvature)
         cb = curvature
       else:
-        cb = statistics.statistics_pass(traced, params, batch, key, fisher)[2]
-      return _refresh(plan, traced, st, cb, n, lam, conv_gram, fallback, dtype)
+        cb = statistics.statistics_pass(traced, params, batch, key, fisher,
+                                        axis_name=axis_name)[2]
+      return _refresh(plan, traced, st, cb, n_local, lam, conv_gram, fallback,
+                      dtype, axis_name)
 
     blocks, diags, health = kronecker_family.maybe(
         period, state.count % period == 0, refresh,

@@ -29,10 +29,11 @@ import numpy as np
 from kfac_jax_ext import _jax_internals as jint
 from kfac_jax_ext import losses as losses_lib
 
-_STRUCTURAL = {"convert_element_type", "copy", "copy_p", "reshape",
-               "broadcast_in_dim", "transpose", "squeeze", "expand_dims",
-               "reduce_precision"}
-_ELEMENTWISE_VIEW = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
+# pvary/pcast: shard_map's invariant->varying cast of a replicated parameter.
+_ELEMENTWISE_VIEW = {"convert_element_type", "copy", "copy_p", "reduce_precision",
+                     "pvary", "pcast"}
+_STRUCTURAL = _ELEMENTWISE_VIEW | {"reshape", "broadcast_in_dim", "transpose",
+                                   "squeeze", "expand_dims"}
 
 Site = tuple  # (path: tuple[int, ...], eqn_index: int)
 

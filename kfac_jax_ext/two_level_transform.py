@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from kfac_jax_ext import coarse
+from kfac_jax_ext import distributed
 from kfac_jax_ext import kfac_transform
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import linalg
@@ -205,6 +206,7 @@ def scale_by_two_level_kfac(
   stats_every = options.get("stats_every", 1)
   fisher = options.get("fisher", "sampled")
   has_aux = options.get("has_aux", False)
+  axis_name = options.get("axis_name")
   every_step = combine != "additive"
 
   def init_fn(params):
@@ -234,7 +236,7 @@ def scale_by_two_level_kfac(
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     due = None if every_step else state.base.curvature_due
     cb = curvature if curvature is not None else statistics.statistics_pass(
-        traced, params, batch, key, fisher, due=due)[2]
+        traced, params, batch, key, fisher, due=due, axis_name=axis_name)[2]
     stats_due = state.base.curvature_due
     refresh_due = state.base.count % inverse_every == 0
     out, base_state, ctx = base_step(updates, state.base, params, batch=batch,
@@ -247,7 +249,8 @@ def scale_by_two_level_kfac(
     if coarse_space == "spectral":     # fresh vectors first: R is the same below
       spectral = kronecker_family.maybe(
           inverse_every, refresh_due,
-          lambda sp: _spectral_vectors(ctx.plan, base_state, sp, variant),
+          lambda sp: _spectral_vectors(ctx.plan, base_state, sp, variant,
+                                       axis_name),
           lambda sp: sp, spectral)
     layers = _layers(ctx.plan, spectral, slots, coarse_space, dtype)
     if not layers:
@@ -256,7 +259,8 @@ def scale_by_two_level_kfac(
 
     def accumulate(st):
       tokens = _tokens(layers, traced, cb, dtype)
-      new_a, new_g = _batch_coarse(layers, tokens, size, coarse_matrix, m, dtype)
+      new_a, new_g = distributed.mean(
+          _batch_coarse(layers, tokens, size, coarse_matrix, m, dtype), axis_name)
       k = (st.coarse_count + 1).astype(dtype)
       eps = 0.0 if every_step else jnp.minimum(1.0 - 1.0 / k, ema_decay)
       ok = linalg.all_finite(new_a, new_g)
@@ -297,7 +301,8 @@ def scale_by_two_level_kfac(
       delta = [w1 * bi + w2 * qi for bi, qi in zip(b, q(v))]
     else:
       tokens = _tokens(layers, traced, cb, dtype)
-      fvp = lambda xs: coarse.fisher_vector_product(tokens, xs, m, ctx.damping)
+      fvp = lambda xs: [f + ctx.damping * x for f, x in zip(distributed.mean(
+          coarse.fisher_vector_product(tokens, xs, m, 0.0), axis_name), xs)]
       sub = lambda xs, ys: [x - y for x, y in zip(xs, ys)]
       if combine == "multiplicative":
         delta = [bi + ci for bi, ci in zip(b, q(sub(v, fvp(b))))]
@@ -329,14 +334,21 @@ def _write(layers, leaves, mats, shapes):
   return leaves
 
 
-def _spectral_vectors(plan, base_state, spectral, variant):
-  """Smallest-eigenvalue eigenvectors of each layer's effective factors."""
+def _spectral_vectors(plan, base_state, spectral, variant, axis_name=None):
+  """Smallest-eigenvalue eigenvectors of each layer's effective factors
+  (each device decomposes the layers it owns when ``axis_name`` is set)."""
   spectral = list(spectral)
-  for kl in plan.kronecker:
+
+  def vectors(kl):
     fa, fg, _ = kronecker_family.layer_factors(
         kl, base_state.factors[kl.layer.kernel],
         base_state.traces[kl.layer.kernel], variant, 0.0)
-    va, vg = coarse.smallest_eigenvector(fa), coarse.smallest_eigenvector(fg)
+    return coarse.smallest_eigenvector(fa), coarse.smallest_eigenvector(fg)
+
+  found = distributed.on_owners(
+      [lambda kl=kl: vectors(kl) for kl in plan.kronecker],
+      kronecker_family.refresh_costs(plan), axis_name)
+  for kl, (va, vg) in zip(plan.kronecker, found):
     rows, cols = spectral[kl.layer.kernel]
     if kl.a_side == "rows":
       rows, cols = rows.at[:kl.d_a].set(va), cols.at[:kl.d_g].set(vg)

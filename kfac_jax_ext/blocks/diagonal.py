@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from kfac_jax_ext import distributed
 from kfac_jax_ext import plan as plan_lib
 
 
@@ -39,10 +40,13 @@ def layer_diagonal(a, g, has_bias: bool, num_examples, dtype):
                                                                 dtype)
 
 
-def batch_diagonals(plan, traced, cb, fallback: str, dtype) -> dict:
+def batch_diagonals(plan, traced, cb, fallback: str, dtype,
+                    axis_name=None) -> dict:
   """Per parameter leaf, the diagonal Fisher of one statistics batch: the
   scale-and-shift layers always; with ``fallback="diagonal"`` also the
-  layers without a block and the leaves no layer owns."""
+  layers without a block and the leaves no layer owns. With ``axis_name``,
+  of the global batch: the token sums are averaged over devices, the summed
+  gradients of unowned leaves are summed before squaring."""
   m = traced.num_examples
   out = {}
   for i, layer in plan.diagonal_layers:
@@ -58,8 +62,13 @@ def batch_diagonals(plan, traced, cb, fallback: str, dtype) -> dict:
       for leaf, v in ((layer.kernel, dk), (layer.bias, db)):
         if leaf is not None:
           out[leaf] = v
-    for leaf, grad in zip(plan.fallback_leaves, cb.fallback_grads):
-      out[leaf] = from_summed_gradient(grad, m, dtype)
+  out = distributed.mean(out, axis_name)
+  if fallback == "diagonal":
+    grads = distributed.total(tuple(g.astype(dtype) for g in cb.fallback_grads),
+                              axis_name)
+    global_m = m * distributed.num_devices(axis_name)
+    for leaf, grad in zip(plan.fallback_leaves, grads):
+      out[leaf] = from_summed_gradient(grad, global_m, dtype)
   return out
 
 

@@ -1,0 +1,310 @@
+"""Multi-device curvature on 8 fake CPU devices (``tests/conftest.py`` sets
+``--xla_force_host_platform_device_count=8`` before jax initialises).
+
+For every method: the update under ``pmap`` / ``shard_map`` (``axis_name``)
+and under ``jit`` over a ``Mesh`` (no ``axis_name``) with the batch split 8
+ways equals the single-device update on the whole batch, in float32 to 1e-5
+relative, over steps that refresh and reuse the inverses; every device ends
+with the same state; each block's inverse is computed by its owner only.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import kfac_jax_ext as kfe
+from kfac_jax_ext import distributed
+from kfac_jax_ext.blocks import kronecker
+
+DEVICES = 8
+AXIS = "batch"
+STEPS = 3       # inverse_every=2: refresh, reuse, refresh
+
+
+@pytest.fixture(autouse=True)
+def float32():
+  if len(jax.devices()) < DEVICES:
+    pytest.skip(f"needs {DEVICES} devices (run through tests/conftest.py)")
+  with jax.enable_x64(False):
+    yield
+
+
+class SmallCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(4, (3, 3), padding="SAME")(x))
+    x = jnp.tanh(nn.Conv(4, (3, 3), strides=2)(x))
+    x = nn.LayerNorm()(x.reshape(x.shape[0], -1))
+    return nn.Dense(3)(x)
+
+
+def _cnn_task(batch_size=16):
+  model = SmallCNN()
+  x = jax.random.normal(jax.random.PRNGKey(1), (batch_size, 6, 6, 2))
+  y = jax.random.randint(jax.random.PRNGKey(2), (batch_size,), 0, 3)
+  params = model.init(jax.random.PRNGKey(0), x[:1])
+  loss = lambda p, b: kfe.softmax_cross_entropy(model.apply(p, b["x"]), b["y"])
+  return loss, params, {"x": x, "y": y}
+
+
+def _mlp_task(batch_size=16):
+  model = nn.Sequential([nn.Dense(6), jnp.tanh, nn.Dense(5), jnp.tanh,
+                         nn.Dense(3)])
+  x = jax.random.normal(jax.random.PRNGKey(3), (batch_size, 4))
+  y = jax.random.randint(jax.random.PRNGKey(4), (batch_size,), 0, 3)
+  params = model.init(jax.random.PRNGKey(0), x[:1])
+  loss = lambda p, b: kfe.softmax_cross_entropy(model.apply(p, b["x"]), b["y"])
+  return loss, params, {"x": x, "y": y}
+
+
+METHODS = {
+    "kfac": lambda loss, **kw: kfe.scale_by_kfac(
+        loss, damping=0.1, inverse_every=2, fallback="diagonal", **kw),
+    "tkfac": lambda loss, **kw: kfe.scale_by_tkfac(
+        loss, damping=0.1, inverse_every=2, damping_mode="tikhonov", **kw),
+    "tengrad": lambda loss, **kw: kfe.scale_by_tengrad(
+        loss, damping=0.1, inverse_every=2, gram_batch=16, **kw),
+    "two_level_additive": lambda loss, **kw: kfe.scale_by_two_level_kfac(
+        loss, damping=0.1, inverse_every=2, coarse_space="spectral", **kw),
+    "two_level_multiplicative": lambda loss, **kw: kfe.scale_by_two_level_kfac(
+        loss, damping=0.1, inverse_every=2, combine="multiplicative",
+        coarse_matrix="exact", **kw),
+}
+
+
+def _split(batch):
+  return jax.tree_util.tree_map(
+      lambda x: x.reshape((DEVICES, -1) + x.shape[1:]), batch)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(method):
+  """One device, the whole batch (computed once per method)."""
+  loss, params, batch = _cnn_task()
+  return _single_device(METHODS[method](loss), loss, params, batch)
+
+
+def _single_device(tx, loss, params, batch):
+  @jax.jit
+  def step(state, key):
+    grads = jax.grad(loss)(params, batch)
+    return tx.update(grads, state, params, batch=batch, key=key)
+
+  state, out = tx.init(params), []
+  for i in range(STEPS):
+    updates, state = step(state, jax.random.PRNGKey(10 + i))
+    out.append(updates)
+  return out, state
+
+
+def _local_step(tx, loss, params, state, batch, key):
+  # Per-device gradients (shard_map would otherwise sum the gradient of the
+  # replicated params), then the mean, as a data-parallel user does.
+  local = jax.grad(loss)(jax.lax.pcast(params, AXIS, to="varying"), batch)
+  grads = jax.lax.pmean(local, AXIS)
+  return tx.update(grads, state, params, batch=batch, key=key)
+
+
+def _pmapped(tx, loss, params, batch):
+  step = jax.pmap(functools.partial(_local_step, tx, loss), axis_name=AXIS,
+                  in_axes=(None, None, 0, None))
+  state, out = tx.init(params), []
+  for i in range(STEPS):
+    updates, states = step(params, state, _split(batch), jax.random.PRNGKey(10 + i))
+    for leaf in jax.tree_util.tree_leaves((updates, states)):  # identical copies
+      np.testing.assert_array_equal(np.asarray(leaf),
+                                    np.broadcast_to(leaf[0], leaf.shape))
+    out.append(jax.tree_util.tree_map(lambda x: x[0], updates))
+    state = jax.tree_util.tree_map(lambda x: x[0], states)
+  return out, state
+
+
+def _mesh():
+  return Mesh(np.array(jax.devices()[:DEVICES]), (AXIS,))
+
+
+def _shard_mapped(tx, loss, params, batch):
+  mesh = _mesh()
+  step = jax.jit(jax.shard_map(
+      functools.partial(_local_step, tx, loss), mesh=mesh,
+      in_specs=(P(), P(), P(AXIS), P()), out_specs=(P(), P())))
+  state, out = tx.init(params), []
+  for i in range(STEPS):
+    updates, state = step(params, state, batch, jax.random.PRNGKey(10 + i))
+    out.append(updates)
+  return out, state
+
+
+def _mesh_jitted(tx, loss, params, batch):
+  """Global arrays, batch sharded over the mesh, state replicated through
+  ``out_shardings`` (``init``'s signature unchanged); no ``axis_name``."""
+  mesh = _mesh()
+  replicated = NamedSharding(mesh, P())
+  batch = jax.device_put(batch, NamedSharding(mesh, P(AXIS)))
+  params = jax.device_put(params, replicated)
+  state = jax.jit(tx.init, out_shardings=replicated)(params)
+
+  @functools.partial(jax.jit, out_shardings=(replicated, replicated))
+  def step(state, key):
+    grads = jax.grad(loss)(params, batch)
+    return tx.update(grads, state, params, batch=batch, key=key)
+
+  out = []
+  for i in range(STEPS):
+    updates, state = step(state, jax.random.PRNGKey(10 + i))
+    out.append(updates)
+  for leaf in jax.tree_util.tree_leaves(state):
+    assert leaf.sharding.is_fully_replicated
+  return out, state
+
+
+def _assert_close(got, want, rtol=1e-5):
+  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    scale = max(np.max(np.abs(w)), 1e-30)
+    assert np.max(np.abs(g - w)) <= rtol * scale, (np.max(np.abs(g - w)), scale)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("runner", ["pmap", "shard_map", "mesh_jit"])
+def test_split_batch_equals_single_device(method, runner):
+  """A flax CNN (convs, LayerNorm, dense) with a batch of 16, 2 per device."""
+  loss, params, batch = _cnn_task()
+  with jax.enable_x64(False):
+    want, want_state = _reference(method)
+  if runner == "mesh_jit":
+    got, got_state = _mesh_jitted(METHODS[method](loss), loss, params, batch)
+  else:
+    run = _pmapped if runner == "pmap" else _shard_mapped
+    got, got_state = run(METHODS[method](loss, axis_name=AXIS), loss, params,
+                         batch)
+  for g, w in zip(got, want):
+    _assert_close(g, w)
+  _assert_close(_comparable(got_state), _comparable(want_state), rtol=1e-4)
+
+
+def _comparable(state):
+  """The state without eigenvectors and what depends on their arbitrary
+  signs (the spectral coarse space's statistics)."""
+  if hasattr(state, "base"):
+    state = state._replace(base=_comparable(state.base))
+    if all(x is None for x in state.spectral):
+      return state
+    return state._replace(spectral=None, coarse_a=None, coarse_g=None,
+                          coarse_inverse=None)
+  return state._replace(inverses=None) if hasattr(state, "inverses") else state
+
+
+def test_fused_statistics_under_pmap_equal_single_device():
+  loss, params, batch = _cnn_task()
+  vg = kfe.value_and_grad(loss)
+  vg_axis = kfe.value_and_grad(loss, axis_name=AXIS)
+  tx = METHODS["kfac"](loss)
+  tx_axis = METHODS["kfac"](loss, axis_name=AXIS)
+  key = jax.random.PRNGKey(7)
+
+  _, grads, curv = jax.jit(vg)(params, batch, key)
+  want, _ = jax.jit(lambda s: tx.update(grads, s, params, batch=batch,
+                                         curvature=curv))(tx.init(params))
+
+  def local(b):
+    _, g, c = vg_axis(params, b, key)
+    g = jax.lax.pmean(g, AXIS)
+    return tx_axis.update(g, tx_axis.init(params), params, batch=b,
+                          curvature=c)[0]
+
+  got = jax.pmap(local, axis_name=AXIS)(_split(batch))
+  _assert_close(jax.tree_util.tree_map(lambda x: x[0], got), want)
+
+
+def test_tengrad_gram_batch_subsamples_each_shard():
+  """With gram_batch < M, each device contributes its first gram_batch // D
+  examples: equal to one device on those examples."""
+  loss, params, batch = _mlp_task(batch_size=32)
+  make = lambda **kw: kfe.scale_by_tengrad(loss, damping=0.1, gram_batch=16, **kw)
+  tx, tx_axis = make(), make(axis_name=AXIS)
+  grads = jax.grad(loss)(params, batch)
+  chosen = jax.tree_util.tree_map(
+      lambda x: _split(x)[:, :2].reshape((16,) + x.shape[1:]), batch)
+  key = jax.random.PRNGKey(3)
+  # Targets are drawn by global example index: the reference takes the
+  # whole batch's statistics restricted to the chosen examples.
+  want = tx.update(grads, tx.init(params), params, batch=chosen,
+                   curvature=_chosen_curvature(loss, params, batch, key))[0]
+
+  def local(b):
+    return tx_axis.update(grads, tx_axis.init(params), params, batch=b, key=key)[0]
+
+  got = jax.pmap(local, axis_name=AXIS)(_split(batch))
+  _assert_close(jax.tree_util.tree_map(lambda x: x[0], got), want)
+
+
+def _chosen_curvature(loss, params, batch, key):
+  """Statistics of the whole batch (global-index targets), restricted to the
+  first 2 examples of each of the 8 shards."""
+  _, _, curv = kfe.value_and_grad(loss)(params, batch, key)
+  pick = lambda x: _split(x)[:, :2].reshape((16,) + x.shape[1:])
+  layers = tuple(None if s is None else tuple(
+      None if x is None else pick(x) for x in s) for s in curv.layers)
+  return curv._replace(layers=layers, num_examples=jnp.asarray(16.0))
+
+
+def test_each_device_computes_only_its_own_blocks(monkeypatch):
+  loss, params, batch = _cnn_task()
+  calls = []
+  original = kronecker.refresh
+
+  def recording_refresh(a, g, damping, mode):
+    jax.debug.callback(lambda d, n: calls.append((int(d), int(n))),
+                       jax.lax.axis_index(AXIS), a.shape[0] * 1000 + g.shape[0])
+    return original(a, g, damping, mode)
+
+  monkeypatch.setattr(kronecker, "refresh", recording_refresh)
+  tx = METHODS["kfac"](loss, axis_name=AXIS)
+  step = jax.pmap(functools.partial(_local_step, tx, loss), axis_name=AXIS,
+                  in_axes=(None, None, 0, None))
+  out = step(params, tx.init(params), _split(batch), jax.random.PRNGKey(0))
+  jax.block_until_ready(out)
+  jax.effects_barrier()
+
+  layers = kfe.find_layers(loss, params, batch)
+  dims = [(4 * 3 * 3 + 1, 4) if i else (2 * 3 * 3 + 1, 4) for i in range(2)]
+  dims.append((layers[-1].inputs_shape[-1] + 1, 3))
+  costs = [a ** 3 + g ** 3 for a, g in dims]
+  owners = distributed.assign_owners(costs, DEVICES)
+  expected = sorted((o, a * 1000 + g) for o, (a, g) in zip(owners, dims))
+  assert sorted(calls) == expected              # once each, on its owner
+  assert len({d for d, _ in calls}) == 3        # three devices shared the work
+
+
+def test_assign_owners_balances_costs():
+  assert distributed.assign_owners([8, 1, 1, 6], 2) == (0, 1, 1, 1)
+  owners = distributed.assign_owners([5, 5, 5, 5], 4)
+  assert sorted(owners) == [0, 1, 2, 3]
+  assert distributed.assign_owners([3, 2], 1) == (0, 0)
+
+
+def test_unbound_axis_name_is_a_clear_error():
+  loss, params, batch = _mlp_task()
+  tx = METHODS["kfac"](loss, axis_name="nope")
+  with pytest.raises(ValueError, match="axis_name='nope' is not bound"):
+    tx.update(jax.grad(loss)(params, batch), tx.init(params), params,
+              batch=batch, key=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="axis_name must be a str"):
+    kfe.scale_by_kfac(loss, axis_name=3)
+
+
+def test_tengrad_gram_batch_smaller_than_devices_is_rejected():
+  loss, params, batch = _mlp_task()
+  tx = kfe.scale_by_tengrad(loss, gram_batch=4, axis_name=AXIS)
+  grads = jax.grad(loss)(params, batch)
+  with pytest.raises(ValueError, match="gram_batch=4 is smaller than the 8"):
+    jax.pmap(lambda b: tx.update(grads, tx.init(params), params, batch=b,
+                                 key=jax.random.PRNGKey(0))[0],
+             axis_name=AXIS)(_split(batch))
