@@ -58,7 +58,13 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
     fallback: ``"identity"`` (default) or ``"diagonal"`` for leaves no layer
       owns.
     max_factor_dim: leaves whose factors would be larger fall back (4096).
-    axis_name: reserved for multi-device statistics (not yet supported).
+    axis_name: inside ``jax.pmap`` / ``jax.shard_map``, the data-parallel
+      axis: statistics are averaged over it (the curvature of the global
+      batch) and each device refreshes only the blocks it owns, shared by
+      one ``psum`` (``kfac_jax_ext.distributed``). Pass the same ``key`` on
+      every device and the gradient averaged over the axis; use the same
+      ``axis_name`` in ``kfe.value_and_grad``. Under ``jax.jit`` with a
+      ``Mesh`` leave it None.
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:

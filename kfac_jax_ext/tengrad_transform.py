@@ -300,7 +300,13 @@ def scale_by_tengrad(
       (default 5; TENGraD's reference runs use 100).
     ema_decay: must be 0.0 (no running average).
     fallback: ``"identity"`` (default) or ``"diagonal"``.
-    axis_name: reserved for multi-device statistics (not yet supported).
+    axis_name: inside ``jax.pmap`` / ``jax.shard_map``, the data axis. Each
+      of the D devices contributes its first ``min(M_d, gram_batch // D)``
+      examples; their tokens are gathered, so every device stores the same
+      blocks (with ``gram_batch ≥ M``: the whole global batch, as on one
+      device), and each device builds and inverts the Grams of the layers
+      it owns (``kfac_jax_ext.distributed``). Scale: ``F = UUᵀ/n`` with n the
+      gathered count.
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
