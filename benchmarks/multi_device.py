@@ -28,6 +28,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
@@ -77,7 +78,8 @@ def time_steps(method, devices, x_train, steps, batch_size, gram_batch):
 
   step = jax.pmap(local_step, axis_name=AXIS, in_axes=(0, 0, 0, None),
                   devices=jax.devices()[:devices])
-  replicate = lambda tree: jax.device_put_replicated(tree, jax.devices()[:devices])
+  replicate = lambda tree: jax.tree_util.tree_map(
+      lambda x: jnp.stack([x] * devices), tree)     # one copy per device
   p, s = replicate(params), replicate(opt.init(params))
   rng = np.random.default_rng(0)
   times = []
