@@ -31,14 +31,14 @@ def test_compare_kronecker_runs(capsys):
 
 
 def test_compare_two_level_runs(capsys):
-  compare_two_level.main(["--task", "fashion_cnn", "--steps", "6",
+  compare_two_level.main(["--task", "fashion_cnn", "--steps", "3",
                           "--sweep-steps", "0"])
   out = capsys.readouterr().out
   assert "skipped" in out or ("2L balanced exact" in out and "/kfac" in out)
 
 
 def test_compare_tengrad_runs_and_builds_3c1f(capsys):
-  compare_tengrad.main(["--task", "autoencoder", "--steps", "6",
+  compare_tengrad.main(["--task", "autoencoder", "--steps", "3",
                         "--sweep-steps", "0"])
   out = capsys.readouterr().out
   assert "skipped" in out or ("tengrad_sub250" in out and "/kfac" in out)
