@@ -32,8 +32,8 @@ Example:
   ...   grads = jax.lax.pmean(jax.grad(loss_fn)(params, batch), "batch")
   ...   updates, state = tx.update(grads, state, params, batch=batch, key=key)
   ...   return optax.apply_updates(params, updates), state
-  >>> # params and state: one copy per device (e.g. jnp.stack([x] * n) per leaf)
-step = jax.pmap(step, axis_name="batch", in_axes=(0, 0, 0, None))
+  >>> # params and state: one copy per device (jnp.stack([x] * n) per leaf)
+  >>> step = jax.pmap(step, axis_name="batch", in_axes=(0, 0, 0, None))
 """
 
 from __future__ import annotations
