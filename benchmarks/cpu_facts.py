@@ -1,4 +1,4 @@
-"""Two measured facts behind design choices (``python -m benchmarks.cpu_facts``).
+"""Measured facts behind design choices (``python -m benchmarks.cpu_facts``).
 
 1. XLA CPU runs convolutions inside ``lax.cond`` branches several times slower
    than outside: why ``statistics_pass`` keeps the forward and the gradient
@@ -6,6 +6,9 @@
 2. Ways to get a damped inverse of SPD factors of the autoencoder's sizes, and
    the per-step cost of applying one: why refreshes use an LU inverse and
    steps multiply by the explicit inverse.
+3. The cost of drawing sampled targets with one key per example (the global
+   index, so draws do not depend on how a batch is split over devices)
+   against one draw for the whole array.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfac_jax_ext import linalg
+from kfac_jax_ext import losses
 
 
 def _median_ms(fn, *args, repeats=5):
@@ -86,7 +90,20 @@ def inverse_options():
   print(f"  {'two triangular solves':<38}{_median_ms(jax.jit(solve), chol, v):8.1f} ms")
 
 
+def sampling_keys():
+  print("sampled targets, batch 1000 (autoencoder outputs; 10 classes):")
+  for kind, width in (("sigmoid_cross_entropy", 784), ("softmax_cross_entropy", 10)):
+    p = jax.random.normal(jax.random.PRNGKey(0), (1000, width))
+    key = jax.random.PRNGKey(1)
+    whole = jax.jit(lambda k, p, kind=kind: losses._sample(kind, p, k))
+    per_example = jax.jit(lambda k, p, kind=kind: losses.sample_targets(kind, p, k))
+    print(f"  {kind:<22} whole array {_median_ms(whole, key, p, repeats=30):6.2f} ms"
+          f", per-example keys (used) "
+          f"{_median_ms(per_example, key, p, repeats=30):6.2f} ms")
+
+
 if __name__ == "__main__":
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
   conv_in_cond()
   inverse_options()
+  sampling_keys()
