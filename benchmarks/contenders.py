@@ -1,0 +1,155 @@
+"""The optimizers a benchmark compares, each as a jitted whole step.
+
+``make_contender(name, task)`` gives a ``Contender`` whose ``step`` takes the
+hyper-parameters as traced arrays, so one compilation serves the whole sweep.
+
+* ``adam``: ``optax.adam(lr)``; ``sgd``: ``optax.sgd(lr, momentum=0.9)``.
+* ``kfac``, ``tkfac``, ``tengrad``, ``two_level_kfac``: the kfac_jax_ext
+  aliases with momentum 0.9, KL-clip ``task.kl_clip``, statistics and inverses
+  refreshed every ``task.period`` steps, every other option at its default
+  (TENGraD: ``gram_batch`` = the batch size, capped at 1000). The step is
+  the fused one: ``kfe.value_and_grad`` computes loss, gradient and curvature
+  statistics in one pass, statistics only on refresh steps.
+* ``kfac_jax``: kfac-jax 0.0.8's ``Optimizer`` with the same fixed learning
+  rate, momentum 0.9, damping, ``norm_constraint = kl_clip``, curvature EMA
+  0.95 and ``curvature_update_period = inverse_update_period = period``
+  (no adaptive learning rate, momentum or damping); layers by its automatic
+  registration. Needs the ``bench`` extra; on jax >= 0.9.2 it runs with the
+  one-function shim of ``kfac_jax_compat``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import kfac_jax_ext as kfe
+
+OPTIMIZERS = ("adam", "sgd", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax")
+NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax")
+MOMENTUM = 0.9
+
+
+class Contender(NamedTuple):
+  """An optimizer made ready to train one task.
+
+  Attributes:
+    name: its name in ``OPTIMIZERS``.
+    family: ``"adam"``, ``"sgd"`` or ``"natural"``: the sweep grid it uses.
+    init: ``(params, hp) -> carry``.
+    step: ``(carry, batch, key, hp, i) -> (carry, loss)``; ``hp`` holds
+      ``lr`` and ``damping`` as float32 arrays, ``i`` is the step (int).
+    params: ``carry -> params``.
+    warmup: steps that trigger every compilation of ``step``.
+  """
+  name: str
+  family: str
+  init: Callable
+  step: Callable
+  params: Callable
+  warmup: int
+
+
+def _optax(name, task, make):
+  grad_fn = jax.value_and_grad(task.loss_fn)
+
+  @jax.jit
+  def step(carry, batch, key, hp):
+    params, state = carry
+    loss, grads = grad_fn(params, batch)
+    updates, state = make(hp["lr"]).update(grads, state, params)
+    return (optax.apply_updates(params, updates), state), loss
+
+  return Contender(name, name, lambda params, hp: (params, make(hp["lr"]).init(params)),
+                   lambda carry, batch, key, hp, i: step(carry, batch, key, hp),
+                   lambda carry: carry[0], warmup=1)
+
+
+def _natural(name, task, alias, options):
+  def make(lr, damping):
+    return alias(task.loss_fn, lr, damping=damping, momentum=MOMENTUM,
+                 kl_clip=task.kl_clip, stats_every=task.period,
+                 inverse_every=task.period, **options)
+  value_and_grad = kfe.value_and_grad(task.loss_fn)
+
+  @jax.jit
+  def step(carry, batch, key, hp):
+    params, state = carry
+    opt = make(hp["lr"], hp["damping"])
+    loss, grads, curvature = value_and_grad(params, batch, key, opt_state=state)
+    updates, state = opt.update(grads, state, params, batch=batch, key=key,
+                                curvature=curvature)
+    return (optax.apply_updates(params, updates), state), loss
+
+  def init(params, hp):
+    return params, make(float(hp["lr"]), float(hp["damping"])).init(params)
+
+  return Contender(name, "natural", init,
+                   lambda carry, batch, key, hp, i: step(carry, batch, key, hp),
+                   lambda carry: carry[0], warmup=2)
+
+
+def _kfac_jax(task):
+  import kfac_jax  # the bench extra
+  from benchmarks import kfac_jax_compat
+  kfac_jax_compat.apply()
+  opt = kfac_jax.Optimizer(
+      value_and_grad_func=jax.value_and_grad(task.kfac_jax_loss_fn), l2_reg=0.0,
+      use_adaptive_learning_rate=False, learning_rate_schedule=None,
+      use_adaptive_momentum=False, momentum_schedule=None,
+      use_adaptive_damping=False, damping_schedule=None,
+      norm_constraint=task.kl_clip, curvature_ema=0.95,
+      curvature_update_period=task.period, inverse_update_period=task.period,
+      estimation_mode="fisher_gradients", multi_device=False, num_burnin_steps=0)
+  first_batch = jax.tree_util.tree_map(jnp.asarray,
+                                       task.sample_batch(np.random.default_rng(0)))
+
+  def init(params, hp):    # kfac-jax donates the params: step on a copy
+    params = jax.tree_util.tree_map(jnp.copy, params)
+    return params, opt.init(params, jax.random.PRNGKey(0), first_batch)
+
+  def step(carry, batch, key, hp, i):
+    params, state = carry
+    params, state, stats = opt.step(
+        params, state, key, batch=batch, global_step_int=i,
+        learning_rate=hp["lr"], momentum=jnp.asarray(MOMENTUM, jnp.float32),
+        damping=hp["damping"])
+    return (params, state), stats["loss"]
+
+  return Contender("kfac_jax", "natural", init, step, lambda carry: carry[0],
+                   warmup=2 * task.period + 1)
+
+
+def make_contender(name: str, task) -> Contender:
+  """The ``Contender`` of optimizer ``name`` on ``task``.
+
+  Raises:
+    ValueError: unknown name. ImportError: kfac-jax not installed.
+  """
+  if name == "adam":
+    return _optax(name, task, optax.adam)
+  if name == "sgd":
+    return _optax(name, task, lambda lr: optax.sgd(lr, momentum=MOMENTUM))
+  if name == "kfac":
+    return _natural(name, task, kfe.kfac, {})
+  if name == "tkfac":
+    return _natural(name, task, kfe.tkfac, {})
+  if name == "tengrad":
+    batch = len(jax.tree_util.tree_leaves(task.sample_batch(np.random.default_rng(0)))[0])
+    return _natural(name, task, kfe.tengrad, {"gram_batch": min(batch, 1000)})
+  if name == "two_level_kfac":
+    return _natural(name, task, kfe.two_level_kfac, {})
+  if name == "kfac_jax":
+    return _kfac_jax(task)
+  raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+def grid_points(contender: Contender, grids: dict) -> list:
+  """The sweep's hyper-parameter settings: lr (× damping for natural methods)."""
+  grid = grids[contender.family]
+  dampings = grid.get("damping", [0.0])
+  return [{"lr": float(lr), "damping": float(d)} for lr in grid["lr"] for d in dampings]

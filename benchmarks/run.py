@@ -1,0 +1,198 @@
+"""The benchmark runner: sweep, train, time-to-target, JSON and plots.
+
+Run::
+
+  python -m benchmarks.run --task autoencoder \\
+      --optimizers adam,sgd,kfac,tkfac,tengrad,two_level_kfac,kfac_jax --seconds 120
+
+For each optimizer: a sweep over its grid (``tasks`` documents the grids:
+Adam/SGD learning rates; learning rate × damping for the natural-gradient
+methods and kfac-jax), each setting trained for the sweep budget on other
+batches (seed 1) and scored by its final training loss; then the best
+setting is trained for the full budget (seed 0). Results go to
+``OUT/TASK.json`` (every setting's score, the chosen one, losses, per-step
+times and the evaluations) and ``OUT/TASK.png`` (train/test loss against
+steps and against wall-clock); the summary table is printed (see
+``summary``). ``--quick`` shrinks the task and the budgets to seconds.
+
+A task whose data is absent (CIFAR-10 without ``--data-dir``) says so and
+is skipped (exit status 0). An optimizer that cannot run (kfac-jax not
+installed, or failing on the model) is reported in the JSON with its error;
+the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import sys
+import traceback
+
+import jax
+
+from benchmarks import contenders, data, plots, summary, tasks, training
+
+QUICK_STEPS, QUICK_SWEEP_STEPS = 6, 2
+
+
+def _machine():
+  model = platform.processor() or platform.machine()
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        model = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  device = jax.devices()[0]
+  accel = "" if device.platform == "cpu" else f", {len(jax.devices())}× {device.device_kind}"
+  return f"{model}, {os.cpu_count()} cores{accel}"
+
+
+def _versions():
+  import flax
+  import optax
+  versions = {"jax": jax.__version__, "optax": optax.__version__,
+              "flax": flax.__version__}
+  try:
+    import kfac_jax
+    versions["kfac_jax"] = kfac_jax.__version__
+  except ImportError:
+    versions["kfac_jax"] = None
+  return versions
+
+
+def _score(run):
+  loss = run["evals"][-1]["train"]["loss"]
+  return loss if run["finite"] and math.isfinite(loss) else math.inf
+
+
+def run_optimizer(name, task, budget, sweep_budget, sweep, progress):
+  """Sweeps then trains one optimizer; returns its JSON record."""
+  contender = contenders.make_contender(name, task)
+  evaluate = training.make_evaluator(task.metrics_fn)
+  points = contenders.grid_points(contender, task.grids)
+  scores = []
+  if sweep and len(points) > 1:
+    for hp in points:
+      run = training.train(contender, task, hp, seed=1, evaluate=evaluate,
+                           label=f"{name} sweep {summary._hp(name, hp)}",
+                           progress=progress, **sweep_budget)
+      scores.append({"hp": hp, "score": _score(run), "steps": len(run["loss"])})
+    chosen = min(scores, key=lambda s: s["score"])["hp"]
+  else:
+    chosen = points[len(points) // 2]
+  run = training.train(contender, task, chosen, seed=0, evaluate=evaluate,
+                       label=f"{name} {summary._hp(name, chosen)}",
+                       progress=progress, **budget)
+  return {"sweep": scores, "chosen": chosen, "run": run}
+
+
+def _budget(steps, seconds):
+  return {"steps": steps, "seconds": seconds}
+
+
+def _describe(budget):
+  parts = [f"{budget['steps']} steps"] if budget["steps"] else []
+  parts += [f"{budget['seconds']:g} s"] if budget["seconds"] else []
+  return " or ".join(parts)
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--task", required=True, choices=tasks.TASKS)
+  parser.add_argument("--optimizers", default=",".join(contenders.OPTIMIZERS),
+                      help="comma-separated, from " + ",".join(contenders.OPTIMIZERS))
+  parser.add_argument("--steps", type=int, default=None, help="step budget per run")
+  parser.add_argument("--seconds", type=float, default=None,
+                      help="wall-clock budget per run (training time only)")
+  parser.add_argument("--sweep-fraction", type=float, default=0.2,
+                      help="each sweep setting's budget, as a fraction of the run's")
+  parser.add_argument("--no-sweep", action="store_true",
+                      help="skip the sweep: take each grid's middle setting")
+  parser.add_argument("--quick", action="store_true",
+                      help=f"tiny model, {QUICK_STEPS} steps, {QUICK_SWEEP_STEPS}-step "
+                           "sweep: checks that everything runs, in seconds")
+  parser.add_argument("--out", default="benchmarks/results",
+                      help="folder for TASK.json and TASK.png (quick: quick_TASK.*)")
+  parser.add_argument("--data-dir", default=None,
+                      help="CIFAR-10's cifar-10-batches-py folder")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+  unknown = [n for n in names if n not in contenders.OPTIMIZERS]
+  if unknown or not names:
+    parser.error(f"unknown optimizers {unknown}; choose from "
+                 f"{','.join(contenders.OPTIMIZERS)}")
+  if len(set(names)) != len(names):
+    parser.error(f"an optimizer is named twice in {names}")
+  args.optimizers = names
+  if args.quick:
+    args.steps = args.steps or QUICK_STEPS
+  if args.steps is None and args.seconds is None:
+    parser.error("give a budget: --steps, --seconds or both (or --quick)")
+  for flag in ("steps", "seconds"):
+    value = getattr(args, flag)
+    if value is not None and value <= 0:
+      parser.error(f"--{flag} must be positive, got {value}")
+  if not 0 < args.sweep_fraction <= 1:
+    parser.error(f"--sweep-fraction must be in (0, 1], got {args.sweep_fraction}")
+  return args
+
+
+def main(argv=None):
+  """Runs the benchmark; returns the results dict (``skipped`` set if no data)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(argv)
+  try:
+    task = tasks.make_task(args.task, quick=args.quick, data_dir=args.data_dir)
+  except data.DatasetUnavailable as e:
+    print(f"{args.task}: skipped, {e}")
+    return {"task": args.task, "skipped": str(e)}
+  budget = _budget(args.steps, args.seconds)
+  if args.quick:
+    sweep_budget = _budget(QUICK_SWEEP_STEPS, None)
+  else:
+    sweep_budget = _budget(
+        max(1, int(args.steps * args.sweep_fraction)) if args.steps else None,
+        args.seconds * args.sweep_fraction if args.seconds else None)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  stem = ("quick_" if args.quick else "") + args.task
+  results = {
+      "task": task.name, "description": task.description,
+      "meta": {"command": "python -m benchmarks.run " + " ".join(argv),
+               "date": datetime.date.today().isoformat(), "machine": _machine(),
+               **_versions()},
+      "quick": args.quick, "budget": _describe(budget),
+      "sweep_budget": "no sweep" if args.no_sweep else _describe(sweep_budget),
+      "grids": task.grids, "period": task.period, "kl_clip": task.kl_clip,
+      "plot": f"{stem}.png", "runs": {}}
+  print(f"{task.name}: {task.description}\nbudget {results['budget']} per run, "
+        f"sweep {results['sweep_budget']} per setting")
+  for name in args.optimizers:
+    try:
+      results["runs"][name] = run_optimizer(name, task, budget, sweep_budget,
+                                            not args.no_sweep, not args.no_progress)
+    except Exception as e:   # one failing optimizer must not sink the others
+      detail = f"{type(e).__name__}: {e}".strip()
+      print(f"{name}: failed, {detail[:500]}", file=sys.stderr)
+      traceback.print_exc(limit=3)
+      results["runs"][name] = {"error": detail[:2000]}
+  with open(out / f"{stem}.json", "w") as f:
+    json.dump(results, f)
+  if any("run" in r for r in results["runs"].values()):
+    plots.plot_results(results, out / f"{stem}.png")
+  reference = "adam" if "run" in results["runs"].get("adam", {}) else None
+  print(summary.markdown(results, reference or next(iter(results["runs"]))))
+  return results
+
+
+if __name__ == "__main__":
+  main()

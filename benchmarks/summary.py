@@ -1,0 +1,156 @@
+"""Time-to-target and per-step cost from a runner JSON; the README tables.
+
+Definitions (all on the task's fixed training subset, evaluated during the
+run; wall-clock is training time only, see ``training``):
+* target: the reference optimizer's (Adam's) best evaluated training loss
+  within its budget; its time-to-target is the clock at that evaluation.
+* time-to-target of another optimizer: the clock at its first evaluation
+  whose training loss is at or below the target (none if never).
+* ``vs ref``: that time divided by the reference's time-to-target (≤ 0.5
+  means reaching Adam's best in at most half of Adam's wall-clock).
+* per-step cost: the median step, and the mean over whole refresh periods
+  (amortized), each divided by the reference's.
+
+Run ``python -m benchmarks.summary RESULTS.json ... --readme
+benchmarks/README.md`` to rewrite the README's results section (between
+``<!-- results:begin -->`` and ``<!-- results:end -->``) from the JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+
+import numpy as np
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def step_costs(step_seconds, period):
+  """``(median, amortized)`` seconds; amortized over whole refresh periods."""
+  t = np.asarray(step_seconds)
+  if len(t) == 0:
+    return float("nan"), float("nan")
+  whole = max(period, (len(t) // period) * period) if len(t) >= period else len(t)
+  return float(np.median(t)), float(np.mean(t[:whole]))
+
+
+def _time_to(evals, target):
+  for e in evals:
+    if e["train"]["loss"] <= target:
+      return e["seconds"], e["step"]
+  return None, None
+
+
+def summarize(results, reference="adam"):
+  """Rows ``{optimizer: {...}}`` of the summary (see the module docstring)."""
+  runs = {k: v for k, v in results["runs"].items() if "run" in v}
+  period = results["period"]
+  rows = {}
+  ref = runs.get(reference)
+  target = ref_time = None
+  if ref is not None:
+    best = min(ref["run"]["evals"], key=lambda e: e["train"]["loss"])
+    target, ref_time = best["train"]["loss"], best["seconds"]
+  ref_cost = step_costs(ref["run"]["step_seconds"], period) if ref else None
+  for name, r in runs.items():
+    run = r["run"]
+    last = run["evals"][-1]
+    median, amortized = step_costs(run["step_seconds"], period)
+    t, s = _time_to(run["evals"], target) if target is not None else (None, None)
+    rows[name] = {
+        "hp": r["chosen"], "steps": len(run["loss"]), "finite": run["finite"],
+        "seconds": float(sum(run["step_seconds"])),
+        "final_train": last["train"]["loss"], "final_test": last["test"]["loss"],
+        "final_test_accuracy": last["test"].get("accuracy"),
+        "best_train": min(e["train"]["loss"] for e in run["evals"]),
+        "time_to_target": t, "steps_to_target": s,
+        "vs_ref_time": (t / ref_time) if (t is not None and ref_time) else None,
+        "median_step_ms": 1e3 * median, "amortized_step_ms": 1e3 * amortized,
+        "median_vs_ref": median / ref_cost[0] if ref_cost else None,
+        "amortized_vs_ref": amortized / ref_cost[1] if ref_cost else None,
+    }
+  return {"target": target, "reference": reference, "reference_time": ref_time,
+          "rows": rows}
+
+
+def _fmt(x, spec):
+  return "–" if x is None else format(x, spec)
+
+
+def _hp(name, hp):
+  return f"lr {hp['lr']:g}" + (f", λ {hp['damping']:g}" if hp.get("damping") else "")
+
+
+def markdown(results, reference="adam"):
+  """A results section for one task, as markdown."""
+  s = summarize(results, reference)
+  meta = results["meta"]
+  lines = [f"### {results['task']}", "", results["description"], "",
+           f"`{meta['command']}` — {meta['date']}, {meta['machine']}, jax "
+           f"{meta['jax']}, budget {results['budget']}; sweep "
+           f"{results['sweep_budget']} per setting.", ""]
+  failed = {k: v["error"] for k, v in results["runs"].items() if "error" in v}
+  if s["target"] is not None:
+    lines += [f"Target: {reference}'s best training loss **{s['target']:.4g}**, "
+              f"reached at {s['reference_time']:.1f} s.", ""]
+  has_acc = any(r["final_test_accuracy"] is not None for r in s["rows"].values())
+  head = ["optimizer", "chosen", "steps", "final train", "final test"]
+  head += ["test acc"] if has_acc else []
+  head += ["best train", "s → target", f"vs {reference}", "ms/step (median)",
+           "ms/step (amort.)", f"step vs {reference}"]
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, r in s["rows"].items():
+    cells = [name + ("" if r["finite"] else " (diverged)"), _hp(name, r["hp"]),
+             str(r["steps"]), _fmt(r["final_train"], ".4g"), _fmt(r["final_test"], ".4g")]
+    cells += [_fmt(r["final_test_accuracy"], ".3f")] if has_acc else []
+    cells += [_fmt(r["best_train"], ".4g"), _fmt(r["time_to_target"], ".1f"),
+              _fmt(r["vs_ref_time"], ".2f"), _fmt(r["median_step_ms"], ".1f"),
+              _fmt(r["amortized_step_ms"], ".1f"), _fmt(r["amortized_vs_ref"], ".2f")]
+    lines.append("| " + " | ".join(cells) + " |")
+  for name, error in failed.items():
+    lines.append(f"\n`{name}` did not run: {error}")
+  if results.get("plot"):
+    lines += ["", f"![{results['task']}]({results['plot']})"]
+  return "\n".join(lines) + "\n"
+
+
+def update_readme(readme, json_paths, reference="adam"):
+  """Replaces the README's results section with the tables of the JSON files."""
+  sections = []
+  for path in json_paths:
+    with open(path) as f:
+      results = json.load(f)
+    if results.get("skipped"):
+      sections.append(f"### {results['task']}\n\nSkipped: {results['skipped']}\n")
+    else:
+      sections.append(markdown(results, reference))
+  text = pathlib.Path(readme).read_text()
+  if BEGIN not in text or END not in text:
+    raise ValueError(f"{readme} has no {BEGIN} … {END} section to fill")
+  body = "\n".join(sections)
+  text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END),
+                lambda _: f"{BEGIN}\n<!-- generated by python -m benchmarks.summary; "
+                          f"do not edit -->\n\n{body}\n{END}", text, flags=re.S)
+  pathlib.Path(readme).write_text(text)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("json", nargs="+")
+  parser.add_argument("--readme", default=None)
+  parser.add_argument("--reference", default="adam")
+  args = parser.parse_args(argv)
+  if args.readme:
+    update_readme(args.readme, args.json, args.reference)
+  else:
+    for path in args.json:
+      with open(path) as f:
+        print(markdown(json.load(f), args.reference))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,219 @@
+"""Benchmark tasks: a dataset, a model, a loss and the hyper-parameter grids.
+
+Every task is built by ``make_task(name, quick=False, data_dir=None)`` and
+returns a ``Task``. Its ``loss_fn`` registers the loss for kfac_jax_ext; its
+``kfac_jax_loss_fn`` is the same function registering the loss for kfac-jax
+(whose layers are found by kfac-jax's own automatic registration).
+
+Tasks (``TASKS``):
+* ``autoencoder``: MNIST, M&G deep autoencoder, sigmoid cross-entropy, batch 1000.
+* ``mlp``: MNIST, MLP 784-256-256-10, softmax cross-entropy, batch 512.
+* ``fashion_cnn``: Fashion-MNIST, ``models.FashionCNN``, batch 128.
+* ``fashion_3c1f``: Fashion-MNIST, TENGraD's 3C1F ConvNet (width 128), batch 128.
+* ``cifar10_resnet``: CIFAR-10 from ``--data-dir``, ResNet-8 (GroupNorm),
+  per-channel standardized inputs, batch 128.
+* ``shakespeare``: character transformer (2 layers, width 128, context 64) on
+  Shakespeare, hamlet/macbeth/tempest held out as the test text, batch 32
+  windows; the loss is per character.
+
+``quick=True`` shrinks the models and the evaluation sets (and uses random
+subsets) so a run takes seconds; it exists to keep the runner tested.
+
+Hyper-parameter grids (``Task.grids``): Adam and SGD (momentum 0.9) sweep the
+learning rate over three values; every natural-gradient method, kfac-jax
+included, sweeps the same learning rate × damping grid (2 × 2), with
+momentum 0.9, KL-clip (kfac-jax: ``norm_constraint``) ``kl_clip`` and
+curvature statistics and inverses refreshed every ``period`` steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import kfac_jax_ext as kfe
+from benchmarks import data, models
+
+
+class Task(NamedTuple):
+  name: str
+  description: str
+  loss_fn: Callable          # (params, batch) -> scalar, registered for kfe
+  kfac_jax_loss_fn: Callable  # the same loss, registered for kfac-jax
+  metrics_fn: Callable       # (params, batch) -> {"loss": ..., ["accuracy": ...]}
+  params: Any
+  sample_batch: Callable     # numpy Generator -> batch of numpy arrays
+  train_eval: Any            # a fixed training subset, for the train loss
+  test_eval: Any             # held-out data
+  grids: dict                # optimizer family -> {"lr": [...], "damping": [...]}
+  kl_clip: float
+  period: int                # curvature refresh period (statistics, inverses)
+
+
+def _losses(apply, kind):
+  """kfe- and kfac-jax-registered losses and the metrics of one model."""
+  def logits_and_target(params, batch):
+    out = apply(params, batch["x"])
+    target = batch["x"] if kind == "sigmoid" else batch["y"]
+    if out.ndim == 3:       # sequences: every position is an example
+      out, target = out.reshape(-1, out.shape[-1]), target.reshape(-1)
+    return out, target
+
+  def loss_fn(params, batch):
+    out, target = logits_and_target(params, batch)
+    if kind == "sigmoid":
+      return kfe.sigmoid_cross_entropy(out, target)
+    return kfe.softmax_cross_entropy(out, target)
+
+  def kfac_jax_loss_fn(params, batch):
+    import kfac_jax
+    out, target = logits_and_target(params, batch)
+    if kind == "sigmoid":
+      kfac_jax.register_sigmoid_cross_entropy_loss(out, target)
+      return optax.sigmoid_binary_cross_entropy(out, target).sum(-1).mean()
+    kfac_jax.register_softmax_cross_entropy_loss(out, target)
+    return optax.softmax_cross_entropy_with_integer_labels(out, target).mean()
+
+  def metrics_fn(params, batch):
+    out, target = logits_and_target(params, batch)
+    if kind == "sigmoid":
+      return {"loss": optax.sigmoid_binary_cross_entropy(out, target).sum(-1).mean()}
+    return {"loss": optax.softmax_cross_entropy_with_integer_labels(out, target).mean(),
+            "accuracy": jnp.mean(jnp.argmax(out, -1) == target)}
+
+  return loss_fn, kfac_jax_loss_fn, metrics_fn
+
+
+def _classifier(name, description, model, x_train, y_train, x_test, y_test,
+                batch_size, eval_size, grids, kl_clip, period, quick):
+  sample_rng = np.random.default_rng(12345)
+  if quick:
+    eval_size = min(eval_size, 256)
+  init = model.init(jax.random.PRNGKey(0), jnp.asarray(x_train[:1]))
+  loss_fn, kfac_jax_loss_fn, metrics_fn = _losses(model.apply, "softmax")
+
+  def sample_batch(rng):
+    idx = rng.integers(0, len(x_train), batch_size)
+    return {"x": x_train[idx], "y": y_train[idx]}
+  train_idx = sample_rng.choice(len(x_train), eval_size, replace=False)
+  return Task(name, description, loss_fn, kfac_jax_loss_fn, metrics_fn, init,
+              sample_batch, {"x": x_train[train_idx], "y": y_train[train_idx]},
+              {"x": x_test[:eval_size], "y": y_test[:eval_size]}, grids, kl_clip,
+              period)
+
+
+def _grids(adam, sgd, lr, damping):
+  return {"adam": {"lr": list(adam)}, "sgd": {"lr": list(sgd)},
+          "natural": {"lr": list(lr), "damping": list(damping)}}
+
+
+def autoencoder(quick):
+  x_train, _, x_test, _ = data.load_mnist()
+  sizes = (784, 64, 16, 64, 784) if quick else models.AUTOENCODER_SIZES
+  model = models.Autoencoder(sizes)
+  loss_fn, kfac_jax_loss_fn, metrics_fn = _losses(model.apply, "sigmoid")
+  eval_size = 500 if quick else 5000
+  batch = 250 if quick else 1000
+  train_idx = np.random.default_rng(12345).choice(len(x_train), eval_size, replace=False)
+  return Task(
+      "autoencoder", f"MNIST deep autoencoder {'-'.join(map(str, sizes))}, tanh, "
+      f"sigmoid cross-entropy (summed over pixels), batch {batch}",
+      loss_fn, kfac_jax_loss_fn, metrics_fn,
+      model.init(jax.random.PRNGKey(0), jnp.zeros((1, 784))),
+      lambda rng: {"x": x_train[rng.integers(0, len(x_train), batch)]},
+      {"x": x_train[train_idx]}, {"x": x_test[:eval_size]},
+      _grids((3e-4, 1e-3, 3e-3), (0.01, 0.03, 0.1), (0.1, 0.3), (0.3, 3.0)),
+      kl_clip=1e-2, period=10)
+
+
+def mlp(quick):
+  x_train, y_train, x_test, y_test = data.load_mnist()
+  model = models.MLP((32,) if quick else (256, 256))
+  return _classifier("mlp", "MNIST MLP 784-256-256-10, ReLU, softmax "
+                     "cross-entropy, batch 512", model, x_train, y_train, x_test,
+                     y_test, 512, 5000,
+                     _grids((3e-4, 1e-3, 3e-3), (0.03, 0.1, 0.3), (0.1, 0.3),
+                            (0.01, 0.1)), 1e-2, 10, quick)
+
+
+def fashion(model_name, quick):
+  x_train, y_train, x_test, y_test = data.load_fashion_mnist()
+  if model_name == "fashion_3c1f":
+    model = models.ConvNet3C1F(8 if quick else 128)
+    description = "Fashion-MNIST, TENGraD 3C1F ConvNet (3×conv3×3-128, pool 3, " \
+                  "dense 500), batch 128"
+  else:
+    model = models.FashionCNN()
+    description = "Fashion-MNIST CNN conv16/pool/conv32/pool/dense128, batch 128"
+  return _classifier(model_name, description, model, x_train, y_train, x_test,
+                     y_test, 128, 5000,
+                     _grids((3e-4, 1e-3, 3e-3), (0.01, 0.03, 0.1), (0.03, 0.1),
+                            (0.01, 0.1)), 1e-2, 5, quick)
+
+
+def cifar10_resnet(quick, data_dir=None):
+  x_train, y_train, x_test, y_test = data.load_cifar10(data_dir)
+  mean = x_train.mean(axis=(0, 1, 2))
+  std = x_train.std(axis=(0, 1, 2))
+  standardize = lambda x: ((x - mean) / std).astype(np.float32)
+  model = models.ResNet(width=4 if quick else 16)
+  return _classifier("cifar10_resnet", "CIFAR-10, ResNet-8 (pre-activation, "
+                     "GroupNorm, widths 16-32-64), batch 128", model,
+                     standardize(x_train), y_train, standardize(x_test), y_test,
+                     128, 5000,
+                     _grids((3e-4, 1e-3, 3e-3), (0.01, 0.03, 0.1), (0.03, 0.1),
+                            (0.01, 0.1)), 1e-2, 5, quick)
+
+
+def shakespeare(quick):
+  train, valid, vocab = data.load_shakespeare()
+  context = 16 if quick else 64
+  model = models.CharTransformer(len(vocab), context=context,
+                                 dim=32 if quick else 128, layers=1 if quick else 2)
+  loss_fn, kfac_jax_loss_fn, metrics_fn = _losses(model.apply, "softmax")
+  batch, eval_windows = 32, 64 if quick else 256
+
+  def windows(text, starts):
+    idx = starts[:, None] + np.arange(context + 1)
+    chunk = text[idx].astype(np.int32)
+    return {"x": chunk[:, :-1], "y": chunk[:, 1:]}
+  fixed = np.random.default_rng(12345)
+  return Task(
+      "shakespeare", f"Shakespeare characters ({len(vocab)} symbols), transformer "
+      f"{model.layers} layers × width {model.dim}, 4 heads, context {context}; "
+      f"test = hamlet, macbeth, tempest; batch {batch} windows",
+      loss_fn, kfac_jax_loss_fn, metrics_fn,
+      model.init(jax.random.PRNGKey(0), jnp.zeros((1, context), jnp.int32)),
+      lambda rng: windows(train, rng.integers(0, len(train) - context - 1, batch)),
+      windows(train, fixed.integers(0, len(train) - context - 1, eval_windows)),
+      windows(valid, fixed.integers(0, len(valid) - context - 1, eval_windows)),
+      _grids((1e-3, 3e-3, 1e-2), (0.03, 0.1, 0.3), (0.03, 0.1), (0.01, 0.1)),
+      kl_clip=1e-2, period=5)
+
+
+TASKS = ("autoencoder", "mlp", "fashion_cnn", "fashion_3c1f", "cifar10_resnet",
+         "shakespeare")
+
+
+def make_task(name: str, quick: bool = False, data_dir=None) -> Task:
+  """Builds a task (loads its data).
+
+  Raises:
+    ValueError: unknown task.
+    data.DatasetUnavailable: its dataset is not on this machine.
+  """
+  if name == "autoencoder":
+    return autoencoder(quick)
+  if name == "mlp":
+    return mlp(quick)
+  if name in ("fashion_cnn", "fashion_3c1f"):
+    return fashion(name, quick)
+  if name == "cifar10_resnet":
+    return cifar10_resnet(quick, data_dir)
+  if name == "shakespeare":
+    return shakespeare(quick)
+  raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
