@@ -7,7 +7,8 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
 * ``kfac``, ``tkfac``, ``tengrad``, ``two_level_kfac``: the kfac_jax_ext
   aliases with momentum 0.9, KL-clip ``task.kl_clip``, statistics and inverses
   refreshed every ``task.period`` steps, every other option at its default
-  (TENGraD: ``gram_batch`` = the batch size, capped at 1000). The step is
+  (K-FAC: ``damping_mode="factored"``, the π-adjusted damping kfac-jax uses;
+  TENGraD: ``gram_batch`` = the batch size, capped at 1000). The step is
   the fused one: ``kfe.value_and_grad`` computes loss, gradient and curvature
   statistics in one pass, statistics only on refresh steps.
 * ``kfac_jax``: kfac-jax 0.0.8's ``Optimizer`` with the same fixed learning
@@ -134,8 +135,8 @@ def make_contender(name: str, task) -> Contender:
     return _optax(name, task, optax.adam)
   if name == "sgd":
     return _optax(name, task, lambda lr: optax.sgd(lr, momentum=MOMENTUM))
-  if name == "kfac":
-    return _natural(name, task, kfe.kfac, {})
+  if name == "kfac":   # π-adjusted factored damping, as kfac-jax's blocks
+    return _natural(name, task, kfe.kfac, {"damping_mode": "factored"})
   if name == "tkfac":
     return _natural(name, task, kfe.tkfac, {})
   if name == "tengrad":

@@ -95,7 +95,7 @@ def markdown(results, reference="adam"):
   failed = {k: v["error"] for k, v in results["runs"].items() if "error" in v}
   if s["target"] is not None:
     lines += [f"Target: {reference}'s best training loss **{s['target']:.4g}**, "
-              f"reached at {s['reference_time']:.1f} s.", ""]
+              f"reached at {s['reference_time']:.3g} s.", ""]
   has_acc = any(r["final_test_accuracy"] is not None for r in s["rows"].values())
   head = ["optimizer", "chosen", "steps", "final train", "final test"]
   head += ["test acc"] if has_acc else []
@@ -106,7 +106,7 @@ def markdown(results, reference="adam"):
     cells = [name + ("" if r["finite"] else " (diverged)"), _hp(name, r["hp"]),
              str(r["steps"]), _fmt(r["final_train"], ".4g"), _fmt(r["final_test"], ".4g")]
     cells += [_fmt(r["final_test_accuracy"], ".3f")] if has_acc else []
-    cells += [_fmt(r["best_train"], ".4g"), _fmt(r["time_to_target"], ".1f"),
+    cells += [_fmt(r["best_train"], ".4g"), _fmt(r["time_to_target"], ".3g"),
               _fmt(r["vs_ref_time"], ".2f"), _fmt(r["median_step_ms"], ".1f"),
               _fmt(r["amortized_step_ms"], ".1f"), _fmt(r["amortized_vs_ref"], ".2f")]
     lines.append("| " + " | ".join(cells) + " |")

@@ -1,0 +1,192 @@
+"""The benchmark runner (``python -m benchmarks.run``), its loaders and summary.
+
+The ``--quick`` runs train tiny models for a few steps: they check that the
+runner, the sweep, the JSON and the plots work end to end, not the speed.
+"""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from benchmarks import data, run, summary
+
+
+def _write_cifar_batch(path, images_chw, labels):
+  """One batch in the official cifar-10-batches-py format (bytes keys)."""
+  n = len(labels)
+  with open(path, "wb") as f:
+    pickle.dump({b"batch_label": b"test", b"labels": list(map(int, labels)),
+                 b"data": images_chw.reshape(n, 3072).astype(np.uint8),
+                 b"filenames": [b"img%d.png" % i for i in range(n)]}, f, protocol=2)
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path):
+  folder = tmp_path / "cifar-10-batches-py"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  batches = {}
+  for name in data.CIFAR10_TRAIN + (data.CIFAR10_TEST,):
+    images = rng.integers(0, 256, (12, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, 10, 12)
+    _write_cifar_batch(folder / name, images, labels)
+    batches[name] = (images, labels)
+  return tmp_path, batches
+
+
+def test_cifar10_loader_reads_the_official_format(tiny_cifar):
+  parent, batches = tiny_cifar
+  x_train, y_train, x_test, y_test = data.load_cifar10(parent)   # parent or folder
+  assert x_train.shape == (60, 32, 32, 3) and x_train.dtype == np.float32
+  assert x_test.shape == (12, 32, 32, 3) and y_test.dtype == np.int32
+  images, labels = batches["data_batch_2"]
+  # Rows are [R plane | G plane | B plane], each 32×32 row-major: HWC here.
+  n, i, j = 3, 5, 17
+  for c in range(3):
+    assert x_train[12 + n, i, j, c] == images[n, c, i, j] / np.float32(255)
+  np.testing.assert_array_equal(y_train[12:24], labels)
+  np.testing.assert_array_equal(y_test, batches["test_batch"][1])
+  again = data.load_cifar10(parent / "cifar-10-batches-py")
+  np.testing.assert_array_equal(again[0], x_train)
+
+
+def test_cifar10_loader_names_what_is_missing(tiny_cifar, tmp_path, monkeypatch):
+  monkeypatch.delenv(data.CIFAR10_DIR_ENV, raising=False)
+  with pytest.raises(data.DatasetUnavailable, match="--data-dir"):
+    data.load_cifar10(None)
+  parent, _ = tiny_cifar
+  (parent / "cifar-10-batches-py" / "data_batch_4").unlink()
+  with pytest.raises(data.DatasetUnavailable, match="data_batch_4"):
+    data.load_cifar10(parent)
+
+
+def test_cifar10_loader_refuses_pickles_that_run_code(tiny_cifar):
+  parent, _ = tiny_cifar
+
+  class Evil:
+    def __reduce__(self):
+      return (print, ("pwned",))
+  with open(parent / "cifar-10-batches-py" / "test_batch", "wb") as f:
+    pickle.dump({b"data": Evil(), b"labels": []}, f)
+  with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    data.load_cifar10(parent)
+
+
+def test_shakespeare_holds_out_whole_plays():
+  train, valid, vocab = data.load_shakespeare()
+  assert 5.0e6 < len(train) + len(valid) < 5.1e6       # 5.06 M characters
+  assert len(vocab) == len(set(vocab)) and vocab == "".join(sorted(vocab))
+  assert int(max(train.max(), valid.max())) < len(vocab)
+  chars = np.frombuffer(vocab.encode("ascii"), np.uint8)
+  text = lambda codes: chars[codes].tobytes()
+  assert text(valid[:40]).startswith(b"THE TRAGEDY OF HAMLET")
+  inside_hamlet = text(valid[5000:5200])
+  assert inside_hamlet in text(valid) and inside_hamlet not in text(train)
+
+
+def test_cifar10_task_skips_cleanly_without_data(tmp_path, monkeypatch, capsys):
+  monkeypatch.delenv(data.CIFAR10_DIR_ENV, raising=False)
+  results = run.main(["--task", "cifar10_resnet", "--quick", "--out", str(tmp_path)])
+  assert "CIFAR-10 is not available" in results["skipped"]
+  assert "skipped" in capsys.readouterr().out
+  assert not list(tmp_path.iterdir())
+
+
+def _check_quick_results(results, out, names, stem):
+  saved = json.loads((out / f"{stem}.json").read_text())
+  assert (out / f"{stem}.png").stat().st_size > 10_000
+  assert list(saved["runs"]) == names
+  for name in names:
+    record = saved["runs"][name]
+    assert "error" not in record, record.get("error")
+    r = record["run"]
+    assert len(r["loss"]) == run.QUICK_STEPS and r["finite"]
+    assert [e["step"] for e in r["evals"]][0] == 0
+    assert r["evals"][-1]["step"] == run.QUICK_STEPS
+    # Even six steps lower the evaluated training loss.
+    assert r["evals"][-1]["train"]["loss"] < r["evals"][0]["train"]["loss"]
+    scores = record["sweep"]
+    assert record["chosen"] == min(scores, key=lambda s: s["score"])["hp"]
+    family = "natural" if name.startswith(("kfac", "tkfac", "tengrad", "two")) else name
+    grid = saved["grids"][family]
+    assert len(scores) == len(grid["lr"]) * len(grid.get("damping", [0]))
+    assert all(s["steps"] == run.QUICK_SWEEP_STEPS for s in scores)
+  return saved
+
+
+def test_quick_run_autoencoder_against_adam_and_kfac_jax(tmp_path):
+  names = ["adam", "kfac", "kfac_jax"]
+  results = run.main(["--task", "autoencoder", "--quick", "--no-progress",
+                      "--optimizers", ",".join(names), "--out", str(tmp_path)])
+  saved = _check_quick_results(results, tmp_path, names, "quick_autoencoder")
+  assert saved["meta"]["command"].startswith("python -m benchmarks.run --task autoencoder")
+  rows = summary.summarize(saved)["rows"]
+  assert rows["adam"]["vs_ref_time"] == 1.0 and rows["adam"]["amortized_vs_ref"] == 1.0
+
+
+def test_quick_run_cifar10_resnet_and_shakespeare_transformer(tiny_cifar):
+  parent, _ = tiny_cifar
+  out = parent / "out"
+  run.main(["--task", "cifar10_resnet", "--quick", "--no-progress", "--optimizers",
+            "sgd,tkfac", "--data-dir", str(parent), "--out", str(out)])
+  _check_quick_results(None, out, ["sgd", "tkfac"], "quick_cifar10_resnet")
+  run.main(["--task", "shakespeare", "--quick", "--no-progress", "--optimizers",
+            "adam,tengrad,two_level_kfac", "--out", str(out)])
+  _check_quick_results(None, out, ["adam", "tengrad", "two_level_kfac"],
+                       "quick_shakespeare")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "mlp", "--steps", "5", "--optimizers", "adam,lbfgs"], "unknown optimizers"),
+    (["--task", "mlp"], "give a budget"),
+    (["--task", "mlp", "--seconds", "-1"], "must be positive"),
+    (["--task", "mlp", "--steps", "3", "--optimizers", "adam,adam"], "named twice"),
+])
+def test_bad_arguments_are_named(argv, message, capsys):
+  with pytest.raises(SystemExit):
+    run.parse_args(argv)
+  assert message in capsys.readouterr().err
+
+
+def _fake_results():
+  def run_of(points):       # (seconds, train loss) evaluations
+    return {"loss": [1.0] * 10, "step_seconds": [0.1] * 10, "finite": True,
+            "evals": [{"step": k, "seconds": s, "train": {"loss": l},
+                       "test": {"loss": l + 0.1}} for k, (s, l) in enumerate(points)]}
+  return {"task": "t", "description": "d", "period": 5, "budget": "10 steps",
+          "sweep_budget": "2 steps",
+          "meta": {"command": "c", "date": "2026-11-23", "machine": "m", "jax": "x"},
+          "runs": {"adam": {"chosen": {"lr": 1e-3, "damping": 0.0},
+                            "run": run_of([(0, 5.0), (2, 3.0), (4, 2.0), (6, 2.5)])},
+                   "kfac": {"chosen": {"lr": 0.1, "damping": 1.0},
+                            "run": run_of([(0, 5.0), (1, 2.5), (1.5, 1.9)])},
+                   "slow": {"chosen": {"lr": 0.1, "damping": 1.0},
+                            "run": run_of([(0, 5.0), (9, 2.1)])},
+                   "broken": {"error": "ImportError: no"}}}
+
+
+def test_time_to_target_is_measured_against_adams_best():
+  s = summary.summarize(_fake_results())
+  assert s["target"] == 2.0 and s["reference_time"] == 4
+  rows = s["rows"]
+  assert rows["kfac"]["time_to_target"] == 1.5 and rows["kfac"]["vs_ref_time"] == 0.375
+  assert rows["slow"]["time_to_target"] is None
+  assert rows["adam"]["best_train"] == 2.0 and rows["adam"]["final_train"] == 2.5
+  assert "broken" not in rows
+
+
+def test_readme_section_is_rewritten_from_json(tmp_path):
+  path = tmp_path / "r.json"
+  path.write_text(json.dumps(_fake_results()))
+  readme = tmp_path / "README.md"
+  readme.write_text(f"intro\n{summary.BEGIN}\nold\n{summary.END}\nrest\n")
+  summary.update_readme(readme, [path])
+  text = readme.read_text()
+  assert "old" not in text and text.startswith("intro") and text.endswith("rest\n")
+  assert "| kfac | lr 0.1, λ 1 | 10 |" in text and "0.38" in text
+  assert "`broken` did not run: ImportError: no" in text
+  readme.write_text("no markers")
+  with pytest.raises(ValueError, match="results:begin"):
+    summary.update_readme(readme, [path])
