@@ -17,7 +17,6 @@ import argparse
 import json
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,16 +24,7 @@ import optax
 
 import kfac_jax_ext as kfe
 from benchmarks import data, step_time
-
-
-class FashionCNN(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    for width in (16, 32):
-      x = nn.relu(nn.Conv(width, (3, 3))(x))
-      x = nn.max_pool(x, (2, 2), (2, 2))
-    x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
-    return nn.Dense(10)(x)
+from benchmarks.models import FashionCNN
 
 
 def make_task(name):

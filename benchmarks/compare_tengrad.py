@@ -19,24 +19,13 @@ mean over whole refresh periods, compiled, excluding the first step.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import optax
 
 import kfac_jax_ext as kfe
 from benchmarks import compare_kronecker, comparison
+from benchmarks.models import ConvNet3C1F
 
 PERIOD = 5
-
-
-class ConvNet3C1F(nn.Module):
-  """TENGraD's Fashion-MNIST ConvNet (``models/mnist/convnet.py``)."""
-  @nn.compact
-  def __call__(self, x):
-    for _ in range(3):
-      x = nn.relu(nn.Conv(128, (3, 3), padding="SAME")(x))
-    x = nn.max_pool(x, (3, 3), (3, 3))
-    x = nn.relu(nn.Dense(500)(x.reshape(x.shape[0], -1)))
-    return nn.Dense(10)(x)
 
 
 def make_setup(name):

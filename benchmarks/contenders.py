@@ -95,7 +95,10 @@ def _natural(name, task, alias, options):
 
 
 def _kfac_jax(task):
-  import kfac_jax  # the bench extra
+  try:
+    import kfac_jax
+  except ImportError as e:
+    raise ImportError("kfac-jax is not installed: pip install -e '.[bench]'") from e
   from benchmarks import kfac_jax_compat
   kfac_jax_compat.apply()
   opt = kfac_jax.Optimizer(

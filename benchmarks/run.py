@@ -80,7 +80,7 @@ def run_optimizer(name, task, budget, sweep_budget, sweep, progress):
   scores = []
   if sweep and len(points) > 1:
     for hp in points:
-      run = training.train(contender, task, hp, seed=1, evaluate=evaluate,
+      run = training.train(contender, task, hp, seed=1, evaluate=evaluate, evals=1,
                            label=f"{name} sweep {summary._hp(name, hp)}",
                            progress=progress, **sweep_budget)
       scores.append({"hp": hp, "score": _score(run), "steps": len(run["loss"])})

@@ -132,9 +132,10 @@ def autoencoder(quick):
 
 def mlp(quick):
   x_train, y_train, x_test, y_test = data.load_mnist()
-  model = models.MLP((32,) if quick else (256, 256))
-  return _classifier("mlp", "MNIST MLP 784-256-256-10, ReLU, softmax "
-                     "cross-entropy, batch 512", model, x_train, y_train, x_test,
+  widths = (32,) if quick else (256, 256)
+  model = models.MLP(widths)
+  return _classifier("mlp", f"MNIST MLP 784-{'-'.join(map(str, widths))}-10, ReLU, "
+                     "softmax cross-entropy, batch 512", model, x_train, y_train, x_test,
                      y_test, 512, 5000,
                      _grids((3e-4, 1e-3, 3e-3), (0.03, 0.1, 0.3), (0.1, 0.3),
                             (0.01, 0.1)), 1e-2, 10, quick)
@@ -144,8 +145,8 @@ def fashion(model_name, quick):
   x_train, y_train, x_test, y_test = data.load_fashion_mnist()
   if model_name == "fashion_3c1f":
     model = models.ConvNet3C1F(8 if quick else 128)
-    description = "Fashion-MNIST, TENGraD 3C1F ConvNet (3×conv3×3-128, pool 3, " \
-                  "dense 500), batch 128"
+    description = (f"Fashion-MNIST, TENGraD 3C1F ConvNet (3×conv3×3-{model.width}, "
+                   "pool 3, dense 500), batch 128")
   else:
     model = models.FashionCNN()
     description = "Fashion-MNIST CNN conv16/pool/conv32/pool/dense128, batch 128"
@@ -161,8 +162,9 @@ def cifar10_resnet(quick, data_dir=None):
   std = x_train.std(axis=(0, 1, 2))
   standardize = lambda x: ((x - mean) / std).astype(np.float32)
   model = models.ResNet(width=4 if quick else 16)
+  widths = "-".join(str(model.width * 2 ** s) for s in range(model.stages))
   return _classifier("cifar10_resnet", "CIFAR-10, ResNet-8 (pre-activation, "
-                     "GroupNorm, widths 16-32-64), batch 128", model,
+                     f"GroupNorm, widths {widths}), batch 128", model,
                      standardize(x_train), y_train, standardize(x_test), y_test,
                      128, 5000,
                      _grids((3e-4, 1e-3, 3e-3), (0.01, 0.03, 0.1), (0.03, 0.1),

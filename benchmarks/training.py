@@ -65,7 +65,7 @@ class Progress:
 
 
 def train(contender, task, hp, *, steps=None, seconds=None, seed=0, label="",
-          progress=True, evaluate=None):
+          progress=True, evaluate=None, evals=EVALS):
   """Trains ``contender`` on ``task`` with hyper-parameters ``hp``.
 
   Args:
@@ -77,6 +77,8 @@ def train(contender, task, hp, *, steps=None, seconds=None, seed=0, label="",
     seed: picks the batches and the sampling keys.
     label: the progress bar's label.
     evaluate: a ``make_evaluator(task.metrics_fn)`` (made if None).
+    evals: evaluations spread over the budget (besides the one at step 0);
+      1 evaluates only at the end (the sweep's score).
 
   Returns:
     A dict: ``loss`` (minibatch loss per step), ``step_seconds`` (each
@@ -102,13 +104,13 @@ def train(contender, task, hp, *, steps=None, seconds=None, seed=0, label="",
 
   def record(i, elapsed):
     params = contender.params(carry)
-    evals.append({"step": i, "seconds": elapsed,
+    records.append({"step": i, "seconds": elapsed,
                   "train": evaluate(params, task.train_eval),
                   "test": evaluate(params, task.test_eval)})
 
-  losses, step_seconds, evals = [], [], []
+  losses, step_seconds, records = [], [], []
   elapsed, i, finite = 0.0, 0, True
-  interval = (seconds / EVALS) if seconds is not None else max(1, (steps or 1) // EVALS)
+  interval = (seconds / evals) if seconds is not None else max(1, (steps or 1) // evals)
   next_eval = interval
   record(0, 0.0)
   while (steps is None or i < steps) and (seconds is None or elapsed < seconds):
@@ -129,9 +131,9 @@ def train(contender, task, hp, *, steps=None, seconds=None, seed=0, label="",
       next_eval += interval
     fraction = max(i / steps if steps else 0.0, elapsed / seconds if seconds else 0.0)
     bar.update(fraction, f"step {i} loss {loss:.4g} {elapsed:.1f}s")
-  if finite and evals[-1]["step"] != i:
+  if finite and records[-1]["step"] != i:
     record(i, elapsed)
   bar.update(1.0, f"step {i} loss {losses[-1] if losses else float('nan'):.4g} "
              f"{elapsed:.1f}s" + ("" if finite else " DIVERGED"), final=True)
-  return {"hp": hp, "loss": losses, "step_seconds": step_seconds, "evals": evals,
+  return {"hp": hp, "loss": losses, "step_seconds": step_seconds, "evals": records,
           "finite": finite}
