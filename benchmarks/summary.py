@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import re
 
@@ -84,8 +85,9 @@ def _hp(name, hp):
   return f"lr {hp['lr']:g}" + (f", λ {hp['damping']:g}" if hp.get("damping") else "")
 
 
-def markdown(results, reference="adam"):
-  """A results section for one task, as markdown."""
+def markdown(results, reference="adam", plot_path=None):
+  """A results section for one task, as markdown (``plot_path``: the PNG's
+  path as the document should link it; default the name in the results)."""
   s = summarize(results, reference)
   meta = results["meta"]
   lines = [f"### {results['task']}", "", results["description"], "",
@@ -112,8 +114,8 @@ def markdown(results, reference="adam"):
     lines.append("| " + " | ".join(cells) + " |")
   for name, error in failed.items():
     lines.append(f"\n`{name}` did not run: {error}")
-  if results.get("plot"):
-    lines += ["", f"![{results['task']}]({results['plot']})"]
+  if plot_path or results.get("plot"):
+    lines += ["", f"![{results['task']}]({plot_path or results['plot']})"]
   return "\n".join(lines) + "\n"
 
 
@@ -126,7 +128,9 @@ def update_readme(readme, json_paths, reference="adam"):
     if results.get("skipped"):
       sections.append(f"### {results['task']}\n\nSkipped: {results['skipped']}\n")
     else:
-      sections.append(markdown(results, reference))
+      plot = results.get("plot") and os.path.relpath(
+          pathlib.Path(path).parent / results["plot"], pathlib.Path(readme).parent)
+      sections.append(markdown(results, reference, plot))
   text = pathlib.Path(readme).read_text()
   if BEGIN not in text or END not in text:
     raise ValueError(f"{readme} has no {BEGIN} … {END} section to fill")

@@ -93,6 +93,7 @@ def _classifier(name, description, model, x_train, y_train, x_test, y_test,
   sample_rng = np.random.default_rng(12345)
   if quick:
     eval_size = min(eval_size, 256)
+  eval_size = min(eval_size, len(x_train), len(x_test))
   init = model.init(jax.random.PRNGKey(0), jnp.asarray(x_train[:1]))
   loss_fn, kfac_jax_loss_fn, metrics_fn = _losses(model.apply, "softmax")
 

@@ -25,7 +25,7 @@ def test_step_time_runs_without_kfac_jax_or_with_it(capsys):
 
 
 def test_compare_kronecker_runs(capsys):
-  compare_kronecker.main(["--task", "fashion_cnn", "--steps", "12", "--sweep-steps", "2"])
+  compare_kronecker.main(["--task", "fashion_cnn", "--steps", "3", "--sweep-steps", "1"])
   out = capsys.readouterr().out
   assert "skipped" in out or ("tkfac" in out and "kfac" in out)
 
