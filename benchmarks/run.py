@@ -81,14 +81,14 @@ def run_optimizer(name, task, budget, sweep_budget, sweep, progress):
   if sweep and len(points) > 1:
     for hp in points:
       run = training.train(contender, task, hp, seed=1, evaluate=evaluate, evals=1,
-                           label=f"{name} sweep {summary._hp(name, hp)}",
+                           label=f"{name} sweep {summary.hp_label(name, hp)}",
                            progress=progress, **sweep_budget)
       scores.append({"hp": hp, "score": _score(run), "steps": len(run["loss"])})
     chosen = min(scores, key=lambda s: s["score"])["hp"]
   else:
     chosen = points[len(points) // 2]
   run = training.train(contender, task, chosen, seed=0, evaluate=evaluate,
-                       label=f"{name} {summary._hp(name, chosen)}",
+                       label=f"{name} {summary.hp_label(name, chosen)}",
                        progress=progress, **budget)
   return {"sweep": scores, "chosen": chosen, "run": run}
 

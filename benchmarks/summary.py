@@ -81,7 +81,8 @@ def _fmt(x, spec):
   return "–" if x is None else format(x, spec)
 
 
-def _hp(name, hp):
+def hp_label(name, hp):
+  """``"lr 0.1, λ 0.3"``: a setting as the tables show it."""
   return f"lr {hp['lr']:g}" + (f", λ {hp['damping']:g}" if hp.get("damping") else "")
 
 
@@ -105,7 +106,7 @@ def markdown(results, reference="adam", plot_path=None):
            "ms/step (amort.)", f"step vs {reference}"]
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in s["rows"].items():
-    cells = [name + ("" if r["finite"] else " (diverged)"), _hp(name, r["hp"]),
+    cells = [name + ("" if r["finite"] else " (diverged)"), hp_label(name, r["hp"]),
              str(r["steps"]), _fmt(r["final_train"], ".4g"), _fmt(r["final_test"], ".4g")]
     cells += [_fmt(r["final_test_accuracy"], ".3f")] if has_acc else []
     cells += [_fmt(r["best_train"], ".4g"), _fmt(r["time_to_target"], ".3g"),
