@@ -8,6 +8,7 @@ from kfac_jax_ext.state import Health, KfacState, curvature_due
 from kfac_jax_ext.layers import Layer, describe_layers, find_layers
 from kfac_jax_ext.losses import (sigmoid_cross_entropy, softmax_cross_entropy,
                                  squared_error)
+from kfac_jax_ext.schedule import Due, due_at
 from kfac_jax_ext.optimizers import (clip_by_kl, kfac, tengrad, tkfac,
                                      two_level_kfac)
 from kfac_jax_ext.statistics import CurvatureBatch, value_and_grad
@@ -19,8 +20,8 @@ from kfac_jax_ext.two_level_transform import (TwoLevelState,
 __version__ = "0.1.0"
 
 __all__ = [
-    "CurvatureBatch", "Health", "KfacState", "Layer", "clip_by_kl",
-    "curvature_due", "describe_layers", "find_layers", "kfac", "scale_by_kfac",
+    "CurvatureBatch", "Due", "Health", "KfacState", "Layer", "clip_by_kl",
+    "curvature_due", "describe_layers", "due_at", "find_layers", "kfac", "scale_by_kfac",
     "scale_by_tengrad", "scale_by_tkfac", "sigmoid_cross_entropy",
     "softmax_cross_entropy", "squared_error", "tengrad", "TengradState",
     "tkfac", "TwoLevelState", "scale_by_two_level_kfac", "two_level_kfac",

@@ -55,11 +55,13 @@ def layer_basis(space: str, d_a: int, d_g: int, vec_a=None, vec_g=None,
 
 
 def smallest_eigenvector(x):
-  """Eigenvector of the smallest eigenvalue, scaled to ∞-norm 1."""
+  """Eigenvector of the smallest eigenvalue, scaled to ∞-norm 1 with its
+  largest-magnitude entry +1: a sign fixed by the matrix, not by the solver
+  (the coarse statistics are running averages over refreshes)."""
   _, vecs = jnp.linalg.eigh(0.5 * (x + x.T))
   v = vecs[:, 0]
-  big = jnp.max(jnp.abs(v))
-  return v / jnp.where(big > 0, big, 1.0)
+  big = v[jnp.argmax(jnp.abs(v))]
+  return v / jnp.where(big != 0, big, 1.0)
 
 
 def project(basis, v):

@@ -21,6 +21,7 @@ import optax
 from kfac_jax_ext import distributed
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
 from kfac_jax_ext.state import Health, KfacState
 from kfac_jax_ext import tracing
@@ -92,7 +93,7 @@ def kronecker_stepper(
 ) -> optax.GradientTransformationExtraArgs:
   """``(init_fn, step_fn)`` of the Kronecker family (options: ``scale_by_kfac``).
 
-  ``step_fn(updates, state, params, *, batch, key, curvature)`` returns
+  ``step_fn(updates, state, params, *, batch, key, curvature, due)`` returns
   ``(preconditioned updates, new state, StepContext)``; ``scale_by_kronecker``
   wraps it as an optax transformation, ``scale_by_two_level_kfac`` builds its
   coarse correction on the context.
@@ -119,8 +120,9 @@ def kronecker_stepper(
                      Health(zero(), zero()))
 
   def step_fn(updates, state, params=None, *, batch=None, key=None,
-              curvature=None):
-    check_update_args(name, params, batch, curvature, fisher, key)
+              curvature=None, due=None):
+    schedule.check_due(due, name)
+    check_update_args(name, params, batch, curvature, fisher, key, due)
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     grads, treedef = jax.tree_util.tree_flatten(updates)
     check_structure(traced, grads, treedef, state)
@@ -148,7 +150,8 @@ def kronecker_stepper(
               st.health)
 
     factors, traces, diags, stats_count, health = maybe(
-        stats_every, state.curvature_due, new_statistics, old_statistics, state)
+        stats_every, state.curvature_due, new_statistics, old_statistics, state,
+        None if due is None else due.statistics)
 
     def refresh(inverses):
       return _refresh(plan, factors, traces, inverses, lam, variant, damping_mode,
@@ -156,7 +159,8 @@ def kronecker_stepper(
 
     inverses, failures = maybe(
         inverse_every, state.count % inverse_every == 0, refresh,
-        lambda inv: (inv, jnp.zeros([], jnp.int32)), state.inverses)
+        lambda inv: (inv, jnp.zeros([], jnp.int32)), state.inverses,
+        None if due is None else due.inverses)
     health = health._replace(failed_inverses=health.failed_inverses + failures)
     precondition = lambda leaves: _precondition(
         plan, traced, leaves, factors, traces, inverses, diags, lam, variant,
@@ -177,6 +181,8 @@ def scale_by_kronecker(loss_fn: Callable[..., Any], variant: KroneckerVariant,
   Without ``curvature=`` a statistics step runs its own pass inside
   ``lax.cond``; pass the statistics of ``kfe.value_and_grad`` (the fused
   path) to share the forward and keep convolutions out of the conditional.
+  With ``due=kfe.Due(...)`` (static) no conditional is compiled at all
+  (``kfac_jax_ext.schedule``).
 
   Args:
     loss_fn: the user's loss (calls a ``kfe`` loss helper).
@@ -190,32 +196,37 @@ def scale_by_kronecker(loss_fn: Callable[..., Any], variant: KroneckerVariant,
   init_fn, step_fn = kronecker_stepper(loss_fn, variant, **options)
 
   def update_fn(updates, state, params=None, *, batch=None, key=None,
-                curvature=None, **extra_args):
+                curvature=None, due=None, **extra_args):
     del extra_args
     out, new_state, _ = step_fn(updates, state, params, batch=batch, key=key,
-                                curvature=curvature)
+                                curvature=curvature, due=due)
     return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def maybe(period, pred, true_fn, false_fn, operand):
-  """``lax.cond``, or a direct call when the period is statically 1."""
+def maybe(period, pred, true_fn, false_fn, operand, static=None):
+  """``lax.cond(pred, ...)``; a direct call of one branch when ``static``
+  (a Python bool, from ``due``) decides, or when the period is statically 1."""
+  if static is not None:
+    return (true_fn if static else false_fn)(operand)
   if isinstance(period, int) and period == 1:
     return true_fn(operand)
   return jax.lax.cond(pred, true_fn, false_fn, operand)
 
 
-def check_update_args(name, params, batch, curvature, fisher, key):
+def check_update_args(name, params, batch, curvature, fisher, key, due=None):
   """Clear errors for a missing ``params``, ``batch`` or (sampled Fisher
-  without precomputed statistics) ``key``."""
+  without precomputed statistics, on an update that may take statistics)
+  ``key``."""
   if params is None:
     raise ValueError(f"{name} needs params: update(grads, state, params, "
                      "batch=batch, key=key).")
   if batch is None:
     raise ValueError(f"{name} needs the batch loss_fn takes: "
                      "update(grads, state, params, batch=batch, key=key).")
-  if curvature is None and fisher == "sampled" and key is None:
+  if (curvature is None and fisher == "sampled" and key is None
+      and (due is None or due.statistics)):
     raise ValueError("fisher='sampled' draws targets from the model: pass "
                      "key=<PRNG key> to update (or use fisher='empirical').")
 

@@ -24,6 +24,7 @@ import numpy as np
 from kfac_jax_ext import _jax_internals as jint
 from kfac_jax_ext import distributed
 from kfac_jax_ext import losses as losses_lib
+from kfac_jax_ext import schedule
 from kfac_jax_ext import state as state_lib
 from kfac_jax_ext import tracing
 
@@ -213,10 +214,15 @@ def value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
       this device's; average it over the axis as usual.
 
   Returns:
-    ``fn(params, batch, key=None, *, opt_state=None) -> (value, grads, curvature)``
-    where ``value`` is what ``loss_fn`` returns. Given ``opt_state``, the
-    statistics are computed only when a preconditioner in it is due for a
-    statistics step (otherwise ``curvature`` holds zeros and is ignored).
+    ``fn(params, batch, key=None, *, opt_state=None, due=None) -> (value,
+    grads, curvature)`` where ``value`` is what ``loss_fn`` returns. Given
+    ``opt_state``, the statistics are computed only when a preconditioner in
+    it is due for a statistics step (otherwise ``curvature`` holds zeros and
+    is ignored), inside ``lax.cond``. Given ``due`` (a static ``kfe.Due``,
+    see ``kfac_jax_ext.schedule``) no conditional is compiled: with
+    ``due.statistics`` the statistics are computed, without it this is
+    ``jax.value_and_grad(loss_fn)`` and ``curvature`` is None. Pass the same
+    ``due`` to ``update``.
 
   Example:
     >>> vg = kfe.value_and_grad(loss_fn)
@@ -224,10 +230,17 @@ def value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     >>> updates, state = tx.update(grads, state, params, batch=batch, key=key,
     ...                            curvature=curv)
   """
-  def fn(params, batch, key=None, *, opt_state=None):
+  def fn(params, batch, key=None, *, opt_state=None, due=None):
+    schedule.check_due(due, "value_and_grad")
+    if due is not None and not due.statistics:
+      params = distributed.per_device(params, axis_name)
+      value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, batch)
+      return value, grads, None
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
-    due = None if opt_state is None else state_lib.curvature_due(opt_state)
-    return statistics_pass(traced, params, batch, key, fisher, due=due,
+    cond_due = None
+    if due is None and opt_state is not None:
+      cond_due = state_lib.curvature_due(opt_state)
+    return statistics_pass(traced, params, batch, key, fisher, due=cond_due,
                            axis_name=axis_name)
 
   return fn

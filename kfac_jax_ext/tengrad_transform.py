@@ -22,6 +22,7 @@ from kfac_jax_ext import distributed
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
 from kfac_jax_ext import tracing
 from kfac_jax_ext.blocks import diagonal
@@ -343,10 +344,15 @@ def scale_by_tengrad(
                         Health(zero(), zero()))
 
   def update_fn(updates, state, params=None, *, batch=None, key=None,
-                curvature=None, **extra_args):
+                curvature=None, due=None, **extra_args):
     del extra_args
+    schedule.check_due(due, name)
+    if due is not None and due.statistics != due.inverses:
+      raise ValueError(f"{name} refreshes its statistics batch and its Woodbury "
+                       f"inverses together: due must have statistics == "
+                       f"inverses, got {due}.")
     kronecker_family.check_update_args(name, params, batch, curvature, fisher,
-                                       key)
+                                       key, due)
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     grads, treedef = jax.tree_util.tree_flatten(updates)
     kronecker_family.check_structure(traced, grads, treedef, state)
@@ -373,7 +379,8 @@ def scale_by_tengrad(
 
     blocks, diags, health = kronecker_family.maybe(
         period, state.count % period == 0, refresh,
-        lambda st: (st.blocks, st.diagonals, st.health), state)
+        lambda st: (st.blocks, st.diagonals, st.health), state,
+        None if due is None else due.statistics)
     out = _precondition(plan, grads, blocks, diags, lam, fallback)
     count = state.count + 1
     new_state = TengradState(count, count % period == 0, blocks, diags, health)

@@ -19,6 +19,7 @@ from kfac_jax_ext import kfac_transform
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
 from kfac_jax_ext import tkfac_transform
 from kfac_jax_ext import tracing
@@ -200,7 +201,8 @@ def scale_by_two_level_kfac(
   if coarse_space is None:
     return optax.GradientTransformationExtraArgs(
         base_init, lambda u, s, p=None, **kw: base_step(
-            u, s, p, **{k: kw.get(k) for k in ("batch", "key", "curvature")})[:2])
+            u, s, p, **{k: kw.get(k) for k in ("batch", "key", "curvature",
+                                               "due")})[:2])
   ema_decay = options.get("ema_decay", 0.95)
   inverse_every = options.get("inverse_every", 5)
   stats_every = options.get("stats_every", 1)
@@ -229,18 +231,30 @@ def scale_by_two_level_kfac(
                          Health(zero(), zero()))
 
   def update_fn(updates, state, params=None, *, batch=None, key=None,
-                curvature=None, **extra_args):
+                curvature=None, due=None, **extra_args):
     del extra_args
+    schedule.check_due(due, name)
+    # Multiplicative/balanced combinations read the batch statistics every step.
+    needs_batch = None if due is None else due._replace(
+        statistics=due.statistics or every_step)
     kronecker_family.check_update_args(name, params, batch, curvature, fisher,
-                                       key)
+                                       key, needs_batch)
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
-    due = None if every_step else state.base.curvature_due
-    cb = curvature if curvature is not None else statistics.statistics_pass(
-        traced, params, batch, key, fisher, due=due, axis_name=axis_name)[2]
+    if curvature is not None:
+      cb = curvature
+    elif needs_batch is not None and not needs_batch.statistics:
+      cb = None         # not used: neither the base nor the coarse level reads it
+    else:
+      cond_due = None if (every_step or due is not None) else (
+          state.base.curvature_due)
+      cb = statistics.statistics_pass(traced, params, batch, key, fisher,
+                                      due=cond_due, axis_name=axis_name)[2]
     stats_due = state.base.curvature_due
     refresh_due = state.base.count % inverse_every == 0
+    static_stats = None if due is None else due.statistics
+    static_refresh = None if due is None else due.inverses
     out, base_state, ctx = base_step(updates, state.base, params, batch=batch,
-                                     key=key, curvature=cb)
+                                     key=key, curvature=cb, due=due)
     dtype = state.coarse_a.dtype
     size = state.coarse_a.shape[0]
     shapes = list(traced.param_shapes)
@@ -251,7 +265,7 @@ def scale_by_two_level_kfac(
           inverse_every, refresh_due,
           lambda sp: _spectral_vectors(ctx.plan, base_state, sp, variant,
                                        axis_name),
-          lambda sp: sp, spectral)
+          lambda sp: sp, spectral, static_refresh)
     layers = _layers(ctx.plan, spectral, slots, coarse_space, dtype)
     if not layers:
       return out, state._replace(base=base_state)
@@ -274,7 +288,8 @@ def scale_by_two_level_kfac(
     # Fisher-vector products, so that R(∇ − F_λΔ) = 0 holds at every step.
     coarse_a, coarse_g, coarse_count, health = kronecker_family.maybe(
         1 if every_step else stats_every, stats_due, accumulate,
-        lambda st: (st.coarse_a, st.coarse_g, st.coarse_count, st.health), state)
+        lambda st: (st.coarse_a, st.coarse_g, st.coarse_count, st.health), state,
+        None if every_step else static_stats)
 
     def refresh(operand):
       inverse, health = operand
@@ -286,7 +301,7 @@ def scale_by_two_level_kfac(
 
     inverse, health = kronecker_family.maybe(
         1 if every_step else inverse_every, refresh_due, refresh, lambda o: o,
-        (state.coarse_inverse, health))
+        (state.coarse_inverse, health), None if every_step else static_refresh)
 
     grads = jax.tree_util.tree_leaves(updates)
     fine = jax.tree_util.tree_leaves(out)
