@@ -10,7 +10,13 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   (K-FAC: ``damping_mode="factored"``, the π-adjusted damping kfac-jax uses;
   TENGraD: ``gram_batch`` = the batch size, capped at 1000). The step is
   the fused one: ``kfe.value_and_grad`` computes loss, gradient and curvature
-  statistics in one pass, statistics only on refresh steps.
+  statistics in one pass, statistics only on refresh steps. The schedule
+  is static (``kfe.due_at`` of the step number, as kfac-jax's
+  ``global_step_int``): one program for refresh steps, one for the others,
+  neither with a conditional.
+
+Every jitted step donates its carry (params and optimizer state), as kfac-jax
+does, so no optimizer pays for copying its state into fresh buffers.
 * ``kfac_jax``: kfac-jax 0.0.8's ``Optimizer`` with the same fixed learning
   rate, momentum 0.9, damping, ``norm_constraint = kl_clip``, curvature EMA
   0.95 and ``curvature_update_period = inverse_update_period = period``
@@ -21,6 +27,7 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -58,40 +65,51 @@ class Contender(NamedTuple):
 def _optax(name, task, make):
   grad_fn = jax.value_and_grad(task.loss_fn)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=0)
   def step(carry, batch, key, hp):
     params, state = carry
     loss, grads = grad_fn(params, batch)
     updates, state = make(hp["lr"]).update(grads, state, params)
     return (optax.apply_updates(params, updates), state), loss
 
-  return Contender(name, name, lambda params, hp: (params, make(hp["lr"]).init(params)),
+  def init(params, hp):    # a copy: the step donates its carry
+    params = jax.tree_util.tree_map(jnp.copy, params)
+    return params, make(hp["lr"]).init(params)
+
+  return Contender(name, name, init,
                    lambda carry, batch, key, hp, i: step(carry, batch, key, hp),
                    lambda carry: carry[0], warmup=1)
 
 
 def _natural(name, task, alias, options):
+  if name != "tengrad":      # TENGraD keeps no running average
+    options = {"ema_decay": task.ema_decay, **options}
+
   def make(lr, damping):
     return alias(task.loss_fn, lr, damping=damping, momentum=MOMENTUM,
                  kl_clip=task.kl_clip, stats_every=task.period,
                  inverse_every=task.period, **options)
   value_and_grad = kfe.value_and_grad(task.loss_fn)
 
-  @jax.jit
-  def step(carry, batch, key, hp):
+  @functools.partial(jax.jit, static_argnames="due", donate_argnums=0)
+  def step(carry, batch, key, hp, due):
     params, state = carry
     opt = make(hp["lr"], hp["damping"])
-    loss, grads, curvature = value_and_grad(params, batch, key, opt_state=state)
+    loss, grads, curvature = value_and_grad(params, batch, key, due=due)
     updates, state = opt.update(grads, state, params, batch=batch, key=key,
-                                curvature=curvature)
+                                curvature=curvature, due=due)
     return (optax.apply_updates(params, updates), state), loss
 
-  def init(params, hp):
+  def init(params, hp):    # a copy: the step donates its carry
+    params = jax.tree_util.tree_map(jnp.copy, params)
     return params, make(float(hp["lr"]), float(hp["damping"])).init(params)
 
-  return Contender(name, "natural", init,
-                   lambda carry, batch, key, hp, i: step(carry, batch, key, hp),
-                   lambda carry: carry[0], warmup=2)
+  def run_step(carry, batch, key, hp, i):
+    due = kfe.due_at(i, stats_every=task.period, inverse_every=task.period)
+    return step(carry, batch, key, hp, due=due)
+
+  return Contender(name, "natural", init, run_step, lambda carry: carry[0],
+                   warmup=2)
 
 
 def _kfac_jax(task):
@@ -106,7 +124,7 @@ def _kfac_jax(task):
       use_adaptive_learning_rate=False, learning_rate_schedule=None,
       use_adaptive_momentum=False, momentum_schedule=None,
       use_adaptive_damping=False, damping_schedule=None,
-      norm_constraint=task.kl_clip, curvature_ema=0.95,
+      norm_constraint=task.kl_clip, curvature_ema=task.ema_decay,
       curvature_update_period=task.period, inverse_update_period=task.period,
       estimation_mode="fisher_gradients", multi_device=False, num_burnin_steps=0)
   first_batch = jax.tree_util.tree_map(jnp.asarray,

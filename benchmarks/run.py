@@ -173,6 +173,7 @@ def main(argv=None):
       "quick": args.quick, "budget": _describe(budget),
       "sweep_budget": "no sweep" if args.no_sweep else _describe(sweep_budget),
       "grids": task.grids, "period": task.period, "kl_clip": task.kl_clip,
+      "ema_decay": task.ema_decay,
       "plot": f"{stem}.png", "runs": {}}
   print(f"{task.name}: {task.description}\nbudget {results['budget']} per run, "
         f"sweep {results['sweep_budget']} per setting")

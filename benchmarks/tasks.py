@@ -52,6 +52,7 @@ class Task(NamedTuple):
   grids: dict                # optimizer family -> {"lr": [...], "damping": [...]}
   kl_clip: float
   period: int                # curvature refresh period (statistics, inverses)
+  ema_decay: float = 0.95    # running-average decay of the curvature statistics
 
 
 def _losses(apply, kind):

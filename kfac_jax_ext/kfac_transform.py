@@ -69,7 +69,9 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
-    ``(updates, state, params, *, batch, key=None, curvature=None)``.
+    ``(updates, state, params, *, batch, key=None, curvature=None, due=None)``;
+    ``due`` (a static ``kfe.Due``, see ``kfac_jax_ext.schedule``) replaces
+    the counters' ``lax.cond`` schedule for that update.
 
   Example:
     >>> tx = optax.chain(kfe.scale_by_kfac(loss_fn, damping=1e-3),

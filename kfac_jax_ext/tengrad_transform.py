@@ -312,7 +312,9 @@ def scale_by_tengrad(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
-    ``(updates, state, params, *, batch, key=None, curvature=None)``.
+    ``(updates, state, params, *, batch, key=None, curvature=None, due=None)``;
+    ``due`` (a static ``kfe.Due``, see ``kfac_jax_ext.schedule``) replaces
+    the counters' ``lax.cond`` schedule for that update.
 
   Example:
     >>> tx = optax.chain(kfe.scale_by_tengrad(loss_fn, damping=0.1, gram_batch=64),
