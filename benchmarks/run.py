@@ -123,6 +123,8 @@ def parse_args(argv):
                       help="folder for TASK.json and TASK.png (quick: quick_TASK.*)")
   parser.add_argument("--data-dir", default=None,
                       help="CIFAR-10's cifar-10-batches-py folder")
+  parser.add_argument("--batch-size", type=int, default=None,
+                      help="replace the task's batch size (results: TASK_bN.json)")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
@@ -141,6 +143,8 @@ def parse_args(argv):
     value = getattr(args, flag)
     if value is not None and value <= 0:
       parser.error(f"--{flag} must be positive, got {value}")
+  if args.batch_size is not None and args.batch_size < 1:
+    parser.error(f"--batch-size must be positive, got {args.batch_size}")
   if not 0 < args.sweep_fraction <= 1:
     parser.error(f"--sweep-fraction must be in (0, 1], got {args.sweep_fraction}")
   return args
@@ -151,7 +155,8 @@ def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
   try:
-    task = tasks.make_task(args.task, quick=args.quick, data_dir=args.data_dir)
+    task = tasks.make_task(args.task, quick=args.quick, data_dir=args.data_dir,
+                           batch_size=args.batch_size)
   except data.DatasetUnavailable as e:
     print(f"{args.task}: skipped, {e}")
     return {"task": args.task, "skipped": str(e)}
@@ -164,7 +169,8 @@ def main(argv=None):
         args.seconds * args.sweep_fraction if args.seconds else None)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  stem = ("quick_" if args.quick else "") + args.task
+  stem = (("quick_" if args.quick else "") + args.task
+          + (f"_b{args.batch_size}" if args.batch_size else ""))
   results = {
       "task": task.name, "description": task.description,
       "meta": {"command": "python -m benchmarks.run " + " ".join(argv),
@@ -173,7 +179,7 @@ def main(argv=None):
       "quick": args.quick, "budget": _describe(budget),
       "sweep_budget": "no sweep" if args.no_sweep else _describe(sweep_budget),
       "grids": task.grids, "period": task.period, "kl_clip": task.kl_clip,
-      "ema_decay": task.ema_decay,
+      "ema_decay": task.ema_decay, "batch_size": args.batch_size,
       "plot": f"{stem}.png", "runs": {}}
   print(f"{task.name}: {task.description}\nbudget {results['budget']} per run, "
         f"sweep {results['sweep_budget']} per setting")

@@ -91,7 +91,9 @@ def markdown(results, reference="adam", plot_path=None):
   path as the document should link it; default the name in the results)."""
   s = summarize(results, reference)
   meta = results["meta"]
-  lines = [f"### {results['task']}", "", results["description"], "",
+  batch = results.get("batch_size")
+  lines = [f"### {results['task']}" + (f" (batch {batch})" if batch else ""), "",
+           results["description"], "",
            f"`{meta['command']}` — {meta['date']}, {meta['machine']}, jax "
            f"{meta['jax']}, budget {results['budget']}; sweep "
            f"{results['sweep_budget']} per setting.", ""]

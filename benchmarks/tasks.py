@@ -113,13 +113,13 @@ def _grids(adam, sgd, lr, damping):
           "natural": {"lr": list(lr), "damping": list(damping)}}
 
 
-def autoencoder(quick):
+def autoencoder(quick, batch_size=None):
   x_train, _, x_test, _ = data.load_mnist()
   sizes = (784, 64, 16, 64, 784) if quick else models.AUTOENCODER_SIZES
   model = models.Autoencoder(sizes)
   loss_fn, kfac_jax_loss_fn, metrics_fn = _losses(model.apply, "sigmoid")
   eval_size = 500 if quick else 5000
-  batch = 250 if quick else 1000
+  batch = batch_size or (250 if quick else 1000)
   train_idx = np.random.default_rng(12345).choice(len(x_train), eval_size, replace=False)
   return Task(
       "autoencoder", f"MNIST deep autoencoder {'-'.join(map(str, sizes))}, tanh, "
@@ -128,37 +128,40 @@ def autoencoder(quick):
       model.init(jax.random.PRNGKey(0), jnp.zeros((1, 784))),
       lambda rng: {"x": x_train[rng.integers(0, len(x_train), batch)]},
       {"x": x_train[train_idx]}, {"x": x_test[:eval_size]},
-      _grids((3e-4, 1e-3, 3e-3), (0.01, 0.03, 0.1), (0.1, 0.3), (0.3, 3.0)),
-      kl_clip=1e-2, period=10)
+      _grids((3e-4, 1e-3, 3e-3), (0.01, 0.03, 0.1), (0.1, 0.3), (0.1, 0.3)),
+      kl_clip=1e-2, period=10, ema_decay=0.8)
 
 
-def mlp(quick):
+def mlp(quick, batch_size=None):
   x_train, y_train, x_test, y_test = data.load_mnist()
   widths = (32,) if quick else (256, 256)
   model = models.MLP(widths)
+  batch = batch_size or 512
   return _classifier("mlp", f"MNIST MLP 784-{'-'.join(map(str, widths))}-10, ReLU, "
-                     "softmax cross-entropy, batch 512", model, x_train, y_train, x_test,
-                     y_test, 512, 5000,
+                     f"softmax cross-entropy, batch {batch}", model, x_train, y_train,
+                     x_test, y_test, batch, 5000,
                      _grids((3e-4, 1e-3, 3e-3), (0.03, 0.1, 0.3), (0.1, 0.3),
                             (0.01, 0.1)), 1e-2, 10, quick)
 
 
-def fashion(model_name, quick):
+def fashion(model_name, quick, batch_size=None):
+  batch = batch_size or 128
   x_train, y_train, x_test, y_test = data.load_fashion_mnist()
   if model_name == "fashion_3c1f":
     model = models.ConvNet3C1F(8 if quick else 128)
     description = (f"Fashion-MNIST, TENGraD 3C1F ConvNet (3×conv3×3-{model.width}, "
-                   "pool 3, dense 500), batch 128")
+                   f"pool 3, dense 500), batch {batch}")
   else:
     model = models.FashionCNN()
-    description = "Fashion-MNIST CNN conv16/pool/conv32/pool/dense128, batch 128"
+    description = f"Fashion-MNIST CNN conv16/pool/conv32/pool/dense128, batch {batch}"
   return _classifier(model_name, description, model, x_train, y_train, x_test,
-                     y_test, 128, 5000,
+                     y_test, batch, 5000,
                      _grids((3e-4, 1e-3, 3e-3), (0.01, 0.03, 0.1), (0.03, 0.1),
                             (0.01, 0.1)), 1e-2, 5, quick)
 
 
-def cifar10_resnet(quick, data_dir=None):
+def cifar10_resnet(quick, data_dir=None, batch_size=None):
+  batch = batch_size or 128
   x_train, y_train, x_test, y_test = data.load_cifar10(data_dir)
   mean = x_train.mean(axis=(0, 1, 2))
   std = x_train.std(axis=(0, 1, 2))
@@ -166,20 +169,20 @@ def cifar10_resnet(quick, data_dir=None):
   model = models.ResNet(width=4 if quick else 16)
   widths = "-".join(str(model.width * 2 ** s) for s in range(model.stages))
   return _classifier("cifar10_resnet", "CIFAR-10, ResNet-8 (pre-activation, "
-                     f"GroupNorm, widths {widths}), batch 128", model,
+                     f"GroupNorm, widths {widths}), batch {batch}", model,
                      standardize(x_train), y_train, standardize(x_test), y_test,
-                     128, 5000,
+                     batch, 5000,
                      _grids((3e-4, 1e-3, 3e-3), (0.01, 0.03, 0.1), (0.03, 0.1),
                             (0.01, 0.1)), 1e-2, 5, quick)
 
 
-def shakespeare(quick):
+def shakespeare(quick, batch_size=None):
   train, valid, vocab = data.load_shakespeare()
   context = 16 if quick else 64
   model = models.CharTransformer(len(vocab), context=context,
                                  dim=32 if quick else 128, layers=1 if quick else 2)
   loss_fn, kfac_jax_loss_fn, metrics_fn = _losses(model.apply, "softmax")
-  batch, eval_windows = 32, 64 if quick else 256
+  batch, eval_windows = batch_size or 32, 64 if quick else 256
 
   def windows(text, starts):
     idx = starts[:, None] + np.arange(context + 1)
@@ -203,21 +206,25 @@ TASKS = ("autoencoder", "mlp", "fashion_cnn", "fashion_3c1f", "cifar10_resnet",
          "shakespeare")
 
 
-def make_task(name: str, quick: bool = False, data_dir=None) -> Task:
-  """Builds a task (loads its data).
+def make_task(name: str, quick: bool = False, data_dir=None,
+              batch_size: int | None = None) -> Task:
+  """Builds a task (loads its data); ``batch_size`` replaces its batch size.
 
   Raises:
     ValueError: unknown task.
     data.DatasetUnavailable: its dataset is not on this machine.
   """
+  if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(
+      batch_size, int) or batch_size < 1):
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
   if name == "autoencoder":
-    return autoencoder(quick)
+    return autoencoder(quick, batch_size)
   if name == "mlp":
-    return mlp(quick)
+    return mlp(quick, batch_size)
   if name in ("fashion_cnn", "fashion_3c1f"):
-    return fashion(name, quick)
+    return fashion(name, quick, batch_size)
   if name == "cifar10_resnet":
-    return cifar10_resnet(quick, data_dir)
+    return cifar10_resnet(quick, data_dir, batch_size)
   if name == "shakespeare":
-    return shakespeare(quick)
+    return shakespeare(quick, batch_size)
   raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
