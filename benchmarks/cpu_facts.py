@@ -9,6 +9,10 @@
 3. The cost of drawing sampled targets with one key per example (the global
    index, so draws do not depend on how a batch is split over devices)
    against one draw for the whole array.
+4. What an untaken ``lax.cond`` branch costs when it passes the autoencoder's
+   16 factor inverses through (a copy, even with the arguments donated),
+   against no conditional: why ``kfe.due_at`` / ``due=`` exist
+   (``kfac_jax_ext/schedule.py``).
 """
 
 from __future__ import annotations
@@ -90,6 +94,27 @@ def inverse_options():
   print(f"  {'two triangular solves':<38}{_median_ms(jax.jit(solve), chol, v):8.1f} ms")
 
 
+def cond_pass_through():
+  dims = [785, 1000, 1001, 500, 501, 250, 251, 30, 31, 250, 251, 500, 501, 1000,
+          1001, 784]
+  fresh = lambda: [jnp.eye(n) * 2.0 for n in dims]
+  refresh = lambda ms: [jnp.linalg.inv(m) for m in ms]
+  in_cond = jax.jit(lambda ms, due: jax.lax.cond(due, refresh, lambda ms: ms, ms),
+                    donate_argnums=0)
+  static = jax.jit(lambda ms: ms, donate_argnums=0)
+
+  def median_ms(fn, *extra):
+    ms, times = fresh(), []
+    for _ in range(6):
+      start = time.perf_counter()
+      ms = jax.block_until_ready(fn(ms, *extra))
+      times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times[1:]))
+  print("a step that does not refresh the 16 autoencoder inverses (donated):")
+  print(f"  lax.cond, untaken refresh branch {median_ms(in_cond, False):8.1f} ms")
+  print(f"  static schedule, no conditional  {median_ms(static):8.1f} ms")
+
+
 def sampling_keys():
   print("sampled targets, batch 1000 (autoencoder outputs; 10 classes):")
   for kind, width in (("sigmoid_cross_entropy", 784), ("softmax_cross_entropy", 10)):
@@ -107,3 +132,4 @@ if __name__ == "__main__":
   conv_in_cond()
   inverse_options()
   sampling_keys()
+  cond_pass_through()

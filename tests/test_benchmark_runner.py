@@ -120,13 +120,15 @@ def _check_quick_results(out, names, stem, must_improve=True):
 def test_quick_run_autoencoder_against_adam_and_kfac_jax(tmp_path):
   names = ["adam", "kfac", "kfac_jax"]
   results = run.main(["--task", "autoencoder", "--quick", "--no-progress",
-                      "--optimizers", ",".join(names), "--out", str(tmp_path)])
+                      "--optimizers", ",".join(names), "--out", str(tmp_path),
+                      "--batch-size", "100"])
   assert list(results["runs"]) == names
   if importlib.util.find_spec("kfac_jax") is None:   # the bench extra is absent
     assert "pip install -e '.[bench]'" in results["runs"]["kfac_jax"]["error"]
     names.remove("kfac_jax")
-  saved = _check_quick_results(tmp_path, names, "quick_autoencoder")
+  saved = _check_quick_results(tmp_path, names, "quick_autoencoder_b100")
   assert saved["meta"]["command"].startswith("python -m benchmarks.run --task autoencoder")
+  assert saved["batch_size"] == 100 and saved["description"].endswith("batch 100")
   rows = summary.summarize(saved)["rows"]
   assert rows["adam"]["vs_ref_time"] == 1.0 and rows["adam"]["amortized_vs_ref"] == 1.0
 
@@ -151,6 +153,7 @@ def test_quick_run_cifar10_resnet_and_shakespeare_transformer(tiny_cifar):
     (["--task", "mlp"], "give a budget"),
     (["--task", "mlp", "--seconds", "-1"], "must be positive"),
     (["--task", "mlp", "--steps", "3", "--optimizers", "adam,adam"], "named twice"),
+    (["--task", "mlp", "--steps", "3", "--batch-size", "0"], "--batch-size must be"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
   with pytest.raises(SystemExit):
