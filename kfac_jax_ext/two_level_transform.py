@@ -223,8 +223,10 @@ def scale_by_two_level_kfac(
     spectral = tuple(
         tuple(jnp.ones((n,), dtype) for n in kronecker.slot_sizes(s))
         if coarse_space == "spectral" and len(s) >= 2 else None for s in shapes)
+    # Distinct buffers (no array twice in the state): the state is donatable.
     zeros = jnp.zeros((size, size), dtype)
-    g0 = zeros if coarse_matrix == "kronecker" else jnp.ones((size, size), dtype)
+    g0 = (jnp.zeros((size, size), dtype) if coarse_matrix == "kronecker"
+          else jnp.ones((size, size), dtype))
     zero = lambda: jnp.zeros([], jnp.int32)
     return TwoLevelState(base_state, jnp.array(True), zero(), zeros, g0,
                          jnp.eye(size, dtype=dtype), spectral,

@@ -68,7 +68,8 @@ def _steps(opt, loss_fn):
     return (optax.apply_updates(params, updates), state), loss
 
   counters = jax.jit(lambda c, b, k: step(c, b, k, None))
-  static = jax.jit(step, static_argnames="due")
+  # Donating the carry also checks that no buffer appears twice in the state.
+  static = jax.jit(step, static_argnames="due", donate_argnums=0)
   return step, counters, static
 
 
@@ -78,7 +79,8 @@ def test_static_due_equals_counter_schedule_and_has_no_conditional(method):
   opt = METHODS[method](loss_fn)
   stats_every, inverse_every = PERIODS.get(method, (2, 3))
   step, counters, static = _steps(opt, loss_fn)
-  a = b = (params, opt.init(params))
+  a, b = (params, opt.init(params)), (jax.tree_util.tree_map(jnp.copy, params),
+                                       opt.init(params))
   for i in range(5):       # steps 0-3: every (statistics, inverses) combination
     key = jax.random.PRNGKey(10 + i)
     due = kfe.due_at(i, stats_every=stats_every, inverse_every=inverse_every)
