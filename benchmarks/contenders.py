@@ -13,16 +13,18 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   statistics in one pass, statistics only on refresh steps. The schedule
   is static (``kfe.due_at`` of the step number, as kfac-jax's
   ``global_step_int``): one program for refresh steps, one for the others,
-  neither with a conditional.
-
-Every jitted step donates its carry (params and optimizer state), as kfac-jax
-does, so no optimizer pays for copying its state into fresh buffers.
+  neither with a conditional. Curvature EMA ``task.ema_decay`` (TENGraD
+  keeps no running average).
 * ``kfac_jax``: kfac-jax 0.0.8's ``Optimizer`` with the same fixed learning
-  rate, momentum 0.9, damping, ``norm_constraint = kl_clip``, curvature EMA
-  0.95 and ``curvature_update_period = inverse_update_period = period``
+  rate, momentum 0.9, damping, ``norm_constraint = kl_clip``,
+  ``curvature_ema = task.ema_decay`` and
+  ``curvature_update_period = inverse_update_period = period``
   (no adaptive learning rate, momentum or damping); layers by its automatic
   registration. Needs the ``bench`` extra; on jax >= 0.9.2 it runs with the
   one-function shim of ``kfac_jax_compat``.
+
+Every jitted step donates its carry (params and optimizer state), as kfac-jax
+does, so no optimizer pays for copying its state into fresh buffers.
 """
 
 from __future__ import annotations

@@ -186,7 +186,11 @@ def scale_by_two_level_kfac(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (same ``update`` as
-    ``scale_by_kfac``).
+    ``scale_by_kfac``). The multiplicative and balanced combinations read
+    the batch statistics on every step: with a static ``due``, call
+    ``kfe.value_and_grad`` with ``due._replace(statistics=True)`` and pass it
+    the ``curvature``, else ``update`` runs its own statistics pass (a
+    second forward) on the steps where ``due.statistics`` is False.
 
   Example:
     >>> tx = optax.chain(kfe.scale_by_two_level_kfac(loss_fn, combine="balanced",
