@@ -125,6 +125,9 @@ def parse_args(argv):
                       help="CIFAR-10's cifar-10-batches-py folder")
   parser.add_argument("--batch-size", type=int, default=None,
                       help="replace the task's batch size (results: TASK_bN.json)")
+  parser.add_argument("--name", default=None,
+                      help="results file stem and table heading (default TASK, "
+                           "or TASK_bN with --batch-size)")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
@@ -145,6 +148,9 @@ def parse_args(argv):
       parser.error(f"--{flag} must be positive, got {value}")
   if args.batch_size is not None and args.batch_size < 1:
     parser.error(f"--batch-size must be positive, got {args.batch_size}")
+  if args.name is not None and not args.name.replace("_", "").replace(
+      "-", "").isalnum():
+    parser.error(f"--name must be letters, digits, '_' or '-', got {args.name!r}")
   if not 0 < args.sweep_fraction <= 1:
     parser.error(f"--sweep-fraction must be in (0, 1], got {args.sweep_fraction}")
   return args
@@ -169,8 +175,8 @@ def main(argv=None):
         args.seconds * args.sweep_fraction if args.seconds else None)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  stem = (("quick_" if args.quick else "") + args.task
-          + (f"_b{args.batch_size}" if args.batch_size else ""))
+  stem = (("quick_" if args.quick else "") + (args.name or (
+      args.task + (f"_b{args.batch_size}" if args.batch_size else ""))))
   results = {
       "task": task.name, "description": task.description,
       "meta": {"command": "python -m benchmarks.run " + " ".join(argv),
@@ -180,6 +186,7 @@ def main(argv=None):
       "sweep_budget": "no sweep" if args.no_sweep else _describe(sweep_budget),
       "grids": task.grids, "period": task.period, "kl_clip": task.kl_clip,
       "ema_decay": task.ema_decay, "batch_size": args.batch_size,
+      "name": args.name,
       "plot": f"{stem}.png", "runs": {}}
   print(f"{task.name}: {task.description}\nbudget {results['budget']} per run, "
         f"sweep {results['sweep_budget']} per setting")

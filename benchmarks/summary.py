@@ -10,6 +10,9 @@ run; wall-clock is training time only, see ``training``):
   means reaching Adam's best in at most half of Adam's wall-clock).
 * per-step cost: the median step, and the mean over whole refresh periods
   (amortized), each divided by the reference's.
+* milestones: the same ratio for easier targets, the reference's best loss
+  within the first 25% and 50% of its training time (and 100%, the
+  target): where along training one method overtakes the other.
 
 Run ``python -m benchmarks.summary RESULTS.json ... --readme
 benchmarks/README.md`` to rewrite the README's results section (between
@@ -77,6 +80,35 @@ def summarize(results, reference="adam"):
           "rows": rows}
 
 
+MILESTONES = (0.25, 0.5, 1.0)
+
+
+def milestones(results, reference="adam"):
+  """``{"targets": [(fraction, loss, ref_seconds)], "ratios": {name:
+  [time / ref time or None]}}``: time to the reference's best loss within
+  each fraction of its training time, divided by the reference's."""
+  runs = {k: v for k, v in results["runs"].items() if "run" in v}
+  if reference not in runs:
+    return None
+  ref_evals = runs[reference]["run"]["evals"]
+  total = ref_evals[-1]["seconds"]
+  targets = []
+  for frac in MILESTONES:
+    within = [e for e in ref_evals if e["seconds"] <= frac * total + 1e-9
+              and e["step"] > 0]
+    if within:
+      best = min(within, key=lambda e: e["train"]["loss"])
+      targets.append((frac, best["train"]["loss"], best["seconds"]))
+  ratios = {}
+  for name, r in runs.items():
+    ratios[name] = []
+    for _, loss, ref_seconds in targets:
+      t, _ = _time_to(r["run"]["evals"], loss)
+      ratios[name].append(t / ref_seconds if t is not None and ref_seconds
+                          else None)
+  return {"targets": targets, "ratios": ratios}
+
+
 def _fmt(x, spec):
   return "–" if x is None else format(x, spec)
 
@@ -92,7 +124,8 @@ def markdown(results, reference="adam", plot_path=None):
   s = summarize(results, reference)
   meta = results["meta"]
   batch = results.get("batch_size")
-  lines = [f"### {results['task']}" + (f" (batch {batch})" if batch else ""), "",
+  heading = results.get("name") or results["task"]
+  lines = [f"### {heading}" + (f" (batch {batch})" if batch else ""), "",
            results["description"], "",
            f"`{meta['command']}` — {meta['date']}, {meta['machine']}, jax "
            f"{meta['jax']}, budget {results['budget']}; sweep "
@@ -115,6 +148,17 @@ def markdown(results, reference="adam", plot_path=None):
               _fmt(r["vs_ref_time"], ".2f"), _fmt(r["median_step_ms"], ".1f"),
               _fmt(r["amortized_step_ms"], ".1f"), _fmt(r["amortized_vs_ref"], ".2f")]
     lines.append("| " + " | ".join(cells) + " |")
+  ms = milestones(results, reference)
+  if ms and len(ms["targets"]) > 1 and len(ms["ratios"]) > 1:
+    lines += ["", f"Time to {reference}'s best loss within a fraction of its "
+              f"training time, divided by {reference}'s:", ""]
+    head = ["optimizer"] + [f"{100 * f:g}%: {loss:.4g} ({t:.3g} s)"
+                            for f, loss, t in ms["targets"]]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, ratios in ms["ratios"].items():
+      if name != reference:
+        lines.append("| " + " | ".join([name] + [_fmt(x, ".2f") for x in ratios])
+                     + " |")
   for name, error in failed.items():
     lines.append(f"\n`{name}` did not run: {error}")
   if plot_path or results.get("plot"):

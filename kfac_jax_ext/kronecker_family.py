@@ -280,8 +280,8 @@ def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype,
     traces[kl.layer.kernel] = _ema(traces[kl.layer.kernel], tr, eps)
     slots = factors[kl.layer.kernel]
     sa, sg = getattr(slots, kl.a_side), getattr(slots, kl.g_side)
-    sa = sa.at[:kl.d_a, :kl.d_a].set(_ema(sa[:kl.d_a, :kl.d_a], fa, eps))
-    sg = sg.at[:kl.d_g, :kl.d_g].set(_ema(sg[:kl.d_g, :kl.d_g], fg, eps))
+    sa = linalg.set_leading(sa, _ema(sa[:kl.d_a, :kl.d_a], fa, eps))
+    sg = linalg.set_leading(sg, _ema(sg[:kl.d_g, :kl.d_g], fg, eps))
     factors[kl.layer.kernel] = slots._replace(**{kl.a_side: sa, kl.g_side: sg})
   for leaf, d in diagonal.batch_diagonals(plan, traced, cb, fallback,
                                           dtype, axis_name).items():
@@ -331,14 +331,12 @@ def _refresh(plan, factors, traces, inverses, lam, variant, mode,
     # On failure keep the previous inverse: select on the refreshed block only.
     keep = lambda new, prev: jnp.where(ok, new, prev)
     slot_a, slot_g = getattr(old, kl.a_side), getattr(old, kl.g_side)
-    new = {kl.a_side: slot_a.at[:kl.d_a, :kl.d_a].set(
-               keep(ia, slot_a[:kl.d_a, :kl.d_a])),
-           kl.g_side: slot_g.at[:kl.d_g, :kl.d_g].set(
-               keep(ig, slot_g[:kl.d_g, :kl.d_g]))}
+    new = {kl.a_side: linalg.set_leading(slot_a, keep(ia, slot_a[:kl.d_a, :kl.d_a])),
+           kl.g_side: linalg.set_leading(slot_g, keep(ig, slot_g[:kl.d_g, :kl.d_g]))}
     if mode == "tikhonov":
       for side, d, vals in ((kl.a_side, kl.d_a, va), (kl.g_side, kl.d_g, vg)):
         prev = getattr(old, side + "_vals")
-        new[side + "_vals"] = prev.at[:d].set(keep(vals, prev[:d]))
+        new[side + "_vals"] = linalg.set_leading(prev, keep(vals, prev[:d]))
     inverses[kl.layer.kernel] = old._replace(**new)
     failures = failures + (~ok).astype(jnp.int32)
   return tuple(inverses), failures

@@ -20,6 +20,24 @@ def symmetrize(x):
   return 0.5 * (x + x.T)
 
 
+def set_leading(slot, value):
+  """``slot`` with ``value`` written at its leading corner (``slot[:n, :m] =
+  value``) as a dynamic update slice, or ``value`` itself when it fills the
+  slot: XLA CPU runs the scatter of ``.at[:n, :m].set`` as a slow loop.
+  """
+  value = value.astype(slot.dtype)
+  if value.shape == slot.shape:
+    return value
+  return jax.lax.dynamic_update_slice(slot, value, (0,) * slot.ndim)
+
+
+def trace(x):
+  """``tr x`` of a square matrix from a strided slice of its diagonal
+  (``jnp.trace`` masks and reads the whole matrix)."""
+  n = x.shape[0]
+  return jnp.sum(x.reshape(-1)[::n + 1])
+
+
 def all_finite(*arrays) -> jax.Array:
   ok = jnp.array(True)
   for x in arrays:
@@ -60,8 +78,8 @@ def pi_adjustment(a, g):
 
   Invariant to ``(A, G) -> (cA, G/c)``; 1 when either trace vanishes.
   """
-  ta = jnp.trace(a) / a.shape[0]
-  tg = jnp.trace(g) / g.shape[0]
+  ta = trace(a) / a.shape[0]
+  tg = trace(g) / g.shape[0]
   tiny = jnp.finfo(a.dtype).tiny
   ok = (ta > tiny) & (tg > tiny)
   return jnp.where(ok, jnp.sqrt(jnp.where(ok, ta / jnp.where(ok, tg, 1.0), 1.0)),

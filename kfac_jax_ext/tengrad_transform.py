@@ -144,15 +144,14 @@ def _gram(kl, a, g, block, conv_gram):
     a, g = a[:, 0], g[:, 0]
     slot_a = getattr(block, kl.a_side)
     slot_g = getattr(block, kl.g_side)
-    stored = {kl.a_side: slot_a.at[:n, :kl.d_a].set(a).at[n:].set(0.0),
-              kl.g_side: slot_g.at[:n, :kl.d_g].set(g).at[n:].set(0.0)}
+    stored = {kl.a_side: linalg.set_leading(jnp.zeros_like(slot_a), a),
+              kl.g_side: linalg.set_leading(jnp.zeros_like(slot_g), g)}
     return (lambda: woodbury.dense_gram(a, g)), stored
   t = a.shape[1]
   if conv_gram == "spatial_sum":
     a, g = jnp.sum(a, axis=1, keepdims=True), jnp.sum(g, axis=1, keepdims=True)
   u = woodbury.per_example_gradients(a, g)
-  stored = {"per_example": jnp.zeros_like(block.per_example).at[
-      :n, :kl.d_a, :kl.d_g].set(u)}
+  stored = {"per_example": linalg.set_leading(jnp.zeros_like(block.per_example), u)}
   if conv_gram == "same_location":
     return (lambda: woodbury.conv_gram(a, g, "same_location")), stored
   if conv_gram == "exact" and woodbury.factored_conv_gram_is_cheaper(
@@ -188,7 +187,7 @@ def _refresh(plan, traced, state, cb, n_local, lam, conv_gram, fallback, dtype,
     n, cap = a.shape[0], block.gram_inverse.shape[0]
 
     def job(gram_fn=gram_fn, n=n, cap=cap):
-      full = jnp.zeros((cap, cap), dtype).at[:n, :n].set(gram_fn())
+      full = linalg.set_leading(jnp.zeros((cap, cap), dtype), gram_fn())
       return woodbury.invert_gram(full, jnp.asarray(n, dtype), lam)
 
     jobs.append(job)

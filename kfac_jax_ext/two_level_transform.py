@@ -372,8 +372,8 @@ def _spectral_vectors(plan, base_state, spectral, variant, axis_name=None):
   for kl, (va, vg) in zip(plan.kronecker, found):
     rows, cols = spectral[kl.layer.kernel]
     if kl.a_side == "rows":
-      rows, cols = rows.at[:kl.d_a].set(va), cols.at[:kl.d_g].set(vg)
+      rows, cols = linalg.set_leading(rows, va), linalg.set_leading(cols, vg)
     else:
-      rows, cols = rows.at[:kl.d_g].set(vg), cols.at[:kl.d_a].set(va)
+      rows, cols = linalg.set_leading(rows, vg), linalg.set_leading(cols, va)
     spectral[kl.layer.kernel] = (rows, cols)
   return tuple(spectral)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from kfac_jax_ext import linalg
 from kfac_jax_ext.blocks import kronecker
 
 
@@ -66,7 +67,7 @@ def batch_statistics(a, g, has_bias, num_examples, dtype, *, factors: str,
 
 
 def _unit_trace(x):
-  t = jnp.trace(x)
+  t = linalg.trace(x)
   return x / jnp.where(t > 0, t, 1.0)
 
 
