@@ -142,10 +142,11 @@ def test_quick_run_cifar10_resnet_and_shakespeare_transformer(tiny_cifar):
   _check_quick_results(out, ["sgd", "tkfac"], "quick_cifar10_resnet",
                        must_improve=False)
   run.main(["--task", "shakespeare", "--quick", "--no-progress", "--optimizers",
-            "tengrad,two_level_kfac", "--out", str(out)])
+            "tengrad,two_level_kfac", "--out", str(out), "--name", "chars-1"])
   # Six steps of a 2-step-swept TENGraD on the tiny transformer can go up.
-  _check_quick_results(out, ["tengrad", "two_level_kfac"],
-                       "quick_shakespeare", must_improve=False)
+  saved = _check_quick_results(out, ["tengrad", "two_level_kfac"],
+                               "quick_chars-1", must_improve=False)
+  assert summary.markdown(saved, "tengrad").startswith("### chars-1\n")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -154,6 +155,7 @@ def test_quick_run_cifar10_resnet_and_shakespeare_transformer(tiny_cifar):
     (["--task", "mlp", "--seconds", "-1"], "must be positive"),
     (["--task", "mlp", "--steps", "3", "--optimizers", "adam,adam"], "named twice"),
     (["--task", "mlp", "--steps", "3", "--batch-size", "0"], "--batch-size must be"),
+    (["--task", "mlp", "--steps", "3", "--name", "../x"], "--name must be"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
   with pytest.raises(SystemExit):
@@ -188,6 +190,17 @@ def test_time_to_target_is_measured_against_adams_best():
   assert "broken" not in rows
 
 
+def test_milestones_compare_times_to_adams_earlier_losses():
+  ms = summary.milestones(_fake_results())
+  # Adam's clock ends at 6 s: no evaluation in the first 25% (1.5 s); its
+  # best within 3 s is 3.0 (at 2 s), within 6 s 2.0 (at 4 s).
+  assert ms["targets"] == [(0.5, 3.0, 2), (1.0, 2.0, 4)]
+  assert ms["ratios"]["kfac"] == [0.5, 0.375]
+  assert ms["ratios"]["slow"] == [4.5, None]
+  assert ms["ratios"]["adam"] == [1.0, 1.0] and "broken" not in ms["ratios"]
+  assert summary.milestones(_fake_results(), reference="sgd") is None
+
+
 def test_readme_section_is_rewritten_from_json(tmp_path):
   path = tmp_path / "r.json"
   path.write_text(json.dumps(_fake_results()))
@@ -198,6 +211,7 @@ def test_readme_section_is_rewritten_from_json(tmp_path):
   assert "old" not in text and text.startswith("intro") and text.endswith("rest\n")
   assert "| kfac | lr 0.1, λ 1 | 10 |" in text and "0.38" in text
   assert "`broken` did not run: ImportError: no" in text
+  assert "| 50%: 3 (2 s) | 100%: 2 (4 s) |" in text and "| slow | 4.50 | – |" in text
   readme.write_text("no markers")
   with pytest.raises(ValueError, match="results:begin"):
     summary.update_readme(readme, [path])
