@@ -25,6 +25,9 @@ def set_leading(slot, value):
   value``) as a dynamic update slice, or ``value`` itself when it fills the
   slot: XLA CPU runs the scatter of ``.at[:n, :m].set`` as a slow loop.
   """
+  if value.ndim != slot.ndim or any(v > s for v, s in zip(value.shape, slot.shape)):
+    raise ValueError(f"a value of shape {value.shape} does not fit in a slot of "
+                     f"shape {slot.shape}.")
   value = value.astype(slot.dtype)
   if value.shape == slot.shape:
     return value
