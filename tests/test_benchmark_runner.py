@@ -133,7 +133,7 @@ def test_quick_run_autoencoder_against_adam_and_kfac_jax(tmp_path):
   assert rows["adam"]["vs_ref_time"] == 1.0 and rows["adam"]["amortized_vs_ref"] == 1.0
 
 
-def test_quick_run_cifar10_resnet_and_shakespeare_transformer(tiny_cifar):
+def test_quick_run_cifar10_resnet(tiny_cifar):
   parent, _ = tiny_cifar
   out = parent / "out"
   run.main(["--task", "cifar10_resnet", "--quick", "--no-progress", "--optimizers",
@@ -141,6 +141,10 @@ def test_quick_run_cifar10_resnet_and_shakespeare_transformer(tiny_cifar):
   # Random images and labels: only the mechanics are checked.
   _check_quick_results(out, ["sgd", "tkfac"], "quick_cifar10_resnet",
                        must_improve=False)
+
+
+def test_quick_run_shakespeare_transformer(tmp_path):
+  out = tmp_path / "out"
   run.main(["--task", "shakespeare", "--quick", "--no-progress", "--optimizers",
             "tengrad,two_level_kfac", "--out", str(out), "--name", "chars-1"])
   # Six steps of a 2-step-swept TENGraD on the tiny transformer can go up.
