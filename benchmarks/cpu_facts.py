@@ -31,6 +31,11 @@ from kfac_jax_ext import linalg
 from kfac_jax_ext import losses
 
 
+# Sizes of the 16 damped factors of the MNIST autoencoder (with the bias row).
+AE_FACTOR_DIMS = (785, 1000, 1001, 500, 501, 250, 251, 30, 31, 250, 251, 500,
+                  501, 1000, 1001, 784)
+
+
 def _median_ms(fn, *args, repeats=5):
   jax.block_until_ready(fn(*args))
   times = []
@@ -58,8 +63,7 @@ def conv_in_cond():
 
 
 def inverse_options():
-  dims = [785, 1000, 1001, 500, 501, 250, 251, 30, 31, 250, 251, 500, 501, 1000,
-          1001, 784]
+  dims = AE_FACTOR_DIMS
   mats = []
   for i, n in enumerate(dims):
     x = jax.random.normal(jax.random.PRNGKey(i), (1000, n))
@@ -99,8 +103,7 @@ def inverse_options():
 
 
 def cond_pass_through():
-  dims = [785, 1000, 1001, 500, 501, 250, 251, 30, 31, 250, 251, 500, 501, 1000,
-          1001, 784]
+  dims = AE_FACTOR_DIMS
   fresh = lambda: [jnp.eye(n) * 2.0 for n in dims]
   refresh = lambda ms: [jnp.linalg.inv(m) for m in ms]
   in_cond = jax.jit(lambda ms, due: jax.lax.cond(due, refresh, lambda ms: ms, ms),
@@ -120,8 +123,7 @@ def cond_pass_through():
 
 
 def slot_writes():
-  dims = [785, 1000, 1001, 500, 501, 250, 251, 30, 31, 250, 251, 500, 501, 1000,
-          1001, 784]
+  dims = AE_FACTOR_DIMS
   fresh = lambda: [jnp.eye(n) for n in dims]
   news = [jnp.full((n, n), 0.5) for n in dims]
   ema = lambda s, n: 0.8 * s[:n.shape[0], :n.shape[1]] + 0.2 * n
