@@ -162,3 +162,8 @@ def all_gather_replicated(x, axis_name) -> jax.Array:
     return jax.lax.all_gather(x, axis_name, axis=0, tiled=True, to="invarying")
   except TypeError:   # jax without the ``to`` argument
     return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
+
+
+def has_effects(eqn: JaxprEqn) -> bool:
+  """Whether an equation has side effects (kept alive without live outputs)."""
+  return bool(getattr(eqn, "effects", ()))

@@ -16,9 +16,9 @@ from kfac_jax_ext.blocks import kronecker
 
 
 def _statistics(a, g, has_bias, num_examples, dtype, layer):
-  del layer
-  fa, fg = kronecker.batch_factors(a, g, has_bias, num_examples, dtype)
-  return fa, fg, jnp.zeros([], dtype)
+  fa, fg = kronecker.layer_batch_factors(layer, a, g, has_bias, num_examples,
+                                         dtype)
+  return fa, fg, jnp.zeros(fa.shape[:-2] if fa.ndim > 2 else (), dtype)
 
 
 KFAC = kronecker_family.KroneckerVariant(

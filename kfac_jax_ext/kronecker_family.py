@@ -11,6 +11,7 @@ contract) is shared.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -89,6 +90,7 @@ def kronecker_stepper(
     max_factor_dim: int = 4096,
     axis_name: str | None = None,
     has_aux: bool = False,
+    example_batch: Any = None,
     name: str = "scale_by_kronecker",
 ) -> optax.GradientTransformationExtraArgs:
   """``(init_fn, step_fn)`` of the Kronecker family (options: ``scale_by_kfac``).
@@ -104,20 +106,18 @@ def kronecker_stepper(
 
   def init_fn(params):
     dtype = linalg.factor_dtype()
-    factors, inverses, diags, traces = [], [], [], []
-    for leaf in jax.tree_util.tree_leaves(params):
-      shape = tuple(jnp.shape(leaf))
-      fits = len(shape) >= 2 and max(kronecker.slot_sizes(shape)) <= int(
-          max_factor_dim)
-      factors.append(kronecker.init_factors(shape, dtype) if fits else None)
-      inverses.append(kronecker.init_inverse(shape, dtype, damping_mode)
-                      if fits else None)
-      diags.append(jnp.zeros(shape, dtype))
-      traces.append(jnp.zeros([], dtype) if fits else None)
+    leaves = jax.tree_util.tree_leaves(params)
+    if example_batch is not None:
+      traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux)
+      factors, inverses, traces = layout_entries(traced, dtype, damping_mode,
+                                                 max_factor_dim)
+    else:
+      factors, inverses, traces = guessed_entries(leaves, dtype, damping_mode,
+                                                  max_factor_dim)
+    diags = tuple(jnp.zeros(jnp.shape(leaf), dtype) for leaf in leaves)
     zero = lambda: jnp.zeros([], jnp.int32)  # distinct buffers: state is donatable
-    return KfacState(zero(), zero(), jnp.array(True), tuple(factors),
-                     tuple(traces), tuple(inverses), tuple(diags),
-                     Health(zero(), zero()))
+    return KfacState(zero(), zero(), jnp.array(True), factors, traces, inverses,
+                     diags, Health(zero(), zero()))
 
   def step_fn(updates, state, params=None, *, batch=None, key=None,
               curvature=None, due=None):
@@ -127,10 +127,7 @@ def kronecker_stepper(
     grads, treedef = jax.tree_util.tree_flatten(updates)
     check_structure(traced, grads, treedef, state)
     plan = plan_lib.make_plan(traced, state.factors)
-    for _, layer, reason in plan.unfactored_layers:   # at trace time, once
-      warnings.warn(f"{name}: layer {layer.name} ({layer.kind}) gets no "
-                    f"Kronecker block ({reason}); it falls back to "
-                    f"fallback={fallback!r}.", stacklevel=2)
+    warn_unfactored(name, plan, fallback, traced)
     lam = damping(state.count) if callable(damping) else damping
     dtype = state.diagonals[0].dtype if state.diagonals else jnp.float32
     lam = jnp.asarray(lam, dtype)
@@ -172,6 +169,65 @@ def kronecker_stepper(
     return out, new_state, StepContext(traced, plan, precondition, lam)
 
   return init_fn, step_fn
+
+
+def layout_entries(traced, dtype, mode: str, max_factor_dim: int):
+  """Per leaf ``(factors, inverses, traces)`` laid out exactly from the traced
+  layers: each dense/conv/embedding kernel gets its layer's factor shapes
+  (``plan.factor_shapes``); every other leaf None."""
+  n = len(traced.param_shapes)
+  factors, inverses, traces = [None] * n, [None] * n, [None] * n
+  for layer in traced.layers:
+    if layer.kind == "scale_and_shift":
+      continue
+    a_shape, g_shape = plan_lib.factor_shapes(layer)
+    dense_dims = [d for s in (a_shape, g_shape) if len(s) > 1 for d in s[-2:]]
+    if max(dense_dims) > int(max_factor_dim):
+      continue
+    side = plan_lib.natural_a_side(layer, len(traced.param_shapes[layer.kernel]))
+    factors[layer.kernel], inverses[layer.kernel] = kronecker.init_layer_entry(
+        a_shape, g_shape, side, dtype, mode)
+    traces[layer.kernel] = jnp.zeros(a_shape[:-2] if len(a_shape) > 2 else (),
+                                     dtype)
+  return tuple(factors), tuple(inverses), tuple(traces)
+
+
+def guessed_entries(leaves, dtype, mode: str, max_factor_dim: int):
+  """Per leaf ``(factors, inverses, traces)`` from the leaf shapes alone:
+  padded slots for every ≥2-D leaf (``kronecker.slot_sizes``)."""
+  factors, inverses, traces = [], [], []
+  for leaf in leaves:
+    shape = tuple(jnp.shape(leaf))
+    fits = len(shape) >= 2 and max(kronecker.slot_sizes(shape)) <= int(
+        max_factor_dim)
+    factors.append(kronecker.init_factors(shape, dtype) if fits else None)
+    inverses.append(kronecker.init_inverse(shape, dtype, mode) if fits else None)
+    traces.append(jnp.zeros([], dtype) if fits else None)
+  return tuple(factors), tuple(inverses), tuple(traces)
+
+
+def warn_unfactored(name, plan, fallback, traced=None):
+  """One warning per layer without a block (at trace time, so once per
+  compilation), naming the layer and what to do; one more when over 10 % of
+  the parameters get no block, naming the largest."""
+  for _, layer, reason in plan.unfactored_layers:
+    warnings.warn(f"{name}: layer {layer.name} ({layer.kind}) gets no "
+                  f"curvature block ({reason}); it falls back to "
+                  f"fallback={fallback!r}.", stacklevel=3)
+  if traced is None:
+    return
+  sizes = [math.prod(s) for s in traced.param_shapes]
+  bare = [leaf for _, layer, _ in plan.unfactored_layers
+          for leaf in (layer.kernel, layer.bias) if leaf is not None]
+  bare += list(plan.fallback_leaves)
+  share = sum(sizes[i] for i in bare) / max(sum(sizes), 1)
+  if share > 0.1:
+    largest = sorted(bare, key=lambda i: -sizes[i])[:3]
+    names = ", ".join("/".join(map(str, traced.param_paths[i])) for i in largest)
+    warnings.warn(f"{name}: {100 * share:.0f}% of the parameters get no "
+                  f"curvature block (fallback={fallback!r}); the largest: "
+                  f"{names}. kfe.describe_layers(loss_fn, params, batch) says "
+                  "why.", stacklevel=3)
 
 
 def scale_by_kronecker(loss_fn: Callable[..., Any], variant: KroneckerVariant,
@@ -248,14 +304,17 @@ def check_curvature(traced, cb):
     raise ValueError("curvature= must be the CurvatureBatch that "
                      "kfe.value_and_grad(loss_fn) returned for this batch.")
   for stats, layer in zip(cb.layers, traced.layers):
-    if layer.kind in ("dense", "conv2d"):
+    if layer.kind in ("dense", "conv2d", "embedding"):
       a, g = stats
-      if a.shape[1:] != (layer.d_in,) or g.shape[1:] != (layer.d_out,) or (
-          a.shape[0] != g.shape[0]):
+      lead = (layer.groups,) if layer.groups > 1 else ()
+      a_tail = () if layer.kind == "embedding" else (layer.d_in,)
+      if (a.shape[:len(lead)] != lead or a.shape[len(lead) + 1:] != a_tail
+          or g.shape[:len(lead)] != lead or g.shape[len(lead) + 1:] != (
+              layer.d_out,) or a.shape[len(lead)] != g.shape[len(lead)]):
         raise ValueError(
             f"curvature statistics of layer {layer.name} have shapes "
             f"{a.shape}, {g.shape}, inconsistent with the traced layer "
-            f"(d_in={layer.d_in}, d_out={layer.d_out}).")
+            f"(d_in={layer.d_in}, d_out={layer.d_out}, groups={layer.groups}).")
 
 
 def _ema(old, new, eps):
@@ -280,8 +339,8 @@ def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype,
     traces[kl.layer.kernel] = _ema(traces[kl.layer.kernel], tr, eps)
     slots = factors[kl.layer.kernel]
     sa, sg = getattr(slots, kl.a_side), getattr(slots, kl.g_side)
-    sa = linalg.set_leading(sa, _ema(sa[:kl.d_a, :kl.d_a], fa, eps))
-    sg = linalg.set_leading(sg, _ema(sg[:kl.d_g, :kl.d_g], fg, eps))
+    sa = linalg.set_leading(sa, _ema(linalg.leading(sa, fa.shape), fa, eps))
+    sg = linalg.set_leading(sg, _ema(linalg.leading(sg, fg.shape), fg, eps))
     factors[kl.layer.kernel] = slots._replace(**{kl.a_side: sa, kl.g_side: sg})
   for leaf, d in diagonal.batch_diagonals(plan, traced, cb, fallback,
                                           dtype, axis_name).items():
@@ -298,11 +357,19 @@ def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype,
 
 
 def layer_factors(kl, slots, trace, variant, lam):
-  """The layer's effective ``(A, G)`` and its damping λ_l."""
-  side_a = getattr(slots, kl.a_side)[:kl.d_a, :kl.d_a]
-  side_g = getattr(slots, kl.g_side)[:kl.d_g, :kl.d_g]
-  a, g = variant.effective_factors(side_a, side_g, trace)
-  return a, g, variant.layer_damping(lam, kl.layer, side_a, side_g, trace)
+  """The layer's effective ``(A, G)`` and its damping λ_l (grouped convs:
+  per group, λ_l of shape ``[groups]``)."""
+  a_shape, g_shape = plan_lib.factor_shapes(kl.layer)
+  side_a = linalg.leading(getattr(slots, kl.a_side), a_shape)
+  side_g = linalg.leading(getattr(slots, kl.g_side), g_shape)
+
+  def one(side_a, side_g, trace):
+    a, g = variant.effective_factors(side_a, side_g, trace)
+    return a, g, jnp.asarray(variant.layer_damping(lam, kl.layer, side_a,
+                                                   side_g, trace), a.dtype)
+
+  return jax.vmap(one)(side_a, side_g, trace) if kl.layer.groups > 1 else one(
+      side_a, side_g, trace)
 
 
 def refresh_costs(plan) -> list:
@@ -321,7 +388,7 @@ def _refresh(plan, factors, traces, inverses, lam, variant, mode,
   def layer_refresh(kl):
     fa, fg, lam_l = layer_factors(kl, factors[kl.layer.kernel],
                                    traces[kl.layer.kernel], variant, lam)
-    return kronecker.refresh(fa, fg, lam_l, mode)
+    return kronecker.refresh_layer(kl.layer, fa, fg, lam_l, mode)
 
   refreshed = distributed.on_owners(
       [lambda kl=kl: layer_refresh(kl) for kl in plan.kronecker],
@@ -330,13 +397,16 @@ def _refresh(plan, factors, traces, inverses, lam, variant, mode,
     old = inverses[kl.layer.kernel]
     # On failure keep the previous inverse: select on the refreshed block only.
     keep = lambda new, prev: jnp.where(ok, new, prev)
-    slot_a, slot_g = getattr(old, kl.a_side), getattr(old, kl.g_side)
-    new = {kl.a_side: linalg.set_leading(slot_a, keep(ia, slot_a[:kl.d_a, :kl.d_a])),
-           kl.g_side: linalg.set_leading(slot_g, keep(ig, slot_g[:kl.d_g, :kl.d_g]))}
+    new = {}
+    for side, value in ((kl.a_side, ia), (kl.g_side, ig)):
+      slot = getattr(old, side)
+      new[side] = linalg.set_leading(slot, keep(value, linalg.leading(
+          slot, value.shape)))
     if mode == "tikhonov":
-      for side, d, vals in ((kl.a_side, kl.d_a, va), (kl.g_side, kl.d_g, vg)):
+      for side, vals in ((kl.a_side, va), (kl.g_side, vg)):
         prev = getattr(old, side + "_vals")
-        new[side + "_vals"] = linalg.set_leading(prev, keep(vals, prev[:d]))
+        new[side + "_vals"] = linalg.set_leading(prev, keep(vals, linalg.leading(
+            prev, vals.shape)))
     inverses[kl.layer.kernel] = old._replace(**new)
     failures = failures + (~ok).astype(jnp.int32)
   return tuple(inverses), failures
@@ -351,15 +421,17 @@ def _precondition(plan, traced, grads, factors, traces, inverses, diags, lam,
     bias_grad = grads[layer.bias] if kl.has_bias else None
     v = plan_lib.to_matrix(layer, kernel_grad, bias_grad).astype(lam.dtype)
     inv = inverses[layer.kernel]
-    ia = getattr(inv, kl.a_side)[:kl.d_a, :kl.d_a]
-    ig = getattr(inv, kl.g_side)[:kl.d_g, :kl.d_g]
-    va = getattr(inv, kl.a_side + "_vals")[:kl.d_a] if mode == "tikhonov" else None
-    vg = getattr(inv, kl.g_side + "_vals")[:kl.d_g] if mode == "tikhonov" else None
+    a_shape, g_shape = plan_lib.factor_shapes(layer)
+    ia = linalg.leading(getattr(inv, kl.a_side), a_shape)
+    ig = linalg.leading(getattr(inv, kl.g_side), g_shape)
+    va = vg = None
     lam_l = lam
     if mode == "tikhonov":  # the damping is applied here, at today's λ
+      va = linalg.leading(getattr(inv, kl.a_side + "_vals"), a_shape[:-1] or a_shape)
+      vg = linalg.leading(getattr(inv, kl.g_side + "_vals"), g_shape[:-1])
       lam_l = layer_factors(kl, factors[layer.kernel], traces[layer.kernel],
                              variant, lam)[2]
-    delta = kronecker.precondition(v, ia, ig, va, vg, lam_l, mode)
+    delta = kronecker.precondition_layer(layer, v, ia, ig, va, vg, lam_l, mode)
     dk, db = plan_lib.from_matrix(layer, delta, kernel_grad.shape, kl.has_bias)
     out[layer.kernel] = dk.astype(kernel_grad.dtype)
     if kl.has_bias:

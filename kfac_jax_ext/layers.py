@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import numpy as np
+
+from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import tracing
 
 
@@ -14,7 +17,8 @@ class Layer:
 
   Attributes:
     name: readable name (the module path of its parameters).
-    kind: ``"dense"``, ``"conv2d"`` or ``"scale_and_shift"``.
+    kind: ``"dense"``, ``"conv2d"`` (grouped convs included),
+      ``"embedding"`` or ``"scale_and_shift"``.
     params: key paths of the parameter leaves it owns.
     inputs_shape: shape of its input (scale-and-shift: of the scaled array).
     outputs_shape: shape of its pre-activation output.
@@ -67,25 +71,60 @@ def _table(rows, header):
   return "\n".join(line.rstrip() for line in lines)
 
 
+def block_label(m: tracing.LayerMatch, max_factor_dim: int = 4096) -> str:
+  """The block a layer gets from the Kronecker family when the state is laid
+  out from an ``example_batch``: ``kronecker d_a×d_g``, ``G× kronecker`` per
+  group, ``kronecker diag(V)×D`` for an embedding, ``diagonal``, or the
+  fallback when a factor exceeds ``max_factor_dim``."""
+  if m.kind == "scale_and_shift":
+    return "diagonal"
+  a_shape, g_shape = plan_lib.factor_shapes(m)
+  dims = [d for s in (a_shape, g_shape) if len(s) > 1 for d in s[-2:]]
+  if max(dims) > max_factor_dim:
+    return f"fallback (factor {max(dims)} > max_factor_dim)"
+  if m.kind == "embedding":
+    return f"kronecker diag({m.d_in})x{m.d_out}"
+  prefix = f"{m.groups}x " if m.groups > 1 else ""
+  return f"{prefix}kronecker {m.d_a}x{m.d_out}"
+
+
+def coverage(traced: tracing.TracedLoss, max_factor_dim: int = 4096) -> dict:
+  """Share of the parameters (by count) per block kind: ``"kronecker"``,
+  ``"diagonal"`` (scale-and-shift) and ``"fallback"`` (no block)."""
+  sizes = [int(np.prod(s)) for s in traced.param_shapes]
+  out = {"kronecker": 0, "diagonal": 0, "fallback": 0}
+  for m in traced.layers:
+    label = block_label(m, max_factor_dim)
+    kind = ("diagonal" if label == "diagonal" else "fallback"
+            if label.startswith("fallback") else "kronecker")
+    out[kind] += sum(sizes[i] for i in m.leaves)
+  out["fallback"] += sum(sizes[i] for i in traced.leaf_reasons)
+  total = max(sum(sizes), 1)
+  return {k: v / total for k, v in out.items()}
+
+
 def describe_layers(loss_fn: Callable, params: Any, batch: Any,
-                    has_aux: bool = False, fallback: str = "identity") -> str:
+                    has_aux: bool = False, fallback: str = "identity",
+                    max_factor_dim: int = 4096) -> str:
   """A readable table of the layers and of every parameter no layer owns.
 
   Args:
     loss_fn, params, batch, has_aux: as for ``find_layers``.
     fallback: the preconditioner's ``fallback`` option, shown for the
       parameters no layer owns.
+    max_factor_dim: the preconditioner's option: layers with a larger factor
+      fall back.
 
   Returns:
-    The table as a string; ``print`` it.
+    The table as a string; ``print`` it. Blocks are those of K-FAC/TKFAC with
+    the state laid out from ``example_batch``; the last line gives the share
+    of the parameters per block kind.
   """
   traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
   rows = []
   for m in traced.layers:
     layer = _public(traced, m)
-    block = "diagonal" if m.kind == "scale_and_shift" else (
-        f"kronecker {m.d_in + int(m.bias is not None)}x{m.d_out}")
-    rows.append((layer.name, layer.kind, block,
+    rows.append((layer.name, layer.kind, block_label(m, max_factor_dim),
                  ", ".join("/".join(map(str, p)) for p in layer.params),
                  layer.inputs_shape, layer.outputs_shape))
   text = f"Layers ({len(rows)}):\n" + _table(
@@ -97,4 +136,7 @@ def describe_layers(loss_fn: Callable, params: Any, batch: Any,
         rest, ("param", "shape", "reason", "fallback"))
   else:
     text += "\n\nEvery parameter belongs to a layer."
+  share = coverage(traced, max_factor_dim)
+  text += ("\n\nShare of parameters: " + ", ".join(
+      f"{kind} {100 * v:.1f}%" for kind, v in share.items()))
   return text

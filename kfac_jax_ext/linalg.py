@@ -39,9 +39,16 @@ def set_leading(slot, value):
 def trace(x):
   """``tr x`` of a square matrix from a strided slice of its diagonal
   (``jnp.trace`` lowers to a select over the whole matrix, as the optimized
-  HLO of a refresh step shows)."""
+  HLO of a refresh step shows); a vector is a diagonal matrix (its sum)."""
+  if x.ndim == 1:
+    return jnp.sum(x)
   n = x.shape[0]
   return jnp.sum(x.reshape(-1)[::n + 1])
+
+
+def leading(slot, shape):
+  """``slot[:n, :m, ...]``: the leading corner of ``shape``."""
+  return slot[tuple(slice(0, n) for n in shape)]
 
 
 def all_finite(*arrays) -> jax.Array:

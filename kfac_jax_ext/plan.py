@@ -1,20 +1,29 @@
 """Static plan of an update: which block serves each parameter leaf.
 
-The optimizer state is laid out per parameter leaf at ``init(params)`` (no
-batch is available there): every ≥2-D leaf gets Kronecker slots for its rows
-(all axes but the last, +1 for a bias) and its last axis (+1), every leaf a
-diagonal. At update time, tracing says which leaves form layers; the plan maps
-each layer onto its kernel's slots (A = the input side, G = the output side).
+The optimizer state holds one entry per parameter leaf. It is laid out at
+``init(params)`` either exactly, from the layers traced on an
+``example_batch`` (``layout_entries``), or, without a batch, from the leaf
+shapes alone: every ≥2-D leaf then gets Kronecker slots for its rows (all
+axes but the last, +1 for a bias) and its last axis (+1). At update time,
+tracing says which leaves form layers; the plan maps each layer onto the
+entry of its kernel (A = the input side, G = the output side) when the entry
+can hold the layer's factors, and says why not otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
 
 from kfac_jax_ext import tracing
+
+NO_EXAMPLE_BATCH = (
+    "the state was laid out from the parameter shapes alone; pass "
+    "example_batch=<a batch> when building the optimizer so that the layout "
+    "follows the traced layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,28 +54,84 @@ class Plan:
   fallback_leaves: tuple     # leaves no layer owns, order of CurvatureBatch
 
 
-def make_plan(traced: tracing.TracedLoss, factors) -> Plan:
+def factor_shapes(layer: tracing.LayerMatch) -> tuple[tuple, tuple]:
+  """Shapes of a layer's ``(A, G)`` factors: ``[d_a, d_a]``, ``[d_g, d_g]``,
+  with a leading groups axis for grouped convs; an embedding's A is the
+  diagonal ``[V]``."""
+  if layer.kind == "embedding":
+    return (layer.d_in,), (layer.d_out, layer.d_out)
+  lead = (layer.groups,) if layer.groups > 1 else ()
+  return lead + (layer.d_a, layer.d_a), lead + (layer.d_out, layer.d_out)
+
+
+def natural_a_side(layer: tracing.LayerMatch, ndim: int) -> str:
+  """The slot of a leaf's entry that holds A: ``"cols"`` only for a 2-D
+  kernel used transposed (its output axis first)."""
+  return "cols" if ndim == 2 and layer.kernel_perm[-1] == 0 else "rows"
+
+
+def _holds(slot, shape) -> bool:
+  return slot is not None and slot.ndim == len(shape) and all(
+      s >= n for s, n in zip(slot.shape, shape))
+
+
+def kronecker_fits(layer: tracing.LayerMatch, entry, a_side: str) -> bool:
+  """Whether a leaf's ``KroneckerFactors`` entry can store the layer's
+  factors with A in ``a_side``."""
+  if entry is None:
+    return False
+  a_shape, g_shape = factor_shapes(layer)
+  g_side = "cols" if a_side == "rows" else "rows"
+  return _holds(getattr(entry, a_side), a_shape) and _holds(
+      getattr(entry, g_side), g_shape)
+
+
+def make_plan(traced: tracing.TracedLoss, entries,
+              fits: Callable = kronecker_fits,
+              unsupported: Callable = lambda layer: None) -> Plan:
+  """Assigns every dense/conv/embedding layer to its kernel's entry.
+
+  Args:
+    traced: the traced loss.
+    entries: per parameter leaf, the state entry (or None).
+    fits: ``(layer, entry, a_side) -> bool``, whether the entry can hold it.
+    unsupported: ``layer -> reason or None``, layers the method cannot
+      precondition with its blocks.
+  """
   kron, diag, unfactored = [], [], []
   for i, layer in enumerate(traced.layers):
     if layer.kind == "scale_and_shift":
       diag.append((i, layer))
       continue
-    slots = factors[layer.kernel]
-    ndim = len(traced.param_shapes[layer.kernel])
-    out_last = layer.kernel_perm[-1] == ndim - 1
-    if slots is None:
-      unfactored.append((i, layer, "factor larger than max_factor_dim"))
-    elif out_last or ndim == 2:
-      a_side = "rows" if out_last else "cols"
-      kron.append(KroneckerLayer(i, layer, a_side, layer.bias is not None))
+    reason = unsupported(layer)
+    if reason is not None:
+      unfactored.append((i, layer, reason))
+      continue
+    entry = entries[layer.kernel]
+    natural = natural_a_side(layer, len(traced.param_shapes[layer.kernel]))
+    other = "cols" if natural == "rows" else "rows"
+    side = next((s for s in (natural, other) if fits(layer, entry, s)), None)
+    if side is not None:
+      kron.append(KroneckerLayer(i, layer, side, layer.bias is not None))
+    elif entry is None:
+      unfactored.append((i, layer, "factor larger than max_factor_dim, or no "
+                         "entry for its kernel"))
     else:
-      unfactored.append((i, layer, "kernel output axis is not its last axis"))
+      unfactored.append((i, layer, NO_EXAMPLE_BATCH))
   return Plan(tuple(kron), tuple(diag), tuple(unfactored),
               tuple(sorted(traced.leaf_reasons)))
 
 
 def to_matrix(layer: tracing.LayerMatch, kernel, bias=None):
-  """Kernel (+ bias row) as the canonical ``[d_in(+1), d_out]`` matrix."""
+  """Kernel (+ bias row) as the canonical ``[d_in(+1), d_out]`` matrix
+  (``[groups, d_in(+1), d_out]`` for a grouped conv)."""
+  if layer.groups > 1:
+    m = jnp.transpose(kernel, layer.kernel_perm).reshape(
+        layer.d_in, layer.groups, layer.d_out).transpose(1, 0, 2)
+    if bias is not None:
+      b = bias.reshape(layer.groups, 1, layer.d_out).astype(m.dtype)
+      m = jnp.concatenate([m, b], axis=1)
+    return m
   m = jnp.transpose(kernel, layer.kernel_perm).reshape(layer.d_in, layer.d_out)
   if bias is not None:
     m = jnp.concatenate([m, bias.reshape(1, layer.d_out).astype(m.dtype)], axis=0)
@@ -76,6 +141,11 @@ def to_matrix(layer: tracing.LayerMatch, kernel, bias=None):
 def from_matrix(layer: tracing.LayerMatch, m, kernel_shape, has_bias: bool):
   """Inverse of ``to_matrix``: ``(kernel, bias or None)``."""
   perm = layer.kernel_perm
-  kernel = m[:layer.d_in].reshape(tuple(kernel_shape[p] for p in perm))
-  kernel = jnp.transpose(kernel, tuple(np.argsort(perm)))
-  return kernel, (m[layer.d_in] if has_bias else None)
+  permuted = tuple(kernel_shape[p] for p in perm)
+  if layer.groups > 1:
+    kernel = m[:, :layer.d_in].transpose(1, 0, 2).reshape(permuted)
+    bias = m[:, layer.d_in].reshape(-1) if has_bias else None
+  else:
+    kernel = m[:layer.d_in].reshape(permuted)
+    bias = m[layer.d_in] if has_bias else None
+  return jnp.transpose(kernel, tuple(np.argsort(perm))), bias

@@ -9,7 +9,8 @@ Fisher objective ``sum_n sqrt(w_n) l_n(ŷ_n)`` (sampled or data targets) gives
 
 Canonical per-layer statistics (tokens = all non-feature positions, K of them):
 ``a``: ``[K, d_in]`` layer inputs (conv: im2col patches, feature order
-(C, kh, kw)); ``g``: ``[K, d_out]``. With M the number of loss examples, the
+(C, kh, kw); embedding: the ids ``[K]``); ``g``: ``[K, d_out]`` (grouped
+conv: ``[G, K, d_in]`` and ``[G, K, d_out]``, one block per group). With M the number of loss examples, the
 K-FAC block of the mean loss is ``A ⊗ G``, ``A = āᵀā / K``, ``G = gᵀg / M``.
 """
 
@@ -104,22 +105,40 @@ def _probe_zeros(traced):
   return probes
 
 
+def _to_end(x, axes):
+  """``x`` with ``axes`` moved last (in that order), flattened to
+  ``[tokens, prod(sizes of axes)]``."""
+  rest = [d for d in range(x.ndim) if d not in axes]
+  size = int(np.prod([x.shape[d] for d in axes]))
+  return jnp.transpose(x, rest + list(axes)).reshape(-1, size)
+
+
+def _grouped(x, groups):
+  """``[K, G·d] -> [G, K, d]``: the tokens of each feature group."""
+  return x.reshape(x.shape[0], groups, -1).transpose(1, 0, 2)
+
+
 def _canonical_inputs(layer: tracing.LayerMatch, x):
+  """The layer input as ``[tokens, d_in]`` (conv: im2col patches, feature
+  order (C, kh, kw); grouped conv: ``[G, tokens, d_in]``; embedding: the
+  ids ``[tokens]``)."""
+  if layer.kind == "embedding":
+    return x.reshape(-1)
   if layer.kind == "conv2d":
     strides, padding, lhs_dil, rhs_dil, dn, spatial = layer.conv
     x = jax.lax.conv_general_dilated_patches(
         x, spatial, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
         dimension_numbers=dn)
-    return jnp.moveaxis(x, dn.out_spec[1], -1).reshape(-1, layer.d_in)
-  return jnp.moveaxis(x, layer.x_axis, -1).reshape(-1, layer.d_in)
+    x = _to_end(x, (dn.out_spec[1],))
+    return _grouped(x, layer.groups) if layer.groups > 1 else x
+  return _to_end(x, layer.x_axes)
 
 
 def _layer_statistics(layer, traced, captured, probe_grads, li):
-  if layer.kind in ("dense", "conv2d"):
+  if layer.kind in ("dense", "conv2d", "embedding"):
     a = _canonical_inputs(layer, captured[("a", li, 0)])
-    g = probe_grads[layer.probes[0]]
-    g = jnp.moveaxis(g, layer.out_axis, -1).reshape(-1, layer.d_out)
-    return (a, g)
+    g = _to_end(probe_grads[layer.probes[0]], layer.out_axes)
+    return (a, _grouped(g, layer.groups) if layer.groups > 1 else g)
   size = int(np.prod(traced.param_shapes[layer.scale if layer.scale is not None
                                           else layer.shift]))
   u_scale = u_shift = None

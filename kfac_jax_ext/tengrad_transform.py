@@ -75,7 +75,8 @@ def _check_options(gram_batch, conv_gram, damping_mode, stats_every,
 def _make_plan(traced, blocks) -> plan_lib.Plan:
   """K-FAC's plan, with 2-D (factored) leaves restricted to one location per
   example: their stored ``Ā``, ``G`` cannot hold sums over locations."""
-  plan = plan_lib.make_plan(traced, blocks)
+  plan = plan_lib.make_plan(traced, blocks, fits=_block_fits,
+                            unsupported=_unsupported)
   keep, unfactored = [], list(plan.unfactored_layers)
   m = traced.num_examples
   for kl in plan.kronecker:
@@ -90,6 +91,27 @@ def _make_plan(traced, blocks) -> plan_lib.Plan:
       keep.append(kl)
   return dataclasses.replace(plan, kronecker=tuple(keep),
                              unfactored_layers=tuple(unfactored))
+
+
+def _unsupported(layer):
+  if layer.is_plain:
+    return None
+  what = "embedding" if layer.kind == "embedding" else "grouped conv"
+  return f"TENGraD has no Woodbury block for {what} layers yet"
+
+
+def _block_fits(layer, block, a_side) -> bool:
+  """Whether a leaf's ``WoodburyBlock`` can store the layer's tokens (A in
+  ``a_side``)."""
+  if block is None:
+    return False
+  d_a, d_g = layer.d_a, layer.d_out
+  if block.per_example is not None:
+    return (a_side == "rows" and block.per_example.shape[1] >= d_a
+            and block.per_example.shape[2] >= d_g)
+  g_side = "cols" if a_side == "rows" else "rows"
+  return (getattr(block, a_side).shape[1] >= d_a
+          and getattr(block, g_side).shape[1] >= d_g)
 
 
 def _gram_memory_check(plan, traced, n, capacity, conv_gram, dtype):

@@ -24,13 +24,14 @@ def tkfac_variant(factors: str = "weighted", trace: str = "tokens",
   def layer_damping(damping, layer, side_a, side_g, delta):
     if conv_damping is None or layer.kind != "conv2d":
       return damping
-    size = side_a.shape[0] * side_g.shape[0]
+    size = side_a.shape[0] * side_g.shape[0]   # per group for grouped convs
     return damping + conv_damping * delta / size
 
   return kronecker_family.KroneckerVariant(
       batch_statistics=lambda a, g, has_bias, m, dtype, layer: (
           trace_restricted.batch_statistics(a, g, has_bias, m, dtype,
-                                            factors=factors, trace=trace)),
+                                            factors=factors, trace=trace,
+                                            layer=layer)),
       effective_factors=trace_restricted.effective_factors,
       layer_damping=layer_damping)
 

@@ -2,25 +2,17 @@
 
 The walk recurses into ``jax.jit``, ``jax.checkpoint``/remat and
 ``custom_jvp``/``custom_vjp`` bodies and follows *views* of parameter leaves
-(dtype casts, reshapes, broadcasts, transposes). A leaf belongs to a layer only
-if that layer is its single use; every other leaf is reported with the reason
-it was not recognised (tied weights, unknown primitive, control flow, ...), so
-nothing is silently mis-tagged. Patterns:
-
-* dense: ``dot_general(x, W)`` with ``W`` a 2-D leaf (or its transpose), one
-  contracting axis, no batch axes, optionally followed by ``+ b`` along the
-  output axis (bias folded in by the homogeneous coordinate);
-* conv2d: ``conv_general_dilated(x, W)`` with feature/batch groups 1, any
-  stride, padding, dilation; the kernel's output-feature axis must be its last
-  axis (HWIO, as in flax); optional bias add as above;
-* scale_and_shift: ``x * s`` and ``y + b`` with ``s``/``b`` leaves aligned with
-  the trailing axes (LayerNorm / BatchNorm affine), grouped by module.
+(dtype casts, reshapes, broadcasts, transposes, ``leaf ± constant``). Uses
+in equations that cannot reach the loss (dead code, outputs the loss
+ignores) are dropped first. A leaf belongs to a layer only if that layer is
+its single use; every other leaf is reported with the reason it was not
+recognised (tied weights, control flow, transformed before use, ...), so
+nothing is silently mis-tagged. The patterns are in ``patterns.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Any, Callable
 
 import jax
@@ -28,14 +20,11 @@ import numpy as np
 
 from kfac_jax_ext import _jax_internals as jint
 from kfac_jax_ext import losses as losses_lib
-
-# pvary/pcast: shard_map's invariant->varying cast of a replicated parameter.
-_ELEMENTWISE_VIEW = {"convert_element_type", "copy", "copy_p", "reduce_precision",
-                     "pvary", "pcast"}
-_STRUCTURAL = _ELEMENTWISE_VIEW | {"reshape", "broadcast_in_dim", "transpose",
-                                   "squeeze", "expand_dims"}
+from kfac_jax_ext import patterns
+from kfac_jax_ext.patterns import LayerMatch
 
 Site = tuple  # (path: tuple[int, ...], eqn_index: int)
+_SHIFT_BY_CONSTANT = ("add", "sub")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,38 +42,6 @@ class _Use:
   view: _View
   primitive: str
   reason: str | None = None  # set when the use can never be part of a layer
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerMatch:
-  """A matched layer and the jaxpr sites the statistics pass instruments.
-
-  ``captures``: (site, operand index) of the layer input ``x``;
-  ``probes``: sites whose output gets a zero probe (its gradient is ``g``).
-  ``kernel_perm``: leaf axes ordered (input axes..., output axis) so that
-  ``kernel.transpose(kernel_perm).reshape(d_in, d_out)`` is the canonical matrix.
-  """
-  kind: str
-  name: str
-  kernel: int | None = None
-  bias: int | None = None
-  scale: int | None = None
-  shift: int | None = None
-  captures: tuple = ()
-  probes: tuple = ()
-  kernel_perm: tuple = ()
-  x_axis: int = -1          # contracting (feature) axis of the layer input
-  out_axis: int = -1        # output-feature axis of the pre-activation
-  conv: tuple = ()          # (window_strides, padding, lhs_dil, rhs_dil, dn, spatial)
-  inputs_shape: tuple = ()
-  outputs_shape: tuple = ()
-  d_in: int = 0
-  d_out: int = 0
-
-  @property
-  def leaves(self) -> tuple[int, ...]:
-    return tuple(i for i in (self.kernel, self.bias, self.scale, self.shift)
-                 if i is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,69 +79,59 @@ def readable_path(keypath) -> tuple:
   return names
 
 
-def _simulate(shape, chain) -> np.ndarray:
-  """Replays a view chain on an integer iota: where each leaf element lands."""
-  x = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)
-  with jax.ensure_compile_time_eval():
-    for prim, params in chain:
-      if prim.name in _ELEMENTWISE_VIEW:
-        continue
-      x = np.asarray(prim.bind(x, **params))
-  return x
-
-
-def _as_permutation(view: np.ndarray, shape) -> tuple | None:
-  iota = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)
-  for perm in itertools.permutations(range(len(shape))):
-    t = iota.transpose(perm)
-    if t.shape == view.shape and np.array_equal(t, view):
-      return perm
-  return None
-
-
-def _aligned(view: np.ndarray, leaf_shape, out_shape, axes) -> bool:
-  """Whether ``view`` broadcast to ``out_shape`` puts the leaf on ``axes``."""
-  try:
-    v = np.broadcast_to(view, out_shape)
-  except ValueError:
-    return False
-  shape = [1] * len(out_shape)
-  for ax, n in zip(axes, leaf_shape):
-    shape[ax] = n
-  iota = np.arange(int(np.prod(leaf_shape)), dtype=np.int32).reshape(shape)
-  return np.array_equal(v, np.broadcast_to(iota, out_shape))
+def _live_outputs(jaxpr, live_outs) -> list:
+  """Per equation, which of its outputs can reach a live output of
+  ``jaxpr`` (a conservative backward pass: every input of an equation with a
+  live output is live)."""
+  live = {v for v, keep in zip(jaxpr.outvars, live_outs)
+          if keep and not jint.is_literal(v)}
+  per_eqn = [None] * len(jaxpr.eqns)
+  for i in reversed(range(len(jaxpr.eqns))):
+    eqn = jaxpr.eqns[i]
+    outs = [v in live for v in eqn.outvars]
+    per_eqn[i] = outs
+    if any(outs) or jint.has_effects(eqn):
+      live.update(v for v in eqn.invars if not jint.is_literal(v))
+  return per_eqn
 
 
 class _Walker:
-  """Collects parameter-leaf uses and loss tags over nested jaxprs."""
+  """Collects live parameter-leaf uses and loss tags over nested jaxprs."""
 
   def __init__(self):
     self.uses: list[_Use] = []
     self.loss_sites: list[Site] = []
     self.jaxprs: dict[tuple, Any] = {}
 
-  def walk(self, jaxpr, path, views):
+  def walk(self, jaxpr, path, views, live_outs):
     self.jaxprs[path] = jaxpr
+    live = _live_outputs(jaxpr, live_outs)
     for i, eqn in enumerate(jaxpr.eqns):
       name = eqn.primitive.name
       in_views = [None if jint.is_literal(v) else views.get(v) for v in eqn.invars]
       if eqn.primitive is losses_lib.LOSS_TAG_PRIMITIVE:
         self.loss_sites.append((path, i))
-      if name in _STRUCTURAL and in_views and in_views[0] is not None:
+      if name in patterns.STRUCTURAL_VIEW and in_views and in_views[0] is not None:
         v = in_views[0]
         views[eqn.outvars[0]] = _View(v.leaf, v.chain + ((eqn.primitive, dict(
             eqn.params)),))
         continue
+      if name in _SHIFT_BY_CONSTANT and _shifted_view(eqn, in_views):
+        # leaf ± constant (e.g. RMSNorm's ``1 + scale``): the Jacobian is ±I,
+        # so the leaf's curvature is that of the shifted value.
+        views[eqn.outvars[0]] = next(v for v in in_views if v is not None)
+        continue
       if jint.call_kind(eqn) is not None:
         body, _ = jint.call_body(eqn)
         inner = {bv: iv for bv, iv in zip(body.invars, in_views) if iv is not None}
-        self.walk(body, path + (i,), inner)
+        self.walk(body, path + (i,), inner, live[i])
         continue
       nested = jint.sub_jaxprs(eqn)
-      for j, v in enumerate(in_views):
-        if v is not None:
-          reason = (f"used inside control flow '{name}'" if nested else None)
-          self.uses.append(_Use(v.leaf, path, i, j, v, name, reason))
+      if any(live[i]):
+        for j, v in enumerate(in_views):
+          if v is not None:
+            reason = (f"used inside control flow '{name}'" if nested else None)
+            self.uses.append(_Use(v.leaf, path, i, j, v, name, reason))
       if nested:
         for body in nested:  # loss tags or leaves captured as constants
           self._scan_nested(body, path + (i,), name)
@@ -198,42 +145,15 @@ class _Walker:
         self._scan_nested(body, path, name)
 
 
-def _match_dense(use, eqn, shapes):
-  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-  if lb or rb or len(lc) != 1 or len(rc) != 1 or len(shapes[use.leaf]) != 2:
-    return None
-  perm = _as_permutation(_simulate(shapes[use.leaf], use.view.chain),
-                         shapes[use.leaf])
-  if perm is None:
-    return None
-  p = use.operand
-  cw = (lc if p == 0 else rc)[0]
-  cx = (rc if p == 0 else lc)[0]
-  leaf_in = perm[cw]
-  leaf_out = 1 - leaf_in
-  s_ndim = len(eqn.outvars[0].aval.shape)
-  out_axis = 0 if p == 0 else s_ndim - 1
-  return dict(kind="dense", x_operand=1 - p, x_axis=cx, out_axis=out_axis,
-              kernel_perm=(leaf_in, leaf_out))
-
-
-def _match_conv(use, eqn, shapes):
-  prm = eqn.params
-  shape = shapes[use.leaf]
-  if (use.operand != 1 or prm["feature_group_count"] != 1
-      or prm["batch_group_count"] != 1 or len(shape) != 4):
-    return None
-  perm = _as_permutation(_simulate(shape, use.view.chain), shape)
-  if perm is None:
-    return None
-  dn = prm["dimension_numbers"]
-  rhs = dn.rhs_spec
-  spatial = tuple(eqn.invars[1].aval.shape[d] for d in rhs[2:])
-  kernel_perm = (perm[rhs[1]],) + tuple(perm[d] for d in rhs[2:]) + (perm[rhs[0]],)
-  conv = (prm["window_strides"], prm["padding"], prm["lhs_dilation"],
-          prm["rhs_dilation"], dn, spatial)
-  return dict(kind="conv2d", x_operand=0, x_axis=dn.lhs_spec[1],
-              out_axis=dn.out_spec[1], kernel_perm=kernel_perm, conv=conv)
+def _shifted_view(eqn, in_views) -> bool:
+  """``view + c``, ``c + view`` or ``view - c`` with ``c`` a scalar literal."""
+  a, b = eqn.invars
+  va, vb = in_views
+  if va is not None and vb is None:
+    return jint.is_literal(b) and np.ndim(b.val) == 0
+  if vb is not None and va is None and eqn.primitive.name == "add":
+    return jint.is_literal(a) and np.ndim(a.val) == 0
+  return False
 
 
 def _consumers(jaxpr, var):
@@ -255,7 +175,14 @@ def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False) -> Trace
   def flat_fn(p_leaves, b_leaves):
     out = loss_fn(jax.tree_util.tree_unflatten(param_treedef, p_leaves),
                   jax.tree_util.tree_unflatten(batch_treedef, b_leaves))
+    if has_aux and not (isinstance(out, (tuple, list)) and len(out) == 2):
+      raise ValueError("with has_aux=True, loss_fn must return (loss, aux); it "
+                       f"returned {type(out).__name__}.")
     loss = out[0] if has_aux else out
+    if not has_aux and isinstance(out, (tuple, list)):
+      raise ValueError(f"loss_fn returned a {type(out).__name__} of "
+                       f"{len(out)} items, not a scalar loss: if it returns "
+                       "(loss, aux), pass has_aux=True.")
     if np.shape(loss) != ():
       raise ValueError(f"loss_fn must return a scalar loss, got shape "
                        f"{np.shape(loss)}" + ("" if has_aux else
@@ -267,13 +194,19 @@ def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False) -> Trace
     closed = jint.make_closed_jaxpr(flat_fn, param_leaves, batch_leaves)
   except (TypeError, ValueError) as e:
     shapes = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), batch)
-    raise type(e)(f"tracing loss_fn(params, batch) failed for a batch of shapes "
-                  f"{shapes}: {e}") from e
+    message = (f"tracing loss_fn(params, batch) failed for a batch of shapes "
+               f"{shapes}: {e}")
+    try:
+      error = type(e)(message)
+    except TypeError:   # a JAX error type whose constructor takes no message
+      error = ValueError(message)
+    raise error from e
 
   walker = _Walker()
   n = len(param_leaves)
   views = {v: _View(i, ()) for i, v in enumerate(closed.jaxpr.invars[:n])}
-  walker.walk(closed.jaxpr, (), views)
+  walker.walk(closed.jaxpr, (), views,
+              [i == 0 for i in range(len(closed.jaxpr.outvars))])
   if not walker.loss_sites:
     raise ValueError(
         "loss_fn registers no loss: compute its loss with kfe.softmax_cross_entropy, "
@@ -288,7 +221,24 @@ def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False) -> Trace
 
 def _module_name(paths, leaf) -> str:
   """A leaf's module path (its key path without the last key)."""
-  return "/".join(map(str, paths[leaf][:-1])) or str(leaf)
+  return "/".join(map(str, paths[leaf][:-1] or paths[leaf])) or str(leaf)
+
+
+def _bias(walker, jaxpr, use, out_axes, single, at_operand, shapes):
+  """``(probe eqn, bias leaf)``: the single ``add`` of a bias leaf aligned with
+  ``out_axes`` that consumes the layer output, if any."""
+  s = jaxpr.eqns[use.eqn].outvars[0]
+  cons = _consumers(jaxpr, s)
+  if len(cons) == 1 and cons[0][0] is not None:
+    ci, cj = cons[0]
+    b = at_operand.get((use.path, ci, 1 - cj))
+    if (jaxpr.eqns[ci].primitive.name == "add" and b is not None
+        and single.get(b.leaf) is b
+        and len(shapes[b.leaf]) == len(out_axes) and patterns.aligned(
+            patterns.simulate(shapes[b.leaf], b.view.chain), shapes[b.leaf],
+            s.aval.shape, out_axes)):
+      return ci, b.leaf
+  return use.eqn, None
 
 
 def _match_layers(walker, shapes, paths, n):
@@ -302,39 +252,32 @@ def _match_layers(walker, shapes, paths, n):
   found = []  # (site, LayerMatch)
 
   for leaf, use in sorted(single.items(), key=lambda kv: (kv[1].path, kv[1].eqn)):
+    if leaf in taken:
+      continue
     jaxpr = walker.jaxprs[use.path]
     eqn = jaxpr.eqns[use.eqn]
-    m = None
-    if use.primitive == "dot_general":
-      m = _match_dense(use, eqn, shapes)
-    elif use.primitive == "conv_general_dilated":
-      m = _match_conv(use, eqn, shapes)
+    matcher = patterns.MATCHERS.get(use.primitive)
+    m = matcher(use, eqn, shapes[leaf]) if matcher else None
     if m is None or (use.path, use.eqn, m["x_operand"]) in at_operand:
       continue  # no pattern, or the layer input is itself a parameter
-    s = eqn.outvars[0]
-    out_eqn, bias = use.eqn, None
-    cons = _consumers(jaxpr, s)
-    if len(cons) == 1 and cons[0][0] is not None:
-      ci, cj = cons[0]
-      b = at_operand.get((use.path, ci, 1 - cj))
-      if (jaxpr.eqns[ci].primitive.name == "add" and b is not None
-          and single.get(b.leaf) is b and len(shapes[b.leaf]) == 1):
-        view = _simulate(shapes[b.leaf], b.view.chain)
-        out_shape = s.aval.shape
-        if _aligned(view, shapes[b.leaf], out_shape,
-                    (m["out_axis"] % len(out_shape),)):
-          out_eqn, bias = ci, b.leaf
+    out_axes = tuple(a % len(eqn.outvars[0].aval.shape) for a in m["out_axes"])
+    out_eqn, bias = (use.eqn, None) if m["kind"] == "embedding" else _bias(
+        walker, jaxpr, use, out_axes, single, at_operand, shapes)
+    if bias is not None and m.get("groups", 1) > 1 and len(shapes[bias]) != 1:
+      out_eqn, bias = use.eqn, None
     x = eqn.invars[m["x_operand"]]
-    kshape = shapes[leaf]
-    d_in = int(np.prod([kshape[a] for a in m["kernel_perm"][:-1]]))
+    d_in, d_out = patterns.layer_sizes(m, shapes[leaf])
+    if m["kind"] == "embedding":
+      d_in = shapes[leaf][0]
     layer = LayerMatch(
         kind=m["kind"], name=_module_name(paths, leaf),
         kernel=leaf, bias=bias, captures=(((use.path, use.eqn), m["x_operand"]),),
-        probes=((use.path, out_eqn),), kernel_perm=m["kernel_perm"],
-        x_axis=m["x_axis"] % len(x.aval.shape),
-        out_axis=m["out_axis"] % len(s.aval.shape), conv=m.get("conv", ()),
-        inputs_shape=tuple(x.aval.shape), outputs_shape=tuple(s.aval.shape),
-        d_in=d_in, d_out=int(kshape[m["kernel_perm"][-1]]))
+        probes=((use.path, out_eqn),), kernel_perm=tuple(m["kernel_perm"]),
+        n_in=m["n_in"], x_axes=tuple(a % max(len(x.aval.shape), 1)
+                                     for a in m["x_axes"]),
+        out_axes=out_axes, conv=m.get("conv", ()), groups=m.get("groups", 1),
+        inputs_shape=tuple(x.aval.shape),
+        outputs_shape=tuple(eqn.outvars[0].aval.shape), d_in=d_in, d_out=d_out)
     taken.update(layer.leaves)
     found.append(((use.path, use.eqn), layer))
 
@@ -345,14 +288,9 @@ def _match_layers(walker, shapes, paths, n):
     eqn = walker.jaxprs[use.path].eqns[use.eqn]
     if (use.path, use.eqn, 1 - use.operand) in at_operand:
       continue  # both operands are parameters
+    if patterns.scale_shift_axes(use, eqn, shapes[leaf]) is None:
+      continue
     out_shape = eqn.outvars[0].aval.shape
-    k = len(shapes[leaf])
-    if k > len(out_shape):
-      continue
-    axes = tuple(range(len(out_shape) - k, len(out_shape)))
-    if not _aligned(_simulate(shapes[leaf], use.view.chain), shapes[leaf],
-                    out_shape, axes):
-      continue
     name = _module_name(paths, leaf)
     g = groups.setdefault(name, dict(site=(use.path, use.eqn), captures=(),
                                      probes=(), scale=None, shift=None,
@@ -372,19 +310,40 @@ def _match_layers(walker, shapes, paths, n):
         captures=g["captures"], probes=g["probes"], inputs_shape=g["inputs_shape"],
         outputs_shape=g["inputs_shape"])))
 
-  found.sort(key=lambda t: t[0])
-  reasons = {}
-  for i in range(n):
-    if i in taken:
-      continue
-    us = by_leaf[i]
-    if not us:
-      reasons[i] = "not used by loss_fn"
-    elif len(us) > 1:
-      prims = sorted({u.primitive for u in us})
-      reasons[i] = f"used {len(us)} times ({', '.join(prims)}): tied or shared"
-    elif us[0].reason:
-      reasons[i] = us[0].reason
-    else:
-      reasons[i] = f"used by '{us[0].primitive}' in no recognised layer pattern"
+  found.sort(key=lambda t: t[0][0] + (t[0][1],))   # forward (program) order
+  reasons = {i: _reason(walker, by_leaf[i], shapes[i])
+             for i in range(n) if i not in taken}
   return tuple(layer for _, layer in found), reasons
+
+
+def _reason(walker, uses, shape) -> str:
+  """Why no layer owns a leaf, naming the cause."""
+  if not uses:
+    return "not used by loss_fn"
+  if len(uses) > 1:
+    prims = sorted({u.primitive for u in uses})
+    if all(any(p.name in ("slice", "dynamic_slice") for p, _ in u.view.chain)
+           for u in uses):
+      return (f"sliced into {len(uses)} parts ({', '.join(prims)}): one block "
+              "per slice is not supported yet")
+    if not any(u.primitive in patterns.MATCHERS for u in uses):
+      return (f"transformed before use ({', '.join(prims)} of the parameter, "
+              "e.g. weight standardisation): its statistics are not those of "
+              "a layer pattern")
+    return f"used {len(uses)} times ({', '.join(prims)}): tied or shared"
+  use = uses[0]
+  if use.reason:
+    return use.reason
+  eqn = walker.jaxprs[use.path].eqns[use.eqn]
+  out = eqn.outvars[0].aval.shape if eqn.outvars else ()
+  if int(np.prod(out)) <= int(np.prod(shape)) and use.primitive not in (
+      "dot_general", "conv_general_dilated", "gather"):
+    return (f"transformed before use ('{use.primitive}' of the parameter alone, "
+            "e.g. weight standardisation): its statistics are not those of a "
+            "layer pattern")
+  if use.primitive == "conv_general_dilated" and eqn.params["batch_group_count"] != 1:
+    return "conv with batch_group_count > 1: no pattern"
+  if use.primitive == "dot_general" and any(eqn.params["dimension_numbers"][1]):
+    return ("dot_general with batch dimensions on the parameter (per-head "
+            "weights): no pattern")
+  return f"used by '{use.primitive}' in no recognised layer pattern"

@@ -6,6 +6,7 @@ with explicit slicing loops.
 """
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
@@ -82,3 +83,30 @@ def patches_by_loops(x, kh, kw, stride, padding, dilation):
           out[:, i, j, :, u, v] = xp[:, i * stride + u * dilation,
                                      j * stride + v * dilation, :]
   return out.reshape(n, ho, wo, c * kh * kw)
+
+
+def kfac_block_by_vjp(layer_fn, layer_params, inputs, out_grads, groups=None):
+  """K-FAC's ``A ⊗ G`` of one layer as a dense matrix over its flattened
+  parameters, independent of the library's layout and orientation.
+
+  With ``x_n`` the inputs and ``g_m`` the output gradients of N examples (one
+  location each), ``A ⊗ G = (1/N²) Σ_{n,m} w_nm w_nmᵀ`` where ``w_nm =
+  vec(vjp of θ ↦ layer_fn(θ, x_n) at g_m) = ā_n ⊗ g_m``. ``groups``: per
+  flattened parameter its group; entries across groups are zeroed (one
+  block per group).
+  """
+  flat, unravel = jax.flatten_util.ravel_pytree(layer_params)
+  out = jax.eval_shape(lambda x: layer_fn(layer_params, x), inputs[0])
+  out_grads = out_grads.reshape((out_grads.shape[0],) + out.shape)
+
+  def w(x, g):
+    _, vjp = jax.vjp(lambda f: layer_fn(unravel(f), x), flat)
+    return vjp(g)[0]
+
+  ws = jax.vmap(lambda x: jax.vmap(lambda g: w(x, g))(out_grads))(inputs)
+  ws = ws.reshape(-1, flat.shape[0])
+  n = inputs.shape[0]
+  block = ws.T @ ws / n ** 2
+  if groups is not None:
+    block = jnp.where(groups[:, None] == groups[None, :], block, 0.0)
+  return block, flat, unravel

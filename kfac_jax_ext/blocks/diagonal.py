@@ -10,6 +10,7 @@ The preconditioned gradient is ``∇ / (diag F + λ)``.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from kfac_jax_ext import distributed
@@ -40,6 +41,20 @@ def layer_diagonal(a, g, has_bias: bool, num_examples, dtype):
                                                                 dtype)
 
 
+def any_layer_diagonal(layer, a, g, num_examples, dtype):
+  """``layer_diagonal`` for any dense/conv/embedding layer, as the canonical
+  matrix of ``plan.to_matrix`` (embedding: ``[V, D]``, grouped: per group)."""
+  has_bias = layer.bias is not None
+  if layer.kind == "embedding":
+    g2 = jnp.square(g.astype(dtype))
+    return jnp.zeros((layer.d_in, layer.d_out), dtype).at[a].add(
+        g2, mode="drop") / jnp.asarray(num_examples, dtype)
+  if layer.groups > 1:
+    return jax.vmap(lambda x, y: layer_diagonal(x, y, has_bias, num_examples,
+                                                dtype))(a, g)
+  return layer_diagonal(a, g, has_bias, num_examples, dtype)
+
+
 def batch_diagonals(plan, traced, cb, fallback: str, dtype,
                     axis_name=None) -> dict:
   """Per parameter leaf, the diagonal Fisher of one statistics batch: the
@@ -56,7 +71,7 @@ def batch_diagonals(plan, traced, cb, fallback: str, dtype,
   if fallback == "diagonal":
     for i, layer, _ in plan.unfactored_layers:
       a, g = cb.layers[i]
-      d = layer_diagonal(a, g, layer.bias is not None, m, dtype)
+      d = any_layer_diagonal(layer, a, g, m, dtype)
       dk, db = plan_lib.from_matrix(layer, d, traced.param_shapes[layer.kernel],
                                     layer.bias is not None)
       for leaf, v in ((layer.kernel, dk), (layer.bias, db)):

@@ -9,6 +9,11 @@ which equals KFC's ``Ω ⊗ Γ`` for conv layers (and kfac-jax's ``|T|``-scaled
 factors). The canonical gradient matrix ``V`` is ``[d_in(+1), d_out]`` (flax
 orientation, bias as last row); in row-major vec ``(A ⊗ G) vec(V) = vec(A V G)``.
 
+Embeddings (a gather of table rows by ids) are dense layers with one-hot
+inputs: ``A = diag(f)``, ``f_v`` = the share of tokens with id v, stored as
+the vector ``f``. Grouped/depthwise convs have one block per feature group,
+stored batched (``[groups, d, d]``).
+
 Damping (``damping_mode``):
 * ``"tikhonov"``: exact ``(A⊗G + λI)⁻¹ vec(V) = Q_A [(Q_Aᵀ V Q_G) ⊘ (α γᵀ + λ)] Q_Gᵀ``;
 * ``"factored"``: ``(A + π√λ I)⁻¹ V (G + √λ/π I)⁻¹``, π = sqrt((trA/dA)/(trG/dG)).
@@ -16,6 +21,7 @@ Damping (``damping_mode``):
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -110,3 +116,92 @@ def precondition(v, inv_a, inv_g, vals_a, vals_g, damping, mode: str):
     rotated = rotated / (vals_a[:, None] * vals_g[None, :] + damping)
     return inv_a @ rotated @ inv_g.T
   return inv_a @ v @ inv_g
+
+
+def embedding_factors(ids, g, vocab: int, num_examples, dtype):
+  """``(f, G_b)`` of an embedding: ``f_v = #{tokens with id v} / K`` (the
+  diagonal of ``A = E[onehot onehotᵀ]``) and ``G_b = gᵀg / M``. Ids outside
+  ``[0, vocab)`` (dropped by the gather) count for nothing."""
+  g = g.astype(dtype)
+  counts = jnp.zeros((vocab,), dtype).at[ids].add(1.0, mode="drop")
+  return counts / ids.shape[0], (g.T @ g) / jnp.asarray(num_examples, dtype)
+
+
+def layer_batch_factors(layer, a, g, has_bias: bool, num_examples, dtype):
+  """``(A_b, G_b)`` of one batch for any Kronecker layer kind."""
+  if layer.kind == "embedding":
+    return embedding_factors(a, g, layer.d_in, num_examples, dtype)
+  if layer.groups > 1:
+    return jax.vmap(lambda x, y: batch_factors(x, y, has_bias, num_examples,
+                                               dtype))(a, g)
+  return batch_factors(a, g, has_bias, num_examples, dtype)
+
+
+def refresh_diagonal_a(f, g, damping, mode: str):
+  """``refresh`` for ``A = diag(f)`` (embeddings): the A side stays a vector
+  (its eigenbasis is the identity)."""
+  f = jnp.maximum(f, 0.0)
+  if mode == "tikhonov":
+    vg, qg, ok = linalg.eigh(g)
+    return f, qg, f, vg, ok & linalg.all_finite(f)
+  pi = linalg.pi_adjustment(f, g)
+  root = jnp.sqrt(damping)
+  inv_a = 1.0 / (f + pi * root)
+  inv_g, ok_g = linalg.damped_inverse(g, root / pi)
+  return inv_a, inv_g, None, None, ok_g & linalg.all_finite(inv_a)
+
+
+def precondition_diagonal_a(v, inv_a, inv_g, vals_a, vals_g, damping, mode):
+  """``precondition`` for ``A = diag(f)``; ``v`` is ``[V, d_out]``."""
+  if mode == "tikhonov":
+    rotated = (v @ inv_g) / (vals_a[:, None] * vals_g[None, :] + damping)
+    return rotated @ inv_g.T
+  return inv_a[:, None] * (v @ inv_g)
+
+
+def refresh_layer(layer, a, g, damping, mode: str):
+  """``refresh`` for any Kronecker layer kind (grouped: per group, with a
+  per-group damping ``[groups]``)."""
+  if layer.kind == "embedding":
+    return refresh_diagonal_a(a, g, damping, mode)
+  if layer.groups > 1:
+    damping = jnp.broadcast_to(damping, a.shape[:1])
+    *out, ok = jax.vmap(functools.partial(refresh, mode=mode))(a, g, damping)
+    return (*out, jnp.all(ok))
+  return refresh(a, g, damping, mode)
+
+
+def precondition_layer(layer, v, inv_a, inv_g, vals_a, vals_g, damping,
+                       mode: str):
+  """``precondition`` for any Kronecker layer kind."""
+  if layer.kind == "embedding":
+    return precondition_diagonal_a(v, inv_a, inv_g, vals_a, vals_g, damping,
+                                   mode)
+  if layer.groups > 1:
+    damping = jnp.broadcast_to(damping, v.shape[:1])
+    return jax.vmap(functools.partial(precondition, mode=mode))(
+        v, inv_a, inv_g, vals_a, vals_g, damping)
+  return precondition(v, inv_a, inv_g, vals_a, vals_g, damping, mode)
+
+
+def _identity(shape, dtype):
+  """Identity matrices of ``shape`` (``[..., d, d]``), or ones for a
+  diagonal factor stored as a vector."""
+  if len(shape) == 1:
+    return jnp.ones(shape, dtype)
+  eye = jnp.eye(shape[-1], dtype=dtype)
+  return jnp.broadcast_to(eye, shape) + jnp.zeros(shape, dtype)
+
+
+def init_layer_entry(a_shape, g_shape, a_side: str, dtype, mode: str):
+  """Exact-size ``(KroneckerFactors, KroneckerInverse)`` of one layer with A
+  in ``a_side``: identities (ones for a diagonal A)."""
+  sides = {a_side: a_shape, ("cols" if a_side == "rows" else "rows"): g_shape}
+  factors = KroneckerFactors(_identity(sides["rows"], dtype),
+                             _identity(sides["cols"], dtype))
+  vals = (lambda s: None) if mode != "tikhonov" else (
+      lambda s: jnp.ones(s if len(s) == 1 else s[:-1], dtype))
+  inverse = KroneckerInverse(_identity(sides["rows"], dtype),
+                             _identity(sides["cols"], dtype),
+                             vals(sides["rows"]), vals(sides["cols"]))
+  return factors, inverse

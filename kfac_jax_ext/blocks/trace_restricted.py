@@ -17,6 +17,7 @@ constant token norms ``F̃ = A ⊗ G`` (K-FAC); for one example ``F̃`` is exact
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from kfac_jax_ext import linalg
@@ -46,9 +47,40 @@ def exact_block_trace(a, g, has_bias: bool, num_examples: int):
   return jnp.sum(u * u) / num_examples
 
 
+def _embedding_statistics(ids, g, vocab, num_examples, dtype, factors, trace):
+  """``batch_statistics`` of an embedding: one-hot inputs have ``α = 1``, so
+  ``P = diag(Σ_tok β onehot) / M`` (a vector), ``Q = gᵀg / M`` and
+  ``δ = Σ β / M`` (``trace="exact"``: ids equal within an example pair up)."""
+  g = g.astype(dtype)
+  m = jnp.asarray(num_examples, dtype)
+  beta = jnp.sum(g * g, axis=1)
+  if factors == "weighted":
+    side_a = jnp.zeros((vocab,), dtype).at[ids].add(beta, mode="drop") / m
+    side_g = g.T @ g / m
+  else:
+    side_a, side_g = kronecker.embedding_factors(ids, g, vocab, num_examples,
+                                                 dtype)
+  if trace == "exact":
+    per = ids.shape[0] // num_examples
+    same = (ids.reshape(num_examples, per, 1) == ids.reshape(num_examples, 1, per))
+    gg = jnp.einsum("ntd,nsd->nts", g.reshape(num_examples, per, -1),
+                    g.reshape(num_examples, per, -1))
+    delta = jnp.sum(jnp.where(same, gg, 0.0)) / m
+  else:
+    delta = jnp.sum(beta) / m
+  return side_a, side_g, delta
+
+
 def batch_statistics(a, g, has_bias, num_examples, dtype, *, factors: str,
-                     trace: str):
-  """``(P or A, Q or G, δ)`` of one batch; see the module docstring."""
+                     trace: str, layer=None):
+  """``(P or A, Q or G, δ)`` of one batch; see the module docstring.
+  Embeddings and grouped convs (``layer``) are handled per their layout."""
+  if layer is not None and layer.kind == "embedding":
+    return _embedding_statistics(a, g, layer.d_in, num_examples, dtype,
+                                 factors, trace)
+  if layer is not None and layer.groups > 1:
+    return jax.vmap(lambda x, y: batch_statistics(
+        x, y, has_bias, num_examples, dtype, factors=factors, trace=trace))(a, g)
   a = a.astype(dtype)
   g = g.astype(dtype)
   alpha = jnp.sum(a * a, axis=1) + (1.0 if has_bias else 0.0)

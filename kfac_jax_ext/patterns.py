@@ -1,0 +1,210 @@
+"""Layer patterns: a table of small matchers over traced parameter uses.
+
+Each matcher looks at one *use* of a parameter leaf (the equation that
+consumes a view of it) and either returns a ``LayerMatch`` recipe or None:
+
+* ``dense``: any ``dot_general`` with one operand a view (transpose, reshape,
+  cast) of a leaf and no batch dimensions: the contracted kernel axes are the
+  input side, its free axes the output side (``[D, H, Dh]`` is a
+  ``D × (H·Dh)`` layer, ``[H, Dh, D]`` an ``(H·Dh) × D`` one; Einsum kernels
+  likewise), any number of token axes on the other operand;
+* ``conv2d``: ``conv_general_dilated(x, W)`` with any stride, padding,
+  dilation and ``feature_group_count`` G (grouped/depthwise: one block per
+  group, ``groups = G``);
+* ``embedding``: a ``gather`` of whole rows of a 2-D table by integer ids
+  (``jnp.take``, ``nn.Embed``): a dense layer with one-hot inputs, so its
+  input factor is diagonal;
+* ``scale_and_shift``: ``x * s`` / ``y + b`` with ``s``, ``b`` aligned with
+  the trailing axes of a batched operand (LayerNorm/BatchNorm/RMSNorm affine).
+
+A bias added to a dense/conv output (any broadcast aligned with the output
+axes) is folded in through the homogeneous coordinate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import jax
+import numpy as np
+
+# pvary/pcast: shard_map's invariant->varying cast of a replicated parameter.
+ELEMENTWISE_VIEW = {"convert_element_type", "copy", "copy_p", "reduce_precision",
+                    "pvary", "pcast"}
+STRUCTURAL_VIEW = ELEMENTWISE_VIEW | {"reshape", "broadcast_in_dim", "transpose",
+                                      "squeeze", "expand_dims"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMatch:
+  """A matched layer and the jaxpr sites the statistics pass instruments.
+
+  ``captures``: (site, operand index) of the layer input ``x`` (embedding: the
+  ids); ``probes``: sites whose output gets a zero probe (its gradient is
+  ``g``). ``kernel_perm``: leaf axes ordered (input axes..., output axes...)
+  so that ``kernel.transpose(kernel_perm).reshape(d_in·groups?, d_out)`` is
+  the canonical matrix (``plan.to_matrix``); ``n_in`` of them are inputs.
+  ``x_axes``: the contracted axes of ``x`` in the order of the kernel's input
+  axes; ``out_axes``: the output-feature axes of the pre-activation in the
+  order of the kernel's output axes. ``groups``: conv feature groups (one
+  block each, ``d_in``/``d_out`` per group).
+  """
+  kind: str
+  name: str
+  kernel: int | None = None
+  bias: int | None = None
+  scale: int | None = None
+  shift: int | None = None
+  captures: tuple = ()
+  probes: tuple = ()
+  kernel_perm: tuple = ()
+  n_in: int = 1
+  x_axes: tuple = ()
+  out_axes: tuple = ()
+  conv: tuple = ()          # (window_strides, padding, lhs_dil, rhs_dil, dn, spatial)
+  groups: int = 1
+  inputs_shape: tuple = ()
+  outputs_shape: tuple = ()
+  d_in: int = 0
+  d_out: int = 0
+
+  @property
+  def leaves(self) -> tuple[int, ...]:
+    return tuple(i for i in (self.kernel, self.bias, self.scale, self.shift)
+                 if i is not None)
+
+  @property
+  def d_a(self) -> int:
+    """Size of the input-side factor (``d_in`` + 1 with a bias)."""
+    return self.d_in + int(self.bias is not None)
+
+  @property
+  def is_plain(self) -> bool:
+    """A dense/conv layer with one dense ``[d_a, d_out]`` block."""
+    return self.kind in ("dense", "conv2d") and self.groups == 1
+
+
+def simulate(shape, chain) -> np.ndarray:
+  """Replays a view chain on an integer iota: where each leaf element lands."""
+  x = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)
+  with jax.ensure_compile_time_eval():
+    for prim, params in chain:
+      if prim.name in ELEMENTWISE_VIEW:
+        continue
+      x = np.asarray(prim.bind(x, **params))
+  return x
+
+
+def matrix_perm(view: np.ndarray, leaf_shape, rows: tuple, cols: tuple):
+  """``(perm, n_in)`` with ``leaf.transpose(perm).reshape(R, C)`` equal to the
+  view's matrix over axes ``rows`` × ``cols``; None if no transpose does it."""
+  d_in = math.prod(view.shape[a] for a in rows)
+  target = view.transpose(tuple(rows) + tuple(cols)).reshape(d_in, -1)
+  iota = np.arange(int(np.prod(leaf_shape)), dtype=np.int32).reshape(leaf_shape)
+  for perm in itertools.permutations(range(len(leaf_shape))):
+    t = iota.transpose(perm)
+    for n_in in range(1, len(perm)):
+      if math.prod(t.shape[:n_in]) == d_in and np.array_equal(
+          t.reshape(d_in, -1), target):
+        return perm, n_in
+  return None
+
+
+def aligned(view: np.ndarray, leaf_shape, out_shape, axes) -> bool:
+  """Whether ``view`` broadcast to ``out_shape`` puts the leaf on ``axes``."""
+  try:
+    v = np.broadcast_to(view, out_shape)
+  except ValueError:
+    return False
+  shape = [1] * len(out_shape)
+  for ax, n in zip(axes, leaf_shape):
+    shape[ax] = n
+  iota = np.arange(int(np.prod(leaf_shape)), dtype=np.int32).reshape(shape)
+  return np.array_equal(v, np.broadcast_to(iota, out_shape))
+
+
+def match_dense(use, eqn, leaf_shape):
+  """``dot_general(x, view(W))`` without batch dimensions."""
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  if lb or rb:
+    return None
+  p = use.operand
+  cw, cx = (tuple(lc), tuple(rc)) if p == 0 else (tuple(rc), tuple(lc))
+  w_ndim = len(eqn.invars[p].aval.shape)
+  fw = tuple(d for d in range(w_ndim) if d not in cw)
+  if not cw or not fw:
+    return None
+  found = matrix_perm(simulate(leaf_shape, use.view.chain), leaf_shape, cw, fw)
+  if found is None:
+    return None
+  perm, n_in = found
+  s_ndim = len(eqn.outvars[0].aval.shape)
+  out_axes = (tuple(range(len(fw))) if p == 0 else
+              tuple(range(s_ndim - len(fw), s_ndim)))
+  return dict(kind="dense", x_operand=1 - p, x_axes=cx, out_axes=out_axes,
+              kernel_perm=perm, n_in=n_in)
+
+
+def match_conv(use, eqn, leaf_shape):
+  """``conv_general_dilated(x, view(W))``, grouped or not."""
+  prm = eqn.params
+  if use.operand != 1 or prm["batch_group_count"] != 1 or len(leaf_shape) != 4:
+    return None
+  view = simulate(leaf_shape, use.view.chain)
+  dn = prm["dimension_numbers"]
+  rhs = dn.rhs_spec
+  found = matrix_perm(view, leaf_shape, (rhs[1],) + tuple(rhs[2:]), (rhs[0],))
+  if found is None:
+    return None
+  groups = int(prm["feature_group_count"])
+  spatial = tuple(eqn.invars[1].aval.shape[d] for d in rhs[2:])
+  conv = (prm["window_strides"], prm["padding"], prm["lhs_dilation"],
+          prm["rhs_dilation"], dn, spatial)
+  return dict(kind="conv2d", x_operand=0, x_axes=(dn.lhs_spec[1],),
+              out_axes=(dn.out_spec[1],), kernel_perm=found[0], n_in=found[1],
+              conv=conv, groups=groups)
+
+
+def match_embedding(use, eqn, leaf_shape):
+  """``gather`` of whole rows of a 2-D table by an index array."""
+  if use.operand != 0 or len(leaf_shape) != 2 or use.view.chain:
+    return None
+  dn = eqn.params["dimension_numbers"]
+  idx_shape = eqn.invars[1].aval.shape
+  out_ndim = len(eqn.outvars[0].aval.shape)
+  if (tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
+      or tuple(dn.offset_dims) != (out_ndim - 1,)
+      or tuple(getattr(dn, "operand_batching_dims", ())) or not idx_shape
+      or idx_shape[-1] != 1
+      or tuple(eqn.params["slice_sizes"]) != (1, leaf_shape[1])):
+    return None
+  return dict(kind="embedding", x_operand=1, x_axes=(), out_axes=(out_ndim - 1,),
+              kernel_perm=(0, 1), n_in=1)
+
+
+MATCHERS = {"dot_general": match_dense, "conv_general_dilated": match_conv,
+            "gather": match_embedding}
+
+
+def layer_sizes(m: dict, leaf_shape) -> tuple[int, int]:
+  """``(d_in, d_out)`` per group of a matched kernel."""
+  perm, n_in = m["kernel_perm"], m["n_in"]
+  d_in = math.prod(leaf_shape[a] for a in perm[:n_in])
+  d_out = math.prod(leaf_shape[a] for a in perm[n_in:])
+  return d_in, d_out // m.get("groups", 1)
+
+
+def scale_shift_axes(use, eqn, leaf_shape):
+  """Trailing output axes the leaf aligns with when ``eqn`` is a batched
+  ``mul``/``add`` of the leaf; None otherwise (e.g. ``1 + scale`` alone)."""
+  out_shape = eqn.outvars[0].aval.shape
+  k = len(leaf_shape)
+  if k > len(out_shape) or math.prod(out_shape) <= math.prod(leaf_shape):
+    return None
+  axes = tuple(range(len(out_shape) - k, len(out_shape)))
+  if not aligned(simulate(leaf_shape, use.view.chain), leaf_shape, out_shape,
+                 axes):
+    return None
+  return axes
