@@ -41,10 +41,13 @@ class KroneckerVariant(NamedTuple):
     effective_factors: ``(side_a, side_g, trace) -> (A, G)``; the block is
       ``A ⊗ G``.
     layer_damping: ``(damping, layer, side_a, side_g, trace) -> λ_l``.
+    unsupported: ``layer -> reason or None`` for layer kinds the method
+      has no block for (they take the fallback).
   """
   batch_statistics: Callable
   effective_factors: Callable
   layer_damping: Callable
+  unsupported: Callable = lambda layer: None
 
 
 def check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
@@ -126,7 +129,8 @@ def kronecker_stepper(
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     grads, treedef = jax.tree_util.tree_flatten(updates)
     check_structure(traced, grads, treedef, state)
-    plan = plan_lib.make_plan(traced, state.factors)
+    plan = plan_lib.make_plan(traced, state.factors,
+                              unsupported=variant.unsupported)
     warn_unfactored(name, plan, fallback, traced)
     lam = damping(state.count) if callable(damping) else damping
     dtype = state.diagonals[0].dtype if state.diagonals else jnp.float32
@@ -317,6 +321,13 @@ def check_curvature(traced, cb):
             f"(d_in={layer.d_in}, d_out={layer.d_out}, groups={layer.groups}).")
 
 
+def layer_statistics(cb, kl):
+  """``(a, g)`` of a layer in the ``CurvatureBatch`` (a tied kernel: its
+  uses' statistics and None)."""
+  stats = cb.layers[kl.index]
+  return (stats, None) if kl.layer.kind == "tied" else stats
+
+
 def _ema(old, new, eps):
   return eps * old + (1.0 - eps) * new
 
@@ -330,7 +341,7 @@ def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype,
   eps = jnp.minimum(1.0 - 1.0 / k, ema_decay)
   factors, traces, diags = list(st.factors), list(st.traces), list(st.diagonals)
   layer_stats = distributed.mean(
-      [variant.batch_statistics(*cb.layers[kl.index], kl.has_bias,
+      [variant.batch_statistics(*layer_statistics(cb, kl), kl.has_bias,
                                 traced.num_examples, dtype, kl.layer)
        for kl in plan.kronecker], axis_name)
   batch_values = []

@@ -69,6 +69,8 @@ class LayerMatch:
   outputs_shape: tuple = ()
   d_in: int = 0
   d_out: int = 0
+  uses: tuple = ()          # tied: one LayerMatch per use of the kernel
+  transposed: tuple = ()    # tied: per use, whether its input is the G side
 
   @property
   def leaves(self) -> tuple[int, ...]:

@@ -33,7 +33,10 @@ def tkfac_variant(factors: str = "weighted", trace: str = "tokens",
                                             factors=factors, trace=trace,
                                             layer=layer)),
       effective_factors=trace_restricted.effective_factors,
-      layer_damping=layer_damping)
+      layer_damping=layer_damping,
+      unsupported=lambda layer: (
+          "TKFAC has no trace-restricted block for tied kernels yet"
+          if layer.kind == "tied" else None))
 
 
 def scale_by_tkfac(loss_fn: Callable[..., Any], *, factors: str = "weighted",

@@ -241,6 +241,30 @@ def _bias(walker, jaxpr, use, out_axes, single, at_operand, shapes):
   return use.eqn, None
 
 
+def _tied(uses, matched):
+  """One ``"tied"`` layer for a kernel whose every use is a dense or
+  embedding pattern, in the orientation of its first use; None otherwise."""
+  if any(u.reason for u in uses):
+    return None
+  ms = [matched(u) for u in sorted(uses, key=lambda u: u.path + (u.eqn,))]
+  if any(m is None or m[1].kind not in ("dense", "embedding") for m in ms):
+    return None
+  per_use = tuple(layer for _, layer in ms)
+  ref = per_use[0]
+  ref_in = set(ref.kernel_perm[:ref.n_in])
+  ref_out = set(ref.kernel_perm[ref.n_in:])
+  transposed = []
+  for layer in per_use:
+    inputs = set(layer.kernel_perm[:layer.n_in])
+    if inputs not in (ref_in, ref_out):
+      return None   # the uses split the kernel's axes differently
+    transposed.append(inputs == ref_out)
+  return dataclasses.replace(
+      ref, kind="tied", captures=sum((l.captures for l in per_use), ()),
+      probes=sum((l.probes for l in per_use), ()), uses=per_use,
+      transposed=tuple(transposed))
+
+
 def _match_layers(walker, shapes, paths, n):
   by_leaf: dict[int, list[_Use]] = {i: [] for i in range(n)}
   at_operand: dict[tuple, _Use] = {}   # (path, eqn, operand) -> parameter use
@@ -251,35 +275,50 @@ def _match_layers(walker, shapes, paths, n):
   taken: set[int] = set()
   found = []  # (site, LayerMatch)
 
-  for leaf, use in sorted(single.items(), key=lambda kv: (kv[1].path, kv[1].eqn)):
-    if leaf in taken:
-      continue
+  def matched(use):
+    """The use's pattern and LayerMatch (no bias), or None."""
     jaxpr = walker.jaxprs[use.path]
     eqn = jaxpr.eqns[use.eqn]
     matcher = patterns.MATCHERS.get(use.primitive)
-    m = matcher(use, eqn, shapes[leaf]) if matcher else None
+    m = matcher(use, eqn, shapes[use.leaf]) if matcher else None
     if m is None or (use.path, use.eqn, m["x_operand"]) in at_operand:
-      continue  # no pattern, or the layer input is itself a parameter
-    out_axes = tuple(a % len(eqn.outvars[0].aval.shape) for a in m["out_axes"])
-    out_eqn, bias = (use.eqn, None) if m["kind"] == "embedding" else _bias(
-        walker, jaxpr, use, out_axes, single, at_operand, shapes)
-    if bias is not None and m.get("groups", 1) > 1 and len(shapes[bias]) != 1:
-      out_eqn, bias = use.eqn, None
+      return None  # no pattern, or the layer input is itself a parameter
     x = eqn.invars[m["x_operand"]]
-    d_in, d_out = patterns.layer_sizes(m, shapes[leaf])
+    d_in, d_out = patterns.layer_sizes(m, shapes[use.leaf])
     if m["kind"] == "embedding":
-      d_in = shapes[leaf][0]
-    layer = LayerMatch(
-        kind=m["kind"], name=_module_name(paths, leaf),
-        kernel=leaf, bias=bias, captures=(((use.path, use.eqn), m["x_operand"]),),
-        probes=((use.path, out_eqn),), kernel_perm=tuple(m["kernel_perm"]),
+      d_in = shapes[use.leaf][0]
+    out_axes = tuple(a % len(eqn.outvars[0].aval.shape) for a in m["out_axes"])
+    return m, LayerMatch(
+        kind=m["kind"], name=_module_name(paths, use.leaf), kernel=use.leaf,
+        captures=(((use.path, use.eqn), m["x_operand"]),),
+        probes=((use.path, use.eqn),), kernel_perm=tuple(m["kernel_perm"]),
         n_in=m["n_in"], x_axes=tuple(a % max(len(x.aval.shape), 1)
                                      for a in m["x_axes"]),
         out_axes=out_axes, conv=m.get("conv", ()), groups=m.get("groups", 1),
         inputs_shape=tuple(x.aval.shape),
         outputs_shape=tuple(eqn.outvars[0].aval.shape), d_in=d_in, d_out=d_out)
+
+  for leaf, use in sorted(single.items(), key=lambda kv: kv[1].path + (kv[1].eqn,)):
+    if leaf in taken:
+      continue
+    found_use = matched(use)
+    if found_use is None:
+      continue
+    m, layer = found_use
+    if m["kind"] != "embedding":
+      out_eqn, bias = _bias(walker, walker.jaxprs[use.path], use,
+                            layer.out_axes, single, at_operand, shapes)
+      if bias is not None and not (layer.groups > 1 and len(shapes[bias]) != 1):
+        layer = dataclasses.replace(layer, bias=bias,
+                                    probes=((use.path, out_eqn),))
     taken.update(layer.leaves)
     found.append(((use.path, use.eqn), layer))
+
+  for leaf, uses in by_leaf.items():
+    tied = _tied(uses, matched) if len(uses) > 1 else None
+    if tied is not None:
+      taken.add(leaf)
+      found.append(((uses[0].path, uses[0].eqn), tied))
 
   groups: dict[str, dict] = {}
   for leaf, use in single.items():
@@ -322,8 +361,7 @@ def _reason(walker, uses, shape) -> str:
     return "not used by loss_fn"
   if len(uses) > 1:
     prims = sorted({u.primitive for u in uses})
-    if all(any(p.name in ("slice", "dynamic_slice") for p, _ in u.view.chain)
-           for u in uses):
+    if all(u.primitive in ("slice", "dynamic_slice") for u in uses):
       return (f"sliced into {len(uses)} parts ({', '.join(prims)}): one block "
               "per slice is not supported yet")
     if not any(u.primitive in patterns.MATCHERS for u in uses):
@@ -335,6 +373,8 @@ def _reason(walker, uses, shape) -> str:
   if use.reason:
     return use.reason
   eqn = walker.jaxprs[use.path].eqns[use.eqn]
+  if use.primitive in ("slice", "dynamic_slice"):
+    return "only a slice of it is used: one block per slice is not supported yet"
   out = eqn.outvars[0].aval.shape if eqn.outvars else ()
   if int(np.prod(out)) <= int(np.prod(shape)) and use.primitive not in (
       "dot_general", "conv_general_dilated", "gather"):

@@ -80,9 +80,21 @@ def _check(base, coarse_space, coarse_matrix, combine, coarse_damping, omega):
     raise ValueError(f"omega must be a pair (ω₁, ω₂), got {omega!r}.")
 
 
+def coarse_layers(plan, spectral):
+  """The Kronecker layers of the coarse level: plain dense/conv layers (an
+  embedding, a grouped conv or a tied kernel keeps its fine-level block
+  only) whose factors fit the spectral slots of their kernel."""
+  def fits(kl):
+    if spectral is None or spectral[kl.layer.kernel] is None:
+      return True
+    n = spectral[kl.layer.kernel][0].shape[0]
+    return max(kl.d_a, kl.d_g) <= n
+  return [kl for kl in plan.kronecker if kl.layer.is_plain and fits(kl)]
+
+
 def _layers(plan, spectral, slots, space, dtype):
   out = []
-  for kl in plan.kronecker:
+  for kl in coarse_layers(plan, spectral):
     vec_a = vec_g = None
     if space == "spectral":
       rows, cols = spectral[kl.layer.kernel]
@@ -224,8 +236,10 @@ def scale_by_two_level_kfac(
                        f"vectors (more than {MAX_COARSE}); use 'nicolaides' or "
                        "'spectral' for models of this size.")
     dtype = linalg.factor_dtype()
+    # one size for both sides: a layer may use either side of its kernel
     spectral = tuple(
-        tuple(jnp.ones((n,), dtype) for n in kronecker.slot_sizes(s))
+        (jnp.ones((max(kronecker.slot_sizes(s)),), dtype),
+         jnp.ones((max(kronecker.slot_sizes(s)),), dtype))
         if coarse_space == "spectral" and len(s) >= 2 else None for s in shapes)
     # Distinct buffers (no array twice in the state): the state is donatable.
     zeros = jnp.zeros((size, size), dtype)
@@ -366,10 +380,11 @@ def _spectral_vectors(plan, base_state, spectral, variant, axis_name=None):
         base_state.traces[kl.layer.kernel], variant, 0.0)
     return coarse.smallest_eigenvector(fa), coarse.smallest_eigenvector(fg)
 
+  layers = coarse_layers(plan, spectral)
   found = distributed.on_owners(
-      [lambda kl=kl: vectors(kl) for kl in plan.kronecker],
-      kronecker_family.refresh_costs(plan), axis_name)
-  for kl, (va, vg) in zip(plan.kronecker, found):
+      [lambda kl=kl: vectors(kl) for kl in layers],
+      [kl.d_a ** 3 + kl.d_g ** 3 for kl in layers], axis_name)
+  for kl, (va, vg) in zip(layers, found):
     rows, cols = spectral[kl.layer.kernel]
     if kl.a_side == "rows":
       rows, cols = linalg.set_leading(rows, va), linalg.set_leading(cols, vg)

@@ -45,6 +45,10 @@ def any_layer_diagonal(layer, a, g, num_examples, dtype):
   """``layer_diagonal`` for any dense/conv/embedding layer, as the canonical
   matrix of ``plan.to_matrix`` (embedding: ``[V, D]``, grouped: per group)."""
   has_bias = layer.bias is not None
+  if layer.kind == "tied":   # a: the uses' statistics; sum in the first use's orientation
+    parts = [any_layer_diagonal(use, ua, ug, num_examples, dtype)
+             for use, (ua, ug) in zip(layer.uses, a)]
+    return sum(p.T if flip else p for p, flip in zip(parts, layer.transposed))
   if layer.kind == "embedding":
     g2 = jnp.square(g.astype(dtype))
     return jnp.zeros((layer.d_in, layer.d_out), dtype).at[a].add(
@@ -70,7 +74,8 @@ def batch_diagonals(plan, traced, cb, fallback: str, dtype,
         out[leaf] = from_tokens(u, m, dtype).reshape(traced.param_shapes[leaf])
   if fallback == "diagonal":
     for i, layer, _ in plan.unfactored_layers:
-      a, g = cb.layers[i]
+      stats = cb.layers[i]
+      a, g = (stats, None) if layer.kind == "tied" else stats
       d = any_layer_diagonal(layer, a, g, m, dtype)
       dk, db = plan_lib.from_matrix(layer, d, traced.param_shapes[layer.kernel],
                                     layer.bias is not None)

@@ -127,8 +127,35 @@ def embedding_factors(ids, g, vocab: int, num_examples, dtype):
   return counts / ids.shape[0], (g.T @ g) / jnp.asarray(num_examples, dtype)
 
 
+def tied_factors(layer, stats, num_examples, dtype):
+  """``(R_b, C_b)`` of a kernel with several uses (``layer.kind == "tied"``),
+  K-FAC-expand over the uses: every use adds its tokens to the same two
+  factors in the orientation of the first use, inputs normalised by the
+  tokens of all uses ``K``, output gradients by the M loss examples. A use
+  whose input is on the other side (a table as embedding and as output
+  projection) adds its input Gram to the column factor and its output Gram
+  to the row factor. Equals ``batch_factors`` of one layer applied to all
+  the uses' tokens when every use has the first one's orientation."""
+  k = sum(a.shape[0] for a, _ in stats)
+  rows = jnp.zeros((layer.d_in, layer.d_in), dtype)
+  cols = jnp.zeros((layer.d_out, layer.d_out), dtype)
+  for use, flip, (a, g) in zip(layer.uses, layer.transposed, stats):
+    if use.kind == "embedding":
+      a_gram = jnp.diag(jnp.zeros((use.d_in,), dtype).at[a].add(1.0, mode="drop"))
+    else:
+      a_gram = a.astype(dtype).T @ a.astype(dtype)
+    g = g.astype(dtype)
+    a_gram, g_gram = a_gram / k, (g.T @ g) / jnp.asarray(num_examples, dtype)
+    rows, cols = (rows + g_gram, cols + a_gram) if flip else (
+        rows + a_gram, cols + g_gram)
+  return rows, cols
+
+
 def layer_batch_factors(layer, a, g, has_bias: bool, num_examples, dtype):
-  """``(A_b, G_b)`` of one batch for any Kronecker layer kind."""
+  """``(A_b, G_b)`` of one batch for any Kronecker layer kind (tied: ``a``
+  holds the uses' statistics, ``g`` is None)."""
+  if layer.kind == "tied":
+    return tied_factors(layer, a, num_examples, dtype)
   if layer.kind == "embedding":
     return embedding_factors(a, g, layer.d_in, num_examples, dtype)
   if layer.groups > 1:
