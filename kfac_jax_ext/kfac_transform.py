@@ -57,7 +57,19 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
     ema_decay: running-average cap ε (default 0.95); 0.0 = latest batch only.
     fallback: ``"identity"`` (default) or ``"diagonal"`` for leaves no layer
       owns.
-    max_factor_dim: leaves whose factors would be larger fall back (4096).
+    max_factor_dim: layers whose factors would be larger fall back (4096).
+    example_batch: a batch (arrays or ``jax.ShapeDtypeStruct``s of the shapes
+      ``loss_fn`` takes), used only to trace ``loss_fn`` at ``init``: the
+      state is then laid out per traced layer with exact factor sizes, which
+      attention kernels ``[D, H, Dh]``, embeddings (a diagonal input factor),
+      grouped/depthwise convs (one block per group) and tied tables need.
+      Without it the state is laid out from the parameter shapes alone and
+      those layers fall back (a warning names them).
+    weight_sharing: ``"expand"`` (default: token/patch positions are extra
+      examples, KFC for convs), ``"reduce"`` (positions averaged/summed per
+      example before the statistics) or ``"auto"`` (reduce for layers whose
+      positions are pooled before the loss, expand otherwise); see
+      ``kfac_jax_ext.weight_sharing``.
     axis_name: inside ``jax.pmap`` / ``jax.shard_map``, the data-parallel
       axis: statistics are averaged over it (the curvature of the global
       batch) and each device refreshes only the blocks it owns, shared by

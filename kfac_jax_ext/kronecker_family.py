@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kfac_jax_ext import checks
 from kfac_jax_ext import distributed
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
@@ -26,6 +27,7 @@ from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
 from kfac_jax_ext.state import Health, KfacState
 from kfac_jax_ext import tracing
+from kfac_jax_ext import weight_sharing as sharing_lib
 from kfac_jax_ext.blocks import diagonal
 from kfac_jax_ext.blocks import kronecker
 
@@ -48,25 +50,6 @@ class KroneckerVariant(NamedTuple):
   effective_factors: Callable
   layer_damping: Callable
   unsupported: Callable = lambda layer: None
-
-
-def check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
-                   ema_decay, damping):
-  choices = dict(damping_mode=(damping_mode, ("tikhonov", "factored")),
-                 fisher=(fisher, ("sampled", "empirical")),
-                 fallback=(fallback, ("identity", "diagonal")))
-  for name, (value, allowed) in choices.items():
-    if value not in allowed:
-      raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
-  for name, value in (("stats_every", stats_every), ("inverse_every", inverse_every)):
-    if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.integer):
-      continue  # optax.inject_hyperparams passes numeric options as arrays
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"{name} must be a positive int, got {value!r}.")
-  if isinstance(ema_decay, (int, float)) and not 0.0 <= ema_decay < 1.0:
-    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
-  if isinstance(damping, (int, float)) and damping <= 0:
-    raise ValueError(f"damping must be positive, got {damping!r}.")
 
 
 class StepContext(NamedTuple):
@@ -94,6 +77,7 @@ def kronecker_stepper(
     axis_name: str | None = None,
     has_aux: bool = False,
     example_batch: Any = None,
+    weight_sharing: str = "expand",
     name: str = "scale_by_kronecker",
 ) -> optax.GradientTransformationExtraArgs:
   """``(init_fn, step_fn)`` of the Kronecker family (options: ``scale_by_kfac``).
@@ -103,8 +87,8 @@ def kronecker_stepper(
   wraps it as an optax transformation, ``scale_by_two_level_kfac`` builds its
   coarse correction on the context.
   """
-  check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
-                 ema_decay, damping)
+  checks.check_options(damping_mode, fisher, fallback, stats_every,
+                       inverse_every, ema_decay, damping, weight_sharing)
   distributed.check_axis_name(axis_name, name)
 
   def init_fn(params):
@@ -125,10 +109,10 @@ def kronecker_stepper(
   def step_fn(updates, state, params=None, *, batch=None, key=None,
               curvature=None, due=None):
     schedule.check_due(due, name)
-    check_update_args(name, params, batch, curvature, fisher, key, due)
+    checks.check_update_args(name, params, batch, curvature, fisher, key, due)
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     grads, treedef = jax.tree_util.tree_flatten(updates)
-    check_structure(traced, grads, treedef, state)
+    checks.check_structure(traced, grads, treedef, state)
     plan = plan_lib.make_plan(traced, state.factors,
                               unsupported=variant.unsupported)
     warn_unfactored(name, plan, fallback, traced)
@@ -139,18 +123,18 @@ def kronecker_stepper(
     def new_statistics(st):
       if curvature is not None:
         batch_stats = curvature
-        check_curvature(traced, batch_stats)
+        checks.check_curvature(traced, batch_stats)
       else:
         batch_stats = statistics.statistics_pass(traced, params, batch, key,
                                                  fisher, axis_name=axis_name)[2]
       return _accumulate(plan, traced, st, batch_stats, variant, ema_decay,
-                         fallback, dtype, axis_name)
+                         fallback, dtype, axis_name, weight_sharing)
 
     def old_statistics(st):
       return (st.factors, st.traces, st.diagonals, st.statistics_count,
               st.health)
 
-    factors, traces, diags, stats_count, health = maybe(
+    factors, traces, diags, stats_count, health = schedule.maybe(
         stats_every, state.curvature_due, new_statistics, old_statistics, state,
         None if due is None else due.statistics)
 
@@ -158,7 +142,7 @@ def kronecker_stepper(
       return _refresh(plan, factors, traces, inverses, lam, variant, damping_mode,
                       axis_name)
 
-    inverses, failures = maybe(
+    inverses, failures = schedule.maybe(
         inverse_every, state.count % inverse_every == 0, refresh,
         lambda inv: (inv, jnp.zeros([], jnp.int32)), state.inverses,
         None if due is None else due.inverses)
@@ -265,67 +249,15 @@ def scale_by_kronecker(loss_fn: Callable[..., Any], variant: KroneckerVariant,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def maybe(period, pred, true_fn, false_fn, operand, static=None):
-  """``lax.cond(pred, ...)``; a direct call of one branch when ``static``
-  (a Python bool, from ``due``) decides, or when the period is statically 1."""
-  if static is not None:
-    return (true_fn if static else false_fn)(operand)
-  if isinstance(period, int) and period == 1:
-    return true_fn(operand)
-  return jax.lax.cond(pred, true_fn, false_fn, operand)
-
-
-def check_update_args(name, params, batch, curvature, fisher, key, due=None):
-  """Clear errors for a missing ``params``, ``batch`` or (sampled Fisher
-  without precomputed statistics, on an update that may take statistics)
-  ``key``."""
-  if params is None:
-    raise ValueError(f"{name} needs params: update(grads, state, params, "
-                     "batch=batch, key=key).")
-  if batch is None:
-    raise ValueError(f"{name} needs the batch loss_fn takes: "
-                     "update(grads, state, params, batch=batch, key=key).")
-  if (curvature is None and fisher == "sampled" and key is None
-      and (due is None or due.statistics)):
-    raise ValueError("fisher='sampled' draws targets from the model: pass "
-                     "key=<PRNG key> to update (or use fisher='empirical').")
-
-
-def check_structure(traced, grads, treedef, state):
-  if len(grads) != len(traced.param_shapes) or len(grads) != len(state.diagonals):
-    raise ValueError(f"updates have {len(grads)} leaves, params "
-                     f"{len(traced.param_shapes)} and the state "
-                     f"{len(state.diagonals)}: were they made from the same params?")
-  for g, shape, d in zip(grads, traced.param_shapes, state.diagonals):
-    if tuple(g.shape) != shape or tuple(d.shape) != shape:
-      raise ValueError(f"update leaf of shape {tuple(g.shape)} does not match the "
-                       f"param shape {shape} / state shape {tuple(d.shape)}.")
-
-
-def check_curvature(traced, cb):
-  if not isinstance(cb, statistics.CurvatureBatch) or len(cb.layers) != len(
-      traced.layers):
-    raise ValueError("curvature= must be the CurvatureBatch that "
-                     "kfe.value_and_grad(loss_fn) returned for this batch.")
-  for stats, layer in zip(cb.layers, traced.layers):
-    if layer.kind in ("dense", "conv2d", "embedding"):
-      a, g = stats
-      lead = (layer.groups,) if layer.groups > 1 else ()
-      a_tail = () if layer.kind == "embedding" else (layer.d_in,)
-      if (a.shape[:len(lead)] != lead or a.shape[len(lead) + 1:] != a_tail
-          or g.shape[:len(lead)] != lead or g.shape[len(lead) + 1:] != (
-              layer.d_out,) or a.shape[len(lead)] != g.shape[len(lead)]):
-        raise ValueError(
-            f"curvature statistics of layer {layer.name} have shapes "
-            f"{a.shape}, {g.shape}, inconsistent with the traced layer "
-            f"(d_in={layer.d_in}, d_out={layer.d_out}, groups={layer.groups}).")
-
-
-def layer_statistics(cb, kl):
-  """``(a, g)`` of a layer in the ``CurvatureBatch`` (a tied kernel: its
-  uses' statistics and None)."""
+def layer_statistics(cb, kl, num_examples: int, weight_sharing: str = "expand"):
+  """``(a, g)`` of a layer in the ``CurvatureBatch``, reduced over each
+  example's positions where ``weight_sharing`` says *reduce* (a tied
+  kernel: its uses' statistics and None)."""
   stats = cb.layers[kl.index]
-  return (stats, None) if kl.layer.kind == "tied" else stats
+  if kl.layer.kind == "tied":
+    return stats, None
+  r = sharing_lib.positions(kl.layer, num_examples, weight_sharing)
+  return sharing_lib.reduce_tokens(*stats, r)
 
 
 def _ema(old, new, eps):
@@ -333,7 +265,7 @@ def _ema(old, new, eps):
 
 
 def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype,
-                axis_name=None):
+                axis_name=None, weight_sharing="expand"):
   """EMA of the batch statistics into the slots; skipped if non-finite.
   With ``axis_name`` the batch statistics are averaged over the devices
   first (all of them are means over examples)."""
@@ -341,8 +273,9 @@ def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype,
   eps = jnp.minimum(1.0 - 1.0 / k, ema_decay)
   factors, traces, diags = list(st.factors), list(st.traces), list(st.diagonals)
   layer_stats = distributed.mean(
-      [variant.batch_statistics(*layer_statistics(cb, kl), kl.has_bias,
-                                traced.num_examples, dtype, kl.layer)
+      [variant.batch_statistics(
+          *layer_statistics(cb, kl, traced.num_examples, weight_sharing),
+          kl.has_bias, traced.num_examples, dtype, kl.layer)
        for kl in plan.kronecker], axis_name)
   batch_values = []
   for kl, (fa, fg, tr) in zip(plan.kronecker, layer_stats):

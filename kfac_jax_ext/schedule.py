@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+
 
 class Due(NamedTuple):
   """What one ``update`` does, decided in Python (hashable: a static argument).
@@ -79,3 +81,13 @@ def check_due(due, name: str) -> None:
     raise TypeError(f"{name}: due must be kfe.Due(statistics: bool, inverses: "
                     f"bool) made in Python (kfe.due_at), got {due!r}; mark it "
                     "static when you jit (static_argnames).")
+
+
+def maybe(period, pred, true_fn, false_fn, operand, static=None):
+  """``lax.cond(pred, ...)``; a direct call of one branch when ``static``
+  (a Python bool, from ``due``) decides, or when the period is statically 1."""
+  if static is not None:
+    return (true_fn if static else false_fn)(operand)
+  if isinstance(period, int) and period == 1:
+    return true_fn(operand)
+  return jax.lax.cond(pred, true_fn, false_fn, operand)

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kfac_jax_ext import checks
 from kfac_jax_ext import distributed
-from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import schedule
@@ -344,7 +344,7 @@ def scale_by_tengrad(
     >>> updates, state = tx.update(grads, state, params, batch=batch, key=key)
   """
   name = "scale_by_tengrad"
-  kronecker_family.check_options("tikhonov", fisher, fallback, stats_every,
+  checks.check_options("tikhonov", fisher, fallback, stats_every,
                                  inverse_every, 0.0, damping)
   _check_options(gram_batch, conv_gram, damping_mode, stats_every, inverse_every,
                  ema_decay)
@@ -374,11 +374,11 @@ def scale_by_tengrad(
       raise ValueError(f"{name} refreshes its statistics batch and its Woodbury "
                        f"inverses together: due must have statistics == "
                        f"inverses, got {due}.")
-    kronecker_family.check_update_args(name, params, batch, curvature, fisher,
+    checks.check_update_args(name, params, batch, curvature, fisher,
                                        key, due)
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     grads, treedef = jax.tree_util.tree_flatten(updates)
-    kronecker_family.check_structure(traced, grads, treedef, state)
+    checks.check_structure(traced, grads, treedef, state)
     plan = _make_plan(traced, state.blocks)
     for _, layer, reason in plan.unfactored_layers:
       warnings.warn(f"{name}: layer {layer.name} ({layer.kind}) gets no "
@@ -392,7 +392,7 @@ def scale_by_tengrad(
 
     def refresh(st):
       if curvature is not None:
-        kronecker_family.check_curvature(traced, curvature)
+        checks.check_curvature(traced, curvature)
         cb = curvature
       else:
         cb = statistics.statistics_pass(traced, params, batch, key, fisher,
@@ -400,7 +400,7 @@ def scale_by_tengrad(
       return _refresh(plan, traced, st, cb, n_local, lam, conv_gram, fallback,
                       dtype, axis_name)
 
-    blocks, diags, health = kronecker_family.maybe(
+    blocks, diags, health = schedule.maybe(
         period, state.count % period == 0, refresh,
         lambda st: (st.blocks, st.diagonals, st.health), state,
         None if due is None else due.statistics)

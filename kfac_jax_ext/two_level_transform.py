@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kfac_jax_ext import checks
 from kfac_jax_ext import coarse
 from kfac_jax_ext import distributed
 from kfac_jax_ext import kfac_transform
@@ -257,7 +258,7 @@ def scale_by_two_level_kfac(
     # Multiplicative/balanced combinations read the batch statistics every step.
     needs_batch = None if due is None else due._replace(
         statistics=due.statistics or every_step)
-    kronecker_family.check_update_args(name, params, batch, curvature, fisher,
+    checks.check_update_args(name, params, batch, curvature, fisher,
                                        key, needs_batch)
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     if curvature is not None:
@@ -281,7 +282,7 @@ def scale_by_two_level_kfac(
     slots = coarse.leaf_slots(shapes, coarse_space)
     spectral = state.spectral
     if coarse_space == "spectral":     # fresh vectors first: R is the same below
-      spectral = kronecker_family.maybe(
+      spectral = schedule.maybe(
           inverse_every, refresh_due,
           lambda sp: _spectral_vectors(ctx.plan, base_state, sp, variant,
                                        axis_name),
@@ -306,7 +307,7 @@ def scale_by_two_level_kfac(
 
     # Multiplicative/balanced: F_c from the step's own batch, the batch of the
     # Fisher-vector products, so that R(∇ − F_λΔ) = 0 holds at every step.
-    coarse_a, coarse_g, coarse_count, health = kronecker_family.maybe(
+    coarse_a, coarse_g, coarse_count, health = schedule.maybe(
         1 if every_step else stats_every, stats_due, accumulate,
         lambda st: (st.coarse_a, st.coarse_g, st.coarse_count, st.health), state,
         None if every_step else static_stats)
@@ -319,7 +320,7 @@ def scale_by_two_level_kfac(
           ~ok).astype(jnp.int32))
       return jnp.where(ok, new, inverse), health
 
-    inverse, health = kronecker_family.maybe(
+    inverse, health = schedule.maybe(
         1 if every_step else inverse_every, refresh_due, refresh, lambda o: o,
         (state.coarse_inverse, health), None if every_step else static_refresh)
 

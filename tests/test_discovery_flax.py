@@ -125,33 +125,29 @@ def test_a_kernel_sliced_into_two_matrices_says_so():
 
 def test_rmsnorm_one_plus_scale_is_exact():
   """Gemma's ``x * (1 + scale)``: the scale gets its exact diagonal Fisher."""
-  jax.config.update("jax_enable_x64", True)
-  try:
-    d = 4
-    params = {"scale": jnp.linspace(-0.3, 0.3, d), "w": jax.random.normal(
-        jax.random.PRNGKey(0), (d, 3))}
+  d = 4
+  params = {"scale": jnp.linspace(-0.3, 0.3, d), "w": jax.random.normal(
+      jax.random.PRNGKey(0), (d, 3))}
 
-    def model(p, x):
-      x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
-      return (x * (1 + p["scale"])) @ p["w"]
+  def model(p, x):
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+    return (x * (1 + p["scale"])) @ p["w"]
 
-    x = jax.random.normal(jax.random.PRNGKey(1), (6, d))
-    y = jnp.array([0, 1, 2, 0, 1, 2])
-    batch = {"x": x, "y": y}
-    loss = lambda p, b: kfe.softmax_cross_entropy(model(p, b["x"]), b["y"])
-    kinds = [(l.kind, l.params) for l in kfe.find_layers(loss, params, batch)]
-    assert ("scale_and_shift", (("scale",),)) in kinds
-    lam = 0.1
-    tx = kfe.scale_by_kfac(loss, damping=lam, ema_decay=0.0, fisher="empirical")
-    grads = jax.grad(loss)(params, batch)
-    upd = tx.update(grads, tx.init(params), params, batch=batch)[0]
-    per_ex = jax.vmap(jax.grad(lambda p, x, y: -jax.nn.log_softmax(
-        model(p, x[None])[0])[y]), (None, 0, 0))(params, x, y)
-    diag = jnp.mean(per_ex["scale"] ** 2, axis=0)
-    np.testing.assert_allclose(upd["scale"], grads["scale"] / (diag + lam),
-                               rtol=1e-10)
-  finally:
-    jax.config.update("jax_enable_x64", False)
+  x = jax.random.normal(jax.random.PRNGKey(1), (6, d))
+  y = jnp.array([0, 1, 2, 0, 1, 2])
+  batch = {"x": x, "y": y}
+  loss = lambda p, b: kfe.softmax_cross_entropy(model(p, b["x"]), b["y"])
+  kinds = [(l.kind, l.params) for l in kfe.find_layers(loss, params, batch)]
+  assert ("scale_and_shift", (("scale",),)) in kinds
+  lam = 0.1
+  tx = kfe.scale_by_kfac(loss, damping=lam, ema_decay=0.0, fisher="empirical")
+  grads = jax.grad(loss)(params, batch)
+  upd = tx.update(grads, tx.init(params), params, batch=batch)[0]
+  per_ex = jax.vmap(jax.grad(lambda p, x, y: -jax.nn.log_softmax(
+      model(p, x[None])[0])[y]), (None, 0, 0))(params, x, y)
+  diag = jnp.mean(per_ex["scale"] ** 2, axis=0)
+  np.testing.assert_allclose(upd["scale"], grads["scale"] / (diag + lam),
+                             rtol=1e-10)
 
 
 def test_forgetting_has_aux_says_what_to_do():

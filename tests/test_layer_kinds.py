@@ -22,11 +22,6 @@ from tests import oracles
 LAM = 0.05
 
 
-@pytest.fixture(autouse=True)
-def _x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
 
 
 def _f64(tree):

@@ -1,0 +1,76 @@
+"""Argument checks shared by the preconditioners: clear errors that name the
+problem and what to do, raised at trace time before any state changes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kfac_jax_ext import statistics
+from kfac_jax_ext import weight_sharing as sharing_lib
+
+
+def check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
+                  ema_decay, damping, weight_sharing="expand"):
+  sharing_lib.check_mode(weight_sharing)
+  choices = dict(damping_mode=(damping_mode, ("tikhonov", "factored")),
+                 fisher=(fisher, ("sampled", "empirical")),
+                 fallback=(fallback, ("identity", "diagonal")))
+  for name, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+  for name, value in (("stats_every", stats_every), ("inverse_every", inverse_every)):
+    if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.integer):
+      continue  # optax.inject_hyperparams passes numeric options as arrays
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}.")
+  if isinstance(ema_decay, (int, float)) and not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
+  if isinstance(damping, (int, float)) and damping <= 0:
+    raise ValueError(f"damping must be positive, got {damping!r}.")
+
+
+def check_update_args(name, params, batch, curvature, fisher, key, due=None):
+  """Clear errors for a missing ``params``, ``batch`` or (sampled Fisher
+  without precomputed statistics, on an update that may take statistics)
+  ``key``."""
+  if params is None:
+    raise ValueError(f"{name} needs params: update(grads, state, params, "
+                     "batch=batch, key=key).")
+  if batch is None:
+    raise ValueError(f"{name} needs the batch loss_fn takes: "
+                     "update(grads, state, params, batch=batch, key=key).")
+  if (curvature is None and fisher == "sampled" and key is None
+      and (due is None or due.statistics)):
+    raise ValueError("fisher='sampled' draws targets from the model: pass "
+                     "key=<PRNG key> to update (or use fisher='empirical').")
+
+
+def check_structure(traced, grads, treedef, state):
+  if len(grads) != len(traced.param_shapes) or len(grads) != len(state.diagonals):
+    raise ValueError(f"updates have {len(grads)} leaves, params "
+                     f"{len(traced.param_shapes)} and the state "
+                     f"{len(state.diagonals)}: were they made from the same params?")
+  for g, shape, d in zip(grads, traced.param_shapes, state.diagonals):
+    if tuple(g.shape) != shape or tuple(d.shape) != shape:
+      raise ValueError(f"update leaf of shape {tuple(g.shape)} does not match the "
+                       f"param shape {shape} / state shape {tuple(d.shape)}.")
+
+
+def check_curvature(traced, cb):
+  if not isinstance(cb, statistics.CurvatureBatch) or len(cb.layers) != len(
+      traced.layers):
+    raise ValueError("curvature= must be the CurvatureBatch that "
+                     "kfe.value_and_grad(loss_fn) returned for this batch.")
+  for stats, layer in zip(cb.layers, traced.layers):
+    if layer.kind in ("dense", "conv2d", "embedding"):
+      a, g = stats
+      lead = (layer.groups,) if layer.groups > 1 else ()
+      a_tail = () if layer.kind == "embedding" else (layer.d_in,)
+      if (a.shape[:len(lead)] != lead or a.shape[len(lead) + 1:] != a_tail
+          or g.shape[:len(lead)] != lead or g.shape[len(lead) + 1:] != (
+              layer.d_out,) or a.shape[len(lead)] != g.shape[len(lead)]):
+        raise ValueError(
+            f"curvature statistics of layer {layer.name} have shapes "
+            f"{a.shape}, {g.shape}, inconsistent with the traced layer "
+            f"(d_in={layer.d_in}, d_out={layer.d_out}, groups={layer.groups}).")
