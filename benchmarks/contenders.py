@@ -8,7 +8,8 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   aliases with momentum 0.9, KL-clip ``task.kl_clip``, statistics and inverses
   refreshed every ``task.period`` steps, every other option at its default
   (K-FAC: ``damping_mode="factored"``, the π-adjusted damping kfac-jax uses;
-  TENGraD: ``gram_batch`` = the batch size, capped at 1000). The step is
+  TENGraD: ``gram_batch`` = the batch size, capped at 1000), and the state
+  laid out from an ``example_batch`` (so every layer kind gets its block). The step is
   the fused one: ``kfe.value_and_grad`` computes loss, gradient and curvature
   statistics in one pass, statistics only on refresh steps. The schedule
   is static (``kfe.due_at`` of the step number, as kfac-jax's
@@ -86,6 +87,10 @@ def _optax(name, task, make):
 def _natural(name, task, alias, options):
   if name != "tengrad":      # TENGraD keeps no running average
     options = {"ema_decay": task.ema_decay, **options}
+  # the state laid out per traced layer: attention kernels, embeddings and
+  # grouped convs get blocks
+  options = {"example_batch": task.sample_batch(np.random.default_rng(0)),
+             **options}
 
   def make(lr, damping):
     return alias(task.loss_fn, lr, damping=damping, momentum=MOMENTUM,

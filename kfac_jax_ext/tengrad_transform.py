@@ -81,22 +81,42 @@ def _make_plan(traced, blocks) -> plan_lib.Plan:
   m = traced.num_examples
   for kl in plan.kronecker:
     tokens = math.prod(kl.layer.outputs_shape) // kl.layer.d_out
-    factored = woodbury.layout(traced.param_shapes[kl.layer.kernel]) == "factored"
+    factored = blocks[kl.layer.kernel].per_example is None
     if factored and tokens != m:
       unfactored.append((kl.index, kl.layer,
                          f"{tokens // m} locations per example on a 2-D kernel "
-                         "(TENGraD stores one input and one output per example "
-                         "for 2-D kernels)"))
+                         "laid out for one (pass example_batch= to lay it out "
+                         "for per-example gradients)"))
     else:
       keep.append(kl)
   return dataclasses.replace(plan, kronecker=tuple(keep),
                              unfactored_layers=tuple(unfactored))
 
 
+def _layout_blocks(traced, capacity, dtype, damping):
+  """Per leaf, a ``WoodburyBlock`` sized for the traced layer of which it is
+  the kernel (None elsewhere): factored for one position per loss example,
+  explicit per-example gradients otherwise."""
+  blocks = [None] * len(traced.param_shapes)
+  total = 0
+  for layer in traced.layers:
+    if _unsupported(layer) is not None or layer.kind == "scale_and_shift":
+      continue
+    positions = math.prod(layer.outputs_shape) // layer.d_out // traced.num_examples
+    side = plan_lib.natural_a_side(layer, len(traced.param_shapes[layer.kernel]))
+    blocks[layer.kernel] = woodbury.init_layer_block(
+        layer.d_a, layer.d_out, side, positions == 1, capacity, dtype, damping)
+    total += sum(x.size for x in jax.tree_util.tree_leaves(blocks[layer.kernel]))
+  woodbury.check_fits(total * jnp.dtype(dtype).itemsize,
+                      f"scale_by_tengrad's state (gram_batch={capacity})",
+                      "lower gram_batch.")
+  return tuple(blocks)
+
+
 def _unsupported(layer):
-  if layer.is_plain:
+  if layer.is_plain or layer.kind == "scale_and_shift":
     return None
-  what = "embedding" if layer.kind == "embedding" else "grouped conv"
+  what = {"embedding": "embedding", "tied": "tied"}.get(layer.kind, "grouped conv")
   return f"TENGraD has no Woodbury block for {what} layers yet"
 
 
@@ -114,14 +134,14 @@ def _block_fits(layer, block, a_side) -> bool:
           and getattr(block, g_side).shape[1] >= d_g)
 
 
-def _gram_memory_check(plan, traced, n, capacity, conv_gram, dtype):
+def _gram_memory_check(plan, traced, blocks, n, capacity, conv_gram, dtype):
   """Raises before the refresh's transient arrays exceed free memory."""
   size = jnp.dtype(dtype).itemsize
   total = 0
   for kl in plan.kronecker:
     t = math.prod(kl.layer.outputs_shape) // kl.layer.d_out // traced.num_examples
     total += capacity * capacity * 2
-    if woodbury.layout(traced.param_shapes[kl.layer.kernel]) == "explicit":
+    if blocks[kl.layer.kernel].per_example is not None:
       total += n * kl.d_a * kl.d_g + n * t * (kl.d_a + kl.d_g)
       if conv_gram == "exact" and woodbury.factored_conv_gram_is_cheaper(
           t, kl.d_a, kl.d_g):
@@ -278,6 +298,7 @@ def scale_by_tengrad(
     fallback: str = "identity",
     axis_name: str | None = None,
     has_aux: bool = False,
+    example_batch: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions gradients with TENGraD's exact per-layer Fisher blocks.
 
@@ -330,6 +351,13 @@ def scale_by_tengrad(
       it owns (``kfac_jax_ext.distributed``). Scale: ``F = UUᵀ/n`` with n the
       gathered count.
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
+    example_batch: a batch (arrays or shape structs), used only to trace
+      ``loss_fn`` at ``init`` and lay the blocks out per layer: a layer with
+      one position per loss example stores ``Ā``, ``G``; one with several
+      (a dense layer over tokens of a per-sequence loss, a conv) stores its
+      exact per-example gradients, so ``[N, T, D]`` layers and 3-D attention
+      kernels get exact Woodbury blocks. Without it the layout follows the
+      leaf shapes and such layers fall back (a warning names them).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -355,12 +383,17 @@ def scale_by_tengrad(
     dtype = linalg.factor_dtype()
     leaves = jax.tree_util.tree_leaves(params)
     shapes = [tuple(jnp.shape(x)) for x in leaves]
-    total = sum(woodbury.storage_elements(s, gram_batch) for s in shapes)
-    woodbury.check_fits(total * jnp.dtype(dtype).itemsize,
-                        f"{name}'s state (gram_batch={gram_batch})",
-                        "lower gram_batch.")
     lam0 = damping(0) if callable(damping) else damping
-    blocks = tuple(woodbury.init_block(s, gram_batch, dtype, lam0) for s in shapes)
+    if example_batch is not None:
+      traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux)
+      blocks = _layout_blocks(traced, gram_batch, dtype, lam0)
+    else:
+      total = sum(woodbury.storage_elements(s, gram_batch) for s in shapes)
+      woodbury.check_fits(total * jnp.dtype(dtype).itemsize,
+                          f"{name}'s state (gram_batch={gram_batch})",
+                          "lower gram_batch.")
+      blocks = tuple(woodbury.init_block(s, gram_batch, dtype, lam0)
+                     for s in shapes)
     diags = tuple(jnp.zeros(s, dtype) for s in shapes)
     zero = lambda: jnp.zeros([], jnp.int32)
     return TengradState(zero(), jnp.array(True), blocks, diags,
@@ -388,7 +421,8 @@ def scale_by_tengrad(
     lam = jnp.asarray(damping(state.count) if callable(damping) else damping,
                       dtype)
     n_local, n = _examples(traced, gram_batch, axis_name)
-    _gram_memory_check(plan, traced, n, gram_batch, conv_gram, dtype)
+    _gram_memory_check(plan, traced, state.blocks, n, gram_batch, conv_gram,
+                       dtype)
 
     def refresh(st):
       if curvature is not None:

@@ -240,3 +240,60 @@ def test_grouped_conv_factors_equal_separate_convs_over_locations():
                                rtol=1e-10)
     np.testing.assert_allclose(fa.cols[j], split_state.factors[k_leaf].cols,
                                rtol=1e-10)
+
+
+def test_tengrad_on_token_layers_uses_per_example_grams():
+  """A dense layer over ``[N, T, D]`` with a per-sequence loss and a 3-D
+  attention kernel: TENGraD's update equals ``solve(λI + UUᵀ/n, ∇)`` with U
+  from ``vmap(grad)`` over the first ``gram_batch`` *examples*."""
+  n, t, d, c = 5, 4, 3, 2
+  ks = jax.random.split(jax.random.PRNGKey(0), 4)
+  params = {"w": jax.random.normal(ks[0], (d, 2, 3)) / 2, "b": jnp.zeros((2, 3)),
+            "head": jax.random.normal(ks[1], (6, c))}
+
+  def model(p, x):
+    h = jnp.tanh(jnp.einsum("btd,dnh->btnh", x, p["w"]) + p["b"])
+    return h.mean(axis=1).reshape(x.shape[0], -1) @ p["head"]
+
+  x = jax.random.normal(ks[2], (n, t, d))
+  y = jnp.array([0, 1, 1, 0, 1])
+  batch = {"x": x, "y": y}
+  loss = lambda p, b: kfe.softmax_cross_entropy(model(p, b["x"]), b["y"])
+  gram = 3
+  tx = kfe.scale_by_tengrad(loss, damping=LAM, fisher="empirical",
+                            gram_batch=gram, example_batch=batch)
+  grads = jax.grad(loss)(params, batch)
+  upd = tx.update(grads, tx.init(params), params, batch=batch)[0]
+  per_ex = jax.vmap(jax.grad(lambda p, x, y: -jax.nn.log_softmax(
+      model(p, x[None])[0])[y]), (None, 0, 0))(params, x, y)
+  u = jnp.concatenate([per_ex["w"][:gram].reshape(gram, -1),
+                       per_ex["b"][:gram].reshape(gram, -1)], axis=1)
+  v = jnp.concatenate([grads["w"].ravel(), grads["b"].ravel()])
+  expected = jnp.linalg.solve(LAM * jnp.eye(v.shape[0]) + u.T @ u / gram, v)
+  got = jnp.concatenate([upd["w"].ravel(), upd["b"].ravel()])
+  np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+  # the head (one position per example) keeps the factored layout
+  state = tx.init(params)
+  assert state.blocks[1].per_example is None and state.blocks[2].per_example is not None
+
+
+def test_sampled_statistics_of_a_sequence_softmax_converge():
+  """``[N, T, C]`` logits, one sampled target per position: the average of
+  the output layer's G over draws is ``(1/M) Σ_tok (diag p − p pᵀ)``."""
+  n, t, d, c = 2, 3, 4, 5
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), (d, c)),
+            "b": jnp.zeros(c)}
+  x = jax.random.normal(jax.random.PRNGKey(1), (n, t, d))
+  batch = {"x": x, "y": jnp.zeros((n, t), jnp.int32)}
+  loss = lambda p, b: kfe.softmax_cross_entropy(b["x"] @ p["w"] + p["b"], b["y"])
+  tx = kfe.scale_by_kfac(loss, ema_decay=0.0, example_batch=batch)
+  grads = jax.grad(loss)(params, batch)
+  state0 = tx.init(params)
+  draws = 3000
+  g_draws = jax.jit(jax.vmap(lambda k: tx.update(
+      grads, state0, params, batch=batch, key=k)[1].factors[1].cols))(
+          jax.random.split(jax.random.PRNGKey(2), draws))
+  p = jax.nn.softmax(x @ params["w"] + params["b"]).reshape(n * t, c)
+  exact = jnp.mean(jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(p), axis=0)
+  se = g_draws.std(axis=0) / np.sqrt(draws)
+  assert np.all(np.abs(g_draws.mean(axis=0) - exact) < 5 * se + 1e-12)

@@ -80,29 +80,45 @@ def test_reduce_is_not_exact_with_a_nonlinearity_before_the_pooling():
   assert jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact) > 0.01
 
 
-def test_reduce_factors_match_brute_force_and_type2_value():
-  """Many examples, sampled targets: ``A = Σ_n â âᵀ / N`` exactly; the
-  average of ``G`` over target draws is ``R² W₂W₂ᵀ`` (the type-2 value for
-  a linear network with a square loss after a sum), so ``A ⊗ E[G]`` is the
-  GGN block ``(1/N) Σ_n (R â_n)(R â_n)ᵀ ⊗ W₂W₂ᵀ``."""
+@pytest.mark.parametrize("sharing", ["expand", "reduce"])
+def test_sampled_factors_converge_to_the_type2_ggn_block(sharing):
+  """Linear network, square loss, sampled targets (many draws).
+
+  *reduce*, positions summed right before the loss: ``A = Σ_n â âᵀ / N``
+  exactly and ``E[G] = R² W₂W₂ᵀ``, so ``A ⊗ E[G]`` is the GGN block
+  ``(1/N) Σ_n (R â_n)(R â_n)ᵀ ⊗ W₂W₂ᵀ``. *expand*, one loss term per
+  position (M = N·R): ``A = Σ ā āᵀ / (N R)`` and ``E[G] = W₂W₂ᵀ``, so
+  ``A ⊗ E[G]`` is the GGN block ``(1/M) Σ_{n,r} ā āᵀ ⊗ W₂W₂ᵀ``.
+  """
   params = _params(c=2)
   n, r = 4, 3
   x = jax.random.normal(jax.random.PRNGKey(2), (n, r, 3))
-  batch = {"x": x, "y": jnp.zeros((n, 2))}
-  loss = lambda p, b: kfe.squared_error(_model(jnp.sum)(p, b["x"]), b["y"])
-  tx = kfe.scale_by_kfac(loss, ema_decay=0.0, weight_sharing="reduce",
+  if sharing == "reduce":
+    model = _model(jnp.sum)
+    batch = {"x": x, "y": jnp.zeros((n, 2))}
+  else:
+    model = lambda p, x: (x @ p["w1"] + p["b1"]) @ p["w2"]
+    batch = {"x": x, "y": jnp.zeros((n, r, 2))}
+  loss = lambda p, b: kfe.squared_error(model(p, b["x"]), b["y"])
+  tx = kfe.scale_by_kfac(loss, ema_decay=0.0, weight_sharing=sharing,
                          example_batch=batch)
   grads = jax.grad(loss)(params, batch)
   state0 = tx.init(params)
+  draws = 2000
   factors = jax.jit(jax.vmap(lambda k: tx.update(
       grads, state0, params, batch=batch, key=k)[1].factors[1]))(
-          jax.random.split(jax.random.PRNGKey(3), 2000))
-  abar = jnp.concatenate([x.mean(axis=1), jnp.ones((n, 1))], axis=1)
-  np.testing.assert_allclose(factors.rows[0], abar.T @ abar / n, rtol=1e-12)
+          jax.random.split(jax.random.PRNGKey(3), draws))
+  xbar = jnp.concatenate([x, jnp.ones((n, r, 1))], axis=-1)
+  if sharing == "reduce":
+    abar = xbar.mean(axis=1)
+    a_exact, g_exact = abar.T @ abar / n, r ** 2 * params["w2"] @ params["w2"].T
+  else:
+    flat = xbar.reshape(n * r, -1)
+    a_exact, g_exact = flat.T @ flat / (n * r), params["w2"] @ params["w2"].T
+  np.testing.assert_allclose(factors.rows[0], a_exact, rtol=1e-12)
   g_mean = factors.cols.mean(axis=0)
-  g_se = factors.cols.std(axis=0) / np.sqrt(2000)
-  target = r ** 2 * params["w2"] @ params["w2"].T
-  assert np.all(np.abs(g_mean - target) < 5 * g_se + 1e-12)
+  g_se = factors.cols.std(axis=0) / np.sqrt(draws)
+  assert np.all(np.abs(g_mean - g_exact) < 5 * g_se + 1e-12)
 
 
 def test_auto_chooses_per_layer():

@@ -91,6 +91,21 @@ def init_block(shape, capacity: int, dtype, damping) -> WoodburyBlock | None:
                        jnp.ones([], dtype), jnp.asarray(damping, dtype))
 
 
+def init_layer_block(d_a: int, d_g: int, a_side: str, factored: bool,
+                     capacity: int, dtype, damping) -> WoodburyBlock:
+  """An exact-size block for one layer: ``Ā [N, d_a]`` in ``a_side`` and
+  ``G [N, d_g]`` in the other (``factored``), else per-example gradients
+  ``[N, d_a, d_g]``."""
+  if factored:
+    sizes = {a_side: d_a, ("cols" if a_side == "rows" else "rows"): d_g}
+    rows, cols, per = (jnp.zeros((capacity, sizes["rows"]), dtype),
+                       jnp.zeros((capacity, sizes["cols"]), dtype), None)
+  else:
+    rows, cols, per = None, None, jnp.zeros((capacity, d_a, d_g), dtype)
+  return WoodburyBlock(rows, cols, per, jnp.zeros((capacity, capacity), dtype),
+                       jnp.ones([], dtype), jnp.asarray(damping, dtype))
+
+
 def available_memory_bytes() -> int | None:
   """Free memory of the default device (accelerator limit, or host RAM)."""
   try:
