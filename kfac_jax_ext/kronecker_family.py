@@ -97,7 +97,8 @@ def kronecker_stepper(
     if example_batch is not None:
       traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux)
       factors, inverses, traces = layout_entries(traced, dtype, damping_mode,
-                                                 max_factor_dim)
+                                                 max_factor_dim,
+                                                 variant.unsupported)
     else:
       factors, inverses, traces = guessed_entries(leaves, dtype, damping_mode,
                                                   max_factor_dim)
@@ -159,14 +160,15 @@ def kronecker_stepper(
   return init_fn, step_fn
 
 
-def layout_entries(traced, dtype, mode: str, max_factor_dim: int):
+def layout_entries(traced, dtype, mode: str, max_factor_dim: int,
+                   unsupported=lambda layer: None):
   """Per leaf ``(factors, inverses, traces)`` laid out exactly from the traced
-  layers: each dense/conv/embedding kernel gets its layer's factor shapes
-  (``plan.factor_shapes``); every other leaf None."""
+  layers: each kernel of a layer the variant supports gets its layer's
+  factor shapes (``plan.factor_shapes``); every other leaf None."""
   n = len(traced.param_shapes)
   factors, inverses, traces = [None] * n, [None] * n, [None] * n
   for layer in traced.layers:
-    if layer.kind == "scale_and_shift":
+    if layer.kind == "scale_and_shift" or unsupported(layer) is not None:
       continue
     a_shape, g_shape = plan_lib.factor_shapes(layer)
     dense_dims = [d for s in (a_shape, g_shape) if len(s) > 1 for d in s[-2:]]

@@ -34,7 +34,7 @@ import numpy as np
 ELEMENTWISE_VIEW = {"convert_element_type", "copy", "copy_p", "reduce_precision",
                     "pvary", "pcast"}
 STRUCTURAL_VIEW = ELEMENTWISE_VIEW | {"reshape", "broadcast_in_dim", "transpose",
-                                      "squeeze", "expand_dims"}
+                                      "squeeze", "expand_dims", "slice"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +69,9 @@ class LayerMatch:
   outputs_shape: tuple = ()
   d_in: int = 0
   d_out: int = 0
-  uses: tuple = ()          # tied: one LayerMatch per use of the kernel
+  uses: tuple = ()          # tied/stacked: one LayerMatch per use of the kernel
   transposed: tuple = ()    # tied: per use, whether its input is the G side
+  stacked: bool = False     # a kernel [k, ...] whose slices are k layers
 
   @property
   def leaves(self) -> tuple[int, ...]:
@@ -188,6 +189,24 @@ def match_embedding(use, eqn, leaf_shape):
 
 MATCHERS = {"dot_general": match_dense, "conv_general_dilated": match_conv,
             "gather": match_embedding}
+
+
+def leading_slice(chain, leaf_shape):
+  """``(j, rest)`` when a view chain starts by taking ``leaf[j]`` (a unit
+  ``slice`` of the leading axis, then that axis dropped); None otherwise."""
+  if len(chain) < 2 or chain[0][0].name != "slice":
+    return None
+  (_, sl), (p1, prm1) = chain[0], chain[1]
+  start, limit = tuple(sl["start_indices"]), tuple(sl["limit_indices"])
+  strides = sl.get("strides")
+  if (strides not in (None, (1,) * len(start)) or limit[0] - start[0] != 1
+      or any(start[1:]) or limit[1:] != tuple(leaf_shape[1:])):
+    return None
+  if p1.name == "squeeze" and tuple(prm1["dimensions"]) == (0,):
+    return start[0], chain[2:]
+  if p1.name == "reshape" and tuple(prm1["new_sizes"]) == tuple(leaf_shape[1:]):
+    return start[0], chain[2:]
+  return None
 
 
 def layer_sizes(m: dict, leaf_shape) -> tuple[int, int]:

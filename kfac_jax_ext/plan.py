@@ -15,15 +15,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kfac_jax_ext import tracing
 
 NO_EXAMPLE_BATCH = (
-    "the state was laid out from the parameter shapes alone; pass "
-    "example_batch=<a batch> when building the optimizer so that the layout "
-    "follows the traced layers")
+    "its kernel's state entry cannot hold the layer's factors: the state was "
+    "laid out from the parameter shapes alone (or for another batch "
+    "structure); pass example_batch=<a batch> when building the optimizer so "
+    "that the layout follows the traced layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +126,11 @@ def make_plan(traced: tracing.TracedLoss, entries,
 
 def to_matrix(layer: tracing.LayerMatch, kernel, bias=None):
   """Kernel (+ bias row) as the canonical ``[d_in(+1), d_out]`` matrix
-  (``[groups, d_in(+1), d_out]`` for a grouped conv)."""
+  (``[groups, d_in(+1), d_out]`` for a grouped conv or the slices of a
+  stacked kernel)."""
+  if layer.stacked:
+    return jax.vmap(lambda w: jnp.transpose(w, layer.kernel_perm).reshape(
+        layer.d_in, layer.d_out))(kernel)
   if layer.groups > 1:
     m = jnp.transpose(kernel, layer.kernel_perm).reshape(
         layer.d_in, layer.groups, layer.d_out).transpose(1, 0, 2)
@@ -141,6 +147,10 @@ def to_matrix(layer: tracing.LayerMatch, kernel, bias=None):
 def from_matrix(layer: tracing.LayerMatch, m, kernel_shape, has_bias: bool):
   """Inverse of ``to_matrix``: ``(kernel, bias or None)``."""
   perm = layer.kernel_perm
+  if layer.stacked:
+    permuted = tuple(kernel_shape[1:][p] for p in perm)
+    return jax.vmap(lambda x: jnp.transpose(
+        x[:layer.d_in].reshape(permuted), tuple(np.argsort(perm))))(m), None
   permuted = tuple(kernel_shape[p] for p in perm)
   if layer.groups > 1:
     kernel = m[:, :layer.d_in].transpose(1, 0, 2).reshape(permuted)

@@ -10,8 +10,8 @@ Fisher objective ``sum_n sqrt(w_n) l_n(ŷ_n)`` (sampled or data targets) gives
 Canonical per-layer statistics (tokens = all non-feature positions, K of them):
 ``a``: ``[K, d_in]`` layer inputs (conv: im2col patches, feature order
 (C, kh, kw); embedding: the ids ``[K]``); ``g``: ``[K, d_out]`` (grouped
-conv: ``[G, K, d_in]`` and ``[G, K, d_out]``, one block per group; tied
-kernel: one ``(a, g)`` per use). With M the number of loss examples, the
+conv: ``[G, K, d_in]`` and ``[G, K, d_out]``, one block per group, and so
+for the k slices of a stacked kernel; tied kernel: one ``(a, g)`` per use). With M the number of loss examples, the
 K-FAC block of the mean loss is ``A ⊗ G``, ``A = āᵀā / K``, ``G = gᵀg / M``.
 """
 
@@ -136,9 +136,12 @@ def _canonical_inputs(layer: tracing.LayerMatch, x):
 
 
 def _layer_statistics(layer, traced, captured, probe_grads, li):
-  if layer.kind == "tied":   # per use, in the use's own orientation
-    return tuple(_layer_statistics(use, traced, {("a", li, 0): captured[
+  if layer.uses:   # tied: per use, in its own orientation; stacked: per slice
+    per_use = tuple(_layer_statistics(use, traced, {("a", li, 0): captured[
         ("a", li, ci)]}, probe_grads, li) for ci, use in enumerate(layer.uses))
+    if layer.stacked:
+      return tuple(jnp.stack(x) for x in zip(*per_use))
+    return per_use
   if layer.kind in ("dense", "conv2d", "embedding"):
     a = _canonical_inputs(layer, captured[("a", li, 0)])
     g = _to_end(probe_grads[layer.probes[0]], layer.out_axes)

@@ -265,6 +265,32 @@ def _tied(uses, matched):
       transposed=tuple(transposed))
 
 
+def _stacked(uses, shape, matched):
+  """One ``stacked`` layer for a kernel ``[k, ...]`` whose uses are its k
+  slices ``W[j]``, each once, each a dense layer of the same shape."""
+  if any(u.reason for u in uses) or len(uses) != shape[0]:
+    return None
+  per_slice = {}
+  for u in uses:
+    found = patterns.leading_slice(u.view.chain, shape)
+    if found is None or found[0] in per_slice:
+      return None
+    j, rest = found
+    m = matched(dataclasses.replace(u, view=_View(u.leaf, rest)), shape[1:])
+    if m is None or m[1].kind != "dense":
+      return None
+    per_slice[j] = m[1]
+  layers = tuple(per_slice[j] for j in range(shape[0]))
+  first = layers[0]
+  if any((l.kernel_perm, l.n_in, l.d_in, l.d_out) != (
+      first.kernel_perm, first.n_in, first.d_in, first.d_out) for l in layers):
+    return None
+  return dataclasses.replace(
+      first, groups=shape[0], stacked=True, uses=layers,
+      captures=sum((l.captures for l in layers), ()),
+      probes=sum((l.probes for l in layers), ()))
+
+
 def _match_layers(walker, shapes, paths, n):
   by_leaf: dict[int, list[_Use]] = {i: [] for i in range(n)}
   at_operand: dict[tuple, _Use] = {}   # (path, eqn, operand) -> parameter use
@@ -275,18 +301,20 @@ def _match_layers(walker, shapes, paths, n):
   taken: set[int] = set()
   found = []  # (site, LayerMatch)
 
-  def matched(use):
-    """The use's pattern and LayerMatch (no bias), or None."""
+  def matched(use, shape=None):
+    """The use's pattern and LayerMatch (no bias), or None; ``shape``: the
+    shape the use's view chain starts from (default: the leaf's)."""
+    shape = shapes[use.leaf] if shape is None else shape
     jaxpr = walker.jaxprs[use.path]
     eqn = jaxpr.eqns[use.eqn]
     matcher = patterns.MATCHERS.get(use.primitive)
-    m = matcher(use, eqn, shapes[use.leaf]) if matcher else None
+    m = matcher(use, eqn, shape) if matcher else None
     if m is None or (use.path, use.eqn, m["x_operand"]) in at_operand:
       return None  # no pattern, or the layer input is itself a parameter
     x = eqn.invars[m["x_operand"]]
-    d_in, d_out = patterns.layer_sizes(m, shapes[use.leaf])
+    d_in, d_out = patterns.layer_sizes(m, shape)
     if m["kind"] == "embedding":
-      d_in = shapes[use.leaf][0]
+      d_in = shape[0]
     out_axes = tuple(a % len(eqn.outvars[0].aval.shape) for a in m["out_axes"])
     return m, LayerMatch(
         kind=m["kind"], name=_module_name(paths, use.leaf), kernel=use.leaf,
@@ -315,10 +343,13 @@ def _match_layers(walker, shapes, paths, n):
     found.append(((use.path, use.eqn), layer))
 
   for leaf, uses in by_leaf.items():
-    tied = _tied(uses, matched) if len(uses) > 1 else None
-    if tied is not None:
+    if len(uses) < 2:
+      continue
+    layer = _tied(uses, matched) or _stacked(uses, shapes[leaf], matched)
+    if layer is not None:
       taken.add(leaf)
-      found.append(((uses[0].path, uses[0].eqn), tied))
+      first = min(uses, key=lambda u: u.path + (u.eqn,))
+      found.append(((first.path, first.eqn), layer))
 
   groups: dict[str, dict] = {}
   for leaf, use in single.items():
@@ -361,9 +392,10 @@ def _reason(walker, uses, shape) -> str:
     return "not used by loss_fn"
   if len(uses) > 1:
     prims = sorted({u.primitive for u in uses})
-    if all(u.primitive in ("slice", "dynamic_slice") for u in uses):
-      return (f"sliced into {len(uses)} parts ({', '.join(prims)}): one block "
-              "per slice is not supported yet")
+    if all(u.primitive in ("slice", "dynamic_slice") or any(
+        p.name == "slice" for p, _ in u.view.chain) for u in uses):
+      return (f"sliced into {len(uses)} parts ({', '.join(prims)}) that are "
+              "not all dense layers of one shape over leading-axis slices")
     if not any(u.primitive in patterns.MATCHERS for u in uses):
       return (f"transformed before use ({', '.join(prims)} of the parameter, "
               "e.g. weight standardisation): its statistics are not those of "
@@ -373,8 +405,10 @@ def _reason(walker, uses, shape) -> str:
   if use.reason:
     return use.reason
   eqn = walker.jaxprs[use.path].eqns[use.eqn]
-  if use.primitive in ("slice", "dynamic_slice"):
-    return "only a slice of it is used: one block per slice is not supported yet"
+  if use.primitive in ("slice", "dynamic_slice") or any(
+      p.name == "slice" for p, _ in use.view.chain):
+    return ("only a slice of it is used: a block needs the whole kernel (or "
+            "all its leading-axis slices as layers of one shape)")
   out = eqn.outvars[0].aval.shape if eqn.outvars else ()
   if int(np.prod(out)) <= int(np.prod(shape)) and use.primitive not in (
       "dot_general", "conv_general_dilated", "gather"):

@@ -40,7 +40,8 @@ def check_mode(mode) -> None:
 
 def tokens(layer) -> int:
   """K: the number of positions (all examples) at which the layer applies."""
-  return math.prod(layer.outputs_shape) // (layer.d_out * layer.groups)
+  per_block = 1 if layer.stacked else layer.groups   # a stacked slice's shape
+  return math.prod(layer.outputs_shape) // (layer.d_out * per_block)
 
 
 def _examples_lead(layer, num_examples: int) -> bool:

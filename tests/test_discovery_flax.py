@@ -111,11 +111,13 @@ def test_a_use_that_never_reaches_the_loss_is_not_a_second_use():
                    "params/Dense_1": ("dense", True)}
 
 
-def test_a_kernel_sliced_into_two_matrices_says_so():
-  params = {"w": jnp.ones((2, 4, 5))}
+def test_a_kernel_sliced_into_unequal_parts_says_so():
+  """Slices of one shape along the leading axis are a stacked layer
+  (``test_layer_kinds``); column slices of a 2-D kernel are not."""
+  params = {"w": jnp.ones((4, 10))}
 
   def loss_fn(p, b):
-    h = jax.nn.gelu(b["x"] @ p["w"][0]) * (b["x"] @ p["w"][1])
+    h = jax.nn.gelu(b["x"] @ p["w"][:, :5]) * (b["x"] @ p["w"][:, 5:])
     return kfe.squared_error(h, b["y"])
 
   traced = tracing.trace_loss(loss_fn, params, {"x": jnp.ones((3, 4)),
