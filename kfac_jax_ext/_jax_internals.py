@@ -8,7 +8,7 @@ a one-file change. The rest of the package only sees the small functions below.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 from jax.extend import core as jex_core
@@ -167,3 +167,23 @@ def all_gather_replicated(x, axis_name) -> jax.Array:
 def has_effects(eqn: JaxprEqn) -> bool:
   """Whether an equation has side effects (kept alive without live outputs)."""
   return bool(getattr(eqn, "effects", ()))
+
+
+class ScanParts(NamedTuple):
+  """What a ``scan`` equation needs to be re-run with an instrumented body."""
+  body: ClosedJaxpr
+  num_consts: int
+  num_carry: int
+  length: int
+  reverse: bool
+  unroll: Any
+
+
+def scan_parts(eqn: JaxprEqn) -> ScanParts | None:
+  """The parts of a ``lax.scan`` equation (operands: consts, carry, xs), or
+  None for any other equation."""
+  if eqn.primitive.name != "scan":
+    return None
+  p = eqn.params
+  return ScanParts(p["jaxpr"], p["num_consts"], p["num_carry"], p["length"],
+                   p["reverse"], p.get("unroll", 1))

@@ -38,6 +38,52 @@ STRUCTURAL_VIEW = ELEMENTWISE_VIEW | {"reshape", "broadcast_in_dim", "transpose"
 
 
 @dataclasses.dataclass(frozen=True)
+class View:
+  """A view of a parameter leaf: the structural ops applied to it."""
+  leaf: int
+  chain: tuple  # ((primitive, params), ...) structural ops applied to the leaf
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+  """One use of a (view of a) parameter leaf by an equation."""
+  leaf: int
+  path: tuple
+  eqn: int
+  operand: int
+  view: View
+  primitive: str
+  reason: str | None = None  # set when the use can never be part of a layer
+
+
+class ScanMarker:
+  """A view-chain entry for a leaf entering a ``scan`` body: ``"scan_slice"``
+  (scanned over, ``xs``: the body sees ``leaf[i]`` at step i) or
+  ``"scan_const"`` (closed over: the whole leaf at every step)."""
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def __repr__(self):
+    return self.name
+
+
+SCAN_SLICE = ScanMarker("scan_slice")
+SCAN_CONST = ScanMarker("scan_const")
+
+
+def scan_view(chain):
+  """``(marker, length, rest)`` when a view chain starts where the leaf
+  enters a scan body (and holds no other scan marker); None otherwise."""
+  if not chain or not isinstance(chain[0][0], ScanMarker):
+    return None
+  rest = chain[1:]
+  if any(isinstance(p, ScanMarker) for p, _ in rest):
+    return None
+  return chain[0][0], chain[0][1]["length"], rest
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerMatch:
   """A matched layer and the jaxpr sites the statistics pass instruments.
 
@@ -72,6 +118,7 @@ class LayerMatch:
   uses: tuple = ()          # tied/stacked: one LayerMatch per use of the kernel
   transposed: tuple = ()    # tied: per use, whether its input is the G side
   stacked: bool = False     # a kernel [k, ...] whose slices are k layers
+  steps: int = 0            # inside a scan of this length (0: not in a scan)
 
   @property
   def leaves(self) -> tuple[int, ...]:
@@ -85,8 +132,9 @@ class LayerMatch:
 
   @property
   def is_plain(self) -> bool:
-    """A dense/conv layer with one dense ``[d_a, d_out]`` block."""
-    return self.kind in ("dense", "conv2d") and self.groups == 1
+    """A dense/conv layer with one dense ``[d_a, d_out]`` block, outside any
+    scan."""
+    return self.kind in ("dense", "conv2d") and self.groups == 1 and not self.steps
 
 
 def simulate(shape, chain) -> np.ndarray:
@@ -94,7 +142,10 @@ def simulate(shape, chain) -> np.ndarray:
   x = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)
   with jax.ensure_compile_time_eval():
     for prim, params in chain:
-      if prim.name in ELEMENTWISE_VIEW:
+      if prim is SCAN_SLICE:
+        x = x[0]
+        continue
+      if prim.name in ELEMENTWISE_VIEW or prim is SCAN_CONST:
         continue
       x = np.asarray(prim.bind(x, **params))
   return x
@@ -125,7 +176,10 @@ def aligned(view: np.ndarray, leaf_shape, out_shape, axes) -> bool:
   for ax, n in zip(axes, leaf_shape):
     shape[ax] = n
   iota = np.arange(int(np.prod(leaf_shape)), dtype=np.int32).reshape(shape)
-  return np.array_equal(v, np.broadcast_to(iota, out_shape))
+  try:
+    return np.array_equal(v, np.broadcast_to(iota, out_shape))
+  except ValueError:
+    return False
 
 
 def match_dense(use, eqn, leaf_shape):
@@ -222,6 +276,8 @@ def scale_shift_axes(use, eqn, leaf_shape):
   ``mul``/``add`` of the leaf; None otherwise (e.g. ``1 + scale`` alone)."""
   out_shape = eqn.outvars[0].aval.shape
   k = len(leaf_shape)
+  if scan_view(use.view.chain) is not None:
+    return None   # inside a scan body: no diagonal block yet
   if k > len(out_shape) or math.prod(out_shape) <= math.prod(leaf_shape):
     return None
   axes = tuple(range(len(out_shape) - k, len(out_shape)))

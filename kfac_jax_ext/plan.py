@@ -129,8 +129,12 @@ def to_matrix(layer: tracing.LayerMatch, kernel, bias=None):
   (``[groups, d_in(+1), d_out]`` for a grouped conv or the slices of a
   stacked kernel)."""
   if layer.stacked:
-    return jax.vmap(lambda w: jnp.transpose(w, layer.kernel_perm).reshape(
+    m = jax.vmap(lambda w: jnp.transpose(w, layer.kernel_perm).reshape(
         layer.d_in, layer.d_out))(kernel)
+    if bias is not None:
+      b = bias.reshape(layer.groups, 1, layer.d_out).astype(m.dtype)
+      m = jnp.concatenate([m, b], axis=1)
+    return m
   if layer.groups > 1:
     m = jnp.transpose(kernel, layer.kernel_perm).reshape(
         layer.d_in, layer.groups, layer.d_out).transpose(1, 0, 2)
@@ -149,8 +153,9 @@ def from_matrix(layer: tracing.LayerMatch, m, kernel_shape, has_bias: bool):
   perm = layer.kernel_perm
   if layer.stacked:
     permuted = tuple(kernel_shape[1:][p] for p in perm)
-    return jax.vmap(lambda x: jnp.transpose(
-        x[:layer.d_in].reshape(permuted), tuple(np.argsort(perm))))(m), None
+    kernel = jax.vmap(lambda x: jnp.transpose(
+        x[:layer.d_in].reshape(permuted), tuple(np.argsort(perm))))(m)
+    return kernel, (m[:, layer.d_in] if has_bias else None)
   permuted = tuple(kernel_shape[p] for p in perm)
   if layer.groups > 1:
     kernel = m[:, :layer.d_in].transpose(1, 0, 2).reshape(permuted)

@@ -17,6 +17,7 @@ K-FAC block of the mean loss is ``A ⊗ G``, ``A = āᵀā / K``, ``G = gᵀg / 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
@@ -60,7 +61,12 @@ def _evaluate(jaxpr, consts, args, path, probes, actions, active):
         captured[act[1]] = invals[act[2]]
     sub = path + (i,)
     kind = jint.call_kind(eqn)
-    if kind is not None and sub in active:
+    scan = jint.scan_parts(eqn) if sub in active else None
+    if scan is not None:
+      outs, sub_captured = _evaluate_scan(eqn, scan, invals, sub, probes,
+                                          actions, active)
+      captured.update(sub_captured)
+    elif kind is not None and sub in active:
       body, body_consts = jint.call_body(eqn)
       sub_probes = {k: v for k, v in probes.items() if k[0][:len(sub)] == sub}
 
@@ -84,6 +90,27 @@ def _evaluate(jaxpr, consts, args, path, probes, actions, active):
   return [jint.read_atom(env, v) for v in jaxpr.outvars], captured
 
 
+def _evaluate_scan(eqn, scan, invals, path, probes, actions, active):
+  """A ``scan`` re-run with its body instrumented: the probes of sites in
+  the body are scanned over (leading step axis), and what the body captures
+  comes out stacked over the steps."""
+  nc, ncar = scan.num_consts, scan.num_carry
+  consts, init, xs = invals[:nc], invals[nc:nc + ncar], invals[nc + ncar:]
+  sub_probes = {k: v for k, v in probes.items() if k[0][:len(path)] == path}
+
+  def step(carry, slices):
+    x_slices, prb = slices
+    outs, captured = _evaluate(scan.body.jaxpr, scan.body.consts,
+                               list(consts) + list(carry) + list(x_slices), path,
+                               prb, actions, active)
+    return outs[:ncar], (outs[ncar:], captured)
+
+  carry, (ys, captured) = jax.lax.scan(step, list(init), (list(xs), sub_probes),
+                                       length=scan.length, reverse=scan.reverse,
+                                       unroll=scan.unroll)
+  return list(carry) + list(ys), captured
+
+
 def _instrumentation(traced: tracing.TracedLoss):
   actions: dict = {}
   for li, layer in enumerate(traced.layers):
@@ -97,12 +124,24 @@ def _instrumentation(traced: tracing.TracedLoss):
   return actions, active
 
 
+def _steps_shape(traced, path) -> tuple:
+  """The lengths of the scans enclosing a site at ``path`` (outermost
+  first): its probe is scanned over them."""
+  lead = []
+  for k in range(len(path)):
+    scan = jint.scan_parts(traced.jaxprs[path[:k]].eqns[path[k]])
+    if scan is not None:
+      lead.append(scan.length)
+  return tuple(lead)
+
+
 def _probe_zeros(traced):
   probes = {}
   for layer in traced.layers:
     for path, i in layer.probes:
       aval = traced.jaxprs[path].eqns[i].outvars[0].aval
-      probes[(path, i)] = jnp.zeros(aval.shape, aval.dtype)
+      shape = _steps_shape(traced, path) + tuple(aval.shape)
+      probes[(path, i)] = jnp.zeros(shape, aval.dtype)
   return probes
 
 
@@ -135,7 +174,24 @@ def _canonical_inputs(layer: tracing.LayerMatch, x):
   return _to_end(x, layer.x_axes)
 
 
+def _scan_statistics(layer, traced, captured, probe_grads, li):
+  """``(a, g)`` of a layer inside a scan body, from its inputs and probe
+  gradients stacked over the steps: per step (``[L, K, d]``) for a stacked
+  layer, the steps as extra tokens, example-major (``[K·L, d]``), for a
+  layer shared by the steps."""
+  one_step = dataclasses.replace(layer, steps=0, stacked=False, groups=1)
+  a = jax.vmap(lambda x: _canonical_inputs(one_step, x))(captured[("a", li, 0)])
+  g = jax.vmap(lambda x: _to_end(x, layer.out_axes))(
+      probe_grads[layer.probes[0]])
+  if layer.stacked:
+    return a, g
+  return (a.transpose(1, 0, 2).reshape(-1, a.shape[-1]),
+          g.transpose(1, 0, 2).reshape(-1, g.shape[-1]))
+
+
 def _layer_statistics(layer, traced, captured, probe_grads, li):
+  if layer.steps:
+    return _scan_statistics(layer, traced, captured, probe_grads, li)
   if layer.uses:   # tied: per use, in its own orientation; stacked: per slice
     per_use = tuple(_layer_statistics(use, traced, {("a", li, 0): captured[
         ("a", li, ci)]}, probe_grads, li) for ci, use in enumerate(layer.uses))

@@ -9,7 +9,6 @@ the per-example gradients of conv layers) are stored and the ``n×n`` Gram
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from typing import Any, Callable, NamedTuple
@@ -24,6 +23,7 @@ from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
+from kfac_jax_ext import tengrad_plan
 from kfac_jax_ext import tracing
 from kfac_jax_ext.blocks import diagonal
 from kfac_jax_ext.blocks import woodbury
@@ -70,68 +70,6 @@ def _check_options(gram_batch, conv_gram, damping_mode, stats_every,
                      "together every inverse_every updates: stats_every must be 1 "
                      f"or equal to inverse_every, got {stats_every} and "
                      f"{inverse_every}.")
-
-
-def _make_plan(traced, blocks) -> plan_lib.Plan:
-  """K-FAC's plan, with 2-D (factored) leaves restricted to one location per
-  example: their stored ``Ā``, ``G`` cannot hold sums over locations."""
-  plan = plan_lib.make_plan(traced, blocks, fits=_block_fits,
-                            unsupported=_unsupported)
-  keep, unfactored = [], list(plan.unfactored_layers)
-  m = traced.num_examples
-  for kl in plan.kronecker:
-    tokens = math.prod(kl.layer.outputs_shape) // kl.layer.d_out
-    factored = blocks[kl.layer.kernel].per_example is None
-    if factored and tokens != m:
-      unfactored.append((kl.index, kl.layer,
-                         f"{tokens // m} locations per example on a 2-D kernel "
-                         "laid out for one (pass example_batch= to lay it out "
-                         "for per-example gradients)"))
-    else:
-      keep.append(kl)
-  return dataclasses.replace(plan, kronecker=tuple(keep),
-                             unfactored_layers=tuple(unfactored))
-
-
-def _layout_blocks(traced, capacity, dtype, damping):
-  """Per leaf, a ``WoodburyBlock`` sized for the traced layer of which it is
-  the kernel (None elsewhere): factored for one position per loss example,
-  explicit per-example gradients otherwise."""
-  blocks = [None] * len(traced.param_shapes)
-  total = 0
-  for layer in traced.layers:
-    if _unsupported(layer) is not None or layer.kind == "scale_and_shift":
-      continue
-    positions = math.prod(layer.outputs_shape) // layer.d_out // traced.num_examples
-    side = plan_lib.natural_a_side(layer, len(traced.param_shapes[layer.kernel]))
-    blocks[layer.kernel] = woodbury.init_layer_block(
-        layer.d_a, layer.d_out, side, positions == 1, capacity, dtype, damping)
-    total += sum(x.size for x in jax.tree_util.tree_leaves(blocks[layer.kernel]))
-  woodbury.check_fits(total * jnp.dtype(dtype).itemsize,
-                      f"scale_by_tengrad's state (gram_batch={capacity})",
-                      "lower gram_batch.")
-  return tuple(blocks)
-
-
-def _unsupported(layer):
-  if layer.is_plain or layer.kind == "scale_and_shift":
-    return None
-  what = {"embedding": "embedding", "tied": "tied"}.get(layer.kind, "grouped conv")
-  return f"TENGraD has no Woodbury block for {what} layers yet"
-
-
-def _block_fits(layer, block, a_side) -> bool:
-  """Whether a leaf's ``WoodburyBlock`` can store the layer's tokens (A in
-  ``a_side``)."""
-  if block is None:
-    return False
-  d_a, d_g = layer.d_a, layer.d_out
-  if block.per_example is not None:
-    return (a_side == "rows" and block.per_example.shape[1] >= d_a
-            and block.per_example.shape[2] >= d_g)
-  g_side = "cols" if a_side == "rows" else "rows"
-  return (getattr(block, a_side).shape[1] >= d_a
-          and getattr(block, g_side).shape[1] >= d_g)
 
 
 def _gram_memory_check(plan, traced, blocks, n, capacity, conv_gram, dtype):
@@ -181,7 +119,6 @@ def _layer_tokens(kl, traced, cb, n_local, dtype, axis_name):
 def _gram(kl, a, g, block, conv_gram):
   """The layer's Gram ``K`` and the arrays it stores (``rows``/``cols`` or
   ``per_example``)."""
-  n = a.shape[0]
   if block.per_example is None:                      # factored layout
     a, g = a[:, 0], g[:, 0]
     slot_a = getattr(block, kl.a_side)
@@ -386,7 +323,7 @@ def scale_by_tengrad(
     lam0 = damping(0) if callable(damping) else damping
     if example_batch is not None:
       traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux)
-      blocks = _layout_blocks(traced, gram_batch, dtype, lam0)
+      blocks = tengrad_plan.layout_blocks(traced, gram_batch, dtype, lam0)
     else:
       total = sum(woodbury.storage_elements(s, gram_batch) for s in shapes)
       woodbury.check_fits(total * jnp.dtype(dtype).itemsize,
@@ -412,7 +349,7 @@ def scale_by_tengrad(
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     grads, treedef = jax.tree_util.tree_flatten(updates)
     checks.check_structure(traced, grads, treedef, state)
-    plan = _make_plan(traced, state.blocks)
+    plan = tengrad_plan.make_plan(traced, state.blocks)
     for _, layer, reason in plan.unfactored_layers:
       warnings.warn(f"{name}: layer {layer.name} ({layer.kind}) gets no "
                     f"Woodbury block ({reason}); it falls back to "

@@ -20,28 +20,12 @@ import numpy as np
 
 from kfac_jax_ext import _jax_internals as jint
 from kfac_jax_ext import losses as losses_lib
+from kfac_jax_ext import matching
 from kfac_jax_ext import patterns
-from kfac_jax_ext.patterns import LayerMatch
+from kfac_jax_ext.patterns import LayerMatch  # noqa: F401 (tracing.LayerMatch)
 
 Site = tuple  # (path: tuple[int, ...], eqn_index: int)
 _SHIFT_BY_CONSTANT = ("add", "sub")
-
-
-@dataclasses.dataclass(frozen=True)
-class _View:
-  leaf: int
-  chain: tuple  # ((primitive, params), ...) structural ops applied to the leaf
-
-
-@dataclasses.dataclass(frozen=True)
-class _Use:
-  leaf: int
-  path: tuple
-  eqn: int
-  operand: int
-  view: _View
-  primitive: str
-  reason: str | None = None  # set when the use can never be part of a layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +83,7 @@ class _Walker:
   """Collects live parameter-leaf uses and loss tags over nested jaxprs."""
 
   def __init__(self):
-    self.uses: list[_Use] = []
+    self.uses: list[patterns.Use] = []
     self.loss_sites: list[Site] = []
     self.jaxprs: dict[tuple, Any] = {}
 
@@ -113,7 +97,7 @@ class _Walker:
         self.loss_sites.append((path, i))
       if name in patterns.STRUCTURAL_VIEW and in_views and in_views[0] is not None:
         v = in_views[0]
-        views[eqn.outvars[0]] = _View(v.leaf, v.chain + ((eqn.primitive, dict(
+        views[eqn.outvars[0]] = patterns.View(v.leaf, v.chain + ((eqn.primitive, dict(
             eqn.params)),))
         continue
       if name in _SHIFT_BY_CONSTANT and _shifted_view(eqn, in_views):
@@ -126,15 +110,41 @@ class _Walker:
         inner = {bv: iv for bv, iv in zip(body.invars, in_views) if iv is not None}
         self.walk(body, path + (i,), inner, live[i])
         continue
+      scan = jint.scan_parts(eqn)
+      if scan is not None and any(v is not None for v in in_views):
+        self._walk_scan(eqn, scan, path + (i,), in_views, any(live[i]))
+        continue
       nested = jint.sub_jaxprs(eqn)
       if any(live[i]):
         for j, v in enumerate(in_views):
           if v is not None:
             reason = (f"used inside control flow '{name}'" if nested else None)
-            self.uses.append(_Use(v.leaf, path, i, j, v, name, reason))
+            self.uses.append(patterns.Use(v.leaf, path, i, j, v, name, reason))
       if nested:
         for body in nested:  # loss tags or leaves captured as constants
           self._scan_nested(body, path + (i,), name)
+
+  def _walk_scan(self, eqn, scan, path, in_views, is_live):
+    """Into a scan body: a leaf in ``xs`` is seen as ``leaf[i]`` at step i,
+    one closed over (``consts``) as the whole leaf at every step; a leaf
+    passed as the initial carry is a use with a reason."""
+    inner = {}
+    body = scan.body.jaxpr
+    for k, (bv, iv) in enumerate(zip(body.invars, in_views)):
+      if iv is None:
+        continue
+      if scan.num_consts <= k < scan.num_consts + scan.num_carry:
+        if is_live:
+          self.uses.append(patterns.Use(iv.leaf, path[:-1], path[-1], k, iv, "scan",
+                                "carried through a scan as its initial state"))
+        continue
+      marker = (patterns.SCAN_CONST if k < scan.num_consts
+                else patterns.SCAN_SLICE)
+      inner[bv] = patterns.View(iv.leaf, iv.chain + ((marker, {"length": scan.length}),))
+    if is_live:
+      self.walk(body, path, inner, [True] * len(body.outvars))
+    else:
+      self._scan_nested(body, path, "scan")
 
   def _scan_nested(self, jaxpr, path, name):
     for eqn in jaxpr.eqns:
@@ -154,14 +164,6 @@ def _shifted_view(eqn, in_views) -> bool:
   if vb is not None and va is None and eqn.primitive.name == "add":
     return jint.is_literal(a) and np.ndim(a.val) == 0
   return False
-
-
-def _consumers(jaxpr, var):
-  found = [(i, j) for i, e in enumerate(jaxpr.eqns) for j, v in enumerate(e.invars)
-           if v is var]
-  if any(v is var for v in jaxpr.outvars):
-    found.append((None, None))
-  return found
 
 
 def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False) -> TracedLoss:
@@ -204,7 +206,7 @@ def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False) -> Trace
 
   walker = _Walker()
   n = len(param_leaves)
-  views = {v: _View(i, ()) for i, v in enumerate(closed.jaxpr.invars[:n])}
+  views = {v: patterns.View(i, ()) for i, v in enumerate(closed.jaxpr.invars[:n])}
   walker.walk(closed.jaxpr, (), views,
               [i == 0 for i in range(len(closed.jaxpr.outvars))])
   if not walker.loss_sites:
@@ -213,211 +215,8 @@ def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False) -> Trace
         "kfe.sigmoid_cross_entropy or kfe.squared_error so that the curvature "
         "knows the model's predictive distribution.")
   shapes = tuple(tuple(np.shape(x)) for x in param_leaves)
-  layers, reasons = _match_layers(walker, shapes, param_paths, n)
+  layers, reasons = matching.match_layers(walker.uses, walker.jaxprs, shapes,
+                                          param_paths, n)
   return TracedLoss(closed, param_treedef, param_paths, shapes, batch_treedef,
                     store["out_treedef"], layers, tuple(walker.loss_sites),
                     reasons, walker.jaxprs)
-
-
-def _module_name(paths, leaf) -> str:
-  """A leaf's module path (its key path without the last key)."""
-  return "/".join(map(str, paths[leaf][:-1] or paths[leaf])) or str(leaf)
-
-
-def _bias(walker, jaxpr, use, out_axes, single, at_operand, shapes):
-  """``(probe eqn, bias leaf)``: the single ``add`` of a bias leaf aligned with
-  ``out_axes`` that consumes the layer output, if any."""
-  s = jaxpr.eqns[use.eqn].outvars[0]
-  cons = _consumers(jaxpr, s)
-  if len(cons) == 1 and cons[0][0] is not None:
-    ci, cj = cons[0]
-    b = at_operand.get((use.path, ci, 1 - cj))
-    if (jaxpr.eqns[ci].primitive.name == "add" and b is not None
-        and single.get(b.leaf) is b
-        and len(shapes[b.leaf]) == len(out_axes) and patterns.aligned(
-            patterns.simulate(shapes[b.leaf], b.view.chain), shapes[b.leaf],
-            s.aval.shape, out_axes)):
-      return ci, b.leaf
-  return use.eqn, None
-
-
-def _tied(uses, matched):
-  """One ``"tied"`` layer for a kernel whose every use is a dense or
-  embedding pattern, in the orientation of its first use; None otherwise."""
-  if any(u.reason for u in uses):
-    return None
-  ms = [matched(u) for u in sorted(uses, key=lambda u: u.path + (u.eqn,))]
-  if any(m is None or m[1].kind not in ("dense", "embedding") for m in ms):
-    return None
-  per_use = tuple(layer for _, layer in ms)
-  ref = per_use[0]
-  ref_in = set(ref.kernel_perm[:ref.n_in])
-  ref_out = set(ref.kernel_perm[ref.n_in:])
-  transposed = []
-  for layer in per_use:
-    inputs = set(layer.kernel_perm[:layer.n_in])
-    if inputs not in (ref_in, ref_out):
-      return None   # the uses split the kernel's axes differently
-    transposed.append(inputs == ref_out)
-  return dataclasses.replace(
-      ref, kind="tied", captures=sum((l.captures for l in per_use), ()),
-      probes=sum((l.probes for l in per_use), ()), uses=per_use,
-      transposed=tuple(transposed))
-
-
-def _stacked(uses, shape, matched):
-  """One ``stacked`` layer for a kernel ``[k, ...]`` whose uses are its k
-  slices ``W[j]``, each once, each a dense layer of the same shape."""
-  if any(u.reason for u in uses) or len(uses) != shape[0]:
-    return None
-  per_slice = {}
-  for u in uses:
-    found = patterns.leading_slice(u.view.chain, shape)
-    if found is None or found[0] in per_slice:
-      return None
-    j, rest = found
-    m = matched(dataclasses.replace(u, view=_View(u.leaf, rest)), shape[1:])
-    if m is None or m[1].kind != "dense":
-      return None
-    per_slice[j] = m[1]
-  layers = tuple(per_slice[j] for j in range(shape[0]))
-  first = layers[0]
-  if any((l.kernel_perm, l.n_in, l.d_in, l.d_out) != (
-      first.kernel_perm, first.n_in, first.d_in, first.d_out) for l in layers):
-    return None
-  return dataclasses.replace(
-      first, groups=shape[0], stacked=True, uses=layers,
-      captures=sum((l.captures for l in layers), ()),
-      probes=sum((l.probes for l in layers), ()))
-
-
-def _match_layers(walker, shapes, paths, n):
-  by_leaf: dict[int, list[_Use]] = {i: [] for i in range(n)}
-  at_operand: dict[tuple, _Use] = {}   # (path, eqn, operand) -> parameter use
-  for u in walker.uses:
-    by_leaf[u.leaf].append(u)
-    at_operand[(u.path, u.eqn, u.operand)] = u
-  single = {i: us[0] for i, us in by_leaf.items() if len(us) == 1 and not us[0].reason}
-  taken: set[int] = set()
-  found = []  # (site, LayerMatch)
-
-  def matched(use, shape=None):
-    """The use's pattern and LayerMatch (no bias), or None; ``shape``: the
-    shape the use's view chain starts from (default: the leaf's)."""
-    shape = shapes[use.leaf] if shape is None else shape
-    jaxpr = walker.jaxprs[use.path]
-    eqn = jaxpr.eqns[use.eqn]
-    matcher = patterns.MATCHERS.get(use.primitive)
-    m = matcher(use, eqn, shape) if matcher else None
-    if m is None or (use.path, use.eqn, m["x_operand"]) in at_operand:
-      return None  # no pattern, or the layer input is itself a parameter
-    x = eqn.invars[m["x_operand"]]
-    d_in, d_out = patterns.layer_sizes(m, shape)
-    if m["kind"] == "embedding":
-      d_in = shape[0]
-    out_axes = tuple(a % len(eqn.outvars[0].aval.shape) for a in m["out_axes"])
-    return m, LayerMatch(
-        kind=m["kind"], name=_module_name(paths, use.leaf), kernel=use.leaf,
-        captures=(((use.path, use.eqn), m["x_operand"]),),
-        probes=((use.path, use.eqn),), kernel_perm=tuple(m["kernel_perm"]),
-        n_in=m["n_in"], x_axes=tuple(a % max(len(x.aval.shape), 1)
-                                     for a in m["x_axes"]),
-        out_axes=out_axes, conv=m.get("conv", ()), groups=m.get("groups", 1),
-        inputs_shape=tuple(x.aval.shape),
-        outputs_shape=tuple(eqn.outvars[0].aval.shape), d_in=d_in, d_out=d_out)
-
-  for leaf, use in sorted(single.items(), key=lambda kv: kv[1].path + (kv[1].eqn,)):
-    if leaf in taken:
-      continue
-    found_use = matched(use)
-    if found_use is None:
-      continue
-    m, layer = found_use
-    if m["kind"] != "embedding":
-      out_eqn, bias = _bias(walker, walker.jaxprs[use.path], use,
-                            layer.out_axes, single, at_operand, shapes)
-      if bias is not None and not (layer.groups > 1 and len(shapes[bias]) != 1):
-        layer = dataclasses.replace(layer, bias=bias,
-                                    probes=((use.path, out_eqn),))
-    taken.update(layer.leaves)
-    found.append(((use.path, use.eqn), layer))
-
-  for leaf, uses in by_leaf.items():
-    if len(uses) < 2:
-      continue
-    layer = _tied(uses, matched) or _stacked(uses, shapes[leaf], matched)
-    if layer is not None:
-      taken.add(leaf)
-      first = min(uses, key=lambda u: u.path + (u.eqn,))
-      found.append(((first.path, first.eqn), layer))
-
-  groups: dict[str, dict] = {}
-  for leaf, use in single.items():
-    if leaf in taken or use.primitive not in ("mul", "add"):
-      continue
-    eqn = walker.jaxprs[use.path].eqns[use.eqn]
-    if (use.path, use.eqn, 1 - use.operand) in at_operand:
-      continue  # both operands are parameters
-    if patterns.scale_shift_axes(use, eqn, shapes[leaf]) is None:
-      continue
-    out_shape = eqn.outvars[0].aval.shape
-    name = _module_name(paths, leaf)
-    g = groups.setdefault(name, dict(site=(use.path, use.eqn), captures=(),
-                                     probes=(), scale=None, shift=None,
-                                     inputs_shape=tuple(out_shape)))
-    role = "scale" if use.primitive == "mul" else "shift"
-    if g[role] is not None:
-      continue
-    g[role] = leaf
-    g["probes"] += ((use.path, use.eqn),)
-    if role == "scale":
-      g["captures"] += (((use.path, use.eqn), 1 - use.operand),)
-    g["site"] = min(g["site"], (use.path, use.eqn))
-    taken.add(leaf)
-  for name, g in groups.items():
-    found.append((g["site"], LayerMatch(
-        kind="scale_and_shift", name=name, scale=g["scale"], shift=g["shift"],
-        captures=g["captures"], probes=g["probes"], inputs_shape=g["inputs_shape"],
-        outputs_shape=g["inputs_shape"])))
-
-  found.sort(key=lambda t: t[0][0] + (t[0][1],))   # forward (program) order
-  reasons = {i: _reason(walker, by_leaf[i], shapes[i])
-             for i in range(n) if i not in taken}
-  return tuple(layer for _, layer in found), reasons
-
-
-def _reason(walker, uses, shape) -> str:
-  """Why no layer owns a leaf, naming the cause."""
-  if not uses:
-    return "not used by loss_fn"
-  if len(uses) > 1:
-    prims = sorted({u.primitive for u in uses})
-    if all(u.primitive in ("slice", "dynamic_slice") or any(
-        p.name == "slice" for p, _ in u.view.chain) for u in uses):
-      return (f"sliced into {len(uses)} parts ({', '.join(prims)}) that are "
-              "not all dense layers of one shape over leading-axis slices")
-    if not any(u.primitive in patterns.MATCHERS for u in uses):
-      return (f"transformed before use ({', '.join(prims)} of the parameter, "
-              "e.g. weight standardisation): its statistics are not those of "
-              "a layer pattern")
-    return f"used {len(uses)} times ({', '.join(prims)}): tied or shared"
-  use = uses[0]
-  if use.reason:
-    return use.reason
-  eqn = walker.jaxprs[use.path].eqns[use.eqn]
-  if use.primitive in ("slice", "dynamic_slice") or any(
-      p.name == "slice" for p, _ in use.view.chain):
-    return ("only a slice of it is used: a block needs the whole kernel (or "
-            "all its leading-axis slices as layers of one shape)")
-  out = eqn.outvars[0].aval.shape if eqn.outvars else ()
-  if int(np.prod(out)) <= int(np.prod(shape)) and use.primitive not in (
-      "dot_general", "conv_general_dilated", "gather"):
-    return (f"transformed before use ('{use.primitive}' of the parameter alone, "
-            "e.g. weight standardisation): its statistics are not those of a "
-            "layer pattern")
-  if use.primitive == "conv_general_dilated" and eqn.params["batch_group_count"] != 1:
-    return "conv with batch_group_count > 1: no pattern"
-  if use.primitive == "dot_general" and any(eqn.params["dimension_numbers"][1]):
-    return ("dot_general with batch dimensions on the parameter (per-head "
-            "weights): no pattern")
-  return f"used by '{use.primitive}' in no recognised layer pattern"

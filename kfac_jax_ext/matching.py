@@ -1,0 +1,267 @@
+"""Layer matching over the live parameter uses of a traced loss.
+
+A leaf with one use matched by a pattern (``patterns.MATCHERS``) is a layer,
+with the bias added to its output folded in. A leaf with several uses is one
+layer when every use is a dense/embedding pattern (``tied``, K-FAC-expand
+over the uses) or when its uses are its k leading-axis slices, each a dense
+layer of one shape (``stacked``). Inside a scan body a kernel in ``xs`` is
+stacked over the steps, one closed over is shared by them. Scale-and-shift
+leaves are grouped by module. Every other leaf gets a reason that names
+the cause.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from kfac_jax_ext import patterns
+from kfac_jax_ext.patterns import LayerMatch
+
+
+def _consumers(jaxpr, var):
+  found = [(i, j) for i, e in enumerate(jaxpr.eqns) for j, v in enumerate(e.invars)
+           if v is var]
+  if any(v is var for v in jaxpr.outvars):
+    found.append((None, None))
+  return found
+
+
+def _module_name(paths, leaf) -> str:
+  """A leaf's module path (its key path without the last key)."""
+  return "/".join(map(str, paths[leaf][:-1] or paths[leaf])) or str(leaf)
+
+
+def _bias(jaxpr, use, out_axes, single, at_operand, shapes,
+          marker=None):
+  """``(probe eqn, bias leaf)``: the single ``add`` of a bias leaf aligned with
+  ``out_axes`` that consumes the layer output, if any (inside a scan body,
+  a bias that enters the scan as the kernel does: both scanned or both
+  closed over)."""
+  s = jaxpr.eqns[use.eqn].outvars[0]
+  cons = _consumers(jaxpr, s)
+  if len(cons) != 1 or cons[0][0] is None:
+    return use.eqn, None
+  ci, cj = cons[0]
+  b = at_operand.get((use.path, ci, 1 - cj))
+  if jaxpr.eqns[ci].primitive.name != "add" or b is None or single.get(b.leaf) is not b:
+    return use.eqn, None
+  shape, chain = shapes[b.leaf], b.view.chain
+  in_scan = patterns.scan_view(chain)
+  if (in_scan[0] if in_scan else None) is not marker:
+    return use.eqn, None
+  if in_scan is not None:
+    chain = in_scan[2]
+    shape = shape[1:] if marker is patterns.SCAN_SLICE else shape
+  if len(shape) == len(out_axes) and patterns.aligned(
+      patterns.simulate(shape, chain), shape, s.aval.shape, out_axes):
+    return ci, b.leaf
+  return use.eqn, None
+
+
+def _tied(uses, matched):
+  """One ``"tied"`` layer for a kernel whose every use is a dense or
+  embedding pattern, in the orientation of its first use; None otherwise."""
+  if any(u.reason for u in uses):
+    return None
+  ms = [matched(u) for u in sorted(uses, key=lambda u: u.path + (u.eqn,))]
+  if any(m is None or m[1].kind not in ("dense", "embedding") or m[1].steps
+         for m in ms):
+    return None
+  per_use = tuple(layer for _, layer in ms)
+  ref = per_use[0]
+  ref_in = set(ref.kernel_perm[:ref.n_in])
+  ref_out = set(ref.kernel_perm[ref.n_in:])
+  transposed = []
+  for layer in per_use:
+    inputs = set(layer.kernel_perm[:layer.n_in])
+    if inputs not in (ref_in, ref_out):
+      return None   # the uses split the kernel's axes differently
+    transposed.append(inputs == ref_out)
+  return dataclasses.replace(
+      ref, kind="tied", captures=sum((l.captures for l in per_use), ()),
+      probes=sum((l.probes for l in per_use), ()), uses=per_use,
+      transposed=tuple(transposed))
+
+
+def _stacked(uses, shape, matched):
+  """One ``stacked`` layer for a kernel ``[k, ...]`` whose uses are its k
+  slices ``W[j]``, each once, each a dense layer of the same shape."""
+  if any(u.reason for u in uses) or len(uses) != shape[0]:
+    return None
+  per_slice = {}
+  for u in uses:
+    found = patterns.leading_slice(u.view.chain, shape)
+    if found is None or found[0] in per_slice:
+      return None
+    j, rest = found
+    m = matched(dataclasses.replace(u, view=patterns.View(u.leaf, rest)), shape[1:])
+    if m is None or m[1].kind != "dense":
+      return None
+    per_slice[j] = m[1]
+  layers = tuple(per_slice[j] for j in range(shape[0]))
+  first = layers[0]
+  if any((l.kernel_perm, l.n_in, l.d_in, l.d_out) != (
+      first.kernel_perm, first.n_in, first.d_in, first.d_out) for l in layers):
+    return None
+  return dataclasses.replace(
+      first, groups=shape[0], stacked=True, uses=layers,
+      captures=sum((l.captures for l in layers), ()),
+      probes=sum((l.probes for l in layers), ()))
+
+
+def match_layers(uses, jaxprs, shapes, paths, n):
+  """Layers from the live parameter uses of a traced loss: ``(layers in
+  forward order, {leaf: reason} for every leaf no layer owns)``."""
+  by_leaf: dict[int, list[patterns.Use]] = {i: [] for i in range(n)}
+  at_operand: dict[tuple, patterns.Use] = {}   # (path, eqn, operand) -> parameter use
+  for u in uses:
+    by_leaf[u.leaf].append(u)
+    at_operand[(u.path, u.eqn, u.operand)] = u
+  single = {i: us[0] for i, us in by_leaf.items() if len(us) == 1 and not us[0].reason}
+  taken: set[int] = set()
+  found = []  # (site, LayerMatch)
+
+  def matched(use, shape=None):
+    """The use's pattern and LayerMatch (no bias), or None; ``shape``: the
+    shape the use's view chain starts from (default: the leaf's). Inside a
+    scan body only dense layers match: stacked (one block per step) for a
+    kernel in ``xs``, shared over the steps for one closed over."""
+    shape = shapes[use.leaf] if shape is None else shape
+    steps, marker = 0, None
+    in_scan = patterns.scan_view(use.view.chain)
+    if in_scan is not None:
+      marker, steps, rest = in_scan
+      shape = shape[1:] if marker is patterns.SCAN_SLICE else shape
+      use = dataclasses.replace(use, view=patterns.View(use.leaf, rest))
+    jaxpr = jaxprs[use.path]
+    eqn = jaxpr.eqns[use.eqn]
+    matcher = patterns.MATCHERS.get(use.primitive)
+    m = matcher(use, eqn, shape) if matcher else None
+    if m is None or (use.path, use.eqn, m["x_operand"]) in at_operand:
+      return None  # no pattern, or the layer input is itself a parameter
+    if steps and m["kind"] != "dense":
+      return None
+    if steps:
+      m = dict(m, steps=steps, marker=marker)
+    x = eqn.invars[m["x_operand"]]
+    d_in, d_out = patterns.layer_sizes(m, shape)
+    if m["kind"] == "embedding":
+      d_in = shape[0]
+    out_axes = tuple(a % len(eqn.outvars[0].aval.shape) for a in m["out_axes"])
+    layer = LayerMatch(
+        kind=m["kind"], name=_module_name(paths, use.leaf), kernel=use.leaf,
+        captures=(((use.path, use.eqn), m["x_operand"]),),
+        probes=((use.path, use.eqn),), kernel_perm=tuple(m["kernel_perm"]),
+        n_in=m["n_in"], x_axes=tuple(a % max(len(x.aval.shape), 1)
+                                     for a in m["x_axes"]),
+        out_axes=out_axes, conv=m.get("conv", ()), groups=m.get("groups", 1),
+        inputs_shape=tuple(x.aval.shape),
+        outputs_shape=tuple(eqn.outvars[0].aval.shape), d_in=d_in, d_out=d_out)
+    if m.get("steps"):
+      stacked = m["marker"] is patterns.SCAN_SLICE
+      layer = dataclasses.replace(layer, steps=m["steps"], stacked=stacked,
+                                  groups=m["steps"] if stacked else 1)
+    return m, layer
+
+  for leaf, use in sorted(single.items(), key=lambda kv: kv[1].path + (kv[1].eqn,)):
+    if leaf in taken:
+      continue
+    found_use = matched(use)
+    if found_use is None:
+      continue
+    m, layer = found_use
+    if m["kind"] != "embedding":
+      out_eqn, bias = _bias(jaxprs[use.path], use,
+                            layer.out_axes, single, at_operand, shapes,
+                            m.get("marker"))
+      grouped_conv = layer.kind == "conv2d" and layer.groups > 1
+      if bias is not None and not (grouped_conv and len(shapes[bias]) != 1):
+        layer = dataclasses.replace(layer, bias=bias,
+                                    probes=((use.path, out_eqn),))
+    taken.update(layer.leaves)
+    found.append(((use.path, use.eqn), layer))
+
+  for leaf, uses in by_leaf.items():
+    if len(uses) < 2:
+      continue
+    layer = _tied(uses, matched) or _stacked(uses, shapes[leaf], matched)
+    if layer is not None:
+      taken.add(leaf)
+      first = min(uses, key=lambda u: u.path + (u.eqn,))
+      found.append(((first.path, first.eqn), layer))
+
+  groups: dict[str, dict] = {}
+  for leaf, use in single.items():
+    if leaf in taken or use.primitive not in ("mul", "add"):
+      continue
+    eqn = jaxprs[use.path].eqns[use.eqn]
+    if (use.path, use.eqn, 1 - use.operand) in at_operand:
+      continue  # both operands are parameters
+    if patterns.scale_shift_axes(use, eqn, shapes[leaf]) is None:
+      continue
+    out_shape = eqn.outvars[0].aval.shape
+    name = _module_name(paths, leaf)
+    g = groups.setdefault(name, dict(site=(use.path, use.eqn), captures=(),
+                                     probes=(), scale=None, shift=None,
+                                     inputs_shape=tuple(out_shape)))
+    role = "scale" if use.primitive == "mul" else "shift"
+    if g[role] is not None:
+      continue
+    g[role] = leaf
+    g["probes"] += ((use.path, use.eqn),)
+    if role == "scale":
+      g["captures"] += (((use.path, use.eqn), 1 - use.operand),)
+    g["site"] = min(g["site"], (use.path, use.eqn))
+    taken.add(leaf)
+  for name, g in groups.items():
+    found.append((g["site"], LayerMatch(
+        kind="scale_and_shift", name=name, scale=g["scale"], shift=g["shift"],
+        captures=g["captures"], probes=g["probes"], inputs_shape=g["inputs_shape"],
+        outputs_shape=g["inputs_shape"])))
+
+  found.sort(key=lambda t: t[0][0] + (t[0][1],))   # forward (program) order
+  reasons = {i: _reason(jaxprs, by_leaf[i], shapes[i])
+             for i in range(n) if i not in taken}
+  return tuple(layer for _, layer in found), reasons
+
+
+def _reason(jaxprs, uses, shape) -> str:
+  """Why no layer owns a leaf, naming the cause."""
+  if not uses:
+    return "not used by loss_fn"
+  if len(uses) > 1:
+    prims = sorted({u.primitive for u in uses})
+    if all(u.primitive in ("slice", "dynamic_slice") or any(
+        p.name == "slice" for p, _ in u.view.chain) for u in uses):
+      return (f"sliced into {len(uses)} parts ({', '.join(prims)}) that are "
+              "not all dense layers of one shape over leading-axis slices")
+    if not any(u.primitive in patterns.MATCHERS for u in uses):
+      return (f"transformed before use ({', '.join(prims)} of the parameter, "
+              "e.g. weight standardisation): its statistics are not those of "
+              "a layer pattern")
+    return f"used {len(uses)} times ({', '.join(prims)}): tied or shared"
+  use = uses[0]
+  if use.reason:
+    return use.reason
+  eqn = jaxprs[use.path].eqns[use.eqn]
+  if patterns.scan_view(use.view.chain) is not None:
+    return (f"used by '{use.primitive}' inside a scan body, where only dense "
+            "layers get a block")
+  if use.primitive in ("slice", "dynamic_slice") or any(
+      p.name == "slice" for p, _ in use.view.chain):
+    return ("only a slice of it is used: a block needs the whole kernel (or "
+            "all its leading-axis slices as layers of one shape)")
+  out = eqn.outvars[0].aval.shape if eqn.outvars else ()
+  if int(np.prod(out)) <= int(np.prod(shape)) and use.primitive not in (
+      "dot_general", "conv_general_dilated", "gather"):
+    return (f"transformed before use ('{use.primitive}' of the parameter alone, "
+            "e.g. weight standardisation): its statistics are not those of a "
+            "layer pattern")
+  if use.primitive == "conv_general_dilated" and eqn.params["batch_group_count"] != 1:
+    return "conv with batch_group_count > 1: no pattern"
+  if use.primitive == "dot_general" and any(eqn.params["dimension_numbers"][1]):
+    return ("dot_general with batch dimensions on the parameter (per-head "
+            "weights): no pattern")
+  return f"used by '{use.primitive}' in no recognised layer pattern"

@@ -1,0 +1,83 @@
+"""TENGraD's layout and plan: which layers get a Woodbury block, stored how.
+
+A layer with one position per loss example stores ``Ā [N, d_a]`` and
+``G [N, d_g]`` (factored); one with several positions per example (a conv,
+a dense layer over the tokens of a per-sequence loss) stores its exact
+per-example gradients ``[N, d_a, d_g]`` (explicit). Embeddings, grouped
+convs, tied and stacked kernels and layers inside a scan have no Woodbury
+block yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext.blocks import woodbury
+
+
+def make_plan(traced, blocks) -> plan_lib.Plan:
+  """K-FAC's plan, with 2-D (factored) leaves restricted to one location per
+  example: their stored ``Ā``, ``G`` cannot hold sums over locations."""
+  plan = plan_lib.make_plan(traced, blocks, fits=block_fits,
+                            unsupported=unsupported)
+  keep, unfactored = [], list(plan.unfactored_layers)
+  m = traced.num_examples
+  for kl in plan.kronecker:
+    tokens = math.prod(kl.layer.outputs_shape) // kl.layer.d_out
+    factored = blocks[kl.layer.kernel].per_example is None
+    if factored and tokens != m:
+      unfactored.append((kl.index, kl.layer,
+                         f"{tokens // m} locations per example on a 2-D kernel "
+                         "laid out for one (pass example_batch= to lay it out "
+                         "for per-example gradients)"))
+    else:
+      keep.append(kl)
+  return dataclasses.replace(plan, kronecker=tuple(keep),
+                             unfactored_layers=tuple(unfactored))
+
+
+def layout_blocks(traced, capacity, dtype, damping):
+  """Per leaf, a ``WoodburyBlock`` sized for the traced layer of which it is
+  the kernel (None elsewhere): factored for one position per loss example,
+  explicit per-example gradients otherwise."""
+  blocks = [None] * len(traced.param_shapes)
+  total = 0
+  for layer in traced.layers:
+    if unsupported(layer) is not None or layer.kind == "scale_and_shift":
+      continue
+    positions = math.prod(layer.outputs_shape) // layer.d_out // traced.num_examples
+    side = plan_lib.natural_a_side(layer, len(traced.param_shapes[layer.kernel]))
+    blocks[layer.kernel] = woodbury.init_layer_block(
+        layer.d_a, layer.d_out, side, positions == 1, capacity, dtype, damping)
+    total += sum(x.size for x in jax.tree_util.tree_leaves(blocks[layer.kernel]))
+  woodbury.check_fits(total * jnp.dtype(dtype).itemsize,
+                      f"scale_by_tengrad's state (gram_batch={capacity})",
+                      "lower gram_batch.")
+  return tuple(blocks)
+
+
+def unsupported(layer):
+  if layer.is_plain or layer.kind == "scale_and_shift":
+    return None
+  what = ("scanned" if layer.steps else
+          {"embedding": "embedding", "tied": "tied"}.get(layer.kind, "grouped conv"))
+  return f"TENGraD has no Woodbury block for {what} layers yet"
+
+
+def block_fits(layer, block, a_side) -> bool:
+  """Whether a leaf's ``WoodburyBlock`` can store the layer's tokens (A in
+  ``a_side``)."""
+  if block is None:
+    return False
+  d_a, d_g = layer.d_a, layer.d_out
+  if block.per_example is not None:
+    return (a_side == "rows" and block.per_example.shape[1] >= d_a
+            and block.per_example.shape[2] >= d_g)
+  g_side = "cols" if a_side == "rows" else "rows"
+  return (getattr(block, a_side).shape[1] >= d_a
+          and getattr(block, g_side).shape[1] >= d_g)

@@ -1,0 +1,243 @@
+"""Layers inside ``scan`` (float64): stacked layers (a kernel scanned over)
+equal the unrolled network per slice; recurrent cells (a kernel closed over)
+share one block over the time steps, expand or reduce."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kfac_jax_ext as kfe
+
+LAM = 0.1
+L, D = 3, 4
+
+
+def _update(loss, params, batch, **options):
+  tx = kfe.scale_by_kfac(loss, damping=LAM, damping_mode="tikhonov",
+                         ema_decay=0.0, fisher="empirical", example_batch=batch,
+                         **options)
+  return jax.jit(lambda g, p: tx.update(g, tx.init(p), p, batch=batch))(
+      jax.grad(loss)(params, batch), params)
+
+
+def _stack_params():
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  return {"k": jax.random.normal(ks[0], (L, D, D)) / 2,
+          "b": 0.1 * jax.random.normal(ks[1], (L, D)),
+          "out": jax.random.normal(ks[2], (D, 2))}
+
+
+def _layer(h, w):
+  return jnp.tanh(h @ w["k"] + w["b"])
+
+
+_BODIES = {
+    "plain": lambda h, w: (_layer(h, w), None),
+    "remat": jax.checkpoint(lambda h, w: (_layer(h, w), None)),
+}
+
+
+@pytest.mark.parametrize("body,unroll", [("plain", 1), ("remat", 1),
+                                         ("plain", 2)])
+def test_scan_over_layers_equals_the_unrolled_network(body, unroll):
+  params = _stack_params()
+  batch = {"x": jax.random.normal(jax.random.PRNGKey(1), (5, D)),
+           "y": jnp.array([0, 1, 0, 1, 1])}
+
+  def scanned(p, b):
+    h, _ = jax.lax.scan(_BODIES[body], b["x"], {"k": p["k"], "b": p["b"]},
+                        unroll=unroll)
+    return kfe.softmax_cross_entropy(h @ p["out"], b["y"])
+
+  def unrolled(p, b):
+    h = b["x"]
+    for i in range(L):
+      h = _layer(h, {"k": p[f"k{i}"], "b": p[f"b{i}"]})
+    return kfe.softmax_cross_entropy(h @ p["out"], b["y"])
+
+  flat = {"out": params["out"]}
+  for i in range(L):
+    flat[f"k{i}"], flat[f"b{i}"] = params["k"][i], params["b"][i]
+  layers = kfe.find_layers(scanned, params, batch)
+  assert [(l.name, l.kind) for l in layers] == [("k", "dense"), ("out", "dense")]
+  up_s, st_s = _update(scanned, params, batch)
+  up_u, st_u = _update(unrolled, flat, batch)
+  leaves_u = jax.tree_util.tree_leaves(flat)
+  for i in range(L):
+    np.testing.assert_allclose(up_s["k"][i], up_u[f"k{i}"], rtol=1e-10)
+    np.testing.assert_allclose(up_s["b"][i], up_u[f"b{i}"], rtol=1e-10)
+    k_leaf = next(j for j, x in enumerate(leaves_u) if x is flat[f"k{i}"])
+    np.testing.assert_allclose(st_s.factors[1].rows[i],
+                               st_u.factors[k_leaf].rows, rtol=1e-10)
+    np.testing.assert_allclose(st_s.factors[1].cols[i],
+                               st_u.factors[k_leaf].cols, rtol=1e-10)
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return x + nn.Dense(D)(jnp.tanh(nn.Dense(6)(x))), None
+
+
+class _Stack(nn.Module):
+  remat: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    block = nn.remat(_Block) if self.remat else _Block
+    x, _ = nn.scan(block, variable_axes={"params": 0},
+                   split_rngs={"params": True}, length=L)()(x, None)
+    return nn.Dense(2)(x)
+
+
+@pytest.mark.parametrize("remat", [True, False])
+def test_flax_nn_scan_blocks_equal_their_unrolled_blocks(remat):
+  model = _Stack(remat=remat)
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, D))
+  params = model.init(jax.random.PRNGKey(0), x)
+  batch = {"x": x, "y": jnp.array([0, 1, 0, 1, 1])}
+  loss = lambda p, b: kfe.softmax_cross_entropy(model.apply(p, b["x"]), b["y"])
+  scan_name = next(k for k in params["params"] if k.startswith("Scan"))
+  stacked = params["params"][scan_name]
+
+  def unrolled(p, b):
+    h = b["x"]
+    for i in range(L):
+      h, _ = _Block().apply({"params": p[f"block{i}"]}, h, None)
+    return kfe.softmax_cross_entropy(
+        nn.Dense(2).apply({"params": p["head"]}, h), b["y"])
+
+  flat = {"head": params["params"]["Dense_0"]}
+  for i in range(L):
+    flat[f"block{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
+  share = kfe.describe_layers(loss, params, batch).splitlines()[-1]
+  assert "kronecker 100.0%" in share
+  up_s, _ = _update(loss, params, batch)
+  up_u, _ = _update(unrolled, flat, batch)
+  for i in range(L):
+    got = jax.tree_util.tree_map(lambda a, i=i: a[i], up_s["params"][scan_name])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-9, atol=1e-12), got, up_u[f"block{i}"])
+
+
+def _rnn_params():
+  ks = jax.random.split(jax.random.PRNGKey(2), 2)
+  return {"u": jax.random.normal(ks[0], (3, D)) / 2,
+          "out": jax.random.normal(ks[1], (D, 2))}
+
+
+def _rnn(p, xs, probes=None, decay=0.5):
+  """``h_{t+1} = decay·h_t + x_t U`` over time-major ``xs [T, N, 3]``."""
+  def step(h, inp):
+    x, probe = inp
+    h = decay * h + (x @ p["u"] + probe)
+    return h, h
+  probes = jnp.zeros(xs.shape[:2] + (D,)) if probes is None else probes
+  return jax.lax.scan(step, jnp.zeros((xs.shape[1], D)), (xs, probes))
+
+
+def test_recurrent_cell_statistics_expand_and_reduce():
+  """``U`` is closed over by the scan body: one block, the time steps as
+  extra tokens. Per-step loss → expand: ``A = Σ x xᵀ/(N T)``, ``G = Σ g gᵀ/M``
+  with ``g_{n,t}`` the per-step output gradients; final-state loss under
+  ``auto`` → reduce: ``â_n = mean_t x``, ``ĝ_n = Σ_t g``."""
+  params = _rnn_params()
+  t, n = 4, 3
+  xs = jax.random.normal(jax.random.PRNGKey(3), (t, n, 3))
+  per_step = {"x": xs, "y": jnp.zeros((t, n, 2))}
+  final = {"x": xs, "y": jnp.zeros((n, 2))}
+  loss_steps = lambda p, b: kfe.squared_error(_rnn(p, b["x"])[1] @ p["out"],
+                                              b["y"])
+  loss_final = lambda p, b: kfe.squared_error(_rnn(p, b["x"])[0] @ p["out"],
+                                              b["y"])
+  for loss, batch, sharing, m in ((loss_steps, per_step, "expand", t * n),
+                                  (loss_final, final, "auto", n)):
+    _, st = _update(loss, params, batch, weight_sharing=sharing)
+    g = jax.grad(lambda pr: loss_from_probes(pr, loss, batch))(
+        jnp.zeros((t, n, D))) * m          # per-example output gradients
+    if sharing == "expand":
+      a = xs.reshape(t * n, 3)
+      a_exact, g_exact = a.T @ a / (t * n), g.reshape(-1, D).T @ g.reshape(
+          -1, D) / m
+    else:
+      a, gs = xs.mean(axis=0), g.sum(axis=0)
+      a_exact, g_exact = a.T @ a / n, gs.T @ gs / n
+    np.testing.assert_allclose(st.factors[1].rows, a_exact, rtol=1e-10)
+    np.testing.assert_allclose(st.factors[1].cols, g_exact, rtol=1e-10)
+
+
+def loss_from_probes(probes, loss, batch):
+  """``loss`` with zero probes added to the per-step pre-activations."""
+  p = _rnn_params()
+  if batch["y"].ndim == 3:
+    return kfe.squared_error(_rnn(p, batch["x"], probes)[1] @ p["out"],
+                             batch["y"])
+  return kfe.squared_error(_rnn(p, batch["x"], probes)[0] @ p["out"],
+                           batch["y"])
+
+
+def test_reduce_is_exact_for_an_accumulating_linear_cell():
+  """``h_{t+1} = h_t + x_t U`` and a square loss on ``h_T``: the time axis is
+  summed before the loss, so K-FAC-reduce is the exact block for one
+  example (and expand is not)."""
+  params = _rnn_params()
+  xs = jax.random.normal(jax.random.PRNGKey(4), (4, 1, 3))
+  batch = {"x": xs, "y": jnp.array([[0.5, -1.0]])}
+  loss = lambda p, b: kfe.squared_error(
+      _rnn(p, b["x"], decay=1.0)[0] @ p["out"], b["y"])
+  u = jax.grad(loss)(params, batch)["u"].ravel()
+  exact = jnp.linalg.solve(jnp.outer(u, u) + LAM * jnp.eye(u.shape[0]), u)
+  up, _ = _update(loss, params, batch, weight_sharing="auto")
+  np.testing.assert_allclose(up["u"].ravel(), exact, rtol=1e-9, atol=1e-12)
+  up, _ = _update(loss, params, batch, weight_sharing="expand")
+  assert jnp.linalg.norm(up["u"].ravel() - exact) / jnp.linalg.norm(exact) > 0.05
+
+
+class _LSTM(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Bidirectional(nn.RNN(nn.LSTMCell(6)), nn.RNN(nn.LSTMCell(6)))(x)
+    return nn.Dense(3)(h)
+
+
+def test_flax_rnn_and_bidirectional_lstm_are_covered():
+  model = _LSTM()
+  x = jnp.ones((2, 5, 4), jnp.float32)   # flax's LSTM carry is float32
+  params = model.init(jax.random.PRNGKey(0), x)
+  batch = {"x": x, "y": jnp.zeros((2, 5), jnp.int32)}
+  loss = lambda p, b: kfe.softmax_cross_entropy(model.apply(p, b["x"]), b["y"])
+  text = kfe.describe_layers(loss, params, batch)
+  assert text.splitlines()[-1].startswith("Share of parameters: kronecker 100.0%")
+  tx = kfe.kfac(loss, 0.1, example_batch=batch)
+  up, _ = tx.update(jax.grad(loss)(params, batch), tx.init(params), params,
+                    batch=batch, key=jax.random.PRNGKey(0))
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree_util.tree_leaves(up))
+
+
+def test_nnx_scan_over_vmapped_linear_layers():
+  from flax import nnx
+
+  class Stack(nnx.Module):
+    def __init__(self, rngs):
+      @nnx.split_rngs(splits=L)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make(rngs):
+        return nnx.Linear(D, D, rngs=rngs)
+      self.layers = make(rngs)
+      self.head = nnx.Linear(D, 2, rngs=rngs)
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      def body(x, layer):
+        return jnp.tanh(layer(x))
+      return self.head(body(x, self.layers))
+
+  graphdef, state = nnx.split(Stack(nnx.Rngs(0)))
+  loss = lambda s, b: kfe.softmax_cross_entropy(nnx.merge(graphdef, s)(b["x"]),
+                                                b["y"])
+  batch = {"x": jnp.ones((5, D), jnp.float32), "y": jnp.zeros(5, jnp.int32)}
+  found = {(l.name, l.kind) for l in kfe.find_layers(loss, state, batch)}
+  assert found == {("layers", "dense"), ("head", "dense")}
+  assert "3x kronecker 5x4" in kfe.describe_layers(loss, state, batch)
