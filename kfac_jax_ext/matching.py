@@ -199,15 +199,22 @@ def match_layers(uses, jaxprs, shapes, paths, n):
     eqn = jaxprs[use.path].eqns[use.eqn]
     if (use.path, use.eqn, 1 - use.operand) in at_operand:
       continue  # both operands are parameters
-    if patterns.scale_shift_axes(use, eqn, shapes[leaf]) is None:
+    shape, steps, marker = shapes[leaf], 0, None
+    in_scan = patterns.scan_view(use.view.chain)
+    if in_scan is not None:   # per step: leaf[i] (scanned) or the leaf (shared)
+      marker, steps, rest = in_scan
+      shape = shape[1:] if marker is patterns.SCAN_SLICE else shape
+      use = dataclasses.replace(use, view=patterns.View(use.leaf, rest))
+    if patterns.scale_shift_axes(use, eqn, shape) is None:
       continue
     out_shape = eqn.outvars[0].aval.shape
     name = _module_name(paths, leaf)
     g = groups.setdefault(name, dict(site=(use.path, use.eqn), captures=(),
                                      probes=(), scale=None, shift=None,
-                                     inputs_shape=tuple(out_shape)))
+                                     inputs_shape=tuple(out_shape),
+                                     steps=steps, marker=marker))
     role = "scale" if use.primitive == "mul" else "shift"
-    if g[role] is not None:
+    if g[role] is not None or (g["steps"], g["marker"]) != (steps, marker):
       continue
     g[role] = leaf
     g["probes"] += ((use.path, use.eqn),)
@@ -219,7 +226,8 @@ def match_layers(uses, jaxprs, shapes, paths, n):
     found.append((g["site"], LayerMatch(
         kind="scale_and_shift", name=name, scale=g["scale"], shift=g["shift"],
         captures=g["captures"], probes=g["probes"], inputs_shape=g["inputs_shape"],
-        outputs_shape=g["inputs_shape"])))
+        outputs_shape=g["inputs_shape"], steps=g["steps"],
+        stacked=g["marker"] is patterns.SCAN_SLICE)))
 
   found.sort(key=lambda t: t[0][0] + (t[0][1],))   # forward (program) order
   reasons = {i: _reason(jaxprs, by_leaf[i], shapes[i])

@@ -273,11 +273,11 @@ def layer_sizes(m: dict, leaf_shape) -> tuple[int, int]:
 
 def scale_shift_axes(use, eqn, leaf_shape):
   """Trailing output axes the leaf aligns with when ``eqn`` is a batched
-  ``mul``/``add`` of the leaf; None otherwise (e.g. ``1 + scale`` alone)."""
+  ``mul``/``add`` of the leaf; None otherwise (e.g. ``1 + scale`` alone).
+  Inside a scan body, ``use`` has its scan marker stripped and ``leaf_shape``
+  is the per-step shape."""
   out_shape = eqn.outvars[0].aval.shape
   k = len(leaf_shape)
-  if scan_view(use.view.chain) is not None:
-    return None   # inside a scan body: no diagonal block yet
   if k > len(out_shape) or math.prod(out_shape) <= math.prod(leaf_shape):
     return None
   axes = tuple(range(len(out_shape) - k, len(out_shape)))

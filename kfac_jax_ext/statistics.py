@@ -190,7 +190,7 @@ def _scan_statistics(layer, traced, captured, probe_grads, li):
 
 
 def _layer_statistics(layer, traced, captured, probe_grads, li):
-  if layer.steps:
+  if layer.steps and layer.kind != "scale_and_shift":
     return _scan_statistics(layer, traced, captured, probe_grads, li)
   if layer.uses:   # tied: per use, in its own orientation; stacked: per slice
     per_use = tuple(_layer_statistics(use, traced, {("a", li, 0): captured[
@@ -202,17 +202,31 @@ def _layer_statistics(layer, traced, captured, probe_grads, li):
     a = _canonical_inputs(layer, captured[("a", li, 0)])
     g = _to_end(probe_grads[layer.probes[0]], layer.out_axes)
     return (a, _grouped(g, layer.groups) if layer.groups > 1 else g)
-  size = int(np.prod(traced.param_shapes[layer.scale if layer.scale is not None
-                                          else layer.shift]))
+  return _scale_shift_statistics(layer, traced, captured, probe_grads, li)
+
+
+def _scale_shift_statistics(layer, traced, captured, probe_grads, li):
+  """Per-token gradients ``(u_scale, u_shift)`` ``[K, size]`` of a
+  scale-and-shift layer; inside a scan, ``[L, K, size]`` per step (leaves
+  scanned over) or the steps as extra tokens (leaves shared by the steps)."""
+  leaf = layer.scale if layer.scale is not None else layer.shift
+  size = int(np.prod(traced.param_shapes[leaf][int(layer.stacked):]))
+  lead = (traced.param_shapes[leaf][0],) if layer.stacked else ()
+
+  def tokens(u):
+    if layer.steps and not layer.stacked:    # [L, ...] -> steps as tokens
+      return u.reshape(-1, size)
+    return u.reshape(lead + (-1, size))
+
   u_scale = u_shift = None
   k = 0
   if layer.scale is not None:
     g = probe_grads[layer.probes[0]]
     x = jnp.broadcast_to(captured[("a", li, 0)], g.shape)
-    u_scale = (x * g).reshape(-1, size)
+    u_scale = tokens(x * g)
     k = 1
   if layer.shift is not None:
-    u_shift = probe_grads[layer.probes[k]].reshape(-1, size)
+    u_shift = tokens(probe_grads[layer.probes[k]])
   return (u_scale, u_shift)
 
 

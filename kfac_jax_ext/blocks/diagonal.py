@@ -18,8 +18,10 @@ from kfac_jax_ext import plan as plan_lib
 
 
 def from_tokens(u, num_examples, dtype):
+  """``Σ_tok u² / M`` over the token axis (``[K, size]``, or ``[L, K, size]``
+  per step of a scan)."""
   u = u.astype(dtype)
-  return jnp.sum(u * u, axis=0) / jnp.asarray(num_examples, dtype)
+  return jnp.sum(u * u, axis=-2) / jnp.asarray(num_examples, dtype)
 
 
 def from_summed_gradient(grad, num_examples, dtype):
