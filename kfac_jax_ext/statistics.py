@@ -11,8 +11,10 @@ Canonical per-layer statistics (tokens = all non-feature positions, K of them):
 ``a``: ``[K, d_in]`` layer inputs (conv: im2col patches, feature order
 (C, kh, kw); embedding: the ids ``[K]``); ``g``: ``[K, d_out]`` (grouped
 conv: ``[G, K, d_in]`` and ``[G, K, d_out]``, one block per group, and so
-for the k slices of a stacked kernel; tied kernel: one ``(a, g)`` per use). With M the number of loss examples, the
+for the k slices of a stacked kernel or the L steps of a scanned one; tied
+kernel: one ``(a, g)`` per use). With M the number of loss examples, the
 K-FAC block of the mean loss is ``A ⊗ G``, ``A = āᵀā / K``, ``G = gᵀg / M``.
+A scan is re-run with its body instrumented (``_evaluate_scan``).
 """
 
 from __future__ import annotations
