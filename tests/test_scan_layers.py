@@ -4,6 +4,7 @@ share one block over the time steps, expand or reduce."""
 
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -242,3 +243,41 @@ def test_nnx_scan_over_vmapped_linear_layers():
   found = {(l.name, l.kind) for l in kfe.find_layers(loss, state, batch)}
   assert found == {("layers", "dense"), ("head", "dense")}
   assert "3x kronecker 5x4" in kfe.describe_layers(loss, state, batch)
+
+
+class _AccumulatingCell(nn.RNNCellBase):
+  """``h ← h + Dense(x)`` (no bias): a linear cell for ``nn.RNN``."""
+  features: int = D
+
+  @nn.compact
+  def __call__(self, carry, x):
+    h = carry + nn.Dense(self.features, use_bias=False, name="u")(x)
+    return h, h
+
+  def initialize_carry(self, rng, input_shape):
+    return jnp.zeros(input_shape[:-1] + (self.features,), jnp.float64)
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+def test_nn_rnn_linear_cell_reduce_is_exact_and_expand_is_not():
+  """The same oracle through flax's ``nn.RNN``: a final-state square loss
+  of an accumulating linear cell is a sum over time before the loss, so
+  ``auto`` picks reduce, which is the exact block for one example."""
+  rnn = nn.RNN(_AccumulatingCell(), return_carry=True)
+  x = jax.random.normal(jax.random.PRNGKey(5), (1, 4, 3))
+  params = rnn.init(jax.random.PRNGKey(6), x)
+  params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
+  batch = {"x": x, "y": jnp.array([[0.5, -1.0, 0.2, 0.3]])}
+  loss = lambda p, b: kfe.squared_error(rnn.apply(p, b["x"])[0], b["y"])
+  (layer,) = kfe.find_layers(loss, params, batch)
+  assert layer.kind == "dense"
+  u = jax.flatten_util.ravel_pytree(jax.grad(loss)(params, batch))[0]
+  exact = jnp.linalg.solve(jnp.outer(u, u) + LAM * jnp.eye(u.shape[0]), u)
+  for sharing, is_exact in (("auto", True), ("expand", False)):
+    up, _ = _update(loss, params, batch, weight_sharing=sharing)
+    got = jax.flatten_util.ravel_pytree(up)[0]
+    err = jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)
+    assert (err < 1e-9) if is_exact else (err > 0.05), (sharing, err)
