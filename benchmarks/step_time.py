@@ -6,6 +6,8 @@ kfac-jax is reported as absent. Models on real MNIST:
 * the Martens & Grosse autoencoder 784-1000-500-250-30-250-500-1000-784
   (sigmoid cross-entropy, batch 1000);
 * an MLP 784-256-256-10 (softmax cross-entropy, batch 512).
+``kfe.kfac`` runs with the state laid out from the parameter shapes (padded
+slots) and, as "laid out", from ``example_batch`` (exact sizes).
 Each optimizer's jitted step is timed after compilation; reported: the median
 step and the amortized mean over a whole number of refresh periods, and
 their ratios to Adam (and of kfe.kfac at kfac-jax's settings to kfac-jax).
@@ -165,6 +167,10 @@ def run_model(name, rounds, x_train, y_train):
       "optax.adam": optax_step(optax.adam(1e-3), kfe_loss, params, batches, False),
       "kfe.kfac (stats 1, inv 5)": optax_step(
           kfe.kfac(kfe_loss, 1e-3, **equal), kfe_loss, params, batches, True),
+      # the state laid out per traced layer (exact factor sizes, no padding)
+      "kfe.kfac (stats 1, inv 5, laid out)": optax_step(
+          kfe.kfac(kfe_loss, 1e-3, example_batch=batches[0], **equal), kfe_loss,
+          params, batches, True),
       "kfe.kfac (stats 10, inv 10)": optax_step(
           kfe.kfac(kfe_loss, 1e-3, damping=1e-3, stats_every=10, inverse_every=10),
           kfe_loss, params, batches, True, stats_every=10),
