@@ -170,10 +170,9 @@ def layout_entries(traced, dtype, mode: str, max_factor_dim: int,
   for layer in traced.layers:
     if layer.kind == "scale_and_shift" or unsupported(layer) is not None:
       continue
-    a_shape, g_shape = plan_lib.factor_shapes(layer)
-    dense_dims = [d for s in (a_shape, g_shape) if len(s) > 1 for d in s[-2:]]
-    if max(dense_dims) > int(max_factor_dim):
+    if plan_lib.largest_dense_dim(layer) > int(max_factor_dim):
       continue
+    a_shape, g_shape = plan_lib.factor_shapes(layer)
     side = plan_lib.natural_a_side(layer, len(traced.param_shapes[layer.kernel]))
     factors[layer.kernel], inverses[layer.kernel] = kronecker.init_layer_entry(
         a_shape, g_shape, side, dtype, mode)

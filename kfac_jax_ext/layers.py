@@ -78,10 +78,9 @@ def block_label(m: tracing.LayerMatch, max_factor_dim: int = 4096) -> str:
   fallback when a factor exceeds ``max_factor_dim``."""
   if m.kind == "scale_and_shift":
     return "diagonal"
-  a_shape, g_shape = plan_lib.factor_shapes(m)
-  dims = [d for s in (a_shape, g_shape) if len(s) > 1 for d in s[-2:]]
-  if max(dims) > max_factor_dim:
-    return f"fallback (factor {max(dims)} > max_factor_dim)"
+  largest = plan_lib.largest_dense_dim(m)
+  if largest > max_factor_dim:
+    return f"fallback (factor {largest} > max_factor_dim)"
   if m.kind == "embedding":
     return f"kronecker diag({m.d_in})x{m.d_out}"
   prefix = f"{m.groups}x " if m.groups > 1 else ""

@@ -66,6 +66,13 @@ def factor_shapes(layer: tracing.LayerMatch) -> tuple[tuple, tuple]:
   return lead + (layer.d_a, layer.d_a), lead + (layer.d_out, layer.d_out)
 
 
+def largest_dense_dim(layer: tracing.LayerMatch) -> int:
+  """The largest side of the layer's dense (matrix) factors: what
+  ``max_factor_dim`` bounds (an embedding's diagonal factor does not count)."""
+  a_shape, g_shape = factor_shapes(layer)
+  return max(d for s in (a_shape, g_shape) if len(s) > 1 for d in s[-2:])
+
+
 def natural_a_side(layer: tracing.LayerMatch, ndim: int) -> str:
   """The slot of a leaf's entry that holds A: ``"cols"`` only for a 2-D
   kernel used transposed (its output axis first)."""

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext import weight_sharing as sharing_lib
 from kfac_jax_ext.blocks import woodbury
 
 
@@ -50,7 +51,7 @@ def layout_blocks(traced, capacity, dtype, damping):
   for layer in traced.layers:
     if unsupported(layer) is not None or layer.kind == "scale_and_shift":
       continue
-    positions = math.prod(layer.outputs_shape) // layer.d_out // traced.num_examples
+    positions = sharing_lib.tokens(layer) // traced.num_examples
     side = plan_lib.natural_a_side(layer, len(traced.param_shapes[layer.kernel]))
     blocks[layer.kernel] = woodbury.init_layer_block(
         layer.d_a, layer.d_out, side, positions == 1, capacity, dtype, damping)

@@ -118,13 +118,21 @@ def precondition(v, inv_a, inv_g, vals_a, vals_g, damping, mode: str):
   return inv_a @ v @ inv_g
 
 
+def id_counts(ids, size: int, dtype, weights=None):
+  """``Σ_tok w_tok onehot(id_tok)`` as a ``[size]`` vector (w = 1 by
+  default); ids outside ``[0, size)`` (dropped by the gather) count for
+  nothing."""
+  weights = 1.0 if weights is None else weights
+  return jnp.zeros((size,), dtype).at[ids].add(weights, mode="drop")
+
+
 def embedding_factors(ids, g, vocab: int, num_examples, dtype):
   """``(f, G_b)`` of an embedding: ``f_v = #{tokens with id v} / K`` (the
   diagonal of ``A = E[onehot onehotᵀ]``) and ``G_b = gᵀg / M``. Ids outside
   ``[0, vocab)`` (dropped by the gather) count for nothing."""
   g = g.astype(dtype)
-  counts = jnp.zeros((vocab,), dtype).at[ids].add(1.0, mode="drop")
-  return counts / ids.shape[0], (g.T @ g) / jnp.asarray(num_examples, dtype)
+  return (id_counts(ids, vocab, dtype) / ids.shape[0],
+          (g.T @ g) / jnp.asarray(num_examples, dtype))
 
 
 def tied_factors(layer, stats, num_examples, dtype):
@@ -141,7 +149,7 @@ def tied_factors(layer, stats, num_examples, dtype):
   cols = jnp.zeros((layer.d_out, layer.d_out), dtype)
   for use, flip, (a, g) in zip(layer.uses, layer.transposed, stats):
     if use.kind == "embedding":
-      a_gram = jnp.diag(jnp.zeros((use.d_in,), dtype).at[a].add(1.0, mode="drop"))
+      a_gram = jnp.diag(id_counts(a, use.d_in, dtype))
     else:
       a_gram = a.astype(dtype).T @ a.astype(dtype)
     g = g.astype(dtype)

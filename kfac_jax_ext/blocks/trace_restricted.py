@@ -55,7 +55,7 @@ def _embedding_statistics(ids, g, vocab, num_examples, dtype, factors, trace):
   m = jnp.asarray(num_examples, dtype)
   beta = jnp.sum(g * g, axis=1)
   if factors == "weighted":
-    side_a = jnp.zeros((vocab,), dtype).at[ids].add(beta, mode="drop") / m
+    side_a = kronecker.id_counts(ids, vocab, dtype, beta) / m
     side_g = g.T @ g / m
   else:
     side_a, side_g = kronecker.embedding_factors(ids, g, vocab, num_examples,
