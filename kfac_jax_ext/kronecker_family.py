@@ -176,8 +176,7 @@ def layout_entries(traced, dtype, mode: str, max_factor_dim: int,
     side = plan_lib.natural_a_side(layer, len(traced.param_shapes[layer.kernel]))
     factors[layer.kernel], inverses[layer.kernel] = kronecker.init_layer_entry(
         a_shape, g_shape, side, dtype, mode)
-    traces[layer.kernel] = jnp.zeros(a_shape[:-2] if len(a_shape) > 2 else (),
-                                     dtype)
+    traces[layer.kernel] = jnp.zeros(a_shape[:-2], dtype)   # per group if any
   return tuple(factors), tuple(inverses), tuple(traces)
 
 
@@ -195,7 +194,7 @@ def guessed_entries(leaves, dtype, mode: str, max_factor_dim: int):
   return tuple(factors), tuple(inverses), tuple(traces)
 
 
-def warn_unfactored(name, plan, fallback, traced=None):
+def warn_unfactored(name, plan, fallback, traced):
   """One warning per layer without a block (at trace time, so once per
   compilation), naming the layer and what to do; one more when over 10 % of
   the parameters get no block, naming the largest."""
@@ -203,8 +202,6 @@ def warn_unfactored(name, plan, fallback, traced=None):
     warnings.warn(f"{name}: layer {layer.name} ({layer.kind}) gets no "
                   f"curvature block ({reason}); it falls back to "
                   f"fallback={fallback!r}.", stacklevel=3)
-  if traced is None:
-    return
   sizes = [math.prod(s) for s in traced.param_shapes]
   bare = [leaf for _, layer, _ in plan.unfactored_layers
           for leaf in (layer.kernel, layer.bias) if leaf is not None]
@@ -254,11 +251,11 @@ def layer_statistics(cb, kl, num_examples: int, weight_sharing: str = "expand"):
   """``(a, g)`` of a layer in the ``CurvatureBatch``, reduced over each
   example's positions where ``weight_sharing`` says *reduce* (a tied
   kernel: its uses' statistics and None)."""
-  stats = cb.layers[kl.index]
+  a, g = plan_lib.layer_ag(cb.layers[kl.index], kl.layer)
   if kl.layer.kind == "tied":
-    return stats, None
+    return a, g
   r = sharing_lib.positions(kl.layer, num_examples, weight_sharing)
-  return sharing_lib.reduce_tokens(*stats, r)
+  return sharing_lib.reduce_tokens(a, g, r)
 
 
 def _ema(old, new, eps):

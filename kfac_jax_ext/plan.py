@@ -138,21 +138,21 @@ def to_matrix(layer: tracing.LayerMatch, kernel, bias=None):
   if layer.stacked:
     m = jax.vmap(lambda w: jnp.transpose(w, layer.kernel_perm).reshape(
         layer.d_in, layer.d_out))(kernel)
-    if bias is not None:
-      b = bias.reshape(layer.groups, 1, layer.d_out).astype(m.dtype)
-      m = jnp.concatenate([m, b], axis=1)
-    return m
-  if layer.groups > 1:
+  elif layer.groups > 1:
     m = jnp.transpose(kernel, layer.kernel_perm).reshape(
         layer.d_in, layer.groups, layer.d_out).transpose(1, 0, 2)
-    if bias is not None:
-      b = bias.reshape(layer.groups, 1, layer.d_out).astype(m.dtype)
-      m = jnp.concatenate([m, b], axis=1)
-    return m
-  m = jnp.transpose(kernel, layer.kernel_perm).reshape(layer.d_in, layer.d_out)
-  if bias is not None:
-    m = jnp.concatenate([m, bias.reshape(1, layer.d_out).astype(m.dtype)], axis=0)
+  else:
+    m = jnp.transpose(kernel, layer.kernel_perm).reshape(layer.d_in, layer.d_out)
+  if bias is not None:   # the bias row, per group or slice
+    b = bias.reshape(m.shape[:-2] + (1, layer.d_out)).astype(m.dtype)
+    m = jnp.concatenate([m, b], axis=-2)
   return m
+
+
+def layer_ag(stats, layer: tracing.LayerMatch):
+  """A layer's entry of ``CurvatureBatch.layers`` as ``(a, g)``; a tied
+  kernel's entry holds its uses' statistics: ``(uses' stats, None)``."""
+  return (stats, None) if layer.kind == "tied" else stats
 
 
 def from_matrix(layer: tracing.LayerMatch, m, kernel_shape, has_bias: bool):

@@ -76,8 +76,7 @@ def batch_diagonals(plan, traced, cb, fallback: str, dtype,
         out[leaf] = from_tokens(u, m, dtype).reshape(traced.param_shapes[leaf])
   if fallback == "diagonal":
     for i, layer, _ in plan.unfactored_layers:
-      stats = cb.layers[i]
-      a, g = (stats, None) if layer.kind == "tied" else stats
+      a, g = plan_lib.layer_ag(cb.layers[i], layer)
       d = any_layer_diagonal(layer, a, g, m, dtype)
       dk, db = plan_lib.from_matrix(layer, d, traced.param_shapes[layer.kernel],
                                     layer.bias is not None)
