@@ -207,7 +207,7 @@ def shakespeare(quick, batch_size=None):
       windows(valid, fixed.integers(0, len(valid) - context - 1, eval_windows)),
       # λ and κ at the per-token curvature's scale: with the mean over the
       # 64 positions of a window, λ = 0.1 left 0.03–1 % of each block's
-      # eigenvalues above it (K-FAC was mostly damping).
+      # eigenvalues above it (K-FAC was mostly damping), as issue #17 reports.
       _grids((1e-3, 3e-3, 1e-2), (0.03, 0.1, 0.3), (0.03, 0.1),
              (1.5e-3, 1.5e-2)),
       kl_clip=1.5e-4, period=5)
