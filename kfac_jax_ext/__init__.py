@@ -3,6 +3,9 @@
 Public face only; see ``spec/api.md`` for the contract.
 """
 
+from kfac_jax_ext.adaptive_transform import (AdaptiveHealth, AdaptiveState,
+                                             quadratic_model_step)
+from kfac_jax_ext.curvature_products import fisher_vector_product
 from kfac_jax_ext.kfac_transform import scale_by_kfac
 from kfac_jax_ext.state import Health, KfacState, curvature_due
 from kfac_jax_ext.layers import Layer, describe_layers, find_layers
@@ -20,7 +23,8 @@ from kfac_jax_ext.two_level_transform import (TwoLevelState,
 __version__ = "0.1.0"
 
 __all__ = [
-    "CurvatureBatch", "Due", "Health", "KfacState", "Layer", "clip_by_kl",
+    "AdaptiveHealth", "AdaptiveState", "fisher_vector_product",
+    "quadratic_model_step", "CurvatureBatch", "Due", "Health", "KfacState", "Layer", "clip_by_kl",
     "curvature_due", "describe_layers", "due_at", "find_layers", "kfac", "scale_by_kfac",
     "scale_by_tengrad", "scale_by_tkfac", "sigmoid_cross_entropy",
     "softmax_cross_entropy", "squared_error", "tengrad", "TengradState",

@@ -82,7 +82,8 @@ def kronecker_stepper(
 ) -> optax.GradientTransformationExtraArgs:
   """``(init_fn, step_fn)`` of the Kronecker family (options: ``scale_by_kfac``).
 
-  ``step_fn(updates, state, params, *, batch, key, curvature, due)`` returns
+  ``step_fn(updates, state, params, *, batch, key, curvature, due,
+  damping_override)`` returns
   ``(preconditioned updates, new state, StepContext)``; ``scale_by_kronecker``
   wraps it as an optax transformation, ``scale_by_two_level_kfac`` builds its
   coarse correction on the context.
@@ -108,7 +109,7 @@ def kronecker_stepper(
                      diags, Health(zero(), zero()))
 
   def step_fn(updates, state, params=None, *, batch=None, key=None,
-              curvature=None, due=None):
+              curvature=None, due=None, damping_override=None):
     schedule.check_due(due, name)
     checks.check_update_args(name, params, batch, curvature, fisher, key, due)
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
@@ -117,7 +118,7 @@ def kronecker_stepper(
     plan = plan_lib.make_plan(traced, state.factors,
                               unsupported=variant.unsupported)
     warn_unfactored(name, plan, fallback, traced)
-    lam = damping(state.count) if callable(damping) else damping
+    lam = schedule.value_at(damping, state.count, damping_override)
     dtype = state.diagonals[0].dtype if state.diagonals else jnp.float32
     lam = jnp.asarray(lam, dtype)
 
@@ -239,9 +240,9 @@ def scale_by_kronecker(loss_fn: Callable[..., Any], variant: KroneckerVariant,
 
   def update_fn(updates, state, params=None, *, batch=None, key=None,
                 curvature=None, due=None, **extra_args):
-    del extra_args
     out, new_state, _ = step_fn(updates, state, params, batch=batch, key=key,
-                                curvature=curvature, due=due)
+                                curvature=curvature, due=due,
+                                damping_override=extra_args.get("damping"))
     return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -135,6 +135,33 @@ class RegisteredLoss(NamedTuple):
     root_w = jnp.sqrt(jnp.maximum(jax.lax.stop_gradient(self.weights), 0))
     return scale * jnp.sum(root_w.astype(losses.dtype) * losses)
 
+  def hessian_product(self, u):
+    """``∂²L/∂z² u`` of this helper's mean loss ``L = mean_n w_n l_n`` in its
+    predictions ``z``: ``(w_n / M) H_n u_n`` per example (M examples)."""
+    z = jax.lax.stop_gradient(self.predictions)
+    w = jax.lax.stop_gradient(self.weights)
+    h = fisher_hessian_product(self.kind, z.astype(u.dtype), u)
+    return (w.astype(u.dtype) / self.num_examples)[..., None] * h
+
+
+def fisher_hessian_product(kind: str, predictions, u):
+  """``H_n u_n`` per example: the Fisher of the predictive distribution in
+  the space of its inputs, equal to the Hessian of ``l_n`` for these
+  (canonical-link) losses and independent of the targets.
+
+  softmax: ``diag(p) − ppᵀ``; sigmoid: ``diag(p(1−p))``; Gaussian: ``I``.
+  ``predictions`` and ``u`` share the shape ``[..., C]``.
+  """
+  if kind == "softmax_cross_entropy":
+    p = jax.nn.softmax(predictions, axis=-1)
+    return p * u - p * jnp.sum(p * u, axis=-1, keepdims=True)
+  if kind == "sigmoid_cross_entropy":
+    p = jax.nn.sigmoid(predictions)
+    return p * (1 - p) * u
+  if kind == "squared_error":
+    return u
+  raise ValueError(f"unknown loss kind {kind!r}")
+
 
 def _register_and_mean(kind, predictions, targets, weights):
   predictions, targets, weights = _prepare(predictions, targets, weights, kind)

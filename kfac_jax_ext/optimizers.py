@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kfac_jax_ext import adaptive_transform
 from kfac_jax_ext import kfac_transform
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import tengrad_transform
@@ -80,6 +81,32 @@ def with_optimizer_steps(preconditioner, learning_rate, *, momentum=0.9,
   return optax.chain(*parts)
 
 
+def _adaptive(precondition, loss_fn, learning_rate, momentum, weight_decay,
+              kl_clip, adaptation, options, default_damping):
+  """The alias with Martens & Grosse's adaptive α, μ and/or λ around it."""
+  if isinstance(learning_rate, str):
+    if kl_clip is not None:
+      raise ValueError("kl_clip limits a fixed learning rate's step; with "
+                       "learning_rate='adaptive' the quadratic model chooses the "
+                       "step size: drop kl_clip.")
+    inner = precondition if _is_zero(weight_decay) else optax.chain(
+        precondition, optax.add_decayed_weights(weight_decay))
+    momentum = None if momentum is None or _is_zero(momentum) else momentum
+  else:
+    if isinstance(momentum, str):
+      raise ValueError("momentum='adaptive' solves for the step size and the "
+                       "momentum together: it needs learning_rate='adaptive'.")
+    inner = with_optimizer_steps(precondition, learning_rate, momentum=momentum,
+                                 weight_decay=weight_decay, kl_clip=kl_clip)
+    momentum = None
+  return adaptive_transform.quadratic_model_step(
+      inner, loss_fn, learning_rate=learning_rate, momentum=momentum,
+      weight_decay=weight_decay,
+      damping=options.get("damping", default_damping),
+      has_aux=options.get("has_aux", False),
+      axis_name=options.get("axis_name"), **adaptation)
+
+
 def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
                      doc: str, shared: Callable = kronecker_family.kronecker_stepper
                      ) -> Callable:
@@ -88,11 +115,23 @@ def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
   Its ``__signature__`` lists every option explicitly (taken from the shared
   transform and the method), so ``optax.inject_hyperparams`` can bind them.
   """
+  default_damping = inspect.signature(shared).parameters["damping"].default
+
   def optimizer(loss_fn, learning_rate, *, momentum=0.9, weight_decay=0.0,
-                kl_clip=None, **options):
-    return with_optimizer_steps(scale_by(loss_fn, **options), learning_rate,
-                                momentum=momentum, weight_decay=weight_decay,
-                                kl_clip=kl_clip)
+                kl_clip=None, damping_adaptation=False,
+                damping_adaptation_interval=5, damping_adaptation_decay=0.95,
+                min_damping=1e-8, max_damping=1e8, **options):
+    precondition = scale_by(loss_fn, **options)
+    if not (isinstance(learning_rate, str) or isinstance(momentum, str)
+            or damping_adaptation):
+      return with_optimizer_steps(precondition, learning_rate, momentum=momentum,
+                                  weight_decay=weight_decay, kl_clip=kl_clip)
+    adaptation = dict(damping_adaptation=damping_adaptation,
+                      damping_adaptation_interval=damping_adaptation_interval,
+                      damping_adaptation_decay=damping_adaptation_decay,
+                      min_damping=min_damping, max_damping=max_damping)
+    return _adaptive(precondition, loss_fn, learning_rate, momentum,
+                     weight_decay, kl_clip, adaptation, options, default_damping)
 
   own = [p for p in inspect.signature(optimizer).parameters.values()
          if p.kind is not inspect.Parameter.VAR_KEYWORD]
@@ -110,10 +149,18 @@ K-FAC optimizer: ``scale_by_kfac`` → KL-clip → weight decay → momentum →
 
 Args:
   loss_fn: ``loss_fn(params, batch)`` using a ``kfe`` loss helper.
-  learning_rate: float or optax schedule.
-  momentum: heavy-ball momentum (no dampening, no Nesterov); 0 or None: off.
-  weight_decay: added to the preconditioned direction (``Δ + wd·θ``).
-  kl_clip: κ for KL-clipping (``clip_by_kl``), or None.
+  learning_rate: float or optax schedule, or ``"adaptive"``: the step size
+    α minimising the quadratic model with the exact Fisher of the batch
+    (Martens & Grosse §7; see ``quadratic_model_step``).
+  momentum: heavy-ball momentum (no dampening, no Nesterov); 0 or None: off;
+    ``"adaptive"`` (needs ``learning_rate="adaptive"``): μ from the model too.
+  weight_decay: added to the preconditioned direction (``Δ + wd·θ``); in
+    the adaptive model it is η of ``h = loss + η‖θ‖²/2``.
+  kl_clip: κ for KL-clipping (``clip_by_kl``), or None (numeric lr only).
+  damping_adaptation: adapt λ (``damping=`` is the initial λ) by the
+    Levenberg–Marquardt rule every ``damping_adaptation_interval`` updates,
+    with ``ω₁ = damping_adaptation_decay ** interval``, within
+    ``[min_damping, max_damping]``; λ is ``state.damping``.
   **options: ``scale_by_kfac``'s options (damping, damping_mode, fisher,
     stats_every, inverse_every, ema_decay, fallback, max_factor_dim, has_aux).
 
@@ -126,6 +173,8 @@ Example:
   >>> opt = kfe.kfac(loss_fn, learning_rate=0.1, damping=1e-3)
   >>> state = opt.init(params)
   >>> updates, state = opt.update(grads, state, params, batch=batch, key=key)
+  >>> adaptive = kfe.kfac(loss_fn, "adaptive", momentum="adaptive", damping=1.0,
+  ...                     damping_adaptation=True)     # no tuning
 """)
 
 

@@ -38,21 +38,29 @@ class Due(NamedTuple):
       the running averages).
     inverses: recompute the damped inverses (decompositions, Woodbury Grams)
       from the running statistics.
+    damping: for ``damping_adaptation=True``, whether this update adapts λ
+      (one extra forward pass); None (default): the counter decides at run
+      time (``lax.cond``).
   """
   statistics: bool
   inverses: bool
+  damping: bool | None = None
 
 
-def due_at(step: int, *, stats_every: int = 1, inverse_every: int = 5) -> Due:
+def due_at(step: int, *, stats_every: int = 1, inverse_every: int = 5,
+           damping_every: int | None = None) -> Due:
   """The default schedule's ``Due`` for update number ``step`` (from 0).
 
   Args:
     step: the number of updates made before this one (a Python int).
     stats_every: the preconditioner's ``stats_every``.
     inverse_every: the preconditioner's ``inverse_every``.
+    damping_every: the optimizer's ``damping_adaptation_interval`` when it
+      adapts λ (``damping_adaptation=True``), else None.
 
   Returns:
-    ``Due(step % stats_every == 0, step % inverse_every == 0)``.
+    ``Due(step % stats_every == 0, step % inverse_every == 0,
+    step % damping_every == 0)`` (the last None without ``damping_every``).
 
   Example:
     >>> step = jax.jit(train_step, static_argnames="due", donate_argnums=0)
@@ -60,27 +68,40 @@ def due_at(step: int, *, stats_every: int = 1, inverse_every: int = 5) -> Due:
     ...   carry = step(carry, batch, key,
     ...                due=kfe.due_at(i, stats_every=10, inverse_every=10))
   """
-  for name, value in (("step", step), ("stats_every", stats_every),
-                      ("inverse_every", inverse_every)):
+  periods = [("stats_every", stats_every), ("inverse_every", inverse_every)]
+  if damping_every is not None:
+    periods.append(("damping_every", damping_every))
+  for name, value in [("step", step)] + periods:
     if isinstance(value, bool) or not isinstance(value, int):
       raise TypeError(f"due_at: {name} must be a Python int, got {value!r} "
                       "(a traced step cannot choose what is compiled).")
   if step < 0:
     raise ValueError(f"due_at: step must be >= 0, got {step}.")
-  for name, value in (("stats_every", stats_every), ("inverse_every", inverse_every)):
+  for name, value in periods:
     if value < 1:
       raise ValueError(f"due_at: {name} must be >= 1, got {value}.")
-  return Due(step % stats_every == 0, step % inverse_every == 0)
+  return Due(step % stats_every == 0, step % inverse_every == 0,
+             None if damping_every is None else step % damping_every == 0)
 
 
 def check_due(due, name: str) -> None:
   """A clear error unless ``due`` is None or a ``Due`` of Python bools."""
   if due is None:
     return
-  if not isinstance(due, Due) or not all(isinstance(x, bool) for x in due):
+  if (not isinstance(due, Due) or not all(isinstance(x, bool) for x in due[:2])
+      or not (due.damping is None or isinstance(due.damping, bool))):
     raise TypeError(f"{name}: due must be kfe.Due(statistics: bool, inverses: "
-                    f"bool) made in Python (kfe.due_at), got {due!r}; mark it "
-                    "static when you jit (static_argnames).")
+                    f"bool, damping: bool | None = None) made in Python "
+                    f"(kfe.due_at), got {due!r}; mark it static when you jit "
+                    "(static_argnames).")
+
+
+def value_at(option, count, override=None):
+  """A float-or-schedule option's value at update ``count``, or ``override``
+  (a value passed to ``update``, e.g. the adapted damping) when given."""
+  if override is not None:
+    return override
+  return option(count) if callable(option) else option
 
 
 def maybe(period, pred, true_fn, false_fn, operand, static=None):

@@ -232,6 +232,23 @@ def _scale_shift_statistics(layer, traced, captured, probe_grads, li):
   return (u_scale, u_shift)
 
 
+def evaluate_losses(traced: tracing.TracedLoss, p_leaves, b_leaves):
+  """``loss_fn`` re-evaluated from its jaxpr at ``p_leaves``: returns
+  ``(outputs, registered)`` with ``outputs`` the flat outputs of ``loss_fn``
+  (the loss first) and ``registered`` one ``RegisteredLoss`` per loss helper
+  call, in trace order. Differentiable in ``p_leaves``."""
+  actions = {site: [("loss", ("loss", k))]
+             for k, site in enumerate(traced.loss_sites)}
+  active = {site[0][:n] for site in actions for n in range(1, len(site[0]) + 1)}
+  closed = traced.closed_jaxpr
+  outs, captured = _evaluate(closed.jaxpr, closed.consts,
+                             list(p_leaves) + list(b_leaves), (), {}, actions,
+                             active)
+  kinds = [traced.jaxprs[p].eqns[i].params["kind"] for p, i in traced.loss_sites]
+  return outs, [losses_lib.RegisteredLoss(kind, *captured[("loss", k)])
+                for k, kind in enumerate(kinds)]
+
+
 def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
                     fisher: str, due=None, axis_name=None):
   """Runs the fused pass. Returns ``(outputs, grads, CurvatureBatch)``.

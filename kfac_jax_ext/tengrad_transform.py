@@ -338,7 +338,6 @@ def scale_by_tengrad(
 
   def update_fn(updates, state, params=None, *, batch=None, key=None,
                 curvature=None, due=None, **extra_args):
-    del extra_args
     schedule.check_due(due, name)
     if due is not None and due.statistics != due.inverses:
       raise ValueError(f"{name} refreshes its statistics batch and its Woodbury "
@@ -355,8 +354,8 @@ def scale_by_tengrad(
                     f"Woodbury block ({reason}); it falls back to "
                     f"fallback={fallback!r}.", stacklevel=2)
     dtype = state.diagonals[0].dtype if state.diagonals else jnp.float32
-    lam = jnp.asarray(damping(state.count) if callable(damping) else damping,
-                      dtype)
+    lam = jnp.asarray(schedule.value_at(damping, state.count,
+                                        extra_args.get("damping")), dtype)
     n_local, n = _examples(traced, gram_batch, axis_name)
     _gram_memory_check(plan, traced, state.blocks, n, gram_batch, conv_gram,
                        dtype)

@@ -219,7 +219,8 @@ def scale_by_two_level_kfac(
     return optax.GradientTransformationExtraArgs(
         base_init, lambda u, s, p=None, **kw: base_step(
             u, s, p, **{k: kw.get(k) for k in ("batch", "key", "curvature",
-                                               "due")})[:2])
+                                               "due")},
+            damping_override=kw.get("damping"))[:2])
   ema_decay = options.get("ema_decay", 0.95)
   inverse_every = options.get("inverse_every", 5)
   stats_every = options.get("stats_every", 1)
@@ -253,7 +254,6 @@ def scale_by_two_level_kfac(
 
   def update_fn(updates, state, params=None, *, batch=None, key=None,
                 curvature=None, due=None, **extra_args):
-    del extra_args
     schedule.check_due(due, name)
     # Multiplicative/balanced combinations read the batch statistics every step.
     needs_batch = None if due is None else due._replace(
@@ -275,7 +275,8 @@ def scale_by_two_level_kfac(
     static_stats = None if due is None else due.statistics
     static_refresh = None if due is None else due.inverses
     out, base_state, ctx = base_step(updates, state.base, params, batch=batch,
-                                     key=key, curvature=cb, due=due)
+                                     key=key, curvature=cb, due=due,
+                                     damping_override=extra_args.get("damping"))
     dtype = state.coarse_a.dtype
     size = state.coarse_a.shape[0]
     shapes = list(traced.param_shapes)

@@ -110,3 +110,16 @@ def kfac_block_by_vjp(layer_fn, layer_params, inputs, out_grads, groups=None):
   if groups is not None:
     block = jnp.where(groups[:, None] == groups[None, :], block, 0.0)
   return block, flat, unravel
+
+
+def exact_fisher(predict, params, loss_of_predictions):
+  """The exact Fisher = GGN ``Jᵀ (∂²L/∂z²) J`` of a loss ``L(z)`` of the
+  predictions ``z = predict(params)``, as a dense matrix over the raveled
+  parameters (``jax.flatten_util.ravel_pytree`` order), from ``jax.jacobian``
+  and ``jax.hessian``. For softmax/sigmoid cross-entropy and squared error
+  the Hessian in ``z`` is the Fisher of the predictive distribution."""
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  z = predict(params)
+  jac = jax.jacobian(lambda f: predict(unravel(f)))(flat).reshape(z.size, -1)
+  hess = jax.hessian(loss_of_predictions)(z).reshape(z.size, z.size)
+  return jac.T @ hess @ jac
