@@ -99,7 +99,7 @@ def fisher_vector_product(loss_fn: Callable[..., Any], params, batch, vector, *,
   p_leaves = distributed.per_device(p_leaves, axis_name)
   b_leaves = jax.tree_util.tree_leaves(batch)
   _, regs, jvp_fn = _linearize(traced, p_leaves, b_leaves)
-  us = jvp_fn(_cast_like(v_leaves, p_leaves))
+  us = jvp_fn(distributed.per_device(_cast_like(v_leaves, p_leaves), axis_name))
   hus = [r.hessian_product(u.astype(_wide(u.dtype))).astype(u.dtype)
          for r, u in zip(regs, us)]
   transpose = jax.linear_transpose(jvp_fn, p_leaves)
@@ -120,8 +120,8 @@ def curvature_forms(traced: tracing.TracedLoss, params, batch,
   p_leaves = distributed.per_device(p_leaves, axis_name)
   b_leaves = jax.tree_util.tree_leaves(batch)
   loss, regs, jvp_fn = _linearize(traced, p_leaves, b_leaves)
-  us = [[u.astype(_wide(u.dtype)) for u in
-         jvp_fn(_cast_like(jax.tree_util.tree_leaves(v), p_leaves))]
+  us = [[u.astype(_wide(u.dtype)) for u in jvp_fn(distributed.per_device(
+      _cast_like(jax.tree_util.tree_leaves(v), p_leaves), axis_name))]
         for v in vectors]
   k = len(vectors)
   rows = []

@@ -53,8 +53,12 @@ METHODS = {
     "two_level_multiplicative": lambda f: kfe.two_level_kfac(
         f, 0.1, damping=1e-2, stats_every=2, inverse_every=3,
         combine="multiplicative"),
+    "kfac_adaptive": lambda f: kfe.kfac(
+        f, "adaptive", momentum="adaptive", damping=1e-1, stats_every=2,
+        inverse_every=3, damping_adaptation=True, damping_adaptation_interval=2),
 }
 PERIODS = {"tengrad": (3, 3)}
+DAMPING_EVERY = {"kfac_adaptive": 2}   # λ adapted on these updates
 
 
 def _steps(opt, loss_fn):
@@ -83,7 +87,8 @@ def test_static_due_equals_counter_schedule_and_has_no_conditional(method):
                                        opt.init(params))
   for i in range(5):       # steps 0-3: every (statistics, inverses) combination
     key = jax.random.PRNGKey(10 + i)
-    due = kfe.due_at(i, stats_every=stats_every, inverse_every=inverse_every)
+    due = kfe.due_at(i, stats_every=stats_every, inverse_every=inverse_every,
+                     damping_every=DAMPING_EVERY.get(method))
     a, loss_a = counters(a, batches[i % 3], key)
     b, loss_b = static(b, batches[i % 3], key, due=due)
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-12)
@@ -95,7 +100,9 @@ def test_static_due_equals_counter_schedule_and_has_no_conditional(method):
       np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
   assert float(jnp.abs(jax.tree_util.tree_leaves(b[0])[0]
                        - jax.tree_util.tree_leaves(params)[0]).max()) > 0
-  for due in (kfe.Due(True, True), kfe.Due(False, False)):
+  adapts = None if method not in DAMPING_EVERY else True
+  for due in (kfe.Due(True, True, adapts), kfe.Due(False, False,
+                                                   adapts and False)):
     jaxpr = str(jax.make_jaxpr(functools.partial(step, due=due))(
         b, batches[0], jax.random.PRNGKey(0)))
     assert " cond[" not in jaxpr and "while[" not in jaxpr, (method, due)
@@ -178,3 +185,10 @@ def test_bad_due_is_a_clear_error():
     kfe.due_at(-1)
   assert kfe.due_at(6, stats_every=2, inverse_every=4) == kfe.Due(True, False)
   assert kfe.due_at(8, stats_every=3, inverse_every=4) == kfe.Due(False, True)
+  assert kfe.due_at(10, stats_every=2, inverse_every=4,
+                    damping_every=5) == kfe.Due(True, False, True)
+  with pytest.raises(ValueError, match="damping_every must be >= 1"):
+    kfe.due_at(3, damping_every=0)
+  with pytest.raises(TypeError, match="due must be kfe.Due"):
+    opt.update(grads, state, params, batch=batches[0], key=jax.random.PRNGKey(0),
+               due=kfe.Due(True, True, 1))
