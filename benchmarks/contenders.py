@@ -16,6 +16,10 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   ``global_step_int``): one program for refresh steps, one for the others,
   neither with a conditional. Curvature EMA ``task.ema_decay`` (TENGraD
   keeps no running average).
+* ``kfac_adaptive``: ``kfe.kfac(loss, "adaptive", momentum="adaptive",
+  damping_adaptation=True)`` (Martens & Grosse's α, μ and λ), settings in
+  ``ADAPTIVE``, not swept; ``kfac_jax_adaptive``: kfac-jax's ``Optimizer``
+  with its three adaptive options and the same settings.
 * ``kfac_jax``: kfac-jax 0.0.8's ``Optimizer`` with the same fixed learning
   rate, momentum 0.9, damping, ``norm_constraint = kl_clip``,
   ``curvature_ema = task.ema_decay`` and
@@ -40,9 +44,18 @@ import optax
 
 import kfac_jax_ext as kfe
 
-OPTIMIZERS = ("adam", "sgd", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax")
+OPTIMIZERS = ("adam", "sgd", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
+              "kfac_adaptive", "kfac_jax_adaptive")
 NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax")
 MOMENTUM = 0.9
+# The adaptive runs (no sweep), both libraries, every task: the adaptive
+# rule of kfac-jax's examples for its MNIST autoencoder and classifier
+# (examples/*/pipeline.py: M&G's λ₀ = 150, T₁ = 5, decay 0.95, λ in
+# [1e-5, 1000]); statistics, inverses and EMA as the swept natural-gradient
+# runs of the task (task.period, task.ema_decay); no weight decay (Adam has
+# none either).
+ADAPTIVE = {"initial_damping": 150.0, "interval": 5, "decay": 0.95,
+            "min_damping": 1e-5, "max_damping": 1000.0}
 
 
 class Contender(NamedTuple):
@@ -119,21 +132,66 @@ def _natural(name, task, alias, options):
                    warmup=2)
 
 
-def _kfac_jax(task):
+def _kfac_adaptive(task):
+  a = ADAPTIVE
+  opt = kfe.kfac(task.loss_fn, "adaptive", momentum="adaptive",
+                 damping=a["initial_damping"], damping_adaptation=True,
+                 damping_adaptation_interval=a["interval"],
+                 damping_adaptation_decay=a["decay"],
+                 min_damping=a["min_damping"], max_damping=a["max_damping"],
+                 stats_every=task.period, inverse_every=task.period,
+                 ema_decay=task.ema_decay, damping_mode="factored",
+                 example_batch=task.sample_batch(np.random.default_rng(0)))
+  value_and_grad = kfe.value_and_grad(task.loss_fn)
+
+  @functools.partial(jax.jit, static_argnames="due", donate_argnums=0)
+  def step(carry, batch, key, due):
+    params, state = carry
+    loss, grads, curvature = value_and_grad(params, batch, key, due=due)
+    updates, state = opt.update(grads, state, params, batch=batch, key=key,
+                                curvature=curvature, due=due)
+    return (optax.apply_updates(params, updates), state), loss
+
+  def init(params, hp):    # a copy: the step donates its carry
+    params = jax.tree_util.tree_map(jnp.copy, params)
+    return params, opt.init(params)
+
+  def run_step(carry, batch, key, hp, i):
+    due = kfe.due_at(i, stats_every=task.period, inverse_every=task.period,
+                     damping_every=a["interval"])
+    return step(carry, batch, key, due=due)
+
+  return Contender("kfac_adaptive", "adaptive", init, run_step,
+                   lambda carry: carry[0], warmup=2 * task.period + 1)
+
+
+def _kfac_jax(task, adaptive=False):
   try:
     import kfac_jax
   except ImportError as e:
     raise ImportError("kfac-jax is not installed: pip install -e '.[bench]'") from e
   from benchmarks import kfac_jax_compat
   kfac_jax_compat.apply()
+  if adaptive:
+    a = ADAPTIVE
+    options = dict(
+        use_adaptive_learning_rate=True, use_adaptive_momentum=True,
+        use_adaptive_damping=True, initial_damping=a["initial_damping"],
+        damping_adaptation_interval=a["interval"],
+        damping_adaptation_decay=a["decay"], min_damping=a["min_damping"],
+        max_damping=a["max_damping"], curvature_ema=task.ema_decay,
+        curvature_update_period=task.period, inverse_update_period=task.period)
+  else:
+    options = dict(
+        use_adaptive_learning_rate=False, learning_rate_schedule=None,
+        use_adaptive_momentum=False, momentum_schedule=None,
+        use_adaptive_damping=False, damping_schedule=None,
+        norm_constraint=task.kl_clip, curvature_ema=task.ema_decay,
+        curvature_update_period=task.period, inverse_update_period=task.period)
   opt = kfac_jax.Optimizer(
       value_and_grad_func=jax.value_and_grad(task.kfac_jax_loss_fn), l2_reg=0.0,
-      use_adaptive_learning_rate=False, learning_rate_schedule=None,
-      use_adaptive_momentum=False, momentum_schedule=None,
-      use_adaptive_damping=False, damping_schedule=None,
-      norm_constraint=task.kl_clip, curvature_ema=task.ema_decay,
-      curvature_update_period=task.period, inverse_update_period=task.period,
-      estimation_mode="fisher_gradients", multi_device=False, num_burnin_steps=0)
+      estimation_mode="fisher_gradients", multi_device=False, num_burnin_steps=0,
+      **options)
   first_batch = jax.tree_util.tree_map(jnp.asarray,
                                        task.sample_batch(np.random.default_rng(0)))
 
@@ -143,12 +201,16 @@ def _kfac_jax(task):
 
   def step(carry, batch, key, hp, i):
     params, state = carry
-    params, state, stats = opt.step(
-        params, state, key, batch=batch, global_step_int=i,
+    fixed = {} if adaptive else dict(
         learning_rate=hp["lr"], momentum=jnp.asarray(MOMENTUM, jnp.float32),
         damping=hp["damping"])
+    params, state, stats = opt.step(params, state, key, batch=batch,
+                                    global_step_int=i, **fixed)
     return (params, state), stats["loss"]
 
+  if adaptive:
+    return Contender("kfac_jax_adaptive", "adaptive", init, step,
+                     lambda carry: carry[0], warmup=2 * task.period + 1)
   return Contender("kfac_jax", "natural", init, step, lambda carry: carry[0],
                    warmup=2 * task.period + 1)
 
@@ -174,11 +236,18 @@ def make_contender(name: str, task) -> Contender:
     return _natural(name, task, kfe.two_level_kfac, {})
   if name == "kfac_jax":
     return _kfac_jax(task)
+  if name == "kfac_adaptive":
+    return _kfac_adaptive(task)
+  if name == "kfac_jax_adaptive":
+    return _kfac_jax(task, adaptive=True)
   raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
 def grid_points(contender: Contender, grids: dict) -> list:
-  """The sweep's hyper-parameter settings: lr (× damping for natural methods)."""
+  """The sweep's hyper-parameter settings: lr (× damping for natural methods);
+  one setting, the initial λ, for the adaptive ones (nothing to sweep)."""
+  if contender.family == "adaptive":
+    return [{"lr": "adaptive", "damping": ADAPTIVE["initial_damping"]}]
   grid = grids[contender.family]
   dampings = grid.get("damping", [0.0])
   return [{"lr": float(lr), "damping": float(d)} for lr in grid["lr"] for d in dampings]

@@ -115,6 +115,8 @@ def _fmt(x, spec):
 
 def hp_label(name, hp):
   """``"lr 0.1, λ 0.3"``: a setting as the tables show it."""
+  if hp["lr"] == "adaptive":
+    return f"adaptive, λ₀ {hp['damping']:g}"
   return f"lr {hp['lr']:g}" + (f", λ {hp['damping']:g}" if hp.get("damping") else "")
 
 

@@ -71,7 +71,8 @@ def train(contender, task, hp, *, steps=None, seconds=None, seed=0, label="",
   Args:
     contender: a ``contenders.Contender``.
     task: a ``tasks.Task``.
-    hp: ``{"lr": float, "damping": float}``.
+    hp: ``{"lr": float, "damping": float}`` (``"lr": "adaptive"`` for the
+      adaptive contenders).
     steps, seconds: the budget; the run stops at whichever comes first (at
       least one is required).
     seed: picks the batches and the sampling keys.
@@ -89,7 +90,8 @@ def train(contender, task, hp, *, steps=None, seconds=None, seed=0, label="",
   if steps is None and seconds is None:
     raise ValueError("give a budget: steps, seconds or both")
   evaluate = evaluate or make_evaluator(task.metrics_fn)
-  hp_arrays = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
+  hp_arrays = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()
+               if not isinstance(v, str)}     # "adaptive": nothing to pass
   key = jax.random.PRNGKey(seed)
   warm_rng = np.random.default_rng(seed + 1000)
   carry = contender.init(task.params, hp)

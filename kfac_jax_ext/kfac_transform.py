@@ -83,7 +83,9 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
     ``(updates, state, params, *, batch, key=None, curvature=None, due=None)``;
     ``due`` (a static ``kfe.Due``, see ``kfac_jax_ext.schedule``) replaces
-    the counters' ``lax.cond`` schedule for that update.
+    the counters' ``lax.cond`` schedule for that update; an extra
+    ``damping=λ`` (an array) replaces the ``damping`` option for that update
+    (the adaptive mode passes its adapted λ this way).
 
   Example:
     >>> tx = optax.chain(kfe.scale_by_kfac(loss_fn, damping=1e-3),

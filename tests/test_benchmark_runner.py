@@ -133,6 +133,24 @@ def test_quick_run_autoencoder_against_adam_and_kfac_jax(tmp_path):
   assert rows["adam"]["vs_ref_time"] == 1.0 and rows["adam"]["amortized_vs_ref"] == 1.0
 
 
+def test_quick_run_adaptive_contenders_take_no_sweep(tmp_path):
+  names = ["kfac_adaptive", "kfac_jax_adaptive"]
+  if importlib.util.find_spec("kfac_jax") is None:   # the bench extra is absent
+    names.remove("kfac_jax_adaptive")
+  run.main(["--task", "autoencoder", "--quick", "--no-progress", "--optimizers",
+            ",".join(names), "--out", str(tmp_path), "--batch-size", "100"])
+  saved = json.loads((tmp_path / "quick_autoencoder_b100.json").read_text())
+  for name in names:
+    record = saved["runs"][name]
+    assert "error" not in record, record.get("error")
+    assert record["sweep"] == []
+    assert record["chosen"] == {"lr": "adaptive", "damping": 150.0}
+    r = record["run"]
+    assert len(r["loss"]) == run.QUICK_STEPS and r["finite"]
+    assert r["evals"][-1]["train"]["loss"] < r["evals"][0]["train"]["loss"]
+  assert "adaptive, λ₀ 150" in summary.markdown(saved, names[0])
+
+
 def test_quick_run_cifar10_resnet(tiny_cifar):
   parent, _ = tiny_cifar
   out = parent / "out"
