@@ -16,6 +16,9 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   ``global_step_int``): one program for refresh steps, one for the others,
   neither with a conditional. Curvature EMA ``task.ema_decay`` (TENGraD
   keeps no running average).
+* ``kfac_tridiagonal``: ``kfac`` with ``structure="block_tridiagonal"``
+  (M&G §4.3: cross-layer factors between consecutive dense layers), swept
+  like the others.
 * ``kfac_adaptive``: ``kfe.kfac(loss, "adaptive", momentum="adaptive",
   damping_adaptation=True)`` (Martens & Grosse's α, μ and λ), settings in
   ``ADAPTIVE``, not swept; ``kfac_jax_adaptive``: kfac-jax's ``Optimizer``
@@ -45,8 +48,9 @@ import optax
 import kfac_jax_ext as kfe
 
 OPTIMIZERS = ("adam", "sgd", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
-              "kfac_adaptive", "kfac_jax_adaptive")
-NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax")
+              "kfac_adaptive", "kfac_jax_adaptive", "kfac_tridiagonal")
+NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
+           "kfac_tridiagonal")
 MOMENTUM = 0.9
 # The adaptive runs (no sweep), both libraries, every task: the adaptive
 # rule of kfac-jax's examples for its MNIST autoencoder and classifier
@@ -227,6 +231,9 @@ def make_contender(name: str, task) -> Contender:
     return _optax(name, task, lambda lr: optax.sgd(lr, momentum=MOMENTUM))
   if name == "kfac":   # π-adjusted factored damping, as kfac-jax's blocks
     return _natural(name, task, kfe.kfac, {"damping_mode": "factored"})
+  if name == "kfac_tridiagonal":   # M&G §4.3 over chains of dense layers
+    return _natural(name, task, kfe.kfac, {"damping_mode": "factored",
+                                           "structure": "block_tridiagonal"})
   if name == "tkfac":
     return _natural(name, task, kfe.tkfac, {})
   if name == "tengrad":

@@ -78,6 +78,10 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
       ``axis_name`` in ``kfe.value_and_grad``. Under ``jax.jit`` with a
       ``Mesh`` leave it None.
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
+    structure: ``"block_diagonal"`` (default) or ``"block_tridiagonal"``:
+      M&G's §4.3 inverse over chains of dense layers, with cross-layer
+      factors (``tridiagonal_transform``; needs ``example_batch`` and
+      ``damping_mode="factored"``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -93,5 +97,12 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params, batch=batch, key=key)
   """
+  structure = options.pop("structure", "block_diagonal")
+  if structure == "block_tridiagonal":
+    from kfac_jax_ext import tridiagonal_transform   # builds on this module
+    return tridiagonal_transform.scale_by_tridiagonal_kfac(loss_fn, **options)
+  if structure != "block_diagonal":
+    raise ValueError(f"structure must be 'block_diagonal' or 'block_tridiagonal', "
+                     f"got {structure!r}.")
   return kronecker_family.scale_by_kronecker(loss_fn, KFAC, name="scale_by_kfac",
                                              **options)

@@ -97,3 +97,8 @@ def pi_adjustment(a, g):
   ok = (ta > tiny) & (tg > tiny)
   return jnp.where(ok, jnp.sqrt(jnp.where(ok, ta / jnp.where(ok, tg, 1.0), 1.0)),
                    1.0)
+
+
+def solve_spd_right(x, spd):
+  """``x @ spd⁻¹`` for a symmetric positive definite ``spd``."""
+  return jnp.linalg.solve(symmetrize(spd), x.T).T

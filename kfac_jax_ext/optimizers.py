@@ -144,7 +144,11 @@ def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
   return optimizer
 
 
-kfac = _optimizer_alias(kfac_transform.scale_by_kfac, lambda: None, "kfac", """\
+def _kfac_options(*, structure="block_diagonal"):
+  """K-FAC's own options (see ``scale_by_kfac``)."""
+
+
+kfac = _optimizer_alias(kfac_transform.scale_by_kfac, _kfac_options, "kfac", """\
 K-FAC optimizer: ``scale_by_kfac`` → KL-clip → weight decay → momentum → lr.
 
 Args:

@@ -112,20 +112,24 @@ METHODS = {
     "two_level": (kfe.two_level_kfac, kfe.scale_by_two_level_kfac,
                   {"combine": "multiplicative", "coarse_matrix": "exact"}),
 }
-CASES = [("mlp", m, 0.0) for m in sorted(METHODS)] + [
-    ("mlp", "kfac", 1e-2), ("cnn", "kfac", 0.0), ("cnn", "tengrad", 0.0)]
+CASES = [("mlp", m, 0.0, "adaptive") for m in sorted(METHODS)] + [
+    ("mlp", "kfac", 1e-2, "adaptive"), ("cnn", "kfac", 0.0, "adaptive"),
+    ("cnn", "tengrad", 0.0, "adaptive"), ("mlp", "kfac", 0.0, 0.5),
+    ("mlp", "kfac", 0.0, None)]
 
 
-@pytest.mark.parametrize("task_name,method,weight_decay", CASES)
-def test_adaptive_step_is_the_two_by_two_solve(task_name, method, weight_decay):
+@pytest.mark.parametrize("task_name,method,weight_decay,momentum", CASES)
+def test_adaptive_step_is_the_two_by_two_solve(task_name, method, weight_decay,
+                                               momentum):
   """Three updates: the first takes ``α = −b₀/Q₀₀`` (no δ₀ yet), the next
-  ``(α, μ) = −Q⁻¹b`` with ``Q``, ``b`` from the dense Fisher; the direction
-  is the method's own preconditioned gradient (plus ``ηθ``)."""
+  ``(α, μ) = −Q⁻¹b`` with ``Q``, ``b`` from the dense Fisher (a fixed μ:
+  ``α = −(b₀ + μQ₀₁)/Q₀₀``; no momentum: the 1-D solve); the direction is
+  the method's own preconditioned gradient (plus ``ηθ``)."""
   task = TASKS[task_name]()
   params, batch, _, loss, _ = task
   alias, scale_by, options = METHODS[method]
   options = dict(options, damping=DAMPING, inverse_every=2)
-  tx = alias(loss, "adaptive", momentum="adaptive", weight_decay=weight_decay,
+  tx = alias(loss, "adaptive", momentum=momentum, weight_decay=weight_decay,
              **options)
   ref = scale_by(loss, **options)
   state, ref_state = tx.init(params), ref.init(params)
@@ -140,8 +144,11 @@ def test_adaptive_step_is_the_two_by_two_solve(task_name, method, weight_decay):
     d = -(ravel(direction) + eta * ravel(params))
     grad_h = ravel(grads) + eta * ravel(params)
     f = _fisher(task, params, batch) + (DAMPING + eta) * np.eye(d.size)
-    if i == 0:
+    if i == 0 or momentum is None:
       c = np.array([-(grad_h @ d) / (d @ f @ d), 0.0])
+    elif momentum != "adaptive":
+      c = np.array([-(grad_h @ d + momentum * (d @ f @ previous)) / (d @ f @ d),
+                    momentum])
     else:
       vs = np.stack([d, previous])
       c = -np.linalg.solve(vs @ f @ vs.T, vs @ grad_h)

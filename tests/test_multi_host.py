@@ -1,0 +1,140 @@
+"""Multi-host training on JAX's distributed runtime, with real processes.
+
+Two processes × 4 CPU devices on localhost (gloo collectives, a loopback
+coordinator on a free port; ``tests/multi_host_worker.py``) train every
+method on one global 8-device mesh: under ``jit`` (each process feeds its
+half of the batch) and, for K-FAC and TENGraD, under ``shard_map`` with
+``axis_name``. Both processes must hold bitwise the same updates and state,
+equal (float32, 1e-5 relative) to this process's run on 8 devices. Orbax
+checkpoints written by both processes restore into a fresh 2-process run
+that continues bit-exactly, and into this single 8-device process.
+"""
+
+import functools
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from tests import test_multi_device as t
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "multi_host_worker.py"
+TIMEOUT = 300
+
+
+def _free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(out, mode):
+  """Runs both worker processes to the end (or kills them); returns each
+  process's saved arrays."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env.pop("XLA_FLAGS", None)           # the workers make 4 devices each
+  coordinator = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(
+      [sys.executable, str(WORKER), coordinator, str(i), str(out), f"--{mode}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=TIMEOUT)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for p, log in zip(procs, logs):
+    if p.returncode != 0:
+      if "gloo" in log.lower() and "not" in log.lower() and "support" in log.lower():
+        pytest.skip(f"this platform cannot run gloo CPU collectives: {log[-500:]}")
+      raise AssertionError(f"worker failed ({p.returncode}):\n{log[-4000:]}")
+  return [dict(np.load(out / f"{mode}_{i}.npz")) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  return _launch(tmp_path_factory.mktemp("multi_host"), "train")
+
+
+def _single_process(method, runner):
+  loss, params, batch = t._cnn_task()
+  with jax.enable_x64(False):
+    run = t._mesh_jitted if runner == "mesh_jit" else t._shard_mapped
+    make = t.METHODS[method]
+    tx = make(loss) if runner == "mesh_jit" else make(loss, axis_name=t.AXIS)
+    return run(tx, loss, params, batch)
+
+
+def _entries(saved, prefix):
+  keys = sorted((k for k in saved if k.startswith(prefix)),
+                key=lambda k: int(k.rsplit("/", 1)[1]))
+  return [saved[k] for k in keys]
+
+
+RUNS = [(m, "mesh_jit") for m in sorted(t.METHODS)] + [
+    (m, "shard_map") for m in ("kfac", "tengrad")]
+
+
+@pytest.mark.parametrize("method,runner", RUNS)
+def test_two_processes_equal_one_process_on_eight_devices(trained, method, runner):
+  first, second = trained
+  prefix = f"{method}/{runner}/"
+  mine = {k: v for k, v in first.items() if k.startswith(prefix)}
+  assert mine, f"the workers did not run {method} under {runner}"
+  for key, value in mine.items():          # both processes: bitwise the same
+    np.testing.assert_array_equal(value, second[key], err_msg=key)
+  want, want_state = _single_process(method, runner)
+  for s, updates in enumerate(want):
+    got = _entries(first, f"{prefix}update{s}/")
+    t._assert_close(got, jax.tree_util.tree_leaves(updates))
+  got_state = _entries(first, f"{prefix}comparable/")
+  want_leaves = jax.tree_util.tree_leaves(t._comparable(want_state))
+  assert len(got_state) == len(want_leaves)
+  t._assert_close(got_state, want_leaves, rtol=1e-4)
+
+
+def test_orbax_checkpoint_across_processes(tmp_path):
+  """Both processes save K-FAC's state after 3 steps and go on 3 more; a
+  fresh pair of processes restores and continues: bit-exact. This process
+  (8 devices, one process) restores the same checkpoint and continues."""
+  uninterrupted = _launch(tmp_path, "checkpoint")
+  resumed = _launch(tmp_path, "resume")
+  for i in range(2):
+    want = _entries(uninterrupted[i], "checkpoint/state/")
+    got = _entries(resumed[i], "resume/state/")
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(g, w)
+
+  import orbax.checkpoint as ocp
+  loss, params, batch = t._cnn_task()
+  with jax.enable_x64(False):
+    mesh = t._mesh()
+    replicated = NamedSharding(mesh, P())
+    tx = t.METHODS["kfac"](loss)
+    fresh = jax.jit(tx.init, out_shardings=replicated)(params)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, fresh)
+    with ocp.StandardCheckpointer() as ckpt:
+      state = ckpt.restore((tmp_path / "checkpoint").absolute(), abstract)
+    batch = jax.device_put(batch, NamedSharding(mesh, P(t.AXIS)))
+
+    @functools.partial(jax.jit, out_shardings=(replicated, replicated))
+    def step(state, key):
+      return tx.update(jax.grad(loss)(params, batch), state, params, batch=batch,
+                       key=key)
+
+    for i in range(t.STEPS, 2 * t.STEPS):
+      _, state = step(state, jax.random.PRNGKey(10 + i))
+  t._assert_close(jax.tree_util.tree_leaves(state),
+                  _entries(uninterrupted[0], "checkpoint/state/"))
