@@ -68,8 +68,8 @@ def trained(tmp_path_factory):
 
 
 def _single_process(method, runner):
-  loss, params, batch = t._cnn_task()
   with jax.enable_x64(False):
+    loss, params, batch = t._cnn_task()
     run = t._mesh_jitted if runner == "mesh_jit" else t._shard_mapped
     make = t.METHODS[method]
     tx = make(loss) if runner == "mesh_jit" else make(loss, axis_name=t.AXIS)
@@ -118,8 +118,8 @@ def test_orbax_checkpoint_across_processes(tmp_path):
       np.testing.assert_array_equal(g, w)
 
   import orbax.checkpoint as ocp
-  loss, params, batch = t._cnn_task()
   with jax.enable_x64(False):
+    loss, params, batch = t._cnn_task()
     mesh = t._mesh()
     replicated = NamedSharding(mesh, P())
     tx = t.METHODS["kfac"](loss)
@@ -138,3 +138,26 @@ def test_orbax_checkpoint_across_processes(tmp_path):
       _, state = step(state, jax.random.PRNGKey(10 + i))
   t._assert_close(jax.tree_util.tree_leaves(state),
                   _entries(uninterrupted[0], "checkpoint/state/"))
+
+
+def test_launcher_trains_mnist_on_two_processes():
+  """``python -m benchmarks.multi_host``: two processes × 2 CPU devices, the
+  MNIST MLP with ``kfe.kfac``; each process prints the same global loss."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.multi_host", "--processes", "2",
+       "--devices-per-process", "2", "--steps", "3", "--batch", "64",
+       "--timeout", str(TIMEOUT)], cwd=ROOT, env=env, capture_output=True,
+      text=True, timeout=TIMEOUT + 30)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  losses = {}
+  for line in done.stdout.splitlines():
+    if line.startswith("process "):
+      _, who, _, step, _, loss = line.split()
+      losses.setdefault(int(step), set()).add((who, float(loss)))
+  assert sorted(losses) == [0, 1, 2]
+  for step, seen in losses.items():
+    assert {w for w, _ in seen} == {"0/2", "1/2"}
+    assert len({v for _, v in seen}) == 1, seen      # one global loss
+  assert max(v for _, v in losses[2]) < max(v for _, v in losses[0])
