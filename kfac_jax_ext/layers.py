@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from kfac_jax_ext import chains as chains_lib
 from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import tracing
 
@@ -116,8 +117,9 @@ def describe_layers(loss_fn: Callable, params: Any, batch: Any,
 
   Returns:
     The table as a string; ``print`` it. Blocks are those of K-FAC/TKFAC with
-    the state laid out from ``example_batch``; the last line gives the share
-    of the parameters per block kind.
+    the state laid out from ``example_batch``; then the chains of dense
+    layers (``chains.find_chains``) if any; the last line gives the share of
+    the parameters per block kind.
   """
   traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
   rows = []
@@ -135,6 +137,12 @@ def describe_layers(loss_fn: Callable, params: Any, batch: Any,
         rest, ("param", "shape", "reason", "fallback"))
   else:
     text += "\n\nEvery parameter belongs to a layer."
+  found = chains_lib.find_chains(traced)
+  if found:
+    text += ("\n\nChains of dense layers (cross-layer blocks with "
+             "structure='block_tridiagonal'):\n" + "\n".join(
+                 "  " + " -> ".join(traced.layers[i].name for i in chain)
+                 for chain in found))
   share = coverage(traced, max_factor_dim)
   text += ("\n\nShare of parameters: " + ", ".join(
       f"{kind} {100 * v:.1f}%" for kind, v in share.items()))

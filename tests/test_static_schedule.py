@@ -53,6 +53,9 @@ METHODS = {
     "two_level_multiplicative": lambda f: kfe.two_level_kfac(
         f, 0.1, damping=1e-2, stats_every=2, inverse_every=3,
         combine="multiplicative"),
+    "kfac_tridiagonal": lambda f: kfe.kfac(
+        f, 0.1, damping=1e-2, stats_every=2, inverse_every=3,
+        structure="block_tridiagonal", example_batch=_problem()[2][0]),
     "kfac_adaptive": lambda f: kfe.kfac(
         f, "adaptive", momentum="adaptive", damping=1e-1, stats_every=2,
         inverse_every=3, damping_adaptation=True, damping_adaptation_interval=2),

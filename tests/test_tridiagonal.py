@@ -74,9 +74,14 @@ def _tx(loss, batch, **kw):
                            fisher="empirical", example_batch=batch, **kw)
 
 
-def test_the_chain_is_found():
+def test_the_chain_is_found_and_described():
   params, batch, loss = _task()
-  assert chains.find_chains(tracing.trace_loss(loss, params, batch)) == ((0, 1, 2),)
+  traced = tracing.trace_loss(loss, params, batch)
+  assert chains.find_chains(traced) == ((0, 1, 2),)
+  text = kfe.describe_layers(loss, params, batch)
+  names = [l.name for l in traced.layers]
+  assert "Chains of dense layers" in text
+  assert " -> ".join(names) in text
 
 
 def test_applied_operator_is_the_block_tridiagonal_inverse():
@@ -147,3 +152,24 @@ def test_bad_structure_options_are_named(kwargs, match):
   options = {"structure": "block_tridiagonal", "example_batch": batch, **kwargs}
   with pytest.raises(ValueError, match=match):
     kfe.scale_by_kfac(loss, **options)
+
+
+@pytest.mark.parametrize("runner", ["pmap", "shard_map"])
+def test_split_batch_equals_single_device(runner):
+  """The cross factors are averaged over the devices like the diagonal ones:
+  8 fake devices, float32, a 3-layer flax MLP (one chain)."""
+  from tests import test_multi_device as t
+  if len(jax.devices()) < t.DEVICES:
+    pytest.skip(f"needs {t.DEVICES} devices (run through tests/conftest.py)")
+  with jax.enable_x64(False):
+    loss, params, batch = t._mlp_task()
+    make = lambda **kw: kfe.scale_by_kfac(
+        loss, damping=0.1, inverse_every=2, structure="block_tridiagonal",
+        example_batch=batch, **kw)
+    want, want_state = t._single_device(make(), loss, params, batch)
+    run = t._pmapped if runner == "pmap" else t._shard_mapped
+    got, got_state = run(make(axis_name=t.AXIS), loss, params, batch)
+  assert want_state.links, "no chain found"
+  for g, w in zip(got, want):
+    t._assert_close(g, w)
+  t._assert_close(got_state.cross, want_state.cross, rtol=1e-4)
