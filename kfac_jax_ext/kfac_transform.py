@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from kfac_jax_ext import kronecker_family
+from kfac_jax_ext import tridiagonal_transform
 from kfac_jax_ext.blocks import kronecker
 
 
@@ -99,8 +100,7 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
   """
   structure = options.pop("structure", "block_diagonal")
   if structure == "block_tridiagonal":
-    from kfac_jax_ext import tridiagonal_transform   # builds on this module
-    return tridiagonal_transform.scale_by_tridiagonal_kfac(loss_fn, **options)
+    return tridiagonal_transform.scale_by_tridiagonal_kfac(loss_fn, KFAC, **options)
   if structure != "block_diagonal":
     raise ValueError(f"structure must be 'block_diagonal' or 'block_tridiagonal', "
                      f"got {structure!r}.")

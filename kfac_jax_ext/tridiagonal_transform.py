@@ -31,7 +31,6 @@ import optax
 
 from kfac_jax_ext import chains as chains_lib
 from kfac_jax_ext import distributed
-from kfac_jax_ext import kfac_transform
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
@@ -59,6 +58,23 @@ class TridiagonalState(NamedTuple):
   health: Health
 
 
+def _usable_chains(traced, plan):
+  """The traced chains cut at layers without a Kronecker block (a factor
+  over ``max_factor_dim``): the pieces of 2 layers or more."""
+  blocked = {kl.index for kl in plan.kronecker}
+  pieces = []
+  for chain in chains_lib.find_chains(traced):
+    piece = []
+    for i in chain + (None,):
+      if i is not None and i in blocked:
+        piece.append(i)
+        continue
+      if len(piece) > 1:
+        pieces.append(tuple(piece))
+      piece = []
+  return tuple(pieces)
+
+
 def _links(traced, chains):
   """``[(chain index, i, layer, next layer)]`` over all links."""
   return [(c, k, traced.layers[chain[k]], traced.layers[chain[k + 1]])
@@ -74,11 +90,13 @@ def _check(options):
                      "by tracing: pass example_batch=<a batch>.")
 
 
-def scale_by_tridiagonal_kfac(loss_fn, **options) -> optax.GradientTransformationExtraArgs:
+def scale_by_tridiagonal_kfac(loss_fn, variant, **options
+                              ) -> optax.GradientTransformationExtraArgs:
   """K-FAC with M&G's block-tridiagonal inverse over chains of dense layers.
 
   Args:
     loss_fn: the user's loss (calls a ``kfe`` loss helper).
+    variant: K-FAC's ``KroneckerVariant`` (``scale_by_kfac`` passes it).
     **options: ``scale_by_kfac``'s; ``damping_mode`` must be ``"factored"``
       and ``example_batch`` is required.
 
@@ -89,7 +107,7 @@ def scale_by_tridiagonal_kfac(loss_fn, **options) -> optax.GradientTransformatio
   _check(options)
   name = "scale_by_kfac"
   base_init, base_step = kronecker_family.kronecker_stepper(
-      loss_fn, kfac_transform.KFAC, name=name, **options)
+      loss_fn, variant, name=name, **options)
   example_batch = options["example_batch"]
   has_aux = options.get("has_aux", False)
   fisher = options.get("fisher", "sampled")
@@ -100,20 +118,22 @@ def scale_by_tridiagonal_kfac(loss_fn, **options) -> optax.GradientTransformatio
 
   def init_fn(params):
     traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux)
-    chains = chains_lib.find_chains(traced)
+    base_state = base_init(params)
+    chains = _usable_chains(traced, plan_lib.make_plan(traced, base_state.factors))
     dtype = linalg.factor_dtype()
     cross, links = [], []
     for _, _, layer, nxt in _links(traced, chains):
       cross.append((jnp.zeros((layer.d_a, nxt.d_a), dtype),
                     jnp.zeros((layer.d_out, nxt.d_out), dtype)))
-      links.append(tridiagonal.LinkInverse(
+      links.append(tridiagonal.LinkInverse(   # Ψ = 0 until the first refresh
           jnp.zeros((layer.d_a, nxt.d_a), dtype),
-          jnp.zeros((layer.d_out, nxt.d_out), dtype), jnp.eye(layer.d_a, dtype=dtype),
-          jnp.eye(layer.d_out, dtype=dtype), jnp.ones((layer.d_a, layer.d_out), dtype)))
+          jnp.zeros((layer.d_out, nxt.d_out), dtype),
+          jnp.eye(layer.d_a, dtype=dtype), jnp.eye(layer.d_out, dtype=dtype),
+          jnp.ones((layer.d_a, layer.d_out), dtype)))
     lasts = tuple((jnp.eye(traced.layers[c[-1]].d_a, dtype=dtype),
                    jnp.eye(traced.layers[c[-1]].d_out, dtype=dtype)) for c in chains)
     zero = lambda: jnp.zeros([], jnp.int32)
-    return TridiagonalState(base_init(params), tuple(cross), tuple(links), lasts,
+    return TridiagonalState(base_state, tuple(cross), tuple(links), lasts,
                             Health(zero(), zero()))
 
   def update_fn(updates, state, params=None, *, batch=None, key=None,
@@ -122,7 +142,7 @@ def scale_by_tridiagonal_kfac(loss_fn, **options) -> optax.GradientTransformatio
     if params is None or batch is None:
       raise ValueError(f"{name}: update needs params and batch=.")
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
-    chains = chains_lib.find_chains(traced)
+    chains = _usable_chains(traced, plan_lib.make_plan(traced, state.base.factors))
     links = _links(traced, chains)
     if len(links) != len(state.cross):
       raise ValueError(f"{name}: the traced batch has {len(links)} chain links, "
@@ -166,20 +186,23 @@ def scale_by_tridiagonal_kfac(loss_fn, **options) -> optax.GradientTransformatio
     def refresh(operand):
       old_links, old_lasts, health = operand
       damped = {}
+      in_chains = {i for chain in chains for i in chain}
       for kl in ctx.plan.kronecker:
-        a, g, lam_l = kronecker_family.layer_factors(
-            kl, base_state.factors[kl.layer.kernel],
-            base_state.traces[kl.layer.kernel], kfac_transform.KFAC, ctx.damping)
-        pi = linalg.pi_adjustment(a, g)
-        root = jnp.sqrt(lam_l)
-        damped[kl.index] = (linalg.symmetrize(a) + pi * root * jnp.eye(a.shape[0], dtype=dtype),
-                            linalg.symmetrize(g) + root / pi * jnp.eye(g.shape[0], dtype=dtype))
+        if kl.index in in_chains:
+          damped[kl.index] = _damped_factors(kl, base_state, variant,
+                                             ctx.damping, dtype)
       new_links, failures = [], jnp.zeros([], jnp.int32)
       for (c, k, layer, nxt), (ac, gc), old in zip(links, cross, old_links):
         li, lj = chains[c][k], chains[c][k + 1]
         link, ok = tridiagonal.link_inverse(*damped[li], *damped[lj], ac, gc)
+        # On failure keep the previous link; one that never succeeded
+        # (Ψ = 0) acts as the block-diagonal block of today's factors.
+        never = ~(jnp.any(old.psi_a != 0) | jnp.any(old.psi_g != 0))
+        fallback = jax.tree_util.tree_map(
+            lambda b, o: jnp.where(never, b, o),
+            tridiagonal.block_diagonal_link(*damped[li], nxt.d_a, nxt.d_out), old)
         new_links.append(jax.tree_util.tree_map(
-            lambda n, o: jnp.where(ok, n, o), link, old))
+            lambda n, o: jnp.where(ok, n, o), link, fallback))
         failures = failures + (~ok).astype(jnp.int32)
       new_lasts = []
       for chain, old in zip(chains, old_lasts):
@@ -199,6 +222,18 @@ def scale_by_tridiagonal_kfac(loss_fn, **options) -> optax.GradientTransformatio
     return out, TridiagonalState(base_state, cross, new_links, lasts, health)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _damped_factors(kl, base_state, variant, damping, dtype):
+  """``(Ā + π√λ I, G + √λ/π I)`` of a layer's running factors (M&G §6.3)."""
+  a, g, lam_l = kronecker_family.layer_factors(
+      kl, base_state.factors[kl.layer.kernel], base_state.traces[kl.layer.kernel],
+      variant, damping)
+  pi = linalg.pi_adjustment(a, g)
+  root = jnp.sqrt(lam_l)
+  eye = lambda n: jnp.eye(n, dtype=dtype)
+  return (linalg.symmetrize(a) + pi * root * eye(a.shape[0]),
+          linalg.symmetrize(g) + root / pi * eye(g.shape[0]))
 
 
 def _batch_cross(cb, kl_i, kl_j, num_examples, dtype):

@@ -7,12 +7,12 @@ coordinator. Every method of ``test_multi_device.METHODS`` trains
 global 8-device mesh (each process feeds its half of the batch through
 ``jax.make_array_from_process_local_data``), and K-FAC and TENGraD also
 under ``shard_map`` with ``axis_name``. Each process saves its copy of the
-updates and the final state. ``--checkpoint`` additionally saves K-FAC's
-state after ``STEPS`` steps with orbax (all processes write one
-checkpoint); ``--resume`` restores it and continues ``STEPS`` steps.
+updates and the final state. K-FAC's jit run also saves its state after
+``STEPS`` steps with orbax (all processes write one checkpoint) and goes on
+``STEPS`` more; ``--resume`` restores that checkpoint and continues.
 
 Usage: ``python tests/multi_host_worker.py COORDINATOR PROCESS_ID OUT_DIR
-[--checkpoint | --resume]``.
+[--train | --resume]``.
 """
 import functools
 import pathlib
@@ -27,6 +27,9 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 NUM_PROCESSES = 2
+# every method; two-level as its multiplicative combination (exact coarse
+# matrix and Fisher-vector products: the most collectives)
+METHODS = ("kfac", "tkfac", "tengrad", "two_level_multiplicative")
 SHARD_MAPPED = ("kfac", "tengrad")
 
 
@@ -85,8 +88,10 @@ def main(coordinator, process_id, out_dir, mode):
   params = jax.tree_util.tree_map(lambda x: global_array(mesh, P(), x), params)
   batch = jax.tree_util.tree_map(lambda x: global_array(mesh, P(t.AXIS), x), batch)
   saved = {}
+  import orbax.checkpoint as ocp
+  path = (out_dir / "checkpoint").absolute()
   if mode == "train":
-    for method in sorted(t.METHODS):
+    for method in METHODS:
       for runner in ("mesh_jit",) + (("shard_map",) if method in SHARD_MAPPED
                                      else ()):
         updates, state = train(t, method, runner, mesh, params, batch)
@@ -97,26 +102,24 @@ def main(coordinator, process_id, out_dir, mode):
           saved[f"{method}/{runner}/state/{k}"] = x
         for k, x in enumerate(local_copy(t._comparable(state))):
           saved[f"{method}/{runner}/comparable/{k}"] = x
-  else:
-    import orbax.checkpoint as ocp
-    path = (out_dir / "checkpoint").absolute()
-    if mode == "checkpoint":
-      _, state = train(t, "kfac", "mesh_jit", mesh, params, batch)
-      with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path, state)
-      _, state = train(t, "kfac", "mesh_jit", mesh, params, batch, state,
-                       first=t.STEPS)
-    else:
-      loss, _, _ = t._cnn_task()
-      fresh = jax.jit(t.METHODS["kfac"](loss).init,
-                      out_shardings=NamedSharding(mesh, P()))(params)
-      abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, fresh)
-      with ocp.StandardCheckpointer() as ckpt:
-        state = ckpt.restore(path, abstract)
-      _, state = train(t, "kfac", "mesh_jit", mesh, params, batch, state,
-                       first=t.STEPS)
+        if method == "kfac" and runner == "mesh_jit":   # save, then go on
+          with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(path, state)
+          _, state = train(t, "kfac", "mesh_jit", mesh, params, batch, state,
+                           first=t.STEPS)
+          for k, x in enumerate(local_copy(state)):
+            saved[f"checkpoint/state/{k}"] = x
+  else:                                # resume: restore, then go on
+    loss, _, _ = t._cnn_task()
+    fresh = jax.jit(t.METHODS["kfac"](loss).init,
+                    out_shardings=NamedSharding(mesh, P()))(params)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, fresh)
+    with ocp.StandardCheckpointer() as ckpt:
+      state = ckpt.restore(path, abstract)
+    _, state = train(t, "kfac", "mesh_jit", mesh, params, batch, state,
+                     first=t.STEPS)
     for k, x in enumerate(local_copy(state)):
-      saved[f"{mode}/state/{k}"] = x
+      saved[f"resume/state/{k}"] = x
   np.savez(out_dir / f"{mode}_{process_id}.npz", **saved)
   jax.distributed.shutdown()
 

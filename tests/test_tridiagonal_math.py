@@ -115,3 +115,14 @@ def test_an_indefinite_conditional_covariance_is_reported():
   _, ok = tridiagonal.link_inverse(diag[0][0], diag[0][1], diag[1][0],
                                    diag[1][1], *cross[0])
   assert not bool(ok)
+
+
+def test_block_diagonal_link_is_the_kronecker_inverse():
+  keys = jax.random.split(jax.random.PRNGKey(4), 3)
+  a, g = _spd(keys[0], 4, 1.0), _spd(keys[1], 3, 1.0)
+  link = tridiagonal.block_diagonal_link(a, g, 5, 2)
+  x = jax.random.normal(keys[2], (4, 3))
+  want = np.linalg.solve(np.kron(a, g), np.asarray(x).ravel())
+  np.testing.assert_allclose(np.asarray(tridiagonal.apply_sigma_inverse(link, x)
+                                        ).ravel(), want, rtol=1e-10)
+  assert link.psi_a.shape == (4, 5) and not np.any(link.psi_a)

@@ -87,6 +87,14 @@ def link_inverse(a_i, g_i, a_next, g_next, a_cross, g_cross):
   return LinkInverse(psi_a, psi_g, basis_a, basis_g, scale), ok
 
 
+def block_diagonal_link(a_i, g_i, d_next: int, o_next: int) -> LinkInverse:
+  """The link with ``Ψ = 0``: ``Σ_i = Ā_i ⊗ G_i``, block-diagonal K-FAC."""
+  return LinkInverse(jnp.zeros((a_i.shape[0], d_next), a_i.dtype),
+                     jnp.zeros((g_i.shape[0], o_next), g_i.dtype),
+                     _inv_sqrt(a_i), _inv_sqrt(g_i),
+                     jnp.ones((a_i.shape[0], g_i.shape[0]), a_i.dtype))
+
+
 def apply_sigma_inverse(link: LinkInverse, x):
   """``Σ_i⁻¹ vec(x)`` for ``x [d_i, o_i]``."""
   y = link.basis_a.T @ x @ link.basis_g
