@@ -21,7 +21,6 @@ the amortized mean, in ms; and each plain median over the ``fixed`` one.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 
@@ -133,12 +132,7 @@ def run_model(name, rounds, x_train, y_train):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--rounds", type=int, default=4,
-                      help="interleaved rounds of 10 timed steps per optimizer")
-  parser.add_argument("--models", default="autoencoder,mlp")
-  parser.add_argument("--json", default=None, help="write results here")
-  args = parser.parse_args(argv)
+  args = step_time.timing_args(__doc__, argv)
   x_train, y_train, _, _ = data.load_mnist()
   results = {"jax": jax.__version__, "models": {}}
   for name in args.models.split(","):

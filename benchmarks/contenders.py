@@ -101,6 +101,33 @@ def _optax(name, task, make):
                    lambda carry: carry[0], warmup=1)
 
 
+def _fused(name, family, task, make, warmup, damping_every=None):
+  """A kfac_jax_ext contender: ``make(hp)`` builds the optimizer; the step is
+  the fused one with the static schedule of the task's period."""
+  value_and_grad = kfe.value_and_grad(task.loss_fn)
+
+  @functools.partial(jax.jit, static_argnames="due", donate_argnums=0)
+  def step(carry, batch, key, hp, due):
+    params, state = carry
+    opt = make(hp)
+    loss, grads, curvature = value_and_grad(params, batch, key, due=due)
+    updates, state = opt.update(grads, state, params, batch=batch, key=key,
+                                curvature=curvature, due=due)
+    return (optax.apply_updates(params, updates), state), loss
+
+  def init(params, hp):    # a copy: the step donates its carry
+    params = jax.tree_util.tree_map(jnp.copy, params)
+    return params, make(hp).init(params)
+
+  def run_step(carry, batch, key, hp, i):
+    due = kfe.due_at(i, stats_every=task.period, inverse_every=task.period,
+                     damping_every=damping_every)
+    return step(carry, batch, key, hp, due=due)
+
+  return Contender(name, family, init, run_step, lambda carry: carry[0],
+                   warmup=warmup)
+
+
 def _natural(name, task, alias, options):
   if name != "tengrad":      # TENGraD keeps no running average
     options = {"ema_decay": task.ema_decay, **options}
@@ -109,31 +136,12 @@ def _natural(name, task, alias, options):
   options = {"example_batch": task.sample_batch(np.random.default_rng(0)),
              **options}
 
-  def make(lr, damping):
-    return alias(task.loss_fn, lr, damping=damping, momentum=MOMENTUM,
+  def make(hp):
+    return alias(task.loss_fn, hp["lr"], damping=hp["damping"], momentum=MOMENTUM,
                  kl_clip=task.kl_clip, stats_every=task.period,
                  inverse_every=task.period, **options)
-  value_and_grad = kfe.value_and_grad(task.loss_fn)
 
-  @functools.partial(jax.jit, static_argnames="due", donate_argnums=0)
-  def step(carry, batch, key, hp, due):
-    params, state = carry
-    opt = make(hp["lr"], hp["damping"])
-    loss, grads, curvature = value_and_grad(params, batch, key, due=due)
-    updates, state = opt.update(grads, state, params, batch=batch, key=key,
-                                curvature=curvature, due=due)
-    return (optax.apply_updates(params, updates), state), loss
-
-  def init(params, hp):    # a copy: the step donates its carry
-    params = jax.tree_util.tree_map(jnp.copy, params)
-    return params, make(float(hp["lr"]), float(hp["damping"])).init(params)
-
-  def run_step(carry, batch, key, hp, i):
-    due = kfe.due_at(i, stats_every=task.period, inverse_every=task.period)
-    return step(carry, batch, key, hp, due=due)
-
-  return Contender(name, "natural", init, run_step, lambda carry: carry[0],
-                   warmup=2)
+  return _fused(name, "natural", task, make, warmup=2)
 
 
 def _kfac_adaptive(task):
@@ -146,27 +154,8 @@ def _kfac_adaptive(task):
                  stats_every=task.period, inverse_every=task.period,
                  ema_decay=task.ema_decay, damping_mode="factored",
                  example_batch=task.sample_batch(np.random.default_rng(0)))
-  value_and_grad = kfe.value_and_grad(task.loss_fn)
-
-  @functools.partial(jax.jit, static_argnames="due", donate_argnums=0)
-  def step(carry, batch, key, due):
-    params, state = carry
-    loss, grads, curvature = value_and_grad(params, batch, key, due=due)
-    updates, state = opt.update(grads, state, params, batch=batch, key=key,
-                                curvature=curvature, due=due)
-    return (optax.apply_updates(params, updates), state), loss
-
-  def init(params, hp):    # a copy: the step donates its carry
-    params = jax.tree_util.tree_map(jnp.copy, params)
-    return params, opt.init(params)
-
-  def run_step(carry, batch, key, hp, i):
-    due = kfe.due_at(i, stats_every=task.period, inverse_every=task.period,
-                     damping_every=a["interval"])
-    return step(carry, batch, key, due=due)
-
-  return Contender("kfac_adaptive", "adaptive", init, run_step,
-                   lambda carry: carry[0], warmup=2 * task.period + 1)
+  return _fused("kfac_adaptive", "adaptive", task, lambda hp: opt,
+                warmup=2 * task.period + 1, damping_every=a["interval"])
 
 
 def _kfac_jax(task, adaptive=False):

@@ -189,13 +189,18 @@ def run_model(name, rounds, x_train, y_train):
   return rows
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__)
+def timing_args(doc, argv):
+  """The options of the step-timing scripts: --rounds, --models, --json."""
+  parser = argparse.ArgumentParser(description=doc)
   parser.add_argument("--rounds", type=int, default=4,
                       help="interleaved rounds of 10 timed steps per optimizer")
   parser.add_argument("--models", default="autoencoder,mlp")
   parser.add_argument("--json", default=None, help="write results here")
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = timing_args(__doc__, argv)
   x_train, y_train, _, _ = data.load_mnist()
   results = {"jax": jax.__version__, "devices": str(jax.devices()), "models": {}}
   for name in args.models.split(","):

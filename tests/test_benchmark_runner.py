@@ -110,6 +110,9 @@ def _check_quick_results(out, names, stem, must_improve=True):
     if must_improve:   # on real data, even six steps lower the training loss
       assert r["evals"][-1]["train"]["loss"] < r["evals"][0]["train"]["loss"]
     scores = record["sweep"]
+    if record["chosen"]["lr"] == "adaptive":      # nothing to sweep
+      assert scores == [] and record["chosen"]["damping"] == 150.0
+      continue
     assert record["chosen"] == min(scores, key=lambda s: s["score"])["hp"]
     family = "natural" if name.startswith(("kfac", "tkfac", "tengrad", "two")) else name
     grid = saved["grids"][family]
@@ -119,7 +122,9 @@ def _check_quick_results(out, names, stem, must_improve=True):
 
 
 def test_quick_run_autoencoder_against_adam_and_kfac_jax(tmp_path):
-  names = ["adam", "kfac", "kfac_jax"]
+  # kfac_adaptive takes no sweep (kfac_jax_adaptive shares kfac_jax's code
+  # and fails under x64, which the tests run with: a kfac-jax 0.0.8 bug)
+  names = ["adam", "kfac", "kfac_jax", "kfac_adaptive"]
   results = run.main(["--task", "autoencoder", "--quick", "--no-progress",
                       "--optimizers", ",".join(names), "--out", str(tmp_path),
                       "--batch-size", "100"])
@@ -132,27 +137,7 @@ def test_quick_run_autoencoder_against_adam_and_kfac_jax(tmp_path):
   assert saved["batch_size"] == 100 and saved["description"].endswith("batch 100")
   rows = summary.summarize(saved)["rows"]
   assert rows["adam"]["vs_ref_time"] == 1.0 and rows["adam"]["amortized_vs_ref"] == 1.0
-
-
-def test_quick_run_adaptive_contenders_take_no_sweep(tmp_path):
-  names = ["kfac_adaptive", "kfac_jax_adaptive"]
-  if importlib.util.find_spec("kfac_jax") is None:   # the bench extra is absent
-    names.remove("kfac_jax_adaptive")
-  # float32, as the benchmarks run: kfac-jax 0.0.8's adaptive mode fails
-  # under x64 (a lax.cond whose branches hold float32 and float64 factors).
-  with jax.enable_x64(False):
-    run.main(["--task", "autoencoder", "--quick", "--no-progress", "--optimizers",
-              ",".join(names), "--out", str(tmp_path), "--batch-size", "100"])
-  saved = json.loads((tmp_path / "quick_autoencoder_b100.json").read_text())
-  for name in names:
-    record = saved["runs"][name]
-    assert "error" not in record, record.get("error")
-    assert record["sweep"] == []
-    assert record["chosen"] == {"lr": "adaptive", "damping": 150.0}
-    r = record["run"]
-    assert len(r["loss"]) == run.QUICK_STEPS and r["finite"]
-    assert r["evals"][-1]["train"]["loss"] < r["evals"][0]["train"]["loss"]
-  assert "adaptive, λ₀ 150" in summary.markdown(saved, names[0])
+  assert "adaptive, λ₀ 150" in summary.markdown(saved)
 
 
 def test_quick_run_cifar10_resnet(tiny_cifar):

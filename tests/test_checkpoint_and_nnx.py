@@ -25,9 +25,6 @@ METHODS = {
     "two_level_kfac": lambda loss: kfe.two_level_kfac(
         loss, 0.1, damping=0.05, inverse_every=2, combine="multiplicative",
         coarse_matrix="exact"),
-    "kfac_tridiagonal": lambda loss: kfe.kfac(
-        loss, 0.1, damping=0.05, inverse_every=2, structure="block_tridiagonal",
-        example_batch=_task()[2][0]),
     # λ, δ₀, α, μ and ρ are in the state and resume bit-exactly.
     "kfac_adaptive": lambda loss: kfe.kfac(
         loss, "adaptive", momentum="adaptive", damping=0.5, inverse_every=2,
