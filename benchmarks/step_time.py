@@ -119,18 +119,23 @@ def optax_step(opt, loss_fn, params, batches, fused, stats_every=1):
   return Timed(jax.jit(step, donate_argnums=0), (params, opt.init(params)), batches)
 
 
-def kfac_jax_step(loss_fn, params, batches, inverse_every):
+FIXED_RULES = dict(
+    use_adaptive_learning_rate=False, use_adaptive_momentum=False,
+    use_adaptive_damping=False, learning_rate_schedule=lambda s: 1e-3,
+    momentum_schedule=lambda s: 0.9, damping_schedule=lambda s: 1e-3)
+
+
+def kfac_jax_step(loss_fn, params, batches, inverse_every, rules=None):
+  """kfac-jax's compiled step, timed; ``rules``: its learning-rate, momentum
+  and damping options (default ``FIXED_RULES``)."""
   import kfac_jax
   from benchmarks import kfac_jax_compat
   shimmed = kfac_jax_compat.apply()
   opt = kfac_jax.Optimizer(
       value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=0.0,
-      use_adaptive_learning_rate=False, use_adaptive_momentum=False,
-      use_adaptive_damping=False, learning_rate_schedule=lambda s: 1e-3,
-      momentum_schedule=lambda s: 0.9, damping_schedule=lambda s: 1e-3,
       curvature_ema=0.95, inverse_update_period=inverse_every,
       estimation_mode="fisher_gradients", multi_device=False,
-      num_burnin_steps=0)
+      num_burnin_steps=0, **(FIXED_RULES if rules is None else rules))
   key = jax.random.PRNGKey(0)
   params = jax.tree_util.tree_map(jnp.copy, params)
   state = opt.init(params, key, batches[0])
