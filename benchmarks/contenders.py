@@ -16,6 +16,10 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   ``global_step_int``): one program for refresh steps, one for the others,
   neither with a conditional. Curvature EMA ``task.ema_decay`` (TENGraD
   keeps no running average).
+* ``tengrad_gramN``: ``tengrad`` with ``gram_batch=N`` (a subsample of the
+  batch for its blocks).
+* ``two_level_COMBINE_SPACE`` (``TWO_LEVEL_VARIANTS``): two-level K-FAC
+  with that combination and coarse space, swept like ``two_level_kfac``.
 * ``kfac_tridiagonal``: ``kfac`` with ``structure="block_tridiagonal"``
   (M&G §4.3: cross-layer factors between consecutive dense layers), swept
   like the others.
@@ -51,6 +55,27 @@ OPTIMIZERS = ("adam", "sgd", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac
               "kfac_adaptive", "kfac_jax_adaptive", "kfac_tridiagonal")
 NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
            "kfac_tridiagonal")
+# Two-level K-FAC by combination and coarse space, ``two_level_COMBINE_SPACE``
+# (``two_level_kfac`` is additive Nicolaides): swept like the others, the
+# coarse matrix at its default (Tselepidis' Kronecker sums for a fixed
+# rank-one space with the additive combination, Koroko's exact one
+# otherwise), Fisher products from the statistics, the fine step
+# model-scaled for multiplicative and balanced.
+TWO_LEVEL_VARIANTS = tuple(
+    f"two_level_{c}_{s}" for c in ("additive", "multiplicative", "balanced")
+    for s in ("nicolaides", "spectral", "residual", "krylov_nicolaides",
+              "krylov_residual"))
+
+
+def _tengrad_gram(name: str):
+  """N of ``tengrad_gramN`` (TENGraD with ``gram_batch=N``), else None."""
+  tail = name[len("tengrad_gram"):] if name.startswith("tengrad_gram") else ""
+  return int(tail) if tail.isdigit() and int(tail) > 0 else None
+
+
+def known(name: str) -> bool:
+  return (name in OPTIMIZERS or name in TWO_LEVEL_VARIANTS
+          or _tengrad_gram(name) is not None)
 MOMENTUM = 0.9
 # The adaptive runs (no sweep), both libraries, every task: the adaptive
 # rule of kfac-jax's examples for its MNIST autoencoder and classifier
@@ -129,7 +154,7 @@ def _fused(name, family, task, make, warmup, damping_every=None):
 
 
 def _natural(name, task, alias, options):
-  if name != "tengrad":      # TENGraD keeps no running average
+  if not name.startswith("tengrad"):      # TENGraD keeps no running average
     options = {"ema_decay": task.ema_decay, **options}
   # the state laid out per traced layer: attention kernels, embeddings and
   # grouped convs get blocks
@@ -228,8 +253,14 @@ def make_contender(name: str, task) -> Contender:
   if name == "tengrad":
     batch = len(jax.tree_util.tree_leaves(task.sample_batch(np.random.default_rng(0)))[0])
     return _natural(name, task, kfe.tengrad, {"gram_batch": min(batch, 1000)})
+  if _tengrad_gram(name) is not None:
+    return _natural(name, task, kfe.tengrad, {"gram_batch": _tengrad_gram(name)})
   if name == "two_level_kfac":
     return _natural(name, task, kfe.two_level_kfac, {})
+  if name in TWO_LEVEL_VARIANTS:
+    combine, space = name[len("two_level_"):].split("_", 1)
+    return _natural(name, task, kfe.two_level_kfac,
+                    {"combine": combine, "coarse_space": space})
   if name == "kfac_jax":
     return _kfac_jax(task)
   if name == "kfac_adaptive":

@@ -47,8 +47,8 @@ def _median_ms(fn, *args, repeats=5):
 
 
 def conv_in_cond():
-  from benchmarks import compare_kronecker
-  model = compare_kronecker.FashionCNN()
+  from benchmarks import models
+  model = models.FashionCNN()
   x = jax.random.uniform(jax.random.PRNGKey(0), (128, 28, 28, 1))
   y = jnp.zeros(128, jnp.int32)
   params = model.init(jax.random.PRNGKey(1), x[:1])

@@ -108,7 +108,11 @@ def parse_args(argv):
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--task", required=True, choices=tasks.TASKS)
   parser.add_argument("--optimizers", default=",".join(contenders.OPTIMIZERS),
-                      help="comma-separated, from " + ",".join(contenders.OPTIMIZERS))
+                      help="comma-separated, from " + ",".join(contenders.OPTIMIZERS)
+                      + " and two_level_COMBINE_SPACE (COMBINE: additive, "
+                      "multiplicative, balanced; SPACE: nicolaides, spectral, "
+                      "residual, krylov_nicolaides, krylov_residual) and "
+                      "tengrad_gramN (TENGraD with gram_batch=N)")
   parser.add_argument("--steps", type=int, default=None, help="step budget per run")
   parser.add_argument("--seconds", type=float, default=None,
                       help="wall-clock budget per run (training time only)")
@@ -131,7 +135,7 @@ def parse_args(argv):
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-  unknown = [n for n in names if n not in contenders.OPTIMIZERS]
+  unknown = [n for n in names if not contenders.known(n)]
   if unknown or not names:
     parser.error(f"unknown optimizers {unknown}; choose from "
                  f"{','.join(contenders.OPTIMIZERS)}")

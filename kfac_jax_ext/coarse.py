@@ -14,6 +14,9 @@ Coarse vectors of a layer are ``[m, d_a, d_g]`` matrices in the layer's
 canonical orientation: ``"nicolaides"`` one all-ones vector; ``"spectral"``
 ``q_A ⊗ q_G`` (eigenvectors of the smallest eigenvalues of the factors, ∞-norm
 1); ``"parameters"`` one unit vector per parameter (``R = I``; small models).
+Koroko et al.'s spaces built every step from ``res = ∇ − F_λM⁻¹∇``:
+``"residual"`` ``M_l⁻¹res_l``; ``"krylov_nicolaides"`` ``{1, M_l⁻¹1}``;
+``"krylov_residual"`` ``{res_l, M_l⁻¹res_l}`` (two vectors per layer).
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ import jax.numpy as jnp
 
 from kfac_jax_ext.blocks import kronecker
 
-COARSE_SPACES = ("nicolaides", "spectral", "parameters")
+COARSE_SPACES = ("nicolaides", "spectral", "parameters", "residual",
+                 "krylov_nicolaides", "krylov_residual")
+PER_STEP_SPACES = ("residual", "krylov_nicolaides", "krylov_residual")
+NEEDS_RESIDUAL = ("residual", "krylov_residual")
 COARSE_MATRICES = ("kronecker", "exact")
 COMBINES = ("additive", "multiplicative", "balanced")
 
@@ -35,10 +41,32 @@ def leaf_slots(shapes, space: str) -> list:
       slots.append([])
       continue
     rows, cols = kronecker.slot_sizes(shape)   # each +1 for a folded bias
-    size = rows * cols if space == "parameters" else 1
+    size = rows * cols if space == "parameters" else vectors_per_layer(space)
     slots.append(list(range(start, start + size)))
     start += size
   return slots
+
+
+def vectors_per_layer(space: str) -> int:
+  """Coarse vectors per layer of a space other than ``"parameters"``."""
+  return 2 if space.startswith("krylov") else 1
+
+
+def normalized_basis(vectors, tol: float = 1e-6):
+  """``[m, d_a, d_g]`` from one layer's vectors: each orthogonalised against
+  the previous ones (Gram–Schmidt; the span, hence ``Q``, is unchanged) and
+  scaled to ∞-norm 1; a vector (numerically) in the span of the previous ones
+  becomes zero, an unused coarse index."""
+  out = []
+  for v in vectors:
+    tiny = jnp.finfo(v.dtype).tiny
+    before = jnp.max(jnp.abs(v))
+    for u in out:
+      v = v - jnp.vdot(u, v) / jnp.maximum(jnp.vdot(u, u), tiny) * u
+    size = jnp.max(jnp.abs(v))
+    keep = size > tol * before
+    out.append(jnp.where(keep, v / jnp.where(keep, size, 1.0), 0.0))
+  return jnp.stack(out)
 
 
 def layer_basis(space: str, d_a: int, d_g: int, vec_a=None, vec_g=None,

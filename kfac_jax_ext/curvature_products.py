@@ -21,7 +21,7 @@ shards are equal.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +68,52 @@ def _check_vector(vector, params, name):
   return v_leaves
 
 
+class FisherOperator(NamedTuple):
+  """The exact Fisher (GGN) of a batch, linearized once at ``params``.
+
+  Attributes:
+    loss: the loss at ``params`` (this device's, under ``axis_name``).
+    product: ``[v leaves] -> [F v leaves]`` (one forward-mode and one
+      transposed pass; averaged over ``axis_name``).
+    forms: ``[[v leaves], ...] -> Q``, ``Q[i, j] = vᵢᵀ F vⱼ`` (forward-mode
+      passes only; symmetric, float32 or wider; averaged over ``axis_name``).
+  """
+  loss: Any
+  product: Callable
+  forms: Callable
+
+
+def fisher_operator(traced: tracing.TracedLoss, params, batch, *,
+                    axis_name=None) -> FisherOperator:
+  """Linearizes ``params → registered predictions`` once, for several
+  products and forms with the same Fisher ``F = (1/M) Σ_n J_nᵀ H_n J_n``."""
+  p_leaves = jax.tree_util.tree_leaves(params)
+  p_leaves = distributed.per_device(p_leaves, axis_name)
+  b_leaves = jax.tree_util.tree_leaves(batch)
+  loss, regs, jvp_fn = _linearize(traced, p_leaves, b_leaves)
+  tangent = lambda v: jvp_fn(distributed.per_device(_cast_like(v, p_leaves),
+                                                    axis_name))
+
+  def product(v_leaves):
+    us = tangent(v_leaves)
+    hus = [r.hessian_product(u.astype(_wide(u.dtype))).astype(u.dtype)
+           for r, u in zip(regs, us)]
+    (fv,) = jax.linear_transpose(jvp_fn, p_leaves)(hus)
+    return distributed.mean(list(fv), axis_name)
+
+  def forms(vectors):
+    us = [[u.astype(_wide(u.dtype)) for u in tangent(v)] for v in vectors]
+    rows = []
+    for i in range(len(vectors)):
+      hu = [r.hessian_product(u) for r, u in zip(regs, us[i])]
+      rows.append([sum(jnp.vdot(h, u) for h, u in zip(hu, us[j]))
+                   for j in range(len(vectors))])
+    q = jnp.asarray(rows)
+    return distributed.mean(0.5 * (q + q.T), axis_name)
+
+  return FisherOperator(loss, product, forms)
+
+
 def fisher_vector_product(loss_fn: Callable[..., Any], params, batch, vector, *,
                           has_aux: bool = False, axis_name=None):
   """``F v`` with F the exact Fisher (= GGN) of the registered losses on ``batch``.
@@ -95,17 +141,9 @@ def fisher_vector_product(loss_fn: Callable[..., Any], params, batch, vector, *,
   """
   traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
   v_leaves = _check_vector(vector, params, "fisher_vector_product")
-  p_leaves, treedef = jax.tree_util.tree_flatten(params)
-  p_leaves = distributed.per_device(p_leaves, axis_name)
-  b_leaves = jax.tree_util.tree_leaves(batch)
-  _, regs, jvp_fn = _linearize(traced, p_leaves, b_leaves)
-  us = jvp_fn(distributed.per_device(_cast_like(v_leaves, p_leaves), axis_name))
-  hus = [r.hessian_product(u.astype(_wide(u.dtype))).astype(u.dtype)
-         for r, u in zip(regs, us)]
-  transpose = jax.linear_transpose(jvp_fn, p_leaves)
-  (fv,) = transpose(hus)
-  fv = distributed.mean(list(fv), axis_name)
-  return jax.tree_util.tree_unflatten(treedef, fv)
+  operator = fisher_operator(traced, params, batch, axis_name=axis_name)
+  treedef = jax.tree_util.tree_structure(params)
+  return jax.tree_util.tree_unflatten(treedef, operator.product(v_leaves))
 
 
 def curvature_forms(traced: tracing.TracedLoss, params, batch,
@@ -116,20 +154,7 @@ def curvature_forms(traced: tracing.TracedLoss, params, batch,
   each, no transposed pass. ``Q`` is symmetric, in float32 or wider.
   Under ``axis_name`` both are averaged over the devices.
   """
-  p_leaves = jax.tree_util.tree_leaves(params)
-  p_leaves = distributed.per_device(p_leaves, axis_name)
-  b_leaves = jax.tree_util.tree_leaves(batch)
-  loss, regs, jvp_fn = _linearize(traced, p_leaves, b_leaves)
-  us = [[u.astype(_wide(u.dtype)) for u in jvp_fn(distributed.per_device(
-      _cast_like(jax.tree_util.tree_leaves(v), p_leaves), axis_name))]
-        for v in vectors]
-  k = len(vectors)
-  rows = []
-  for i in range(k):
-    hu = [r.hessian_product(u) for r, u in zip(regs, us[i])]
-    rows.append([sum(jnp.vdot(h, u) for h, u in zip(hu, us[j]))
-                 for j in range(k)])
-  q = jnp.asarray(rows)
-  q = 0.5 * (q + q.T)
-  loss = jnp.asarray(loss).astype(q.dtype)
-  return distributed.mean((loss, q), axis_name)
+  operator = fisher_operator(traced, params, batch, axis_name=axis_name)
+  q = operator.forms([jax.tree_util.tree_leaves(v) for v in vectors])
+  loss = jnp.asarray(operator.loss).astype(q.dtype)
+  return distributed.mean(loss, axis_name), q

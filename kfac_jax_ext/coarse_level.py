@@ -1,0 +1,221 @@
+"""The coarse level of two-level K-FAC, per layer: bases, ``F_c``, ``Q``, ``F_λ v``.
+
+``coarse.py`` has the math on one layer's ``[d_a, d_g]`` matrices; this module
+applies it to the Kronecker layers of a plan (``CoarseLayer``: the layer, its
+coarse indices and its basis) and moves matrices between the layers and the
+parameter leaves. Two sources of curvature (``fisher_products``):
+
+* ``"statistics"``: the Fisher of the statistics pass's per-example
+  gradients ``u_n`` (sampled or empirical, per ``fisher``):
+  ``F = (1/M) Σ_n u_n u_nᵀ``, from the captured tokens.
+* ``"ggn"``: the exact Fisher (= GGN) of the batch, ``(1/M) Σ_n J_nᵀH_nJ_n``
+  (``curvature_products.fisher_operator``): ``F_λ v`` is one forward-mode and
+  one transposed pass, ``F_c = R F Rᵀ`` one forward-mode pass per coarse
+  vector. Its expectation is what the sampled Fisher estimates, without the
+  sampling noise of a rank-≤M matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kfac_jax_ext import coarse
+from kfac_jax_ext import distributed
+from kfac_jax_ext import kronecker_family
+from kfac_jax_ext import linalg
+from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext.blocks import woodbury
+
+
+class CoarseLayer(NamedTuple):
+  kl: Any            # plan_lib.KroneckerLayer
+  idx: jax.Array     # its coarse indices
+  basis: jax.Array   # [m, d_a, d_g]
+  rank_one: Any      # (r_a, r_g) or None
+
+
+def coarse_layers(plan, spectral):
+  """The Kronecker layers of the coarse level: plain dense/conv layers (an
+  embedding, a grouped conv or a tied kernel keeps its fine-level block
+  only) whose factors fit the spectral slots of their kernel."""
+  def fits(kl):
+    if spectral is None or spectral[kl.layer.kernel] is None:
+      return True
+    n = spectral[kl.layer.kernel][0].shape[0]
+    return max(kl.d_a, kl.d_g) <= n
+  return [kl for kl in plan.kronecker if kl.layer.is_plain and fits(kl)]
+
+
+def static_layers(plan, spectral, slots, space, dtype):
+  """``CoarseLayer``s of a space fixed between refreshes (Nicolaides,
+  spectral, parameters); the per-step spaces get a placeholder basis that
+  ``per_step_bases`` replaces."""
+  out = []
+  for kl in coarse_layers(plan, spectral):
+    vec_a = vec_g = None
+    if space == "spectral":
+      rows, cols = spectral[kl.layer.kernel]
+      vec_a = (rows if kl.a_side == "rows" else cols)[:kl.d_a]
+      vec_g = (cols if kl.a_side == "rows" else rows)[:kl.d_g]
+    if space in coarse.PER_STEP_SPACES:
+      basis, rank_one = None, None
+      count = coarse.vectors_per_layer(space)
+    else:
+      basis, rank_one = coarse.layer_basis(space, kl.d_a, kl.d_g, vec_a, vec_g,
+                                           dtype)
+      count = basis.shape[0]
+    idx = jnp.asarray(slots[kl.layer.kernel][:count])
+    out.append(CoarseLayer(kl, idx, basis, rank_one))
+  return out
+
+
+def per_step_bases(space, layers, residual, precondition, dtype):
+  """The layers with this step's basis (``algorithms.md`` §4.2).
+
+  ``"residual"``: ``M_l⁻¹ res_l``; ``"krylov_nicolaides"``: ``{1, M_l⁻¹1}``;
+  ``"krylov_residual"``: ``{res_l, M_l⁻¹res_l}``, with ``res = ∇ − F_λM⁻¹∇``
+  (``residual``: its per-layer matrices) and ``precondition`` mapping
+  per-layer matrices through ``M⁻¹``. See ``coarse.normalized_basis``.
+  """
+  if space in ("krylov_residual", "residual"):
+    first = residual
+  else:
+    first = [jnp.ones((l.kl.d_a, l.kl.d_g), dtype) for l in layers]
+  second = precondition(first)
+  out = []
+  for l, r, mr in zip(layers, first, second):
+    vectors = [mr] if space == "residual" else [r, mr]
+    out.append(l._replace(basis=coarse.normalized_basis(vectors), rank_one=None))
+  return out
+
+
+def tokens(layers, traced, cb, dtype):
+  """Per layer, the statistics batch's ``(ā [M,T,d_a], g [M,T,d_g])``."""
+  m = traced.num_examples
+  return [woodbury.per_example_tokens(cb.layers[l.kl.index][0].astype(dtype),
+                                      cb.layers[l.kl.index][1].astype(dtype),
+                                      l.kl.has_bias, m, m) for l in layers]
+
+
+def batch_coarse(layers, toks, size, coarse_matrix, m, dtype):
+  """This batch's ``(coarse_a, coarse_g)`` from the statistics, scattered to
+  ``[S, S]`` (``F_c = coarse_a ∘ coarse_g`` before damping)."""
+  idx = jnp.concatenate([l.idx for l in layers])
+  full = lambda x: jnp.zeros((size, size), dtype).at[jnp.ix_(idx, idx)].set(x)
+  if coarse_matrix == "kronecker":
+    pa = [a @ l.rank_one[0] for l, (a, _) in zip(layers, toks)]
+    pg = [g @ l.rank_one[1] for l, (_, g) in zip(layers, toks)]
+    s_a, s_g = coarse.kronecker_sums(pa, pg)
+    return full(s_a), full(s_g)
+  c = jnp.concatenate([coarse.example_projections(a, g, l.basis, l.rank_one)
+                       for l, (a, g) in zip(layers, toks)], axis=1)
+  return full(c.T @ c / m), jnp.ones((size, size), dtype)
+
+
+def ggn_coarse(layers, operator, leaves, shapes, size, dtype):
+  """``(R F Rᵀ, ones)`` with F the batch's exact GGN, scattered to ``[S, S]``."""
+  zeros = [jnp.zeros_like(x) for x in leaves]
+  vectors = []
+  for j, l in enumerate(layers):
+    for k in range(l.basis.shape[0]):
+      mats = [jnp.zeros_like(o.basis[0]) for o in layers]
+      mats[j] = l.basis[k]
+      vectors.append(write(layers, zeros, mats, shapes))
+  q = operator.forms(vectors).astype(dtype)
+  idx = jnp.concatenate([l.idx for l in layers])
+  return (jnp.zeros((size, size), dtype).at[jnp.ix_(idx, idx)].set(q),
+          jnp.ones((size, size), dtype))
+
+
+def coarse_inverse(layers, st_a, st_g, lam, coarse_damping, size, dtype):
+  """``(F_c + D)⁻¹``: ``D = λ RRᵀ`` (consistent) or ``λI``; indices without a
+  vector (unused, or a zero Krylov vector) get 1 on the diagonal."""
+  used = jnp.zeros((size,), bool)
+  damp = jnp.zeros((size, size), dtype)
+  for l in layers:
+    norms = jnp.einsum("kde,kde->k", l.basis, l.basis)
+    used = used.at[l.idx].set(norms > 0)
+    block = (jnp.einsum("kde,jde->kj", l.basis, l.basis)
+             if coarse_damping == "consistent" else jnp.eye(len(l.idx), dtype=dtype))
+    damp = damp.at[jnp.ix_(l.idx, l.idx)].set(lam * block)
+  matrix = st_a * st_g + damp + jnp.diag(jnp.where(used, 0.0, 1.0).astype(dtype))
+  inverse = jnp.linalg.inv(linalg.symmetrize(matrix))
+  return inverse, linalg.all_finite(inverse)
+
+
+def apply_q(layers, inverse, xs, size, dtype):
+  """``Q x = Rᵀ F_c⁻¹ R x`` per layer."""
+  rx = jnp.zeros((size,), dtype)
+  for l, x in zip(layers, xs):
+    rx = rx.at[l.idx].set(coarse.project(l.basis, x))
+  beta = inverse @ rx
+  return [coarse.lift(l.basis, beta[l.idx]) for l in layers]
+
+
+def statistics_fvp(toks, m, damping, axis_name):
+  """``xs ↦ F_λ xs`` on the layers, F from the statistics' tokens."""
+  def fvp(xs):
+    fx = distributed.mean(coarse.fisher_vector_product(toks, xs, m, 0.0),
+                          axis_name)
+    return [f + damping * x for f, x in zip(fx, xs)]
+  return fvp
+
+
+def ggn_fvp(layers, operator, leaves, shapes, damping, dtype):
+  """``xs ↦ F_λ xs`` on the layers, F the batch's exact GGN restricted to
+  the layers' parameters."""
+  zeros = [jnp.zeros_like(x) for x in leaves]
+
+  def fvp(xs):
+    fx = operator.product(write(layers, zeros, xs, shapes))
+    return [f + damping * x for f, x in zip(to_matrices(layers, fx, dtype), xs)]
+  return fvp
+
+
+def to_matrices(layers, leaves, dtype):
+  """Per layer, its kernel (+ bias row) as the ``[d_a, d_g]`` matrix."""
+  return [plan_lib.to_matrix(
+      l.kl.layer, leaves[l.kl.layer.kernel],
+      leaves[l.kl.layer.bias] if l.kl.has_bias else None).astype(dtype)
+      for l in layers]
+
+
+def write(layers, leaves, mats, shapes):
+  """Writes per-layer ``[d_a, d_g]`` matrices back into (a copy of) leaves."""
+  leaves = list(leaves)
+  for l, x in zip(layers, mats):
+    layer = l.kl.layer
+    kernel, bias = plan_lib.from_matrix(layer, x, shapes[layer.kernel],
+                                        l.kl.has_bias)
+    leaves[layer.kernel] = kernel.astype(leaves[layer.kernel].dtype)
+    if l.kl.has_bias:
+      leaves[layer.bias] = bias.astype(leaves[layer.bias].dtype)
+  return leaves
+
+
+def spectral_vectors(plan, base_state, spectral, variant, axis_name=None):
+  """Smallest-eigenvalue eigenvectors of each layer's effective factors
+  (each device decomposes the layers it owns when ``axis_name`` is set)."""
+  spectral = list(spectral)
+
+  def vectors(kl):
+    fa, fg, _ = kronecker_family.layer_factors(
+        kl, base_state.factors[kl.layer.kernel],
+        base_state.traces[kl.layer.kernel], variant, 0.0)
+    return coarse.smallest_eigenvector(fa), coarse.smallest_eigenvector(fg)
+
+  layers = coarse_layers(plan, spectral)
+  found = distributed.on_owners(
+      [lambda kl=kl: vectors(kl) for kl in layers],
+      [kl.d_a ** 3 + kl.d_g ** 3 for kl in layers], axis_name)
+  for kl, (va, vg) in zip(layers, found):
+    rows, cols = spectral[kl.layer.kernel]
+    if kl.a_side == "rows":
+      rows, cols = linalg.set_leading(rows, va), linalg.set_leading(cols, vg)
+    else:
+      rows, cols = linalg.set_leading(rows, vg), linalg.set_leading(cols, va)
+    spectral[kl.layer.kernel] = (rows, cols)
+  return tuple(spectral)

@@ -1,0 +1,183 @@
+"""Koroko et al.'s per-step coarse spaces, exact GGN products and the
+model-scaled fine step, against closed forms built by brute force (float64;
+I12, I13 extended): ``F`` from per-example gradients (``vmap(grad)``) or the
+exact GGN (``jax.jacobian``/``jax.hessian``), ``M⁻¹`` the base method applied
+to vectors, ``R`` built here from its definition, ``Q = Rᵀ(RF_λRᵀ)⁻¹R``."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kfac_jax_ext as kfe
+from tests import oracles
+from tests.test_two_level import (EXACT, LAM, _brute, _cnn, _direction, _flat,
+                                  _mlp, _nicolaides_rows)
+
+
+def _base_inverse(loss, params, batch):
+  """``v ↦ M⁻¹v`` on flat vectors: the base method's blocks of this batch."""
+  tx = kfe.scale_by_two_level_kfac(loss, coarse_space=None, **EXACT)
+  _, unravel = jax.flatten_util.ravel_pytree(params)
+  leaves = jax.tree_util.tree_leaves(params)
+  sizes = np.cumsum([l.size for l in leaves])[:-1]
+  treedef = jax.tree_util.tree_structure(params)
+
+  def unflatten(v):      # _flat's leaf order
+    parts = jnp.split(v, sizes)
+    return jax.tree_util.tree_unflatten(
+        treedef, [p.reshape(l.shape) for p, l in zip(parts, leaves)])
+
+  @jax.jit
+  def apply(v):
+    out, _ = tx.update(unflatten(v), tx.init(params), params, batch=batch)
+    return _flat(out)
+  return apply
+
+
+def _closed_form(combine, r, f, grad, minv, alpha_scaled):
+  """The two-level update for rows ``r`` with ``F_λ = f`` and ``M⁻¹ = minv``."""
+  q = r.T @ jnp.linalg.solve(r @ f @ r.T, r)
+  if combine == "multiplicative":
+    b = minv(grad)
+    alpha = (b @ grad) / (b @ f @ b) if alpha_scaled else 1.0
+    return alpha * b + q @ (grad - alpha * f @ b)
+  y = q @ grad
+  z = grad - f @ y
+  w = minv(z)
+  alpha = (w @ z) / (w @ f @ w) if alpha_scaled else 1.0
+  return alpha * (w - q @ f @ w) + y
+
+
+def _space_rows(space, masks, minv, res):
+  rows = []
+  for mask in masks:
+    if space == "residual":
+      rows.append(minv(mask * res))
+    elif space == "krylov_nicolaides":
+      rows += [mask, minv(mask)]
+    else:
+      rows += [mask * res, minv(mask * res)]
+  return jnp.stack(rows)
+
+
+@pytest.mark.parametrize("space", ["residual", "krylov_nicolaides",
+                                   "krylov_residual"])
+@pytest.mark.parametrize("combine", ["multiplicative", "balanced"])
+def test_per_step_spaces_equal_their_closed_form(space, combine):
+  loss, params, batch = _mlp(squared=True)
+  delta, state = _direction(loss, params, batch, combine=combine,
+                            coarse_space=space, fine_scale="none")
+  grad, u = _brute(loss, params, batch)
+  f = u @ u.T / u.shape[1] + LAM * jnp.eye(u.shape[0])
+  minv = _base_inverse(loss, params, batch)
+  res = grad - f @ minv(grad)                  # Koroko's res = ∇ − F_λM⁻¹∇
+  r = _space_rows(space, _nicolaides_rows(params), minv, res)
+  expected = _closed_form(combine, r, f, grad, minv, alpha_scaled=False)
+  scale = float(jnp.max(jnp.abs(expected)))
+  np.testing.assert_allclose(delta, expected, rtol=0, atol=1e-9 * scale)
+  # the correction is not negligible: the test could fail
+  assert float(jnp.max(jnp.abs(delta - minv(grad)))) > 1e-3 * scale
+  assert state.coarse_inverse.shape[0] == r.shape[0]
+
+
+@pytest.mark.parametrize("task", [_mlp, _cnn], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("combine", ["multiplicative", "balanced"])
+def test_model_scaled_fine_step_equals_its_closed_form_and_descends(task,
+                                                                    combine):
+  loss, params, batch = task(squared=True) if task is _mlp else task()
+  delta, _ = _direction(loss, params, batch, combine=combine,
+                        coarse_matrix="exact")
+  grad, u = _brute(loss, params, batch)
+  f = u @ u.T / u.shape[1] + LAM * jnp.eye(u.shape[0])
+  minv = _base_inverse(loss, params, batch)
+  expected = _closed_form(combine, _nicolaides_rows(params), f, grad, minv,
+                          alpha_scaled=True)
+  np.testing.assert_allclose(delta, expected, rtol=0,
+                             atol=1e-9 * float(jnp.max(jnp.abs(expected))))
+  unscaled = _closed_form(combine, _nicolaides_rows(params), f, grad, minv,
+                          alpha_scaled=False)
+  assert float(jnp.max(jnp.abs(unscaled - expected))) > 1e-3 * float(
+      jnp.max(jnp.abs(expected)))              # α ≠ 1 here
+  # the model decrease is positive: a descent direction whose quadratic KL
+  # is below twice what KL-clipping reads from it
+  assert 0 < float(delta @ f @ delta) < 2 * float(grad @ delta)
+
+
+def test_scaling_keeps_the_exact_limit_and_galerkin_orthogonality():
+  loss, params, batch = _mlp()
+  grad, u = _brute(loss, params, batch)
+  f = u @ u.T / u.shape[1] + LAM * jnp.eye(u.shape[0])
+  exact = jnp.linalg.solve(f, grad)
+  delta, _ = _direction(loss, params, batch, combine="multiplicative",
+                        coarse_space="parameters", coarse_matrix="exact")
+  np.testing.assert_allclose(delta, exact, rtol=0,
+                             atol=1e-10 * float(jnp.max(jnp.abs(exact))))
+  for space in ("residual", "krylov_residual"):
+    delta, _ = _direction(loss, params, batch, combine="multiplicative",
+                          coarse_space=space)
+    minv = _base_inverse(loss, params, batch)
+    b = minv(grad)
+    alpha = (b @ grad) / (b @ f @ b)
+    r = _space_rows(space, _nicolaides_rows(params), minv,
+                    grad - alpha * f @ b)   # the scaled step's residual
+    np.testing.assert_allclose(r @ (grad - f @ delta), 0.0,
+                               atol=1e-10 * float(jnp.max(jnp.abs(r @ grad))))
+
+
+def _ggn(params, batch):
+  """The exact GGN of the squared-error MLP task over its raveled parameters
+  (``_flat`` order equals ``ravel_pytree`` order for these dict leaves)."""
+  n = batch["y"].shape[0]
+  return oracles.exact_fisher(
+      lambda p: oracles.mlp_apply(p, batch["x"]), params,
+      lambda z: 0.5 * jnp.sum((z - batch["y"]) ** 2) / n)
+
+
+@pytest.mark.parametrize("combine", ["additive", "multiplicative", "balanced"])
+def test_ggn_products_equal_the_closed_form_with_the_exact_fisher(combine):
+  loss, params, batch = _mlp(squared=True)
+  fisher = _ggn(params, batch)
+  f = fisher + LAM * jnp.eye(fisher.shape[0])
+  grad, u = _brute(loss, params, batch)
+  # (the statistics' empirical Fisher is not the GGN: the test can tell them apart)
+  assert float(jnp.max(jnp.abs(u @ u.T / u.shape[1] - fisher))) > 1e-3
+  delta, _ = _direction(loss, params, batch, combine=combine,
+                        fisher_products="ggn", fine_scale="none")
+  minv = _base_inverse(loss, params, batch)
+  r = _nicolaides_rows(params)
+  if combine == "additive":
+    expected = minv(grad) + r.T @ jnp.linalg.solve(r @ f @ r.T, r @ grad)
+  else:
+    expected = _closed_form(combine, r, f, grad, minv, alpha_scaled=False)
+  np.testing.assert_allclose(delta, expected, rtol=0,
+                             atol=1e-9 * float(jnp.max(jnp.abs(expected))))
+  exact, _ = _direction(loss, params, batch, combine="multiplicative",
+                        coarse_space="parameters", fisher_products="ggn")
+  np.testing.assert_allclose(exact, jnp.linalg.solve(f, grad), rtol=0,
+                             atol=1e-10 * float(jnp.max(jnp.abs(exact))))
+
+
+def test_ggn_products_need_no_statistics_between_refreshes_and_bad_options_raise():
+  loss, params, batch = _mlp(squared=True)
+  tx = kfe.scale_by_two_level_kfac(loss, combine="multiplicative",
+                                   fisher_products="ggn", damping=LAM,
+                                   stats_every=2, inverse_every=2)
+  state = tx.init(params)
+  grads = jax.grad(loss)(params, batch)
+  _, state = tx.update(grads, state, params, batch=batch,
+                       key=jax.random.PRNGKey(0))
+  assert not bool(state.curvature_due)   # statistics on their own period
+  out, _ = tx.update(grads, state, params, batch=batch,
+                     due=kfe.Due(statistics=False, inverses=False))
+  assert bool(jnp.all(jnp.isfinite(_flat(out))))
+  with pytest.raises(ValueError, match="needs the batch"):
+    tx.update(grads, state, params, due=kfe.Due(statistics=False,
+                                                inverses=False))
+  for options, match in (
+      ({"fisher_products": "ggn", "coarse_matrix": "kronecker"}, "GGN"),
+      ({"coarse_space": "residual", "coarse_matrix": "kronecker"}, "rank-one"),
+      ({"fisher_products": "sampled"}, "fisher_products"),
+      ({"fine_scale": "alpha"}, "fine_scale")):
+    with pytest.raises(ValueError, match=match):
+      kfe.scale_by_two_level_kfac(loss, **options)
