@@ -27,6 +27,8 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   damping_adaptation=True)`` (Martens & Grosse's α, μ and λ), settings in
   ``ADAPTIVE``, not swept; ``kfac_jax_adaptive``: kfac-jax's ``Optimizer``
   with its three adaptive options and the same settings.
+* ``tengrad_adaptive``: ``kfe.tengrad`` with the same adaptive α, μ and λ
+  (``gram_batch`` as ``tengrad``).
 * ``kfac_jax``: kfac-jax 0.0.8's ``Optimizer`` with the same fixed learning
   rate, momentum 0.9, damping, ``norm_constraint = kl_clip``,
   ``curvature_ema = task.ema_decay`` and
@@ -52,7 +54,8 @@ import optax
 import kfac_jax_ext as kfe
 
 OPTIMIZERS = ("adam", "sgd", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
-              "kfac_adaptive", "kfac_jax_adaptive", "kfac_tridiagonal")
+              "kfac_adaptive", "kfac_jax_adaptive", "kfac_tridiagonal",
+              "tengrad_adaptive")
 NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
            "kfac_tridiagonal")
 # Two-level K-FAC by combination and coarse space, ``two_level_COMBINE_SPACE``
@@ -169,17 +172,23 @@ def _natural(name, task, alias, options):
   return _fused(name, "natural", task, make, warmup=2)
 
 
-def _kfac_adaptive(task):
+def _adaptive(task, name):
+  """``kfac_adaptive`` / ``tengrad_adaptive``: the alias with M&G's adaptive
+  α, μ and λ (settings ``ADAPTIVE``)."""
   a = ADAPTIVE
-  opt = kfe.kfac(task.loss_fn, "adaptive", momentum="adaptive",
-                 damping=a["initial_damping"], damping_adaptation=True,
-                 damping_adaptation_interval=a["interval"],
-                 damping_adaptation_decay=a["decay"],
-                 min_damping=a["min_damping"], max_damping=a["max_damping"],
-                 stats_every=task.period, inverse_every=task.period,
-                 ema_decay=task.ema_decay, damping_mode="factored",
-                 example_batch=task.sample_batch(np.random.default_rng(0)))
-  return _fused("kfac_adaptive", "adaptive", task, lambda hp: opt,
+  batch = task.sample_batch(np.random.default_rng(0))
+  options = (dict(ema_decay=task.ema_decay, damping_mode="factored")
+             if name == "kfac_adaptive" else
+             dict(gram_batch=min(len(jax.tree_util.tree_leaves(batch)[0]), 1000)))
+  alias = kfe.kfac if name == "kfac_adaptive" else kfe.tengrad
+  opt = alias(task.loss_fn, "adaptive", momentum="adaptive",
+              damping=a["initial_damping"], damping_adaptation=True,
+              damping_adaptation_interval=a["interval"],
+              damping_adaptation_decay=a["decay"],
+              min_damping=a["min_damping"], max_damping=a["max_damping"],
+              stats_every=task.period, inverse_every=task.period,
+              example_batch=batch, **options)
+  return _fused(name, "adaptive", task, lambda hp: opt,
                 warmup=2 * task.period + 1, damping_every=a["interval"])
 
 
@@ -263,8 +272,8 @@ def make_contender(name: str, task) -> Contender:
                     {"combine": combine, "coarse_space": space})
   if name == "kfac_jax":
     return _kfac_jax(task)
-  if name == "kfac_adaptive":
-    return _kfac_adaptive(task)
+  if name in ("kfac_adaptive", "tengrad_adaptive"):
+    return _adaptive(task, name)
   if name == "kfac_jax_adaptive":
     return _kfac_jax(task, adaptive=True)
   raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
