@@ -8,24 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import jax.numpy as jnp
 import optax
 
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import tridiagonal_transform
-from kfac_jax_ext.blocks import kronecker
-
-
-def _statistics(a, g, has_bias, num_examples, dtype, layer):
-  fa, fg = kronecker.layer_batch_factors(layer, a, g, has_bias, num_examples,
-                                         dtype)
-  return fa, fg, jnp.zeros(fa.shape[:-2] if fa.ndim > 2 else (), dtype)
-
-
-KFAC = kronecker_family.KroneckerVariant(
-    batch_statistics=_statistics,
-    effective_factors=lambda side_a, side_g, trace: (side_a, side_g),
-    layer_damping=lambda damping, layer, side_a, side_g, trace: damping)
+from kfac_jax_ext.kronecker_variants import KFAC
 
 
 def scale_by_kfac(loss_fn: Callable[..., Any], **options

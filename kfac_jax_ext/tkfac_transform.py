@@ -7,36 +7,7 @@ from typing import Any, Callable
 import optax
 
 from kfac_jax_ext import kronecker_family
-from kfac_jax_ext.blocks import trace_restricted
-
-
-def tkfac_variant(factors: str = "weighted", trace: str = "tokens",
-                  conv_damping: float | None = None
-                  ) -> kronecker_family.KroneckerVariant:
-  """The TKFAC ``KroneckerVariant`` for the given options."""
-  if factors not in ("weighted", "unweighted"):
-    raise ValueError(f"factors must be 'weighted' or 'unweighted', got {factors!r}.")
-  if trace not in ("tokens", "exact"):
-    raise ValueError(f"trace must be 'tokens' or 'exact', got {trace!r}.")
-  if isinstance(conv_damping, (int, float)) and conv_damping < 0:
-    raise ValueError(f"conv_damping must be non-negative, got {conv_damping!r}.")
-
-  def layer_damping(damping, layer, side_a, side_g, delta):
-    if conv_damping is None or layer.kind != "conv2d":
-      return damping
-    size = side_a.shape[0] * side_g.shape[0]   # per group for grouped convs
-    return damping + conv_damping * delta / size
-
-  return kronecker_family.KroneckerVariant(
-      batch_statistics=lambda a, g, has_bias, m, dtype, layer: (
-          trace_restricted.batch_statistics(a, g, has_bias, m, dtype,
-                                            factors=factors, trace=trace,
-                                            layer=layer)),
-      effective_factors=trace_restricted.effective_factors,
-      layer_damping=layer_damping,
-      unsupported=lambda layer: (
-          "TKFAC has no trace-restricted block for tied kernels yet"
-          if layer.kind == "tied" else None))
+from kfac_jax_ext.kronecker_variants import tkfac_variant
 
 
 def scale_by_tkfac(loss_fn: Callable[..., Any], *, factors: str = "weighted",

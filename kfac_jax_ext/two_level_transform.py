@@ -19,12 +19,11 @@ from kfac_jax_ext import coarse
 from kfac_jax_ext import coarse_level as level
 from kfac_jax_ext import curvature_products
 from kfac_jax_ext import distributed
-from kfac_jax_ext import kfac_transform
 from kfac_jax_ext import kronecker_family
+from kfac_jax_ext import kronecker_variants
 from kfac_jax_ext import linalg
 from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
-from kfac_jax_ext import tkfac_transform
 from kfac_jax_ext import tracing
 from kfac_jax_ext.blocks import kronecker
 from kfac_jax_ext.state import Health, KfacState
@@ -174,7 +173,8 @@ def scale_by_two_level_kfac(
   if coarse_matrix is None:
     coarse_matrix = ("kronecker" if fisher_products == "statistics" and
                      coarse_space in ("nicolaides", "spectral") else "exact")
-  variant = kfac_transform.KFAC if base == "kfac" else tkfac_transform.tkfac_variant()
+  variant = (kronecker_variants.KFAC if base == "kfac"
+             else kronecker_variants.tkfac_variant())
   name = "scale_by_two_level_kfac"
   base_init, base_step = kronecker_family.kronecker_stepper(
       loss_fn, variant, name=name, **options)

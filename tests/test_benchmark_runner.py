@@ -162,6 +162,10 @@ def test_quick_run_shakespeare_transformer(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--task", "mlp", "--steps", "5", "--optimizers", "adam,lbfgs"], "unknown optimizers"),
+    (["--task", "mlp", "--steps", "5", "--optimizers", "two_level_additive_ones"],
+     "unknown optimizers"),
+    (["--task", "mlp", "--steps", "5", "--optimizers", "tengrad_gram0"],
+     "unknown optimizers"),
     (["--task", "mlp"], "give a budget"),
     (["--task", "mlp", "--seconds", "-1"], "must be positive"),
     (["--task", "mlp", "--steps", "3", "--optimizers", "adam,adam"], "named twice"),
@@ -169,6 +173,10 @@ def test_quick_run_shakespeare_transformer(tmp_path):
     (["--task", "mlp", "--steps", "3", "--name", "../x"], "--name must be"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
+  assert run.parse_args(["--task", "mlp", "--steps", "3", "--optimizers",
+                         "two_level_balanced_krylov_residual,tengrad_gram64"]
+                        ).optimizers == ["two_level_balanced_krylov_residual",
+                                         "tengrad_gram64"]
   with pytest.raises(SystemExit):
     run.parse_args(argv)
   assert message in capsys.readouterr().err

@@ -61,9 +61,9 @@ def _space_rows(space, masks, minv, res):
   return jnp.stack(rows)
 
 
-@pytest.mark.parametrize("space", ["residual", "krylov_nicolaides",
-                                   "krylov_residual"])
-@pytest.mark.parametrize("combine", ["multiplicative", "balanced"])
+@pytest.mark.parametrize("space,combine", [
+    ("residual", "multiplicative"), ("residual", "balanced"),
+    ("krylov_nicolaides", "balanced"), ("krylov_residual", "multiplicative")])
 def test_per_step_spaces_equal_their_closed_form(space, combine):
   loss, params, batch = _mlp(squared=True)
   delta, state = _direction(loss, params, batch, combine=combine,
@@ -81,8 +81,11 @@ def test_per_step_spaces_equal_their_closed_form(space, combine):
   assert state.coarse_inverse.shape[0] == r.shape[0]
 
 
-@pytest.mark.parametrize("task", [_mlp, _cnn], ids=["mlp", "cnn"])
-@pytest.mark.parametrize("combine", ["multiplicative", "balanced"])
+@pytest.mark.parametrize("task,combine", [(_mlp, "multiplicative"),
+                                          (_mlp, "balanced"),
+                                          (_cnn, "multiplicative")],
+                         ids=["mlp-multiplicative", "mlp-balanced",
+                              "cnn-multiplicative"])
 def test_model_scaled_fine_step_equals_its_closed_form_and_descends(task,
                                                                     combine):
   loss, params, batch = task(squared=True) if task is _mlp else task()
