@@ -117,9 +117,10 @@ def scale_by_two_level_kfac(
       None (the base method).
     coarse_matrix: with ``fisher_products="statistics"``: ``"kronecker"``
       (Tselepidis: ``F_c[i,j] = (r_aᵀA_ij r_a)(r_gᵀG_ij r_g)`` from per-token
-      projections; the default for Nicolaides and spectral) or ``"exact"``
-      (Koroko: ``(1/M) Σ_n c_n c_nᵀ``, ``c_{n,i} = r_iᵀu_{n,i}``; the default
-      otherwise). With the additive combination and a fixed space both are
+      projections; the default for the additive combination with Nicolaides
+      or spectral) or ``"exact"`` (Koroko: ``(1/M) Σ_n c_n c_nᵀ``,
+      ``c_{n,i} = r_iᵀu_{n,i}``; the default otherwise, so that the
+      multiplicative and balanced ``F_c`` is ``R F_λ Rᵀ`` of their products). With the additive combination and a fixed space both are
       running averages with the factors' schedule, inverted with the fine
       inverses; otherwise ``F_c`` is the step's batch's (the batch of the
       Fisher-vector products) and is inverted every step (``S×S``, cheap), so
@@ -172,6 +173,7 @@ def scale_by_two_level_kfac(
     raise ValueError(f"fine_scale must be 'model' or 'none', got {fine_scale!r}.")
   if coarse_matrix is None:
     coarse_matrix = ("kronecker" if fisher_products == "statistics" and
+                     combine == "additive" and
                      coarse_space in ("nicolaides", "spectral") else "exact")
   variant = (kronecker_variants.KFAC if base == "kfac"
              else kronecker_variants.tkfac_variant())
