@@ -303,20 +303,26 @@ def scale_by_two_level_kfac(
       health = st.health._replace(nonfinite_statistics=(
           st.health.nonfinite_statistics + (~ok).astype(jnp.int32)))
       return (ema(st.coarse_a, new_a), ema(st.coarse_g, new_g),
-              st.coarse_count + ok.astype(jnp.int32), health)
+              st.coarse_count + ok.astype(jnp.int32), health, ok)
 
-    coarse_a, coarse_g, coarse_count, health = schedule.maybe(
+    coarse_a, coarse_g, coarse_count, health, stats_ok = schedule.maybe(
         1 if every_step else stats_every, stats_due, accumulate,
-        lambda st: (st.coarse_a, st.coarse_g, st.coarse_count, st.health), state,
+        lambda st: (st.coarse_a, st.coarse_g, st.coarse_count, st.health,
+                    jnp.array(True)), state,
         None if every_step else static_stats)
+    # A per-step basis has no previous F_c⁻¹ to fall back on: a failed step
+    # drops the correction (Q = 0) and is counted.
+    per_step = coarse_space in coarse.PER_STEP_SPACES
 
     def refresh(operand):
       inverse, health = operand
       new, ok = level.coarse_inverse(layers, coarse_a, coarse_g, ctx.damping,
                                      coarse_damping, size, dtype)
+      ok = ok & stats_ok if per_step else ok
       health = health._replace(failed_inverses=health.failed_inverses + (
           ~ok).astype(jnp.int32))
-      return jnp.where(ok, new, inverse), health
+      keep = jnp.zeros_like(inverse) if per_step else inverse
+      return jnp.where(ok, new, keep), health
 
     inverse, health = schedule.maybe(
         1 if every_step else inverse_every, refresh_due, refresh, lambda o: o,
@@ -336,7 +342,15 @@ def scale_by_two_level_kfac(
       if scaled:
         alpha = model_scale(w, z, fw)
       delta = [alpha * (wi - ci) + yi for wi, ci, yi in zip(w, q(fw), y)]
+    # Non-finite products (e.g. from a skipped, non-finite statistics batch)
+    # leave the fine step alone; counted as a failed coarse inverse.
+    ok = linalg.all_finite(alpha, *delta)
+    health = health._replace(failed_inverses=health.failed_inverses + (
+        ~ok).astype(jnp.int32))
+    unscaled = level.to_matrices(layers, fine, dtype)
+    delta = [jnp.where(ok, d, u) for d, u in zip(delta, unscaled)]
     if scaled and combine != "additive":   # the other leaves: αM⁻¹∇ too
+      alpha = jnp.where(ok, alpha, 1.0)
       fine = [(alpha * x).astype(x.dtype) for x in fine]
     fine = level.write(layers, fine, delta, shapes)
     new_state = TwoLevelState(base_state, jnp.array(True) if tokens_every_step

@@ -184,3 +184,24 @@ def test_ggn_products_need_no_statistics_between_refreshes_and_bad_options_raise
       ({"fine_scale": "alpha"}, "fine_scale")):
     with pytest.raises(ValueError, match=match):
       kfe.scale_by_two_level_kfac(loss, **options)
+
+
+def test_non_finite_statistics_drop_the_per_step_correction_and_are_counted():
+  loss, params, batch = _mlp(squared=True)
+  tx = kfe.scale_by_two_level_kfac(loss, combine="multiplicative",
+                                   coarse_space="residual", **EXACT)
+  base = kfe.scale_by_two_level_kfac(loss, coarse_space=None, **EXACT)
+  vg = kfe.value_and_grad(loss, fisher="empirical")
+  _, grads, curv = vg(params, batch)
+  state = tx.init(params)
+  _, state = tx.update(grads, state, params, batch=batch, curvature=curv)
+  bad = curv._replace(layers=tuple(
+      None if layer is None else (layer[0] * jnp.nan, layer[1])
+      for layer in curv.layers))
+  out, new = tx.update(grads, state, params, batch=batch, curvature=bad)
+  assert bool(jnp.all(jnp.isfinite(_flat(out))))
+  assert int(new.base.health.nonfinite_statistics) == 1   # the fine level skipped it
+  assert int(new.health.failed_inverses) >= 1             # and it is counted here
+  # the fine step alone (no correction, α = 1), from the same fine state
+  expected, _ = base.update(grads, state.base, params, batch=batch, curvature=bad)
+  np.testing.assert_allclose(_flat(out), _flat(expected), rtol=1e-12)
