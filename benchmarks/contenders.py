@@ -129,16 +129,21 @@ def _optax(name, task, make):
                    lambda carry: carry[0], warmup=1)
 
 
-def _fused(name, family, task, make, warmup, damping_every=None):
+def _fused(name, family, task, make, warmup, damping_every=None,
+           statistics_every_step=False):
   """A kfac_jax_ext contender: ``make(hp)`` builds the optimizer; the step is
-  the fused one with the static schedule of the task's period."""
+  the fused one with the static schedule of the task's period.
+  ``statistics_every_step``: the optimizer reads the batch statistics on
+  every step (two-level's per-step corrections), so the one pass takes them
+  every step (else ``update`` would run a second pass of its own)."""
   value_and_grad = kfe.value_and_grad(task.loss_fn)
 
   @functools.partial(jax.jit, static_argnames="due", donate_argnums=0)
   def step(carry, batch, key, hp, due):
     params, state = carry
     opt = make(hp)
-    loss, grads, curvature = value_and_grad(params, batch, key, due=due)
+    pass_due = due._replace(statistics=True) if statistics_every_step else due
+    loss, grads, curvature = value_and_grad(params, batch, key, due=pass_due)
     updates, state = opt.update(grads, state, params, batch=batch, key=key,
                                 curvature=curvature, due=due)
     return (optax.apply_updates(params, updates), state), loss
@@ -169,7 +174,11 @@ def _natural(name, task, alias, options):
                  kl_clip=task.kl_clip, stats_every=task.period,
                  inverse_every=task.period, **options)
 
-  return _fused(name, "natural", task, make, warmup=2)
+  per_step = (options.get("combine", "additive") != "additive" or
+              options.get("coarse_space") in ("residual", "krylov_nicolaides",
+                                              "krylov_residual"))
+  return _fused(name, "natural", task, make, warmup=2,
+                statistics_every_step=per_step)
 
 
 def _adaptive(task, name):

@@ -2,6 +2,7 @@
 the committed ones carry their outputs and plots.
 
 ``KFE_NOTEBOOK_STEPS`` sets the number of training steps each notebook takes
+and ``KFE_NOTEBOOK_BATCH`` the per-device batch of the multi-device notebook
 (the committed outputs come from the notebooks' own defaults). The kernel
 inherits this process's environment, so the multi-device notebook runs here
 on the 8 fake CPU devices of ``tests/conftest.py``.
@@ -39,6 +40,7 @@ def test_committed_notebook_shows_its_outputs_and_plots(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes_headless(path, monkeypatch):
   monkeypatch.setenv("KFE_NOTEBOOK_STEPS", "12")
+  monkeypatch.setenv("KFE_NOTEBOOK_BATCH", "32")
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
