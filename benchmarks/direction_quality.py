@@ -2,8 +2,15 @@
 
 Trains K-FAC (the benchmark's contender settings) on a task and, at a few
 steps, compares the directions of the methods built on the same curvature
-state with ``d* = (F + λI)⁻¹∇``, F the exact Fisher (= GGN) of a fresh batch
-(conjugate gradients on ``kfe.fisher_vector_product``). For a direction d:
+state with ``d* = (F + λI)⁻¹∇``, F the exact Fisher (= GGN) of the step's
+batch, or of it and ``--fisher-batches - 1`` fresh ones (conjugate gradients
+on ``kfe.fisher_vector_product``). Rows: ``kfac`` (the running state, no
+refresh), ``kfac refreshed`` and the additive two-level rows (statistics and
+inverses refreshed on the step's batch: the additive coarse matrix is a
+running average that starts there), the per-step two-level corrections on
+the running state, and with ``--tengrad`` TENGraD's exact blocks from the
+step's batch or from another one (its reuse between refreshes), with
+``gram_batch`` = the batch (≤ 1000) and 128. For a direction d:
 
 * ``cosF``: the cosine with d* in the ``F_λ`` inner product,
   ``∇ᵀd / (‖d‖_{F_λ} ‖d*‖_{F_λ})``; its square is the share of the best
