@@ -10,7 +10,7 @@ multiplicative correction loses its descent (``∇ᵀΔ`` ≪ ``∇ᵀb``, then 
 and the loss jumps.
 
 Run: ``python -m benchmarks.two_level_trace [--combine multiplicative]
-[--coarse-space nicolaides] [--fine-scale model|none] [--steps 20]
+[--coarse-space nicolaides|...|none] [--fine-scale model|none] [--steps 20]
 [--lr 0.1] [--damping 0.3]``.
 """
 
@@ -31,19 +31,21 @@ from kfac_jax_ext import optimizers
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--combine", default="multiplicative")
-  parser.add_argument("--coarse-space", default="nicolaides")
+  parser.add_argument("--coarse-space", default="nicolaides",
+                      help="a coarse space, or none (K-FAC alone)")
   parser.add_argument("--fine-scale", default="model")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--lr", type=float, default=0.1)
   parser.add_argument("--damping", type=float, default=0.3)
   args = parser.parse_args(argv)
+  space = None if args.coarse_space == "none" else args.coarse_space
   task = tasks.make_task("autoencoder")
   lam = args.damping
   common = dict(damping=lam, stats_every=task.period, inverse_every=task.period,
                 ema_decay=task.ema_decay,
                 example_batch=task.sample_batch(np.random.default_rng(0)))
   pre = kfe.scale_by_two_level_kfac(
-      task.loss_fn, combine=args.combine, coarse_space=args.coarse_space,
+      task.loss_fn, combine=args.combine, coarse_space=space,
       coarse_matrix="exact", fine_scale=args.fine_scale, **common)
   fine = kfe.scale_by_two_level_kfac(task.loss_fn, coarse_space=None, **common)
   opt = optimizers.with_optimizer_steps(pre, args.lr, momentum=0.9,
@@ -56,7 +58,8 @@ def main(argv=None):
     loss, g = jax.value_and_grad(task.loss_fn)(params, batch)
     updates, new = opt.update(g, state, params, batch=batch, key=key)
     d, _ = pre.update(g, state[0].inner, params, batch=batch, key=key)
-    b, _ = fine.update(g, new[0].inner.base, params, batch=batch, key=key,
+    fine_state = new[0].inner if space is None else new[0].inner.base
+    b, _ = fine.update(g, fine_state, params, batch=batch, key=key,
                        due=kfe.Due(False, False))
     fvp = lambda v: jax.tree_util.tree_map(
         lambda f, x: f + lam * x,
