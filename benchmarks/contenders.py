@@ -52,6 +52,7 @@ import numpy as np
 import optax
 
 import kfac_jax_ext as kfe
+from kfac_jax_ext import coarse
 
 OPTIMIZERS = ("adam", "sgd", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
               "kfac_adaptive", "kfac_jax_adaptive", "kfac_tridiagonal",
@@ -66,8 +67,7 @@ NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
 # model-scaled for multiplicative and balanced.
 TWO_LEVEL_VARIANTS = tuple(
     f"two_level_{c}_{s}" for c in ("additive", "multiplicative", "balanced")
-    for s in ("nicolaides", "spectral", "residual", "krylov_nicolaides",
-              "krylov_residual"))
+    for s in coarse.COARSE_SPACES if s != "parameters")
 
 
 def _tengrad_gram(name: str):
@@ -175,8 +175,7 @@ def _natural(name, task, alias, options):
                  inverse_every=task.period, **options)
 
   per_step = (options.get("combine", "additive") != "additive" or
-              options.get("coarse_space") in ("residual", "krylov_nicolaides",
-                                              "krylov_residual"))
+              options.get("coarse_space") in coarse.PER_STEP_SPACES)
   return _fused(name, "natural", task, make, warmup=2,
                 statistics_every_step=per_step)
 

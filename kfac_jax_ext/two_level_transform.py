@@ -265,7 +265,7 @@ def scale_by_two_level_kfac(
     grads = jax.tree_util.tree_leaves(updates)
     fine = jax.tree_util.tree_leaves(out)
     v = level.to_matrices(layers, grads, dtype)
-    b = level.to_matrices(layers, fine, dtype)
+    b = unscaled = level.to_matrices(layers, fine, dtype)   # M⁻¹∇ per layer
     if ggn:
       operator = curvature_products.fisher_operator(traced, params, batch,
                                                     axis_name=axis_name)
@@ -347,7 +347,6 @@ def scale_by_two_level_kfac(
     ok = linalg.all_finite(alpha, *delta)
     health = health._replace(failed_inverses=health.failed_inverses + (
         ~ok).astype(jnp.int32))
-    unscaled = level.to_matrices(layers, fine, dtype)
     delta = [jnp.where(ok, d, u) for d, u in zip(delta, unscaled)]
     if scaled and combine != "additive":   # the other leaves: αM⁻¹∇ too
       alpha = jnp.where(ok, alpha, 1.0)
