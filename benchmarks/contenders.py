@@ -4,6 +4,16 @@
 hyper-parameters as traced arrays, so one compilation serves the whole sweep.
 
 * ``adam``: ``optax.adam(lr)``; ``sgd``: ``optax.sgd(lr, momentum=0.9)``.
+* ``muon``: ``optax.contrib.muon(lr, consistent_rms=0.2)`` per its documented
+  contract: Muon (Nesterov momentum 0.95, 5 Newton–Schulz steps) on the
+  weight matrices, dense kernels and conv kernels (``[h, w, c_in, c_out]``
+  orthogonalized as ``h·w·c_in × c_out``, as Keller Jordan's CIFAR-10
+  runs do); Adam on everything else, embedding tables and learned
+  positions included (Muon's authors keep embeddings on Adam).
+  ``consistent_rms=0.2`` scales each Muon update to AdamW's RMS (Liu et
+  al. 2025, "Muon is Scalable", which optax recommends), so one learning
+  rate serves both parts; the sweep is Adam's grid and the next value up
+  (``tasks`` grid ``muon``). The output layer stays on Muon.
 * ``kfac``, ``tkfac``, ``tengrad``, ``two_level_kfac``: the kfac_jax_ext
   aliases with momentum 0.9, KL-clip ``task.kl_clip``, statistics and inverses
   refreshed every ``task.period`` steps, every other option at its default
@@ -54,7 +64,7 @@ import optax
 import kfac_jax_ext as kfe
 from kfac_jax_ext import coarse
 
-OPTIMIZERS = ("adam", "sgd", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
+OPTIMIZERS = ("adam", "sgd", "muon", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
               "kfac_adaptive", "kfac_jax_adaptive", "kfac_tridiagonal",
               "tengrad_adaptive")
 NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
@@ -90,12 +100,37 @@ ADAPTIVE = {"initial_damping": 150.0, "interval": 5, "decay": 0.95,
             "min_damping": 1e-5, "max_damping": 1000.0}
 
 
+def muon_dimension_numbers(params):
+  """Muon's reshaping per leaf: dense kernels as they are, conv kernels
+  ``[h, w, c_in, c_out]`` as ``h·w·c_in × c_out``; None (Adam) for biases,
+  norms, embedding tables, learned positions and anything else."""
+  from optax.contrib import MuonDimensionNumbers
+
+  def spec(path, x):
+    names = jax.tree_util.keystr(path).lower()
+    if any(word in names for word in ("embed", "position", "bias", "scale")):
+      return None
+    if x.ndim == 2:
+      return MuonDimensionNumbers(reduction_axis=0, output_axis=1)
+    if x.ndim == 4:
+      return MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
+    return None
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def _muon(lr):
+  from optax.contrib import muon
+  return muon(lr, consistent_rms=0.2,
+              muon_weight_dimension_numbers=muon_dimension_numbers)
+
+
 class Contender(NamedTuple):
   """An optimizer made ready to train one task.
 
   Attributes:
     name: its name in ``OPTIMIZERS``.
-    family: ``"adam"``, ``"sgd"`` or ``"natural"``: the sweep grid it uses.
+    family: ``"adam"``, ``"sgd"``, ``"muon"``, ``"natural"`` or
+      ``"adaptive"``: the sweep grid it uses.
     init: ``(params, hp) -> carry``.
     step: ``(carry, batch, key, hp, i) -> (carry, loss)``; ``hp`` holds
       ``lr`` and ``damping`` as float32 arrays, ``i`` is the step (int).
@@ -260,6 +295,8 @@ def make_contender(name: str, task) -> Contender:
     return _optax(name, task, optax.adam)
   if name == "sgd":
     return _optax(name, task, lambda lr: optax.sgd(lr, momentum=MOMENTUM))
+  if name == "muon":
+    return _optax(name, task, _muon)
   if name == "kfac":   # π-adjusted factored damping, as kfac-jax's blocks
     return _natural(name, task, kfe.kfac, {"damping_mode": "factored"})
   if name == "kfac_tridiagonal":   # M&G §4.3 over chains of dense layers

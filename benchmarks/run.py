@@ -6,10 +6,15 @@ Run::
       --optimizers adam,sgd,kfac,tkfac,tengrad,two_level_kfac,kfac_jax --seconds 120
 
 For each optimizer: a sweep over its grid (``tasks`` documents the grids:
-Adam/SGD learning rates; learning rate × damping for the natural-gradient
-methods and kfac-jax), each setting trained for the sweep budget on other
-batches (seed 1) and scored by its final training loss; then the best
-setting is trained for the full budget (seed 0). Results go to
+Adam/SGD/Muon learning rates; learning rate × damping for the
+natural-gradient methods and kfac-jax), each setting trained for the sweep
+budget on other batches (seed ``--seed`` + 1) and scored by its final
+training loss; then the best setting is trained for the full budget (seed
+``--seed``, default 0). A second seed reuses the first run's choices::
+
+  python -m benchmarks.run --task autoencoder --seconds 120 --seed 2 \
+      --settings-from benchmarks/results/autoencoder.json --name autoencoder_seed2
+ Results go to
 ``OUT/TASK.json`` (every setting's score, the chosen one, losses, per-step
 times and the evaluations) and ``OUT/TASK.png`` (train/test loss against
 steps and against wall-clock); the summary table is printed (see
@@ -72,22 +77,26 @@ def _score(run):
   return loss if run["finite"] and math.isfinite(loss) else math.inf
 
 
-def run_optimizer(name, task, budget, sweep_budget, sweep, progress):
-  """Sweeps then trains one optimizer; returns its JSON record."""
+def run_optimizer(name, task, budget, sweep_budget, sweep, progress, seed=0,
+                  chosen=None):
+  """Sweeps then trains one optimizer; returns its JSON record.
+
+  ``seed``: the full run's (batches and sampling keys; the sweep uses
+  ``seed + 1``). ``chosen``: a setting to train with instead of sweeping."""
   contender = contenders.make_contender(name, task)
   evaluate = training.make_evaluator(task.metrics_fn)
   points = contenders.grid_points(contender, task.grids)
   scores = []
-  if sweep and len(points) > 1:
+  if chosen is None and sweep and len(points) > 1:
     for hp in points:
-      run = training.train(contender, task, hp, seed=1, evaluate=evaluate, evals=1,
-                           label=f"{name} sweep {summary.hp_label(name, hp)}",
+      run = training.train(contender, task, hp, seed=seed + 1, evaluate=evaluate,
+                           evals=1, label=f"{name} sweep {summary.hp_label(name, hp)}",
                            progress=progress, **sweep_budget)
       scores.append({"hp": hp, "score": _score(run), "steps": len(run["loss"])})
     chosen = min(scores, key=lambda s: s["score"])["hp"]
-  else:
+  elif chosen is None:
     chosen = points[len(points) // 2]
-  run = training.train(contender, task, chosen, seed=0, evaluate=evaluate,
+  run = training.train(contender, task, chosen, seed=seed, evaluate=evaluate,
                        label=f"{name} {summary.hp_label(name, chosen)}",
                        progress=progress, **budget)
   return {"sweep": scores, "chosen": chosen, "run": run}
@@ -132,6 +141,13 @@ def parse_args(argv):
   parser.add_argument("--name", default=None,
                       help="results file stem and table heading (default TASK, "
                            "or TASK_bN with --batch-size)")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="the full runs' seed: batch order and sampling keys "
+                           "(the initial parameters are the task's); the sweep "
+                           "uses seed + 1")
+  parser.add_argument("--settings-from", default=None,
+                      help="a results JSON: train each optimizer with the setting "
+                           "chosen there (no sweep), e.g. a second seed")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
@@ -157,6 +173,20 @@ def parse_args(argv):
     parser.error(f"--name must be letters, digits, '_' or '-', got {args.name!r}")
   if not 0 < args.sweep_fraction <= 1:
     parser.error(f"--sweep-fraction must be in (0, 1], got {args.sweep_fraction}")
+  if args.seed < 0:
+    parser.error(f"--seed must be >= 0, got {args.seed}")
+  args.chosen = {}
+  if args.settings_from is not None:
+    try:
+      with open(args.settings_from) as f:
+        earlier = json.load(f)["runs"]
+    except (OSError, ValueError, KeyError) as e:
+      parser.error(f"--settings-from {args.settings_from}: cannot read its runs ({e})")
+    missing = [n for n in names if "chosen" not in earlier.get(n, {})]
+    if missing:
+      parser.error(f"--settings-from {args.settings_from} has no chosen setting for "
+                   f"{missing}; run them with a sweep")
+    args.chosen = {n: earlier[n]["chosen"] for n in names}
   return args
 
 
@@ -187,17 +217,21 @@ def main(argv=None):
                "date": datetime.date.today().isoformat(), "machine": _machine(),
                **_versions()},
       "quick": args.quick, "budget": _describe(budget),
-      "sweep_budget": "no sweep" if args.no_sweep else _describe(sweep_budget),
+      "sweep_budget": ("no sweep" if args.no_sweep else
+                       f"settings from {args.settings_from}" if args.chosen else
+                       _describe(sweep_budget)),
       "grids": task.grids, "period": task.period, "kl_clip": task.kl_clip,
       "ema_decay": task.ema_decay, "batch_size": args.batch_size,
-      "name": args.name,
+      "name": args.name, "seed": args.seed,
+      "settings_from": args.settings_from,
       "plot": f"{stem}.png", "runs": {}}
   print(f"{task.name}: {task.description}\nbudget {results['budget']} per run, "
         f"sweep {results['sweep_budget']} per setting")
   for name in args.optimizers:
     try:
-      results["runs"][name] = run_optimizer(name, task, budget, sweep_budget,
-                                            not args.no_sweep, not args.no_progress)
+      results["runs"][name] = run_optimizer(
+          name, task, budget, sweep_budget, not args.no_sweep, not args.no_progress,
+          seed=args.seed, chosen=args.chosen.get(name))
     except Exception as e:   # one failing optimizer must not sink the others
       detail = f"{type(e).__name__}: {e}".strip()
       print(f"{name}: failed, {detail[:500]}", file=sys.stderr)

@@ -2,15 +2,26 @@
 
 Run: ``python -m benchmarks.step_time`` (``--rounds``, ``--models``). Needs the
 ``bench`` extra (``pip install -e ".[bench]"``) for kfac-jax 0.0.8; without it
-kfac-jax is reported as absent. Models on real MNIST:
-* the Martens & Grosse autoencoder 784-1000-500-250-30-250-500-1000-784
-  (sigmoid cross-entropy, batch 1000);
-* an MLP 784-256-256-10 (softmax cross-entropy, batch 512).
-``kfe.kfac`` runs with the state laid out from the parameter shapes (padded
-slots) and, as "laid out", from ``example_batch`` (exact sizes).
-Each optimizer's jitted step is timed after compilation; reported: the median
-step and the amortized mean over a whole number of refresh periods, and
-their ratios to Adam (and of kfe.kfac at kfac-jax's settings to kfac-jax).
+kfac-jax is reported as absent. Models:
+* ``autoencoder``: the Martens & Grosse autoencoder
+  784-1000-500-250-30-250-500-1000-784 on MNIST (pure JAX, sigmoid
+  cross-entropy, batch 1000);
+* ``mlp``: an MLP 784-256-256-10 on MNIST (pure JAX, softmax cross-entropy,
+  batch 512);
+* ``fashion_cnn``, ``shakespeare``: the ``benchmarks.tasks`` models (flax;
+  the transformer's kfac-jax loss registered per its contract).
+
+``kfe.kfac`` (damping 1e-3, ``damping_mode="factored"``, state laid out from
+``example_batch``) runs two ways, each at (stats_every, inverse_every) =
+(1, 5), kfac-jax's settings, and (10, 10):
+* "plain": the optax usage, ``jax.grad`` then ``update(..., batch=, key=)``;
+  the statistics take a second pass and the counters decide the schedule;
+* ``kfe.make_train_step``: one pass for loss, gradient and statistics, the
+  static schedule, the carry donated (the README's first example).
+
+Each step is timed after compilation, all optimizers interleaved in rounds
+of 10 steps; reported: the median step and the amortized mean over whole
+refresh periods, and their ratios to Adam's and to kfac-jax's.
 """
 
 from __future__ import annotations
@@ -75,12 +86,15 @@ def make_losses(spec):
 
 
 class Timed:
-  """A jitted step and its carry; ``run(n)`` times n consecutive steps."""
+  """A jitted step and its carry; ``run(n)`` times n consecutive steps.
 
-  def __init__(self, step, carry, batches):
+  The first ``warmup`` steps (every compilation) are not timed."""
+
+  def __init__(self, step, carry, batches, warmup=1):
     self.step, self.carry, self.batches, self.i = step, carry, batches, 0
     self.times = []
-    self._advance()                      # compile + first step, not timed
+    for _ in range(warmup):              # compile + first steps, not timed
+      self._advance()
     self.times = []
 
   def _advance(self):
@@ -96,23 +110,12 @@ class Timed:
       self._advance()
 
 
-def optax_step(opt, loss_fn, params, batches, fused, stats_every=1):
-  """Fused: one forward for loss, gradient and statistics (``kfe.value_and_grad``);
-  with ``stats_every > 1`` it gets ``opt_state`` so statistics run only when due."""
-  vg = kfe.value_and_grad(loss_fn)
-  key = jax.random.PRNGKey(0)
-
+def optax_step(opt, loss_fn, params, batches):
+  """A plain optax optimizer (Adam): ``jax.grad``, then ``update``."""
   def step(carry, batch, i):
     params, state = carry
-    k = jax.random.fold_in(key, i)
-    if fused:
-      _, grads, curv = vg(params, batch, k,
-                          opt_state=state if stats_every > 1 else None)
-      updates, state = opt.update(grads, state, params, batch=batch, key=k,
-                                  curvature=curv)
-    else:
-      grads = jax.grad(loss_fn)(params, batch)
-      updates, state = opt.update(grads, state, params)
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
   params = jax.tree_util.tree_map(jnp.copy, params)   # the carry is donated
@@ -146,7 +149,7 @@ def kfac_jax_step(loss_fn, params, batches, inverse_every, rules=None):
                                 batch=batch, global_step_int=i)
     return params, state
 
-  return Timed(step, (params, state), batches), shimmed
+  return Timed(step, (params, state), batches, warmup=inverse_every + 1), shimmed
 
 
 def summarize(times, period):
@@ -156,9 +159,45 @@ def summarize(times, period):
 
 
 KFAC_JAX = "kfac-jax 0.0.8 (stats 1, inv 5)"
+TASK_MODELS = ("fashion_cnn", "shakespeare")   # from benchmarks.tasks (flax)
 
 
-def run_model(name, rounds, x_train, y_train):
+def plain_step(opt, loss_fn, params, batches):
+  """The plain optax usage: ``jax.grad``, then ``update(..., batch=, key=)``
+  (the statistics in a second pass, the schedule from the counters)."""
+  key = jax.random.PRNGKey(0)
+
+  def step(carry, batch, i):
+    params, state = carry
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = opt.update(grads, state, params, batch=batch,
+                                key=jax.random.fold_in(key, i))
+    return optax.apply_updates(params, updates), state
+
+  params = jax.tree_util.tree_map(jnp.copy, params)   # the carry is donated
+  return Timed(jax.jit(step, donate_argnums=0), (params, opt.init(params)), batches)
+
+
+def train_step(opt, loss_fn, params, batches):
+  """``kfe.make_train_step``: one pass, static schedule, donated carry."""
+  step = kfe.make_train_step(loss_fn, opt)
+  key = jax.random.PRNGKey(0)
+  params = jax.tree_util.tree_map(jnp.copy, params)
+  period = max(step.schedule.stats_every, step.schedule.inverse_every)
+  # every (statistics, inverses) program compiled before timing
+  return Timed(lambda carry, batch, i: step(*carry, batch, key, i)[:2],
+               (params, opt.init(params)), batches, warmup=period + 1)
+
+
+def _model(name, x_train, y_train):
+  """(kfe loss, kfac-jax loss, params, 10 batches) of a step-time model."""
+  if name in TASK_MODELS:
+    from benchmarks import tasks
+    task = tasks.make_task(name)
+    rng = np.random.default_rng(0)
+    batches = [jax.tree_util.tree_map(jnp.asarray, task.sample_batch(rng))
+               for _ in range(10)]
+    return task.loss_fn, task.kfac_jax_loss_fn, task.params, batches
   spec = MODELS[name]
   kfe_loss, kfac_jax_loss = make_losses(spec)
   params = init_mlp(jax.random.PRNGKey(0), spec["sizes"])
@@ -167,18 +206,24 @@ def run_model(name, rounds, x_train, y_train):
   for _ in range(10):
     idx = rng.integers(0, len(x_train), spec["batch"])
     batches.append({"x": jnp.asarray(x_train[idx]), "y": jnp.asarray(y_train[idx])})
-  equal = dict(damping=1e-3, damping_mode="factored", stats_every=1, inverse_every=5)
+  return kfe_loss, kfac_jax_loss, params, batches
+
+
+def run_model(name, rounds, x_train, y_train):
+  kfe_loss, kfac_jax_loss, params, batches = _model(name, x_train, y_train)
+  # the README's optimizer: the state laid out from example_batch
+  equal = dict(damping=1e-3, damping_mode="factored", example_batch=batches[0])
+  kfac = lambda every, inverse: kfe.kfac(kfe_loss, 1e-3, stats_every=every,
+                                         inverse_every=inverse, **equal)
   timed = {
-      "optax.adam": optax_step(optax.adam(1e-3), kfe_loss, params, batches, False),
-      "kfe.kfac (stats 1, inv 5)": optax_step(
-          kfe.kfac(kfe_loss, 1e-3, **equal), kfe_loss, params, batches, True),
-      # the state laid out per traced layer (exact factor sizes, no padding)
-      "kfe.kfac (stats 1, inv 5, laid out)": optax_step(
-          kfe.kfac(kfe_loss, 1e-3, example_batch=batches[0], **equal), kfe_loss,
-          params, batches, True),
-      "kfe.kfac (stats 10, inv 10)": optax_step(
-          kfe.kfac(kfe_loss, 1e-3, damping=1e-3, stats_every=10, inverse_every=10),
-          kfe_loss, params, batches, True, stats_every=10),
+      "optax.adam": optax_step(optax.adam(1e-3), kfe_loss, params, batches),
+      "kfe plain: jax.grad+update (1, 5)": plain_step(kfac(1, 5), kfe_loss,
+                                                       params, batches),
+      "kfe.make_train_step (1, 5)": train_step(kfac(1, 5), kfe_loss, params, batches),
+      "kfe plain: jax.grad+update (10, 10)": plain_step(kfac(10, 10), kfe_loss,
+                                                         params, batches),
+      "kfe.make_train_step (10, 10)": train_step(kfac(10, 10), kfe_loss, params,
+                                                 batches),
   }
   shimmed = None
   try:
@@ -199,7 +244,7 @@ def timing_args(doc, argv):
   parser = argparse.ArgumentParser(description=doc)
   parser.add_argument("--rounds", type=int, default=4,
                       help="interleaved rounds of 10 timed steps per optimizer")
-  parser.add_argument("--models", default="autoencoder,mlp")
+  parser.add_argument("--models", default="autoencoder,mlp,fashion_cnn,shakespeare")
   parser.add_argument("--json", default=None, help="write results here")
   return parser.parse_args(argv)
 
@@ -213,13 +258,13 @@ def main(argv=None):
     results["models"][name] = rows
     adam = rows["optax.adam"]
     kj = rows.get(KFAC_JAX)
-    print(f"\n{name} (batch {MODELS[name]['batch']}), {10 * args.rounds} timed "
-          f"steps each, interleaved in rounds of 10")
-    print(f"{'optimizer':<34}{'median ms':>10}{'amort. ms':>10}{'/adam':>7}"
+    print(f"\n{name}, {10 * args.rounds} timed steps each, interleaved in "
+          "rounds of 10; (stats_every, inverse_every)")
+    print(f"{'optimizer':<38}{'median ms':>10}{'amort. ms':>10}{'/adam':>7}"
           f"{'/kfac-jax':>10}")
     for opt, r in rows.items():
       vs_kj = f"{r['amortized_ms'] / kj['amortized_ms']:.2f}" if kj else "-"
-      print(f"{opt:<34}{r['median_ms']:>10.1f}{r['amortized_ms']:>10.1f}"
+      print(f"{opt:<38}{r['median_ms']:>10.1f}{r['amortized_ms']:>10.1f}"
             f"{r['amortized_ms'] / adam['amortized_ms']:>7.2f}{vs_kj:>10}")
     if kj and kj.get("shim_applied"):
       print("(kfac-jax ran with benchmarks/kfac_jax_compat.py's get_bind_params shim)")

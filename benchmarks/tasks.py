@@ -20,7 +20,7 @@ Tasks (``TASKS``):
 subsets) so a run takes seconds; it exists to keep the runner tested.
 
 Hyper-parameter grids (``Task.grids``): Adam and SGD (momentum 0.9) sweep the
-learning rate over three values; every natural-gradient method, kfac-jax
+learning rate over three values, Muon over Adam's three and the next one up; every natural-gradient method, kfac-jax
 included, sweeps the same learning rate × damping grid (2 × 2), with
 momentum 0.9, KL-clip (kfac-jax: ``norm_constraint``) ``kl_clip`` and
 curvature statistics and inverses refreshed every ``period`` steps.
@@ -116,7 +116,12 @@ def _classifier(name, description, model, x_train, y_train, x_test, y_test,
 
 
 def _grids(adam, sgd, lr, damping):
+  # Muon with consistent_rms=0.2 takes AdamW's learning rates (Liu et al.
+  # 2025): Adam's grid and the next value of its 1-3-10 ladder up, so that
+  # the grid also covers an optimum above Adam's.
+  up = float(f"{adam[-1] * (3 if f'{adam[-1]:.0e}'[0] == '1' else 10 / 3):.1g}")
   return {"adam": {"lr": list(adam)}, "sgd": {"lr": list(sgd)},
+          "muon": {"lr": list(adam) + [up]},
           "natural": {"lr": list(lr), "damping": list(damping)}}
 
 

@@ -17,6 +17,7 @@ from kfac_jax_ext.optimizers import (clip_by_kl, kfac, tengrad, tkfac,
 from kfac_jax_ext.statistics import CurvatureBatch, value_and_grad
 from kfac_jax_ext.tengrad_transform import TengradState, scale_by_tengrad
 from kfac_jax_ext.tkfac_transform import scale_by_tkfac
+from kfac_jax_ext.train_step import make_train_step
 from kfac_jax_ext.tridiagonal_transform import TridiagonalState
 from kfac_jax_ext.two_level_transform import (TwoLevelState,
                                               scale_by_two_level_kfac)
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptiveHealth", "AdaptiveState", "fisher_vector_product",
     "quadratic_model_step", "TridiagonalState", "CurvatureBatch", "Due",
-    "Health", "KfacState", "Layer", "clip_by_kl",
+    "Health", "KfacState", "Layer", "clip_by_kl", "make_train_step",
     "curvature_due", "describe_layers", "due_at", "find_layers", "kfac", "scale_by_kfac",
     "scale_by_tengrad", "scale_by_tkfac", "sigmoid_cross_entropy",
     "softmax_cross_entropy", "squared_error", "tengrad", "TengradState",

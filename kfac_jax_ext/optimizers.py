@@ -16,9 +16,11 @@ import optax
 from kfac_jax_ext import adaptive_transform
 from kfac_jax_ext import kfac_transform
 from kfac_jax_ext import kronecker_family
+from kfac_jax_ext import coarse
 from kfac_jax_ext import tengrad_transform
-from kfac_jax_ext import two_level_transform
 from kfac_jax_ext import tkfac_transform
+from kfac_jax_ext import train_step
+from kfac_jax_ext import two_level_transform
 
 
 class KlClipState(NamedTuple):
@@ -108,12 +110,16 @@ def _adaptive(precondition, loss_fn, learning_rate, momentum, weight_decay,
 
 
 def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
-                     doc: str, shared: Callable = kronecker_family.kronecker_stepper
+                     doc: str, shared: Callable = kronecker_family.kronecker_stepper,
+                     statistics_every_step: Callable = lambda options: False
                      ) -> Callable:
   """``name(loss_fn, learning_rate, *, momentum, weight_decay, kl_clip, ...)``.
 
   Its ``__signature__`` lists every option explicitly (taken from the shared
   transform and the method), so ``optax.inject_hyperparams`` can bind them.
+  The optimizer it returns records its refresh schedule for
+  ``kfe.make_train_step``; ``statistics_every_step(options)``: whether its
+  update reads the batch's statistics on every step.
   """
   default_damping = inspect.signature(shared).parameters["damping"].default
 
@@ -122,16 +128,24 @@ def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
                 damping_adaptation_interval=5, damping_adaptation_decay=0.95,
                 min_damping=1e-8, max_damping=1e8, **options):
     precondition = scale_by(loss_fn, **options)
+    setting = lambda key: options.get(key, defaults[key])
+    plan = train_step.StepSchedule(
+        setting("stats_every"), setting("inverse_every"),
+        damping_adaptation_interval if damping_adaptation else None,
+        setting("fisher"), setting("has_aux"), statistics_every_step(options),
+        setting("axis_name"))
     if not (isinstance(learning_rate, str) or isinstance(momentum, str)
             or damping_adaptation):
-      return with_optimizer_steps(precondition, learning_rate, momentum=momentum,
-                                  weight_decay=weight_decay, kl_clip=kl_clip)
+      return train_step.remember_schedule(with_optimizer_steps(
+          precondition, learning_rate, momentum=momentum,
+          weight_decay=weight_decay, kl_clip=kl_clip), plan)
     adaptation = dict(damping_adaptation=damping_adaptation,
                       damping_adaptation_interval=damping_adaptation_interval,
                       damping_adaptation_decay=damping_adaptation_decay,
                       min_damping=min_damping, max_damping=max_damping)
-    return _adaptive(precondition, loss_fn, learning_rate, momentum,
-                     weight_decay, kl_clip, adaptation, options, default_damping)
+    return train_step.remember_schedule(_adaptive(
+        precondition, loss_fn, learning_rate, momentum, weight_decay, kl_clip,
+        adaptation, options, default_damping), plan)
 
   own = [p for p in inspect.signature(optimizer).parameters.values()
          if p.kind is not inspect.Parameter.VAR_KEYWORD]
@@ -139,6 +153,7 @@ def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
            for p in inspect.signature(fn).parameters.values()
            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "name"]
   optimizer.__signature__ = inspect.Signature(own + extra)
+  defaults = {p.name: p.default for p in extra}
   optimizer.__name__ = optimizer.__qualname__ = name
   optimizer.__doc__ = doc
   return optimizer
@@ -218,7 +233,11 @@ def _two_level_options(*, base="kfac", coarse_space="nicolaides",
 
 two_level_kfac = _optimizer_alias(
     two_level_transform.scale_by_two_level_kfac, _two_level_options,
-    "two_level_kfac", """\
+    "two_level_kfac", statistics_every_step=lambda options: (
+        options.get("fisher_products", "statistics") != "ggn" and (
+            options.get("combine", "additive") != "additive"
+            or options.get("coarse_space", "nicolaides") in coarse.PER_STEP_SPACES)),
+    doc="""\
 Two-level K-FAC optimizer: ``scale_by_two_level_kfac`` → KL-clip → weight
 decay → momentum → lr.
 
