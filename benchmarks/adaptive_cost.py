@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 import kfac_jax_ext as kfe
-from benchmarks import data
+from kfac_jax_ext import datasets as data
 from benchmarks import step_time
 
 PERIOD = 5

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import kfac_jax_ext as kfe  # noqa: E402
-from benchmarks import data  # noqa: E402
+from kfac_jax_ext import datasets as data  # noqa: E402
 from benchmarks import step_time  # noqa: E402
 from kfac_jax_ext import distributed  # noqa: E402
 

@@ -48,7 +48,8 @@ def worker(args):
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   import kfac_jax_ext as kfe
-  from benchmarks import data, step_time
+  from benchmarks import step_time
+  from kfac_jax_ext import datasets as data
 
   mesh = Mesh(np.array(jax.devices()), ("batch",))
   replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 import kfac_jax_ext as kfe
-from benchmarks import data
+from kfac_jax_ext import datasets as data
 
 
 class MLP(nn.Module):

@@ -40,7 +40,8 @@ import traceback
 
 import jax
 
-from benchmarks import contenders, data, plots, summary, tasks, training
+from benchmarks import contenders, plots, summary, tasks, training
+from kfac_jax_ext import datasets as data
 
 QUICK_STEPS, QUICK_SWEEP_STEPS = 6, 2
 

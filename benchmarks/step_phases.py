@@ -24,7 +24,8 @@ import numpy as np
 import optax
 
 import kfac_jax_ext as kfe
-from benchmarks import data, step_time
+from benchmarks import step_time
+from kfac_jax_ext import datasets as data
 from kfac_jax_ext import kronecker_family, plan as plan_lib, statistics, tracing
 from kfac_jax_ext.kfac_transform import KFAC
 from kfac_jax_ext.blocks import kronecker

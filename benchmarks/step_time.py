@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 import kfac_jax_ext as kfe
-from benchmarks import data
+from kfac_jax_ext import datasets as data
 
 MODELS = {
     "autoencoder": dict(sizes=[784, 1000, 500, 250, 30, 250, 500, 1000, 784],

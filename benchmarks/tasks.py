@@ -36,7 +36,8 @@ import numpy as np
 import optax
 
 import kfac_jax_ext as kfe
-from benchmarks import data, models
+from benchmarks import models
+from kfac_jax_ext import datasets as data
 
 
 class Task(NamedTuple):

@@ -192,7 +192,7 @@ def scale_by_tridiagonal_kfac(loss_fn, variant, **options
           damped[kl.index] = _damped_factors(kl, base_state, variant,
                                              ctx.damping, dtype)
       new_links, failures = [], jnp.zeros([], jnp.int32)
-      for (c, k, layer, nxt), (ac, gc), old in zip(links, cross, old_links):
+      for (c, k, _, nxt), (ac, gc), old in zip(links, cross, old_links):
         li, lj = chains[c][k], chains[c][k + 1]
         link, ok = tridiagonal.link_inverse(*damped[li], *damped[lj], ac, gc)
         # On failure keep the previous link; one that never succeeded

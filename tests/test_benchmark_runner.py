@@ -8,11 +8,11 @@ import importlib.util
 import json
 import pickle
 
-import jax
 import numpy as np
 import pytest
 
-from benchmarks import data, run, summary
+from benchmarks import run, summary
+from kfac_jax_ext import datasets as data
 
 
 def _write_cifar_batch(path, images_chw, labels):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from benchmarks import data
+from kfac_jax_ext import datasets as data
 
 
 def test_mnist_matches_published_facts():

@@ -28,3 +28,18 @@ def test_guide_code_blocks_run_in_order(capsys):
       exec(compile(code, f"{GUIDE.name} block {i + 1}", "exec"), namespace)
   out = capsys.readouterr().out
   assert "scale_and_shift" in out          # BatchNorm's affine: a diagonal block
+
+
+README = GUIDE.parents[1] / "README.md"
+
+
+def test_readme_training_loop_runs():
+  """The front page's loop, then its plain-optax lines, in one namespace."""
+  namespace = {"__name__": "readme"}
+  blocks = _blocks(README.read_text())
+  assert len(blocks) == 2 and "make_train_step" in blocks[0]
+  with jax.enable_x64(False):
+    for i, code in enumerate(blocks):
+      exec(compile(code, f"README.md block {i + 1}", "exec"), namespace)
+      if i == 0:   # 50 K-FAC steps on a 10-class problem: well below log(10)
+        assert float(namespace["loss"]) < 0.6 * 2.303, float(namespace["loss"])

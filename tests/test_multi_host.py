@@ -160,7 +160,7 @@ def test_launcher_trains_mnist_on_two_processes():
       _, who, _, step, _, loss = line.split()
       losses.setdefault(int(step), set()).add((who, float(loss)))
   assert sorted(losses) == [0, 1, 2]
-  for step, seen in losses.items():
+  for seen in losses.values():
     assert {w for w, _ in seen} == {"0/2", "1/2"}
     assert len({v for _, v in seen}) == 1, seen      # one global loss
   assert max(v for _, v in losses[2]) < max(v for _, v in losses[0])

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import kfac_jax_ext as kfe
-from benchmarks import data
+from kfac_jax_ext import datasets as data
 
 
 class ConvAutoencoder(nn.Module):

@@ -4,7 +4,6 @@ the uses (float64 oracles)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import kfac_jax_ext as kfe
 from kfac_jax_ext import tracing

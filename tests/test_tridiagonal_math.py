@@ -6,7 +6,6 @@ agrees with the given blocks on the tridiagonal."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from kfac_jax_ext.blocks import tridiagonal
 
