@@ -111,15 +111,17 @@ def _adaptive(precondition, loss_fn, learning_rate, momentum, weight_decay,
 
 def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
                      doc: str, shared: Callable = kronecker_family.kronecker_stepper,
-                     statistics_every_step: Callable = lambda options: False
-                     ) -> Callable:
+                     statistics_every_step: Callable = lambda options: False,
+                     statistics_with_inverses: bool = False) -> Callable:
   """``name(loss_fn, learning_rate, *, momentum, weight_decay, kl_clip, ...)``.
 
   Its ``__signature__`` lists every option explicitly (taken from the shared
   transform and the method), so ``optax.inject_hyperparams`` can bind them.
   The optimizer it returns records its refresh schedule for
   ``kfe.make_train_step``; ``statistics_every_step(options)``: whether its
-  update reads the batch's statistics on every step.
+  update reads the batch's statistics on every step;
+  ``statistics_with_inverses``: the method takes statistics only when it
+  refreshes (TENGraD), so its schedule's ``stats_every`` is ``inverse_every``.
   """
   default_damping = inspect.signature(shared).parameters["damping"].default
 
@@ -130,7 +132,8 @@ def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
     precondition = scale_by(loss_fn, **options)
     setting = lambda key: options.get(key, defaults[key])
     plan = train_step.StepSchedule(
-        setting("stats_every"), setting("inverse_every"),
+        setting("inverse_every" if statistics_with_inverses else "stats_every"),
+        setting("inverse_every"),
         damping_adaptation_interval if damping_adaptation else None,
         setting("fisher"), setting("has_aux"), statistics_every_step(options),
         setting("axis_name"))
@@ -222,7 +225,7 @@ gram_batch, conv_gram, fisher, inverse_every, fallback, has_aux).
 
 Example:
   >>> opt = kfe.tengrad(loss_fn, learning_rate=0.01, damping=0.1, gram_batch=128)
-""", shared=tengrad_transform.scale_by_tengrad)
+""", shared=tengrad_transform.scale_by_tengrad, statistics_with_inverses=True)
 
 
 def _two_level_options(*, base="kfac", coarse_space="nicolaides",

@@ -7,9 +7,18 @@ from benchmarks import models, quickstart, step_phases, step_time
 
 
 def test_quickstart_runs(capsys):
-  quickstart.main(["--steps", "8", "--batch-size", "16"])
+  quickstart.main(["--steps", "60", "--batch-size", "16"])
   out = capsys.readouterr().out
   assert "kfe.kfac" in out and "optax.adam" in out
+  assert "Adam's final training loss" in out and "kfe.kfac " in out
+
+
+def test_time_to_reads_the_window_mean():
+  losses = quickstart.np.array([5.0] * 60 + [0.0] * 60)
+  clock = quickstart.np.arange(120, dtype=float)
+  # the 50-step mean first drops to 2.0 when 30 of its steps are zeros
+  assert quickstart.time_to(losses, clock, 2.0) == (90, 89.0)
+  assert quickstart.time_to(losses, clock, -1.0) is None
 
 
 def test_step_phases_runs(capsys):

@@ -87,6 +87,16 @@ def test_train_step_reads_the_schedule_and_donates():
   new_params, state, loss = step(params, state, batches[0], jax.random.PRNGKey(0), 0)
   assert first.is_deleted()          # donated: the caller keeps the returned arrays
   assert np.isfinite(float(loss)) and int(state[0].count) == 1
+  # TENGraD takes statistics only with its refreshes: stats_every=1 (its
+  # default) means "with every refresh", so the schedule follows inverse_every.
+  tengrad = kfe.tengrad(loss_fn, 0.1, damping=0.1, inverse_every=3, gram_batch=8)
+  tengrad_step = kfe.make_train_step(loss_fn, tengrad)
+  assert tengrad_step.schedule.stats_every == 3
+  t_params, t_state = jax.tree_util.tree_map(jnp.copy, new_params), tengrad.init(
+      new_params)
+  for i in range(4):
+    t_params, t_state, _ = tengrad_step(t_params, t_state, batches[i % 3],
+                                        jax.random.PRNGKey(0), i)
   kept = kfe.make_train_step(loss_fn, opt, donate=False)
   before = jax.tree_util.tree_leaves(new_params)[0]
   kept(new_params, state, batches[1], jax.random.PRNGKey(0), 1)
