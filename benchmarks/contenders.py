@@ -14,6 +14,10 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   al. 2025, "Muon is Scalable", which optax recommends), so one learning
   rate serves both parts; the sweep is Adam's grid and the next value up
   (``tasks`` grid ``muon``). The output layer stays on Muon.
+* ``shampoo``: Google's ``distributed_shampoo`` (``precondition-opt``, the
+  ``bench`` extra) at its documented defaults, grafted to normalized RMSProp,
+  preconditioners every ``task.period`` steps (``shampoo_compat``); swept
+  over Muon's grid (Adam's learning rates and the next one up).
 * ``kfac``, ``tkfac``, ``tengrad``, ``two_level_kfac``: the kfac_jax_ext
   aliases with momentum 0.9, KL-clip ``task.kl_clip``, statistics and inverses
   refreshed every ``task.period`` steps, every other option at its default
@@ -64,7 +68,7 @@ import optax
 import kfac_jax_ext as kfe
 from kfac_jax_ext import coarse
 
-OPTIMIZERS = ("adam", "sgd", "muon", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
+OPTIMIZERS = ("adam", "sgd", "muon", "shampoo", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
               "kfac_adaptive", "kfac_jax_adaptive", "kfac_tridiagonal",
               "tengrad_adaptive")
 NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
@@ -297,6 +301,9 @@ def make_contender(name: str, task) -> Contender:
     return _optax(name, task, lambda lr: optax.sgd(lr, momentum=MOMENTUM))
   if name == "muon":
     return _optax(name, task, _muon)
+  if name == "shampoo":
+    from benchmarks import shampoo_compat
+    return _optax(name, task, lambda lr: shampoo_compat.shampoo(lr, task.period))
   if name == "kfac":   # π-adjusted factored damping, as kfac-jax's blocks
     return _natural(name, task, kfe.kfac, {"damping_mode": "factored"})
   if name == "kfac_tridiagonal":   # M&G §4.3 over chains of dense layers

@@ -12,9 +12,12 @@ budget on other batches (seed ``--seed`` + 1) and scored by its final
 training loss; then the best setting is trained for the full budget (seed
 ``--seed``, default 0). A second seed reuses the first run's choices::
 
-  python -m benchmarks.run --task autoencoder --seconds 120 --seed 2 \
+  python -m benchmarks.run --task autoencoder --seconds 120 --seed 2 \\
       --settings-from benchmarks/results/autoencoder.json --name autoencoder_seed2
- Results go to
+
+``--add-to RESULTS.json`` runs more optimizers and adds them to an earlier
+run's file (its Adam run stays the target; ``--replace`` reruns ones it
+has). Results go to
 ``OUT/TASK.json`` (every setting's score, the chosen one, losses, per-step
 times and the evaluations) and ``OUT/TASK.png`` (train/test loss against
 steps and against wall-clock); the summary table is printed (see
@@ -149,6 +152,12 @@ def parse_args(argv):
   parser.add_argument("--settings-from", default=None,
                       help="a results JSON: train each optimizer with the setting "
                            "chosen there (no sweep), e.g. a second seed")
+  parser.add_argument("--add-to", default=None,
+                      help="a results JSON of the same task: run the optimizers "
+                           "and add them to it (the target stays its Adam run's)")
+  parser.add_argument("--replace", action="store_true",
+                      help="with --add-to: the named optimizers replace the runs "
+                           "of the same name there (e.g. a run disturbed by other load)")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
@@ -188,6 +197,22 @@ def parse_args(argv):
       parser.error(f"--settings-from {args.settings_from} has no chosen setting for "
                    f"{missing}; run them with a sweep")
     args.chosen = {n: earlier[n]["chosen"] for n in names}
+  args.existing = None
+  if args.add_to is not None:
+    try:
+      with open(args.add_to) as f:
+        args.existing = json.load(f)
+    except (OSError, ValueError) as e:
+      parser.error(f"--add-to {args.add_to}: cannot read it ({e})")
+    if args.existing.get("task") != args.task or args.existing.get("quick") != args.quick:
+      parser.error(f"--add-to {args.add_to} holds task "
+                   f"{args.existing.get('task')!r}, not {args.task!r}")
+    there = [n for n in names if n in args.existing.get("runs", {})]
+    if there and not args.replace:
+      parser.error(f"--add-to {args.add_to} already has {there} (--replace "
+                   "replaces them)")
+  elif args.replace:
+    parser.error("--replace needs --add-to")
   return args
 
 
@@ -238,10 +263,19 @@ def main(argv=None):
       print(f"{name}: failed, {detail[:500]}", file=sys.stderr)
       traceback.print_exc(limit=3)
       results["runs"][name] = {"error": detail[:2000]}
-  with open(out / f"{stem}.json", "w") as f:
+  path = out / f"{stem}.json"
+  if args.existing is not None:      # the new runs join an earlier run's file
+    added = {"command": results["meta"]["command"], "date": results["meta"]["date"],
+             "optimizers": list(results["runs"]), "replaced": args.replace}
+    results = {**args.existing, "runs": {**args.existing["runs"], **results["runs"]}}
+    results["meta"] = {**results["meta"],
+                       "added": results["meta"].get("added", []) + [added]}
+    path = pathlib.Path(args.add_to)
+    out = path.parent
+  with open(path, "w") as f:
     json.dump(results, f)
   if any("run" in r for r in results["runs"].values()):
-    plots.plot_results(results, out / f"{stem}.png")
+    plots.plot_results(results, out / results["plot"])
   reference = "adam" if "run" in results["runs"].get("adam", {}) else None
   print(summary.markdown(results, reference or next(iter(results["runs"]))))
   return results

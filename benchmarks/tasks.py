@@ -123,6 +123,8 @@ def _grids(adam, sgd, lr, damping):
   up = float(f"{adam[-1] * (3 if f'{adam[-1]:.0e}'[0] == '1' else 10 / 3):.1g}")
   return {"adam": {"lr": list(adam)}, "sgd": {"lr": list(sgd)},
           "muon": {"lr": list(adam) + [up]},
+          # Shampoo grafted to normalized RMSProp: Adam-scale steps too
+          "shampoo": {"lr": list(adam) + [up]},
           "natural": {"lr": list(lr), "damping": list(damping)}}
 
 

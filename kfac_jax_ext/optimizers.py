@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import optax
 
 from kfac_jax_ext import adaptive_transform
+from kfac_jax_ext import coarse
 from kfac_jax_ext import kfac_transform
 from kfac_jax_ext import kronecker_family
-from kfac_jax_ext import coarse
 from kfac_jax_ext import tengrad_transform
 from kfac_jax_ext import tkfac_transform
 from kfac_jax_ext import train_step
