@@ -158,6 +158,23 @@ def test_quick_run_shakespeare_transformer(tmp_path):
   saved = _check_quick_results(out, ["tengrad", "two_level_kfac"],
                                "quick_chars-1", must_improve=False)
   assert summary.markdown(saved, "tengrad").startswith("### chars-1\n")
+  # A second seed with the first run's choices, no sweep.
+  path = str(out / "quick_chars-1.json")
+  again = run.main(["--task", "shakespeare", "--quick", "--no-progress",
+                    "--optimizers", "tengrad", "--out", str(out), "--name", "seed2",
+                    "--seed", "2", "--settings-from", path])
+  assert again["runs"]["tengrad"]["chosen"] == saved["runs"]["tengrad"]["chosen"]
+  assert again["runs"]["tengrad"]["sweep"] == [] and again["seed"] == 2
+  # Muon joins the first file; its runs and the earlier ones are all there.
+  run.main(["--task", "shakespeare", "--quick", "--no-progress",
+            "--optimizers", "muon", "--add-to", path])
+  with open(path) as f:
+    joined = json.load(f)
+  assert list(joined["runs"]) == ["tengrad", "two_level_kfac", "muon"]
+  assert joined["meta"]["added"][0]["optimizers"] == ["muon"]
+  with pytest.raises(SystemExit):      # already there, without --replace
+    run.parse_args(["--task", "shakespeare", "--quick", "--optimizers", "muon",
+                    "--add-to", path])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -171,6 +188,12 @@ def test_quick_run_shakespeare_transformer(tmp_path):
     (["--task", "mlp", "--steps", "3", "--optimizers", "adam,adam"], "named twice"),
     (["--task", "mlp", "--steps", "3", "--batch-size", "0"], "--batch-size must be"),
     (["--task", "mlp", "--steps", "3", "--name", "../x"], "--name must be"),
+    (["--task", "mlp", "--steps", "3", "--replace"], "--replace needs --add-to"),
+    (["--task", "mlp", "--steps", "3", "--seed", "-1"], "--seed must be"),
+    (["--task", "mlp", "--steps", "3", "--settings-from", "/no/such.json"],
+     "cannot read its runs"),
+    (["--task", "mlp", "--steps", "3", "--add-to", "/no/such.json"],
+     "cannot read it"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
   assert run.parse_args(["--task", "mlp", "--steps", "3", "--optimizers",

@@ -22,7 +22,7 @@ def test_docs_build_without_warnings(tmp_path):
                "fisher_vector_product", "softmax_cross_entropy", "KfacState"):
     assert f"kfac_jax_ext.{name}" in api, name
   assert "Parameters" in api and "Returns" in api      # napoleon rendered Args
-  for page in ("guide", "features", "methods", "devices", "performance"):
+  for page in ("guide", "features", "methods", "devices", "performance", "design"):
     assert (tmp_path / f"{page}.html").exists(), page
 
 
@@ -42,5 +42,6 @@ def test_relative_links_resolve():
 def test_the_readme_links_the_docs():
   readme = (ROOT / "README.md").read_text()
   for page in ("docs/guide.md", "docs/features.md", "docs/methods.md",
-               "docs/devices.md", "docs/performance.md", "benchmarks/README.md"):
+               "docs/devices.md", "docs/performance.md", "docs/design.md",
+               "benchmarks/README.md"):
     assert f"]({page}" in readme, page
