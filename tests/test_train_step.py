@@ -5,7 +5,6 @@ It must give the same parameters and state as the plain optax usage
 schedule), float64, and it must read the schedule from the alias.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,22 +14,8 @@ import pytest
 import kfac_jax_ext as kfe
 
 
-class _Net(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Conv(3, (2, 2), padding="VALID")(x)
-    x = jnp.tanh(x).reshape(x.shape[0], -1)
-    return nn.Dense(3)(jnp.tanh(nn.Dense(5)(x)))
-
-
-def _problem():
-  net = _Net()
-  x = jax.random.normal(jax.random.PRNGKey(1), (24, 4, 4, 1), jnp.float64)
-  params = jax.tree_util.tree_map(
-      lambda t: t.astype(jnp.float64), net.init(jax.random.PRNGKey(0), x))
-  loss_fn = lambda p, b: kfe.softmax_cross_entropy(net.apply(p, b["x"]), b["y"])
-  batches = [{"x": x + 0.1 * k, "y": (jnp.arange(24) + k) % 3} for k in range(3)]
-  return params, loss_fn, batches
+# The float64 flax problem of the static-schedule tests (conv + dense layers).
+from test_static_schedule import _problem  # noqa: E402
 
 
 METHODS = {
