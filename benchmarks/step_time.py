@@ -15,7 +15,8 @@ kfac-jax is reported as absent. Models:
 ``example_batch``) runs two ways, each at (stats_every, inverse_every) =
 (1, 5), kfac-jax's settings, and (10, 10):
 * "plain": the optax usage, ``jax.grad`` then ``update(..., batch=, key=)``;
-  the statistics take a second pass and the counters decide the schedule;
+  the statistics take a second pass (inside one ``jax.jit`` XLA shares its
+  forward with the gradient's) and the counters decide the schedule;
 * ``kfe.make_train_step``: one pass for loss, gradient and statistics, the
   static schedule, the carry donated (the README's first example).
 
