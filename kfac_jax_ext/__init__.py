@@ -12,8 +12,10 @@ from kfac_jax_ext.layers import Layer, describe_layers, find_layers
 from kfac_jax_ext.losses import (sigmoid_cross_entropy, softmax_cross_entropy,
                                  squared_error)
 from kfac_jax_ext.schedule import Due, due_at
-from kfac_jax_ext.optimizers import (clip_by_kl, kfac, tengrad, tkfac,
-                                     two_level_kfac)
+from kfac_jax_ext.natural_gradient_transform import (NaturalGradientState,
+                                           scale_by_natural_gradient)
+from kfac_jax_ext.optimizers import (clip_by_kl, kfac, natural_gradient,
+                                     tengrad, tkfac, two_level_kfac)
 from kfac_jax_ext.statistics import CurvatureBatch, value_and_grad
 from kfac_jax_ext.tengrad_transform import TengradState, scale_by_tengrad
 from kfac_jax_ext.tkfac_transform import scale_by_tkfac
@@ -27,7 +29,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptiveHealth", "AdaptiveState", "fisher_vector_product",
     "quadratic_model_step", "TridiagonalState", "CurvatureBatch", "Due",
-    "Health", "KfacState", "Layer", "clip_by_kl", "make_train_step",
+    "Health", "KfacState", "Layer", "NaturalGradientState",
+    "natural_gradient", "scale_by_natural_gradient", "clip_by_kl", "make_train_step",
     "curvature_due", "describe_layers", "due_at", "find_layers", "kfac", "scale_by_kfac",
     "scale_by_tengrad", "scale_by_tkfac", "sigmoid_cross_entropy",
     "softmax_cross_entropy", "squared_error", "tengrad", "TengradState",

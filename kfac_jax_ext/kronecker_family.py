@@ -83,23 +83,26 @@ def kronecker_stepper(
   """``(init_fn, step_fn)`` of the Kronecker family (options: ``scale_by_kfac``).
 
   ``step_fn(updates, state, params, *, batch, key, curvature, due,
-  damping_override)`` returns
+  damping_override, share)`` returns
   ``(preconditioned updates, new state, StepContext)``; ``scale_by_kronecker``
   wraps it as an optax transformation, ``scale_by_two_level_kfac`` builds its
-  coarse correction on the context.
+  coarse correction on the context. ``share`` (a ``plan.Share``, also an
+  argument of ``init_fn``) limits the stepper to part of the model.
   """
   checks.check_options(damping_mode, fisher, fallback, stats_every,
                        inverse_every, ema_decay, damping, weight_sharing)
   distributed.check_axis_name(axis_name, name)
 
-  def init_fn(params):
+  def init_fn(params, share=None):
     dtype = linalg.factor_dtype()
     leaves = jax.tree_util.tree_leaves(params)
     if example_batch is not None:
       traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux)
+      unsupported = variant.unsupported if share is None else (
+          lambda layer: variant.unsupported(layer) if share.owns(layer)
+          else "another transform's layer")
       factors, inverses, traces = layout_entries(traced, dtype, damping_mode,
-                                                 max_factor_dim,
-                                                 variant.unsupported)
+                                                 max_factor_dim, unsupported)
     else:
       factors, inverses, traces = guessed_entries(leaves, dtype, damping_mode,
                                                   max_factor_dim)
@@ -109,14 +112,14 @@ def kronecker_stepper(
                      diags, Health(zero(), zero()))
 
   def step_fn(updates, state, params=None, *, batch=None, key=None,
-              curvature=None, due=None, damping_override=None):
+              curvature=None, due=None, damping_override=None, share=None):
     schedule.check_due(due, name)
     checks.check_update_args(name, params, batch, curvature, fisher, key, due)
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     grads, treedef = jax.tree_util.tree_flatten(updates)
     checks.check_structure(traced, grads, treedef, state)
-    plan = plan_lib.make_plan(traced, state.factors,
-                              unsupported=variant.unsupported)
+    plan = plan_lib.restrict(plan_lib.make_plan(
+        traced, state.factors, unsupported=variant.unsupported), share)
     warn_unfactored(name, plan, fallback, traced)
     lam = schedule.value_at(damping, state.count, damping_override)
     dtype = state.diagonals[0].dtype if state.diagonals else jnp.float32

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kfac_jax_ext import chains as chains_lib
+from kfac_jax_ext import natural_gradient_transform
 from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import tracing
 
@@ -72,13 +73,22 @@ def _table(rows, header):
   return "\n".join(line.rstrip() for line in lines)
 
 
-def block_label(m: tracing.LayerMatch, max_factor_dim: int = 4096) -> str:
+def block_label(m: tracing.LayerMatch, max_factor_dim: int = 4096,
+                chosen: dict | None = None, gram_batch: int = 128) -> str:
   """The block a layer gets from the Kronecker family when the state is laid
   out from an ``example_batch``: ``kronecker d_a×d_g``, ``G× kronecker`` per
   group, ``kronecker diag(V)×D`` for an embedding, ``diagonal``, or the
-  fallback when a factor exceeds ``max_factor_dim``."""
+  fallback when a factor exceeds ``max_factor_dim``. With ``chosen`` (the
+  ``natural_gradient_transform.choose_blocks`` of the layers) a layer chosen for a
+  Woodbury block shows ``woodbury n=N d_a×d_g``."""
   if m.kind == "scale_and_shift":
     return "diagonal"
+  if chosen is not None:
+    kind = chosen.get(m.kernel)
+    if kind == "woodbury":
+      return f"woodbury n={gram_batch} {m.d_a}x{m.d_out}"
+    if kind is None:
+      return "fallback (no block of either kind)"
   largest = plan_lib.largest_dense_dim(m)
   if largest > max_factor_dim:
     return f"fallback (factor {largest} > max_factor_dim)"
@@ -88,15 +98,18 @@ def block_label(m: tracing.LayerMatch, max_factor_dim: int = 4096) -> str:
   return f"{prefix}kronecker {m.d_a}x{m.d_out}"
 
 
-def coverage(traced: tracing.TracedLoss, max_factor_dim: int = 4096) -> dict:
+def coverage(traced: tracing.TracedLoss, max_factor_dim: int = 4096,
+             chosen: dict | None = None) -> dict:
   """Share of the parameters (by count) per block kind: ``"kronecker"``,
-  ``"diagonal"`` (scale-and-shift) and ``"fallback"`` (no block)."""
+  ``"diagonal"`` (scale-and-shift) and ``"fallback"`` (no block); with
+  ``chosen`` (see ``block_label``) also ``"woodbury"``."""
   sizes = [int(np.prod(s)) for s in traced.param_shapes]
   out = {"kronecker": 0, "diagonal": 0, "fallback": 0}
+  if chosen is not None:
+    out = {"kronecker": 0, "woodbury": 0, "diagonal": 0, "fallback": 0}
   for m in traced.layers:
-    label = block_label(m, max_factor_dim)
-    kind = ("diagonal" if label == "diagonal" else "fallback"
-            if label.startswith("fallback") else "kronecker")
+    label = block_label(m, max_factor_dim, chosen)
+    kind = label.split()[0] if label.split()[0] in out else "kronecker"
     out[kind] += sum(sizes[i] for i in m.leaves)
   out["fallback"] += sum(sizes[i] for i in traced.leaf_reasons)
   total = max(sum(sizes), 1)
@@ -105,7 +118,8 @@ def coverage(traced: tracing.TracedLoss, max_factor_dim: int = 4096) -> dict:
 
 def describe_layers(loss_fn: Callable, params: Any, batch: Any,
                     has_aux: bool = False, fallback: str = "identity",
-                    max_factor_dim: int = 4096) -> str:
+                    max_factor_dim: int = 4096, blocks: str | None = None,
+                    gram_batch: int = 128) -> str:
   """A readable table of the layers and of every parameter no layer owns.
 
   Args:
@@ -114,6 +128,10 @@ def describe_layers(loss_fn: Callable, params: Any, batch: Any,
       parameters no layer owns.
     max_factor_dim: the preconditioner's option: layers with a larger factor
       fall back.
+    blocks, gram_batch: ``kfe.natural_gradient``'s options: with ``blocks``
+      (``"auto"``, ``"kronecker"``, ``"woodbury"``) the table shows its
+      choice of Kronecker or Woodbury block per layer, for a statistics batch
+      like ``batch``.
 
   Returns:
     The table as a string; ``print`` it. Blocks are those of K-FAC/TKFAC with
@@ -122,10 +140,13 @@ def describe_layers(loss_fn: Callable, params: Any, batch: Any,
     the parameters per block kind.
   """
   traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
+  chosen = None if blocks is None else natural_gradient_transform.choose_blocks(
+      traced, blocks, gram_batch, max_factor_dim)
+  n = min(gram_batch, traced.num_examples)
   rows = []
   for m in traced.layers:
     layer = _public(traced, m)
-    rows.append((layer.name, layer.kind, block_label(m, max_factor_dim),
+    rows.append((layer.name, layer.kind, block_label(m, max_factor_dim, chosen, n),
                  ", ".join("/".join(map(str, p)) for p in layer.params),
                  layer.inputs_shape, layer.outputs_shape))
   text = f"Layers ({len(rows)}):\n" + _table(
@@ -143,7 +164,7 @@ def describe_layers(loss_fn: Callable, params: Any, batch: Any,
              "structure='block_tridiagonal'):\n" + "\n".join(
                  "  " + " -> ".join(traced.layers[i].name for i in chain)
                  for chain in found))
-  share = coverage(traced, max_factor_dim)
+  share = coverage(traced, max_factor_dim, chosen)
   text += ("\n\nShare of parameters: " + ", ".join(
       f"{kind} {100 * v:.1f}%" for kind, v in share.items()))
   return text

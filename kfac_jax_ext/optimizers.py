@@ -17,6 +17,7 @@ from kfac_jax_ext import adaptive_transform
 from kfac_jax_ext import coarse
 from kfac_jax_ext import kfac_transform
 from kfac_jax_ext import kronecker_family
+from kfac_jax_ext import natural_gradient_transform as natural_gradient_lib
 from kfac_jax_ext import tengrad_transform
 from kfac_jax_ext import tkfac_transform
 from kfac_jax_ext import train_step
@@ -250,4 +251,21 @@ Same signature as ``kfe.kfac`` plus ``base``, ``coarse_space``,
 Example:
   >>> opt = kfe.two_level_kfac(loss_fn, learning_rate=0.1, damping=1e-2,
   ...                          combine="multiplicative", coarse_matrix="exact")
+""")
+
+
+natural_gradient = _optimizer_alias(
+    natural_gradient_lib.scale_by_natural_gradient, lambda: None,
+    "natural_gradient", shared=natural_gradient_lib.scale_by_natural_gradient,
+    doc="""\
+Natural-gradient optimizer with a Kronecker or a Woodbury block per layer:
+``scale_by_natural_gradient`` → KL-clip → weight decay → momentum → lr.
+
+Same signature as ``kfe.kfac``; options are ``scale_by_natural_gradient``'s
+(blocks, example_batch (required), damping, gram_batch, conv_gram, fisher,
+stats_every, inverse_every, ema_decay, fallback, max_factor_dim, ...).
+
+Example:
+  >>> opt = kfe.natural_gradient(loss_fn, learning_rate=0.1, damping=1e-2,
+  ...                            blocks="auto", example_batch=batch)
 """)

@@ -56,6 +56,30 @@ class Plan:
   fallback_leaves: tuple     # leaves no layer owns, order of CurvatureBatch
 
 
+@dataclasses.dataclass(frozen=True)
+class Share:
+  """The part of a model one transform preconditions when two transforms
+  share it (``kfe.scale_by_natural_gradient``): the layers whose kernel leaf
+  is in ``kernels``, or, with ``complement``, every other layer (norms
+  included) and the leaves no layer owns."""
+  kernels: frozenset
+  complement: bool
+
+  def owns(self, layer: tracing.LayerMatch) -> bool:
+    return (layer.kernel in self.kernels) != self.complement
+
+
+def restrict(plan: Plan, share: Share | None) -> Plan:
+  """The plan of the layers and leaves ``share`` owns (all with None): the
+  others are left out, so the transform passes their gradients through."""
+  if share is None:
+    return plan
+  return Plan(tuple(kl for kl in plan.kronecker if share.owns(kl.layer)),
+              tuple(d for d in plan.diagonal_layers if share.owns(d[1])),
+              tuple(u for u in plan.unfactored_layers if share.owns(u[1])),
+              plan.fallback_leaves if share.complement else ())
+
+
 def factor_shapes(layer: tracing.LayerMatch) -> tuple[tuple, tuple]:
   """Shapes of a layer's ``(A, G)`` factors: ``[d_a, d_a]``, ``[d_g, d_g]``,
   with a leading groups axis for grouped convs; an embedding's A is the

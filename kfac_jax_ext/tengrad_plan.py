@@ -42,14 +42,16 @@ def make_plan(traced, blocks) -> plan_lib.Plan:
                              unfactored_layers=tuple(unfactored))
 
 
-def layout_blocks(traced, capacity, dtype, damping):
+def layout_blocks(traced, capacity, dtype, damping, share=None):
   """Per leaf, a ``WoodburyBlock`` sized for the traced layer of which it is
   the kernel (None elsewhere): factored for one position per loss example,
-  explicit per-example gradients otherwise."""
+  explicit per-example gradients otherwise. With ``share`` (a
+  ``plan.Share``) only for the layers it owns."""
   blocks = [None] * len(traced.param_shapes)
   total = 0
   for layer in traced.layers:
-    if unsupported(layer) is not None or layer.kind == "scale_and_shift":
+    if unsupported(layer) is not None or layer.kind == "scale_and_shift" or (
+        share is not None and not share.owns(layer)):
       continue
     positions = sharing_lib.tokens(layer) // traced.num_examples
     side = plan_lib.natural_a_side(layer, len(traced.param_shapes[layer.kernel]))

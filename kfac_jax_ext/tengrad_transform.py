@@ -310,22 +310,34 @@ def scale_by_tengrad(
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params, batch=batch, key=key)
   """
-  name = "scale_by_tengrad"
+  return optax.GradientTransformationExtraArgs(*tengrad_stepper(
+      loss_fn, damping=damping, gram_batch=gram_batch, conv_gram=conv_gram,
+      damping_mode=damping_mode, fisher=fisher, stats_every=stats_every,
+      inverse_every=inverse_every, ema_decay=ema_decay, fallback=fallback,
+      axis_name=axis_name, has_aux=has_aux, example_batch=example_batch))
+
+
+def tengrad_stepper(loss_fn, *, damping, gram_batch, conv_gram, damping_mode,
+                    fisher, stats_every, inverse_every, ema_decay, fallback,
+                    axis_name, has_aux, example_batch, name="scale_by_tengrad"):
+  """``(init_fn, update_fn)`` of ``scale_by_tengrad`` (same options, checked
+  here); both take an optional ``share`` (a ``plan.Share``) that limits them
+  to part of the model."""
   checks.check_options("tikhonov", fisher, fallback, stats_every,
-                                 inverse_every, 0.0, damping)
+                       inverse_every, 0.0, damping)
   _check_options(gram_batch, conv_gram, damping_mode, stats_every, inverse_every,
                  ema_decay)
   distributed.check_axis_name(axis_name, name)
   period = inverse_every
 
-  def init_fn(params):
+  def init_fn(params, share=None):
     dtype = linalg.factor_dtype()
     leaves = jax.tree_util.tree_leaves(params)
     shapes = [tuple(jnp.shape(x)) for x in leaves]
     lam0 = damping(0) if callable(damping) else damping
     if example_batch is not None:
       traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux)
-      blocks = tengrad_plan.layout_blocks(traced, gram_batch, dtype, lam0)
+      blocks = tengrad_plan.layout_blocks(traced, gram_batch, dtype, lam0, share)
     else:
       total = sum(woodbury.storage_elements(s, gram_batch) for s in shapes)
       woodbury.check_fits(total * jnp.dtype(dtype).itemsize,
@@ -339,7 +351,7 @@ def scale_by_tengrad(
                         Health(zero(), zero()))
 
   def update_fn(updates, state, params=None, *, batch=None, key=None,
-                curvature=None, due=None, **extra_args):
+                curvature=None, due=None, share=None, **extra_args):
     schedule.check_due(due, name)
     if due is not None and due.statistics != due.inverses:
       raise ValueError(f"{name} refreshes its statistics batch and its Woodbury "
@@ -350,7 +362,7 @@ def scale_by_tengrad(
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     grads, treedef = jax.tree_util.tree_flatten(updates)
     checks.check_structure(traced, grads, treedef, state)
-    plan = tengrad_plan.make_plan(traced, state.blocks)
+    plan = plan_lib.restrict(tengrad_plan.make_plan(traced, state.blocks), share)
     for _, layer, reason in plan.unfactored_layers:
       warnings.warn(f"{name}: layer {layer.name} ({layer.kind}) gets no "
                     f"Woodbury block ({reason}); it falls back to "
@@ -381,4 +393,4 @@ def scale_by_tengrad(
     new_state = TengradState(count, count % period == 0, blocks, diags, health)
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return init_fn, update_fn

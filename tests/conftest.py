@@ -2,12 +2,40 @@
 
 Eight fake CPU devices for the multi-device tests: the flag must be set
 before jax initialises its backends, hence here, before ``import jax``.
+
+Compile time dominates this suite (the tests call ``update`` eagerly, so
+every small op is compiled once per process, about 30 ms each on CPU), so
+two settings cut it; neither changes what a test computes:
+
+* XLA's backend optimization level 0: the programs are the same HLO, only
+  less optimised machine code;
+* one JAX compilation cache per test run, shared by the xdist workers and
+  by the subprocesses and notebook kernels the tests start (they inherit
+  the environment), so an executable compiled by one is loaded by the
+  others. It is a fresh temporary directory, removed at the end of the run;
+  set ``KFE_TEST_JAX_CACHE`` to reuse a directory of your own.
 """
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
+
+_OWN_CACHE = "KFE_TEST_JAX_CACHE" not in os.environ
+if _OWN_CACHE:    # the controller makes it; the workers inherit the variable
+  os.environ["KFE_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="kfe-jax-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["KFE_TEST_JAX_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+
+def pytest_unconfigure(config):
+  """The process that made the cache directory removes it."""
+  if _OWN_CACHE and not hasattr(config, "workerinput"):
+    shutil.rmtree(os.environ["KFE_TEST_JAX_CACHE"], ignore_errors=True)

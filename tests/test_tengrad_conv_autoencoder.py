@@ -24,7 +24,9 @@ class ConvAutoencoder(nn.Module):
     return nn.ConvTranspose(1, (3, 3), strides=(2, 2))(x)            # 28×28
 
 
-def test_tengrad_conv_autoencoder_loss_falls_at_the_readme_settings():
+def _train(inverse_every, steps=101):
+  """TENGraD at the README's settings (lr 0.3, λ 0.1, κ 1e-3, momentum 0.9)
+  on a fixed batch of 64 MNIST images: the losses and the final state."""
   try:
     images = data.load_mnist()[0][:64]
   except data.DatasetUnavailable as err:
@@ -44,7 +46,7 @@ def test_tengrad_conv_autoencoder_loss_falls_at_the_readme_settings():
     with warnings.catch_warnings():
       warnings.simplefilter("error")      # no layer falls back
       opt = kfe.tengrad(loss_fn, learning_rate=0.3, damping=0.1, kl_clip=1e-3,
-                        example_batch=batch)
+                        example_batch=batch, inverse_every=inverse_every)
       state = opt.init(params)
 
     @jax.jit
@@ -54,12 +56,30 @@ def test_tengrad_conv_autoencoder_loss_falls_at_the_readme_settings():
       return optax.apply_updates(params, updates), state, loss
 
     losses = []
-    for i in range(101):
+    for i in range(steps):
       params, state, loss = step(params, state, jax.random.PRNGKey(i))
       losses.append(float(loss))
-  losses = np.asarray(losses)
+  assert int(state[0].inner.health.failed_inverses) == 0
+  return np.asarray(losses)
+
+
+def test_tengrad_conv_autoencoder_trains_at_the_readme_settings():
+  """The default ``inverse_every=5`` reuses a batch's exact block for five
+  steps. The loss falls to about a tenth in 100 steps, but not monotonically:
+  between steps 30 and 60 it rises by 10–45 % for a few steps in 4 of 6 runs
+  whose initial weights differ by 1e-6 (relative), and on XLA's optimization
+  level 0 (this suite's) in the unperturbed run too. So this checks the
+  robust part: it never exceeds the start and ends below 0.15× it."""
+  losses = _train(inverse_every=5)
+  assert losses.max() <= losses[0]
+  assert losses[-1] < 0.15 * losses[0], (losses[0], losses[-1])
+
+
+def test_tengrad_conv_autoencoder_loss_falls_with_fresh_blocks():
+  """With the block refreshed on every step the loss falls at every
+  10-step checkpoint (in all 6 perturbed runs above, on both optimization
+  levels): the rises come from the reused (stale) block."""
+  losses = _train(inverse_every=1)
   checkpoints = losses[::10]                 # steps 0, 10, ..., 100
   assert np.all(np.diff(checkpoints) < 0), checkpoints
-  assert losses.max() <= losses[0]
-  assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
-  assert int(state[0].inner.health.failed_inverses) == 0
+  assert losses[-1] < 0.15 * losses[0], (losses[0], losses[-1])
