@@ -8,6 +8,7 @@ inherits this process's environment, so the multi-device notebook runs here
 on the 8 fake CPU devices of ``tests/conftest.py``.
 """
 
+import os
 import pathlib
 
 import nbclient
@@ -42,6 +43,10 @@ def test_notebook_executes_headless(path, monkeypatch):
   monkeypatch.setenv("KFE_NOTEBOOK_STEPS", "12")
   monkeypatch.setenv("KFE_NOTEBOOK_BATCH", "32")
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+  # the kernels train, so they run at XLA's default optimization (as a user's
+  # would), not at the suite's compile-fast level 0 (tests/conftest.py)
+  monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace(
+      "--xla_backend_optimization_level=0", "").strip())
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(ROOT)}})
