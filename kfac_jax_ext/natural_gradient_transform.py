@@ -37,11 +37,11 @@ from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
 from kfac_jax_ext import tengrad_plan
-from kfac_jax_ext import tengrad_transform
 from kfac_jax_ext import tracing
 from kfac_jax_ext import weight_sharing as sharing_lib
+from kfac_jax_ext import woodbury_family
 from kfac_jax_ext.kronecker_variants import KFAC
-from kfac_jax_ext.state import KfacState
+from kfac_jax_ext.state import KfacState, TengradState
 
 BLOCKS = ("auto", "kronecker", "woodbury")
 
@@ -54,7 +54,7 @@ class NaturalGradientState(NamedTuple):
     woodbury: the Woodbury side's ``TengradState`` (blocks for its layers).
   """
   kronecker: KfacState
-  woodbury: tengrad_transform.TengradState
+  woodbury: TengradState
 
 
 def kronecker_cost(layer) -> float:
@@ -181,7 +181,7 @@ def scale_by_natural_gradient(
       ema_decay=ema_decay, fallback=fallback, max_factor_dim=max_factor_dim,
       axis_name=axis_name, has_aux=has_aux, example_batch=example_batch,
       weight_sharing=weight_sharing, name=name)
-  wood_init, wood_update = tengrad_transform.tengrad_stepper(
+  wood_init, wood_update = woodbury_family.tengrad_stepper(
       loss_fn, damping=damping, gram_batch=gram_batch, conv_gram=conv_gram,
       damping_mode="tikhonov", fisher=fisher, stats_every=1,
       inverse_every=inverse_every, ema_decay=0.0, fallback="identity",

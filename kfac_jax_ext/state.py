@@ -53,3 +53,21 @@ def curvature_due(opt_state) -> jax.Array:
   if not found:
     raise ValueError("opt_state contains no kfac_jax_ext preconditioner state.")
   return jnp.any(jnp.stack(found))
+
+
+class TengradState(NamedTuple):
+  """State of ``scale_by_tengrad`` (arrays only, one entry per parameter leaf).
+
+  Attributes:
+    count: number of ``update`` calls so far.
+    curvature_due: whether the next ``update`` refreshes the stored batch.
+    blocks: per leaf, a ``WoodburyBlock`` (≥2-D leaves) or None.
+    diagonals: per leaf, the diagonal Fisher of the last statistics batch
+      (scale-and-shift layers and the ``"diagonal"`` fallback).
+    health: ``Health`` counters.
+  """
+  count: jax.Array
+  curvature_due: jax.Array
+  blocks: tuple
+  diagonals: tuple
+  health: Health

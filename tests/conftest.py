@@ -39,3 +39,18 @@ def pytest_unconfigure(config):
   """The process that made the cache directory removes it."""
   if _OWN_CACHE and not hasattr(config, "workerinput"):
     shutil.rmtree(os.environ["KFE_TEST_JAX_CACHE"], ignore_errors=True)
+
+
+# Tests that take 15-45 s each (subprocesses, notebook kernels, benchmark
+# runs, 100-step trainings). Collected first, so that pytest-xdist starts
+# them early and the short tests fill the workers' tails (``--dist
+# worksteal``): started last, one of them would leave the other worker idle.
+SLOW_FIRST = ("test_multi_host.py", "test_notebooks.py",
+              "test_benchmark_runner.py", "test_tengrad_conv_autoencoder.py",
+              "test_benchmarks_smoke.py", "test_guide.py",
+              "test_checkpoint_and_nnx.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))

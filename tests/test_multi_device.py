@@ -226,6 +226,25 @@ def _comparable(state):
   return state._replace(inverses=None) if hasattr(state, "inverses") else state
 
 
+def test_natural_gradient_split_batch_equals_single_device():
+  """``scale_by_natural_gradient`` under pmap: on this CNN with n = 16 the
+  first conv gets a Kronecker block, the second conv and the dense layer
+  Woodbury blocks (both sides reduce their statistics over the devices)."""
+  loss, params, batch = _cnn_task()
+  make = lambda **kw: kfe.scale_by_natural_gradient(
+      loss, example_batch=batch, damping=0.1, inverse_every=2, gram_batch=16,
+      **kw)
+  table = kfe.describe_layers(loss, params, batch, blocks="auto", gram_batch=16)
+  assert table.count("woodbury n=16") == 2 and "kronecker 19x4" in table, table
+  want, want_state = _single_device(make(), loss, params, batch)
+  got, got_state = _pmapped(make(axis_name=AXIS), loss, params, batch)
+  for g, w in zip(got, want):
+    _assert_close(g, w)
+  _assert_close(got_state._replace(kronecker=_comparable(got_state.kronecker)),
+                want_state._replace(kronecker=_comparable(want_state.kronecker)),
+                rtol=1e-4)
+
+
 def test_fused_statistics_under_pmap_equal_single_device():
   loss, params, batch = _cnn_task()
   vg = kfe.value_and_grad(loss)
