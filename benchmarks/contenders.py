@@ -34,6 +34,9 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   batch for its blocks).
 * ``two_level_COMBINE_SPACE`` (``TWO_LEVEL_VARIANTS``): two-level K-FAC
   with that combination and coarse space, swept like ``two_level_kfac``.
+* ``natural_gradient``: ``kfe.natural_gradient`` (``blocks="auto"``: per
+  layer the cheaper exactly damped Kronecker or Woodbury block,
+  ``gram_batch`` as ``tengrad``), swept like the others.
 * ``kfac_tridiagonal``: ``kfac`` with ``structure="block_tridiagonal"``
   (M&G §4.3: cross-layer factors between consecutive dense layers), swept
   like the others.
@@ -70,9 +73,9 @@ from kfac_jax_ext import coarse
 
 OPTIMIZERS = ("adam", "sgd", "muon", "shampoo", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
               "kfac_adaptive", "kfac_jax_adaptive", "kfac_tridiagonal",
-              "tengrad_adaptive")
+              "tengrad_adaptive", "natural_gradient")
 NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
-           "kfac_tridiagonal")
+           "kfac_tridiagonal", "natural_gradient")
 # Two-level K-FAC by combination and coarse space, ``two_level_COMBINE_SPACE``
 # (``two_level_kfac`` is additive Nicolaides): swept like the others, the
 # coarse matrix at its default (Tselepidis' Kronecker sums for a fixed
@@ -311,9 +314,10 @@ def make_contender(name: str, task) -> Contender:
                                            "structure": "block_tridiagonal"})
   if name == "tkfac":
     return _natural(name, task, kfe.tkfac, {})
-  if name == "tengrad":
+  if name in ("tengrad", "natural_gradient"):
     batch = len(jax.tree_util.tree_leaves(task.sample_batch(np.random.default_rng(0)))[0])
-    return _natural(name, task, kfe.tengrad, {"gram_batch": min(batch, 1000)})
+    alias = kfe.tengrad if name == "tengrad" else kfe.natural_gradient
+    return _natural(name, task, alias, {"gram_batch": min(batch, 1000)})
   if _tengrad_gram(name) is not None:
     return _natural(name, task, kfe.tengrad, {"gram_batch": _tengrad_gram(name)})
   if name == "two_level_kfac":

@@ -40,7 +40,9 @@ def _launch(out, mode):
   """Runs both worker processes to the end (or kills them); returns each
   process's saved arrays."""
   env = dict(os.environ, PYTHONPATH=str(ROOT))
-  env.pop("XLA_FLAGS", None)           # the workers make 4 devices each
+  # the workers make 4 devices each; the suite's other XLA flags stay
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if "device_count" not in f)
   coordinator = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen(
       [sys.executable, str(WORKER), coordinator, str(i), str(out), f"--{mode}"],

@@ -17,6 +17,11 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+# Notebooks whose kernel spends more time training convnets than compiling:
+# they run at XLA's default optimization (02: 40 s, against 70 s at the
+# suite's compile-fast level 0, tests/conftest.py); the others compile more
+# than they run and keep level 0 (01: 10 s against 17 s).
+TRAINING_BOUND = ("02_four_methods_fashion_mnist",)
 
 
 def _images(nb):
@@ -43,10 +48,9 @@ def test_notebook_executes_headless(path, monkeypatch):
   monkeypatch.setenv("KFE_NOTEBOOK_STEPS", "12")
   monkeypatch.setenv("KFE_NOTEBOOK_BATCH", "32")
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-  # the kernels train, so they run at XLA's default optimization (as a user's
-  # would), not at the suite's compile-fast level 0 (tests/conftest.py)
-  monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace(
-      "--xla_backend_optimization_level=0", "").strip())
+  if path.stem in TRAINING_BOUND:   # see TRAINING_BOUND
+    monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace(
+        "--xla_backend_optimization_level=0", "").strip())
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(ROOT)}})
