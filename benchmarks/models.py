@@ -85,6 +85,17 @@ class ConvNet3C1F(nn.Module):
     return nn.Dense(10)(x)
 
 
+class ConvAutoencoder(nn.Module):
+  """Strided convs down, transposed convs up (28×28×1 → 7×7×16 → 28×28×1 logits)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))                    # 14×14
+    x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x))                   # 7×7
+    x = nn.relu(nn.ConvTranspose(8, (3, 3), strides=(2, 2))(x))      # 14×14
+    return nn.ConvTranspose(1, (3, 3), strides=(2, 2))(x)            # 28×28
+
+
 class _BasicBlock(nn.Module):
   width: int
   stride: int

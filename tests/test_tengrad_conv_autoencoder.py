@@ -2,9 +2,9 @@
 convs up) on real MNIST at the README's settings, every conv with its exact
 block (the transposed convs are convs with input dilation)."""
 
+import functools
 import warnings
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,20 +13,14 @@ import pytest
 
 import kfac_jax_ext as kfe
 from kfac_jax_ext import datasets as data
+from benchmarks.models import ConvAutoencoder
 
 
-class ConvAutoencoder(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))                    # 14×14
-    x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x))                   # 7×7
-    x = nn.relu(nn.ConvTranspose(8, (3, 3), strides=(2, 2))(x))      # 14×14
-    return nn.ConvTranspose(1, (3, 3), strides=(2, 2))(x)            # 28×28
-
-
-def _train(inverse_every, steps=101):
+@functools.lru_cache(maxsize=1)
+def _setup():
   """TENGraD at the README's settings (lr 0.3, λ 0.1, κ 1e-3, momentum 0.9)
-  on a fixed batch of 64 MNIST images: the losses and the final state."""
+  on a fixed batch of 64 MNIST images, and one jitted step whose refresh
+  schedule is a static ``due`` (so both tests share its two programs)."""
   try:
     images = data.load_mnist()[0][:64]
   except data.DatasetUnavailable as err:
@@ -46,18 +40,29 @@ def _train(inverse_every, steps=101):
     with warnings.catch_warnings():
       warnings.simplefilter("error")      # no layer falls back
       opt = kfe.tengrad(loss_fn, learning_rate=0.3, damping=0.1, kl_clip=1e-3,
-                        example_batch=batch, inverse_every=inverse_every)
-      state = opt.init(params)
+                        example_batch=batch)
+      opt.init(params)
 
-    @jax.jit
-    def step(params, state, key):
-      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-      updates, state = opt.update(grads, state, params, batch=batch, key=key)
-      return optax.apply_updates(params, updates), state, loss
+  @functools.partial(jax.jit, static_argnames="due")
+  def step(params, state, key, due):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, state = opt.update(grads, state, params, batch=batch, key=key,
+                                due=due)
+    return optax.apply_updates(params, updates), state, loss
 
-    losses = []
+  return params, opt, step
+
+
+def _train(inverse_every, steps=101):
+  """The losses of ``steps`` steps refreshing the block every
+  ``inverse_every`` steps (``kfe.due_at``: the counters' schedule of an
+  optimizer built with that ``inverse_every``, test_static_schedule.py)."""
+  params, opt, step = _setup()
+  with jax.enable_x64(False):
+    state, losses = opt.init(params), []
     for i in range(steps):
-      params, state, loss = step(params, state, jax.random.PRNGKey(i))
+      due = kfe.due_at(i, stats_every=inverse_every, inverse_every=inverse_every)
+      params, state, loss = step(params, state, jax.random.PRNGKey(i), due=due)
       losses.append(float(loss))
   assert int(state[0].inner.health.failed_inverses) == 0
   return np.asarray(losses)
@@ -68,8 +73,9 @@ def test_tengrad_conv_autoencoder_trains_at_the_readme_settings():
   steps. The loss falls to about a tenth in 100 steps, but not monotonically:
   between steps 30 and 60 it rises by 10–45 % for a few steps in 4 of 6 runs
   whose initial weights differ by 1e-6 (relative), and on XLA's optimization
-  level 0 (this suite's) in the unperturbed run too. So this checks the
-  robust part: it never exceeds the start and ends below 0.15× it."""
+  level 0 (this suite's) in the unperturbed run too
+  (``python -m benchmarks.tengrad_reuse``). So this checks the robust part:
+  it never exceeds the start and ends below 0.15× it."""
   losses = _train(inverse_every=5)
   assert losses.max() <= losses[0]
   assert losses[-1] < 0.15 * losses[0], (losses[0], losses[-1])
@@ -78,7 +84,8 @@ def test_tengrad_conv_autoencoder_trains_at_the_readme_settings():
 def test_tengrad_conv_autoencoder_loss_falls_with_fresh_blocks():
   """With the block refreshed on every step the loss falls at every
   10-step checkpoint (in all 6 perturbed runs above, on both optimization
-  levels): the rises come from the reused (stale) block."""
+  levels; ``python -m benchmarks.tengrad_reuse --inverse-every 1``): the
+  rises come from the reused (stale) block."""
   losses = _train(inverse_every=1)
   checkpoints = losses[::10]                 # steps 0, 10, ..., 100
   assert np.all(np.diff(checkpoints) < 0), checkpoints
