@@ -74,19 +74,20 @@ def _table(rows, header):
 
 
 def block_label(m: tracing.LayerMatch, max_factor_dim: int = 4096,
-                chosen: dict | None = None, gram_batch: int = 128) -> str:
+                chosen: dict | None = None, gram_size: int = 128) -> str:
   """The block a layer gets from the Kronecker family when the state is laid
   out from an ``example_batch``: ``kronecker d_a×d_g``, ``G× kronecker`` per
   group, ``kronecker diag(V)×D`` for an embedding, ``diagonal``, or the
   fallback when a factor exceeds ``max_factor_dim``. With ``chosen`` (the
   ``natural_gradient_transform.choose_blocks`` of the layers) a layer chosen for a
-  Woodbury block shows ``woodbury n=N d_a×d_g``."""
+  Woodbury block shows ``woodbury n=N d_a×d_g`` (N = ``gram_size``, the
+  examples in its Gram)."""
   if m.kind == "scale_and_shift":
     return "diagonal"
   if chosen is not None:
     kind = chosen.get(m.kernel)
     if kind == "woodbury":
-      return f"woodbury n={gram_batch} {m.d_a}x{m.d_out}"
+      return f"woodbury n={gram_size} {m.d_a}x{m.d_out}"
     if kind is None:
       return "fallback (no block of either kind)"
   largest = plan_lib.largest_dense_dim(m)

@@ -4,8 +4,9 @@ Eight fake CPU devices for the multi-device tests: the flag must be set
 before jax initialises its backends, hence here, before ``import jax``.
 
 Compile time dominates this suite (the tests call ``update`` eagerly, so
-every small op is compiled once per process, about 30 ms each on CPU), so
-two settings cut it; neither changes what a test computes:
+every small op is compiled once per process: 30-37 ms each on this 2-core
+CPU, measured by timing 40 first calls of ``jnp.ones((i, 3)) * 2.0 + 1.0``),
+so two settings cut it; neither changes what a test computes:
 
 * XLA's backend optimization level 0: the programs are the same HLO, only
   less optimised machine code;
