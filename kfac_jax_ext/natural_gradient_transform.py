@@ -57,6 +57,11 @@ class NaturalGradientState(NamedTuple):
   woodbury: TengradState
 
 
+def _check_blocks(blocks) -> None:
+  if blocks not in BLOCKS:
+    raise ValueError(f"blocks must be one of {BLOCKS}, got {blocks!r}.")
+
+
 def kronecker_cost(layer) -> float:
   """Refresh cost of a layer's Kronecker block: ``d_a³ + d_g³`` per group or
   slice (an embedding's diagonal A: ``d_g³``)."""
@@ -80,8 +85,7 @@ def choose_blocks(traced, blocks: str = "auto", gram_batch: int = 128,
                   max_factor_dim: int = 4096) -> dict:
   """``{kernel leaf: "kronecker" | "woodbury"}`` for every dense, conv and
   embedding layer that has a block of either kind (see the module doc)."""
-  if blocks not in BLOCKS:
-    raise ValueError(f"blocks must be one of {BLOCKS}, got {blocks!r}.")
+  _check_blocks(blocks)
   n = min(gram_batch, traced.num_examples)
   choice = {}
   for layer in traced.layers:
@@ -164,8 +168,7 @@ def scale_by_natural_gradient(
     ...     optax.sgd(0.1, momentum=0.9))
   """
   name = "scale_by_natural_gradient"
-  if blocks not in BLOCKS:
-    raise ValueError(f"blocks must be one of {BLOCKS}, got {blocks!r}.")
+  _check_blocks(blocks)
   if example_batch is None:
     raise ValueError(f"{name} chooses each layer's block from the layers traced "
                      "on a batch: pass example_batch=<a batch, or "
