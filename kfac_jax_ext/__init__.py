@@ -20,7 +20,7 @@ from kfac_jax_ext.statistics import CurvatureBatch, value_and_grad
 from kfac_jax_ext.tengrad_transform import TengradState, scale_by_tengrad
 from kfac_jax_ext.tkfac_transform import scale_by_tkfac
 from kfac_jax_ext.train_step import make_train_step
-from kfac_jax_ext.tridiagonal_transform import TridiagonalState
+from kfac_jax_ext.tridiagonal_family import TridiagonalState
 from kfac_jax_ext.two_level_transform import (TwoLevelState,
                                               scale_by_two_level_kfac)
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import optax
 
 from kfac_jax_ext import kronecker_family
-from kfac_jax_ext import tridiagonal_transform
+from kfac_jax_ext import tridiagonal_family
 from kfac_jax_ext.kronecker_variants import KFAC
 
 
@@ -68,7 +68,7 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
     structure: ``"block_diagonal"`` (default) or ``"block_tridiagonal"``:
       M&G's §4.3 inverse over chains of dense layers, with cross-layer
-      factors (``tridiagonal_transform``; needs ``example_batch`` and
+      factors (``tridiagonal_family``; needs ``example_batch`` and
       ``damping_mode="factored"``).
 
   Returns:
@@ -87,7 +87,7 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
   """
   structure = options.pop("structure", "block_diagonal")
   if structure == "block_tridiagonal":
-    return tridiagonal_transform.scale_by_tridiagonal_kfac(loss_fn, KFAC, **options)
+    return tridiagonal_family.scale_by_tridiagonal_kfac(loss_fn, KFAC, **options)
   if structure != "block_diagonal":
     raise ValueError(f"structure must be 'block_diagonal' or 'block_tridiagonal', "
                      f"got {structure!r}.")

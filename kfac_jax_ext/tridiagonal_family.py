@@ -1,4 +1,4 @@
-"""K-FAC with the block-tridiagonal inverse (``structure="block_tridiagonal"``).
+"""The block-tridiagonal K-FAC shell (``kfe.kfac(..., structure="block_tridiagonal")``).
 
 The block-diagonal K-FAC step (``kronecker_family``) keeps every layer's
 ``Ā_i``, ``G_i``, their running averages and inverses; this transform adds,
