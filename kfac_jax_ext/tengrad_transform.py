@@ -93,12 +93,10 @@ def scale_by_tengrad(
       leaf shapes and such layers fall back (a warning names them).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
-    ``(updates, state, params, *, batch, key=None, curvature=None, due=None)``;
-    ``due`` (a static ``kfe.Due``, see ``kfac_jax_ext.schedule``) replaces
-    the counters' ``lax.cond`` schedule for that update; an extra
-    ``damping=λ`` (an array) replaces the ``damping`` option for that update
-    (the adaptive mode passes its adapted λ this way).
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` has the
+    signature of ``kfe.scale_by_kfac``'s: ``(updates, state, params, *,
+    batch, key=None, curvature=None, due=None)`` and an optional per-update
+    ``damping=λ``.
 
   Example:
     >>> tx = optax.chain(kfe.scale_by_tengrad(loss_fn, damping=0.1, gram_batch=64),
