@@ -19,6 +19,9 @@ kfac-jax is reported as absent. Models:
   forward with the gradient's) and the counters decide the schedule;
 * ``kfe.make_train_step``: one pass for loss, gradient and statistics, the
   static schedule, the carry donated (the README's first example).
+With ``--layouts``, also ``make_train_step`` with the state laid out from the
+parameter shapes alone (no ``example_batch``: padded slots per leaf), so the
+two layouts are compared in one run.
 
 Each step is timed after compilation, all optimizers interleaved in rounds
 of 10 steps; reported: the median step and the amortized mean over whole
@@ -210,7 +213,7 @@ def _model(name, x_train, y_train):
   return kfe_loss, kfac_jax_loss, params, batches
 
 
-def run_model(name, rounds, x_train, y_train):
+def run_model(name, rounds, x_train, y_train, layouts=False):
   kfe_loss, kfac_jax_loss, params, batches = _model(name, x_train, y_train)
   # the README's optimizer: the state laid out from example_batch
   equal = dict(damping=1e-3, damping_mode="factored", example_batch=batches[0])
@@ -226,6 +229,13 @@ def run_model(name, rounds, x_train, y_train):
       "kfe.make_train_step (10, 10)": train_step(kfac(10, 10), kfe_loss, params,
                                                  batches),
   }
+  if layouts:   # the same steps with the state laid out from parameter shapes
+    shaped = lambda every, inverse: kfe.kfac(
+        kfe_loss, 1e-3, stats_every=every, inverse_every=inverse,
+        damping=1e-3, damping_mode="factored")
+    for every, inverse in ((1, 5), (10, 10)):
+      timed[f"shape layout: make_train_step ({every}, {inverse})"] = train_step(
+          shaped(every, inverse), kfe_loss, params, batches)
   shimmed = None
   try:
     timed[KFAC_JAX], shimmed = kfac_jax_step(kfac_jax_loss, params, batches, 5)
@@ -247,6 +257,9 @@ def timing_args(doc, argv):
                       help="interleaved rounds of 10 timed steps per optimizer")
   parser.add_argument("--models", default="autoencoder,mlp,fashion_cnn,shakespeare")
   parser.add_argument("--json", default=None, help="write results here")
+  parser.add_argument("--layouts", action="store_true",
+                      help="also time make_train_step with the state laid out "
+                           "from the parameter shapes (no example_batch)")
   return parser.parse_args(argv)
 
 
@@ -255,7 +268,7 @@ def main(argv=None):
   x_train, y_train, _, _ = data.load_mnist()
   results = {"jax": jax.__version__, "devices": str(jax.devices()), "models": {}}
   for name in args.models.split(","):
-    rows = run_model(name, args.rounds, x_train, y_train)
+    rows = run_model(name, args.rounds, x_train, y_train, args.layouts)
     results["models"][name] = rows
     adam = rows["optax.adam"]
     kj = rows.get(KFAC_JAX)
