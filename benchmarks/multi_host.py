@@ -92,7 +92,9 @@ def launch(args) -> int:
   """Starts the processes on localhost; returns the worst exit status."""
   coordinator = f"127.0.0.1:{_free_port()}"
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)     # each worker sets its own device count
+  # each worker sets its own device count; the other XLA flags pass on
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if "device_count" not in f)
   procs = [subprocess.Popen(
       [sys.executable, "-m", "benchmarks.multi_host", "--worker",
        "--coordinator", coordinator, "--processes", str(args.processes),
