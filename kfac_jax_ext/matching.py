@@ -126,8 +126,9 @@ def match_layers(uses, jaxprs, shapes, paths, n):
   def matched(use, shape=None):
     """The use's pattern and LayerMatch (no bias), or None; ``shape``: the
     shape the use's view chain starts from (default: the leaf's). Inside a
-    scan body only dense layers match: stacked (one block per step) for a
-    kernel in ``xs``, shared over the steps for one closed over."""
+    scan body only dense layers and ungrouped convs match: stacked (one block
+    per step) for a kernel in ``xs``, shared over the steps for one closed
+    over."""
     shape = shapes[use.leaf] if shape is None else shape
     steps, marker = 0, None
     in_scan = patterns.scan_view(use.view.chain)
@@ -141,8 +142,9 @@ def match_layers(uses, jaxprs, shapes, paths, n):
     m = matcher(use, eqn, shape) if matcher else None
     if m is None or (use.path, use.eqn, m["x_operand"]) in at_operand:
       return None  # no pattern, or the layer input is itself a parameter
-    if steps and m["kind"] != "dense":
-      return None
+    if steps and not (m["kind"] == "dense" or (
+        m["kind"] == "conv2d" and m.get("groups", 1) == 1)):
+      return None   # in a scan: dense layers and ungrouped convs
     if steps:
       m = dict(m, steps=steps, marker=marker)
     x = eqn.invars[m["x_operand"]]
@@ -176,7 +178,8 @@ def match_layers(uses, jaxprs, shapes, paths, n):
       out_eqn, bias = _bias(jaxprs[use.path], use,
                             layer.out_axes, single, at_operand, shapes,
                             m.get("marker"))
-      grouped_conv = layer.kind == "conv2d" and layer.groups > 1
+      grouped_conv = (layer.kind == "conv2d" and layer.groups > 1
+                      and not layer.stacked)   # a stacked layer's groups: slices
       if bias is not None and not (grouped_conv and len(shapes[bias]) != 1):
         layer = dataclasses.replace(layer, bias=bias,
                                     probes=((use.path, out_eqn),))
@@ -256,7 +259,7 @@ def _reason(jaxprs, uses, shape) -> str:
   eqn = jaxprs[use.path].eqns[use.eqn]
   if patterns.scan_view(use.view.chain) is not None:
     return (f"used by '{use.primitive}' inside a scan body, where only dense "
-            "layers get a block")
+            "layers and ungrouped convs get a block")
   if use.primitive in ("slice", "dynamic_slice") or any(
       p.name == "slice" for p, _ in use.view.chain):
     return ("only a slice of it is used: a block needs the whole kernel (or "

@@ -344,3 +344,114 @@ def test_nn_rnn_expand_is_the_type2_ggn_block_without_recurrence(carry, exact):
   ggn = jnp.einsum("nki,nkj->ij", jac, jac) / (n * t)
   err = jnp.linalg.norm(jnp.kron(a, g) - ggn) / jnp.linalg.norm(ggn)
   assert (err < 0.05) if exact else (err > 0.2), err   # measured 0.006, 0.36
+
+
+def _conv(h, w):
+  y = jax.lax.conv_general_dilated(h, w["k"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jnp.tanh(y + w["b"])
+
+
+def _conv_params(c=3, leading=()):
+  ks = jax.random.split(jax.random.PRNGKey(5), 3)
+  return {"k": jax.random.normal(ks[0], leading + (3, 3, c, c)) / 3,
+          "b": 0.1 * jax.random.normal(ks[1], leading + (c,)),
+          "out": jax.random.normal(ks[2], (5 * 5 * c, 2)) / 4}
+
+
+def _conv_head(h, p, labels):
+  return kfe.softmax_cross_entropy(h.reshape(h.shape[0], -1) @ p["out"], labels)
+
+
+@pytest.mark.parametrize("sharing", ["expand", "auto"])
+def test_scan_over_conv_layers_equals_the_unrolled_network(sharing):
+  """A stacked conv kernel ``[L, 3, 3, C, C]`` scanned over: one block per
+  slice, each equal to the unrolled network's (under ``auto`` each conv's
+  positions are pooled before the loss, so both sides use *reduce*)."""
+  params = _conv_params(leading=(L,))
+  batch = {"x": jax.random.normal(jax.random.PRNGKey(6), (4, 5, 5, 3)),
+           "y": jnp.array([0, 1, 0, 1])}
+
+  def scanned(p, b):
+    h, _ = jax.lax.scan(lambda h, w: (_conv(h, w), None), b["x"],
+                        {"k": p["k"], "b": p["b"]})
+    return _conv_head(h, p, b["y"])
+
+  def unrolled(p, b):
+    h = b["x"]
+    for i in range(L):
+      h = _conv(h, {"k": p[f"k{i}"], "b": p[f"b{i}"]})
+    return _conv_head(h, p, b["y"])
+
+  flat = {"out": params["out"]}
+  for i in range(L):
+    flat[f"k{i}"], flat[f"b{i}"] = params["k"][i], params["b"][i]
+  layers = kfe.find_layers(scanned, params, batch)
+  assert [(l.name, l.kind, l.has_bias) for l in layers] == [
+      ("k", "conv2d", True), ("out", "dense", False)]
+  up_s, st_s = _update(scanned, params, batch, weight_sharing=sharing)
+  up_u, st_u = _update(unrolled, flat, batch, weight_sharing=sharing)
+  leaves_u = jax.tree_util.tree_leaves(flat)
+  k_scan = next(j for j, x in enumerate(jax.tree_util.tree_leaves(params))
+                if x is params["k"])
+  for i in range(L):
+    np.testing.assert_allclose(up_s["k"][i], up_u[f"k{i}"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(up_s["b"][i], up_u[f"b{i}"], rtol=1e-9, atol=1e-12)
+    k_leaf = next(j for j, x in enumerate(leaves_u) if x is flat[f"k{i}"])
+    for side in ("rows", "cols"):
+      np.testing.assert_allclose(getattr(st_s.factors[k_scan], side)[i],
+                                 getattr(st_u.factors[k_leaf], side), rtol=1e-10)
+
+
+def test_conv_closed_over_by_a_scan_is_one_block_over_the_steps():
+  """A conv kernel closed over by the scan body, applied to each step's
+  input with a per-step loss: K-FAC-expand over (steps × positions) is the
+  block of the same conv applied once to all ``T·N`` images."""
+  params = _conv_params()
+  t, n = 3, 2
+  xs = jax.random.normal(jax.random.PRNGKey(7), (t, n, 5, 5, 3))
+  batch = {"x": xs, "y": jnp.array([0, 1, 1, 0, 1, 0])}
+  w = lambda p: {"k": p["k"], "b": p["b"]}
+
+  def scanned(p, b):
+    _, ys = jax.lax.scan(lambda c, x: (c, _conv(x, w(p))), 0.0, b["x"])
+    return _conv_head(ys.reshape((t * n,) + ys.shape[2:]), p, b["y"])
+
+  def batched(p, b):
+    return _conv_head(_conv(b["x"].reshape((t * n,) + xs.shape[2:]), w(p)), p, b["y"])
+
+  rows = kfe.describe_layers(scanned, params, batch).splitlines()
+  assert next(r for r in rows if r.startswith("k ")).split()[:4] == [
+      "k", "conv2d", "kronecker", "28x3"]     # one block, not one per step
+  up_s, st_s = _update(scanned, params, batch)
+  up_b, st_b = _update(batched, params, batch)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-9, atol=1e-12), up_s, up_b)
+  k = next(j for j, x in enumerate(jax.tree_util.tree_leaves(params))
+           if x is params["k"])
+  for side in ("rows", "cols"):
+    np.testing.assert_allclose(getattr(st_s.factors[k], side),
+                               getattr(st_b.factors[k], side), rtol=1e-10)
+
+
+class _ConvBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return x + nn.Conv(3, (3, 3))(nn.relu(nn.Conv(3, (3, 3))(x))), None
+
+
+def test_flax_nn_scan_over_conv_blocks_is_covered():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x, _ = nn.scan(nn.remat(_ConvBlock), variable_axes={"params": 0},
+                     split_rngs={"params": True}, length=L)()(x, None)
+      return nn.Dense(2)(x.reshape(x.shape[0], -1))
+
+  x = jax.random.normal(jax.random.PRNGKey(8), (2, 5, 5, 3))
+  params = Net().init(jax.random.PRNGKey(0), x)
+  loss = lambda p, b: kfe.softmax_cross_entropy(Net().apply(p, b["x"]), b["y"])
+  batch = {"x": x, "y": jnp.array([0, 1])}
+  text = kfe.describe_layers(loss, params, batch)
+  assert "kronecker 100.0%" in text.splitlines()[-1], text
+  assert text.count(f"{L}x kronecker 28x3") == 2, text
