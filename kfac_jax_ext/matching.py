@@ -126,9 +126,9 @@ def match_layers(uses, jaxprs, shapes, paths, n):
   def matched(use, shape=None):
     """The use's pattern and LayerMatch (no bias), or None; ``shape``: the
     shape the use's view chain starts from (default: the leaf's). Inside a
-    scan body only dense layers and ungrouped convs match: stacked (one block
-    per step) for a kernel in ``xs``, shared over the steps for one closed
-    over."""
+    scan body only dense and conv layers match: stacked (one block per step,
+    and per group of a grouped conv) for a kernel in ``xs``, shared over the
+    steps for one closed over."""
     shape = shapes[use.leaf] if shape is None else shape
     steps, marker = 0, None
     in_scan = patterns.scan_view(use.view.chain)
@@ -142,9 +142,8 @@ def match_layers(uses, jaxprs, shapes, paths, n):
     m = matcher(use, eqn, shape) if matcher else None
     if m is None or (use.path, use.eqn, m["x_operand"]) in at_operand:
       return None  # no pattern, or the layer input is itself a parameter
-    if steps and not (m["kind"] == "dense" or (
-        m["kind"] == "conv2d" and m.get("groups", 1) == 1)):
-      return None   # in a scan: dense layers and ungrouped convs
+    if steps and m["kind"] not in ("dense", "conv2d"):
+      return None   # in a scan: dense layers and convs
     if steps:
       m = dict(m, steps=steps, marker=marker)
     x = eqn.invars[m["x_operand"]]
@@ -161,10 +160,12 @@ def match_layers(uses, jaxprs, shapes, paths, n):
         out_axes=out_axes, conv=m.get("conv", ()), groups=m.get("groups", 1),
         inputs_shape=tuple(x.aval.shape),
         outputs_shape=tuple(eqn.outvars[0].aval.shape), d_in=d_in, d_out=d_out)
-    if m.get("steps"):
+    if m.get("steps"):   # a stacked kernel: a block per slice (and group)
       stacked = m["marker"] is patterns.SCAN_SLICE
-      layer = dataclasses.replace(layer, steps=m["steps"], stacked=stacked,
-                                  groups=m["steps"] if stacked else 1)
+      layer = dataclasses.replace(
+          layer, steps=m["steps"], stacked=stacked,
+          groups=m["steps"] * layer.groups if stacked else layer.groups,
+          slice_groups=layer.groups if stacked else 1)
     return m, layer
 
   for leaf, use in sorted(single.items(), key=lambda kv: kv[1].path + (kv[1].eqn,)):
@@ -259,7 +260,7 @@ def _reason(jaxprs, uses, shape) -> str:
   eqn = jaxprs[use.path].eqns[use.eqn]
   if patterns.scan_view(use.view.chain) is not None:
     return (f"used by '{use.primitive}' inside a scan body, where only dense "
-            "layers and ungrouped convs get a block")
+            "and conv layers get a block")
   if use.primitive in ("slice", "dynamic_slice") or any(
       p.name == "slice" for p, _ in use.view.chain):
     return ("only a slice of it is used: a block needs the whole kernel (or "

@@ -119,6 +119,8 @@ class LayerMatch:
   transposed: tuple = ()    # tied: per use, whether its input is the G side
   stacked: bool = False     # a kernel [k, ...] whose slices are k layers
   steps: int = 0            # inside a scan of this length (0: not in a scan)
+  slice_groups: int = 1     # stacked conv: feature groups per slice (groups =
+                            # slices × slice_groups blocks)
 
   @property
   def leaves(self) -> tuple[int, ...]:

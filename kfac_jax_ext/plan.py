@@ -159,9 +159,10 @@ def to_matrix(layer: tracing.LayerMatch, kernel, bias=None):
   """Kernel (+ bias row) as the canonical ``[d_in(+1), d_out]`` matrix
   (``[groups, d_in(+1), d_out]`` for a grouped conv or the slices of a
   stacked kernel)."""
-  if layer.stacked:
-    m = jax.vmap(lambda w: jnp.transpose(w, layer.kernel_perm).reshape(
-        layer.d_in, layer.d_out))(kernel)
+  if layer.stacked:   # per slice (and per group of a stacked grouped conv)
+    one = dataclasses.replace(layer, stacked=False, groups=layer.slice_groups)
+    m = jax.vmap(lambda w: to_matrix(one, w))(kernel)
+    m = m.reshape((-1,) + m.shape[-2:]) if layer.slice_groups > 1 else m
   elif layer.groups > 1:
     m = jnp.transpose(kernel, layer.kernel_perm).reshape(
         layer.d_in, layer.groups, layer.d_out).transpose(1, 0, 2)
@@ -182,11 +183,13 @@ def layer_ag(stats, layer: tracing.LayerMatch):
 def from_matrix(layer: tracing.LayerMatch, m, kernel_shape, has_bias: bool):
   """Inverse of ``to_matrix``: ``(kernel, bias or None)``."""
   perm = layer.kernel_perm
-  if layer.stacked:
-    permuted = tuple(kernel_shape[1:][p] for p in perm)
-    kernel = jax.vmap(lambda x: jnp.transpose(
-        x[:layer.d_in].reshape(permuted), tuple(np.argsort(perm))))(m)
-    return kernel, (m[:, layer.d_in] if has_bias else None)
+  if layer.stacked:   # per slice: [slices(·groups), d_a, d_out]
+    one = dataclasses.replace(layer, stacked=False, groups=layer.slice_groups)
+    per_slice = m.reshape((kernel_shape[0], -1) + m.shape[-2:]) if (
+        layer.slice_groups > 1) else m
+    kernel, bias = jax.vmap(lambda x: from_matrix(one, x, kernel_shape[1:],
+                                                  has_bias))(per_slice)
+    return kernel, bias
   permuted = tuple(kernel_shape[p] for p in perm)
   if layer.groups > 1:
     kernel = m[:, :layer.d_in].transpose(1, 0, 2).reshape(permuted)

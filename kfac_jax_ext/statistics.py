@@ -178,17 +178,26 @@ def _canonical_inputs(layer: tracing.LayerMatch, x):
 
 def _scan_statistics(layer, traced, captured, probe_grads, li):
   """``(a, g)`` of a layer inside a scan body, from its inputs and probe
-  gradients stacked over the steps: per step (``[L, K, d]``) for a stacked
-  layer, the steps as extra tokens, example-major (``[K·L, d]``), for a
-  layer shared by the steps."""
-  one_step = dataclasses.replace(layer, steps=0, stacked=False, groups=1)
+  gradients stacked over the steps: per step (``[L, K, d]``; a grouped
+  conv: per step and group, ``[L·G, K, d]``) for a stacked layer, the steps
+  as extra tokens, example-major (``[K·L, d]``; grouped: ``[G, K·L, d]``),
+  for a layer shared by the steps."""
+  conv_groups = layer.slice_groups if layer.stacked else layer.groups
+  one_step = dataclasses.replace(layer, steps=0, stacked=False, groups=conv_groups)
   a = jax.vmap(lambda x: _canonical_inputs(one_step, x))(captured[("a", li, 0)])
   g = jax.vmap(lambda x: _to_end(x, layer.out_axes))(
       probe_grads[layer.probes[0]])
-  if layer.stacked:
-    return a, g
-  return (a.transpose(1, 0, 2).reshape(-1, a.shape[-1]),
-          g.transpose(1, 0, 2).reshape(-1, g.shape[-1]))
+  if conv_groups > 1:                           # [L, G, K, d] per step
+    g = jax.vmap(lambda x: _grouped(x, conv_groups))(g)
+  else:                                         # [L, 1, K, d]
+    a, g = a[:, None], g[:, None]
+  if layer.stacked:                             # a block per (step, group)
+    merge = lambda x: x.reshape((-1,) + x.shape[2:])
+  else:                                         # steps as extra tokens
+    merge = lambda x: x.transpose(1, 2, 0, 3).reshape(
+        x.shape[1], -1, x.shape[-1])
+  a, g = merge(a), merge(g)
+  return (a, g) if layer.groups > 1 else (a[0], g[0])
 
 
 def _layer_statistics(layer, traced, captured, probe_grads, li):

@@ -40,7 +40,8 @@ def check_mode(mode) -> None:
 
 def tokens(layer) -> int:
   """K: the number of positions (all examples) at which the layer applies."""
-  per_block = 1 if layer.stacked else layer.groups   # a stacked slice's shape
+  # the output shape is one slice's (stacked) or the whole layer's
+  per_block = layer.slice_groups if layer.stacked else layer.groups
   steps = layer.steps if layer.steps and not layer.stacked else 1  # shared by steps
   return steps * math.prod(layer.outputs_shape) // (layer.d_out * per_block)
 

@@ -347,14 +347,16 @@ def test_nn_rnn_expand_is_the_type2_ggn_block_without_recurrence(carry, exact):
 
 
 def _conv(h, w):
+  groups = h.shape[-1] // w["k"].shape[-2]     # depthwise when k is [.., 1, C]
   y = jax.lax.conv_general_dilated(h, w["k"], (1, 1), "SAME",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   feature_group_count=groups)
   return jnp.tanh(y + w["b"])
 
 
-def _conv_params(c=3, leading=()):
+def _conv_params(c=3, leading=(), groups=1):
   ks = jax.random.split(jax.random.PRNGKey(5), 3)
-  return {"k": jax.random.normal(ks[0], leading + (3, 3, c, c)) / 3,
+  return {"k": jax.random.normal(ks[0], leading + (3, 3, c // groups, c)) / 3,
           "b": 0.1 * jax.random.normal(ks[1], leading + (c,)),
           "out": jax.random.normal(ks[2], (5 * 5 * c, 2)) / 4}
 
@@ -363,12 +365,14 @@ def _conv_head(h, p, labels):
   return kfe.softmax_cross_entropy(h.reshape(h.shape[0], -1) @ p["out"], labels)
 
 
-@pytest.mark.parametrize("sharing", ["expand", "auto"])
-def test_scan_over_conv_layers_equals_the_unrolled_network(sharing):
-  """A stacked conv kernel ``[L, 3, 3, C, C]`` scanned over: one block per
-  slice, each equal to the unrolled network's (under ``auto`` each conv's
-  positions are pooled before the loss, so both sides use *reduce*)."""
-  params = _conv_params(leading=(L,))
+@pytest.mark.parametrize("sharing,groups", [("expand", 1), ("auto", 1),
+                                            ("expand", 3), ("auto", 3)])
+def test_scan_over_conv_layers_equals_the_unrolled_network(sharing, groups):
+  """A stacked conv kernel ``[L, 3, 3, C/G, C]`` scanned over: one block per
+  slice (and per group: a depthwise conv for G = C), each equal to the
+  unrolled network's (under ``auto`` each conv's positions are pooled
+  before the loss, so both sides use *reduce*)."""
+  params = _conv_params(leading=(L,), groups=groups)
   batch = {"x": jax.random.normal(jax.random.PRNGKey(6), (4, 5, 5, 3)),
            "y": jnp.array([0, 1, 0, 1])}
 
@@ -399,15 +403,19 @@ def test_scan_over_conv_layers_equals_the_unrolled_network(sharing):
     np.testing.assert_allclose(up_s["b"][i], up_u[f"b{i}"], rtol=1e-9, atol=1e-12)
     k_leaf = next(j for j, x in enumerate(leaves_u) if x is flat[f"k{i}"])
     for side in ("rows", "cols"):
-      np.testing.assert_allclose(getattr(st_s.factors[k_scan], side)[i],
-                                 getattr(st_u.factors[k_leaf], side), rtol=1e-10)
+      got = getattr(st_s.factors[k_scan], side)
+      got = got[i] if groups == 1 else got[i * groups:(i + 1) * groups]
+      np.testing.assert_allclose(got, getattr(st_u.factors[k_leaf], side),
+                                 rtol=1e-10)
 
 
-def test_conv_closed_over_by_a_scan_is_one_block_over_the_steps():
+@pytest.mark.parametrize("groups", [1, 3])
+def test_conv_closed_over_by_a_scan_is_one_block_over_the_steps(groups):
   """A conv kernel closed over by the scan body, applied to each step's
   input with a per-step loss: K-FAC-expand over (steps × positions) is the
-  block of the same conv applied once to all ``T·N`` images."""
-  params = _conv_params()
+  block (per group, for a depthwise conv) of the same conv applied once to
+  all ``T·N`` images."""
+  params = _conv_params(groups=groups)
   t, n = 3, 2
   xs = jax.random.normal(jax.random.PRNGKey(7), (t, n, 5, 5, 3))
   batch = {"x": xs, "y": jnp.array([0, 1, 1, 0, 1, 0])}
@@ -421,8 +429,9 @@ def test_conv_closed_over_by_a_scan_is_one_block_over_the_steps():
     return _conv_head(_conv(b["x"].reshape((t * n,) + xs.shape[2:]), w(p)), p, b["y"])
 
   rows = kfe.describe_layers(scanned, params, batch).splitlines()
-  assert next(r for r in rows if r.startswith("k ")).split()[:4] == [
-      "k", "conv2d", "kronecker", "28x3"]     # one block, not one per step
+  block = ["kronecker", "28x3"] if groups == 1 else ["3x", "kronecker", "10x1"]
+  assert next(r for r in rows if r.startswith("k ")).split()[2:2 + len(block)] == (
+      block)     # one block (per group), not one per step
   up_s, st_s = _update(scanned, params, batch)
   up_b, st_b = _update(batched, params, batch)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
@@ -435,9 +444,12 @@ def test_conv_closed_over_by_a_scan_is_one_block_over_the_steps():
 
 
 class _ConvBlock(nn.Module):
+  """A ConvNeXt-style block: depthwise 3×3, then 3×3 and 1×1 convs."""
   @nn.compact
   def __call__(self, x, _):
-    return x + nn.Conv(3, (3, 3))(nn.relu(nn.Conv(3, (3, 3))(x))), None
+    h = nn.Conv(3, (3, 3), feature_group_count=3)(x)
+    h = nn.Conv(3, (3, 3))(nn.relu(h))
+    return x + nn.Conv(3, (1, 1))(nn.relu(h)), None
 
 
 def test_flax_nn_scan_over_conv_blocks_is_covered():
@@ -454,4 +466,6 @@ def test_flax_nn_scan_over_conv_blocks_is_covered():
   batch = {"x": x, "y": jnp.array([0, 1])}
   text = kfe.describe_layers(loss, params, batch)
   assert "kronecker 100.0%" in text.splitlines()[-1], text
-  assert text.count(f"{L}x kronecker 28x3") == 2, text
+  for block in (f"{3 * L}x kronecker 10x1", f"{L}x kronecker 28x3",
+                f"{L}x kronecker 4x3"):   # depthwise: a block per step and group
+    assert text.count(block) == 1, (block, text)
