@@ -1,0 +1,52 @@
+"""Third-party example code, vendored unchanged in ``tests/third_party``:
+discovery gives every kernel a block, and K-FAC trains it.
+
+* flax's ``examples/seq2seq`` model: an ``nn.RNN(nn.LSTMCell)`` encoder and
+  an ``nn.RNN`` decoder over a custom cell (LSTM, a Dense readout and
+  sampling with its own ``'lstm'`` RNG stream), with ``seq_lengths``
+  masking; a per-token softmax cross-entropy.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kfac_jax_ext as kfe
+from tests.third_party.flax_seq2seq_models import Seq2seq
+
+VOCAB, N, T_IN, T_OUT, HIDDEN = 14, 16, 7, 5, 32
+
+
+def _seq2seq():
+  rng = np.random.default_rng(0)
+  one_hot = lambda shape: jax.nn.one_hot(rng.integers(2, VOCAB, shape), VOCAB)
+  enc, dec = one_hot((N, T_IN)), one_hot((N, T_OUT))
+  model = Seq2seq(teacher_force=True, hidden_size=HIDDEN, vocab_size=VOCAB)
+  params = model.init({"params": jax.random.PRNGKey(0),
+                       "lstm": jax.random.PRNGKey(1)}, enc, dec)
+  batch = {"enc": enc, "dec": dec, "rng": jax.random.PRNGKey(2)}
+
+  def loss_fn(p, b):     # the example's loss: cross-entropy on teacher-forced logits
+    logits, _ = model.apply(p, b["enc"], b["dec"], rngs={"lstm": b["rng"]})
+    labels = jnp.argmax(b["dec"][:, 1:], -1)
+    return kfe.softmax_cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
+
+  return loss_fn, params, batch
+
+
+def test_flax_seq2seq_example_every_kernel_has_a_block_and_trains():
+  with jax.enable_x64(False):
+    loss_fn, params, batch = _seq2seq()
+    text = kfe.describe_layers(loss_fn, params, batch)
+    assert "Every parameter belongs to a layer." in text, text
+    assert "kronecker 100.0%" in text.splitlines()[-1], text
+    # encoder: 8 gate kernels; decoder: 8 gate kernels and the readout
+    assert sum(" dense " in r for r in text.splitlines()) == 17, text
+    opt = kfe.kfac(loss_fn, 0.3, damping=0.1, kl_clip=1e-2, example_batch=batch)
+    step = kfe.make_train_step(loss_fn, opt)
+    state, losses = opt.init(params), []
+    for i in range(20):
+      params, state, loss = step(params, state, batch, jax.random.PRNGKey(3), i)
+      losses.append(float(loss))
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 0.6 * losses[0], losses
