@@ -4,7 +4,8 @@ A leaf with one use matched by a pattern (``patterns.MATCHERS``) is a layer,
 with the bias added to its output folded in. A leaf with several uses is one
 layer when every use is a dense/embedding pattern (``tied``, K-FAC-expand
 over the uses) or when its uses are its k leading-axis slices, each a dense
-layer of one shape (``stacked``). Inside a scan body a kernel in ``xs`` is
+layer of one shape (``stacked``). Kernels concatenated before one matmul are
+a layer each (``concatenated.py``). Inside a scan body a kernel in ``xs`` is
 stacked over the steps, one closed over is shared by them. Scale-and-shift
 leaves are grouped by module. Every other leaf gets a reason that names
 the cause.
@@ -16,6 +17,7 @@ import dataclasses
 
 import numpy as np
 
+from kfac_jax_ext import concatenated
 from kfac_jax_ext import patterns
 from kfac_jax_ext.patterns import LayerMatch
 
@@ -167,6 +169,11 @@ def match_layers(uses, jaxprs, shapes, paths, n):
           groups=m["steps"] * layer.groups if stacked else layer.groups,
           slice_groups=layer.groups if stacked else 1)
     return m, layer
+
+  for site, layer in concatenated.match_concatenated(
+      jaxprs, at_operand, single, shapes, lambda leaf: _module_name(paths, leaf)):
+    taken.update(layer.leaves)
+    found.append((site, layer))
 
   for leaf, use in sorted(single.items(), key=lambda kv: kv[1].path + (kv[1].eqn,)):
     if leaf in taken:

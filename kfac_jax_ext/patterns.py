@@ -121,6 +121,8 @@ class LayerMatch:
   steps: int = 0            # inside a scan of this length (0: not in a scan)
   slice_groups: int = 1     # stacked conv: feature groups per slice (groups =
                             # slices × slice_groups blocks)
+  out_slice: tuple = ()     # (start, stop): the output columns it makes of a
+                            # product with concatenated kernels
 
   @property
   def leaves(self) -> tuple[int, ...]:

@@ -118,8 +118,9 @@ def _instrumentation(traced: tracing.TracedLoss):
   for li, layer in enumerate(traced.layers):
     for ci, (site, operand) in enumerate(layer.captures):
       actions.setdefault(site, []).append(("capture", ("a", li, ci), operand))
-    for site in layer.probes:
-      actions.setdefault(site, []).append(("probe",))
+    for site in layer.probes:   # one probe per site (concatenated kernels share it)
+      if ("probe",) not in actions.setdefault(site, []):
+        actions[site].append(("probe",))
   for k, site in enumerate(traced.loss_sites):
     actions.setdefault(site, []).append(("loss", ("loss", k)))
   active = {site[0][:n] for site in actions for n in range(1, len(site[0]) + 1)}
@@ -155,6 +156,12 @@ def _to_end(x, axes):
   return jnp.transpose(x, rest + list(axes)).reshape(-1, size)
 
 
+def _out_columns(layer, g):
+  """``g [..., features]`` cut to the columns the layer's kernel makes (a
+  kernel concatenated with others before the matmul, ``concatenated.py``)."""
+  return g[..., slice(*layer.out_slice)] if layer.out_slice else g
+
+
 def _grouped(x, groups):
   """``[K, G·d] -> [G, K, d]``: the tokens of each feature group."""
   return x.reshape(x.shape[0], groups, -1).transpose(1, 0, 2)
@@ -185,8 +192,8 @@ def _scan_statistics(layer, traced, captured, probe_grads, li):
   conv_groups = layer.slice_groups if layer.stacked else layer.groups
   one_step = dataclasses.replace(layer, steps=0, stacked=False, groups=conv_groups)
   a = jax.vmap(lambda x: _canonical_inputs(one_step, x))(captured[("a", li, 0)])
-  g = jax.vmap(lambda x: _to_end(x, layer.out_axes))(
-      probe_grads[layer.probes[0]])
+  g = _out_columns(layer, jax.vmap(lambda x: _to_end(x, layer.out_axes))(
+      probe_grads[layer.probes[0]]))
   if conv_groups > 1:                           # [L, G, K, d] per step
     g = jax.vmap(lambda x: _grouped(x, conv_groups))(g)
   else:                                         # [L, 1, K, d]
@@ -211,7 +218,7 @@ def _layer_statistics(layer, traced, captured, probe_grads, li):
     return per_use
   if layer.kind in ("dense", "conv2d", "embedding"):
     a = _canonical_inputs(layer, captured[("a", li, 0)])
-    g = _to_end(probe_grads[layer.probes[0]], layer.out_axes)
+    g = _out_columns(layer, _to_end(probe_grads[layer.probes[0]], layer.out_axes))
     return (a, _grouped(g, layer.groups) if layer.groups > 1 else g)
   return _scale_shift_statistics(layer, traced, captured, probe_grads, li)
 

@@ -469,3 +469,39 @@ def test_flax_nn_scan_over_conv_blocks_is_covered():
   for block in (f"{3 * L}x kronecker 10x1", f"{L}x kronecker 28x3",
                 f"{L}x kronecker 4x3"):   # depthwise: a block per step and group
     assert text.count(block) == 1, (block, text)
+
+
+@pytest.mark.parametrize("in_scan", [True, False])
+def test_optimized_lstm_cell_equals_the_unfused_cell(in_scan):
+  """``nn.OptimizedLSTMCell`` concatenates its four gate kernels before one
+  matmul: each gate still gets its own block, equal (factors and update) to
+  the one ``nn.LSTMCell`` (one Dense per gate, same parameters) gets."""
+  x = jax.random.normal(jax.random.PRNGKey(9), (4, 3, 2))
+  batch = {"x": x if in_scan else x[:, 0], "y": jnp.array([0, 1, 1, 0])}
+
+  def make_loss(cell_type):
+    cell = lambda n: cell_type(n, param_dtype=jnp.float64, name="cell")
+
+    class Net(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        if in_scan:
+          h = nn.RNN(cell(5))(x)[:, -1]
+        else:
+          c = cell(5)
+          h = c(c.initialize_carry(jax.random.PRNGKey(0), x.shape), x)[1]
+        return nn.Dense(2)(h)
+    return Net(), lambda p, b: kfe.softmax_cross_entropy(
+        Net().apply(p, b["x"]), b["y"])
+
+  fused_net, fused = make_loss(nn.OptimizedLSTMCell)
+  _, unfused = make_loss(nn.LSTMCell)
+  params = fused_net.init(jax.random.PRNGKey(0), batch["x"])
+  text = kfe.describe_layers(fused, params, batch)
+  assert "kronecker 100.0%" in text.splitlines()[-1], text
+  up_f, st_f = _update(fused, params, batch)
+  up_u, st_u = _update(unfused, params, batch)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-9, atol=1e-12), up_f, up_u)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-10, atol=1e-14), st_f.factors, st_u.factors)
