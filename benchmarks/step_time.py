@@ -21,7 +21,9 @@ kfac-jax is reported as absent. Models:
   static schedule, the carry donated (the README's first example).
 With ``--layouts``, also ``make_train_step`` with the state laid out from the
 parameter shapes alone (no ``example_batch``: padded slots per leaf), so the
-two layouts are compared in one run.
+two layouts are compared in one run. With ``--stats-rows 500,250``, also the
+plain step with ``update`` given only the batch's first 500 (250) rows: the
+statistics from that subsample, the gradient from the whole batch.
 
 Each step is timed after compilation, all optimizers interleaved in rounds
 of 10 steps; reported: the median step and the amortized mean over whole
@@ -166,15 +168,19 @@ KFAC_JAX = "kfac-jax 0.0.8 (stats 1, inv 5)"
 TASK_MODELS = ("fashion_cnn", "shakespeare")   # from benchmarks.tasks (flax)
 
 
-def plain_step(opt, loss_fn, params, batches):
+def plain_step(opt, loss_fn, params, batches, stats_rows=None):
   """The plain optax usage: ``jax.grad``, then ``update(..., batch=, key=)``
-  (the statistics in a second pass, the schedule from the counters)."""
+  (the statistics in a second pass, the schedule from the counters).
+  ``stats_rows``: pass ``update`` only the batch's first rows, so the
+  statistics come from that subsample (the gradient from the whole batch)."""
   key = jax.random.PRNGKey(0)
+  cut = (lambda b: b) if stats_rows is None else (
+      lambda b: jax.tree_util.tree_map(lambda x: x[:stats_rows], b))
 
   def step(carry, batch, i):
     params, state = carry
     grads = jax.grad(loss_fn)(params, batch)
-    updates, state = opt.update(grads, state, params, batch=batch,
+    updates, state = opt.update(grads, state, params, batch=cut(batch),
                                 key=jax.random.fold_in(key, i))
     return optax.apply_updates(params, updates), state
 
@@ -213,7 +219,7 @@ def _model(name, x_train, y_train):
   return kfe_loss, kfac_jax_loss, params, batches
 
 
-def run_model(name, rounds, x_train, y_train, layouts=False):
+def run_model(name, rounds, x_train, y_train, layouts=False, stats_rows=()):
   kfe_loss, kfac_jax_loss, params, batches = _model(name, x_train, y_train)
   # the README's optimizer: the state laid out from example_batch
   equal = dict(damping=1e-3, damping_mode="factored", example_batch=batches[0])
@@ -229,6 +235,13 @@ def run_model(name, rounds, x_train, y_train, layouts=False):
       "kfe.make_train_step (10, 10)": train_step(kfac(10, 10), kfe_loss, params,
                                                  batches),
   }
+  for rows in stats_rows:   # statistics on a subsample (plain path)
+    cut = jax.tree_util.tree_map(lambda x: x[:rows], batches[0])
+    for every, inverse in ((1, 5), (10, 10)):
+      opt = kfe.kfac(kfe_loss, 1e-3, stats_every=every, inverse_every=inverse,
+                     **dict(equal, example_batch=cut))
+      timed[f"plain, statistics on {rows} ({every}, {inverse})"] = plain_step(
+          opt, kfe_loss, params, batches, stats_rows=rows)
   if layouts:   # the same steps with the state laid out from parameter shapes
     shaped = lambda every, inverse: kfe.kfac(
         kfe_loss, 1e-3, stats_every=every, inverse_every=inverse,
@@ -260,6 +273,9 @@ def timing_args(doc, argv):
   parser.add_argument("--layouts", action="store_true",
                       help="also time make_train_step with the state laid out "
                            "from the parameter shapes (no example_batch)")
+  parser.add_argument("--stats-rows", default="",
+                      help="comma-separated subsample sizes: also time the plain "
+                           "step with the statistics from the batch's first rows")
   return parser.parse_args(argv)
 
 
@@ -268,7 +284,8 @@ def main(argv=None):
   x_train, y_train, _, _ = data.load_mnist()
   results = {"jax": jax.__version__, "devices": str(jax.devices()), "models": {}}
   for name in args.models.split(","):
-    rows = run_model(name, args.rounds, x_train, y_train, args.layouts)
+    rows = run_model(name, args.rounds, x_train, y_train, args.layouts,
+                     [int(r) for r in args.stats_rows.split(",") if r])
     results["models"][name] = rows
     adam = rows["optax.adam"]
     kj = rows.get(KFAC_JAX)
