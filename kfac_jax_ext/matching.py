@@ -265,6 +265,9 @@ def _reason(jaxprs, uses, shape) -> str:
   if use.reason:
     return use.reason
   eqn = jaxprs[use.path].eqns[use.eqn]
+  if sum(isinstance(prim, patterns.ScanMarker) for prim, _ in use.view.chain) > 1:
+    return (f"used by '{use.primitive}' inside nested scans (a scan in a scan "
+            "body, e.g. nn.RNN inside nn.scan over layers): no block yet")
   if patterns.scan_view(use.view.chain) is not None:
     return (f"used by '{use.primitive}' inside a scan body, where only dense "
             "and conv layers get a block")

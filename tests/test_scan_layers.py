@@ -505,3 +505,28 @@ def test_optimized_lstm_cell_equals_the_unfused_cell(in_scan):
       a, b, rtol=1e-9, atol=1e-12), up_f, up_u)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
       a, b, rtol=1e-10, atol=1e-14), st_f.factors, st_u.factors)
+
+
+def test_nested_scans_fall_back_with_their_reason():
+  """``nn.RNN`` inside ``nn.scan`` over layers (a stacked LSTM): the cell's
+  kernels are in two scans, which get no block yet; the reason says so."""
+  class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.RNN(nn.LSTMCell(4))(x), None
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x, _ = nn.scan(Layer, variable_axes={"params": 0},
+                     split_rngs={"params": True}, length=2)()(x, None)
+      return nn.Dense(2)(x[:, -1])
+
+  with jax.enable_x64(False):      # the cells' carry is float32
+    x = jnp.ones((3, 5, 4))
+    batch = {"x": x, "y": jnp.array([0, 1, 0])}
+    params = Net().init(jax.random.PRNGKey(0), x)
+    loss = lambda p, b: kfe.softmax_cross_entropy(Net().apply(p, b["x"]), b["y"])
+    rows = [r for r in kfe.describe_layers(loss, params, batch).splitlines()
+            if "LSTMCell_0/ii/kernel" in r and "(2, 4, 4)" in r]
+  assert len(rows) == 1 and "inside nested scans" in rows[0], rows
