@@ -130,7 +130,8 @@ def match_layers(uses, jaxprs, shapes, paths, n):
     shape the use's view chain starts from (default: the leaf's). Inside a
     scan body only dense and conv layers match: stacked (one block per step,
     and per group of a grouped conv) for a kernel in ``xs``, shared over the
-    steps for one closed over."""
+    steps for one closed over (also in nested scans, ``patterns.scan_view``)."""
+    full = shape
     shape = shapes[use.leaf] if shape is None else shape
     steps, marker = 0, None
     in_scan = patterns.scan_view(use.view.chain)
@@ -146,8 +147,10 @@ def match_layers(uses, jaxprs, shapes, paths, n):
       return None  # no pattern, or the layer input is itself a parameter
     if steps and m["kind"] not in ("dense", "conv2d"):
       return None   # in a scan: dense layers and convs
-    if steps:
-      m = dict(m, steps=steps, marker=marker)
+    if steps:   # slices: the leading axis a stacked kernel is scanned over
+      m = dict(m, steps=steps, marker=marker, slices=(
+          (shapes[use.leaf] if full is None else full)[0]
+          if marker is patterns.SCAN_SLICE else 1))
     x = eqn.invars[m["x_operand"]]
     d_in, d_out = patterns.layer_sizes(m, shape)
     if m["kind"] == "embedding":
@@ -166,7 +169,7 @@ def match_layers(uses, jaxprs, shapes, paths, n):
       stacked = m["marker"] is patterns.SCAN_SLICE
       layer = dataclasses.replace(
           layer, steps=m["steps"], stacked=stacked,
-          groups=m["steps"] * layer.groups if stacked else layer.groups,
+          groups=m["slices"] * layer.groups if stacked else layer.groups,
           slice_groups=layer.groups if stacked else 1)
     return m, layer
 
@@ -265,9 +268,10 @@ def _reason(jaxprs, uses, shape) -> str:
   if use.reason:
     return use.reason
   eqn = jaxprs[use.path].eqns[use.eqn]
-  if sum(isinstance(prim, patterns.ScanMarker) for prim, _ in use.view.chain) > 1:
-    return (f"used by '{use.primitive}' inside nested scans (a scan in a scan "
-            "body, e.g. nn.RNN inside nn.scan over layers): no block yet")
+  if sum(isinstance(prim, patterns.ScanMarker) for prim, _ in use.view.chain) > 1 and (
+      patterns.scan_view(use.view.chain) is None):
+    return (f"used by '{use.primitive}' inside nested scans that scan over it "
+            "below the outermost scan (or reshape it between them): no block yet")
   if patterns.scan_view(use.view.chain) is not None:
     return (f"used by '{use.primitive}' inside a scan body, where only dense "
             "and conv layers get a block")

@@ -73,14 +73,29 @@ SCAN_CONST = ScanMarker("scan_const")
 
 
 def scan_view(chain):
-  """``(marker, length, rest)`` when a view chain starts where the leaf
-  enters a scan body (and holds no other scan marker); None otherwise."""
+  """``(marker, steps, rest)`` when a view chain starts where the leaf
+  enters a scan body; None otherwise.
+
+  Nested scans (a scan in a scan body) are summarised: ``steps`` is the
+  product of their lengths and ``marker`` is ``SCAN_SLICE`` when the
+  outermost one scans over the leaf (a stacked kernel whose slices are each
+  shared by the inner steps), else ``SCAN_CONST``. Only casts may stand
+  between the markers, and only the outermost may be a ``SCAN_SLICE``; other
+  nestings give None."""
   if not chain or not isinstance(chain[0][0], ScanMarker):
     return None
+  marker, steps, k = chain[0][0], chain[0][1]["length"], 1
+  while k < len(chain) and (isinstance(chain[k][0], ScanMarker)
+                            or chain[k][0].name in ELEMENTWISE_VIEW):
+    if chain[k][0] is SCAN_SLICE:
+      return None
+    if chain[k][0] is SCAN_CONST:
+      steps *= chain[k][1]["length"]
+    k += 1
   rest = chain[1:]
-  if any(isinstance(p, ScanMarker) for p, _ in rest):
+  if any(isinstance(p, ScanMarker) for p, _ in chain[k:]):
     return None
-  return chain[0][0], chain[0][1]["length"], rest
+  return marker, steps, tuple(x for x in rest if not isinstance(x[0], ScanMarker))
 
 
 @dataclasses.dataclass(frozen=True)

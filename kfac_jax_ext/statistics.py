@@ -191,18 +191,23 @@ def _scan_statistics(layer, traced, captured, probe_grads, li):
   for a layer shared by the steps."""
   conv_groups = layer.slice_groups if layer.stacked else layer.groups
   one_step = dataclasses.replace(layer, steps=0, stacked=False, groups=conv_groups)
-  a = jax.vmap(lambda x: _canonical_inputs(one_step, x))(captured[("a", li, 0)])
-  g = _out_columns(layer, jax.vmap(lambda x: _to_end(x, layer.out_axes))(
-      probe_grads[layer.probes[0]]))
-  if conv_groups > 1:                           # [L, G, K, d] per step
+  x, dy = captured[("a", li, 0)], probe_grads[layer.probes[0]]
+  # the enclosing scans' step axes lead (outermost first): flatten them
+  x = x.reshape((-1,) + x.shape[x.ndim - len(layer.inputs_shape):])
+  dy = dy.reshape((x.shape[0],) + dy.shape[dy.ndim - len(layer.outputs_shape):])
+  a = jax.vmap(lambda x: _canonical_inputs(one_step, x))(x)
+  g = _out_columns(layer, jax.vmap(lambda x: _to_end(x, layer.out_axes))(dy))
+  if conv_groups > 1:                           # [S, G, K, d] per step
     g = jax.vmap(lambda x: _grouped(x, conv_groups))(g)
-  else:                                         # [L, 1, K, d]
+  else:                                         # [S, 1, K, d]
     a, g = a[:, None], g[:, None]
-  if layer.stacked:                             # a block per (step, group)
-    merge = lambda x: x.reshape((-1,) + x.shape[2:])
-  else:                                         # steps as extra tokens
-    merge = lambda x: x.transpose(1, 2, 0, 3).reshape(
-        x.shape[1], -1, x.shape[-1])
+  slices = layer.groups // conv_groups if layer.stacked else 1
+
+  def merge(x):   # [slices·G, K·(shared steps), d]: shared steps as tokens
+    x = x.reshape((slices, -1) + x.shape[1:])   # [slices, shared, G, K, d]
+    x = x.transpose(0, 2, 3, 1, 4)             # [slices, G, K, shared, d]
+    return x.reshape(slices * x.shape[1], -1, x.shape[-1])
+
   a, g = merge(a), merge(g)
   return (a, g) if layer.groups > 1 else (a[0], g[0])
 

@@ -42,7 +42,10 @@ def tokens(layer) -> int:
   """K: the number of positions (all examples) at which the layer applies."""
   # the output shape is one slice's (stacked) or the whole layer's
   per_block = layer.slice_groups if layer.stacked else layer.groups
-  steps = layer.steps if layer.steps and not layer.stacked else 1  # shared by steps
+  # the scan steps that share one block: all of them, or for a kernel
+  # stacked over the outer scan, those of the scans nested in it
+  slices = layer.groups // layer.slice_groups if layer.stacked else 1
+  steps = max(layer.steps // slices, 1)
   return steps * math.prod(layer.outputs_shape) // (layer.d_out * per_block)
 
 
