@@ -145,8 +145,9 @@ def match_layers(uses, jaxprs, shapes, paths, n):
     m = matcher(use, eqn, shape) if matcher else None
     if m is None or (use.path, use.eqn, m["x_operand"]) in at_operand:
       return None  # no pattern, or the layer input is itself a parameter
-    if steps and m["kind"] not in ("dense", "conv2d"):
-      return None   # in a scan: dense layers and convs
+    if steps and not (m["kind"] in ("dense", "conv2d") or (
+        m["kind"] == "embedding" and marker is patterns.SCAN_CONST)):
+      return None   # in a scan: dense layers, convs, a table closed over
     if steps:   # slices: the leading axis a stacked kernel is scanned over
       m = dict(m, steps=steps, marker=marker, slices=(
           (shapes[use.leaf] if full is None else full)[0]
@@ -274,7 +275,7 @@ def _reason(jaxprs, uses, shape) -> str:
             "below the outermost scan (or reshape it between them): no block yet")
   if patterns.scan_view(use.view.chain) is not None:
     return (f"used by '{use.primitive}' inside a scan body, where only dense "
-            "and conv layers get a block")
+            "and conv layers (and embedding tables closed over) get a block")
   if use.primitive in ("slice", "dynamic_slice") or any(
       p.name == "slice" for p, _ in use.view.chain):
     return ("only a slice of it is used: a block needs the whole kernel (or "

@@ -196,6 +196,8 @@ def _scan_statistics(layer, traced, captured, probe_grads, li):
   x = x.reshape((-1,) + x.shape[x.ndim - len(layer.inputs_shape):])
   dy = dy.reshape((x.shape[0],) + dy.shape[dy.ndim - len(layer.outputs_shape):])
   a = jax.vmap(lambda x: _canonical_inputs(one_step, x))(x)
+  if layer.kind == "embedding":                 # ids [S, K] -> [S, K, 1]
+    a = a[..., None]
   g = _out_columns(layer, jax.vmap(lambda x: _to_end(x, layer.out_axes))(dy))
   if conv_groups > 1:                           # [S, G, K, d] per step
     g = jax.vmap(lambda x: _grouped(x, conv_groups))(g)
@@ -209,6 +211,8 @@ def _scan_statistics(layer, traced, captured, probe_grads, li):
     return x.reshape(slices * x.shape[1], -1, x.shape[-1])
 
   a, g = merge(a), merge(g)
+  if layer.kind == "embedding":
+    a = a[..., 0]
   return (a, g) if layer.groups > 1 else (a[0], g[0])
 
 

@@ -579,3 +579,33 @@ def test_flax_stacked_lstm_in_nested_scans_is_covered():
     text = kfe.describe_layers(loss, params, batch)
   assert "kronecker 100.0%" in text.splitlines()[-1], text
   assert text.count("2x kronecker") == 8, text
+
+
+def test_embedding_closed_over_by_a_scan_is_one_block_over_the_steps():
+  """A table closed over by the scan body, looked up at each step with a
+  per-step loss: one embedding block (diagonal A of id counts) over steps ×
+  examples, equal to the table looked up once for all ``T·N`` ids."""
+  ks = jax.random.split(jax.random.PRNGKey(11), 2)
+  params = {"table": jax.random.normal(ks[0], (7, 3)),
+            "out": jax.random.normal(ks[1], (3, 2))}
+  t, n = 4, 3
+  ids = jax.random.randint(jax.random.PRNGKey(12), (t, n), 0, 7)
+  batch = {"ids": ids, "y": jnp.arange(t * n) % 2}
+
+  def scanned(p, b):
+    _, ys = jax.lax.scan(lambda c, i: (c, jnp.tanh(p["table"][i])), 0.0, b["ids"])
+    return kfe.softmax_cross_entropy(ys.reshape(t * n, 3) @ p["out"], b["y"])
+
+  def batched(p, b):
+    h = jnp.tanh(p["table"][b["ids"].reshape(-1)])
+    return kfe.softmax_cross_entropy(h @ p["out"], b["y"])
+
+  rows = kfe.describe_layers(scanned, params, batch).splitlines()
+  assert next(r for r in rows if r.startswith("table")).split()[1:4] == [
+      "embedding", "kronecker", "diag(7)x3"], rows
+  up_s, st_s = _update(scanned, params, batch)
+  up_b, st_b = _update(batched, params, batch)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-9, atol=1e-12), up_s, up_b)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-10, atol=1e-14), st_s.factors, st_b.factors)
