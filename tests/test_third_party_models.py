@@ -9,13 +9,18 @@ discovery gives every kernel a block, and K-FAC trains it.
   and dropout, a bidirectional LSTM of ``nn.OptimizedLSTMCell`` under
   ``nn.scan`` (the four gate kernels concatenated before one matmul,
   ``kfac_jax_ext/concatenated.py``), MLP attention and a sigmoid loss.
+* flax's ``examples/lm1b`` decoder-only transformer (``nn.Embed``, learned
+  positions, ``MultiHeadDotProductAttention``, dropout), with and without
+  logits through the embedding table (``logits_via_embedding``, tied).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import kfac_jax_ext as kfe
+from tests.third_party.flax_lm1b_models import TransformerConfig, TransformerLM
 from tests.third_party.flax_seq2seq_models import Seq2seq
 from tests.third_party.flax_sst2_models import TextClassifier
 
@@ -89,3 +94,34 @@ def test_flax_sst2_example_every_kernel_has_a_block_and_trains():
       losses.append(float(loss))
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_flax_lm1b_transformer_every_parameter_has_a_block(tied):
+  config = TransformerConfig(
+      vocab_size=40, output_vocab_size=40, emb_dim=16, num_heads=2,
+      num_layers=2, qkv_dim=16, mlp_dim=32, max_len=16,
+      logits_via_embedding=tied)
+  model = TransformerLM(config)
+  ids = jnp.asarray(np.random.default_rng(0).integers(1, 40, (4, 12)))
+  batch = {"ids": ids, "dropout": jax.random.PRNGKey(2)}
+
+  def loss_fn(p, b):    # next-token loss (the model shifts its inputs right)
+    logits = model.apply(p, b["ids"], rngs={"dropout": b["dropout"]})
+    return kfe.softmax_cross_entropy(logits.reshape(-1, 40), b["ids"].reshape(-1))
+
+  with jax.enable_x64(False):
+    params = model.init({"params": jax.random.PRNGKey(0),
+                         "dropout": jax.random.PRNGKey(1)}, ids)
+    text = kfe.describe_layers(loss_fn, params, batch)
+  assert "Every parameter belongs to a layer." in text, text
+  share = text.splitlines()[-1]
+  assert "fallback 0.0%" in share, share
+  kron = float(share.split("kronecker ")[1].split("%")[0])
+  assert kron > 96.0, share          # the rest: LayerNorm scales and shifts
+  table = next(r.split() for r in text.splitlines() if r.startswith(
+      "params/decoder/Embed_0"))
+  # tied: one block for the lookup and the output projection (K-FAC-expand
+  # over both uses); untied: the embedding block with its diagonal A
+  assert table[1:4] == (["tied", "kronecker", "40x16"] if tied else
+                        ["embedding", "kronecker", "diag(40)x16"]), table
