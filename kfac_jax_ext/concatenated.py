@@ -135,6 +135,6 @@ def match_concatenated(jaxprs, at_operand, single, shapes, module_name):
             out_axes=(len(out.aval.shape) - 1,), inputs_shape=tuple(x.aval.shape),
             outputs_shape=tuple(out.aval.shape[:-1]) + (width,),
             d_in=shapes[leaf][-2], d_out=width, steps=steps, stacked=stacked,
-            groups=steps if stacked else 1,
+            groups=shapes[leaf][0] if stacked else 1,
             out_slice=(int(start), int(start) + width))))
   return found

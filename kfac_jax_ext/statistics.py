@@ -185,10 +185,11 @@ def _canonical_inputs(layer: tracing.LayerMatch, x):
 
 def _scan_statistics(layer, traced, captured, probe_grads, li):
   """``(a, g)`` of a layer inside a scan body, from its inputs and probe
-  gradients stacked over the steps: per step (``[L, K, d]``; a grouped
-  conv: per step and group, ``[L·G, K, d]``) for a stacked layer, the steps
-  as extra tokens, example-major (``[K·L, d]``; grouped: ``[G, K·L, d]``),
-  for a layer shared by the steps."""
+  gradients stacked over the steps (of every enclosing scan, outermost
+  first): per slice of a stacked kernel (``[L, K, d]``; a grouped conv: per
+  slice and group, ``[L·G, K, d]``), with the steps that share a block as
+  extra tokens, example-major (``[K·S, d]``; grouped: ``[G, K·S, d]``).
+  An embedding's ``a`` is its ids (``[K·S]``)."""
   conv_groups = layer.slice_groups if layer.stacked else layer.groups
   one_step = dataclasses.replace(layer, steps=0, stacked=False, groups=conv_groups)
   x, dy = captured[("a", li, 0)], probe_grads[layer.probes[0]]
