@@ -556,13 +556,14 @@ def test_nested_scans_equal_the_outer_loop_unrolled(sharing):
                                  getattr(st_u.factors[k_leaf], side), rtol=1e-10)
 
 
-def test_flax_stacked_lstm_in_nested_scans_is_covered():
-  """``nn.RNN(nn.LSTMCell)`` inside ``nn.scan`` over layers: every kernel
-  gets a block per layer."""
+@pytest.mark.parametrize("cell", [nn.LSTMCell, nn.OptimizedLSTMCell])
+def test_flax_stacked_lstm_in_nested_scans_is_covered(cell):
+  """``nn.RNN(cell)`` inside ``nn.scan`` over layers: every kernel gets a
+  block per layer (also when the cell concatenates its gate kernels)."""
   class Layer(nn.Module):
     @nn.compact
     def __call__(self, x, _):
-      return nn.RNN(nn.LSTMCell(4))(x), None
+      return nn.RNN(cell(4))(x), None
 
   class Net(nn.Module):
     @nn.compact
