@@ -365,6 +365,38 @@ def _conv_head(h, p, labels):
   return kfe.softmax_cross_entropy(h.reshape(h.shape[0], -1) @ p["out"], labels)
 
 
+def _assert_slices_equal_unrolled(stacked, unrolled, params, flat, batch,
+                                  kernel, groups=1, **options):
+  """The update and factors of ``stacked`` (kernel ``params[kernel]`` and
+  bias ``params["b"]``, ``[L, ...]``) equal, per slice (and per group),
+  those of ``unrolled`` (slice i as ``flat[f"{kernel}{i}"]``, ``flat[f"b{i}"]``)."""
+  up_s, st_s = _update(stacked, params, batch, **options)
+  up_u, st_u = _update(unrolled, flat, batch, **options)
+  leaves_u = jax.tree_util.tree_leaves(flat)
+  k_s = next(j for j, x in enumerate(jax.tree_util.tree_leaves(params))
+             if x is params[kernel])
+  for i in range(L):
+    for name in (kernel, "b"):
+      np.testing.assert_allclose(up_s[name][i], up_u[f"{name}{i}"], rtol=1e-9,
+                                 atol=1e-12)
+    k_u = next(j for j, x in enumerate(leaves_u) if x is flat[f"{kernel}{i}"])
+    for side in ("rows", "cols"):
+      got = getattr(st_s.factors[k_s], side)
+      got = got[i] if groups == 1 else got[i * groups:(i + 1) * groups]
+      np.testing.assert_allclose(got, getattr(st_u.factors[k_u], side),
+                                 rtol=1e-10)
+
+
+def _assert_same_update_and_factors(loss_a, params_a, loss_b, params_b, batch):
+  """The tikhonov update and every factor of the two losses are equal."""
+  up_a, st_a = _update(loss_a, params_a, batch)
+  up_b, st_b = _update(loss_b, params_b, batch)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-9, atol=1e-12), up_a, up_b)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-10, atol=1e-14), st_a.factors, st_b.factors)
+
+
 @pytest.mark.parametrize("sharing,groups", [("expand", 1), ("auto", 1),
                                             ("expand", 3), ("auto", 3)])
 def test_scan_over_conv_layers_equals_the_unrolled_network(sharing, groups):
@@ -393,20 +425,8 @@ def test_scan_over_conv_layers_equals_the_unrolled_network(sharing, groups):
   layers = kfe.find_layers(scanned, params, batch)
   assert [(l.name, l.kind, l.has_bias) for l in layers] == [
       ("k", "conv2d", True), ("out", "dense", False)]
-  up_s, st_s = _update(scanned, params, batch, weight_sharing=sharing)
-  up_u, st_u = _update(unrolled, flat, batch, weight_sharing=sharing)
-  leaves_u = jax.tree_util.tree_leaves(flat)
-  k_scan = next(j for j, x in enumerate(jax.tree_util.tree_leaves(params))
-                if x is params["k"])
-  for i in range(L):
-    np.testing.assert_allclose(up_s["k"][i], up_u[f"k{i}"], rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(up_s["b"][i], up_u[f"b{i}"], rtol=1e-9, atol=1e-12)
-    k_leaf = next(j for j, x in enumerate(leaves_u) if x is flat[f"k{i}"])
-    for side in ("rows", "cols"):
-      got = getattr(st_s.factors[k_scan], side)
-      got = got[i] if groups == 1 else got[i * groups:(i + 1) * groups]
-      np.testing.assert_allclose(got, getattr(st_u.factors[k_leaf], side),
-                                 rtol=1e-10)
+  _assert_slices_equal_unrolled(scanned, unrolled, params, flat, batch, "k",
+                                groups, weight_sharing=sharing)
 
 
 @pytest.mark.parametrize("groups", [1, 3])
@@ -432,15 +452,7 @@ def test_conv_closed_over_by_a_scan_is_one_block_over_the_steps(groups):
   block = ["kronecker", "28x3"] if groups == 1 else ["3x", "kronecker", "10x1"]
   assert next(r for r in rows if r.startswith("k ")).split()[2:2 + len(block)] == (
       block)     # one block (per group), not one per step
-  up_s, st_s = _update(scanned, params, batch)
-  up_b, st_b = _update(batched, params, batch)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=1e-9, atol=1e-12), up_s, up_b)
-  k = next(j for j, x in enumerate(jax.tree_util.tree_leaves(params))
-           if x is params["k"])
-  for side in ("rows", "cols"):
-    np.testing.assert_allclose(getattr(st_s.factors[k], side),
-                               getattr(st_b.factors[k], side), rtol=1e-10)
+  _assert_same_update_and_factors(scanned, params, batched, params, batch)
 
 
 class _ConvBlock(nn.Module):
@@ -499,12 +511,7 @@ def test_optimized_lstm_cell_equals_the_unfused_cell(in_scan):
   params = fused_net.init(jax.random.PRNGKey(0), batch["x"])
   text = kfe.describe_layers(fused, params, batch)
   assert "kronecker 100.0%" in text.splitlines()[-1], text
-  up_f, st_f = _update(fused, params, batch)
-  up_u, st_u = _update(unfused, params, batch)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=1e-9, atol=1e-12), up_f, up_u)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=1e-10, atol=1e-14), st_f.factors, st_u.factors)
+  _assert_same_update_and_factors(fused, params, unfused, params, batch)
 
 
 def _time_scan(seq, w):
@@ -542,18 +549,8 @@ def test_nested_scans_equal_the_outer_loop_unrolled(sharing):
     flat[f"u{i}"], flat[f"b{i}"] = params["u"][i], params["b"][i]
   text = kfe.describe_layers(nested, params, batch)
   assert f"{L}x kronecker {D + 1}x{D}" in text and "kronecker 100.0%" in text, text
-  up_n, st_n = _update(nested, params, batch, weight_sharing=sharing)
-  up_u, st_u = _update(unrolled, flat, batch, weight_sharing=sharing)
-  leaves_u = jax.tree_util.tree_leaves(flat)
-  k_n = next(j for j, x in enumerate(jax.tree_util.tree_leaves(params))
-             if x is params["u"])
-  for i in range(L):
-    np.testing.assert_allclose(up_n["u"][i], up_u[f"u{i}"], rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(up_n["b"][i], up_u[f"b{i}"], rtol=1e-9, atol=1e-12)
-    k_leaf = next(j for j, x in enumerate(leaves_u) if x is flat[f"u{i}"])
-    for side in ("rows", "cols"):
-      np.testing.assert_allclose(getattr(st_n.factors[k_n], side)[i],
-                                 getattr(st_u.factors[k_leaf], side), rtol=1e-10)
+  _assert_slices_equal_unrolled(nested, unrolled, params, flat, batch, "u",
+                                weight_sharing=sharing)
 
 
 @pytest.mark.parametrize("cell", [nn.LSTMCell, nn.OptimizedLSTMCell])
@@ -604,9 +601,4 @@ def test_embedding_closed_over_by_a_scan_is_one_block_over_the_steps():
   rows = kfe.describe_layers(scanned, params, batch).splitlines()
   assert next(r for r in rows if r.startswith("table")).split()[1:4] == [
       "embedding", "kronecker", "diag(7)x3"], rows
-  up_s, st_s = _update(scanned, params, batch)
-  up_b, st_b = _update(batched, params, batch)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=1e-9, atol=1e-12), up_s, up_b)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=1e-10, atol=1e-14), st_s.factors, st_b.factors)
+  _assert_same_update_and_factors(scanned, params, batched, params, batch)

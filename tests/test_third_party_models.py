@@ -27,6 +27,29 @@ from tests.third_party.flax_sst2_models import TextClassifier
 VOCAB, N, T_IN, T_OUT, HIDDEN = 14, 16, 7, 5, 32
 
 
+def _covered_and_trained(loss_fn, params, batch, dense_layers, steps=20,
+                         fresh_key=None):
+  """Every parameter has a Kronecker block (``dense_layers`` of them dense),
+  and ``steps`` K-FAC steps (``make_train_step``) on ``batch`` return the
+  losses; ``fresh_key``: a batch entry given a new PRNG key every step
+  (dropout)."""
+  text = kfe.describe_layers(loss_fn, params, batch)
+  assert "Every parameter belongs to a layer." in text, text
+  assert "kronecker 100.0%" in text.splitlines()[-1], text
+  assert sum(r.split()[1:2] == ["dense"] for r in text.splitlines()) == (
+      dense_layers), text
+  opt = kfe.kfac(loss_fn, 0.3, damping=0.1, kl_clip=1e-2, example_batch=batch)
+  step = kfe.make_train_step(loss_fn, opt)
+  state, losses = opt.init(params), []
+  for i in range(steps):
+    b = batch if fresh_key is None else dict(
+        batch, **{fresh_key: jax.random.PRNGKey(10 + i)})
+    params, state, loss = step(params, state, b, jax.random.PRNGKey(3), i)
+    losses.append(float(loss))
+  assert np.all(np.isfinite(losses))
+  return np.asarray(losses)
+
+
 def _seq2seq():
   rng = np.random.default_rng(0)
   one_hot = lambda shape: jax.nn.one_hot(rng.integers(2, VOCAB, shape), VOCAB)
@@ -46,19 +69,8 @@ def _seq2seq():
 
 def test_flax_seq2seq_example_every_kernel_has_a_block_and_trains():
   with jax.enable_x64(False):
-    loss_fn, params, batch = _seq2seq()
-    text = kfe.describe_layers(loss_fn, params, batch)
-    assert "Every parameter belongs to a layer." in text, text
-    assert "kronecker 100.0%" in text.splitlines()[-1], text
     # encoder: 8 gate kernels; decoder: 8 gate kernels and the readout
-    assert sum(r.split()[1:2] == ["dense"] for r in text.splitlines()) == 17, text
-    opt = kfe.kfac(loss_fn, 0.3, damping=0.1, kl_clip=1e-2, example_batch=batch)
-    step = kfe.make_train_step(loss_fn, opt)
-    state, losses = opt.init(params), []
-    for i in range(20):
-      params, state, loss = step(params, state, batch, jax.random.PRNGKey(3), i)
-      losses.append(float(loss))
-  assert np.all(np.isfinite(losses))
+    losses = _covered_and_trained(*_seq2seq(), dense_layers=17)
   assert losses[-1] < 0.6 * losses[0], losses
 
 
@@ -80,19 +92,9 @@ def test_flax_sst2_example_every_kernel_has_a_block_and_trains():
   with jax.enable_x64(False):
     params = model.init({"params": jax.random.PRNGKey(0)}, batch["ids"],
                         batch["lengths"], deterministic=True)
-    text = kfe.describe_layers(loss_fn, params, batch)
-    assert "Every parameter belongs to a layer." in text, text
-    assert "kronecker 100.0%" in text.splitlines()[-1], text
-    # embedding; 2 directions × 8 gate kernels; attention 2, MLP 2
-    assert sum(r.split()[1:2] == ["dense"] for r in text.splitlines()) == 20, text
-    opt = kfe.kfac(loss_fn, 0.3, damping=0.1, kl_clip=1e-2, example_batch=batch)
-    step = kfe.make_train_step(loss_fn, opt)
-    state, losses = opt.init(params), []
-    for i in range(20):
-      b = dict(batch, dropout=jax.random.PRNGKey(10 + i))
-      params, state, loss = step(params, state, b, jax.random.PRNGKey(4), i)
-      losses.append(float(loss))
-  assert np.all(np.isfinite(losses))
+    # the embedding; 2 directions × 8 gate kernels; attention 2, MLP 2 (dense)
+    losses = _covered_and_trained(loss_fn, params, batch, dense_layers=20,
+                                  fresh_key="dropout")
   assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
 
 
