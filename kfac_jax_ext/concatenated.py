@@ -111,8 +111,8 @@ def match_concatenated(jaxprs, at_operand, single, shapes, module_name):
       if eqn.primitive.name != "concatenate":
         continue
       parts = _parts(path, i, eqn, at_operand, single, shapes, 2)
-      consumer = _only_consumer(jaxpr, eqn.outvars[0])
-      if parts is None or consumer is None:
+      consumer = parts and _only_consumer(jaxpr, eqn.outvars[0])
+      if not consumer:
         continue
       leaves, context, widths = parts
       dot = jaxpr.eqns[consumer[0]]
