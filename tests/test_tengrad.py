@@ -228,3 +228,34 @@ def test_stored_block_is_reused_for_fresh_gradients():
   _, expected = _oracle(loss, params, batch, grads=fresh)
   _assert_close(jax.tree_util.tree_leaves(updates), expected)
   assert bool(state.curvature_due)               # step 2 refreshes
+
+
+def test_concatenated_gate_kernels_get_exact_woodbury_blocks():
+  """``nn.OptimizedLSTMCell`` concatenates its gate kernels before one
+  matmul: each kernel's TENGraD update is ``(UUᵀ/n + λI)⁻¹∇`` of its own
+  per-example gradients (empirical Fisher), to float64 precision."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      cell = nn.OptimizedLSTMCell(5, param_dtype=jnp.float64)
+      carry = cell.initialize_carry(jax.random.PRNGKey(0), x.shape)
+      return nn.Dense(2, param_dtype=jnp.float64)(cell(carry, x)[1])
+
+  n = 6
+  batch = {"x": jax.random.normal(jax.random.PRNGKey(9), (n, 3)),
+           "y": jnp.arange(n) % 2}
+  params = Net().init(jax.random.PRNGKey(0), batch["x"])
+  loss = lambda p, b: kfe.softmax_cross_entropy(Net().apply(p, b["x"]), b["y"])
+  tx = kfe.scale_by_tengrad(loss, damping=LAM, gram_batch=n, fisher="empirical",
+                            example_batch=batch)
+  grads = jax.grad(loss)(params, batch)
+  updates, _ = tx.update(grads, tx.init(params), params, batch=batch)
+  cell = lambda tree, gate: tree["params"]["OptimizedLSTMCell_0"][gate]["kernel"]
+  for gate in ("ii", "ig", "io"):   # h* and if: zero gradients (zero carry)
+    per_example = jax.vmap(lambda x, y, gate=gate: cell(jax.grad(loss)(
+        params, {"x": x[None], "y": y[None]}), gate).ravel())(batch["x"], batch["y"])
+    fisher = per_example.T @ per_example / n
+    exact = jnp.linalg.solve(fisher + LAM * jnp.eye(fisher.shape[0]),
+                             cell(grads, gate).ravel())
+    np.testing.assert_allclose(cell(updates, gate).ravel(), exact, rtol=1e-9,
+                               atol=1e-12)
