@@ -223,8 +223,9 @@ def run_model(name, rounds, x_train, y_train, layouts=False, stats_rows=()):
   kfe_loss, kfac_jax_loss, params, batches = _model(name, x_train, y_train)
   # the README's optimizer: the state laid out from example_batch
   equal = dict(damping=1e-3, damping_mode="factored", example_batch=batches[0])
-  kfac = lambda every, inverse: kfe.kfac(kfe_loss, 1e-3, stats_every=every,
-                                         inverse_every=inverse, **equal)
+  kfac = lambda every, inverse, **other: kfe.kfac(
+      kfe_loss, 1e-3, stats_every=every, inverse_every=inverse,
+      **dict(equal, **other))
   timed = {
       "optax.adam": optax_step(optax.adam(1e-3), kfe_loss, params, batches),
       "kfe plain: jax.grad+update (1, 5)": plain_step(kfac(1, 5), kfe_loss,
@@ -238,17 +239,13 @@ def run_model(name, rounds, x_train, y_train, layouts=False, stats_rows=()):
   for rows in stats_rows:   # statistics on a subsample (plain path)
     cut = jax.tree_util.tree_map(lambda x: x[:rows], batches[0])
     for every, inverse in ((1, 5), (10, 10)):
-      opt = kfe.kfac(kfe_loss, 1e-3, stats_every=every, inverse_every=inverse,
-                     **dict(equal, example_batch=cut))
       timed[f"plain, statistics on {rows} ({every}, {inverse})"] = plain_step(
-          opt, kfe_loss, params, batches, stats_rows=rows)
+          kfac(every, inverse, example_batch=cut), kfe_loss, params, batches,
+          stats_rows=rows)
   if layouts:   # the same steps with the state laid out from parameter shapes
-    shaped = lambda every, inverse: kfe.kfac(
-        kfe_loss, 1e-3, stats_every=every, inverse_every=inverse,
-        damping=1e-3, damping_mode="factored")
     for every, inverse in ((1, 5), (10, 10)):
       timed[f"shape layout: make_train_step ({every}, {inverse})"] = train_step(
-          shaped(every, inverse), kfe_loss, params, batches)
+          kfac(every, inverse, example_batch=None), kfe_loss, params, batches)
   shimmed = None
   try:
     timed[KFAC_JAX], shimmed = kfac_jax_step(kfac_jax_loss, params, batches, 5)

@@ -131,8 +131,7 @@ def match_layers(uses, jaxprs, shapes, paths, n):
     scan body only dense and conv layers match: stacked (one block per step,
     and per group of a grouped conv) for a kernel in ``xs``, shared over the
     steps for one closed over (also in nested scans, ``patterns.scan_view``)."""
-    full = shape
-    shape = shapes[use.leaf] if shape is None else shape
+    shape = whole = shapes[use.leaf] if shape is None else shape
     steps, marker = 0, None
     in_scan = patterns.scan_view(use.view.chain)
     if in_scan is not None:
@@ -149,9 +148,8 @@ def match_layers(uses, jaxprs, shapes, paths, n):
         m["kind"] == "embedding" and marker is patterns.SCAN_CONST)):
       return None   # in a scan: dense layers, convs, a table closed over
     if steps:   # slices: the leading axis a stacked kernel is scanned over
-      m = dict(m, steps=steps, marker=marker, slices=(
-          (shapes[use.leaf] if full is None else full)[0]
-          if marker is patterns.SCAN_SLICE else 1))
+      m = dict(m, steps=steps, marker=marker,
+               slices=whole[0] if marker is patterns.SCAN_SLICE else 1)
     x = eqn.invars[m["x_operand"]]
     d_in, d_out = patterns.layer_sizes(m, shape)
     if m["kind"] == "embedding":
