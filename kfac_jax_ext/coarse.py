@@ -138,9 +138,21 @@ def kronecker_sums(pa, pg):
   return jnp.array(s_a), jnp.array(s_g)
 
 
+def example_products(tokens, vs):
+  """``s_n = Σ_l u_{n,l}ᵀ v_l`` from the tokens ``[(a [M,T,d_a], g [M,T,d_g])]``
+  and ``vs [d_a, d_g]``: ``[M]`` (the first half of ``F v``)."""
+  return sum(jnp.sum((a @ v) * g, axis=(1, 2)) for (a, g), v in zip(tokens, vs))
+
+
+def combine_examples(tokens, s, num_examples):
+  """``(1/M) Σ_n s_n u_{n,l}`` per layer, ``[d_a, d_g]`` (the second half)."""
+  return [jnp.einsum("n,ntd,nte->de", s, a, g) / num_examples
+          for a, g in tokens]
+
+
 def fisher_vector_product(tokens, vs, num_examples, damping):
   """``F_λ v`` on the layers: ``(Fv)_l = (1/M) Σ_n (Σ_l' u_{n,l'}ᵀv_l') u_{n,l}``
   from the tokens ``[(a [M,T,d_a], g [M,T,d_g])]`` and ``vs [d_a, d_g]``."""
-  s = sum(jnp.sum((a @ v) * g, axis=(1, 2)) for (a, g), v in zip(tokens, vs))
-  return [jnp.einsum("n,ntd,nte->de", s, a, g) / num_examples + damping * v
-          for (a, g), v in zip(tokens, vs)]
+  s = example_products(tokens, vs)
+  return [f + damping * v for f, v in
+          zip(combine_examples(tokens, s, num_examples), vs)]

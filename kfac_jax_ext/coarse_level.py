@@ -100,19 +100,28 @@ def tokens(layers, traced, cb, dtype):
                                       l.kl.has_bias, m, m) for l in layers]
 
 
-def batch_coarse(layers, toks, size, coarse_matrix, m, dtype):
-  """This batch's ``(coarse_a, coarse_g)`` from the statistics, scattered to
-  ``[S, S]`` (``F_c = coarse_a ∘ coarse_g`` before damping)."""
+def example_coefficients(layers, toks, size, dtype):
+  """``C [M, S]``: ``C[n, k] = r_kᵀu_n``, the statistics' per-example
+  gradients projected on the coarse vectors (0 at unused indices)."""
   idx = jnp.concatenate([l.idx for l in layers])
-  full = lambda x: jnp.zeros((size, size), dtype).at[jnp.ix_(idx, idx)].set(x)
+  c = jnp.concatenate([coarse.example_projections(a, g, l.basis, l.rank_one)
+                       for l, (a, g) in zip(layers, toks)], axis=1)
+  return jnp.zeros((c.shape[0], size), dtype).at[:, idx].set(c)
+
+
+def batch_coarse(layers, toks, size, coarse_matrix, m, dtype, coeffs=None):
+  """This batch's ``(coarse_a, coarse_g)`` from the statistics, scattered to
+  ``[S, S]`` (``F_c = coarse_a ∘ coarse_g`` before damping); ``coeffs``:
+  ``example_coefficients`` when already computed."""
   if coarse_matrix == "kronecker":
+    idx = jnp.concatenate([l.idx for l in layers])
+    full = lambda x: jnp.zeros((size, size), dtype).at[jnp.ix_(idx, idx)].set(x)
     pa = [a @ l.rank_one[0] for l, (a, _) in zip(layers, toks)]
     pg = [g @ l.rank_one[1] for l, (_, g) in zip(layers, toks)]
     s_a, s_g = coarse.kronecker_sums(pa, pg)
     return full(s_a), full(s_g)
-  c = jnp.concatenate([coarse.example_projections(a, g, l.basis, l.rank_one)
-                       for l, (a, g) in zip(layers, toks)], axis=1)
-  return full(c.T @ c / m), jnp.ones((size, size), dtype)
+  c = example_coefficients(layers, toks, size, dtype) if coeffs is None else coeffs
+  return c.T @ c / m, jnp.ones((size, size), dtype)
 
 
 def ggn_coarse(layers, operator, leaves, shapes, size, dtype):
@@ -146,13 +155,59 @@ def coarse_inverse(layers, st_a, st_g, lam, coarse_damping, size, dtype):
   return inverse, linalg.all_finite(inverse)
 
 
-def apply_q(layers, inverse, xs, size, dtype):
-  """``Q x = Rᵀ F_c⁻¹ R x`` per layer."""
+def project_all(layers, xs, size, dtype):
+  """``R x`` scattered to ``[S]``."""
   rx = jnp.zeros((size,), dtype)
   for l, x in zip(layers, xs):
     rx = rx.at[l.idx].set(coarse.project(l.basis, x))
-  beta = inverse @ rx
+  return rx
+
+
+def lift_all(layers, beta):
+  """``Rᵀβ`` per layer."""
   return [coarse.lift(l.basis, beta[l.idx]) for l in layers]
+
+
+def apply_q(layers, inverse, xs, size, dtype):
+  """``Q x = Rᵀ F_c⁻¹ R x`` per layer."""
+  return lift_all(layers, inverse @ project_all(layers, xs, size, dtype))
+
+
+class StatisticsFisher(NamedTuple):
+  """The statistics' ``F_λ`` on the coarse layers, for the products of a
+  fixed coarse space that need only part of ``F_λ x``: with ``s_n = u_nᵀx``,
+  ``R F x = Cᵀs/M`` and ``xᵀF x = sᵀs/M`` need no transposed pass, and
+  ``F Rᵀβ = (1/M) Σ_n (Cβ)_n u_n`` no forward one.
+
+  Attributes:
+    toks: per layer, the statistics' ``(ā, g)`` tokens.
+    coeffs: ``example_coefficients`` (``C [M, S]``).
+    m: examples of the statistics batch (per device).
+    damping: ``λ``.
+    axis_name: the data-parallel axis (the Fisher is the devices' mean).
+  """
+  toks: Any
+  coeffs: Any
+  m: int
+  damping: Any
+  axis_name: Any = None
+
+
+def coarse_product(fisher: StatisticsFisher, layers, xs, size, dtype):
+  """``(R F_λ x [S], xᵀF_λx)`` with one forward pass over the tokens."""
+  s = coarse.example_products(fisher.toks, xs)
+  rfx, xfx = distributed.mean((fisher.coeffs.T @ s / fisher.m,
+                               jnp.vdot(s, s) / fisher.m), fisher.axis_name)
+  lam = fisher.damping
+  return (rfx + lam * project_all(layers, xs, size, dtype),
+          xfx + lam * sum(jnp.vdot(x, x) for x in xs))
+
+
+def lifted_product(fisher: StatisticsFisher, layers, beta):
+  """``F_λ Rᵀβ`` per layer with one transposed pass over the tokens."""
+  fx = distributed.mean(coarse.combine_examples(
+      fisher.toks, fisher.coeffs @ beta, fisher.m), fisher.axis_name)
+  return [f + fisher.damping * x for f, x in zip(fx, lift_all(layers, beta))]
 
 
 def statistics_fvp(toks, m, damping, axis_name):
@@ -173,6 +228,49 @@ def ggn_fvp(layers, operator, leaves, shapes, damping, dtype):
     fx = operator.product(write(layers, zeros, xs, shapes))
     return [f + damping * x for f, x in zip(to_matrices(layers, fx, dtype), xs)]
   return fvp
+
+
+def model_scale(x, r, fx):
+  """``α = xᵀr / xᵀF_λx`` (``fx = F_λx``, per-layer matrices): the scale
+  minimising the quadratic model ``½αxᵀF_λx − αxᵀr``; 1 when undefined."""
+  den = sum(jnp.vdot(a, b) for a, b in zip(x, fx))
+  return _model_ratio(sum(jnp.vdot(a, b) for a, b in zip(x, r)), den)
+
+
+def _model_ratio(num, den):
+  ok = (den > 0) & jnp.isfinite(num) & jnp.isfinite(den)
+  return jnp.where(ok, num / jnp.where(ok, den, 1.0), 1.0)
+
+
+def projected_multiplicative(fisher, layers, inverse, v, b, precondition,
+                             scaled, size, dtype):
+  """The multiplicative step ``αb + Rᵀ F_c⁻¹(Rv − αR F_λb)`` (``b = M⁻¹v``;
+  ``α = bᵀv / bᵀF_λb`` when ``scaled``, else 1) with one forward pass over
+  the tokens. Returns ``(Δ per layer, α)``."""
+  del precondition                     # the signature of projected_balanced
+  rfb, bfb = coarse_product(fisher, layers, b, size, dtype)
+  alpha = (_model_ratio(sum(jnp.vdot(x, y) for x, y in zip(b, v)), bfb)
+           if scaled else jnp.ones([], dtype))
+  beta = inverse @ (project_all(layers, v, size, dtype) - alpha * rfb)
+  return [alpha * x + c for x, c in zip(b, lift_all(layers, beta))], alpha
+
+
+def projected_balanced(fisher, layers, inverse, v, b, precondition, scaled,
+                       size, dtype):
+  """The balanced step ``α(w − QF_λw) + y`` with ``y = Qv``,
+  ``z = v − F_λy``, ``w = M⁻¹z`` (``α = wᵀz / wᵀF_λw`` when ``scaled``):
+  one transposed and one forward pass over the tokens. Returns
+  ``(Δ per layer, α)``."""
+  del b
+  beta = inverse @ project_all(layers, v, size, dtype)
+  y = lift_all(layers, beta)
+  z = [x - f for x, f in zip(v, lifted_product(fisher, layers, beta))]
+  w = precondition(z)
+  rfw, wfw = coarse_product(fisher, layers, w, size, dtype)
+  alpha = (_model_ratio(sum(jnp.vdot(x, y) for x, y in zip(w, z)), wfw)
+           if scaled else jnp.ones([], dtype))
+  qfw = lift_all(layers, inverse @ rfw)
+  return [alpha * (x - c) + yi for x, c, yi in zip(w, qfw, y)], alpha
 
 
 def to_matrices(layers, leaves, dtype):

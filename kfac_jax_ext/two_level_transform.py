@@ -273,14 +273,21 @@ def scale_by_two_level_kfac(
     elif every_step:
       toks = level.tokens(layers, traced, cb, dtype)
       fvp = level.statistics_fvp(toks, m, ctx.damping, axis_name)
+    # A fixed space's multiplicative and balanced steps need F_λx only
+    # projected (R F_λx, xᵀF_λx) or lifted (F_λRᵀβ): half the token passes
+    projected = (every_step and not ggn and combine != "additive"
+                 and coarse_space not in coarse.PER_STEP_SPACES)
+    coeffs = (level.example_coefficients(layers, toks, size, dtype)
+              if projected else None)
     sub = lambda xs, ys: [x - y for x, y in zip(xs, ys)]
     precondition = lambda xs: level.to_matrices(layers, ctx.precondition(
         level.write(layers, grads, xs, shapes)), dtype)
     residual, alpha = None, jnp.ones([], dtype)
-    if coarse_space in coarse.NEEDS_RESIDUAL or combine == "multiplicative":
+    if coarse_space in coarse.NEEDS_RESIDUAL or (
+        combine == "multiplicative" and not projected):
       fb = fvp(b)
       if scaled and combine == "multiplicative":
-        alpha = model_scale(b, v, fb)
+        alpha = level.model_scale(b, v, fb)
         b, fb = [alpha * x for x in b], [alpha * x for x in fb]
       residual = sub(v, fb)
     if coarse_space in coarse.PER_STEP_SPACES:
@@ -292,7 +299,7 @@ def scale_by_two_level_kfac(
         return level.ggn_coarse(layers, operator, grads, shapes, size, dtype)
       return distributed.mean(level.batch_coarse(
           layers, level.tokens(layers, traced, cb, dtype), size, coarse_matrix,
-          m, dtype), axis_name)
+          m, dtype, coeffs), axis_name)
 
     def accumulate(st):
       new_a, new_g = batch_matrices()
@@ -332,6 +339,12 @@ def scale_by_two_level_kfac(
     if combine == "additive":
       w1, w2 = omega
       delta = [w1 * bi + w2 * qi for bi, qi in zip(b, q(v))]
+    elif projected:
+      sf = level.StatisticsFisher(toks, coeffs, m, ctx.damping, axis_name)
+      combined = (level.projected_multiplicative if combine == "multiplicative"
+                  else level.projected_balanced)
+      delta, alpha = combined(sf, layers, inverse, v, b, precondition, scaled,
+                              size, dtype)
     elif combine == "multiplicative":
       delta = [bi + ci for bi, ci in zip(b, q(residual))]
     else:
@@ -340,7 +353,7 @@ def scale_by_two_level_kfac(
       w = precondition(z)
       fw = fvp(w)
       if scaled:
-        alpha = model_scale(w, z, fw)
+        alpha = level.model_scale(w, z, fw)
       delta = [alpha * (wi - ci) + yi for wi, ci, yi in zip(w, q(fw), y)]
     # Non-finite products (e.g. from a skipped, non-finite statistics batch)
     # leave the fine step alone; counted as a failed coarse inverse.
@@ -360,11 +373,3 @@ def scale_by_two_level_kfac(
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
-
-def model_scale(x, r, fx):
-  """``α = xᵀr / xᵀF_λx`` (``fx = F_λx``, per-layer matrices): the scale
-  minimising the quadratic model ``½αxᵀF_λx − αxᵀr``; 1 when undefined."""
-  num = sum(jnp.vdot(a, b) for a, b in zip(x, r))
-  den = sum(jnp.vdot(a, b) for a, b in zip(x, fx))
-  ok = (den > 0) & jnp.isfinite(num) & jnp.isfinite(den)
-  return jnp.where(ok, num / jnp.where(ok, den, 1.0), 1.0)
