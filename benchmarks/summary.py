@@ -136,6 +136,8 @@ def markdown(results, reference="adam", plot_path=None):
            f"`{meta['command']}` — {meta['date']}, {meta['machine']}, jax "
            f"{meta['jax']}, budget {results['budget']}; sweep "
            f"{results['sweep_budget']} per setting.", ""]
+  for added in meta.get("added", []):     # runs joined with --add-to
+    lines += [f"Joined by `{added['command']}` — {added['date']}.", ""]
   failed = {k: v["error"] for k, v in results["runs"].items() if "error" in v}
   if s["target"] is not None:
     lines += [f"Target: {reference}'s best training loss **{s['target']:.4g}**, "
