@@ -372,4 +372,3 @@ def scale_by_two_level_kfac(
     return jax.tree_util.tree_unflatten(treedef, fine), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
