@@ -172,6 +172,8 @@ def test_quick_run_shakespeare_transformer(tmp_path):
     joined = json.load(f)
   assert list(joined["runs"]) == ["tengrad", "two_level_kfac", "muon"]
   assert joined["meta"]["added"][0]["optimizers"] == ["muon"]
+  assert ("Joined by `python -m benchmarks.run --task shakespeare --quick "
+          "--no-progress --optimizers muon --add-to") in summary.markdown(joined)
   with pytest.raises(SystemExit):      # already there, without --replace
     run.parse_args(["--task", "shakespeare", "--quick", "--optimizers", "muon",
                     "--add-to", path])
