@@ -297,9 +297,9 @@ def scale_by_two_level_kfac(
     def batch_matrices():
       if ggn:
         return level.ggn_coarse(layers, operator, grads, shapes, size, dtype)
+      step_toks = toks if every_step else level.tokens(layers, traced, cb, dtype)
       return distributed.mean(level.batch_coarse(
-          layers, level.tokens(layers, traced, cb, dtype), size, coarse_matrix,
-          m, dtype, coeffs), axis_name)
+          layers, step_toks, size, coarse_matrix, m, dtype, coeffs), axis_name)
 
     def accumulate(st):
       new_a, new_g = batch_matrices()
