@@ -187,3 +187,8 @@ def scan_parts(eqn: JaxprEqn) -> ScanParts | None:
   p = eqn.params
   return ScanParts(p["jaxpr"], p["num_consts"], p["num_carry"], p["length"],
                    p["reverse"], p.get("unroll", 1))
+
+
+def is_tracer(x) -> bool:
+  """True for a value being traced (inside jit, grad, vmap, shard_map...)."""
+  return isinstance(x, jax.core.Tracer)

@@ -38,6 +38,7 @@ import optax
 
 from kfac_jax_ext import curvature_products
 from kfac_jax_ext import distributed
+from kfac_jax_ext import eager
 from kfac_jax_ext import linalg
 from kfac_jax_ext import quadratic_model as qm
 from kfac_jax_ext import schedule
@@ -242,4 +243,5 @@ def quadratic_model_step(
                               health, inner_state)
     return delta, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, eager.compile_when_eager(update_fn))

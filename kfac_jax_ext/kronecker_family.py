@@ -21,6 +21,7 @@ import optax
 
 from kfac_jax_ext import checks
 from kfac_jax_ext import distributed
+from kfac_jax_ext import eager
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import schedule
@@ -248,7 +249,8 @@ def scale_by_kronecker(loss_fn: Callable[..., Any], variant: KroneckerVariant,
                                 damping_override=extra_args.get("damping"))
     return out, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, eager.compile_when_eager(update_fn))
 
 
 def layer_statistics(cb, kl, num_examples: int, weight_sharing: str = "expand"):

@@ -32,6 +32,7 @@ import jax
 import optax
 
 from kfac_jax_ext import checks
+from kfac_jax_ext import eager
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import schedule
@@ -228,4 +229,5 @@ def scale_by_natural_gradient(
         due=wood_due, share=wood_share, **extra_args)
     return out, NaturalGradientState(kron_state, wood_state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, eager.compile_when_eager(update_fn))

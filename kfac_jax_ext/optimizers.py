@@ -15,6 +15,7 @@ import optax
 
 from kfac_jax_ext import adaptive_transform
 from kfac_jax_ext import coarse
+from kfac_jax_ext import eager
 from kfac_jax_ext import kfac_transform
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import natural_gradient_transform as natural_gradient_lib
@@ -84,6 +85,13 @@ def with_optimizer_steps(preconditioner, learning_rate, *, momentum=0.9,
   return optax.chain(*parts)
 
 
+def _compiled_when_eager(tx):
+  """``tx`` whose whole chained ``update`` compiles as one program when
+  called outside ``jit`` (``eager.compile_when_eager``)."""
+  return optax.GradientTransformationExtraArgs(
+      tx.init, eager.compile_when_eager(tx.update))
+
+
 def _adaptive(precondition, loss_fn, learning_rate, momentum, weight_decay,
               kl_clip, adaptation, options, default_damping):
   """The alias with Martens & Grosse's adaptive α, μ and/or λ around it."""
@@ -140,16 +148,16 @@ def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
         setting("axis_name"))
     if not (isinstance(learning_rate, str) or isinstance(momentum, str)
             or damping_adaptation):
-      return train_step.remember_schedule(with_optimizer_steps(
-          precondition, learning_rate, momentum=momentum,
-          weight_decay=weight_decay, kl_clip=kl_clip), plan)
+      return train_step.remember_schedule(_compiled_when_eager(
+          with_optimizer_steps(precondition, learning_rate, momentum=momentum,
+                               weight_decay=weight_decay, kl_clip=kl_clip)), plan)
     adaptation = dict(damping_adaptation=damping_adaptation,
                       damping_adaptation_interval=damping_adaptation_interval,
                       damping_adaptation_decay=damping_adaptation_decay,
                       min_damping=min_damping, max_damping=max_damping)
-    return train_step.remember_schedule(_adaptive(
+    return train_step.remember_schedule(_compiled_when_eager(_adaptive(
         precondition, loss_fn, learning_rate, momentum, weight_decay, kl_clip,
-        adaptation, options, default_damping), plan)
+        adaptation, options, default_damping)), plan)
 
   own = [p for p in inspect.signature(optimizer).parameters.values()
          if p.kind is not inspect.Parameter.VAR_KEYWORD]

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import jax
 import optax
 
+from kfac_jax_ext import eager
 from kfac_jax_ext import woodbury_family
 from kfac_jax_ext.state import TengradState
 
@@ -104,8 +105,10 @@ def scale_by_tengrad(
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params, batch=batch, key=key)
   """
-  return optax.GradientTransformationExtraArgs(*woodbury_family.tengrad_stepper(
+  init_fn, update_fn = woodbury_family.tengrad_stepper(
       loss_fn, damping=damping, gram_batch=gram_batch, conv_gram=conv_gram,
       damping_mode=damping_mode, fisher=fisher, stats_every=stats_every,
       inverse_every=inverse_every, ema_decay=ema_decay, fallback=fallback,
-      axis_name=axis_name, has_aux=has_aux, example_batch=example_batch))
+      axis_name=axis_name, has_aux=has_aux, example_batch=example_batch)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, eager.compile_when_eager(update_fn))

@@ -31,6 +31,7 @@ import optax
 
 from kfac_jax_ext import chains as chains_lib
 from kfac_jax_ext import distributed
+from kfac_jax_ext import eager
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
@@ -221,7 +222,8 @@ def scale_by_tridiagonal_kfac(loss_fn, variant, **options
                                lasts, dtype)
     return out, TridiagonalState(base_state, cross, new_links, lasts, health)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, eager.compile_when_eager(update_fn))
 
 
 def _damped_factors(kl, base_state, variant, damping, dtype):

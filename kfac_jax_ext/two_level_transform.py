@@ -19,6 +19,7 @@ from kfac_jax_ext import coarse
 from kfac_jax_ext import coarse_level as level
 from kfac_jax_ext import curvature_products
 from kfac_jax_ext import distributed
+from kfac_jax_ext import eager
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import kronecker_variants
 from kfac_jax_ext import linalg
@@ -182,10 +183,10 @@ def scale_by_two_level_kfac(
       loss_fn, variant, name=name, **options)
   if coarse_space is None:
     return optax.GradientTransformationExtraArgs(
-        base_init, lambda u, s, p=None, **kw: base_step(
+        base_init, eager.compile_when_eager(lambda u, s, p=None, **kw: base_step(
             u, s, p, **{k: kw.get(k) for k in ("batch", "key", "curvature",
                                                "due")},
-            damping_override=kw.get("damping"))[:2])
+            damping_override=kw.get("damping"))[:2]))
   ema_decay = options.get("ema_decay", 0.95)
   inverse_every = options.get("inverse_every", 5)
   stats_every = options.get("stats_every", 1)
@@ -371,4 +372,5 @@ def scale_by_two_level_kfac(
     treedef = jax.tree_util.tree_structure(updates)
     return jax.tree_util.tree_unflatten(treedef, fine), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, eager.compile_when_eager(update_fn))
