@@ -16,8 +16,9 @@ Tasks (``TASKS``):
   Shakespeare, hamlet/macbeth/tempest held out as the test text, batch 32
   windows; the loss is per character.
 
-``quick=True`` shrinks the models and the evaluation sets (and uses random
-subsets) so a run takes seconds; it exists to keep the runner tested.
+``quick=True`` shrinks the models, the evaluation sets and the grids
+(``quick_grids``: two settings per optimizer) so a run takes seconds; it
+exists to keep the runner tested.
 
 Hyper-parameter grids (``Task.grids``): Adam and SGD (momentum 0.9) sweep the
 learning rate over three values, Muon over Adam's three and the next one up; every natural-gradient method, kfac-jax
@@ -236,14 +237,22 @@ def make_task(name: str, quick: bool = False, data_dir=None,
   if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(
       batch_size, int) or batch_size < 1):
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-  if name == "autoencoder":
-    return autoencoder(quick, batch_size)
-  if name == "mlp":
-    return mlp(quick, batch_size)
-  if name in ("fashion_cnn", "fashion_3c1f"):
-    return fashion(name, quick, batch_size)
-  if name == "cifar10_resnet":
-    return cifar10_resnet(quick, data_dir, batch_size)
-  if name == "shakespeare":
-    return shakespeare(quick, batch_size)
-  raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+  builders = {"autoencoder": lambda: autoencoder(quick, batch_size),
+              "mlp": lambda: mlp(quick, batch_size),
+              "fashion_cnn": lambda: fashion(name, quick, batch_size),
+              "fashion_3c1f": lambda: fashion(name, quick, batch_size),
+              "cifar10_resnet": lambda: cifar10_resnet(quick, data_dir, batch_size),
+              "shakespeare": lambda: shakespeare(quick, batch_size)}
+  if name not in builders:
+    raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+  task = builders[name]()
+  return task._replace(grids=quick_grids(task.grids)) if quick else task
+
+
+def quick_grids(grids: dict) -> dict:
+  """The ``--quick`` sweep: each grid's smallest and largest learning rate,
+  at its smallest damping (two settings per optimizer: the sweep's
+  mechanics, in seconds)."""
+  return {family: {key: ([values[0], values[-1]] if key == "lr" else values[:1])
+                   for key, values in grid.items()}
+          for family, grid in grids.items()}

@@ -144,9 +144,10 @@ def test_quick_run_cifar10_resnet(tiny_cifar):
   parent, _ = tiny_cifar
   out = parent / "out"
   run.main(["--task", "cifar10_resnet", "--quick", "--no-progress", "--optimizers",
-            "sgd,tkfac", "--data-dir", str(parent), "--out", str(out)])
+            "sgd,tkfac", "--data-dir", str(parent), "--out", str(out),
+            "--batch-size", "32"])
   # Random images and labels: only the mechanics are checked.
-  _check_quick_results(out, ["sgd", "tkfac"], "quick_cifar10_resnet",
+  _check_quick_results(out, ["sgd", "tkfac"], "quick_cifar10_resnet_b32",
                        must_improve=False)
 
 

@@ -60,8 +60,9 @@ def test_orbax_restore_in_a_fresh_process_continues_bit_exactly(tmp_path):
   expected = {}
   for method in sorted(METHODS):
     opt = METHODS[method](loss)
-    expected[method] = _train(opt, loss, params, opt.init(params), batches, 0)
     p_mid, s_mid = _train(opt, loss, params, opt.init(params), batches[:3], 0)
+    # the uninterrupted run: the same 3 steps, then 3 more in this process
+    expected[method] = _train(opt, loss, p_mid, s_mid, batches[3:], 3)
     leaves = jax.tree_util.tree_leaves(s_mid)
     assert all(isinstance(x, jax.Array) for x in leaves)   # arrays only
     with ocp.StandardCheckpointer() as ckpt:
