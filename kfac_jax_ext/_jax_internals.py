@@ -192,3 +192,9 @@ def scan_parts(eqn: JaxprEqn) -> ScanParts | None:
 def is_tracer(x) -> bool:
   """True for a value being traced (inside jit, grad, vmap, shard_map...)."""
   return isinstance(x, jax.core.Tracer)
+
+
+def tracing_now() -> bool:
+  """True while JAX is tracing (inside jit, eval_shape, make_jaxpr...)."""
+  from jax._src import core as src_core   # no public equivalent
+  return not src_core.trace_state_clean()

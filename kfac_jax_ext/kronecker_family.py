@@ -22,6 +22,7 @@ import optax
 from kfac_jax_ext import checks
 from kfac_jax_ext import distributed
 from kfac_jax_ext import eager
+from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import schedule
@@ -107,7 +108,7 @@ def kronecker_stepper(
     else:
       factors, inverses, traces = guessed_entries(leaves, dtype, damping_mode,
                                                   max_factor_dim)
-    diags = tuple(jnp.zeros(jnp.shape(leaf), dtype) for leaf in leaves)
+    diags = tuple(initial_arrays.zeros(jnp.shape(leaf), dtype) for leaf in leaves)
     zero = lambda: jnp.zeros([], jnp.int32)  # distinct buffers: state is donatable
     return KfacState(zero(), zero(), jnp.array(True), factors, traces, inverses,
                      diags, Health(zero(), zero()))
@@ -181,7 +182,7 @@ def layout_entries(traced, dtype, mode: str, max_factor_dim: int,
     side = plan_lib.natural_a_side(layer, len(traced.param_shapes[layer.kernel]))
     factors[layer.kernel], inverses[layer.kernel] = kronecker.init_layer_entry(
         a_shape, g_shape, side, dtype, mode)
-    traces[layer.kernel] = jnp.zeros(a_shape[:-2], dtype)   # per group if any
+    traces[layer.kernel] = initial_arrays.zeros(a_shape[:-2], dtype)  # per group
   return tuple(factors), tuple(inverses), tuple(traces)
 
 
@@ -195,7 +196,7 @@ def guessed_entries(leaves, dtype, mode: str, max_factor_dim: int):
         max_factor_dim)
     factors.append(kronecker.init_factors(shape, dtype) if fits else None)
     inverses.append(kronecker.init_inverse(shape, dtype, mode) if fits else None)
-    traces.append(jnp.zeros([], dtype) if fits else None)
+    traces.append(initial_arrays.zeros([], dtype) if fits else None)
   return tuple(factors), tuple(inverses), tuple(traces)
 
 

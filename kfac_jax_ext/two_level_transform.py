@@ -20,6 +20,7 @@ from kfac_jax_ext import coarse_level as level
 from kfac_jax_ext import curvature_products
 from kfac_jax_ext import distributed
 from kfac_jax_ext import eager
+from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import kronecker_variants
 from kfac_jax_ext import linalg
@@ -212,16 +213,16 @@ def scale_by_two_level_kfac(
     dtype = linalg.factor_dtype()
     # one size for both sides: a layer may use either side of its kernel
     spectral = tuple(
-        (jnp.ones((max(kronecker.slot_sizes(s)),), dtype),
-         jnp.ones((max(kronecker.slot_sizes(s)),), dtype))
+        (initial_arrays.ones((max(kronecker.slot_sizes(s)),), dtype),
+         initial_arrays.ones((max(kronecker.slot_sizes(s)),), dtype))
         if coarse_space == "spectral" and len(s) >= 2 else None for s in shapes)
     # Distinct buffers (no array twice in the state): the state is donatable.
-    zeros = jnp.zeros((size, size), dtype)
-    g0 = (jnp.zeros((size, size), dtype) if coarse_matrix == "kronecker"
-          else jnp.ones((size, size), dtype))
+    zeros = initial_arrays.zeros((size, size), dtype)
+    g0 = (initial_arrays.zeros((size, size), dtype) if coarse_matrix == "kronecker"
+          else initial_arrays.ones((size, size), dtype))
     zero = lambda: jnp.zeros([], jnp.int32)
     return TwoLevelState(base_state, jnp.array(True), zero(), zeros, g0,
-                         jnp.eye(size, dtype=dtype), spectral,
+                         initial_arrays.identity((size, size), dtype), spectral,
                          Health(zero(), zero()))
 
   def update_fn(updates, state, params=None, *, batch=None, key=None,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from kfac_jax_ext import checks
 from kfac_jax_ext import distributed
+from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import schedule
@@ -233,7 +234,7 @@ def tengrad_stepper(loss_fn, *, damping, gram_batch, conv_gram, damping_mode,
                           "lower gram_batch.")
       blocks = tuple(woodbury.init_block(s, gram_batch, dtype, lam0)
                      for s in shapes)
-    diags = tuple(jnp.zeros(s, dtype) for s in shapes)
+    diags = tuple(initial_arrays.zeros(s, dtype) for s in shapes)
     zero = lambda: jnp.zeros([], jnp.int32)
     return TengradState(zero(), jnp.array(True), blocks, diags,
                         Health(zero(), zero()))

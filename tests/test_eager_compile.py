@@ -135,3 +135,34 @@ def test_a_bad_due_still_gets_the_transforms_own_error():
   with pytest.raises(TypeError, match="due must be kfe.Due"):
     opt.update(params, opt.init(params), params, batch=batch,
                key=jax.random.PRNGKey(0), due=[True, True])
+
+
+INITS = {
+    "kfac_laid_out": lambda f, b: kfe.scale_by_kfac(f, example_batch=b),
+    "kfac_shapes": lambda f, b: kfe.scale_by_kfac(f, damping_mode="tikhonov"),
+    "tengrad": lambda f, b: kfe.scale_by_tengrad(f, gram_batch=8),
+    "tengrad_laid_out": lambda f, b: kfe.scale_by_tengrad(f, gram_batch=8,
+                                                          example_batch=b),
+    "two_level_spectral": lambda f, b: kfe.scale_by_two_level_kfac(
+        f, coarse_space="spectral"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INITS))
+def test_init_outside_a_trace_equals_init_under_jit(name):
+  """``init`` builds its identities and zeros in numpy outside a trace
+  (``initial_arrays``) and with jnp under one: the same state, each array
+  its own buffer (the state is donatable)."""
+  params, batch, loss_fn, _ = _problem()
+  opt = INITS[name](loss_fn, batch)
+  host = opt.init(params)
+  traced = jax.jit(opt.init)(params)
+  for x, y in zip(jax.tree_util.tree_leaves(host), jax.tree_util.tree_leaves(traced),
+                  strict=True):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(x, y)
+  assert any(np.array_equal(x, np.eye(len(x))) for x in jax.tree_util.tree_leaves(host)
+             if x.ndim == 2 and x.shape[0] == x.shape[1] and x.shape[0] > 1) or (
+      name.startswith("tengrad"))
+  pointers = [x.unsafe_buffer_pointer() for x in jax.tree_util.tree_leaves(host)]
+  assert len(set(pointers)) == len(pointers)

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import linalg
 
 
@@ -59,14 +60,16 @@ def slot_sizes(shape) -> tuple[int, int]:
 
 def init_factors(shape, dtype) -> KroneckerFactors:
   r, c = slot_sizes(shape)
-  return KroneckerFactors(jnp.eye(r, dtype=dtype), jnp.eye(c, dtype=dtype))
+  return KroneckerFactors(initial_arrays.identity((r, r), dtype),
+                          initial_arrays.identity((c, c), dtype))
 
 
 def init_inverse(shape, dtype, mode: str) -> KroneckerInverse:
   r, c = slot_sizes(shape)
-  vals = (lambda n: jnp.ones((n,), dtype)) if mode == "tikhonov" else (
+  vals = (lambda n: initial_arrays.ones((n,), dtype)) if mode == "tikhonov" else (
       lambda n: None)
-  return KroneckerInverse(jnp.eye(r, dtype=dtype), jnp.eye(c, dtype=dtype),
+  return KroneckerInverse(initial_arrays.identity((r, r), dtype),
+                          initial_arrays.identity((c, c), dtype),
                           vals(r), vals(c))
 
 
@@ -219,24 +222,15 @@ def precondition_layer(layer, v, inv_a, inv_g, vals_a, vals_g, damping,
   return precondition(v, inv_a, inv_g, vals_a, vals_g, damping, mode)
 
 
-def _identity(shape, dtype):
-  """Identity matrices of ``shape`` (``[..., d, d]``), or ones for a
-  diagonal factor stored as a vector."""
-  if len(shape) == 1:
-    return jnp.ones(shape, dtype)
-  eye = jnp.eye(shape[-1], dtype=dtype)
-  return jnp.broadcast_to(eye, shape) + jnp.zeros(shape, dtype)
-
-
 def init_layer_entry(a_shape, g_shape, a_side: str, dtype, mode: str):
   """Exact-size ``(KroneckerFactors, KroneckerInverse)`` of one layer with A
   in ``a_side``: identities (ones for a diagonal A)."""
   sides = {a_side: a_shape, ("cols" if a_side == "rows" else "rows"): g_shape}
-  factors = KroneckerFactors(_identity(sides["rows"], dtype),
-                             _identity(sides["cols"], dtype))
+  factors = KroneckerFactors(initial_arrays.identity(sides["rows"], dtype),
+                             initial_arrays.identity(sides["cols"], dtype))
   vals = (lambda s: None) if mode != "tikhonov" else (
-      lambda s: jnp.ones(s if len(s) == 1 else s[:-1], dtype))
-  inverse = KroneckerInverse(_identity(sides["rows"], dtype),
-                             _identity(sides["cols"], dtype),
+      lambda s: initial_arrays.ones(s if len(s) == 1 else s[:-1], dtype))
+  inverse = KroneckerInverse(initial_arrays.identity(sides["rows"], dtype),
+                             initial_arrays.identity(sides["cols"], dtype),
                              vals(sides["rows"]), vals(sides["cols"]))
   return factors, inverse

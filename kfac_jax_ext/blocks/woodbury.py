@@ -33,6 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import linalg
 from kfac_jax_ext.blocks import kronecker
 
@@ -77,18 +78,21 @@ def storage_elements(shape, capacity: int) -> int:
   return body + capacity * capacity
 
 
+zeros = initial_arrays.zeros
+
+
 def init_block(shape, capacity: int, dtype, damping) -> WoodburyBlock | None:
   kind = layout(shape)
   if kind is None:
     return None
   r, c = _rows_cols(shape)
   if kind == "factored":
-    rows, cols, per = (jnp.zeros((capacity, r + 1), dtype),
-                       jnp.zeros((capacity, c + 1), dtype), None)
+    rows, cols, per = (zeros((capacity, r + 1), dtype),
+                       zeros((capacity, c + 1), dtype), None)
   else:
-    rows, cols, per = None, None, jnp.zeros((capacity, r + 1, c), dtype)
-  return WoodburyBlock(rows, cols, per, jnp.zeros((capacity, capacity), dtype),
-                       jnp.ones([], dtype), jnp.asarray(damping, dtype))
+    rows, cols, per = None, None, zeros((capacity, r + 1, c), dtype)
+  return WoodburyBlock(rows, cols, per, zeros((capacity, capacity), dtype),
+                       initial_arrays.ones([], dtype), jnp.asarray(damping, dtype))
 
 
 def init_layer_block(d_a: int, d_g: int, a_side: str, factored: bool,
@@ -98,12 +102,12 @@ def init_layer_block(d_a: int, d_g: int, a_side: str, factored: bool,
   ``[N, d_a, d_g]``."""
   if factored:
     sizes = {a_side: d_a, ("cols" if a_side == "rows" else "rows"): d_g}
-    rows, cols, per = (jnp.zeros((capacity, sizes["rows"]), dtype),
-                       jnp.zeros((capacity, sizes["cols"]), dtype), None)
+    rows, cols, per = (zeros((capacity, sizes["rows"]), dtype),
+                       zeros((capacity, sizes["cols"]), dtype), None)
   else:
-    rows, cols, per = None, None, jnp.zeros((capacity, d_a, d_g), dtype)
-  return WoodburyBlock(rows, cols, per, jnp.zeros((capacity, capacity), dtype),
-                       jnp.ones([], dtype), jnp.asarray(damping, dtype))
+    rows, cols, per = None, None, zeros((capacity, d_a, d_g), dtype)
+  return WoodburyBlock(rows, cols, per, zeros((capacity, capacity), dtype),
+                       initial_arrays.ones([], dtype), jnp.asarray(damping, dtype))
 
 
 def available_memory_bytes() -> int | None:
