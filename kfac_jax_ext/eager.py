@@ -12,10 +12,9 @@ Calls under a trace (the user's ``jit``, ``pmap``, ``shard_map``, ``grad``,
 ``optax.inject_hyperparams``) are passed through unchanged, so nothing is
 compiled twice. So is a call whose arguments ``jit`` cannot take as they are
 (a string in ``batch``, an unhashable ``due``), so that the function raises
-its own error; and a function that
-only works on concrete values (e.g. a learning-rate schedule that branches in
-Python on the step count) falls back to the eager call after the first
-attempt, once per wrapped function.
+its own error. A function that only works on concrete values (e.g. a damping
+or learning-rate schedule that branches in Python on the step count) falls
+back to the eager call at its first call, and stays eager from then on.
 
 Example::
 

@@ -78,7 +78,7 @@ def storage_elements(shape, capacity: int) -> int:
   return body + capacity * capacity
 
 
-zeros = initial_arrays.zeros
+_zeros = initial_arrays.zeros
 
 
 def init_block(shape, capacity: int, dtype, damping) -> WoodburyBlock | None:
@@ -87,11 +87,11 @@ def init_block(shape, capacity: int, dtype, damping) -> WoodburyBlock | None:
     return None
   r, c = _rows_cols(shape)
   if kind == "factored":
-    rows, cols, per = (zeros((capacity, r + 1), dtype),
-                       zeros((capacity, c + 1), dtype), None)
+    rows, cols, per = (_zeros((capacity, r + 1), dtype),
+                       _zeros((capacity, c + 1), dtype), None)
   else:
-    rows, cols, per = None, None, zeros((capacity, r + 1, c), dtype)
-  return WoodburyBlock(rows, cols, per, zeros((capacity, capacity), dtype),
+    rows, cols, per = None, None, _zeros((capacity, r + 1, c), dtype)
+  return WoodburyBlock(rows, cols, per, _zeros((capacity, capacity), dtype),
                        initial_arrays.ones([], dtype), jnp.asarray(damping, dtype))
 
 
@@ -102,11 +102,11 @@ def init_layer_block(d_a: int, d_g: int, a_side: str, factored: bool,
   ``[N, d_a, d_g]``."""
   if factored:
     sizes = {a_side: d_a, ("cols" if a_side == "rows" else "rows"): d_g}
-    rows, cols, per = (zeros((capacity, sizes["rows"]), dtype),
-                       zeros((capacity, sizes["cols"]), dtype), None)
+    rows, cols, per = (_zeros((capacity, sizes["rows"]), dtype),
+                       _zeros((capacity, sizes["cols"]), dtype), None)
   else:
-    rows, cols, per = None, None, zeros((capacity, d_a, d_g), dtype)
-  return WoodburyBlock(rows, cols, per, zeros((capacity, capacity), dtype),
+    rows, cols, per = None, None, _zeros((capacity, d_a, d_g), dtype)
+  return WoodburyBlock(rows, cols, per, _zeros((capacity, capacity), dtype),
                        initial_arrays.ones([], dtype), jnp.asarray(damping, dtype))
 
 
