@@ -18,9 +18,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # Notebooks whose kernel spends more time training convnets than compiling:
-# they run at XLA's default optimization (02: 40 s, against 70 s at the
-# suite's compile-fast level 0, tests/conftest.py); the others compile more
-# than they run and keep level 0 (01: 10 s against 17 s).
+# they run at XLA's default optimization (02: 19 s, against 30 s at the
+# suite's compile-fast level 0, tests/conftest.py; measured alone, -n 0,
+# 2026-12-01); the others compile more than they run and keep level 0.
 TRAINING_BOUND = ("02_four_methods_fashion_mnist",)
 
 
