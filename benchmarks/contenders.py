@@ -136,7 +136,8 @@ class Contender(NamedTuple):
 
   Attributes:
     name: its name in ``OPTIMIZERS``.
-    family: ``"adam"``, ``"sgd"``, ``"muon"``, ``"natural"`` or
+    family: ``"adam"``, ``"sgd"``, ``"muon"``, ``"natural"``,
+      ``"woodbury"`` (TENGraD: a damping grid reaching higher) or
       ``"adaptive"``: the sweep grid it uses.
     init: ``(params, hp) -> carry``.
     step: ``(carry, batch, key, hp, i) -> (carry, loss)``; ``hp`` holds
@@ -218,7 +219,8 @@ def _natural(name, task, alias, options):
 
   per_step = (options.get("combine", "additive") != "additive" or
               options.get("coarse_space") in coarse.PER_STEP_SPACES)
-  return _fused(name, "natural", task, make, warmup=2,
+  family = "woodbury" if name.startswith("tengrad") else "natural"
+  return _fused(name, family, task, make, warmup=2,
                 statistics_every_step=per_step)
 
 

@@ -25,6 +25,11 @@ learning rate over three values, Muon over Adam's three and the next one up; eve
 included, sweeps the same learning rate × damping grid (2 × 2), with
 momentum 0.9, KL-clip (kfac-jax: ``norm_constraint``) ``kl_clip`` and
 curvature statistics and inverses refreshed every ``period`` steps.
+TENGraD (family ``"woodbury"``) sweeps the same learning rates and the
+damping grid continued up the 1-3-10 ladder to ten times its largest value
+(``woodbury_dampings``): its λ damps the exact block of ``n`` sampled
+gradients, so every direction outside their span is scaled by ``1/λ``, and
+its optimum lies above K-FAC's (``docs/methods.md``, TENGraD).
 """
 
 from __future__ import annotations
@@ -117,6 +122,20 @@ def _classifier(name, description, model, x_train, y_train, x_test, y_test,
               period)
 
 
+def woodbury_dampings(damping) -> list:
+  """The natural grid's dampings, continued up the 1-3-10 ladder to ten
+  times the largest (``(0.1, 0.3)`` → ``[0.1, 0.3, 1, 3]``, ``(0.01, 0.1)``
+  → ``[0.01, 0.1, 0.3, 1]``)."""
+  out = [float(d) for d in damping]
+  top = 10 * out[-1]
+  while True:
+    step = 3 if f"{out[-1]:.0e}"[0] == "1" else 10 / 3
+    nxt = float(f"{out[-1] * step:.1g}")
+    if nxt > top * (1 + 1e-9):
+      return out
+    out.append(nxt)
+
+
 def _grids(adam, sgd, lr, damping):
   # Muon with consistent_rms=0.2 takes AdamW's learning rates (Liu et al.
   # 2025): Adam's grid and the next value of its 1-3-10 ladder up, so that
@@ -126,7 +145,8 @@ def _grids(adam, sgd, lr, damping):
           "muon": {"lr": list(adam) + [up]},
           # Shampoo grafted to normalized RMSProp: Adam-scale steps too
           "shampoo": {"lr": list(adam) + [up]},
-          "natural": {"lr": list(lr), "damping": list(damping)}}
+          "natural": {"lr": list(lr), "damping": list(damping)},
+          "woodbury": {"lr": list(lr), "damping": woodbury_dampings(damping)}}
 
 
 def autoencoder(quick, batch_size=None):

@@ -11,7 +11,7 @@ import pickle
 import numpy as np
 import pytest
 
-from benchmarks import run, summary
+from benchmarks import run, summary, tasks
 from kfac_jax_ext import datasets as data
 
 
@@ -114,7 +114,8 @@ def _check_quick_results(out, names, stem, must_improve=True):
       assert scores == [] and record["chosen"]["damping"] == 150.0
       continue
     assert record["chosen"] == min(scores, key=lambda s: s["score"])["hp"]
-    family = "natural" if name.startswith(("kfac", "tkfac", "tengrad", "two")) else name
+    family = ("woodbury" if name.startswith("tengrad") else "natural"
+              if name.startswith(("kfac", "tkfac", "two")) else name)
     grid = saved["grids"][family]
     assert len(scores) == len(grid["lr"]) * len(grid.get("damping", [0]))
     assert all(s["steps"] == run.QUICK_SWEEP_STEPS for s in scores)
@@ -260,3 +261,11 @@ def test_readme_section_is_rewritten_from_json(tmp_path):
   readme.write_text("no markers")
   with pytest.raises(ValueError, match="results:begin"):
     summary.update_readme(readme, [path])
+
+
+def test_tengrad_damping_grid_continues_the_ladder_to_ten_times_higher():
+  assert tasks.woodbury_dampings((0.1, 0.3)) == [0.1, 0.3, 1.0, 3.0]
+  assert tasks.woodbury_dampings((0.01, 0.1)) == [0.01, 0.1, 0.3, 1.0]
+  assert tasks.woodbury_dampings((0.03, 0.1)) == [0.03, 0.1, 0.3, 1.0]
+  grids = tasks._grids((1e-3,), (0.1,), (0.1, 0.3), (0.1, 0.3))
+  assert grids["woodbury"]["lr"] == grids["natural"]["lr"]
