@@ -122,25 +122,27 @@ def _classifier(name, description, model, x_train, y_train, x_test, y_test,
               period)
 
 
+def _ladder_up(x: float) -> float:
+  """The next value up the 1-3-10 ladder (0.1 → 0.3 → 1)."""
+  return float(f"{x * (3 if f'{x:.0e}'[0] == '1' else 10 / 3):.1g}")
+
+
 def woodbury_dampings(damping) -> list:
   """The natural grid's dampings, continued up the 1-3-10 ladder to ten
   times the largest (``(0.1, 0.3)`` → ``[0.1, 0.3, 1, 3]``, ``(0.01, 0.1)``
   → ``[0.01, 0.1, 0.3, 1]``)."""
   out = [float(d) for d in damping]
   top = 10 * out[-1]
-  while True:
-    step = 3 if f"{out[-1]:.0e}"[0] == "1" else 10 / 3
-    nxt = float(f"{out[-1] * step:.1g}")
-    if nxt > top * (1 + 1e-9):
-      return out
-    out.append(nxt)
+  while _ladder_up(out[-1]) <= top * (1 + 1e-9):
+    out.append(_ladder_up(out[-1]))
+  return out
 
 
 def _grids(adam, sgd, lr, damping):
   # Muon with consistent_rms=0.2 takes AdamW's learning rates (Liu et al.
   # 2025): Adam's grid and the next value of its 1-3-10 ladder up, so that
   # the grid also covers an optimum above Adam's.
-  up = float(f"{adam[-1] * (3 if f'{adam[-1]:.0e}'[0] == '1' else 10 / 3):.1g}")
+  up = _ladder_up(adam[-1])
   return {"adam": {"lr": list(adam)}, "sgd": {"lr": list(sgd)},
           "muon": {"lr": list(adam) + [up]},
           # Shampoo grafted to normalized RMSProp: Adam-scale steps too

@@ -11,8 +11,9 @@ so three settings cut it; none changes what a test computes:
 * XLA's backend optimization level 0: the programs are the same HLO, only
   less optimised machine code;
 * XLA:CPU's older elementwise-fusion emitters
-  (``--xla_cpu_use_fusion_emitters=false``): the same fusions, code emitted
-  without the MLIR fusion pipeline. A K-FAC step of the static-schedule test
+  (``--xla_cpu_use_fusion_emitters=false``): the same HLO passes decide the
+  fusions; only their machine code comes from the older emitters instead of
+  the MLIR fusion pipeline. A K-FAC step of the static-schedule test
   compiles in 0.32 s instead of 0.97 s (``tests/test_static_schedule.py``
   alone, ``-n 0``: 59 s -> 30 s, on the 2-core CPU, jax 0.10.2);
 * one JAX compilation cache per test run, shared by the xdist workers and
