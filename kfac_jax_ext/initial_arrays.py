@@ -3,10 +3,10 @@
 ``init`` builds one identity or zero array per factor and parameter leaf.
 Made with ``jnp`` outside ``jit``, each distinct shape is a small XLA program
 compiled on first use (30-37 ms each on a 2-core CPU, measured as
-``tests/conftest.py`` says): hundreds of them for a large model. Outside a trace these helpers build the array in numpy and transfer
-it (no compilation); under a trace (``jax.jit(opt.init)``,
-``jax.eval_shape``) they use ``jnp``, so no large constant is embedded in
-the program.
+``tests/conftest.py`` says): hundreds of them for a large model. Outside a
+trace these helpers build the array in numpy and transfer it (no
+compilation); under a trace (``jax.jit(opt.init)``, ``jax.eval_shape``)
+they use ``jnp``, so no large constant is embedded in the program.
 
 Example::
 
