@@ -32,16 +32,18 @@ from kfac_jax_ext import tracing
 from kfac_jax_ext import weight_sharing as sharing_lib
 from kfac_jax_ext.blocks import diagonal
 from kfac_jax_ext.blocks import kronecker
+from kfac_jax_ext.blocks import table
 
 
 class KroneckerVariant(NamedTuple):
   """What distinguishes a Kronecker-factored method.
 
   Attributes:
-    batch_statistics: ``(a, g, has_bias, num_examples, dtype, layer) ->
-      (side_a, side_g, trace)``: the matrices kept (EMA) in the A- and G-slots
-      and a scalar kept per layer (K-FAC: unused zero); ``num_examples`` is
-      M, a static int.
+    batch_statistics: ``(block, stats, num_examples, dtype) ->
+      (side_a, side_g, trace)``: from the layer's statistics (``(a, g)``; a
+      tied kernel: its uses' ``(a, g)``) and its ``CurvatureBlock``, the
+      matrices kept (EMA) in the A- and G-slots and a scalar kept per layer
+      (K-FAC: unused zero); ``num_examples`` is M, a static int.
     effective_factors: ``(side_a, side_g, trace) -> (A, G)``; the block is
       ``A ⊗ G``.
     layer_damping: ``(damping, layer, side_a, side_g, trace) -> λ_l``.
@@ -178,10 +180,10 @@ def layout_entries(traced, dtype, mode: str, max_factor_dim: int,
       continue
     if plan_lib.largest_dense_dim(layer) > int(max_factor_dim):
       continue
-    a_shape, g_shape = plan_lib.factor_shapes(layer)
+    block = table.kronecker_block(layer, mode)
     side = plan_lib.natural_a_side(layer, len(traced.param_shapes[layer.kernel]))
-    factors[layer.kernel], inverses[layer.kernel] = kronecker.init_layer_entry(
-        a_shape, g_shape, side, dtype, mode)
+    factors[layer.kernel], inverses[layer.kernel] = block.init(side, dtype)
+    a_shape = block.factor_shapes()[0]
     traces[layer.kernel] = initial_arrays.zeros(a_shape[:-2], dtype)  # per group
   return tuple(factors), tuple(inverses), tuple(traces)
 
@@ -255,12 +257,12 @@ def scale_by_kronecker(loss_fn: Callable[..., Any], variant: KroneckerVariant,
 
 
 def layer_statistics(cb, kl, num_examples: int, weight_sharing: str = "expand"):
-  """``(a, g)`` of a layer in the ``CurvatureBatch``, reduced over each
-  example's positions where ``weight_sharing`` says *reduce* (a tied
-  kernel: its uses' statistics and None)."""
-  a, g = plan_lib.layer_ag(cb.layers[kl.index], kl.layer)
+  """A layer's statistics in the ``CurvatureBatch``: ``(a, g)``, reduced over
+  each example's positions where ``weight_sharing`` says *reduce* (a tied
+  kernel: its uses' ``(a, g)``, as they are)."""
   if kl.layer.kind == "tied":
-    return a, g
+    return cb.layers[kl.index]
+  a, g = cb.layers[kl.index]
   r = sharing_lib.positions(kl.layer, num_examples, weight_sharing)
   return sharing_lib.reduce_tokens(a, g, r)
 
@@ -279,8 +281,9 @@ def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype,
   factors, traces, diags = list(st.factors), list(st.traces), list(st.diagonals)
   layer_stats = distributed.mean(
       [variant.batch_statistics(
-          *layer_statistics(cb, kl, traced.num_examples, weight_sharing),
-          kl.has_bias, traced.num_examples, dtype, kl.layer)
+          table.kronecker_block(kl.layer),
+          layer_statistics(cb, kl, traced.num_examples, weight_sharing),
+          traced.num_examples, dtype)
        for kl in plan.kronecker], axis_name)
   batch_values = []
   for kl, (fa, fg, tr) in zip(plan.kronecker, layer_stats):
@@ -322,9 +325,10 @@ def layer_factors(kl, slots, trace, variant, lam):
 
 
 def refresh_costs(plan) -> list:
-  """Cost of each Kronecker layer's refresh (``d_a³ + d_g³``), for the
-  assignment of blocks to devices."""
-  return [kl.d_a ** 3 + kl.d_g ** 3 for kl in plan.kronecker]
+  """Cost of each Kronecker layer's refresh (its block's ``refresh_cost``),
+  for the assignment of blocks to devices."""
+  return [table.kronecker_block(kl.layer).refresh_cost()
+          for kl in plan.kronecker]
 
 
 def _refresh(plan, factors, traces, inverses, lam, variant, mode,
@@ -337,12 +341,12 @@ def _refresh(plan, factors, traces, inverses, lam, variant, mode,
   def layer_refresh(kl):
     fa, fg, lam_l = layer_factors(kl, factors[kl.layer.kernel],
                                    traces[kl.layer.kernel], variant, lam)
-    return kronecker.refresh_layer(kl.layer, fa, fg, lam_l, mode)
+    return table.kronecker_block(kl.layer, mode).refresh((fa, fg), lam_l)
 
   refreshed = distributed.on_owners(
       [lambda kl=kl: layer_refresh(kl) for kl in plan.kronecker],
       refresh_costs(plan), axis_name)
-  for kl, (ia, ig, va, vg, ok) in zip(plan.kronecker, refreshed):
+  for kl, ((ia, ig, va, vg), ok) in zip(plan.kronecker, refreshed):
     old = inverses[kl.layer.kernel]
     # On failure keep the previous inverse: select on the refreshed block only.
     keep = lambda new, prev: jnp.where(ok, new, prev)
@@ -380,7 +384,8 @@ def _precondition(plan, traced, grads, factors, traces, inverses, diags, lam,
       vg = linalg.leading(getattr(inv, kl.g_side + "_vals"), g_shape[:-1])
       lam_l = layer_factors(kl, factors[layer.kernel], traces[layer.kernel],
                              variant, lam)[2]
-    delta = kronecker.precondition_layer(layer, v, ia, ig, va, vg, lam_l, mode)
+    delta = table.kronecker_block(layer, mode).apply(
+        kronecker.KroneckerInverseData(ia, ig, va, vg), v, lam_l)
     dk, db = plan_lib.from_matrix(layer, delta, kernel_grad.shape, kl.has_bias)
     out[layer.kernel] = dk.astype(kernel_grad.dtype)
     if kl.has_bias:

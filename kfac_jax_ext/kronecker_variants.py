@@ -10,13 +10,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from kfac_jax_ext import kronecker_family
-from kfac_jax_ext.blocks import kronecker
 from kfac_jax_ext.blocks import trace_restricted
 
 
-def _statistics(a, g, has_bias, num_examples, dtype, layer):
-  fa, fg = kronecker.layer_batch_factors(layer, a, g, has_bias, num_examples,
-                                         dtype)
+def _statistics(block, stats, num_examples, dtype):
+  fa, fg = block.batch_statistics(stats, num_examples, dtype)
   return fa, fg, jnp.zeros(fa.shape[:-2] if fa.ndim > 2 else (), dtype)
 
 
@@ -44,10 +42,10 @@ def tkfac_variant(factors: str = "weighted", trace: str = "tokens",
     return damping + conv_damping * delta / size
 
   return kronecker_family.KroneckerVariant(
-      batch_statistics=lambda a, g, has_bias, m, dtype, layer: (
-          trace_restricted.batch_statistics(a, g, has_bias, m, dtype,
+      batch_statistics=lambda block, stats, m, dtype: (
+          trace_restricted.batch_statistics(*stats, block.has_bias, m, dtype,
                                             factors=factors, trace=trace,
-                                            layer=layer)),
+                                            layer=block.layer)),
       effective_factors=trace_restricted.effective_factors,
       layer_damping=layer_damping,
       unsupported=lambda layer: (

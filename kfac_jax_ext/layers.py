@@ -11,6 +11,8 @@ from kfac_jax_ext import chains as chains_lib
 from kfac_jax_ext import natural_gradient_transform
 from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import tracing
+from kfac_jax_ext.blocks import table
+from kfac_jax_ext.blocks import woodbury
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,16 +89,13 @@ def block_label(m: tracing.LayerMatch, max_factor_dim: int = 4096,
   if chosen is not None:
     kind = chosen.get(m.kernel)
     if kind == "woodbury":
-      return f"woodbury n={gram_size} {m.d_a}x{m.d_out}"
+      return woodbury.Woodbury(m, capacity=gram_size).label()
     if kind is None:
       return "fallback (no block of either kind)"
   largest = plan_lib.largest_dense_dim(m)
   if largest > max_factor_dim:
     return f"fallback (factor {largest} > max_factor_dim)"
-  if m.kind == "embedding":
-    return f"kronecker diag({m.d_in})x{m.d_out}"
-  prefix = f"{m.groups}x " if m.groups > 1 else ""
-  return f"{prefix}kronecker {m.d_a}x{m.d_out}"
+  return table.kronecker_block(m).label()
 
 
 def coverage(traced: tracing.TracedLoss, max_factor_dim: int = 4096,

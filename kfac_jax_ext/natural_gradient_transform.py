@@ -25,7 +25,6 @@ traced on ``example_batch``), so it is the same at ``init`` and at every
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -41,6 +40,8 @@ from kfac_jax_ext import tengrad_plan
 from kfac_jax_ext import tracing
 from kfac_jax_ext import weight_sharing as sharing_lib
 from kfac_jax_ext import woodbury_family
+from kfac_jax_ext.blocks import table
+from kfac_jax_ext.blocks import woodbury
 from kfac_jax_ext.kronecker_variants import KFAC
 from kfac_jax_ext.state import KfacState, TengradState
 
@@ -65,11 +66,8 @@ def _check_blocks(blocks) -> None:
 
 def kronecker_cost(layer) -> float:
   """Refresh cost of a layer's Kronecker block: ``d_a³ + d_g³`` per group or
-  slice (an embedding's diagonal A: ``d_g³``)."""
-  a_shape, g_shape = plan_lib.factor_shapes(layer)
-  blocks = math.prod(g_shape[:-2])
-  a_cost = a_shape[-1] ** 3 if len(a_shape) > 1 else a_shape[-1]
-  return blocks * (a_cost + g_shape[-1] ** 3)
+  slice (an embedding's diagonal A: ``V + d_g³``)."""
+  return table.kronecker_block(layer).refresh_cost()
 
 
 def woodbury_cost(layer, n: int, num_examples: int) -> float:
@@ -77,9 +75,7 @@ def woodbury_cost(layer, n: int, num_examples: int) -> float:
   ``n²(d_a + d_g) + n³``, or with ``T`` positions per example
   ``n²·min(T²(d_a + d_g), d_a d_g) + n³`` (TENGraD's cheaper Gram path)."""
   t = sharing_lib.tokens(layer) // num_examples
-  d_a, d_g = layer.d_a, layer.d_out
-  body = d_a + d_g if t == 1 else min(t * t * (d_a + d_g), d_a * d_g)
-  return n * n * body + n ** 3
+  return woodbury.Woodbury(layer, gram_size=n, positions=t).refresh_cost()
 
 
 def choose_blocks(traced, blocks: str = "auto", gram_batch: int = 128,
@@ -198,8 +194,8 @@ def scale_by_natural_gradient(
         jax.ShapeDtypeStruct(s, d) for s, d in structure[1]])
     traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux)
     chosen = choose_blocks(traced, blocks, gram_batch, max_factor_dim)
-    woodbury = frozenset(k for k, kind in chosen.items() if kind == "woodbury")
-    return plan_lib.Share(woodbury, True), plan_lib.Share(woodbury, False)
+    wood = frozenset(k for k, kind in chosen.items() if kind == "woodbury")
+    return plan_lib.Share(wood, True), plan_lib.Share(wood, False)
 
   def shares_of(params):
     leaves, treedef = jax.tree_util.tree_flatten(params)

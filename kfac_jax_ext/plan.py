@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfac_jax_ext import tracing
+from kfac_jax_ext.blocks import table
 
 NO_EXAMPLE_BATCH = (
     "its kernel's state entry cannot hold the layer's factors: the state was "
@@ -81,13 +82,10 @@ def restrict(plan: Plan, share: Share | None) -> Plan:
 
 
 def factor_shapes(layer: tracing.LayerMatch) -> tuple[tuple, tuple]:
-  """Shapes of a layer's ``(A, G)`` factors: ``[d_a, d_a]``, ``[d_g, d_g]``,
-  with a leading groups axis for grouped convs; an embedding's A is the
-  diagonal ``[V]``."""
-  if layer.kind == "embedding":
-    return (layer.d_in,), (layer.d_out, layer.d_out)
-  lead = (layer.groups,) if layer.groups > 1 else ()
-  return lead + (layer.d_a, layer.d_a), lead + (layer.d_out, layer.d_out)
+  """Shapes of a layer's ``(A, G)`` factors (its Kronecker block's):
+  ``[d_a, d_a]``, ``[d_g, d_g]``, with a leading groups axis for grouped
+  convs and stacked slices; an embedding's A is the diagonal ``[V]``."""
+  return table.kronecker_block(layer).factor_shapes()
 
 
 def largest_dense_dim(layer: tracing.LayerMatch) -> int:

@@ -55,8 +55,9 @@ def layout_blocks(traced, capacity, dtype, damping, share=None):
       continue
     positions = sharing_lib.tokens(layer) // traced.num_examples
     side = plan_lib.natural_a_side(layer, len(traced.param_shapes[layer.kernel]))
-    blocks[layer.kernel] = woodbury.init_layer_block(
-        layer.d_a, layer.d_out, side, positions == 1, capacity, dtype, damping)
+    block = woodbury_block(layer, traced, capacity, positions == 1,
+                           initial_damping=damping)
+    blocks[layer.kernel] = block.init(side, dtype)
     total += sum(x.size for x in jax.tree_util.tree_leaves(blocks[layer.kernel]))
   woodbury.check_fits(total * jnp.dtype(dtype).itemsize,
                       f"scale_by_tengrad's state (gram_batch={capacity})",
@@ -64,12 +65,22 @@ def layout_blocks(traced, capacity, dtype, damping, share=None):
   return tuple(blocks)
 
 
-def unsupported(layer):
-  if layer.is_plain or layer.kind == "scale_and_shift":
-    return None
-  what = ("scanned" if layer.steps else
-          {"embedding": "embedding", "tied": "tied"}.get(layer.kind, "grouped conv"))
-  return f"TENGraD has no Woodbury block for {what} layers yet"
+unsupported = woodbury.Woodbury.unsupported
+
+
+def woodbury_block(layer, traced, capacity: int, factored: bool,
+                   conv_gram: str = "exact", *, examples: int | None = None,
+                   gram_size: int | None = None,
+                   initial_damping=1.0) -> woodbury.Woodbury:
+  """The layer's ``woodbury.Woodbury`` block: ``capacity`` = ``gram_batch``;
+  ``examples`` (per device) and ``gram_size`` (all devices) default to
+  ``min(capacity, M)``."""
+  n = min(capacity, traced.num_examples)
+  return woodbury.Woodbury(
+      layer, capacity=capacity, gram_size=n if gram_size is None else gram_size,
+      examples=n if examples is None else examples,
+      positions=sharing_lib.tokens(layer) // traced.num_examples,
+      factored=factored, conv_gram=conv_gram, initial_damping=initial_damping)
 
 
 def block_fits(layer, block, a_side) -> bool:

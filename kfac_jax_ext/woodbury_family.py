@@ -91,88 +91,54 @@ def _examples(traced, gram_batch: int, axis_name) -> tuple[int, int]:
   return n_local, devices * n_local
 
 
-def _layer_tokens(kl, traced, cb, n_local, dtype, axis_name):
-  """The Gram batch's tokens ``ā [n, T, d_a]``, ``g [n, T, d_g]`` of a layer,
-  gathered over the devices."""
-  a, g = cb.layers[kl.index]
-  a, g = woodbury.per_example_tokens(a.astype(dtype), g.astype(dtype),
-                                     kl.has_bias, traced.num_examples, n_local)
-  return (distributed.gather_examples(a, axis_name),
-          distributed.gather_examples(g, axis_name))
+def _blocks(plan, traced, state_blocks, n_local, n, conv_gram):
+  """The ``woodbury.Woodbury`` block of every layer in the plan."""
+  return [tengrad_plan.woodbury_block(
+      kl.layer, traced, state_blocks[kl.layer.kernel].gram_inverse.shape[0],
+      state_blocks[kl.layer.kernel].per_example is None, conv_gram,
+      examples=n_local, gram_size=n) for kl in plan.kronecker]
 
 
-def _gram(kl, a, g, block, conv_gram):
-  """The layer's Gram ``K`` and the arrays it stores (``rows``/``cols`` or
-  ``per_example``)."""
-  if block.per_example is None:                      # factored layout
-    a, g = a[:, 0], g[:, 0]
-    slot_a = getattr(block, kl.a_side)
-    slot_g = getattr(block, kl.g_side)
-    stored = {kl.a_side: linalg.set_leading(jnp.zeros_like(slot_a), a),
-              kl.g_side: linalg.set_leading(jnp.zeros_like(slot_g), g)}
-    return (lambda: woodbury.dense_gram(a, g)), stored
-  t = a.shape[1]
-  if conv_gram == "spatial_sum":
-    a, g = jnp.sum(a, axis=1, keepdims=True), jnp.sum(g, axis=1, keepdims=True)
-  u = woodbury.per_example_gradients(a, g)
-  stored = {"per_example": linalg.set_leading(jnp.zeros_like(block.per_example), u)}
-  if conv_gram == "same_location":
-    return (lambda: woodbury.conv_gram(a, g, "same_location")), stored
-  if conv_gram == "exact" and woodbury.factored_conv_gram_is_cheaper(
-      t, kl.d_a, kl.d_g):
-    return (lambda: woodbury.conv_gram(a, g, "exact")), stored
-  return (lambda: woodbury.explicit_gram(u)), stored
-
-
-def _gram_cost(kl, traced, n, block) -> float:
-  t = math.prod(kl.layer.outputs_shape) // kl.layer.d_out // traced.num_examples
-  body = n * n * (kl.d_a + kl.d_g) if block.per_example is None else n * n * min(
-      t * t * (kl.d_a + kl.d_g), kl.d_a * kl.d_g)
-  return body + n ** 3
-
-
-def _refresh(plan, traced, state, cb, n_local, lam, conv_gram, fallback, dtype,
+def _refresh(plan, blocks, traced, state, cb, lam, fallback, dtype,
              axis_name=None):
   """Replaces the stored blocks by the statistics batch's.
 
   With ``axis_name`` the tokens are gathered over the devices and each
   device builds and inverts the Grams of the layers it owns
-  (``distributed.on_owners``). A batch with non-finite statistics is skipped
-  whole (counted in ``nonfinite_statistics``); a layer whose refreshed block
-  is non-finite keeps its previous block (counted in ``failed_inverses``).
+  (``distributed.on_owners``; every device stores the gathered batch). A
+  batch with non-finite statistics is skipped whole (counted in
+  ``nonfinite_statistics``); a layer whose refreshed block is non-finite
+  keeps its previous block (counted in ``failed_inverses``).
   """
   stats_ok = jnp.array(True)
-  prepared, jobs, costs = [], [], []
-  for kl in plan.kronecker:
-    block = state.blocks[kl.layer.kernel]
-    a, g = _layer_tokens(kl, traced, cb, n_local, dtype, axis_name)
+  tokens = []
+  for kl, block in zip(plan.kronecker, blocks):
+    a, g = block.batch_statistics(cb.layers[kl.index], traced.num_examples,
+                                  dtype)
+    a = distributed.gather_examples(a, axis_name)
+    g = distributed.gather_examples(g, axis_name)
     stats_ok = stats_ok & linalg.all_finite(a, g)
-    gram_fn, stored = _gram(kl, a, g, block, conv_gram)
-    n, cap = a.shape[0], block.gram_inverse.shape[0]
-
-    def job(gram_fn=gram_fn, n=n, cap=cap):
-      full = linalg.set_leading(jnp.zeros((cap, cap), dtype), gram_fn())
-      return woodbury.invert_gram(full, jnp.asarray(n, dtype), lam)
-
-    jobs.append(job)
-    costs.append(_gram_cost(kl, traced, n, block))
-    prepared.append((kl, block, n, stored))
-  inverted = distributed.on_owners(jobs, costs, axis_name)
-  refreshed = []
-  for (kl, block, n, stored), (inverse, inverse_ok) in zip(prepared, inverted):
-    new = block._replace(gram_inverse=inverse, examples=jnp.asarray(n, dtype),
-                         damping=lam, **stored)
-    ok = inverse_ok & linalg.all_finite(*jax.tree_util.tree_leaves(new))
-    refreshed.append((kl.layer.kernel, new, ok))
+    tokens.append((a, g))
+  refresh = [lambda b=b, t=t: b.refresh(t, lam) for b, t in zip(blocks, tokens)]
+  if axis_name is None:
+    refreshed = [fn() for fn in refresh]
+  else:   # the Gram inverses on their owners; the stored batch everywhere
+    inverted = distributed.on_owners(
+        [lambda fn=fn: (lambda d, ok: (d.gram_inverse, ok))(*fn())
+         for fn in refresh], [b.refresh_cost() for b in blocks], axis_name)
+    refreshed = [(fn()[0]._replace(gram_inverse=inverse), ok)
+                 for fn, (inverse, ok) in zip(refresh, inverted)]
   batch_diags = diagonal.batch_diagonals(plan, traced, cb, fallback, dtype,
                                          axis_name)
   stats_ok = stats_ok & linalg.all_finite(*batch_diags.values())
-  blocks, diags = list(state.blocks), list(state.diagonals)
+  entries, diags = list(state.blocks), list(state.diagonals)
   failures = jnp.zeros([], jnp.int32)
-  for leaf, new, ok in refreshed:
+  for kl, (data, ok) in zip(plan.kronecker, refreshed):
+    old = entries[kl.layer.kernel]
+    new = _store(kl, old, data)
     take = stats_ok & ok
-    blocks[leaf] = jax.tree_util.tree_map(
-        lambda x, y, take=take: jnp.where(take, x, y), new, blocks[leaf])
+    entries[kl.layer.kernel] = jax.tree_util.tree_map(
+        lambda x, y, take=take: jnp.where(take, x, y), new, old)
     failures = failures + (stats_ok & ~ok).astype(jnp.int32)
   for leaf, d in batch_diags.items():
     diags[leaf] = jnp.where(stats_ok, d, diags[leaf])
@@ -180,25 +146,44 @@ def _refresh(plan, traced, state, cb, n_local, lam, conv_gram, fallback, dtype,
       nonfinite_statistics=state.health.nonfinite_statistics + (
           ~stats_ok).astype(jnp.int32),
       failed_inverses=state.health.failed_inverses + failures)
-  return tuple(blocks), tuple(diags), health
+  return tuple(entries), tuple(diags), health
 
 
-def _precondition(plan, grads, blocks, diags, lam, fallback):
+def _store(kl, entry, data):
+  """The leaf's ``WoodburyBlock`` holding a refresh's exact-size data (A in
+  ``kl.a_side``; zero-padded where the entry was laid out larger)."""
+  fill = lambda slot, x: linalg.set_leading(jnp.zeros_like(slot), x)
+  stored = {}
+  if data.per_example is None:
+    stored = {kl.a_side: fill(getattr(entry, kl.a_side), data.a),
+              kl.g_side: fill(getattr(entry, kl.g_side), data.g)}
+  else:
+    stored = {"per_example": fill(entry.per_example, data.per_example)}
+  return entry._replace(gram_inverse=data.gram_inverse,
+                        examples=data.examples, damping=data.damping, **stored)
+
+
+def _load(kl, entry):
+  """The exact-size ``WoodburyInverseData`` of a leaf's ``WoodburyBlock``."""
+  if entry.per_example is None:
+    a = getattr(entry, kl.a_side)[:, :kl.d_a]
+    g = getattr(entry, kl.g_side)[:, :kl.d_g]
+    per_example = None
+  else:
+    a = g = None
+    per_example = entry.per_example[:, :kl.d_a, :kl.d_g]
+  return woodbury.WoodburyInverseData(a, g, per_example, entry.gram_inverse,
+                                      entry.examples, entry.damping)
+
+
+def _precondition(plan, blocks, grads, entries, diags, lam, fallback):
   out = list(grads)
-  for kl in plan.kronecker:
+  for kl, block in zip(plan.kronecker, blocks):
     layer = kl.layer
     kernel_grad = grads[layer.kernel]
     bias_grad = grads[layer.bias] if kl.has_bias else None
-    b = blocks[layer.kernel]
     v = plan_lib.to_matrix(layer, kernel_grad, bias_grad).astype(lam.dtype)
-    if b.per_example is None:
-      a = getattr(b, kl.a_side)[:, :kl.d_a]
-      g = getattr(b, kl.g_side)[:, :kl.d_g]
-      delta = woodbury.apply_factored(v, a, g, b.gram_inverse, b.examples,
-                                      b.damping)
-    else:
-      delta = woodbury.apply_explicit(v, b.per_example[:, :kl.d_a, :kl.d_g],
-                                      b.gram_inverse, b.examples, b.damping)
+    delta = block.apply(_load(kl, entries[layer.kernel]), v, lam)
     dk, db = plan_lib.from_matrix(layer, delta, kernel_grad.shape, kl.has_bias)
     out[layer.kernel] = dk.astype(kernel_grad.dtype)
     if kl.has_bias:
@@ -262,6 +247,7 @@ def tengrad_stepper(loss_fn, *, damping, gram_batch, conv_gram, damping_mode,
     n_local, n = _examples(traced, gram_batch, axis_name)
     _gram_memory_check(plan, traced, state.blocks, n, gram_batch, conv_gram,
                        dtype)
+    blocks = _blocks(plan, traced, state.blocks, n_local, n, conv_gram)
 
     def refresh(st):
       if curvature is not None:
@@ -270,16 +256,16 @@ def tengrad_stepper(loss_fn, *, damping, gram_batch, conv_gram, damping_mode,
       else:
         cb = statistics.statistics_pass(traced, params, batch, key, fisher,
                                         axis_name=axis_name)[2]
-      return _refresh(plan, traced, st, cb, n_local, lam, conv_gram, fallback,
-                      dtype, axis_name)
+      return _refresh(plan, blocks, traced, st, cb, lam, fallback, dtype,
+                      axis_name)
 
-    blocks, diags, health = schedule.maybe(
+    entries, diags, health = schedule.maybe(
         period, state.count % period == 0, refresh,
         lambda st: (st.blocks, st.diagonals, st.health), state,
         None if due is None else due.statistics)
-    out = _precondition(plan, grads, blocks, diags, lam, fallback)
+    out = _precondition(plan, blocks, grads, entries, diags, lam, fallback)
     count = state.count + 1
-    new_state = TengradState(count, count % period == 0, blocks, diags, health)
+    new_state = TengradState(count, count % period == 0, entries, diags, health)
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return init_fn, update_fn

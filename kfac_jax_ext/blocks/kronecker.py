@@ -9,10 +9,10 @@ which equals KFC's ``Ω ⊗ Γ`` for conv layers (and kfac-jax's ``|T|``-scaled
 factors). The canonical gradient matrix ``V`` is ``[d_in(+1), d_out]`` (flax
 orientation, bias as last row); in row-major vec ``(A ⊗ G) vec(V) = vec(A V G)``.
 
-Embeddings (a gather of table rows by ids) are dense layers with one-hot
-inputs: ``A = diag(f)``, ``f_v`` = the share of tokens with id v, stored as
-the vector ``f``. Grouped/depthwise convs have one block per feature group,
-stored batched (``[groups, d, d]``).
+Grouped/depthwise convs have one block per feature group, and a stacked
+kernel (scanned over) one per slice, stored batched (``[groups, d, d]``).
+Embeddings (``blocks/embedding.py``) and kernels with several uses
+(``blocks/tied.py``) are Kronecker blocks with their own statistics.
 
 Damping (``damping_mode``):
 * ``"tikhonov"``: exact ``(A⊗G + λI)⁻¹ vec(V) = Q_A [(Q_Aᵀ V Q_G) ⊘ (α γᵀ + λ)] Q_Gᵀ``;
@@ -21,7 +21,8 @@ Damping (``damping_mode``):
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 
 from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import linalg
+from kfac_jax_ext.blocks import base
 
 
 class KroneckerFactors(NamedTuple):
@@ -121,107 +123,6 @@ def precondition(v, inv_a, inv_g, vals_a, vals_g, damping, mode: str):
   return inv_a @ v @ inv_g
 
 
-def id_counts(ids, size: int, dtype, weights=None):
-  """``Σ_tok w_tok onehot(id_tok)`` as a ``[size]`` vector (w = 1 by
-  default); ids outside ``[0, size)`` (dropped by the gather) count for
-  nothing."""
-  weights = 1.0 if weights is None else weights
-  return jnp.zeros((size,), dtype).at[ids].add(weights, mode="drop")
-
-
-def embedding_factors(ids, g, vocab: int, num_examples, dtype):
-  """``(f, G_b)`` of an embedding: ``f_v = #{tokens with id v} / K`` (the
-  diagonal of ``A = E[onehot onehotᵀ]``) and ``G_b = gᵀg / M``. Ids outside
-  ``[0, vocab)`` (dropped by the gather) count for nothing."""
-  g = g.astype(dtype)
-  return (id_counts(ids, vocab, dtype) / ids.shape[0],
-          (g.T @ g) / jnp.asarray(num_examples, dtype))
-
-
-def tied_factors(layer, stats, num_examples, dtype):
-  """``(R_b, C_b)`` of a kernel with several uses (``layer.kind == "tied"``),
-  K-FAC-expand over the uses: every use adds its tokens to the same two
-  factors in the orientation of the first use, inputs normalised by the
-  tokens of all uses ``K``, output gradients by the M loss examples. A use
-  whose input is on the other side (a table as embedding and as output
-  projection) adds its input Gram to the column factor and its output Gram
-  to the row factor. Equals ``batch_factors`` of one layer applied to all
-  the uses' tokens when every use has the first one's orientation."""
-  k = sum(a.shape[0] for a, _ in stats)
-  rows = jnp.zeros((layer.d_in, layer.d_in), dtype)
-  cols = jnp.zeros((layer.d_out, layer.d_out), dtype)
-  for use, flip, (a, g) in zip(layer.uses, layer.transposed, stats):
-    if use.kind == "embedding":
-      a_gram = jnp.diag(id_counts(a, use.d_in, dtype))
-    else:
-      a_gram = a.astype(dtype).T @ a.astype(dtype)
-    g = g.astype(dtype)
-    a_gram, g_gram = a_gram / k, (g.T @ g) / jnp.asarray(num_examples, dtype)
-    rows, cols = (rows + g_gram, cols + a_gram) if flip else (
-        rows + a_gram, cols + g_gram)
-  return rows, cols
-
-
-def layer_batch_factors(layer, a, g, has_bias: bool, num_examples, dtype):
-  """``(A_b, G_b)`` of one batch for any Kronecker layer kind (tied: ``a``
-  holds the uses' statistics, ``g`` is None)."""
-  if layer.kind == "tied":
-    return tied_factors(layer, a, num_examples, dtype)
-  if layer.kind == "embedding":
-    return embedding_factors(a, g, layer.d_in, num_examples, dtype)
-  if layer.groups > 1:
-    return jax.vmap(lambda x, y: batch_factors(x, y, has_bias, num_examples,
-                                               dtype))(a, g)
-  return batch_factors(a, g, has_bias, num_examples, dtype)
-
-
-def refresh_diagonal_a(f, g, damping, mode: str):
-  """``refresh`` for ``A = diag(f)`` (embeddings): the A side stays a vector
-  (its eigenbasis is the identity)."""
-  f = jnp.maximum(f, 0.0)
-  if mode == "tikhonov":
-    vg, qg, ok = linalg.eigh(g)
-    return f, qg, f, vg, ok & linalg.all_finite(f)
-  pi = linalg.pi_adjustment(f, g)
-  root = jnp.sqrt(damping)
-  inv_a = 1.0 / (f + pi * root)
-  inv_g, ok_g = linalg.damped_inverse(g, root / pi)
-  return inv_a, inv_g, None, None, ok_g & linalg.all_finite(inv_a)
-
-
-def precondition_diagonal_a(v, inv_a, inv_g, vals_a, vals_g, damping, mode):
-  """``precondition`` for ``A = diag(f)``; ``v`` is ``[V, d_out]``."""
-  if mode == "tikhonov":
-    rotated = (v @ inv_g) / (vals_a[:, None] * vals_g[None, :] + damping)
-    return rotated @ inv_g.T
-  return inv_a[:, None] * (v @ inv_g)
-
-
-def refresh_layer(layer, a, g, damping, mode: str):
-  """``refresh`` for any Kronecker layer kind (grouped: per group, with a
-  per-group damping ``[groups]``)."""
-  if layer.kind == "embedding":
-    return refresh_diagonal_a(a, g, damping, mode)
-  if layer.groups > 1:
-    damping = jnp.broadcast_to(damping, a.shape[:1])
-    *out, ok = jax.vmap(functools.partial(refresh, mode=mode))(a, g, damping)
-    return (*out, jnp.all(ok))
-  return refresh(a, g, damping, mode)
-
-
-def precondition_layer(layer, v, inv_a, inv_g, vals_a, vals_g, damping,
-                       mode: str):
-  """``precondition`` for any Kronecker layer kind."""
-  if layer.kind == "embedding":
-    return precondition_diagonal_a(v, inv_a, inv_g, vals_a, vals_g, damping,
-                                   mode)
-  if layer.groups > 1:
-    damping = jnp.broadcast_to(damping, v.shape[:1])
-    return jax.vmap(functools.partial(precondition, mode=mode))(
-        v, inv_a, inv_g, vals_a, vals_g, damping)
-  return precondition(v, inv_a, inv_g, vals_a, vals_g, damping, mode)
-
-
 def init_layer_entry(a_shape, g_shape, a_side: str, dtype, mode: str):
   """Exact-size ``(KroneckerFactors, KroneckerInverse)`` of one layer with A
   in ``a_side``: identities (ones for a diagonal A)."""
@@ -234,3 +135,73 @@ def init_layer_entry(a_shape, g_shape, a_side: str, dtype, mode: str):
                              initial_arrays.identity(sides["cols"], dtype),
                              vals(sides["rows"]), vals(sides["cols"]))
   return factors, inverse
+
+
+class KroneckerInverseData(NamedTuple):
+  """What a Kronecker refresh yields: damped inverses of A and G (factored
+  mode; ``vals_*`` None) or their eigenvectors and eigenvalues (tikhonov)."""
+  inv_a: jax.Array
+  inv_g: jax.Array
+  vals_a: jax.Array | None
+  vals_g: jax.Array | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Kronecker(base.CurvatureBlock):
+  """``F_l ≈ A ⊗ G`` of a dense or conv layer (see the module doc); a grouped
+  conv or the slices of a stacked kernel have one block per group or slice,
+  stored batched (``[groups, d, d]``) and refreshed and applied with
+  ``vmap``.
+
+  Attributes:
+    mode: ``"tikhonov"`` or ``"factored"`` damping.
+  """
+  mode: str = "tikhonov"
+
+  @property
+  def batched(self) -> bool:
+    return self.layer.groups > 1
+
+  def factor_shapes(self) -> tuple[tuple, tuple]:
+    """Shapes of ``(A, G)``: ``[d_a, d_a]``, ``[d_g, d_g]`` (per group)."""
+    lead = (self.layer.groups,) if self.batched else ()
+    return (lead + (self.layer.d_a, self.layer.d_a),
+            lead + (self.layer.d_out, self.layer.d_out))
+
+  def init(self, a_side: str, dtype):
+    """``(KroneckerFactors, KroneckerInverse)``: identities, A in ``a_side``."""
+    a_shape, g_shape = self.factor_shapes()
+    return init_layer_entry(a_shape, g_shape, a_side, dtype, self.mode)
+
+  def batch_statistics(self, stats, num_examples, dtype):
+    """``(A_b, G_b)`` from the tokens ``stats = (a [K, d_in], g [K, d_out])``."""
+    a, g = stats
+    one = lambda x, y: batch_factors(x, y, self.has_bias, num_examples, dtype)
+    return jax.vmap(one)(a, g) if self.batched else one(a, g)
+
+  def refresh(self, estimate, damping):
+    """Inverse data of ``(A, G)``; a per-group damping has shape ``[groups]``."""
+    a, g = estimate
+    one = lambda x, y, lam: refresh(x, y, lam, self.mode)
+    if self.batched:
+      *out, ok = jax.vmap(one)(a, g, jnp.broadcast_to(damping, a.shape[:1]))
+      return KroneckerInverseData(*out), jnp.all(ok)
+    *out, ok = one(a, g, damping)
+    return KroneckerInverseData(*out), ok
+
+  def apply(self, inverse, v, damping):
+    one = lambda x, ia, ig, va, vg, lam: precondition(x, ia, ig, va, vg, lam,
+                                                      self.mode)
+    if self.batched:
+      return jax.vmap(one)(v, *inverse, jnp.broadcast_to(damping, v.shape[:1]))
+    return one(v, *inverse, damping)
+
+  def refresh_cost(self) -> float:
+    """``d_a³ + d_g³`` per group or slice."""
+    a_shape, g_shape = self.factor_shapes()
+    return math.prod(g_shape[:-2]) * (a_shape[-1] ** 3 + g_shape[-1] ** 3)
+
+  def label(self) -> str:
+    """``kronecker d_a×d_g``, with ``G× `` in front for G groups or slices."""
+    prefix = f"{self.layer.groups}x " if self.batched else ""
+    return f"{prefix}kronecker {self.layer.d_a}x{self.layer.d_out}"

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from kfac_jax_ext import linalg
+from kfac_jax_ext.blocks import embedding
 from kfac_jax_ext.blocks import kronecker
 
 
@@ -55,10 +56,10 @@ def _embedding_statistics(ids, g, vocab, num_examples, dtype, factors, trace):
   m = jnp.asarray(num_examples, dtype)
   beta = jnp.sum(g * g, axis=1)
   if factors == "weighted":
-    side_a = kronecker.id_counts(ids, vocab, dtype, beta) / m
+    side_a = embedding.id_counts(ids, vocab, dtype, beta) / m
     side_g = g.T @ g / m
   else:
-    side_a, side_g = kronecker.embedding_factors(ids, g, vocab, num_examples,
+    side_a, side_g = embedding.embedding_factors(ids, g, vocab, num_examples,
                                                  dtype)
   if trace == "exact":
     per = ids.shape[0] // num_examples

@@ -27,6 +27,7 @@ the divisor is the true ``n``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import NamedTuple
 
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 
 from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import linalg
+from kfac_jax_ext.blocks import base
 from kfac_jax_ext.blocks import kronecker
 
 CONV_GRAMS = ("exact", "spatial_sum", "same_location")
@@ -217,3 +219,114 @@ def apply_explicit(v, u, gram_inverse, n, damping):
   flat = u.reshape(u.shape[0], -1)
   w = gram_inverse @ (flat @ v.reshape(-1)) / n
   return (v - (w @ flat).reshape(v.shape)) / damping
+
+
+class WoodburyInverseData(NamedTuple):
+  """What a Woodbury refresh yields, exact size (the shell writes ``a`` and
+  ``g`` into the sides of its ``WoodburyBlock``): ``Ā [N, d_a]``,
+  ``G [N, d_g]`` (factored; ``per_example`` None) or ``U [N, d_a, d_g]``
+  (explicit; ``a``, ``g`` None), ``(K/n + λI)⁻¹ [N, N]``, ``n`` and ``λ``."""
+  a: jax.Array | None
+  g: jax.Array | None
+  per_example: jax.Array | None
+  gram_inverse: jax.Array
+  examples: jax.Array
+  damping: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Woodbury(base.CurvatureBlock):
+  """TENGraD's exact damped block ``(UUᵀ/n + λI)⁻¹`` of a dense or conv layer.
+
+  Attributes:
+    capacity: ``N`` (``gram_batch``), the Gram's fixed size.
+    gram_size: ``n ≤ N``, the examples in the Gram (over all devices).
+    examples: ``n_d``, the examples of this device's batch that enter the
+      Gram (``batch_statistics``).
+    positions: ``T``, the layer's positions (tokens) per loss example.
+    factored: store ``Ā``, ``G`` (one position per loss example) rather than
+      the per-example gradients ``U``.
+    conv_gram: how an explicit layer's Gram is computed (``CONV_GRAMS``).
+    initial_damping: ``λ`` of the block before its first refresh.
+  """
+  capacity: int = 128
+  gram_size: int = 128
+  examples: int = 128
+  positions: int = 1
+  factored: bool = True
+  conv_gram: str = "exact"
+  initial_damping: float = 1.0
+
+  @staticmethod
+  def unsupported(layer) -> str | None:
+    """Why the layer has no Woodbury block (None: it has one)."""
+    if layer.is_plain or layer.kind == "scale_and_shift":
+      return None
+    what = ("scanned" if layer.steps else {"embedding": "embedding",
+                                           "tied": "tied"}.get(layer.kind,
+                                                               "grouped conv"))
+    return f"TENGraD has no Woodbury block for {what} layers yet"
+
+  def init(self, a_side: str, dtype) -> WoodburyBlock:
+    return init_layer_block(self.layer.d_a, self.layer.d_out, a_side,
+                            self.factored, self.capacity, dtype,
+                            self.initial_damping)
+
+  def batch_statistics(self, stats, num_examples, dtype):
+    """The tokens ``ā [n_d, T, d_a]``, ``g [n_d, T, d_g]`` of the first
+    ``examples`` loss examples (a transform gathers them over devices)."""
+    a, g = stats
+    return per_example_tokens(a.astype(dtype), g.astype(dtype),
+                              self.has_bias, num_examples, self.examples)
+
+  def _gram(self, a, g):
+    """``(K, stored)``: the Gram of the tokens and what the block stores."""
+    if self.factored:
+      a, g = a[:, 0], g[:, 0]
+      return dense_gram(a, g), (a, g, None)
+    t = a.shape[1]
+    if self.conv_gram == "spatial_sum":
+      a, g = jnp.sum(a, axis=1, keepdims=True), jnp.sum(g, axis=1, keepdims=True)
+    u = per_example_gradients(a, g)
+    if self.conv_gram == "same_location":
+      return conv_gram(a, g, "same_location"), (None, None, u)
+    if self.conv_gram == "exact" and factored_conv_gram_is_cheaper(
+        t, self.layer.d_a, self.layer.d_out):
+      return conv_gram(a, g, "exact"), (None, None, u)
+    return explicit_gram(u), (None, None, u)
+
+  def refresh(self, estimate, damping):
+    """The stored batch and ``(K/n + λI)⁻¹``, padded to ``capacity``; ``ok``
+    is False if anything is non-finite."""
+    a, g = estimate
+    n = a.shape[0]
+    dtype = a.dtype
+    gram, (sa, sg, u) = self._gram(a, g)
+    full = linalg.set_leading(jnp.zeros((self.capacity,) * 2, dtype), gram)
+    inverse, ok = invert_gram(full, jnp.asarray(n, dtype), damping)
+    pad = lambda x: None if x is None else pad_examples(x, self.capacity)
+    data = WoodburyInverseData(pad(sa), pad(sg), pad(u), inverse,
+                               jnp.asarray(n, dtype),
+                               jnp.asarray(damping, dtype))
+    return data, ok & linalg.all_finite(*jax.tree_util.tree_leaves(data))
+
+  def apply(self, inverse, v, damping):
+    """``(UUᵀ/n + λ_r I)⁻¹ vec(V)`` with the refresh's ``λ_r`` (``damping``
+    is unused: the block is the exact inverse of the refresh)."""
+    del damping
+    if inverse.per_example is None:
+      return apply_factored(v, inverse.a, inverse.g, inverse.gram_inverse,
+                            inverse.examples, inverse.damping)
+    return apply_explicit(v, inverse.per_example, inverse.gram_inverse,
+                          inverse.examples, inverse.damping)
+
+  def refresh_cost(self) -> float:
+    """``n²(d_a + d_g) + n³``; with ``T > 1`` positions per example
+    ``n²·min(T²(d_a + d_g), d_a d_g) + n³`` (the cheaper Gram path)."""
+    n, t = self.gram_size, self.positions
+    d_a, d_g = self.layer.d_a, self.layer.d_out
+    body = d_a + d_g if t == 1 else min(t * t * (d_a + d_g), d_a * d_g)
+    return n * n * body + n ** 3
+
+  def label(self) -> str:
+    return f"woodbury n={self.capacity} {self.layer.d_a}x{self.layer.d_out}"
