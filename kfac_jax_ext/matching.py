@@ -1,14 +1,15 @@
 """Layer matching over the live parameter uses of a traced loss.
 
-A leaf with one use matched by a pattern (``patterns.MATCHERS``) is a layer,
-with the bias added to its output folded in. A leaf with several uses is one
-layer when every use is a dense/embedding pattern (``tied``, K-FAC-expand
-over the uses) or when its uses are its k leading-axis slices, each a dense
-layer of one shape (``stacked``). Kernels concatenated before one matmul are
-a layer each (``concatenated.py``). Inside a scan body a kernel in ``xs`` is
-stacked over the steps, one closed over is shared by them. Scale-and-shift
-leaves are grouped by module. Every other leaf gets a reason that names
-the cause.
+The layer matchers (``LAYER_MATCHERS``) run in order over the uses, each
+claiming leaves the earlier ones left: kernels concatenated before one
+matmul are a layer each (``concatenated.py``); a leaf with one use matched
+by a pattern (``patterns.MATCHERS``) is a layer, with the bias added to its
+output folded in; a leaf with several uses is one layer when every use is a
+dense/embedding pattern (``tied``, K-FAC-expand over the uses) or when its
+uses are its k leading-axis slices, each a dense layer of one shape
+(``stacked``); scale-and-shift leaves are grouped by module. Inside a scan
+body a kernel in ``xs`` is stacked over the steps, one closed over is
+shared by them. Every other leaf gets a reason that names the cause.
 """
 
 from __future__ import annotations
@@ -113,106 +114,126 @@ def _stacked(uses, shape, matched):
       probes=sum((l.probes for l in layers), ()))
 
 
-def match_layers(uses, jaxprs, shapes, paths, n):
-  """Layers from the live parameter uses of a traced loss: ``(layers in
-  forward order, {leaf: reason} for every leaf no layer owns)``."""
-  by_leaf: dict[int, list[patterns.Use]] = {i: [] for i in range(n)}
-  at_operand: dict[tuple, patterns.Use] = {}   # (path, eqn, operand) -> parameter use
-  for u in uses:
-    by_leaf[u.leaf].append(u)
-    at_operand[(u.path, u.eqn, u.operand)] = u
-  single = {i: us[0] for i, us in by_leaf.items() if len(us) == 1 and not us[0].reason}
-  taken: set[int] = set()
-  found = []  # (site, LayerMatch)
+@dataclasses.dataclass(frozen=True)
+class _Uses:
+  """The live parameter uses of a traced loss, indexed for the matchers."""
+  jaxprs: dict
+  shapes: tuple
+  paths: tuple
+  by_leaf: dict          # leaf -> [Use]
+  at_operand: dict       # (path, eqn, operand) -> Use
+  single: dict           # leaf -> its only Use (without a reason)
 
-  def matched(use, shape=None):
-    """The use's pattern and LayerMatch (no bias), or None; ``shape``: the
-    shape the use's view chain starts from (default: the leaf's). Inside a
-    scan body only dense and conv layers match: stacked (one block per step,
-    and per group of a grouped conv) for a kernel in ``xs``, shared over the
-    steps for one closed over (also in nested scans, ``patterns.scan_view``)."""
-    shape = whole = shapes[use.leaf] if shape is None else shape
-    steps, marker = 0, None
-    in_scan = patterns.scan_view(use.view.chain)
-    if in_scan is not None:
-      marker, steps, rest = in_scan
-      shape = shape[1:] if marker is patterns.SCAN_SLICE else shape
-      use = dataclasses.replace(use, view=patterns.View(use.leaf, rest))
-    jaxpr = jaxprs[use.path]
-    eqn = jaxpr.eqns[use.eqn]
-    matcher = patterns.MATCHERS.get(use.primitive)
-    m = matcher(use, eqn, shape) if matcher else None
-    if m is None or (use.path, use.eqn, m["x_operand"]) in at_operand:
-      return None  # no pattern, or the layer input is itself a parameter
-    if steps and not (m["kind"] in ("dense", "conv2d") or (
-        m["kind"] == "embedding" and marker is patterns.SCAN_CONST)):
-      return None   # in a scan: dense layers, convs, a table closed over
-    if steps:   # slices: the leading axis a stacked kernel is scanned over
-      m = dict(m, steps=steps, marker=marker,
-               slices=whole[0] if marker is patterns.SCAN_SLICE else 1)
-    x = eqn.invars[m["x_operand"]]
-    d_in, d_out = patterns.layer_sizes(m, shape)
-    if m["kind"] == "embedding":
-      d_in = shape[0]
-    out_axes = tuple(a % len(eqn.outvars[0].aval.shape) for a in m["out_axes"])
-    layer = LayerMatch(
-        kind=m["kind"], name=_module_name(paths, use.leaf), kernel=use.leaf,
-        captures=(((use.path, use.eqn), m["x_operand"]),),
-        probes=((use.path, use.eqn),), kernel_perm=tuple(m["kernel_perm"]),
-        n_in=m["n_in"], x_axes=tuple(a % max(len(x.aval.shape), 1)
-                                     for a in m["x_axes"]),
-        out_axes=out_axes, conv=m.get("conv", ()), groups=m.get("groups", 1),
-        inputs_shape=tuple(x.aval.shape),
-        outputs_shape=tuple(eqn.outvars[0].aval.shape), d_in=d_in, d_out=d_out)
-    if m.get("steps"):   # a stacked kernel: a block per slice (and group)
-      stacked = m["marker"] is patterns.SCAN_SLICE
-      layer = dataclasses.replace(
-          layer, steps=m["steps"], stacked=stacked,
-          groups=m["slices"] * layer.groups if stacked else layer.groups,
-          slice_groups=layer.groups if stacked else 1)
-    return m, layer
+  def name(self, leaf) -> str:
+    return _module_name(self.paths, leaf)
 
-  for site, layer in concatenated.match_concatenated(
-      jaxprs, at_operand, single, shapes, lambda leaf: _module_name(paths, leaf)):
-    taken.update(layer.leaves)
-    found.append((site, layer))
 
-  for leaf, use in sorted(single.items(), key=lambda kv: kv[1].path + (kv[1].eqn,)):
+def _match_use(ctx: _Uses, use, shape=None):
+  """The use's pattern and LayerMatch (no bias), or None; ``shape``: the
+  shape the use's view chain starts from (default: the leaf's). Inside a
+  scan body only dense and conv layers match: stacked (one block per step,
+  and per group of a grouped conv) for a kernel in ``xs``, shared over the
+  steps for one closed over (also in nested scans, ``patterns.scan_view``),
+  and embedding tables closed over."""
+  shape = whole = ctx.shapes[use.leaf] if shape is None else shape
+  steps, marker = 0, None
+  in_scan = patterns.scan_view(use.view.chain)
+  if in_scan is not None:
+    marker, steps, rest = in_scan
+    shape = shape[1:] if marker is patterns.SCAN_SLICE else shape
+    use = dataclasses.replace(use, view=patterns.View(use.leaf, rest))
+  eqn = ctx.jaxprs[use.path].eqns[use.eqn]
+  matcher = patterns.MATCHERS.get(use.primitive)
+  m = matcher(use, eqn, shape) if matcher else None
+  if m is None or (use.path, use.eqn, m["x_operand"]) in ctx.at_operand:
+    return None  # no pattern, or the layer input is itself a parameter
+  if steps and not (m["kind"] in ("dense", "conv2d") or (
+      m["kind"] == "embedding" and marker is patterns.SCAN_CONST)):
+    return None   # in a scan: dense layers, convs, a table closed over
+  if steps:   # slices: the leading axis a stacked kernel is scanned over
+    m = dict(m, steps=steps, marker=marker,
+             slices=whole[0] if marker is patterns.SCAN_SLICE else 1)
+  x = eqn.invars[m["x_operand"]]
+  d_in, d_out = patterns.layer_sizes(m, shape)
+  if m["kind"] == "embedding":
+    d_in = shape[0]
+  out_axes = tuple(a % len(eqn.outvars[0].aval.shape) for a in m["out_axes"])
+  layer = LayerMatch(
+      kind=m["kind"], name=ctx.name(use.leaf), kernel=use.leaf,
+      captures=(((use.path, use.eqn), m["x_operand"]),),
+      probes=((use.path, use.eqn),), kernel_perm=tuple(m["kernel_perm"]),
+      n_in=m["n_in"], x_axes=tuple(a % max(len(x.aval.shape), 1)
+                                   for a in m["x_axes"]),
+      out_axes=out_axes, conv=m.get("conv", ()), groups=m.get("groups", 1),
+      inputs_shape=tuple(x.aval.shape),
+      outputs_shape=tuple(eqn.outvars[0].aval.shape), d_in=d_in, d_out=d_out)
+  if m.get("steps"):   # a stacked kernel: a block per slice (and group)
+    stacked = m["marker"] is patterns.SCAN_SLICE
+    layer = dataclasses.replace(
+        layer, steps=m["steps"], stacked=stacked,
+        groups=m["slices"] * layer.groups if stacked else layer.groups,
+        slice_groups=layer.groups if stacked else 1)
+  return m, layer
+
+
+def _concatenated_layers(ctx: _Uses, taken: set):
+  """Kernels concatenated before one matmul: a layer each."""
+  return concatenated.match_concatenated(ctx.jaxprs, ctx.at_operand, ctx.single,
+                                         ctx.shapes, ctx.name)
+
+
+def _single_use_layers(ctx: _Uses, taken: set):
+  """A leaf with one use matched by a pattern, with its bias folded in."""
+  found = []
+  for leaf, use in sorted(ctx.single.items(),
+                          key=lambda kv: kv[1].path + (kv[1].eqn,)):
     if leaf in taken:
       continue
-    found_use = matched(use)
+    found_use = _match_use(ctx, use)
     if found_use is None:
       continue
     m, layer = found_use
     if m["kind"] != "embedding":
-      out_eqn, bias = _bias(jaxprs[use.path], use,
-                            layer.out_axes, single, at_operand, shapes,
+      out_eqn, bias = _bias(ctx.jaxprs[use.path], use, layer.out_axes,
+                            ctx.single, ctx.at_operand, ctx.shapes,
                             m.get("marker"))
       grouped_conv = (layer.kind == "conv2d" and layer.groups > 1
                       and not layer.stacked)   # a stacked layer's groups: slices
-      if bias is not None and not (grouped_conv and len(shapes[bias]) != 1):
+      if bias is not None and not (grouped_conv and len(ctx.shapes[bias]) != 1):
         layer = dataclasses.replace(layer, bias=bias,
                                     probes=((use.path, out_eqn),))
     taken.update(layer.leaves)
     found.append(((use.path, use.eqn), layer))
+  return found
 
-  for leaf, uses in by_leaf.items():
-    if len(uses) < 2:
+
+def _multi_use_layers(ctx: _Uses, taken: set):
+  """A leaf with several uses: tied (every use a dense/embedding pattern) or
+  stacked (its leading-axis slices, each a dense layer of one shape)."""
+  found = []
+  matched = lambda use, shape=None: _match_use(ctx, use, shape)
+  for leaf, uses in ctx.by_leaf.items():
+    if len(uses) < 2 or leaf in taken:
       continue
-    layer = _tied(uses, matched) or _stacked(uses, shapes[leaf], matched)
+    layer = _tied(uses, matched) or _stacked(uses, ctx.shapes[leaf], matched)
     if layer is not None:
       taken.add(leaf)
       first = min(uses, key=lambda u: u.path + (u.eqn,))
       found.append(((first.path, first.eqn), layer))
+  return found
 
+
+def _scale_and_shift_layers(ctx: _Uses, taken: set):
+  """Elementwise scale (``mul``) and shift (``add``) leaves, one layer per
+  module (LayerNorm/BatchNorm affine), in or out of scans."""
   groups: dict[str, dict] = {}
-  for leaf, use in single.items():
+  for leaf, use in ctx.single.items():
     if leaf in taken or use.primitive not in ("mul", "add"):
       continue
-    eqn = jaxprs[use.path].eqns[use.eqn]
-    if (use.path, use.eqn, 1 - use.operand) in at_operand:
+    eqn = ctx.jaxprs[use.path].eqns[use.eqn]
+    if (use.path, use.eqn, 1 - use.operand) in ctx.at_operand:
       continue  # both operands are parameters
-    shape, steps, marker = shapes[leaf], 0, None
+    shape, steps, marker = ctx.shapes[leaf], 0, None
     in_scan = patterns.scan_view(use.view.chain)
     if in_scan is not None:   # per step: leaf[i] (scanned) or the leaf (shared)
       marker, steps, rest = in_scan
@@ -221,11 +242,9 @@ def match_layers(uses, jaxprs, shapes, paths, n):
     if patterns.scale_shift_axes(use, eqn, shape) is None:
       continue
     out_shape = eqn.outvars[0].aval.shape
-    name = _module_name(paths, leaf)
-    g = groups.setdefault(name, dict(site=(use.path, use.eqn), captures=(),
-                                     probes=(), scale=None, shift=None,
-                                     inputs_shape=tuple(out_shape),
-                                     steps=steps, marker=marker))
+    g = groups.setdefault(ctx.name(leaf), dict(
+        site=(use.path, use.eqn), captures=(), probes=(), scale=None,
+        shift=None, inputs_shape=tuple(out_shape), steps=steps, marker=marker))
     role = "scale" if use.primitive == "mul" else "shift"
     if g[role] is not None or (g["steps"], g["marker"]) != (steps, marker):
       continue
@@ -235,13 +254,35 @@ def match_layers(uses, jaxprs, shapes, paths, n):
       g["captures"] += (((use.path, use.eqn), 1 - use.operand),)
     g["site"] = min(g["site"], (use.path, use.eqn))
     taken.add(leaf)
-  for name, g in groups.items():
-    found.append((g["site"], LayerMatch(
-        kind="scale_and_shift", name=name, scale=g["scale"], shift=g["shift"],
-        captures=g["captures"], probes=g["probes"], inputs_shape=g["inputs_shape"],
-        outputs_shape=g["inputs_shape"], steps=g["steps"],
-        stacked=g["marker"] is patterns.SCAN_SLICE)))
+  return [(g["site"], LayerMatch(
+      kind="scale_and_shift", name=name, scale=g["scale"], shift=g["shift"],
+      captures=g["captures"], probes=g["probes"], inputs_shape=g["inputs_shape"],
+      outputs_shape=g["inputs_shape"], steps=g["steps"],
+      stacked=g["marker"] is patterns.SCAN_SLICE)) for name, g in groups.items()]
 
+
+# The layer matchers, in order: each ``(uses, taken) -> [(site, LayerMatch)]``
+# claims leaves not yet ``taken`` (and adds them to it).
+LAYER_MATCHERS = (_concatenated_layers, _single_use_layers, _multi_use_layers,
+                  _scale_and_shift_layers)
+
+
+def match_layers(uses, jaxprs, shapes, paths, n):
+  """Layers from the live parameter uses of a traced loss: ``(layers in
+  forward order, {leaf: reason} for every leaf no layer owns)``."""
+  by_leaf: dict[int, list[patterns.Use]] = {i: [] for i in range(n)}
+  at_operand: dict[tuple, patterns.Use] = {}
+  for u in uses:
+    by_leaf[u.leaf].append(u)
+    at_operand[(u.path, u.eqn, u.operand)] = u
+  single = {i: us[0] for i, us in by_leaf.items() if len(us) == 1 and not us[0].reason}
+  ctx = _Uses(jaxprs, tuple(shapes), tuple(paths), by_leaf, at_operand, single)
+  taken: set[int] = set()
+  found = []  # (site, LayerMatch)
+  for matcher in LAYER_MATCHERS:
+    for site, layer in matcher(ctx, taken):
+      taken.update(layer.leaves)
+      found.append((site, layer))
   found.sort(key=lambda t: t[0][0] + (t[0][1],))   # forward (program) order
   reasons = {i: _reason(jaxprs, by_leaf[i], shapes[i])
              for i in range(n) if i not in taken}
