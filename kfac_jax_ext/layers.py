@@ -13,6 +13,7 @@ from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import tracing
 from kfac_jax_ext.blocks import table
 from kfac_jax_ext.blocks import woodbury
+from kfac_jax_ext.blocks import woodbury_batched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +84,15 @@ def block_label(m: tracing.LayerMatch, max_factor_dim: int = 4096,
   fallback when a factor exceeds ``max_factor_dim``. With ``chosen`` (the
   ``natural_gradient_transform.choose_blocks`` of the layers) a layer chosen for a
   Woodbury block shows ``woodbury n=N d_a×d_g`` (N = ``gram_size``, the
-  examples in its Gram)."""
+  examples in its Gram; ``G× `` in front for G groups or slices)."""
   if m.kind == "scale_and_shift":
     return "diagonal"
   if chosen is not None:
     kind = chosen.get(m.kernel)
     if kind == "woodbury":
-      return woodbury.Woodbury(m, capacity=gram_size).label()
+      kind = woodbury_batched.BatchedWoodbury if m.groups > 1 else (
+          woodbury.Woodbury)
+      return kind(m, capacity=gram_size).label()
     if kind is None:
       return "fallback (no block of either kind)"
   largest = plan_lib.largest_dense_dim(m)
@@ -109,7 +112,7 @@ def coverage(traced: tracing.TracedLoss, max_factor_dim: int = 4096,
     out = {"kronecker": 0, "woodbury": 0, "diagonal": 0, "fallback": 0}
   for m in traced.layers:
     label = block_label(m, max_factor_dim, chosen)
-    kind = label.split()[0] if label.split()[0] in out else "kronecker"
+    kind = next(w for w in label.split() if w in out)   # "G× kind ..."
     out[kind] += sum(sizes[i] for i in m.leaves)
   out["fallback"] += sum(sizes[i] for i in traced.leaf_reasons)
   total = max(sum(sizes), 1)

@@ -13,8 +13,8 @@ gives every dense, conv and embedding layer one exactly damped block:
 
 ``blocks="auto"`` takes, per layer, the cheaper of the two that the layer
 supports (a Kronecker block needs both factors within ``max_factor_dim``;
-TENGraD has no block for embeddings, grouped convs, tied or scanned
-kernels); ``"kronecker"`` / ``"woodbury"`` prefer one kind and take the
+TENGraD has no block for embeddings and tied kernels, nor for layers
+whose tokens are not grouped by example); ``"kronecker"`` / ``"woodbury"`` prefer one kind and take the
 other only where the preferred one has no block. Scale-and-shift layers get
 their diagonal Fisher and the leaves no layer owns the ``fallback``, from
 the Kronecker side. The choice depends on the shapes only (the layers
@@ -42,6 +42,7 @@ from kfac_jax_ext import weight_sharing as sharing_lib
 from kfac_jax_ext import woodbury_family
 from kfac_jax_ext.blocks import table
 from kfac_jax_ext.blocks import woodbury
+from kfac_jax_ext.blocks import woodbury_batched
 from kfac_jax_ext.kronecker_variants import KFAC
 from kfac_jax_ext.state import KfacState, TengradState
 
@@ -73,9 +74,12 @@ def kronecker_cost(layer) -> float:
 def woodbury_cost(layer, n: int, num_examples: int) -> float:
   """Refresh cost of a layer's Woodbury block for a Gram of ``n`` examples:
   ``n²(d_a + d_g) + n³``, or with ``T`` positions per example
-  ``n²·min(T²(d_a + d_g), d_a d_g) + n³`` (TENGraD's cheaper Gram path)."""
+  ``n²·min(T²(d_a + d_g), d_a d_g) + n³`` (TENGraD's cheaper Gram path);
+  per group or slice."""
   t = sharing_lib.tokens(layer) // num_examples
-  return woodbury.Woodbury(layer, gram_size=n, positions=t).refresh_cost()
+  kind = woodbury_batched.BatchedWoodbury if layer.groups > 1 else (
+      woodbury.Woodbury)
+  return kind(layer, gram_size=n, positions=t).refresh_cost()
 
 
 def choose_blocks(traced, blocks: str = "auto", gram_batch: int = 128,
@@ -92,7 +96,7 @@ def choose_blocks(traced, blocks: str = "auto", gram_batch: int = 128,
     if KFAC.unsupported(layer) is None and plan_lib.largest_dense_dim(
         layer) <= int(max_factor_dim):
       options.append(("kronecker", kronecker_cost(layer)))
-    if tengrad_plan.unsupported(layer) is None:
+    if tengrad_plan.unsupported(layer, traced.num_examples) is None:
       options.append(("woodbury", woodbury_cost(layer, n, traced.num_examples)))
     if not options:
       continue

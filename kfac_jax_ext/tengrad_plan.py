@@ -3,15 +3,17 @@
 A layer with one position per loss example stores ``Ā [N, d_a]`` and
 ``G [N, d_g]`` (factored); one with several positions per example (a conv,
 a dense layer over the tokens of a per-sequence loss) stores its exact
-per-example gradients ``[N, d_a, d_g]`` (explicit). Embeddings, grouped
-convs, tied and stacked kernels and layers inside a scan have no Woodbury
-block yet.
+per-example gradients ``[N, d_a, d_g]`` (explicit). Grouped convs and
+kernels stacked over a scan get one block per group or slice
+(``blocks/woodbury_batched.py``); kernels closed over by a scan body one
+block over the steps. Embeddings and tied kernels have no Woodbury block
+yet, nor does a layer whose tokens are not grouped by example (its output's
+leading axis is not the loss examples).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -19,17 +21,18 @@ import jax.numpy as jnp
 from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import weight_sharing as sharing_lib
 from kfac_jax_ext.blocks import woodbury
+from kfac_jax_ext.blocks import woodbury_batched
 
 
 def make_plan(traced, blocks) -> plan_lib.Plan:
   """K-FAC's plan, with 2-D (factored) leaves restricted to one location per
   example: their stored ``Ā``, ``G`` cannot hold sums over locations."""
-  plan = plan_lib.make_plan(traced, blocks, fits=block_fits,
-                            unsupported=unsupported)
-  keep, unfactored = [], list(plan.unfactored_layers)
   m = traced.num_examples
+  plan = plan_lib.make_plan(traced, blocks, fits=block_fits,
+                            unsupported=lambda layer: unsupported(layer, m))
+  keep, unfactored = [], list(plan.unfactored_layers)
   for kl in plan.kronecker:
-    tokens = math.prod(kl.layer.outputs_shape) // kl.layer.d_out
+    tokens = sharing_lib.tokens(kl.layer)
     factored = blocks[kl.layer.kernel].per_example is None
     if factored and tokens != m:
       unfactored.append((kl.index, kl.layer,
@@ -50,7 +53,8 @@ def layout_blocks(traced, capacity, dtype, damping, share=None):
   blocks = [None] * len(traced.param_shapes)
   total = 0
   for layer in traced.layers:
-    if unsupported(layer) is not None or layer.kind == "scale_and_shift" or (
+    if unsupported(layer, traced.num_examples) is not None or (
+        layer.kind == "scale_and_shift") or (
         share is not None and not share.owns(layer)):
       continue
     positions = sharing_lib.tokens(layer) // traced.num_examples
@@ -65,7 +69,23 @@ def layout_blocks(traced, capacity, dtype, damping, share=None):
   return tuple(blocks)
 
 
-unsupported = woodbury.Woodbury.unsupported
+def unsupported(layer, num_examples: int | None = None) -> str | None:
+  """Why the layer has no Woodbury block (None: it has one). With
+  ``num_examples`` (M), a layer with several tokens per example must have
+  them grouped by example: the examples lead its output."""
+  reason = woodbury.Woodbury.unsupported(layer)
+  if reason is not None or num_examples is None or (
+      layer.kind == "scale_and_shift"):
+    return reason
+  k = sharing_lib.tokens(layer)
+  if k % num_examples:
+    return (f"its {k} tokens do not split evenly over the {num_examples} loss "
+            "examples")
+  if k != num_examples and not sharing_lib.examples_lead(layer, num_examples):
+    return ("its tokens are not grouped by example (the loss examples are not "
+            f"the leading axis of its output {layer.outputs_shape}), so its "
+            "per-example gradients are unknown")
+  return None
 
 
 def woodbury_block(layer, traced, capacity: int, factored: bool,
@@ -76,7 +96,9 @@ def woodbury_block(layer, traced, capacity: int, factored: bool,
   ``examples`` (per device) and ``gram_size`` (all devices) default to
   ``min(capacity, M)``."""
   n = min(capacity, traced.num_examples)
-  return woodbury.Woodbury(
+  kind = woodbury_batched.BatchedWoodbury if layer.groups > 1 else (
+      woodbury.Woodbury)
+  return kind(
       layer, capacity=capacity, gram_size=n if gram_size is None else gram_size,
       examples=n if examples is None else examples,
       positions=sharing_lib.tokens(layer) // traced.num_examples,
@@ -89,9 +111,13 @@ def block_fits(layer, block, a_side) -> bool:
   if block is None:
     return False
   d_a, d_g = layer.d_a, layer.d_out
+  lead = (layer.groups,) if layer.groups > 1 else ()
+  if block.gram_inverse.shape[:-2] != lead:
+    return False   # one block per group or slice, or a single one
+  k = len(lead)
   if block.per_example is not None:
-    return (a_side == "rows" and block.per_example.shape[1] >= d_a
-            and block.per_example.shape[2] >= d_g)
+    return (a_side == "rows" and block.per_example.shape[k + 1] >= d_a
+            and block.per_example.shape[k + 2] >= d_g)
   g_side = "cols" if a_side == "rows" else "rows"
-  return (getattr(block, a_side).shape[1] >= d_a
-          and getattr(block, g_side).shape[1] >= d_g)
+  return (getattr(block, a_side).shape[k + 1] >= d_a
+          and getattr(block, g_side).shape[k + 1] >= d_g)

@@ -49,7 +49,7 @@ def tokens(layer) -> int:
   return steps * math.prod(layer.outputs_shape) // (layer.d_out * per_block)
 
 
-def _examples_lead(layer, num_examples: int) -> bool:
+def examples_lead(layer, num_examples: int) -> bool:
   """Whether the examples are the leading axis of the layer's output (so
   each example's tokens are contiguous in the canonical token order)."""
   batch_axis = layer.conv[4].out_spec[0] if layer.kind == "conv2d" else 0
@@ -69,7 +69,7 @@ def positions(layer, num_examples: int, mode: str) -> int:
   k = tokens(layer)
   if k == num_examples:
     return 1
-  ok = k % num_examples == 0 and _examples_lead(layer, num_examples)
+  ok = k % num_examples == 0 and examples_lead(layer, num_examples)
   if not ok and mode == "reduce":
     raise ValueError(
         f"weight_sharing='reduce': layer {layer.name} has {k} tokens that are "

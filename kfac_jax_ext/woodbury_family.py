@@ -13,7 +13,6 @@ blocks. See ``blocks/woodbury.py`` for the layouts and products.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import jax
@@ -28,6 +27,7 @@ from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
 from kfac_jax_ext import tengrad_plan
 from kfac_jax_ext import tracing
+from kfac_jax_ext import weight_sharing as sharing_lib
 from kfac_jax_ext.blocks import diagonal
 from kfac_jax_ext.blocks import woodbury
 from kfac_jax_ext.state import Health, TengradState
@@ -61,14 +61,15 @@ def _gram_memory_check(plan, traced, blocks, n, capacity, conv_gram, dtype):
   """Raises before the refresh's transient arrays exceed free memory."""
   size = jnp.dtype(dtype).itemsize
   total = 0
-  for kl in plan.kronecker:
-    t = math.prod(kl.layer.outputs_shape) // kl.layer.d_out // traced.num_examples
-    total += capacity * capacity * 2
+  for kl in plan.kronecker:   # per block (a grouped or stacked layer has G)
+    t = sharing_lib.tokens(kl.layer) // traced.num_examples
+    one = capacity * capacity * 2
     if blocks[kl.layer.kernel].per_example is not None:
-      total += n * kl.d_a * kl.d_g + n * t * (kl.d_a + kl.d_g)
+      one += n * kl.d_a * kl.d_g + n * t * (kl.d_a + kl.d_g)
       if conv_gram == "exact" and woodbury.factored_conv_gram_is_cheaper(
           t, kl.d_a, kl.d_g):
-        total += 2 * n * n * t * t
+        one += 2 * n * n * t * t
+    total += kl.layer.groups * one
   woodbury.check_fits(total * size, "the TENGraD refresh",
                       "lower gram_batch.")
 
@@ -94,7 +95,7 @@ def _examples(traced, gram_batch: int, axis_name) -> tuple[int, int]:
 def _blocks(plan, traced, state_blocks, n_local, n, conv_gram):
   """The ``woodbury.Woodbury`` block of every layer in the plan."""
   return [tengrad_plan.woodbury_block(
-      kl.layer, traced, state_blocks[kl.layer.kernel].gram_inverse.shape[0],
+      kl.layer, traced, state_blocks[kl.layer.kernel].gram_inverse.shape[-1],
       state_blocks[kl.layer.kernel].per_example is None, conv_gram,
       examples=n_local, gram_size=n) for kl in plan.kronecker]
 
@@ -166,12 +167,12 @@ def _store(kl, entry, data):
 def _load(kl, entry):
   """The exact-size ``WoodburyInverseData`` of a leaf's ``WoodburyBlock``."""
   if entry.per_example is None:
-    a = getattr(entry, kl.a_side)[:, :kl.d_a]
-    g = getattr(entry, kl.g_side)[:, :kl.d_g]
+    a = getattr(entry, kl.a_side)[..., :kl.d_a]
+    g = getattr(entry, kl.g_side)[..., :kl.d_g]
     per_example = None
   else:
     a = g = None
-    per_example = entry.per_example[:, :kl.d_a, :kl.d_g]
+    per_example = entry.per_example[..., :kl.d_a, :kl.d_g]
   return woodbury.WoodburyInverseData(a, g, per_example, entry.gram_inverse,
                                       entry.examples, entry.damping)
 

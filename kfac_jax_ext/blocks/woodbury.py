@@ -98,18 +98,22 @@ def init_block(shape, capacity: int, dtype, damping) -> WoodburyBlock | None:
 
 
 def init_layer_block(d_a: int, d_g: int, a_side: str, factored: bool,
-                     capacity: int, dtype, damping) -> WoodburyBlock:
+                     capacity: int, dtype, damping, lead=()) -> WoodburyBlock:
   """An exact-size block for one layer: ``Ā [N, d_a]`` in ``a_side`` and
   ``G [N, d_g]`` in the other (``factored``), else per-example gradients
-  ``[N, d_a, d_g]``."""
+  ``[N, d_a, d_g]``; every field with the leading axes ``lead`` (one block
+  per group or slice)."""
+  lead = tuple(lead)
+  zeros = lambda *shape: _zeros(lead + shape, dtype)
   if factored:
     sizes = {a_side: d_a, ("cols" if a_side == "rows" else "rows"): d_g}
-    rows, cols, per = (_zeros((capacity, sizes["rows"]), dtype),
-                       _zeros((capacity, sizes["cols"]), dtype), None)
+    rows, cols, per = (zeros(capacity, sizes["rows"]),
+                       zeros(capacity, sizes["cols"]), None)
   else:
-    rows, cols, per = None, None, _zeros((capacity, d_a, d_g), dtype)
-  return WoodburyBlock(rows, cols, per, _zeros((capacity, capacity), dtype),
-                       initial_arrays.ones([], dtype), jnp.asarray(damping, dtype))
+    rows, cols, per = None, None, zeros(capacity, d_a, d_g)
+  return WoodburyBlock(rows, cols, per, zeros(capacity, capacity),
+                       initial_arrays.ones(lead, dtype),
+                       jnp.full(lead, damping, dtype))
 
 
 def available_memory_bytes() -> int | None:
@@ -259,13 +263,11 @@ class Woodbury(base.CurvatureBlock):
 
   @staticmethod
   def unsupported(layer) -> str | None:
-    """Why the layer has no Woodbury block (None: it has one)."""
-    if layer.is_plain or layer.kind == "scale_and_shift":
+    """Why the layer kind has no Woodbury block (None: it has one, possibly
+    batched over groups or slices, ``woodbury_batched.py``)."""
+    if layer.kind in ("dense", "conv2d", "scale_and_shift"):
       return None
-    what = ("scanned" if layer.steps else {"embedding": "embedding",
-                                           "tied": "tied"}.get(layer.kind,
-                                                               "grouped conv"))
-    return f"TENGraD has no Woodbury block for {what} layers yet"
+    return f"TENGraD has no Woodbury block for {layer.kind} layers yet"
 
   def init(self, a_side: str, dtype) -> WoodburyBlock:
     return init_layer_block(self.layer.d_a, self.layer.d_out, a_side,

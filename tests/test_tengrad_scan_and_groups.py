@@ -1,0 +1,173 @@
+"""TENGraD on layers with several blocks or shared steps (float64): a kernel
+scanned over (one block per slice), a grouped conv (one per group) and a
+kernel closed over by a scan body (one block whose per-example gradient sums
+the steps), each against ``solve(λI + UUᵀ/n, ∇)`` with ``U`` from
+``vmap(grad)``."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kfac_jax_ext as kfe
+
+LAM = 0.05
+N, L, D, T = 6, 3, 4, 5
+
+
+def _per_example_grads(loss, params, batch):
+  one = lambda p, b: loss(p, jax.tree_util.tree_map(lambda x: x[None], b))
+  return jax.vmap(jax.grad(one), (None, 0))(params, batch)
+
+
+def _solve(u_parts, v_parts):
+  """``solve(λI + UUᵀ/n, v)`` with ``U``'s rows and ``v`` concatenated from
+  the parts (``u_parts``: ``[n, ...]`` each)."""
+  u = jnp.concatenate([x.reshape(N, -1) for x in u_parts], axis=1)
+  v = jnp.concatenate([x.reshape(-1) for x in v_parts])
+  delta = jnp.linalg.solve(u.T @ u / N + LAM * jnp.eye(u.shape[1]), v)
+  out, start = [], 0
+  for x in v_parts:
+    out.append(delta[start:start + x.size].reshape(x.shape))
+    start += x.size
+  return out
+
+
+def _tengrad(loss, params, batch, **options):
+  tx = kfe.scale_by_tengrad(loss, damping=LAM, fisher="empirical", gram_batch=8,
+                            example_batch=batch, **options)
+  grads = jax.grad(loss)(params, batch)
+  updates, state = jax.jit(lambda g: tx.update(g, tx.init(params), params,
+                                               batch=batch))(grads)
+  return grads, updates, state
+
+
+def _labels(seed=2, classes=2):
+  return jax.random.randint(jax.random.PRNGKey(seed), (N,), 0, classes)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_scan_over_layers_has_an_exact_woodbury_block_per_slice(tokens):
+  ks = jax.random.split(jax.random.PRNGKey(0), 4)
+  params = {"k": jax.random.normal(ks[0], (L, D, D)) / 2,
+            "b": 0.1 * jax.random.normal(ks[1], (L, D)),
+            "out": jax.random.normal(ks[2], (D, 2))}
+  shape = (N, D) if tokens == 1 else (N, tokens, D)
+  batch = {"x": jax.random.normal(ks[3], shape), "y": _labels()}
+
+  def loss(p, b):
+    h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w["k"] + w["b"]), None),
+                        b["x"], {"k": p["k"], "b": p["b"]})
+    h = h if tokens == 1 else h.mean(axis=1)
+    return kfe.softmax_cross_entropy(h @ p["out"], b["y"])
+
+  grads, updates, state = _tengrad(loss, params, batch)
+  assert int(state.health.failed_inverses) == 0
+  assert state.blocks[1].gram_inverse.shape == (L, 8, 8)   # k: one per slice
+  u = _per_example_grads(loss, params, batch)
+  for i in range(L):
+    want_k, want_b = _solve([u["k"][:, i], u["b"][:, i]],
+                            [grads["k"][i], grads["b"][i]])
+    np.testing.assert_allclose(updates["k"][i], want_k, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(updates["b"][i], want_b, rtol=1e-9, atol=1e-12)
+  (want_out,) = _solve([u["out"]], [grads["out"]])
+  np.testing.assert_allclose(updates["out"], want_out, rtol=1e-9, atol=1e-12)
+
+
+class _GroupedCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(6, (3, 3), feature_group_count=2, name="g")(x))
+    return nn.Dense(3, name="out")(x.reshape(x.shape[0], -1))
+
+
+def test_grouped_conv_has_an_exact_woodbury_block_per_group():
+  model = _GroupedCNN()
+  x = jax.random.normal(jax.random.PRNGKey(0), (N, 5, 5, 4), jnp.float64)
+  params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64),
+                                  model.init(jax.random.PRNGKey(1), x))
+  batch = {"x": x, "y": _labels(classes=3)}
+  loss = lambda p, b: kfe.softmax_cross_entropy(model.apply(p, b["x"]), b["y"])
+  grads, updates, _ = _tengrad(loss, params, batch)
+  u = _per_example_grads(loss, params, batch)["params"]["g"]
+  g, up = grads["params"]["g"], updates["params"]["g"]
+  for j in range(2):   # group j: output channels 3j..3j+2
+    cols = slice(3 * j, 3 * j + 3)
+    want_k, want_b = _solve([u["kernel"][..., cols], u["bias"][:, cols]],
+                            [g["kernel"][..., cols], g["bias"][cols]])
+    np.testing.assert_allclose(up["kernel"][..., cols], want_k, rtol=1e-9,
+                               atol=1e-12)
+    np.testing.assert_allclose(up["bias"][cols], want_b, rtol=1e-9, atol=1e-12)
+  text = kfe.describe_layers(loss, params, batch, blocks="woodbury",
+                             gram_batch=8)
+  assert "2x woodbury n=6 19x3" in text       # n = min(gram_batch, M)
+  assert "woodbury 100.0%" in text
+
+
+@pytest.mark.parametrize("per_step_loss", [False, True])
+def test_recurrent_kernel_is_one_woodbury_block_over_the_steps(per_step_loss):
+  ks = jax.random.split(jax.random.PRNGKey(4), 3)
+  params = {"wh": jax.random.normal(ks[0], (D, D)) / 2,
+            "out": jax.random.normal(ks[1], (D, 2))}
+  batch = {"x": jax.random.normal(ks[2], (N, T, D)), "y": _labels()}
+
+  def loss(p, b):
+    step = lambda h, x: (jnp.tanh(h @ p["wh"] + x),) * 2
+    h0 = jnp.zeros((b["x"].shape[0], D))
+    h, hs = jax.lax.scan(step, h0, jnp.swapaxes(b["x"], 0, 1))
+    if per_step_loss:   # the mean over steps of each example's loss
+      logits = jnp.swapaxes(hs, 0, 1) @ p["out"]
+      return kfe.softmax_cross_entropy(logits.mean(axis=1), b["y"])
+    return kfe.softmax_cross_entropy(h @ p["out"], b["y"])
+
+  grads, updates, state = _tengrad(loss, params, batch)
+  assert int(state.health.failed_inverses) == 0
+  u = _per_example_grads(loss, params, batch)
+  for name in ("wh", "out"):
+    (want,) = _solve([u[name]], [grads[name]])
+    np.testing.assert_allclose(updates[name], want, rtol=1e-9, atol=1e-12)
+
+
+def test_time_major_tokens_get_no_woodbury_block():
+  """A dense layer over ``[T, N, D]``: its tokens are not grouped by
+  example, so TENGraD cannot form per-example gradients and says so."""
+  params = {"w": jnp.ones((D, 2)) / D}
+  batch = {"x": jax.random.normal(jax.random.PRNGKey(0), (T, N, D)),
+           "y": _labels()}
+  loss = lambda p, b: kfe.softmax_cross_entropy((b["x"] @ p["w"]).mean(0),
+                                                b["y"])
+  with pytest.warns(UserWarning, match="not grouped by example"):
+    _tengrad(loss, params, batch)
+
+
+class _LSTMClassifier(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    cell = nn.LSTMCell(3, dtype=jnp.float64, param_dtype=jnp.float64)
+    h = nn.RNN(cell, name="rnn")(x)
+    return nn.Dense(2, name="out")(h[:, -1])
+
+
+def test_flax_lstm_under_nn_rnn_has_exact_woodbury_blocks():
+  model = _LSTMClassifier()
+  x = jax.random.normal(jax.random.PRNGKey(0), (N, T, 2), jnp.float64)
+  params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64),
+                                  model.init(jax.random.PRNGKey(1), x))
+  batch = {"x": x, "y": _labels()}
+  loss = lambda p, b: kfe.softmax_cross_entropy(model.apply(p, b["x"]), b["y"])
+  assert "woodbury 100.0%" in kfe.describe_layers(loss, params, batch,
+                                                  blocks="woodbury")
+  grads, updates, state = _tengrad(loss, params, batch)
+  assert int(state.health.failed_inverses) == 0
+  u = _per_example_grads(loss, params, batch)
+  modules = {**params["params"]["LSTMCell_0"], "out": params["params"]["out"]}
+  assert len(modules) == 9    # 4 input and 4 hidden gate kernels, the head
+  for name in modules:
+    where = (lambda t, name=name: t["params"]["out"] if name == "out"
+             else t["params"]["LSTMCell_0"][name])
+    keys = sorted(where(params))
+    wants = _solve([where(u)[k] for k in keys], [where(grads)[k] for k in keys])
+    for k, want in zip(keys, wants):
+      np.testing.assert_allclose(where(updates)[k], want, rtol=1e-9,
+                                 atol=1e-12)
