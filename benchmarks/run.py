@@ -9,7 +9,9 @@ For each optimizer: a sweep over its grid (``tasks`` documents the grids:
 Adam/SGD/Muon learning rates; learning rate × damping for the
 natural-gradient methods and kfac-jax), each setting trained for the sweep
 budget on other batches (seed ``--seed`` + 1) and scored by its final
-training loss; then the best setting is trained for the full budget (seed
+training loss, the grid extended while the best setting is at its edge
+(``sweep``: the next 1-3-10 ladder value beyond it, up to two per axis and
+side); then the best setting is trained for the full budget (seed
 ``--seed``, default 0). A second seed reuses the first run's choices::
 
   python -m benchmarks.run --task autoencoder --seconds 120 --seed 2 \\
@@ -44,6 +46,7 @@ import traceback
 import jax
 
 from benchmarks import contenders, plots, summary, tasks, training
+from benchmarks import sweep as sweep_lib
 from kfac_jax_ext import datasets as data
 
 QUICK_STEPS, QUICK_SWEEP_STEPS = 6, 2
@@ -82,22 +85,29 @@ def _score(run):
 
 
 def run_optimizer(name, task, budget, sweep_budget, sweep, progress, seed=0,
-                  chosen=None):
+                  chosen=None, extend=True):
   """Sweeps then trains one optimizer; returns its JSON record.
 
   ``seed``: the full run's (batches and sampling keys; the sweep uses
-  ``seed + 1``). ``chosen``: a setting to train with instead of sweeping."""
+  ``seed + 1``). ``chosen``: a setting to train with instead of sweeping.
+  ``extend``: extend the grid while the best setting is at its edge
+  (``sweep.sweep``; off for ``--quick``)."""
   contender = contenders.make_contender(name, task)
   evaluate = training.make_evaluator(task.metrics_fn)
   points = contenders.grid_points(contender, task.grids)
   scores = []
   if chosen is None and sweep and len(points) > 1:
-    for hp in points:
+    def score(hp):
       run = training.train(contender, task, hp, seed=seed + 1, evaluate=evaluate,
                            evals=1, label=f"{name} sweep {summary.hp_label(name, hp)}",
                            progress=progress, **sweep_budget)
-      scores.append({"hp": hp, "score": _score(run), "steps": len(run["loss"])})
-    chosen = min(scores, key=lambda s: s["score"])["hp"]
+      return {"score": _score(run), "steps": len(run["loss"])}
+
+    if extend:
+      scores, chosen = sweep_lib.sweep(points, score)
+    else:
+      scores = [dict(score(hp), hp=hp) for hp in points]
+      chosen = min(scores, key=lambda s: s["score"])["hp"]
   elif chosen is None:
     chosen = points[len(points) // 2]
   run = training.train(contender, task, chosen, seed=seed, evaluate=evaluate,
@@ -243,6 +253,9 @@ def main(argv=None):
                "date": datetime.date.today().isoformat(), "machine": _machine(),
                **_versions()},
       "quick": args.quick, "budget": _describe(budget),
+      "sweep_rule": ("grid" if args.quick or args.no_sweep else
+                     f"grid, extended at its edges (up to "
+                     f"{sweep_lib.MAX_EXTENSIONS} ladder steps per axis and side)"),
       "sweep_budget": ("no sweep" if args.no_sweep else
                        f"settings from {args.settings_from}" if args.chosen else
                        _describe(sweep_budget)),
@@ -257,7 +270,7 @@ def main(argv=None):
     try:
       results["runs"][name] = run_optimizer(
           name, task, budget, sweep_budget, not args.no_sweep, not args.no_progress,
-          seed=args.seed, chosen=args.chosen.get(name))
+          seed=args.seed, chosen=args.chosen.get(name), extend=not args.quick)
     except Exception as e:   # one failing optimizer must not sink the others
       detail = f"{type(e).__name__}: {e}".strip()
       print(f"{name}: failed, {detail[:500]}", file=sys.stderr)

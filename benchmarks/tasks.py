@@ -43,6 +43,7 @@ import optax
 
 import kfac_jax_ext as kfe
 from benchmarks import models
+from benchmarks import sweep
 from kfac_jax_ext import datasets as data
 
 
@@ -122,9 +123,7 @@ def _classifier(name, description, model, x_train, y_train, x_test, y_test,
               period)
 
 
-def _ladder_up(x: float) -> float:
-  """The next value up the 1-3-10 ladder (0.1 → 0.3 → 1)."""
-  return float(f"{x * (3 if f'{x:.0e}'[0] == '1' else 10 / 3):.1g}")
+_ladder_up = sweep.ladder_up
 
 
 def woodbury_dampings(damping) -> list:

@@ -5,6 +5,7 @@ runner, the sweep, the JSON and the plots work end to end, not the speed.
 """
 
 import importlib.util
+import math
 import json
 import pickle
 
@@ -269,3 +270,39 @@ def test_tengrad_damping_grid_continues_the_ladder_to_ten_times_higher():
   assert tasks.woodbury_dampings((0.03, 0.1)) == [0.03, 0.1, 0.3, 1.0]
   grids = tasks._grids((1e-3,), (0.1,), (0.1, 0.3), (0.1, 0.3))
   assert grids["woodbury"]["lr"] == grids["natural"]["lr"]
+
+
+def test_sweep_extends_the_grid_while_the_best_setting_is_at_its_edge():
+  from benchmarks import sweep
+  assert [sweep.ladder_up(x) for x in (0.1, 0.3, 0.0015)] == [0.3, 1.0, 0.005]
+  assert [sweep.ladder_down(x) for x in (0.1, 0.3, 1.0)] == [0.03, 0.1, 0.3]
+  grid = [{"lr": lr, "damping": d} for lr in (0.1, 0.3) for d in (0.1, 0.3)]
+  calls = []
+
+  def bowl(best_damping):   # a loss with its minimum at lr 0.1, λ best_damping
+    def score(hp):
+      calls.append(hp)
+      return (abs(math.log(hp["damping"] / best_damping))
+              + abs(math.log(hp["lr"] / 0.1)) / 2)
+    return score
+
+  scores, chosen = sweep.sweep(grid, bowl(1.0))
+  assert chosen == {"lr": 0.1, "damping": 1.0} and len(scores) == 7
+  assert calls[:4] == grid
+  assert calls[4:] == [{"lr": 0.03, "damping": 0.3},   # both axes at an edge
+                       {"lr": 0.1, "damping": 1.0},
+                       {"lr": 0.1, "damping": 3.0}]    # 1 is now inside
+  calls.clear()
+  _, chosen = sweep.sweep(grid, bowl(1e-4))     # far below: capped
+  assert chosen == {"lr": 0.1, "damping": 0.01}
+  assert calls[4:] == [{"lr": 0.03, "damping": 0.1},
+                       {"lr": 0.1, "damping": 0.03},
+                       {"lr": 0.1, "damping": 0.01}]
+  assert sweep.MAX_EXTENSIONS == 2
+  calls.clear()
+  _, chosen = sweep.sweep(grid, bowl(0.2))      # inside after one look out
+  assert chosen == {"lr": 0.1, "damping": 0.3} and len(calls) == 6
+  adam = [{"lr": lr, "damping": 0.0} for lr in (1e-3, 3e-3)]
+  scores, chosen = sweep.sweep(adam, lambda hp: hp["lr"])
+  assert chosen == {"lr": 1e-4, "damping": 0.0}   # λ, one value: not extended
+  assert [s["hp"]["lr"] for s in scores] == [1e-3, 3e-3, 3e-4, 1e-4]
