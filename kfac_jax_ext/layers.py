@@ -10,10 +10,9 @@ import numpy as np
 from kfac_jax_ext import chains as chains_lib
 from kfac_jax_ext import natural_gradient_transform
 from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext import tengrad_plan
 from kfac_jax_ext import tracing
 from kfac_jax_ext.blocks import table
-from kfac_jax_ext.blocks import woodbury
-from kfac_jax_ext.blocks import woodbury_batched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +89,7 @@ def block_label(m: tracing.LayerMatch, max_factor_dim: int = 4096,
   if chosen is not None:
     kind = chosen.get(m.kernel)
     if kind == "woodbury":
-      kind = woodbury_batched.BatchedWoodbury if m.groups > 1 else (
-          woodbury.Woodbury)
-      return kind(m, capacity=gram_size).label()
+      return tengrad_plan.woodbury_kind(m)(m, capacity=gram_size).label()
     if kind is None:
       return "fallback (no block of either kind)"
   largest = plan_lib.largest_dense_dim(m)

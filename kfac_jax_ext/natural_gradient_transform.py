@@ -13,8 +13,8 @@ gives every dense, conv and embedding layer one exactly damped block:
 
 ``blocks="auto"`` takes, per layer, the cheaper of the two that the layer
 supports (a Kronecker block needs both factors within ``max_factor_dim``;
-TENGraD has no block for embeddings and tied kernels, nor for layers
-whose tokens are not grouped by example); ``"kronecker"`` / ``"woodbury"`` prefer one kind and take the
+TENGraD has no block for tied kernels, nor for layers whose tokens are
+not grouped by example); ``"kronecker"`` / ``"woodbury"`` prefer one kind and take the
 other only where the preferred one has no block. Scale-and-shift layers get
 their diagonal Fisher and the leaves no layer owns the ``fallback``, from
 the Kronecker side. The choice depends on the shapes only (the layers
@@ -41,8 +41,6 @@ from kfac_jax_ext import tracing
 from kfac_jax_ext import weight_sharing as sharing_lib
 from kfac_jax_ext import woodbury_family
 from kfac_jax_ext.blocks import table
-from kfac_jax_ext.blocks import woodbury
-from kfac_jax_ext.blocks import woodbury_batched
 from kfac_jax_ext.kronecker_variants import KFAC
 from kfac_jax_ext.state import KfacState, TengradState
 
@@ -77,9 +75,8 @@ def woodbury_cost(layer, n: int, num_examples: int) -> float:
   ``n²·min(T²(d_a + d_g), d_a d_g) + n³`` (TENGraD's cheaper Gram path);
   per group or slice."""
   t = sharing_lib.tokens(layer) // num_examples
-  kind = woodbury_batched.BatchedWoodbury if layer.groups > 1 else (
-      woodbury.Woodbury)
-  return kind(layer, gram_size=n, positions=t).refresh_cost()
+  return tengrad_plan.woodbury_kind(layer)(layer, gram_size=n,
+                                          positions=t).refresh_cost()
 
 
 def choose_blocks(traced, blocks: str = "auto", gram_batch: int = 128,

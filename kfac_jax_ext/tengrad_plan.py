@@ -22,6 +22,7 @@ from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import weight_sharing as sharing_lib
 from kfac_jax_ext.blocks import woodbury
 from kfac_jax_ext.blocks import woodbury_batched
+from kfac_jax_ext.blocks import woodbury_embedding
 
 
 def make_plan(traced, blocks) -> plan_lib.Plan:
@@ -33,7 +34,7 @@ def make_plan(traced, blocks) -> plan_lib.Plan:
   keep, unfactored = [], list(plan.unfactored_layers)
   for kl in plan.kronecker:
     tokens = sharing_lib.tokens(kl.layer)
-    factored = blocks[kl.layer.kernel].per_example is None
+    factored = getattr(blocks[kl.layer.kernel], "per_example", 0) is None
     if factored and tokens != m:
       unfactored.append((kl.index, kl.layer,
                          f"{tokens // m} locations per example on a 2-D kernel "
@@ -88,6 +89,16 @@ def unsupported(layer, num_examples: int | None = None) -> str | None:
   return None
 
 
+def woodbury_kind(layer) -> type:
+  """The Woodbury block class of a layer: per group or slice, for a table,
+  or the plain one."""
+  if layer.kind == "embedding":
+    return woodbury_embedding.EmbeddingWoodbury
+  if layer.groups > 1:
+    return woodbury_batched.BatchedWoodbury
+  return woodbury.Woodbury
+
+
 def woodbury_block(layer, traced, capacity: int, factored: bool,
                    conv_gram: str = "exact", *, examples: int | None = None,
                    gram_size: int | None = None,
@@ -96,9 +107,7 @@ def woodbury_block(layer, traced, capacity: int, factored: bool,
   ``examples`` (per device) and ``gram_size`` (all devices) default to
   ``min(capacity, M)``."""
   n = min(capacity, traced.num_examples)
-  kind = woodbury_batched.BatchedWoodbury if layer.groups > 1 else (
-      woodbury.Woodbury)
-  return kind(
+  return woodbury_kind(layer)(
       layer, capacity=capacity, gram_size=n if gram_size is None else gram_size,
       examples=n if examples is None else examples,
       positions=sharing_lib.tokens(layer) // traced.num_examples,
@@ -111,6 +120,12 @@ def block_fits(layer, block, a_side) -> bool:
   if block is None:
     return False
   d_a, d_g = layer.d_a, layer.d_out
+  if isinstance(block, woodbury_embedding.EmbeddingWoodburyBlock) or (
+      layer.kind == "embedding"):   # laid out for the table exactly
+    lookups = sharing_lib.tokens(layer) // max(layer.outputs_shape[0], 1)
+    return (isinstance(block, woodbury_embedding.EmbeddingWoodburyBlock)
+            and layer.kind == "embedding" and block.g.shape[-1] == d_g
+            and block.ids.shape[-1] == lookups)
   lead = (layer.groups,) if layer.groups > 1 else ()
   if block.gram_inverse.shape[:-2] != lead:
     return False   # one block per group or slice, or a single one

@@ -64,7 +64,9 @@ def _gram_memory_check(plan, traced, blocks, n, capacity, conv_gram, dtype):
   for kl in plan.kronecker:   # per block (a grouped or stacked layer has G)
     t = sharing_lib.tokens(kl.layer) // traced.num_examples
     one = capacity * capacity * 2
-    if blocks[kl.layer.kernel].per_example is not None:
+    if kl.layer.kind == "embedding":   # the lookups' Gram terms
+      one += 2 * n * n * t * t + n * t * kl.d_g
+    elif blocks[kl.layer.kernel].per_example is not None:
       one += n * kl.d_a * kl.d_g + n * t * (kl.d_a + kl.d_g)
       if conv_gram == "exact" and woodbury.factored_conv_gram_is_cheaper(
           t, kl.d_a, kl.d_g):
@@ -96,7 +98,7 @@ def _blocks(plan, traced, state_blocks, n_local, n, conv_gram):
   """The ``woodbury.Woodbury`` block of every layer in the plan."""
   return [tengrad_plan.woodbury_block(
       kl.layer, traced, state_blocks[kl.layer.kernel].gram_inverse.shape[-1],
-      state_blocks[kl.layer.kernel].per_example is None, conv_gram,
+      getattr(state_blocks[kl.layer.kernel], "per_example", 0) is None, conv_gram,
       examples=n_local, gram_size=n) for kl in plan.kronecker]
 
 
@@ -134,9 +136,9 @@ def _refresh(plan, blocks, traced, state, cb, lam, fallback, dtype,
   stats_ok = stats_ok & linalg.all_finite(*batch_diags.values())
   entries, diags = list(state.blocks), list(state.diagonals)
   failures = jnp.zeros([], jnp.int32)
-  for kl, (data, ok) in zip(plan.kronecker, refreshed):
+  for kl, block, (data, ok) in zip(plan.kronecker, blocks, refreshed):
     old = entries[kl.layer.kernel]
-    new = _store(kl, old, data)
+    new = block.store(old, data, kl.a_side)
     take = stats_ok & ok
     entries[kl.layer.kernel] = jax.tree_util.tree_map(
         lambda x, y, take=take: jnp.where(take, x, y), new, old)
@@ -150,33 +152,6 @@ def _refresh(plan, blocks, traced, state, cb, lam, fallback, dtype,
   return tuple(entries), tuple(diags), health
 
 
-def _store(kl, entry, data):
-  """The leaf's ``WoodburyBlock`` holding a refresh's exact-size data (A in
-  ``kl.a_side``; zero-padded where the entry was laid out larger)."""
-  fill = lambda slot, x: linalg.set_leading(jnp.zeros_like(slot), x)
-  stored = {}
-  if data.per_example is None:
-    stored = {kl.a_side: fill(getattr(entry, kl.a_side), data.a),
-              kl.g_side: fill(getattr(entry, kl.g_side), data.g)}
-  else:
-    stored = {"per_example": fill(entry.per_example, data.per_example)}
-  return entry._replace(gram_inverse=data.gram_inverse,
-                        examples=data.examples, damping=data.damping, **stored)
-
-
-def _load(kl, entry):
-  """The exact-size ``WoodburyInverseData`` of a leaf's ``WoodburyBlock``."""
-  if entry.per_example is None:
-    a = getattr(entry, kl.a_side)[..., :kl.d_a]
-    g = getattr(entry, kl.g_side)[..., :kl.d_g]
-    per_example = None
-  else:
-    a = g = None
-    per_example = entry.per_example[..., :kl.d_a, :kl.d_g]
-  return woodbury.WoodburyInverseData(a, g, per_example, entry.gram_inverse,
-                                      entry.examples, entry.damping)
-
-
 def _precondition(plan, blocks, grads, entries, diags, lam, fallback):
   out = list(grads)
   for kl, block in zip(plan.kronecker, blocks):
@@ -184,7 +159,7 @@ def _precondition(plan, blocks, grads, entries, diags, lam, fallback):
     kernel_grad = grads[layer.kernel]
     bias_grad = grads[layer.bias] if kl.has_bias else None
     v = plan_lib.to_matrix(layer, kernel_grad, bias_grad).astype(lam.dtype)
-    delta = block.apply(_load(kl, entries[layer.kernel]), v, lam)
+    delta = block.apply(block.load(entries[layer.kernel], kl.a_side), v, lam)
     dk, db = plan_lib.from_matrix(layer, delta, kernel_grad.shape, kl.has_bias)
     out[layer.kernel] = dk.astype(kernel_grad.dtype)
     if kl.has_bias:

@@ -171,3 +171,46 @@ def test_flax_lstm_under_nn_rnn_has_exact_woodbury_blocks():
     for k, want in zip(keys, wants):
       np.testing.assert_allclose(where(updates)[k], want, rtol=1e-9,
                                  atol=1e-12)
+
+
+V = 7   # vocabulary
+
+
+def _lookup_task(t=T):
+  ks = jax.random.split(jax.random.PRNGKey(5), 3)
+  params = {"table": jax.random.normal(ks[0], (V, D)),
+            "out": jax.random.normal(ks[1], (D, 2))}
+  ids = jax.random.randint(ks[2], (N, t), 0, V)
+  ids = ids.at[0, 0].set(V + 3).at[1, 1].set(-2)   # dropped; from the end
+
+  def loss(p, b):
+    h = jnp.take(p["table"], b["ids"], axis=0, mode="fill", fill_value=0)
+    return kfe.softmax_cross_entropy(jnp.tanh(h).mean(axis=1) @ p["out"],
+                                     b["y"])
+
+  return loss, params, {"ids": ids, "y": _labels()}
+
+
+def test_embedding_has_an_exact_woodbury_block():
+  loss, params, batch = _lookup_task()
+  grads, updates, state = _tengrad(loss, params, batch)
+  assert state.blocks[1].ids.shape == (8, T)    # the table: ids and g stored
+  u = _per_example_grads(loss, params, batch)
+  for name in ("table", "out"):
+    (want,) = _solve([u[name]], [grads[name]])
+    np.testing.assert_allclose(updates[name], want, rtol=1e-9, atol=1e-12)
+  text = kfe.describe_layers(loss, params, batch, blocks="woodbury")
+  assert "woodbury n=6 embedding 7x4" in text and "woodbury 100.0%" in text
+
+
+def test_embedding_laid_out_for_other_lookups_falls_back_loudly():
+  loss, params, batch = _lookup_task(t=T)
+  tx = kfe.scale_by_tengrad(loss, damping=LAM, gram_batch=8,
+                            example_batch=_lookup_task(t=T + 2)[2])
+  state = tx.init(params)
+  with pytest.warns(UserWarning, match="table.*cannot hold"):
+    updates, new = tx.update(jax.grad(loss)(params, batch), state, params,
+                             batch=batch, key=jax.random.PRNGKey(0))
+  assert new.blocks[1].ids.shape == (8, T + 2)   # the state keeps its layout
+  np.testing.assert_array_equal(updates["table"],
+                                jax.grad(loss)(params, batch)["table"])

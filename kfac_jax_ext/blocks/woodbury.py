@@ -264,8 +264,9 @@ class Woodbury(base.CurvatureBlock):
   @staticmethod
   def unsupported(layer) -> str | None:
     """Why the layer kind has no Woodbury block (None: it has one, possibly
-    batched over groups or slices, ``woodbury_batched.py``)."""
-    if layer.kind in ("dense", "conv2d", "scale_and_shift"):
+    batched over groups or slices, ``woodbury_batched.py``, or for a table,
+    ``woodbury_embedding.py``)."""
+    if layer.kind in ("dense", "conv2d", "embedding", "scale_and_shift"):
       return None
     return f"TENGraD has no Woodbury block for {layer.kind} layers yet"
 
@@ -332,3 +333,29 @@ class Woodbury(base.CurvatureBlock):
 
   def label(self) -> str:
     return f"woodbury n={self.capacity} {self.layer.d_a}x{self.layer.d_out}"
+
+  def store(self, entry: WoodburyBlock, data: WoodburyInverseData,
+            a_side: str) -> WoodburyBlock:
+    """The state entry holding a refresh's exact-size ``data`` (A in
+    ``a_side``; zero-padded where the entry was laid out larger)."""
+    fill = lambda slot, x: linalg.set_leading(jnp.zeros_like(slot), x)
+    g_side = "cols" if a_side == "rows" else "rows"
+    if data.per_example is None:
+      stored = {a_side: fill(getattr(entry, a_side), data.a),
+                g_side: fill(getattr(entry, g_side), data.g)}
+    else:
+      stored = {"per_example": fill(entry.per_example, data.per_example)}
+    return entry._replace(gram_inverse=data.gram_inverse,
+                          examples=data.examples, damping=data.damping, **stored)
+
+  def load(self, entry: WoodburyBlock, a_side: str) -> WoodburyInverseData:
+    """The exact-size data ``apply`` takes, read from the state entry."""
+    d_a, d_g = self.layer.d_a, self.layer.d_out
+    g_side = "cols" if a_side == "rows" else "rows"
+    a = g = per_example = None
+    if entry.per_example is None:
+      a, g = getattr(entry, a_side)[..., :d_a], getattr(entry, g_side)[..., :d_g]
+    else:
+      per_example = entry.per_example[..., :d_a, :d_g]
+    return WoodburyInverseData(a, g, per_example, entry.gram_inverse,
+                               entry.examples, entry.damping)
