@@ -6,9 +6,10 @@ a dense layer over the tokens of a per-sequence loss) stores its exact
 per-example gradients ``[N, d_a, d_g]`` (explicit). Grouped convs and
 kernels stacked over a scan get one block per group or slice
 (``blocks/woodbury_batched.py``); kernels closed over by a scan body one
-block over the steps. Embeddings and tied kernels have no Woodbury block
-yet, nor does a layer whose tokens are not grouped by example (its output's
-leading axis is not the loss examples).
+block over the steps; an embedding table stores its lookups' ids and
+output gradients (``blocks/woodbury_embedding.py``). Tied kernels have no
+Woodbury block yet, nor does a layer whose tokens are not grouped by
+example (its output's leading axis is not the loss examples).
 """
 
 from __future__ import annotations

@@ -51,9 +51,14 @@ def scale_by_tengrad(
   layers get their diagonal Fisher; leaves no layer owns pass through
   (``fallback="identity"``) or are divided by the diagonal Fisher.
 
-  Dense layers that see several locations per example (``[N, T, D]`` inputs)
-  cannot keep factored per-example statistics in the per-leaf state and use
-  the fallback, with a warning.
+  Grouped convs and kernels scanned over get one block per group or slice,
+  kernels closed over by a scan body one block over the steps, embedding
+  tables a block from their lookups (``blocks/woodbury_batched.py``,
+  ``blocks/woodbury_embedding.py``); these and dense layers that see
+  several locations per example (``[N, T, D]`` inputs) need
+  ``example_batch`` (without it they use the fallback, with a warning), and
+  a layer's tokens must be grouped by example (its output's leading axis
+  the loss examples). Tied tables use the fallback.
 
   Args:
     loss_fn: ``loss_fn(params, batch)`` using a ``kfe`` loss helper.

@@ -226,8 +226,8 @@ def apply_explicit(v, u, gram_inverse, n, damping):
 
 
 class WoodburyInverseData(NamedTuple):
-  """What a Woodbury refresh yields, exact size (the shell writes ``a`` and
-  ``g`` into the sides of its ``WoodburyBlock``): ``Ā [N, d_a]``,
+  """What a Woodbury refresh yields, exact size (``Woodbury.store`` writes
+  ``a`` and ``g`` into the sides of a ``WoodburyBlock``): ``Ā [N, d_a]``,
   ``G [N, d_g]`` (factored; ``per_example`` None) or ``U [N, d_a, d_g]``
   (explicit; ``a``, ``g`` None), ``(K/n + λI)⁻¹ [N, N]``, ``n`` and ``λ``."""
   a: jax.Array | None
