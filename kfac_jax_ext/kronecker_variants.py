@@ -41,13 +41,19 @@ def tkfac_variant(factors: str = "weighted", trace: str = "tokens",
     size = side_a.shape[0] * side_g.shape[0]   # per group for grouped convs
     return damping + conv_damping * delta / size
 
+  def batch_statistics(block, stats, m, dtype):
+    if block.layer.kind == "tied":
+      return trace_restricted.tied_statistics(block.layer, stats, m, dtype,
+                                              factors)
+    return trace_restricted.batch_statistics(
+        *stats, block.has_bias, m, dtype, factors=factors, trace=trace,
+        layer=block.layer)
+
   return kronecker_family.KroneckerVariant(
-      batch_statistics=lambda block, stats, m, dtype: (
-          trace_restricted.batch_statistics(*stats, block.has_bias, m, dtype,
-                                            factors=factors, trace=trace,
-                                            layer=block.layer)),
+      batch_statistics=batch_statistics,
       effective_factors=trace_restricted.effective_factors,
       layer_damping=layer_damping,
       unsupported=lambda layer: (
-          "TKFAC has no trace-restricted block for tied kernels yet"
-          if layer.kind == "tied" else None))
+          "TKFAC's trace='exact' has no tied-kernel block (its uses' "
+          "per-example gradients add up); use trace='tokens'"
+          if layer.kind == "tied" and trace == "exact" else None))

@@ -4,6 +4,7 @@ the uses (float64 oracles)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import kfac_jax_ext as kfe
 from kfac_jax_ext import tracing
@@ -95,3 +96,64 @@ def test_embedding_tied_to_the_output_projection():
   exact = per_tok.T @ per_tok / m
   rel = jnp.linalg.norm(jnp.kron(rows, cols) - exact) / jnp.linalg.norm(exact)
   assert rel > 0.05, rel
+
+
+def _tkfac_update(loss, params, batch, factors):
+  tx = kfe.scale_by_tkfac(loss, damping=LAM, damping_mode="tikhonov",
+                          ema_decay=0.0, fisher="empirical", inverse_every=1,
+                          factors=factors, example_batch=batch)
+  return tx.update(jax.grad(loss)(params, batch), tx.init(params), params,
+                   batch=batch)[0]
+
+
+@pytest.mark.parametrize("factors", ["weighted", "unweighted"])
+def test_tkfac_tied_uses_match_the_untied_tokens_exactly(factors):
+  d, c, n = 3, 4, 5
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  w = jax.random.normal(ks[0], (d, c))
+  batch = {"x1": jax.random.normal(ks[1], (n, d)),
+           "x2": 2.0 * jax.random.normal(ks[2], (n, d)),
+           "y": jnp.arange(2 * n).reshape(n, 2) % c}
+  tied = lambda p, b: kfe.softmax_cross_entropy(
+      jnp.stack([b["x1"] @ p["w"], b["x2"] @ p["w"]], axis=1), b["y"])
+  stacked = lambda p, b: kfe.softmax_cross_entropy(
+      jnp.stack([b["x1"], b["x2"]], axis=1) @ p["w"], b["y"])
+  up_t = _tkfac_update(tied, {"w": w}, batch, factors)
+  up_s = _tkfac_update(stacked, {"w": w}, batch, factors)
+  np.testing.assert_allclose(up_t["w"], up_s["w"], rtol=1e-10)
+
+
+def test_tkfac_embedding_tied_to_the_output_projection():
+  """``δ·Φ⊗Ψ`` over both uses: the table's rows hold the embedding's ids
+  (weighted by ‖g‖²) and the logits' output gradients (weighted by ‖h‖²)."""
+  vocab, d = 5, 3
+  ks = jax.random.split(jax.random.PRNGKey(1), 2)
+  params = {"embed": jax.random.normal(ks[0], (vocab, d)),
+            "mid": jax.random.normal(ks[1], (d, d))}
+  ids = jnp.array([[0, 1, 1], [4, 2, 0]])
+  batch = {"x": ids, "y": jnp.array([[1, 2, 3], [0, 0, 4]])}
+
+  def model(p, ids, probe=0.0):
+    h = jnp.tanh((jnp.take(p["embed"], ids, axis=0) + probe) @ p["mid"])
+    return h @ p["embed"].T, h
+
+  loss = lambda p, b: kfe.softmax_cross_entropy(model(p, b["x"])[0], b["y"])
+  up = _tkfac_update(loss, params, batch, "weighted")
+  m = ids.size
+  logits, h = model(params, ids)
+  g_logit = (jax.nn.softmax(logits).reshape(m, vocab)
+             - jax.nn.one_hot(batch["y"].reshape(m), vocab))
+  g_embed = jax.vmap(jax.grad(lambda pr, i, y: -jax.nn.log_softmax(
+      model(params, i[None], pr[None])[0][0])[y]), (None, 0, 0))(
+          jnp.zeros(d), ids.reshape(m), batch["y"].reshape(m))
+  hs = h.reshape(m, d)
+  beta_e, beta_l = jnp.sum(g_embed ** 2, 1), jnp.sum(g_logit ** 2, 1)
+  alpha_l = jnp.sum(hs ** 2, 1)
+  counts = jnp.zeros(vocab).at[ids.reshape(-1)].add(beta_e)
+  rows = jnp.diag(counts) / m + (g_logit * alpha_l[:, None]).T @ g_logit / m
+  cols = g_embed.T @ g_embed / m + (hs * beta_l[:, None]).T @ hs / m
+  delta = (jnp.sum(beta_e) + jnp.sum(alpha_l * beta_l)) / m
+  block = delta * jnp.kron(rows / jnp.trace(rows), cols / jnp.trace(cols))
+  grad = jax.grad(loss)(params, batch)["embed"]
+  want = jnp.linalg.solve(block + LAM * jnp.eye(vocab * d), grad.reshape(-1))
+  np.testing.assert_allclose(up["embed"], want.reshape(vocab, d), rtol=1e-9)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from kfac_jax_ext import linalg
 from kfac_jax_ext.blocks import embedding
 from kfac_jax_ext.blocks import kronecker
+from kfac_jax_ext.blocks import tied
 
 
 def exact_block_trace(a, g, has_bias: bool, num_examples: int):
@@ -70,6 +71,40 @@ def _embedding_statistics(ids, g, vocab, num_examples, dtype, factors, trace):
   else:
     delta = jnp.sum(beta) / m
   return side_a, side_g, delta
+
+
+def tied_statistics(layer, stats, num_examples, dtype, factors: str):
+  """``(P or R, Q or C, δ)`` of a kernel with several uses (``trace="tokens"``).
+
+  Every use's tokens add to the two factors in the first use's orientation
+  (``blocks/tied.py``): a token's gradient is ``r cᵀ`` with ``r`` on the row
+  side (its input ``ā``, or its output gradient ``g`` for a use whose input
+  is on the column side) and ``c`` on the other, so with ``ρ = ‖r‖²``,
+  ``γ = ‖c‖²``: ``P = Σ γ r rᵀ / M``, ``Q = Σ ρ c cᵀ / M``,
+  ``δ = Σ ρ γ / M`` over the tokens of all uses (an embedding use's input is
+  one-hot: ``‖ā‖² = 1``, ``Σ γ r rᵀ = diag(Σ γ onehot)``). ``"unweighted"``
+  keeps K-FAC's tied factors (``tied.tied_factors``) with the same δ."""
+  m = jnp.asarray(num_examples, dtype)
+  rows = jnp.zeros((layer.d_in, layer.d_in), dtype)
+  cols = jnp.zeros((layer.d_out, layer.d_out), dtype)
+  delta = jnp.zeros((), dtype)
+  for use, flip, (a, g) in zip(layer.uses, layer.transposed, stats):
+    g = g.astype(dtype)
+    beta = jnp.sum(g * g, axis=1)
+    if use.kind == "embedding":
+      alpha = jnp.ones_like(beta)
+      a_side = jnp.diag(embedding.id_counts(a, use.d_in, dtype, beta)) / m
+    else:
+      a = a.astype(dtype)
+      alpha = jnp.sum(a * a, axis=1)
+      a_side = (a * beta[:, None]).T @ a / m
+    g_side = (g * alpha[:, None]).T @ g / m
+    rows, cols = (rows + g_side, cols + a_side) if flip else (
+        rows + a_side, cols + g_side)
+    delta = delta + jnp.sum(alpha * beta) / m
+  if factors == "unweighted":
+    rows, cols = tied.tied_factors(layer, stats, num_examples, dtype)
+  return rows, cols, delta
 
 
 def batch_statistics(a, g, has_bias, num_examples, dtype, *, factors: str,
