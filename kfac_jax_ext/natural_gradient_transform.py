@@ -13,8 +13,8 @@ gives every dense, conv and embedding layer one exactly damped block:
 
 ``blocks="auto"`` takes, per layer, the cheaper of the two that the layer
 supports (a Kronecker block needs both factors within ``max_factor_dim``;
-TENGraD has no block for tied kernels, nor for layers whose tokens are
-not grouped by example); ``"kronecker"`` / ``"woodbury"`` prefer one kind
+TENGraD has no block for layers whose tokens are not grouped by
+example); ``"kronecker"`` / ``"woodbury"`` prefer one kind
 and take the other only where the preferred one has no block. Scale-and-shift layers get
 their diagonal Fisher and the leaves no layer owns the ``fallback``, from
 the Kronecker side. The choice depends on the shapes only (the layers

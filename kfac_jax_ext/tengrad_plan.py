@@ -7,9 +7,11 @@ per-example gradients ``[N, d_a, d_g]`` (explicit). Grouped convs and
 kernels stacked over a scan get one block per group or slice
 (``blocks/woodbury_batched.py``); kernels closed over by a scan body one
 block over the steps; an embedding table stores its lookups' ids and
-output gradients (``blocks/woodbury_embedding.py``). Tied kernels have no
-Woodbury block yet, nor does a layer whose tokens are not grouped by
-example (its output's leading axis is not the loss examples).
+output gradients (``blocks/woodbury_embedding.py``), a tied kernel its
+explicit per-example gradients summed over its uses
+(``blocks/woodbury_tied.py``). A layer whose tokens are not grouped by
+example (its output's leading axis is not the loss examples) has no
+Woodbury block.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kfac_jax_ext import weight_sharing as sharing_lib
 from kfac_jax_ext.blocks import woodbury
 from kfac_jax_ext.blocks import woodbury_batched
 from kfac_jax_ext.blocks import woodbury_embedding
+from kfac_jax_ext.blocks import woodbury_tied
 
 
 def make_plan(traced, blocks) -> plan_lib.Plan:
@@ -79,6 +82,9 @@ def unsupported(layer, num_examples: int | None = None) -> str | None:
   if reason is not None or num_examples is None or (
       layer.kind == "scale_and_shift"):
     return reason
+  if layer.kind == "tied":   # every use's tokens
+    return next((r for r in (unsupported(use, num_examples)
+                             for use in layer.uses) if r), None)
   k = sharing_lib.tokens(layer)
   if k % num_examples:
     return (f"its {k} tokens do not split evenly over the {num_examples} loss "
@@ -95,6 +101,8 @@ def woodbury_kind(layer) -> type:
   or the plain one."""
   if layer.kind == "embedding":
     return woodbury_embedding.EmbeddingWoodbury
+  if layer.kind == "tied":
+    return woodbury_tied.TiedWoodbury
   if layer.groups > 1:
     return woodbury_batched.BatchedWoodbury
   return woodbury.Woodbury

@@ -58,7 +58,8 @@ def scale_by_tengrad(
   several locations per example (``[N, T, D]`` inputs) need
   ``example_batch`` (without it they use the fallback, with a warning), and
   a layer's tokens must be grouped by example (its output's leading axis
-  the loss examples). Tied tables use the fallback.
+  the loss examples). A tied table stores its per-example gradients summed
+  over its uses (``blocks/woodbury_tied.py``).
 
   Args:
     loss_fn: ``loss_fn(params, batch)`` using a ``kfe`` loss helper.

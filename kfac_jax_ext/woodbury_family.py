@@ -116,12 +116,11 @@ def _refresh(plan, blocks, traced, state, cb, lam, fallback, dtype,
   stats_ok = jnp.array(True)
   tokens = []
   for kl, block in zip(plan.kronecker, blocks):
-    a, g = block.batch_statistics(cb.layers[kl.index], traced.num_examples,
-                                  dtype)
-    a = distributed.gather_examples(a, axis_name)
-    g = distributed.gather_examples(g, axis_name)
-    stats_ok = stats_ok & linalg.all_finite(a, g)
-    tokens.append((a, g))
+    batch = jax.tree_util.tree_map(
+        lambda x: distributed.gather_examples(x, axis_name),
+        block.batch_statistics(cb.layers[kl.index], traced.num_examples, dtype))
+    stats_ok = stats_ok & linalg.all_finite(*jax.tree_util.tree_leaves(batch))
+    tokens.append(batch)
   refresh = [lambda b=b, t=t: b.refresh(t, lam) for b, t in zip(blocks, tokens)]
   if axis_name is None:
     refreshed = [fn() for fn in refresh]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import kfac_jax_ext as kfe
+from kfac_jax_ext import tracing
 
 LAM = 0.05
 N, L, D, T = 6, 3, 4, 5
@@ -214,3 +215,37 @@ def test_embedding_laid_out_for_other_lookups_falls_back_loudly():
   assert new.blocks[1].ids.shape == (8, T + 2)   # the state keeps its layout
   np.testing.assert_array_equal(updates["table"],
                                 jax.grad(loss)(params, batch)["table"])
+
+
+@pytest.mark.parametrize("projection_first", [False, True])
+def test_tied_table_has_an_exact_woodbury_block(projection_first):
+  """A table used as embedding and as output projection (``h Eᵀ``): one
+  block over both uses' per-example gradients, in the orientation of the
+  use that comes first."""
+  ks = jax.random.split(jax.random.PRNGKey(6), 5)
+  params = {"embed": jax.random.normal(ks[0], (V, D)),
+            "mid": jax.random.normal(ks[1], (D, D)) / 2}
+  batch = {"ids": jax.random.randint(ks[2], (N, T), 0, V), "y": _labels()}
+  if projection_first:
+    params["head"] = jax.random.normal(ks[3], (D, V)) / 2
+    batch["x"] = jax.random.normal(ks[4], (N, D))
+
+  def loss(p, b):
+    first = b["x"] @ p["embed"].T if projection_first else 0.0
+    h = jnp.tanh(jnp.take(p["embed"], b["ids"], axis=0) @ p["mid"])
+    second = h.mean(axis=1) @ (p["head"] if projection_first
+                               else p["embed"].T)      # one loss per sequence
+    return kfe.softmax_cross_entropy(first + second, b["y"])
+
+  (tied,) = [l for l in tracing.trace_loss(loss, params, batch).layers
+             if l.name == "embed"]
+  assert tied.kind == "tied" and tied.transposed == (False, True)
+  grads, updates, state = _tengrad(loss, params, batch)
+  assert int(state.health.failed_inverses) == 0
+  u = _per_example_grads(loss, params, batch)
+  for name in params:
+    (want,) = _solve([u[name]], [grads[name]])
+    np.testing.assert_allclose(updates[name], want, rtol=1e-9, atol=1e-12)
+  text = kfe.describe_layers(loss, params, batch, blocks="woodbury")
+  shape = "4x7" if projection_first else "7x4"
+  assert f"woodbury n=6 tied {shape}" in text and "woodbury 100.0%" in text

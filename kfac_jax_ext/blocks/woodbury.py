@@ -264,9 +264,10 @@ class Woodbury(base.CurvatureBlock):
   @staticmethod
   def unsupported(layer) -> str | None:
     """Why the layer kind has no Woodbury block (None: it has one, possibly
-    batched over groups or slices, ``woodbury_batched.py``, or for a table,
-    ``woodbury_embedding.py``)."""
-    if layer.kind in ("dense", "conv2d", "embedding", "scale_and_shift"):
+    batched over groups or slices, ``woodbury_batched.py``, for a table,
+    ``woodbury_embedding.py``, or for a tied kernel, ``woodbury_tied.py``)."""
+    if layer.kind in ("dense", "conv2d", "embedding", "tied",
+                      "scale_and_shift"):
       return None
     return f"TENGraD has no Woodbury block for {layer.kind} layers yet"
 
