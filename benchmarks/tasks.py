@@ -29,7 +29,9 @@ TENGraD (family ``"woodbury"``) sweeps the same learning rates and the
 damping grid continued up the 1-3-10 ladder to ten times its largest value
 (``woodbury_dampings``): its λ damps the exact block of ``n`` sampled
 gradients, so every direction outside their span is scaled by ``1/λ``, and
-its optimum lies above K-FAC's (``docs/methods.md``, TENGraD).
+its optimum lies above K-FAC's (``docs/methods.md``, TENGraD). The runner
+extends every grid while the best setting sits at its edge
+(``benchmarks/sweep.py``).
 """
 
 from __future__ import annotations
