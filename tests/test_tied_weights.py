@@ -49,39 +49,51 @@ def test_tied_uses_match_the_untied_tokens_exactly():
   np.testing.assert_allclose(up_t["w"], up_s["w"], rtol=1e-10)
 
 
+VOCAB, WIDTH = 5, 3
+
+
+def _tied_table():
+  """``E`` as embedding and as logits ``h Eᵀ``, a loss per position (M = 6).
+
+  Returns ``(params, batch, model, loss, tokens)`` with ``tokens`` the
+  brute-force per-token ``(g_logit, g_embed, h)``: the logits' output
+  gradients, the embedding lookups' output gradients and the logits' inputs.
+  """
+  ks = jax.random.split(jax.random.PRNGKey(1), 3)
+  params = {"embed": jax.random.normal(ks[0], (VOCAB, WIDTH)),
+            "mid": jax.random.normal(ks[1], (WIDTH, WIDTH))}
+  ids = jnp.array([[0, 1, 1], [4, 2, 0]])
+  batch = {"x": ids, "y": jnp.array([[1, 2, 3], [0, 0, 4]])}
+
+  def model(p, ids, probe=0.0):
+    h = jnp.tanh((jnp.take(p["embed"], ids, axis=0) + probe) @ p["mid"])
+    return h @ p["embed"].T, h
+
+  loss = lambda p, b: kfe.softmax_cross_entropy(model(p, b["x"])[0], b["y"])
+  m = ids.size
+  logits, h = model(params, ids)
+  g_logit = (jax.nn.softmax(logits).reshape(m, VOCAB)
+             - jax.nn.one_hot(batch["y"].reshape(m), VOCAB))
+  g_embed = jax.vmap(jax.grad(lambda pr, i, y: -jax.nn.log_softmax(
+      model(params, i[None], pr[None])[0][0])[y]), (None, 0, 0))(
+          jnp.zeros(WIDTH), ids.reshape(m), batch["y"].reshape(m))
+  return params, batch, model, loss, (g_logit, g_embed, h.reshape(m, WIDTH))
+
+
 def test_embedding_tied_to_the_output_projection():
   """``E`` as embedding (rows = ids) and as logits ``h Eᵀ`` (rows = logit
   gradients): ``R = diag(counts)/K + Σ g_l g_lᵀ/M``, ``C = Σ g_e g_eᵀ/M +
   Σ h hᵀ/K`` with K the tokens of both uses; the update is
   ``solve(R⊗C + λI, ∇)``. It is an approximation: the test also shows it
   differs from the exact block."""
-  vocab, d = 5, 3
-  ks = jax.random.split(jax.random.PRNGKey(1), 3)
-  params = {"embed": jax.random.normal(ks[0], (vocab, d)),
-            "mid": jax.random.normal(ks[1], (d, d))}
-  ids = jnp.array([[0, 1, 1], [4, 2, 0]])
-  batch = {"x": ids, "y": jnp.array([[1, 2, 3], [0, 0, 4]])}
-
-  def model(p, ids, probe=0.0):
-    h = jnp.take(p["embed"], ids, axis=0) + probe
-    h = jnp.tanh(h @ p["mid"])
-    return h @ p["embed"].T, h
-
-  loss = lambda p, b: kfe.softmax_cross_entropy(model(p, b["x"])[0], b["y"])
+  params, batch, model, loss, (g_logit, g_embed, hs) = _tied_table()
+  ids = batch["x"]
   traced = tracing.trace_loss(loss, params, batch)
   tied = [l for l in traced.layers if l.kind == "tied"]
   assert len(tied) == 1 and tied[0].transposed == (False, True)
   up, st = _update_and_state(loss, params, batch)
-  # brute force, per token (the loss is per position: M = 6 examples)
-  m, k = ids.size, 2 * ids.size
-  logits, h = model(params, ids)
-  probs = jax.nn.softmax(logits).reshape(m, vocab)
-  g_logit = probs - jax.nn.one_hot(batch["y"].reshape(m), vocab)
-  g_embed = jax.vmap(jax.grad(lambda pr, i, y: -jax.nn.log_softmax(
-      model(params, i[None], pr[None])[0][0])[y]), (None, 0, 0))(
-          jnp.zeros(d), ids.reshape(m), batch["y"].reshape(m))
-  hs = h.reshape(m, d)
-  counts = jnp.bincount(ids.reshape(-1), length=vocab)
+  m, k = ids.size, 2 * ids.size   # the loss is per position: M = 6 examples
+  counts = jnp.bincount(ids.reshape(-1), length=VOCAB)
   rows = jnp.diag(counts) / k + g_logit.T @ g_logit / m
   cols = g_embed.T @ g_embed / m + hs.T @ hs / k
   np.testing.assert_allclose(st.factors[0].rows, rows, rtol=1e-10, atol=1e-14)
@@ -126,34 +138,18 @@ def test_tkfac_tied_uses_match_the_untied_tokens_exactly(factors):
 def test_tkfac_embedding_tied_to_the_output_projection():
   """``δ·Φ⊗Ψ`` over both uses: the table's rows hold the embedding's ids
   (weighted by ‖g‖²) and the logits' output gradients (weighted by ‖h‖²)."""
-  vocab, d = 5, 3
-  ks = jax.random.split(jax.random.PRNGKey(1), 2)
-  params = {"embed": jax.random.normal(ks[0], (vocab, d)),
-            "mid": jax.random.normal(ks[1], (d, d))}
-  ids = jnp.array([[0, 1, 1], [4, 2, 0]])
-  batch = {"x": ids, "y": jnp.array([[1, 2, 3], [0, 0, 4]])}
-
-  def model(p, ids, probe=0.0):
-    h = jnp.tanh((jnp.take(p["embed"], ids, axis=0) + probe) @ p["mid"])
-    return h @ p["embed"].T, h
-
-  loss = lambda p, b: kfe.softmax_cross_entropy(model(p, b["x"])[0], b["y"])
+  params, batch, _, loss, (g_logit, g_embed, hs) = _tied_table()
   up = _tkfac_update(loss, params, batch, "weighted")
-  m = ids.size
-  logits, h = model(params, ids)
-  g_logit = (jax.nn.softmax(logits).reshape(m, vocab)
-             - jax.nn.one_hot(batch["y"].reshape(m), vocab))
-  g_embed = jax.vmap(jax.grad(lambda pr, i, y: -jax.nn.log_softmax(
-      model(params, i[None], pr[None])[0][0])[y]), (None, 0, 0))(
-          jnp.zeros(d), ids.reshape(m), batch["y"].reshape(m))
-  hs = h.reshape(m, d)
+  m = batch["x"].size
   beta_e, beta_l = jnp.sum(g_embed ** 2, 1), jnp.sum(g_logit ** 2, 1)
   alpha_l = jnp.sum(hs ** 2, 1)
-  counts = jnp.zeros(vocab).at[ids.reshape(-1)].add(beta_e)
+  counts = jnp.zeros(VOCAB).at[batch["x"].reshape(-1)].add(beta_e)
   rows = jnp.diag(counts) / m + (g_logit * alpha_l[:, None]).T @ g_logit / m
   cols = g_embed.T @ g_embed / m + (hs * beta_l[:, None]).T @ hs / m
   delta = (jnp.sum(beta_e) + jnp.sum(alpha_l * beta_l)) / m
   block = delta * jnp.kron(rows / jnp.trace(rows), cols / jnp.trace(cols))
   grad = jax.grad(loss)(params, batch)["embed"]
-  want = jnp.linalg.solve(block + LAM * jnp.eye(vocab * d), grad.reshape(-1))
-  np.testing.assert_allclose(up["embed"], want.reshape(vocab, d), rtol=1e-9)
+  want = jnp.linalg.solve(block + LAM * jnp.eye(VOCAB * WIDTH),
+                          grad.reshape(-1))
+  np.testing.assert_allclose(up["embed"], want.reshape(VOCAB, WIDTH),
+                             rtol=1e-9)
