@@ -367,12 +367,8 @@ def _refresh(plan, factors, traces, inverses, lam, variant, mode,
 
 def _precondition(plan, traced, grads, factors, traces, inverses, diags, lam,
                   variant, mode, fallback):
-  out = list(grads)
-  for kl in plan.kronecker:
+  def apply(kl, v):
     layer = kl.layer
-    kernel_grad = grads[layer.kernel]
-    bias_grad = grads[layer.bias] if kl.has_bias else None
-    v = plan_lib.to_matrix(layer, kernel_grad, bias_grad).astype(lam.dtype)
     inv = inverses[layer.kernel]
     a_shape, g_shape = plan_lib.factor_shapes(layer)
     ia = linalg.leading(getattr(inv, kl.a_side), a_shape)
@@ -384,10 +380,8 @@ def _precondition(plan, traced, grads, factors, traces, inverses, diags, lam,
       vg = linalg.leading(getattr(inv, kl.g_side + "_vals"), g_shape[:-1])
       lam_l = layer_factors(kl, factors[layer.kernel], traces[layer.kernel],
                              variant, lam)[2]
-    delta = table.kronecker_block(layer, mode).apply(
+    return table.kronecker_block(layer, mode).apply(
         kronecker.KroneckerInverseData(ia, ig, va, vg), v, lam_l)
-    dk, db = plan_lib.from_matrix(layer, delta, kernel_grad.shape, kl.has_bias)
-    out[layer.kernel] = dk.astype(kernel_grad.dtype)
-    if kl.has_bias:
-      out[layer.bias] = db.astype(bias_grad.dtype)
+
+  out = plan_lib.precondition_layers(plan, grads, lam.dtype, apply)
   return diagonal.precondition_leaves(plan, grads, diags, lam, fallback, out)

@@ -196,3 +196,30 @@ def from_matrix(layer: tracing.LayerMatch, m, kernel_shape, has_bias: bool):
     kernel = m[:layer.d_in].reshape(permuted)
     bias = m[layer.d_in] if has_bias else None
   return jnp.transpose(kernel, tuple(np.argsort(perm))), bias
+
+
+def layer_matrix(kl: KroneckerLayer, grads, dtype):
+  """A planned layer's gradient as its canonical matrix (``to_matrix``),
+  in ``dtype``; ``grads`` are the flat parameter leaves."""
+  bias = grads[kl.layer.bias] if kl.has_bias else None
+  return to_matrix(kl.layer, grads[kl.layer.kernel], bias).astype(dtype)
+
+
+def write_layer(out: list, kl: KroneckerLayer, delta, grads) -> None:
+  """Writes a layer's preconditioned matrix ``delta`` back into the flat
+  leaves ``out`` (kernel and bias, each in its gradient's dtype)."""
+  kernel_grad = grads[kl.layer.kernel]
+  dk, db = from_matrix(kl.layer, delta, kernel_grad.shape, kl.has_bias)
+  out[kl.layer.kernel] = dk.astype(kernel_grad.dtype)
+  if kl.has_bias:
+    out[kl.layer.bias] = db.astype(grads[kl.layer.bias].dtype)
+
+
+def precondition_layers(plan: Plan, grads, dtype, apply) -> list:
+  """The flat leaves ``grads`` with every planned layer's kernel and bias
+  replaced by ``apply(kl, v)``, ``v`` its canonical matrix in ``dtype``;
+  the other leaves as they are."""
+  out = list(grads)
+  for kl in plan.kronecker:
+    write_layer(out, kl, apply(kl, layer_matrix(kl, grads, dtype)), grads)
+  return out

@@ -267,15 +267,9 @@ def _precondition_chains(traced, plan, chains, grads_tree, out_tree, links, last
                        f"({[traced.layers[i].name for i in chain]}); see "
                        "kfe.describe_layers.")
     kls = [by_index[i] for i in chain]
-    vs = [plan_lib.to_matrix(kl.layer, grads[kl.layer.kernel],
-                             grads[kl.layer.bias] if kl.has_bias else None
-                             ).astype(dtype) for kl in kls]
+    vs = [plan_lib.layer_matrix(kl, grads, dtype) for kl in kls]
     deltas = tridiagonal.apply_chain_inverse(links[start:start + n], lasts[c], vs)
     start += n
     for kl, delta in zip(kls, deltas):
-      kernel_grad = grads[kl.layer.kernel]
-      dk, db = plan_lib.from_matrix(kl.layer, delta, kernel_grad.shape, kl.has_bias)
-      out[kl.layer.kernel] = dk.astype(kernel_grad.dtype)
-      if kl.has_bias:
-        out[kl.layer.bias] = db.astype(grads[kl.layer.bias].dtype)
+      plan_lib.write_layer(out, kl, delta, grads)
   return jax.tree_util.tree_unflatten(treedef, out)

@@ -152,17 +152,13 @@ def _refresh(plan, blocks, traced, state, cb, lam, fallback, dtype,
 
 
 def _precondition(plan, blocks, grads, entries, diags, lam, fallback):
-  out = list(grads)
-  for kl, block in zip(plan.kronecker, blocks):
-    layer = kl.layer
-    kernel_grad = grads[layer.kernel]
-    bias_grad = grads[layer.bias] if kl.has_bias else None
-    v = plan_lib.to_matrix(layer, kernel_grad, bias_grad).astype(lam.dtype)
-    delta = block.apply(block.load(entries[layer.kernel], kl.a_side), v, lam)
-    dk, db = plan_lib.from_matrix(layer, delta, kernel_grad.shape, kl.has_bias)
-    out[layer.kernel] = dk.astype(kernel_grad.dtype)
-    if kl.has_bias:
-      out[layer.bias] = db.astype(bias_grad.dtype)
+  block_of = {kl.index: block for kl, block in zip(plan.kronecker, blocks)}
+
+  def apply(kl, v):
+    block = block_of[kl.index]
+    return block.apply(block.load(entries[kl.layer.kernel], kl.a_side), v, lam)
+
+  out = plan_lib.precondition_layers(plan, grads, lam.dtype, apply)
   return diagonal.precondition_leaves(plan, grads, diags, lam, fallback, out)
 
 
