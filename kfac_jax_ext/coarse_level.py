@@ -92,12 +92,14 @@ def per_step_bases(space, layers, residual, precondition, dtype):
   return out
 
 
-def tokens(layers, traced, cb, dtype):
-  """Per layer, the statistics batch's ``(ā [M,T,d_a], g [M,T,d_g])``."""
+def tokens(layers, traced, cb, dtype, n=None):
+  """Per layer, ``(ā [n,T,d_a], g [n,T,d_g])`` of the statistics batch's
+  first ``n`` examples (default: all ``M``)."""
   m = traced.num_examples
+  n = m if n is None else n
   return [woodbury.per_example_tokens(cb.layers[l.kl.index][0].astype(dtype),
                                       cb.layers[l.kl.index][1].astype(dtype),
-                                      l.kl.has_bias, m, m) for l in layers]
+                                      l.kl.has_bias, m, n) for l in layers]
 
 
 def example_coefficients(layers, toks, size, dtype):

@@ -238,8 +238,10 @@ Example:
 
 
 def _two_level_options(*, base="kfac", coarse_space="nicolaides",
-                       coarse_matrix="kronecker", combine="additive",
-                       omega=(1.0, 1.0), coarse_damping="consistent"):
+                       coarse_matrix=None, combine="additive",
+                       omega=(1.0, 1.0), coarse_damping="consistent",
+                       fisher_products="statistics", fine_scale="model",
+                       coarse_batch=None):
   """Two-level K-FAC's own options (see ``scale_by_two_level_kfac``)."""
 
 

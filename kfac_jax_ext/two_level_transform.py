@@ -95,6 +95,7 @@ def scale_by_two_level_kfac(
     coarse_damping: str = "consistent",
     fisher_products: str = "statistics",
     fine_scale: str = "model",
+    coarse_batch: int | None = None,
     **options,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Two-level K-FAC: the base preconditioner plus a coarse correction.
@@ -153,6 +154,14 @@ def scale_by_two_level_kfac(
       measures this). With ``R = I`` both give ``F_λ⁻¹∇``; Galerkin
       orthogonality holds for both. Leaves outside the coarse layers get
       ``αM⁻¹∇``.
+    coarse_batch: with ``fisher_products="statistics"``, the coarse level's
+      ``F`` (its products ``F_λx`` and a per-step or running ``F_c``) is
+      ``(1/n) Σ_{k<n} u_k u_kᵀ`` over the first ``n = min(M, coarse_batch)``
+      examples of the statistics batch (per device) instead of all ``M``: an
+      unbiased estimate of the same Fisher at ``n/M`` of the products' cost
+      (each product is two passes over the layers' tokens, about a forward
+      pass of the batch). ``None`` (default): all ``M`` examples. The fine
+      level always uses the whole batch.
     **options: the base method's options (``scale_by_kfac``).
 
   Returns:
@@ -173,6 +182,16 @@ def scale_by_two_level_kfac(
          fisher_products)
   if fine_scale not in ("model", "none"):
     raise ValueError(f"fine_scale must be 'model' or 'none', got {fine_scale!r}.")
+  if coarse_batch is not None and (isinstance(coarse_batch, bool) or
+                                   not isinstance(coarse_batch, int) or
+                                   coarse_batch < 1):
+    raise ValueError(f"coarse_batch must be a positive int (examples) or None, "
+                     f"got {coarse_batch!r}.")
+  if coarse_batch is not None and fisher_products == "ggn":
+    raise ValueError("coarse_batch subsamples the statistics' per-example "
+                     "gradients (fisher_products='statistics'); with "
+                     "fisher_products='ggn' pass a smaller batch to update, or "
+                     "leave coarse_batch unset.")
   if coarse_matrix is None:
     coarse_matrix = ("kronecker" if fisher_products == "statistics" and
                      combine == "additive" and
@@ -263,7 +282,9 @@ def scale_by_two_level_kfac(
     layers = level.static_layers(ctx.plan, spectral, slots, coarse_space, dtype)
     if not layers:
       return out, state._replace(base=base_state)
-    m = traced.num_examples
+    # the coarse level's examples: the first min(M, coarse_batch)
+    m = traced.num_examples if coarse_batch is None else min(
+        traced.num_examples, coarse_batch)
     grads = jax.tree_util.tree_leaves(updates)
     fine = jax.tree_util.tree_leaves(out)
     v = level.to_matrices(layers, grads, dtype)
@@ -273,7 +294,7 @@ def scale_by_two_level_kfac(
                                                     axis_name=axis_name)
       fvp = level.ggn_fvp(layers, operator, grads, shapes, ctx.damping, dtype)
     elif every_step:
-      toks = level.tokens(layers, traced, cb, dtype)
+      toks = level.tokens(layers, traced, cb, dtype, m)
       fvp = level.statistics_fvp(toks, m, ctx.damping, axis_name)
     # A fixed space's multiplicative and balanced steps need F_λx only
     # projected (R F_λx, xᵀF_λx) or lifted (F_λRᵀβ): half the token passes
@@ -299,7 +320,8 @@ def scale_by_two_level_kfac(
     def batch_matrices():
       if ggn:
         return level.ggn_coarse(layers, operator, grads, shapes, size, dtype)
-      step_toks = toks if every_step else level.tokens(layers, traced, cb, dtype)
+      step_toks = (toks if every_step
+                   else level.tokens(layers, traced, cb, dtype, m))
       return distributed.mean(level.batch_coarse(
           layers, step_toks, size, coarse_matrix, m, dtype, coeffs), axis_name)
 

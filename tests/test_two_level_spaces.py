@@ -205,3 +205,42 @@ def test_non_finite_statistics_drop_the_per_step_correction_and_are_counted():
   # the fine step alone (no correction, α = 1), from the same fine state
   expected, _ = base.update(grads, state.base, params, batch=batch, curvature=bad)
   np.testing.assert_allclose(_flat(out), _flat(expected), rtol=1e-12)
+
+
+@pytest.mark.parametrize("space,combine", [
+    ("nicolaides", "multiplicative"), ("residual", "balanced"),
+    ("krylov_residual", "multiplicative")])
+def test_coarse_batch_uses_the_fisher_of_the_first_examples(space, combine):
+  """``coarse_batch=n``: the coarse level's F (products and F_c) is the
+  Fisher of the first n examples; the fine level keeps all M."""
+  loss, params, batch = _mlp(squared=True)
+  n = 4                                          # of M = 7
+  delta, _ = _direction(loss, params, batch, combine=combine,
+                        coarse_space=space, fine_scale="none", coarse_batch=n)
+  grad, u = _brute(loss, params, batch)
+  f = u[:, :n] @ u[:, :n].T / n + LAM * jnp.eye(u.shape[0])
+  minv = _base_inverse(loss, params, batch)      # all M examples
+  masks = _nicolaides_rows(params)
+  r = (masks if space == "nicolaides" else
+       _space_rows(space, masks, minv, grad - f @ minv(grad)))
+  expected = _closed_form(combine, r, f, grad, minv, alpha_scaled=False)
+  scale = float(jnp.max(jnp.abs(expected)))
+  np.testing.assert_allclose(delta, expected, rtol=0, atol=1e-9 * scale)
+  # a coarse batch at least M is the full batch; fewer examples differ
+  full, _ = _direction(loss, params, batch, combine=combine,
+                       coarse_space=space, fine_scale="none")
+  same, _ = _direction(loss, params, batch, combine=combine,
+                       coarse_space=space, fine_scale="none", coarse_batch=50)
+  np.testing.assert_array_equal(same, full)
+  assert float(jnp.max(jnp.abs(delta - full))) > 1e-3 * scale
+
+
+def test_bad_coarse_batch_is_named():
+  loss, params, _ = _mlp()
+  for bad in (0, -3, 2.5, True, "64"):
+    with pytest.raises(ValueError, match="coarse_batch must be a positive int"):
+      kfe.scale_by_two_level_kfac(loss, combine="multiplicative",
+                                  coarse_batch=bad)
+  with pytest.raises(ValueError, match="fisher_products='ggn'"):
+    kfe.scale_by_two_level_kfac(loss, combine="multiplicative",
+                                fisher_products="ggn", coarse_batch=8)
