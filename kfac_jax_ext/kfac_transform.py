@@ -66,6 +66,11 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
       ``axis_name`` in ``kfe.value_and_grad``. Under ``jax.jit`` with a
       ``Mesh`` leave it None.
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
+    stats_batch: take the curvature statistics from the batch's first n
+      examples (Martens & Grosse §8; every batch leaf must have the examples
+      first) while the gradient uses all of them: the statistics step costs
+      about n/M of its factor products and sampled backward
+      (``kfac_jax_ext.stats_subsample``). None (default): all M.
     structure: ``"block_diagonal"`` (default) or ``"block_tridiagonal"``:
       M&G's §4.3 inverse over chains of dense layers, with cross-layer
       factors (``tridiagonal_family``; needs ``example_batch`` and

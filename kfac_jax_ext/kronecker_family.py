@@ -27,6 +27,7 @@ from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
+from kfac_jax_ext import stats_subsample
 from kfac_jax_ext.state import Health, KfacState
 from kfac_jax_ext import tracing
 from kfac_jax_ext import weight_sharing as sharing_lib
@@ -82,6 +83,7 @@ def kronecker_stepper(
     has_aux: bool = False,
     example_batch: Any = None,
     weight_sharing: str = "expand",
+    stats_batch: int | None = None,
     name: str = "scale_by_kronecker",
 ) -> optax.GradientTransformationExtraArgs:
   """``(init_fn, step_fn)`` of the Kronecker family (options: ``scale_by_kfac``).
@@ -96,6 +98,7 @@ def kronecker_stepper(
   checks.check_options(damping_mode, fisher, fallback, stats_every,
                        inverse_every, ema_decay, damping, weight_sharing)
   distributed.check_axis_name(axis_name, name)
+  stats_subsample.check_examples(stats_batch, "stats_batch", name)
 
   def init_fn(params, share=None):
     dtype = linalg.factor_dtype()
@@ -130,13 +133,19 @@ def kronecker_stepper(
     lam = jnp.asarray(lam, dtype)
 
     def new_statistics(st):
+      s_batch, s_traced = stats_subsample.statistics_inputs(
+          loss_fn, params, batch, traced, stats_batch, has_aux)
       if curvature is not None:
         batch_stats = curvature
-        checks.check_curvature(traced, batch_stats)
+        checks.check_curvature(s_traced, batch_stats)
+        if s_traced is not traced:
+          stats_subsample.check_curvature_size(
+              curvature, s_traced, params, s_batch, statistics.statistics_pass,
+              name)
       else:
-        batch_stats = statistics.statistics_pass(traced, params, batch, key,
+        batch_stats = statistics.statistics_pass(s_traced, params, s_batch, key,
                                                  fisher, axis_name=axis_name)[2]
-      return _accumulate(plan, traced, st, batch_stats, variant, ema_decay,
+      return _accumulate(plan, s_traced, st, batch_stats, variant, ema_decay,
                          fallback, dtype, axis_name, weight_sharing)
 
     def old_statistics(st):

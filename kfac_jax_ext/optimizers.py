@@ -145,7 +145,7 @@ def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
         setting("inverse_every"),
         damping_adaptation_interval if damping_adaptation else None,
         setting("fisher"), setting("has_aux"), statistics_every_step(options),
-        setting("axis_name"))
+        setting("axis_name"), options.get("stats_batch"))
     if not (isinstance(learning_rate, str) or isinstance(momentum, str)
             or damping_adaptation):
       return train_step.remember_schedule(_compiled_when_eager(

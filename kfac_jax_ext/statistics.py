@@ -31,6 +31,7 @@ from kfac_jax_ext import distributed
 from kfac_jax_ext import losses as losses_lib
 from kfac_jax_ext import schedule
 from kfac_jax_ext import state as state_lib
+from kfac_jax_ext import stats_subsample
 from kfac_jax_ext import tracing
 
 
@@ -341,7 +342,8 @@ def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
 
 
 def value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
-                   fisher: str = "sampled", axis_name=None) -> Callable:
+                   fisher: str = "sampled", axis_name=None,
+                   stats_batch: int | None = None) -> Callable:
   """Loss, gradient and curvature statistics from one forward pass.
 
   Args:
@@ -353,6 +355,8 @@ def value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
       preconditioner's ``axis_name``): sampled targets are then drawn by global
       example index, so they do not depend on the sharding. The gradient is
       this device's; average it over the axis as usual.
+    stats_batch: the optimizer's: statistics of the first n examples only
+      (``kfac_jax_ext.stats_subsample``); value and gradient of all.
 
   Returns:
     ``fn(params, batch, key=None, *, opt_state=None, due=None) -> (value,
@@ -371,6 +375,8 @@ def value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     >>> updates, state = tx.update(grads, state, params, batch=batch, key=key,
     ...                            curvature=curv)
   """
+  stats_subsample.check_examples(stats_batch, "stats_batch", "value_and_grad")
+
   def fn(params, batch, key=None, *, opt_state=None, due=None):
     schedule.check_due(due, "value_and_grad")
     if due is not None and not due.statistics:
@@ -381,7 +387,14 @@ def value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     cond_due = None
     if due is None and opt_state is not None:
       cond_due = state_lib.curvature_due(opt_state)
-    return statistics_pass(traced, params, batch, key, fisher, due=cond_due,
-                           axis_name=axis_name)
+    s_batch, s_traced = stats_subsample.statistics_inputs(
+        loss_fn, params, batch, traced, stats_batch, has_aux)
+    if s_traced is traced:
+      return statistics_pass(traced, params, batch, key, fisher, due=cond_due,
+                             axis_name=axis_name)
+    value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(
+        distributed.per_device(params, axis_name), batch)
+    return value, grads, statistics_pass(s_traced, params, s_batch, key, fisher,
+                                         due=cond_due, axis_name=axis_name)[2]
 
   return fn

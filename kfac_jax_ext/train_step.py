@@ -47,6 +47,7 @@ class StepSchedule(NamedTuple):
     statistics_every_step: the update reads the batch's statistics on every
       step (two-level's per-step coarse spaces), whatever ``stats_every``.
     axis_name: the preconditioner's data axis, or None.
+    stats_batch: statistics from the batch's first n examples, or None.
   """
   stats_every: int
   inverse_every: int
@@ -55,6 +56,7 @@ class StepSchedule(NamedTuple):
   has_aux: bool = False
   statistics_every_step: bool = False
   axis_name: object = None
+  stats_batch: int | None = None
 
 
 _SCHEDULES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -75,7 +77,8 @@ def schedule_of(transformation) -> StepSchedule | None:
     return None
 
 
-def _explicit(stats_every, inverse_every, damping_every, fisher, has_aux):
+def _explicit(stats_every, inverse_every, damping_every, fisher, has_aux,
+              stats_batch):
   if stats_every is None or inverse_every is None:
     raise ValueError(
         "make_train_step: this optimizer's refresh schedule is not known (it was "
@@ -84,13 +87,15 @@ def _explicit(stats_every, inverse_every, damping_every, fisher, has_aux):
         "stats_every= and inverse_every= (and damping_every= with "
         "damping_adaptation=True), the values the preconditioner was given.")
   return StepSchedule(stats_every, inverse_every, damping_every,
-                      fisher or "sampled", bool(has_aux))
+                      fisher or "sampled", bool(has_aux),
+                      stats_batch=stats_batch)
 
 
 def make_train_step(loss_fn: Callable, optimizer, *, stats_every: int | None = None,
                     inverse_every: int | None = None,
                     damping_every: int | None = None, fisher: str | None = None,
-                    has_aux: bool | None = None, donate: bool = True) -> Callable:
+                    has_aux: bool | None = None, stats_batch: int | None = None,
+                    donate: bool = True) -> Callable:
   """A jitted whole training step with the static refresh schedule.
 
   Step ``i`` computes ``value, ∇, statistics = kfe.value_and_grad(loss_fn)``
@@ -106,9 +111,10 @@ def make_train_step(loss_fn: Callable, optimizer, *, stats_every: int | None = N
     optimizer: a ``kfe.kfac``/``tkfac``/``tengrad``/``two_level_kfac``
       optimizer (its schedule is read from it), or any transformation whose
       schedule you give below.
-    stats_every, inverse_every, damping_every, fisher, has_aux: the schedule,
-      only for an optimizer not built by an alias (given with an alias, they
-      must equal the alias's).
+    stats_every, inverse_every, damping_every, fisher, has_aux, stats_batch:
+      the schedule, only for an optimizer not built by an alias (given with
+      an alias, they must equal the alias's; ``stats_batch``: the
+      preconditioner's, statistics from the first n examples).
     donate: donate ``params`` and ``state`` (default): the arrays passed in
       are invalid after the call; keep the returned ones.
 
@@ -134,7 +140,8 @@ def make_train_step(loss_fn: Callable, optimizer, *, stats_every: int | None = N
     ...   params, state, loss = step(params, state, next(batches), key, i)
   """
   given = dict(stats_every=stats_every, inverse_every=inverse_every,
-               damping_every=damping_every, fisher=fisher, has_aux=has_aux)
+               damping_every=damping_every, fisher=fisher, has_aux=has_aux,
+               stats_batch=stats_batch)
   known = schedule_of(optimizer)
   if known is None:
     plan = _explicit(**given)
@@ -154,7 +161,8 @@ def make_train_step(loss_fn: Callable, optimizer, *, stats_every: int | None = N
         "axis_name=...) (docs/guide.md, 'Several devices'). Under jax.jit over a "
         "Mesh no axis_name is needed.")
   value_and_grad = statistics.value_and_grad(loss_fn, has_aux=plan.has_aux,
-                                             fisher=plan.fisher)
+                                             fisher=plan.fisher,
+                                             stats_batch=plan.stats_batch)
 
   @functools.partial(jax.jit, static_argnames="due",
                      donate_argnums=(0, 1) if donate else ())

@@ -89,6 +89,9 @@ def _check(options):
   if options.get("example_batch") is None:
     raise ValueError("structure='block_tridiagonal' finds the chains of layers "
                      "by tracing: pass example_batch=<a batch>.")
+  if options.get("stats_batch") is not None:
+    raise ValueError("structure='block_tridiagonal' takes its cross-layer "
+                     "statistics from the whole batch: leave stats_batch unset.")
 
 
 def scale_by_tridiagonal_kfac(loss_fn, variant, **options

@@ -26,6 +26,7 @@ from kfac_jax_ext import kronecker_variants
 from kfac_jax_ext import linalg
 from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
+from kfac_jax_ext import stats_subsample
 from kfac_jax_ext import tracing
 from kfac_jax_ext.blocks import kronecker
 from kfac_jax_ext.state import Health, KfacState
@@ -182,11 +183,11 @@ def scale_by_two_level_kfac(
          fisher_products)
   if fine_scale not in ("model", "none"):
     raise ValueError(f"fine_scale must be 'model' or 'none', got {fine_scale!r}.")
-  if coarse_batch is not None and (isinstance(coarse_batch, bool) or
-                                   not isinstance(coarse_batch, int) or
-                                   coarse_batch < 1):
-    raise ValueError(f"coarse_batch must be a positive int (examples) or None, "
-                     f"got {coarse_batch!r}.")
+  stats_subsample.check_examples(coarse_batch, "coarse_batch",
+                                 "scale_by_two_level_kfac")
+  if options.get("stats_batch") is not None:
+    raise ValueError("scale_by_two_level_kfac reads the whole batch's statistics"
+                     ": leave stats_batch unset (see coarse_batch=).")
   if coarse_batch is not None and fisher_products == "ggn":
     raise ValueError("coarse_batch subsamples the statistics' per-example "
                      "gradients (fisher_products='statistics'); with "
