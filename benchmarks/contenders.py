@@ -32,6 +32,9 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   keeps no running average).
 * ``tengrad_gramN``: ``tengrad`` with ``gram_batch=N`` (a subsample of the
   batch for its blocks).
+* ``kfac_statsN``: ``kfac`` with ``stats_batch=N`` (curvature statistics
+  from the batch's first N examples, Martens & Grosse §8), swept like
+  ``kfac``.
 * ``two_level_COMBINE_SPACE`` (``TWO_LEVEL_VARIANTS``): two-level K-FAC
   with that combination and coarse space, swept like ``two_level_kfac``.
 * ``natural_gradient``: ``kfe.natural_gradient`` (``blocks="auto"``: per
@@ -87,15 +90,22 @@ TWO_LEVEL_VARIANTS = tuple(
     for s in coarse.COARSE_SPACES if s != "parameters")
 
 
-def _tengrad_gram(name: str):
-  """N of ``tengrad_gramN`` (TENGraD with ``gram_batch=N``), else None."""
-  tail = name[len("tengrad_gram"):] if name.startswith("tengrad_gram") else ""
+def _suffix_count(name: str, prefix: str):
+  """N of ``PREFIX + N`` (a positive int), else None: ``tengrad_gramN``
+  (TENGraD with ``gram_batch=N``), ``kfac_statsN`` (K-FAC with
+  ``stats_batch=N``)."""
+  tail = name[len(prefix):] if name.startswith(prefix) else ""
   return int(tail) if tail.isdigit() and int(tail) > 0 else None
+
+
+def _tengrad_gram(name: str):
+  return _suffix_count(name, "tengrad_gram")
 
 
 def known(name: str) -> bool:
   return (name in OPTIMIZERS or name in TWO_LEVEL_VARIANTS
-          or _tengrad_gram(name) is not None)
+          or _tengrad_gram(name) is not None
+          or _suffix_count(name, "kfac_stats") is not None)
 MOMENTUM = 0.9
 # The adaptive runs (no sweep), both libraries, every task: the adaptive
 # rule of kfac-jax's examples for its MNIST autoencoder and classifier
@@ -311,6 +321,10 @@ def make_contender(name: str, task) -> Contender:
     return _optax(name, task, lambda lr: shampoo_compat.shampoo(lr, task.period))
   if name == "kfac":   # π-adjusted factored damping, as kfac-jax's blocks
     return _natural(name, task, kfe.kfac, {"damping_mode": "factored"})
+  if _suffix_count(name, "kfac_stats") is not None:   # M&G §8's subsample
+    return _natural(name, task, kfe.kfac, {
+        "damping_mode": "factored",
+        "stats_batch": _suffix_count(name, "kfac_stats")})
   if name == "kfac_tridiagonal":   # M&G §4.3 over chains of dense layers
     return _natural(name, task, kfe.kfac, {"damping_mode": "factored",
                                            "structure": "block_tridiagonal"})

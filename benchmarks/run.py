@@ -134,8 +134,9 @@ def parse_args(argv):
                       help="comma-separated, from " + ",".join(contenders.OPTIMIZERS)
                       + " and two_level_COMBINE_SPACE (COMBINE: additive, "
                       "multiplicative, balanced; SPACE: nicolaides, spectral, "
-                      "residual, krylov_nicolaides, krylov_residual) and "
-                      "tengrad_gramN (TENGraD with gram_batch=N)")
+                      "residual, krylov_nicolaides, krylov_residual), "
+                      "tengrad_gramN (TENGraD with gram_batch=N) and "
+                      "kfac_statsN (K-FAC with stats_batch=N)")
   parser.add_argument("--steps", type=int, default=None, help="step budget per run")
   parser.add_argument("--seconds", type=float, default=None,
                       help="wall-clock budget per run (training time only)")

@@ -188,6 +188,8 @@ def test_quick_run_shakespeare_transformer(tmp_path):
      "unknown optimizers"),
     (["--task", "mlp", "--steps", "5", "--optimizers", "tengrad_gram0"],
      "unknown optimizers"),
+    (["--task", "mlp", "--steps", "5", "--optimizers", "kfac_stats"],
+     "unknown optimizers"),
     (["--task", "mlp"], "give a budget"),
     (["--task", "mlp", "--seconds", "-1"], "must be positive"),
     (["--task", "mlp", "--steps", "3", "--optimizers", "adam,adam"], "named twice"),
@@ -202,9 +204,10 @@ def test_quick_run_shakespeare_transformer(tmp_path):
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
   assert run.parse_args(["--task", "mlp", "--steps", "3", "--optimizers",
-                         "two_level_balanced_krylov_residual,tengrad_gram64"]
+                         "two_level_balanced_krylov_residual,tengrad_gram64,"
+                         "kfac_stats250"]
                         ).optimizers == ["two_level_balanced_krylov_residual",
-                                         "tengrad_gram64"]
+                                         "tengrad_gram64", "kfac_stats250"]
   with pytest.raises(SystemExit):
     run.parse_args(argv)
   assert message in capsys.readouterr().err
