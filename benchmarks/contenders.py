@@ -183,13 +183,14 @@ def _optax(name, task, make):
 
 
 def _fused(name, family, task, make, warmup, damping_every=None,
-           statistics_every_step=False):
+           statistics_every_step=False, stats_batch=None):
   """A kfac_jax_ext contender: ``make(hp)`` builds the optimizer; the step is
   the fused one with the static schedule of the task's period.
   ``statistics_every_step``: the optimizer reads the batch statistics on
   every step (two-level's per-step corrections), so the one pass takes them
-  every step (else ``update`` would run a second pass of its own)."""
-  value_and_grad = kfe.value_and_grad(task.loss_fn)
+  every step (else ``update`` would run a second pass of its own).
+  ``stats_batch``: the optimizer's (statistics from the first n examples)."""
+  value_and_grad = kfe.value_and_grad(task.loss_fn, stats_batch=stats_batch)
 
   @functools.partial(jax.jit, static_argnames="due", donate_argnums=0)
   def step(carry, batch, key, hp, due):
@@ -231,7 +232,8 @@ def _natural(name, task, alias, options):
               options.get("coarse_space") in coarse.PER_STEP_SPACES)
   family = "woodbury" if name.startswith("tengrad") else "natural"
   return _fused(name, family, task, make, warmup=2,
-                statistics_every_step=per_step)
+                statistics_every_step=per_step,
+                stats_batch=options.get("stats_batch"))
 
 
 def _adaptive(task, name):
