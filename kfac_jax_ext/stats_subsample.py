@@ -11,8 +11,9 @@ sub-batch's:
 (per token, as for a full batch of ``n`` examples): an unbiased estimate of
 the same expectations at ``n/M`` of the statistics' cost (the factor
 products, ``2·n·T·(d_a² + d_g²)`` FLOPs per layer, and the sampled
-backward). The sub-batch is every batch leaf cut to its first ``n`` rows,
-so every leaf must have the examples on its leading axis.
+backward). The sub-batch is every array leaf of the batch cut to its first
+``n`` rows, so every leaf must have the examples (sequences, for a
+per-token loss) on its leading axis; scalar leaves are kept.
 
 Example:
   >>> opt = kfe.kfac(loss_fn, learning_rate=0.1, damping=0.1,
@@ -37,35 +38,43 @@ def check_examples(value, option: str, name: str) -> None:
                      f"examples) or None, got {value!r}.")
 
 
-def first_examples(batch, num_examples: int, n: int):
-  """``batch`` with every leaf cut to its first ``n`` rows (the examples).
+def batch_rows(batch) -> int:
+  """The batch's size: the common leading axis of its array leaves (scalars
+  are shared by the examples and ignored).
 
   Raises:
-    ValueError: a leaf whose leading axis is not the ``num_examples``
-      examples (e.g. a time-major ``[T, N, ...]`` array or a scalar).
+    ValueError: the leaves' leading sizes differ, or no leaf has an axis.
   """
-  paths, treedef = jax.tree_util.tree_flatten_with_path(batch)
-  leaves = []
-  for path, leaf in paths:
-    shape = jax.numpy.shape(leaf)
-    if not shape or shape[0] != num_examples:
-      raise ValueError(
-          f"stats_batch cuts every batch leaf to its first rows, but leaf "
-          f"{jax.tree_util.keystr(path) or 'batch'} has shape {tuple(shape)}, "
-          f"whose leading axis is not the loss's {num_examples} examples. Put "
-          "the examples first in every leaf, or leave stats_batch unset.")
-    leaves.append(leaf[:n])
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+  paths = jax.tree_util.tree_flatten_with_path(batch)[0]
+  shapes = {jax.tree_util.keystr(p) or "batch": tuple(jax.numpy.shape(x))
+            for p, x in paths}
+  sizes = {shape[0] for shape in shapes.values() if shape}
+  if len(sizes) != 1:
+    raise ValueError(
+        "stats_batch cuts every batch leaf to its first rows (the examples on "
+        "the leading axis), but the leaves' leading sizes are "
+        + ", ".join(f"{k}: {v}" for k, v in shapes.items())
+        + ". Put the examples first in every leaf, or leave stats_batch unset.")
+  return sizes.pop()
+
+
+def first_examples(batch, n: int):
+  """``batch`` with every array leaf cut to its first ``n`` rows (scalars
+  kept)."""
+  return jax.tree_util.tree_map(
+      lambda x: x[:n] if jax.numpy.ndim(x) else x, batch)
 
 
 def statistics_inputs(loss_fn, params, batch, traced, stats_batch, has_aux):
-  """``(batch, traced)`` of the statistics pass: the first ``stats_batch``
-  examples and ``loss_fn`` traced on them, or the inputs unchanged when
-  ``stats_batch`` is None or at least the batch's ``M``."""
-  m = traced.num_examples
-  if stats_batch is None or stats_batch >= m:
+  """``(batch, traced)`` of the statistics pass: the batch's first
+  ``stats_batch`` rows and ``loss_fn`` traced on them, or the inputs
+  unchanged when ``stats_batch`` is None or at least the batch's size.
+  Rows are the batch's leading axis: with a per-token loss over ``[N, T]``
+  sequences, n sequences (``n·T`` of the loss's examples); a time-major
+  batch ``[T, N, ...]`` would be cut in time, so put the examples first."""
+  if stats_batch is None or stats_batch >= batch_rows(batch):
     return batch, traced
-  sub = first_examples(batch, m, stats_batch)
+  sub = first_examples(batch, stats_batch)
   return sub, tracing.trace_loss(loss_fn, params, sub, has_aux)
 
 
@@ -81,6 +90,6 @@ def check_curvature_size(curvature, traced, params, batch, statistics_pass,
   if shapes(expected.layers) != shapes(curvature.layers):
     raise ValueError(
         f"{name}: curvature= holds the statistics of another batch size than "
-        f"the optimizer's stats_batch ({traced.num_examples} examples); "
+        f"the optimizer's stats_batch ({batch_rows(batch)} rows); "
         "compute it with kfe.value_and_grad(loss_fn, stats_batch=<the same "
         "n>) (kfe.make_train_step does this for you).")

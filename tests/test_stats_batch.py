@@ -141,11 +141,51 @@ def test_bad_stats_batch_and_batches_without_leading_examples_are_named():
   with pytest.raises(ValueError, match="leave stats_batch unset"):
     kfe.kfac(loss_fn, 0.1, structure="block_tridiagonal", example_batch=batch,
              stats_batch=4)
-  # a leaf without the examples first: a scale shared by the batch
-  loss2 = lambda p, b: loss_fn(p, {"x": b["x"] * b["scale"], "y": b["y"]})
-  batch2 = {**batch, "scale": jnp.ones((), jnp.float64)}
+  # leaves whose leading axes differ (a time-major mask): named
+  loss2 = lambda p, b: loss_fn(p, {"x": b["x"] * b["mask"][0, :, None, None, None],
+                                   "y": b["y"]})
+  batch2 = {**batch, "mask": jnp.ones((2, M), jnp.float64)}
   tx = kfe.scale_by_kfac(loss2, stats_batch=N)
   grads = jax.grad(loss2)(params, batch2)
-  with pytest.raises(ValueError, match=r"leaf \['scale'\] has shape \(\)"):
+  with pytest.raises(ValueError, match=r"\['mask'\]: \(2, 12\)"):
     tx.update(grads, tx.init(params), params, batch=batch2,
               key=jax.random.PRNGKey(0))
+  # a scalar leaf is shared by the examples and kept
+  loss3 = lambda p, b: loss_fn(p, {"x": b["x"] * b["scale"], "y": b["y"]})
+  batch3 = {**batch, "scale": jnp.ones((), jnp.float64)}
+  tx = kfe.scale_by_kfac(loss3, stats_batch=N)
+  out, _ = tx.update(jax.grad(loss3)(params, batch3), tx.init(params), params,
+                     batch=batch3, key=jax.random.PRNGKey(0))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(out))
+
+
+class _TokenNet(nn.Module):
+  """Embedding, dense and a head over ``[N, T]`` token ids."""
+
+  @nn.compact
+  def __call__(self, ids):
+    x = nn.Embed(7, 4)(ids)
+    x = jnp.tanh(nn.Dense(5)(x))
+    return nn.Dense(7)(x)
+
+
+def test_a_per_token_loss_takes_its_first_sequences():
+  """With a loss over ``N·T`` tokens, ``stats_batch=n`` takes the first n
+  sequences (``n·T`` of the loss's examples)."""
+  net = _TokenNet()
+  ids = jax.random.randint(jax.random.PRNGKey(2), (6, 4), 0, 7)
+  params = jax.tree_util.tree_map(
+      lambda t: t.astype(jnp.float64), net.init(jax.random.PRNGKey(0), ids))
+  loss_fn = lambda p, b: kfe.softmax_cross_entropy(net.apply(p, b["x"]), b["y"])
+  batch = {"x": ids, "y": jnp.roll(ids, -1, axis=1)}
+  grads = jax.grad(loss_fn)(params, batch)
+  common = dict(damping=0.05, fisher="empirical", ema_decay=0.0,
+                inverse_every=1, damping_mode="tikhonov", example_batch=batch)
+  sub = kfe.scale_by_kfac(loss_fn, stats_batch=2, **common)
+  ref = kfe.scale_by_kfac(loss_fn, **common)
+  out, state = sub.update(grads, sub.init(params), params, batch=batch)
+  want, ref_state = ref.update(grads, ref.init(params), params,
+                               batch=_first(batch, 2))
+  for a, b in zip(jax.tree_util.tree_leaves((out, state)),
+                  jax.tree_util.tree_leaves((want, ref_state))):
+    np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-14)
