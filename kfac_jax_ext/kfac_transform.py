@@ -67,10 +67,11 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
       ``Mesh`` leave it None.
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
     stats_batch: take the curvature statistics from the batch's first n
-      examples (Martens & Grosse §8; every batch leaf must have the examples
-      first) while the gradient uses all of them: the statistics step costs
-      about n/M of its factor products and sampled backward
-      (``kfac_jax_ext.stats_subsample``). None (default): all M.
+      rows (Martens & Grosse §8; rows: the leading axis of every array leaf,
+      the examples, or the sequences of a per-token loss) while the gradient
+      uses the whole batch: the statistics step costs about n/rows of its
+      factor products and sampled backward (``kfac_jax_ext.stats_subsample``).
+      None (default): the whole batch.
     structure: ``"block_diagonal"`` (default) or ``"block_tridiagonal"``:
       M&G's §4.3 inverse over chains of dense layers, with cross-layer
       factors (``tridiagonal_family``; needs ``example_batch`` and

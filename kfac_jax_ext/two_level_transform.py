@@ -158,7 +158,7 @@ def scale_by_two_level_kfac(
     coarse_batch: with ``fisher_products="statistics"``, the coarse level's
       ``F`` (its products ``F_λx`` and a per-step or running ``F_c``) is
       ``(1/n) Σ_{k<n} u_k u_kᵀ`` over the first ``n = min(M, coarse_batch)``
-      examples of the statistics batch (per device) instead of all ``M``: an
+      of the loss's ``M`` examples (as ``gram_batch``; per device): an
       unbiased estimate of the same Fisher at ``n/M`` of the products' cost
       (each product is two passes over the layers' tokens, about a forward
       pass of the batch). ``None`` (default): all ``M`` examples. The fine
