@@ -45,11 +45,18 @@ import traceback
 
 import jax
 
-from benchmarks import contenders, plots, summary, tasks, training
+from benchmarks import contenders, plots, step_time, summary, tasks, training
 from benchmarks import sweep as sweep_lib
 from kfac_jax_ext import datasets as data
 
 QUICK_STEPS, QUICK_SWEEP_STEPS = 6, 2
+
+
+def _env_prefix() -> str:
+  """The thread settings that change step times (``step_time.THREAD_ENV``),
+  as the command's prefix."""
+  return "".join(f"{k}={os.environ[k]} " for k in step_time.THREAD_ENV
+                 if k in os.environ)
 
 
 def _machine():
@@ -250,7 +257,7 @@ def main(argv=None):
       args.task + (f"_b{args.batch_size}" if args.batch_size else ""))))
   results = {
       "task": task.name, "description": task.description,
-      "meta": {"command": "python -m benchmarks.run " + " ".join(argv),
+      "meta": {"command": _env_prefix() + "python -m benchmarks.run " + " ".join(argv),
                "date": datetime.date.today().isoformat(), "machine": _machine(),
                **_versions()},
       "quick": args.quick, "budget": _describe(budget),

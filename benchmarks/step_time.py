@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -166,6 +167,11 @@ def summarize(times, period):
 
 
 KFAC_JAX = "kfac-jax 0.0.8 (stats 1, inv 5)"
+# Thread settings that change CPU step times, recorded with the results:
+# OpenBLAS (jax's LAPACK on CPU) busy-waits its threads after each call,
+# taking a core from the steps that follow a refresh (docs/performance.md).
+THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "OMP_NUM_THREADS",
+              "MKL_NUM_THREADS")
 TASK_MODELS = ("fashion_cnn", "shakespeare")   # from benchmarks.tasks (flax)
 
 
@@ -275,7 +281,10 @@ def timing_args(doc, argv):
 def main(argv=None):
   args = timing_args(__doc__, argv)
   x_train, y_train, _, _ = data.load_mnist()
-  results = {"jax": jax.__version__, "devices": str(jax.devices()), "models": {}}
+  results = {"jax": jax.__version__, "devices": str(jax.devices()),
+             # thread settings that change CPU step times (docs/performance.md)
+             "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+             "models": {}}
   for name in args.models.split(","):
     rows = run_model(name, args.rounds, x_train, y_train, args.layouts,
                      [int(n) for n in args.stats_batch.split(",") if n])
