@@ -12,7 +12,7 @@ import pickle
 import numpy as np
 import pytest
 
-from benchmarks import run, summary, tasks
+from benchmarks import run, step_time, summary, tasks
 from kfac_jax_ext import datasets as data
 
 
@@ -123,7 +123,9 @@ def _check_quick_results(out, names, stem, must_improve=True):
   return saved
 
 
-def test_quick_run_autoencoder_against_adam_and_kfac_jax(tmp_path):
+def test_quick_run_autoencoder_against_adam_and_kfac_jax(tmp_path, monkeypatch):
+  for variable in step_time.THREAD_ENV:   # the command is recorded without them
+    monkeypatch.delenv(variable, raising=False)
   # kfac_adaptive takes no sweep (kfac_jax_adaptive shares kfac_jax's code
   # and fails under x64, which the tests run with: a kfac-jax 0.0.8 bug)
   names = ["adam", "kfac", "kfac_jax", "kfac_adaptive"]
@@ -140,6 +142,17 @@ def test_quick_run_autoencoder_against_adam_and_kfac_jax(tmp_path):
   rows = summary.summarize(saved)["rows"]
   assert rows["adam"]["vs_ref_time"] == 1.0 and rows["adam"]["amortized_vs_ref"] == 1.0
   assert "adaptive, λ₀ 150" in summary.markdown(saved)
+
+
+def test_recorded_command_names_the_thread_settings_that_change_step_times(
+    monkeypatch):
+  for variable in step_time.THREAD_ENV:
+    monkeypatch.delenv(variable, raising=False)
+  assert run._env_prefix() == ""
+  monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")
+  monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+  monkeypatch.setenv("UNRELATED_VARIABLE", "x")
+  assert run._env_prefix() == "OPENBLAS_NUM_THREADS=1 OPENBLAS_THREAD_TIMEOUT=4 "
 
 
 def test_quick_run_cifar10_resnet(tiny_cifar):
