@@ -55,8 +55,7 @@ QUICK_STEPS, QUICK_SWEEP_STEPS = 6, 2
 def _env_prefix() -> str:
   """The thread settings that change step times (``step_time.THREAD_ENV``),
   as the command's prefix."""
-  return "".join(f"{k}={os.environ[k]} " for k in step_time.THREAD_ENV
-                 if k in os.environ)
+  return "".join(f"{k}={v} " for k, v in step_time.thread_env().items())
 
 
 def _machine():

@@ -172,6 +172,11 @@ KFAC_JAX = "kfac-jax 0.0.8 (stats 1, inv 5)"
 # taking a core from the steps that follow a refresh (docs/performance.md).
 THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "OMP_NUM_THREADS",
               "MKL_NUM_THREADS")
+
+
+def thread_env() -> dict:
+  """The ``THREAD_ENV`` variables set in this process, by name."""
+  return {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
 TASK_MODELS = ("fashion_cnn", "shakespeare")   # from benchmarks.tasks (flax)
 
 
@@ -283,7 +288,7 @@ def main(argv=None):
   x_train, y_train, _, _ = data.load_mnist()
   results = {"jax": jax.__version__, "devices": str(jax.devices()),
              # thread settings that change CPU step times (docs/performance.md)
-             "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+             "env": thread_env(),
              "models": {}}
   for name in args.models.split(","):
     rows = run_model(name, args.rounds, x_train, y_train, args.layouts,

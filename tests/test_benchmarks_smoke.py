@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from benchmarks import models, quickstart, step_phases, step_time
+from benchmarks import models, quickstart, step_phases, step_time, thread_spin
 
 
 def test_quickstart_runs(capsys):
@@ -30,6 +30,14 @@ def test_step_time_runs_without_kfac_jax_or_with_it(capsys):
   step_time.main(["--models", "mlp", "--rounds", "1"])
   out = capsys.readouterr().out
   assert "kfe.make_train_step (10, 10)" in out and "optax.adam" in out
+
+
+def test_thread_spin_runs(capsys, monkeypatch):
+  monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")   # read by OpenBLAS at load only
+  thread_spin.main(["--steps", "12"])
+  out = capsys.readouterr().out
+  assert "{'OPENBLAS_THREAD_TIMEOUT': '4'}" in out
+  assert out.count(" ms") == 3 and "nan" not in out
 
 
 def test_3c1f_has_tengrads_wide_dense_layer():
