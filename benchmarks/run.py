@@ -175,6 +175,10 @@ def parse_args(argv):
   parser.add_argument("--replace", action="store_true",
                       help="with --add-to: the named optimizers replace the runs "
                            "of the same name there (e.g. a run disturbed by other load)")
+  parser.add_argument("--period", type=int, default=None,
+                      help="replace the task's curvature refresh period (statistics "
+                           "and inverses every N steps) for every natural-gradient "
+                           "contender and Shampoo's preconditioner alike")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
@@ -195,6 +199,8 @@ def parse_args(argv):
       parser.error(f"--{flag} must be positive, got {value}")
   if args.batch_size is not None and args.batch_size < 1:
     parser.error(f"--batch-size must be positive, got {args.batch_size}")
+  if args.period is not None and args.period < 1:
+    parser.error(f"--period must be positive, got {args.period}")
   if args.name is not None and not args.name.replace("_", "").replace(
       "-", "").isalnum():
     parser.error(f"--name must be letters, digits, '_' or '-', got {args.name!r}")
@@ -224,6 +230,9 @@ def parse_args(argv):
     if args.existing.get("task") != args.task or args.existing.get("quick") != args.quick:
       parser.error(f"--add-to {args.add_to} holds task "
                    f"{args.existing.get('task')!r}, not {args.task!r}")
+    if args.period is not None and args.existing.get("period") != args.period:
+      parser.error(f"--add-to {args.add_to} ran with period "
+                   f"{args.existing.get('period')}, not --period {args.period}")
     there = [n for n in names if n in args.existing.get("runs", {})]
     if there and not args.replace:
       parser.error(f"--add-to {args.add_to} already has {there} (--replace "
@@ -243,6 +252,8 @@ def main(argv=None):
   except data.DatasetUnavailable as e:
     print(f"{args.task}: skipped, {e}")
     return {"task": args.task, "skipped": str(e)}
+  if args.period is not None:
+    task = task._replace(period=args.period)
   budget = _budget(args.steps, args.seconds)
   if args.quick:
     sweep_budget = _budget(QUICK_SWEEP_STEPS, None)

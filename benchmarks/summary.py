@@ -135,7 +135,8 @@ def markdown(results, reference="adam", plot_path=None):
            results["description"], "",
            f"`{meta['command']}` — {meta['date']}, {meta['machine']}, jax "
            f"{meta['jax']}, budget {results['budget']}; sweep "
-           f"{results['sweep_budget']} per setting.", ""]
+           f"{results['sweep_budget']} per setting; curvature refreshed every "
+           f"{results['period']} steps.", ""]
   for added in meta.get("added", []):     # runs joined with --add-to
     lines += [f"Joined by `{added['command']}` — {added['date']}.", ""]
   failed = {k: v["error"] for k, v in results["runs"].items() if "error" in v}

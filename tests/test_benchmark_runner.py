@@ -142,6 +142,23 @@ def test_quick_run_autoencoder_against_adam_and_kfac_jax(tmp_path, monkeypatch):
   rows = summary.summarize(saved)["rows"]
   assert rows["adam"]["vs_ref_time"] == 1.0 and rows["adam"]["amortized_vs_ref"] == 1.0
   assert "adaptive, λ₀ 150" in summary.markdown(saved)
+  assert saved["period"] == 10 and "refreshed every 10 steps" in summary.markdown(saved)
+
+
+def test_period_replaces_the_refresh_period_of_every_natural_contender(
+    tmp_path, monkeypatch):
+  from benchmarks import contenders
+  periods = []          # (stats_every, inverse_every) of every scheduled step
+  due_at = contenders.kfe.due_at
+
+  def recording_due_at(i, **kwargs):
+    periods.append((kwargs["stats_every"], kwargs["inverse_every"]))
+    return due_at(i, **kwargs)
+  monkeypatch.setattr(contenders.kfe, "due_at", recording_due_at)
+  results = run.main(["--task", "mlp", "--quick", "--no-progress", "--no-sweep",
+                      "--optimizers", "kfac", "--out", str(tmp_path), "--period", "3"])
+  assert results["period"] == 3 and "run" in results["runs"]["kfac"]
+  assert periods and set(periods) == {(3, 3)}
 
 
 def test_recorded_command_names_the_thread_settings_that_change_step_times(
@@ -193,6 +210,9 @@ def test_quick_run_shakespeare_transformer(tmp_path):
   with pytest.raises(SystemExit):      # already there, without --replace
     run.parse_args(["--task", "shakespeare", "--quick", "--optimizers", "muon",
                     "--add-to", path])
+  with pytest.raises(SystemExit):      # a run of another refresh period
+    run.parse_args(["--task", "shakespeare", "--quick", "--optimizers", "adam",
+                    "--add-to", path, "--period", "7"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -210,6 +230,7 @@ def test_quick_run_shakespeare_transformer(tmp_path):
     (["--task", "mlp", "--steps", "3", "--name", "../x"], "--name must be"),
     (["--task", "mlp", "--steps", "3", "--replace"], "--replace needs --add-to"),
     (["--task", "mlp", "--steps", "3", "--seed", "-1"], "--seed must be"),
+    (["--task", "mlp", "--steps", "3", "--period", "0"], "--period must be"),
     (["--task", "mlp", "--steps", "3", "--settings-from", "/no/such.json"],
      "cannot read its runs"),
     (["--task", "mlp", "--steps", "3", "--add-to", "/no/such.json"],
