@@ -12,7 +12,11 @@ CPU from them; compare with ``OPENBLAS_THREAD_TIMEOUT=4`` or
 ``OPENBLAS_NUM_THREADS=1`` set before Python starts
 (``docs/performance.md``).
 
-Run: ``[OPENBLAS_NUM_THREADS=1] python -m benchmarks.thread_spin [--steps 60]``.
+``--limit-lapack-threads N`` limits OpenBLAS from inside the process
+(``kfe.limit_lapack_threads(N)``) before anything is timed.
+
+Run: ``[OPENBLAS_NUM_THREADS=1] python -m benchmarks.thread_spin [--steps 60]
+[--limit-lapack-threads 1]``.
 """
 
 from __future__ import annotations
@@ -42,10 +46,26 @@ def _timed(step, params, state, batches, key, counters):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=60)
+  parser.add_argument("--limit-lapack-threads", type=int, default=None,
+                      help="kfe.limit_lapack_threads(N) before timing")
   args = parser.parse_args(argv)
   if args.steps < 10:
     parser.error("--steps must be at least 10 (the first 5 are not counted, "
                  "and a refresh comes every 5th)")
+  setting = str(step_time.thread_env() or "OpenBLAS defaults")
+  if args.limit_lapack_threads is None:
+    return _measure(args.steps, setting)
+  if args.limit_lapack_threads < 1:
+    parser.error(f"--limit-lapack-threads must be positive, got {args.limit_lapack_threads}")
+  with kfe.lapack_thread_limit(args.limit_lapack_threads) as before:
+    if not before:
+      parser.error("--limit-lapack-threads: no OpenBLAS found in this process")
+    return _measure(args.steps, setting + ", kfe.limit_lapack_threads("
+                    f"{args.limit_lapack_threads})")
+
+
+def _measure(steps, setting):
+  """Prints the three medians (ms) under ``setting``; returns them."""
   x_train, y_train, _, _ = data.load_mnist()
   loss_fn, _, params, batches = step_time._model("mlp", x_train, y_train)
   opt = kfe.kfac(loss_fn, 1e-3, stats_every=1, inverse_every=5, damping=1e-3,
@@ -54,16 +74,17 @@ def main(argv=None):
   key = jax.random.PRNGKey(0)
   state = opt.init(params)
   _timed(step, params, state, batches, key, range(11))   # compile both programs
-  never = [i for i in range(1, 10 * args.steps) if i % 5][:args.steps]
+  never = [i for i in range(1, 10 * steps) if i % 5][:steps]
   quiet = _timed(step, params, state, batches, key, never)[5:]
-  mixed = _timed(step, params, state, batches, key, range(1, args.steps + 1))[5:]
-  print(step_time.thread_env() or "OpenBLAS defaults")
-  print(f"steps between refreshes, no refresh run:  "
-        f"{np.median([t for _, t in quiet]):6.1f} ms")
-  print(f"steps between refreshes, refresh every 5: "
-        f"{np.median([t for i, t in mixed if i % 5]):6.1f} ms")
-  print(f"refresh steps:                            "
-        f"{np.median([t for i, t in mixed if i % 5 == 0]):6.1f} ms")
+  mixed = _timed(step, params, state, batches, key, range(1, steps + 1))[5:]
+  medians = {"quiet": float(np.median([t for _, t in quiet])),
+             "between": float(np.median([t for i, t in mixed if i % 5])),
+             "refresh": float(np.median([t for i, t in mixed if i % 5 == 0]))}
+  print(setting)
+  print(f"steps between refreshes, no refresh run:  {medians['quiet']:6.1f} ms")
+  print(f"steps between refreshes, refresh every 5: {medians['between']:6.1f} ms")
+  print(f"refresh steps:                            {medians['refresh']:6.1f} ms")
+  return medians
 
 
 if __name__ == "__main__":

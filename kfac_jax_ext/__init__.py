@@ -5,6 +5,8 @@ Public face only; see ``spec/api.md`` for the contract.
 
 from kfac_jax_ext.adaptive_transform import (AdaptiveHealth, AdaptiveState,
                                              quadratic_model_step)
+from kfac_jax_ext.cpu_threads import (lapack_thread_limit, lapack_threads,
+                                      limit_lapack_threads, restore_lapack_threads)
 from kfac_jax_ext.curvature_products import fisher_vector_product
 from kfac_jax_ext.kfac_transform import scale_by_kfac
 from kfac_jax_ext.state import Health, KfacState, curvature_due
@@ -35,5 +37,6 @@ __all__ = [
     "scale_by_tengrad", "scale_by_tkfac", "sigmoid_cross_entropy",
     "softmax_cross_entropy", "squared_error", "tengrad", "TengradState",
     "tkfac", "TwoLevelState", "scale_by_two_level_kfac", "two_level_kfac",
-    "value_and_grad",
+    "value_and_grad", "lapack_thread_limit", "lapack_threads",
+    "limit_lapack_threads", "restore_lapack_threads",
 ]

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 
+import kfac_jax_ext as kfe
 from benchmarks import models, quickstart, step_phases, step_time, thread_spin
 
 
@@ -34,10 +35,15 @@ def test_step_time_runs_without_kfac_jax_or_with_it(capsys):
 
 def test_thread_spin_runs(capsys, monkeypatch):
   monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")   # read by OpenBLAS at load only
-  thread_spin.main(["--steps", "12"])
+  before = kfe.lapack_threads()
+  limit = ["--limit-lapack-threads", "1"] if before else []
+  medians = thread_spin.main(["--steps", "12"] + limit)
   out = capsys.readouterr().out
   assert "{'OPENBLAS_THREAD_TIMEOUT': '4'}" in out
   assert out.count(" ms") == 3 and "nan" not in out
+  assert set(medians) == {"quiet", "between", "refresh"}
+  if before:     # limited for the measurement, restored after it
+    assert "kfe.limit_lapack_threads(1)" in out and kfe.lapack_threads() == before
 
 
 def test_3c1f_has_tengrads_wide_dense_layer():
