@@ -91,7 +91,22 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--steps", type=int, default=500)
   parser.add_argument("--batch-size", type=int, default=256)
+  parser.add_argument("--keep-lapack-threads", action="store_true",
+                      help="on CPU, leave OpenBLAS's threads as they are (by "
+                           "default they are limited to one for the run)")
   args = parser.parse_args(argv)
+  if jax.default_backend() == "cpu" and not args.keep_lapack_threads:
+    # OpenBLAS's threads spin after each refresh and slow the next steps
+    # (docs/performance.md); one thread avoids it. Restored at the end.
+    with kfe.lapack_thread_limit(1) as before:
+      if before:
+        print("CPU: OpenBLAS limited to one thread for this run "
+              "(kfe.limit_lapack_threads(1); --keep-lapack-threads to leave it)")
+      return _run(args, parser)
+  return _run(args, parser)
+
+
+def _run(args, parser):
   x_train, y_train, x_test, y_test = data.load_mnist()
   params = MLP().init(jax.random.PRNGKey(0), jnp.zeros((1, 784)))
   print(kfe.describe_layers(loss_fn, params, {"x": jnp.zeros((2, 784)),

@@ -8,10 +8,14 @@ from benchmarks import models, quickstart, step_phases, step_time, thread_spin
 
 
 def test_quickstart_runs(capsys):
+  before = kfe.lapack_threads()
   quickstart.main(["--steps", "60", "--batch-size", "16"])
   out = capsys.readouterr().out
   assert "kfe.kfac" in out and "optax.adam" in out
   assert "Adam's final training loss" in out and "kfe.kfac " in out
+  # on CPU with OpenBLAS: one thread for the run, the counts restored after it
+  assert ("OpenBLAS limited to one thread" in out) == bool(before)
+  assert kfe.lapack_threads() == before
 
 
 def test_time_to_reads_the_window_mean():
