@@ -49,6 +49,10 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   with its three adaptive options and the same settings.
 * ``tengrad_adaptive``: ``kfe.tengrad`` with the same adaptive α, μ and λ
   (``gram_batch`` as ``tengrad``).
+* ``kfac_relative``: ``kfac`` with ``damping_scale="relative"`` (λ in units
+  of each block's mean eigenvalue), swept over one λ grid for every task
+  (``tasks.RELATIVE_DAMPINGS``); ``kfac_adaptive_relative``:
+  ``kfac_adaptive`` with it, λ₀ = ``ADAPTIVE_RELATIVE_DAMPING`` on every task.
 * ``kfac_jax``: kfac-jax 0.0.8's ``Optimizer`` with the same fixed learning
   rate, momentum 0.9, damping, ``norm_constraint = kl_clip``,
   ``curvature_ema = task.ema_decay`` and
@@ -76,9 +80,10 @@ from kfac_jax_ext import coarse
 
 OPTIMIZERS = ("adam", "sgd", "muon", "shampoo", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
               "kfac_adaptive", "kfac_jax_adaptive", "kfac_tridiagonal",
-              "tengrad_adaptive", "natural_gradient")
+              "tengrad_adaptive", "natural_gradient", "kfac_relative",
+              "kfac_adaptive_relative")
 NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
-           "kfac_tridiagonal", "natural_gradient")
+           "kfac_tridiagonal", "natural_gradient", "kfac_relative")
 # Two-level K-FAC by combination and coarse space, ``two_level_COMBINE_SPACE``
 # (``two_level_kfac`` is additive Nicolaides): swept like the others, the
 # coarse matrix at its default (Tselepidis' Kronecker sums for a fixed
@@ -115,6 +120,10 @@ MOMENTUM = 0.9
 # none either).
 ADAPTIVE = {"initial_damping": 150.0, "interval": 5, "decay": 0.95,
             "min_damping": 1e-5, "max_damping": 1000.0}
+# kfac_adaptive_relative: λ₀ with damping_scale="relative", the mean
+# eigenvalue of each block, the same on every task (the swept kfac_relative
+# chose λ = 1 on the transformer)
+ADAPTIVE_RELATIVE_DAMPING = 1.0
 
 
 def muon_dimension_numbers(params):
@@ -147,7 +156,8 @@ class Contender(NamedTuple):
   Attributes:
     name: its name in ``OPTIMIZERS``.
     family: ``"adam"``, ``"sgd"``, ``"muon"``, ``"natural"``,
-      ``"woodbury"`` (TENGraD: a damping grid reaching higher) or
+      ``"woodbury"`` (TENGraD: a damping grid reaching higher),
+      ``"relative"`` (``damping_scale="relative"``: one grid for every task) or
       ``"adaptive"``: the sweep grid it uses.
     init: ``(params, hp) -> carry``.
     step: ``(carry, batch, key, hp, i) -> (carry, loss)``; ``hp`` holds
@@ -230,29 +240,36 @@ def _natural(name, task, alias, options):
 
   per_step = (options.get("combine", "additive") != "additive" or
               options.get("coarse_space") in coarse.PER_STEP_SPACES)
-  family = "woodbury" if name.startswith("tengrad") else "natural"
+  family = ("woodbury" if name.startswith("tengrad") else "relative"
+            if options.get("damping_scale") == "relative" else "natural")
   return _fused(name, family, task, make, warmup=2,
                 statistics_every_step=per_step,
                 stats_batch=options.get("stats_batch"))
 
 
 def _adaptive(task, name):
-  """``kfac_adaptive`` / ``tengrad_adaptive``: the alias with M&G's adaptive
-  α, μ and λ (settings ``ADAPTIVE``)."""
+  """``kfac_adaptive`` / ``tengrad_adaptive`` / ``kfac_adaptive_relative``:
+  the alias with M&G's adaptive α, μ and λ (settings ``ADAPTIVE``; the
+  relative one: λ in units of each block's mean eigenvalue, from
+  ``ADAPTIVE_RELATIVE_DAMPING``)."""
   a = ADAPTIVE
   batch = task.sample_batch(np.random.default_rng(0))
-  options = (dict(ema_decay=task.ema_decay, damping_mode="factored")
-             if name == "kfac_adaptive" else
+  kfac = name in ("kfac_adaptive", "kfac_adaptive_relative")
+  options = (dict(ema_decay=task.ema_decay, damping_mode="factored") if kfac else
              dict(gram_batch=min(len(jax.tree_util.tree_leaves(batch)[0]), 1000)))
-  alias = kfe.kfac if name == "kfac_adaptive" else kfe.tengrad
+  family, initial = "adaptive", a["initial_damping"]
+  if name == "kfac_adaptive_relative":
+    options["damping_scale"] = "relative"
+    family, initial = "adaptive_relative", ADAPTIVE_RELATIVE_DAMPING
+  alias = kfe.kfac if kfac else kfe.tengrad
   opt = alias(task.loss_fn, "adaptive", momentum="adaptive",
-              damping=a["initial_damping"], damping_adaptation=True,
+              damping=initial, damping_adaptation=True,
               damping_adaptation_interval=a["interval"],
               damping_adaptation_decay=a["decay"],
               min_damping=a["min_damping"], max_damping=a["max_damping"],
               stats_every=task.period, inverse_every=task.period,
               example_batch=batch, **options)
-  return _fused(name, "adaptive", task, lambda hp: opt,
+  return _fused(name, family, task, lambda hp: opt,
                 warmup=2 * task.period + 1, damping_every=a["interval"])
 
 
@@ -323,6 +340,9 @@ def make_contender(name: str, task) -> Contender:
     return _optax(name, task, lambda lr: shampoo_compat.shampoo(lr, task.period))
   if name == "kfac":   # π-adjusted factored damping, as kfac-jax's blocks
     return _natural(name, task, kfe.kfac, {"damping_mode": "factored"})
+  if name == "kfac_relative":   # λ in units of each block's mean eigenvalue
+    return _natural(name, task, kfe.kfac, {"damping_mode": "factored",
+                                           "damping_scale": "relative"})
   if _suffix_count(name, "kfac_stats") is not None:   # M&G §8's subsample
     return _natural(name, task, kfe.kfac, {
         "damping_mode": "factored",
@@ -346,7 +366,7 @@ def make_contender(name: str, task) -> Contender:
                     {"combine": combine, "coarse_space": space})
   if name == "kfac_jax":
     return _kfac_jax(task)
-  if name in ("kfac_adaptive", "tengrad_adaptive"):
+  if name in ("kfac_adaptive", "tengrad_adaptive", "kfac_adaptive_relative"):
     return _adaptive(task, name)
   if name == "kfac_jax_adaptive":
     return _kfac_jax(task, adaptive=True)
@@ -358,6 +378,8 @@ def grid_points(contender: Contender, grids: dict) -> list:
   one setting, the initial λ, for the adaptive ones (nothing to sweep)."""
   if contender.family == "adaptive":
     return [{"lr": "adaptive", "damping": ADAPTIVE["initial_damping"]}]
+  if contender.family == "adaptive_relative":
+    return [{"lr": "adaptive", "damping": ADAPTIVE_RELATIVE_DAMPING}]
   grid = grids[contender.family]
   dampings = grid.get("damping", [0.0])
   return [{"lr": float(lr), "damping": float(d)} for lr in grid["lr"] for d in dampings]

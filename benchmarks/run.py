@@ -119,7 +119,8 @@ def run_optimizer(name, task, budget, sweep_budget, sweep, progress, seed=0,
   run = training.train(contender, task, chosen, seed=seed, evaluate=evaluate,
                        label=f"{name} {summary.hp_label(name, chosen)}",
                        progress=progress, **budget)
-  return {"sweep": scores, "chosen": chosen, "run": run}
+  return {"sweep": scores, "chosen": chosen, "run": run, "family": contender.family,
+          "grid": task.grids.get(contender.family)}
 
 
 def _budget(steps, seconds):
@@ -298,7 +299,13 @@ def main(argv=None):
   if args.existing is not None:      # the new runs join an earlier run's file
     added = {"command": results["meta"]["command"], "date": results["meta"]["date"],
              "optimizers": list(results["runs"]), "replaced": args.replace}
-    results = {**args.existing, "runs": {**args.existing["runs"], **results["runs"]}}
+    # the grids of the families just run join the file's (each run also
+    # records its own grid)
+    ran = {r["family"] for r in results["runs"].values() if "family" in r}
+    grids = {**args.existing.get("grids", {}),
+             **{f: g for f, g in results["grids"].items() if f in ran}}
+    results = {**args.existing, "grids": grids,
+               "runs": {**args.existing["runs"], **results["runs"]}}
     results["meta"] = {**results["meta"],
                        "added": results["meta"].get("added", []) + [added]}
     path = pathlib.Path(args.add_to)

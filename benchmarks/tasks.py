@@ -128,6 +128,9 @@ def _classifier(name, description, model, x_train, y_train, x_test, y_test,
 _ladder_up = sweep.ladder_up
 
 
+RELATIVE_DAMPINGS = (1e-2, 1e-1, 1.0)
+
+
 def woodbury_dampings(damping) -> list:
   """The natural grid's dampings, continued up the 1-3-10 ladder to ten
   times the largest (``(0.1, 0.3)`` → ``[0.1, 0.3, 1, 3]``, ``(0.01, 0.1)``
@@ -149,7 +152,10 @@ def _grids(adam, sgd, lr, damping):
           # Shampoo grafted to normalized RMSProp: Adam-scale steps too
           "shampoo": {"lr": list(adam) + [up]},
           "natural": {"lr": list(lr), "damping": list(damping)},
-          "woodbury": {"lr": list(lr), "damping": woodbury_dampings(damping)}}
+          "woodbury": {"lr": list(lr), "damping": woodbury_dampings(damping)},
+          # damping_scale="relative": λ in units of each block's mean
+          # eigenvalue, so one grid for every task (no per-task scale)
+          "relative": {"lr": list(lr), "damping": list(RELATIVE_DAMPINGS)}}
 
 
 def autoencoder(quick, batch_size=None):

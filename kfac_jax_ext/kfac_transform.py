@@ -37,6 +37,10 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
     damping: Tikhonov λ, a float or a schedule ``step -> λ`` (default 1e-3).
     damping_mode: ``"tikhonov"`` or ``"factored"`` (π-adjusted, cheaper;
       default).
+    damping_scale: ``"absolute"`` (default: every block damped by λ) or
+      ``"relative"``: λ in units of each block's mean eigenvalue,
+      ``λ_l = λ·(trA/dim A)(trG/dim G)``, so that one λ means the same for
+      every layer and any loss scale (``kfac_jax_ext.relative_damping``).
     fisher: ``"sampled"`` (targets from the model; needs ``key``; default) or
       ``"empirical"`` (data targets).
     stats_every: refresh statistics every k updates (default 1; the first

@@ -25,6 +25,7 @@ from kfac_jax_ext import eager
 from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext import relative_damping
 from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
 from kfac_jax_ext import stats_subsample
@@ -50,11 +51,13 @@ class KroneckerVariant(NamedTuple):
     layer_damping: ``(damping, layer, side_a, side_g, trace) -> λ_l``.
     unsupported: ``layer -> reason or None`` for layer kinds the method
       has no block for (they take the fallback).
+    damping_scale: the units of λ (``relative_damping.apply`` sets it).
   """
   batch_statistics: Callable
   effective_factors: Callable
   layer_damping: Callable
   unsupported: Callable = lambda layer: None
+  damping_scale: str = "absolute"   # kfac_jax_ext.relative_damping
 
 
 class StepContext(NamedTuple):
@@ -84,6 +87,7 @@ def kronecker_stepper(
     example_batch: Any = None,
     weight_sharing: str = "expand",
     stats_batch: int | None = None,
+    damping_scale: str = "absolute",
     name: str = "scale_by_kronecker",
 ) -> optax.GradientTransformationExtraArgs:
   """``(init_fn, step_fn)`` of the Kronecker family (options: ``scale_by_kfac``).
@@ -99,6 +103,8 @@ def kronecker_stepper(
                        inverse_every, ema_decay, damping, weight_sharing)
   distributed.check_axis_name(axis_name, name)
   stats_subsample.check_examples(stats_batch, "stats_batch", name)
+  relative_damping.check_scale(damping_scale, name)
+  variant = relative_damping.apply(variant, damping_scale)
 
   def init_fn(params, share=None):
     dtype = linalg.factor_dtype()
@@ -393,4 +399,5 @@ def _precondition(plan, traced, grads, factors, traces, inverses, diags, lam,
         kronecker.KroneckerInverseData(ia, ig, va, vg), v, lam_l)
 
   out = plan_lib.precondition_layers(plan, grads, lam.dtype, apply)
-  return diagonal.precondition_leaves(plan, grads, diags, lam, fallback, out)
+  return diagonal.precondition_leaves(plan, grads, diags, lam, fallback, out,
+                                      relative=variant.damping_scale == "relative")

@@ -83,6 +83,9 @@ def _links(traced, chains):
 
 
 def _check(options):
+  if options.get("damping_scale", "absolute") != "absolute":
+    raise ValueError("structure='block_tridiagonal' damps its chains' factors "
+                     "with one absolute λ: leave damping_scale='absolute'.")
   if options.get("damping_mode", "factored") != "factored":
     raise ValueError("structure='block_tridiagonal' damps the diagonal factors "
                      "(factored Tikhonov, M&G §6.3): use damping_mode='factored'.")

@@ -197,6 +197,11 @@ def scale_by_two_level_kfac(
     coarse_matrix = ("kronecker" if fisher_products == "statistics" and
                      combine == "additive" and
                      coarse_space in ("nicolaides", "spectral") else "exact")
+  if coarse_space is not None and options.get("damping_scale",
+                                              "absolute") != "absolute":
+    raise ValueError("scale_by_two_level_kfac damps its fine and coarse levels "
+                     "with one absolute λ (I12-I13): leave damping_scale="
+                     "'absolute' (or coarse_space=None for plain K-FAC).")
   variant = (kronecker_variants.KFAC if base == "kfac"
              else kronecker_variants.tkfac_variant())
   name = "scale_by_two_level_kfac"

@@ -156,9 +156,19 @@ def test_period_replaces_the_refresh_period_of_every_natural_contender(
     return due_at(i, **kwargs)
   monkeypatch.setattr(contenders.kfe, "due_at", recording_due_at)
   results = run.main(["--task", "mlp", "--quick", "--no-progress", "--no-sweep",
-                      "--optimizers", "kfac", "--out", str(tmp_path), "--period", "3"])
+                      "--optimizers", "kfac,kfac_relative,kfac_adaptive_relative",
+                      "--out", str(tmp_path),
+                      "--period", "3"])
   assert results["period"] == 3 and "run" in results["runs"]["kfac"]
   assert periods and set(periods) == {(3, 3)}
+  # damping_scale="relative" sweeps one λ grid on every task
+  assert results["grids"]["relative"]["damping"] == list(tasks.RELATIVE_DAMPINGS)
+  assert results["runs"]["kfac_relative"]["chosen"]["damping"] in tasks.RELATIVE_DAMPINGS
+  assert results["runs"]["kfac_relative"]["family"] == "relative"
+  assert results["runs"]["kfac_adaptive_relative"]["chosen"] == {
+      "lr": "adaptive", "damping": contenders.ADAPTIVE_RELATIVE_DAMPING}
+  assert all(math.isfinite(l) for l in
+             results["runs"]["kfac_adaptive_relative"]["run"]["loss"])
 
 
 def test_recorded_command_names_the_thread_settings_that_change_step_times(

@@ -47,6 +47,21 @@ def test_scale_and_shift_diagonal_equals_per_example_fisher_diagonal():
                                grads["norm"][name] / (diag + LAM), rtol=1e-10)
 
 
+def test_relative_damping_damps_a_diagonal_by_its_mean():
+  params, batch = _setup()
+  tx = kfe.scale_by_kfac(_loss, damping=LAM, ema_decay=0.0, fisher="empirical",
+                         damping_scale="relative")
+  grads = jax.grad(_loss)(params, batch)
+  updates, _ = tx.update(grads, tx.init(params), params, batch=batch)
+  per_ex = jax.vmap(jax.grad(lambda p, x, y: -jax.nn.log_softmax(
+      _model(p, x[None])[0])[y]), (None, 0, 0))(params, batch["x"], batch["y"])
+  for name in ("scale", "shift"):
+    diag = jnp.mean(per_ex["norm"][name] ** 2, axis=0)
+    np.testing.assert_allclose(updates["norm"][name],
+                               grads["norm"][name] / (diag + LAM * diag.mean()),
+                               rtol=1e-10)
+
+
 def test_diagonal_fallback_for_an_embedding_is_unbiased():
   """With sampled targets, (∇ objective)²/M averages to the exact diagonal."""
   vocab, d = 6, 3

@@ -171,3 +171,71 @@ def test_kl_clip_bounds_the_quadratic_model():
 def _inner(a, b):
   return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
                                             jax.tree_util.tree_leaves(b)))
+
+
+def _relative(a, g):
+  return DAMPING * (np.trace(a) / a.shape[0]) * (np.trace(g) / g.shape[0])
+
+
+def test_relative_tikhonov_update_equals_solve_damped_by_the_mean_eigenvalue():
+  params = oracles.mlp_init(jax.random.PRNGKey(3), [5, 4, 3])
+  batch = _batch()
+  grads, updates = _kfac_direction(params, batch, damping_mode="tikhonov",
+                                   damping_scale="relative")
+  for l, (a, g) in enumerate(_exact_factors(params, batch)):
+    expected = oracles.kron_solve(a, g, _matrix(grads[l]), _relative(a, g))
+    np.testing.assert_allclose(_matrix(updates[l]), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_relative_factored_update_damps_each_factor_by_its_mean_eigenvalue():
+  params = oracles.mlp_init(jax.random.PRNGKey(3), [5, 4, 3])
+  batch = _batch()
+  grads, updates = _kfac_direction(params, batch, damping_mode="factored",
+                                   damping_scale="relative")
+  root = np.sqrt(DAMPING)
+  for l, (a, g) in enumerate(_exact_factors(params, batch)):
+    da = a + root * np.trace(a) / a.shape[0] * np.eye(a.shape[0])
+    dg = g + root * np.trace(g) / g.shape[0] * np.eye(g.shape[0])
+    expected = np.linalg.solve(np.kron(da, dg), np.asarray(_matrix(grads[l])).ravel())
+    np.testing.assert_allclose(_matrix(updates[l]).ravel(), expected, rtol=1e-9,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["tikhonov", "factored"])
+def test_relative_damping_makes_the_step_independent_of_the_loss_scale(mode):
+  """Loss × c scales the gradient and the curvature (the registered loss's
+  Fisher) by c: with relative damping Δ is unchanged, as the undamped
+  natural gradient F⁻¹∇; with absolute damping it is not."""
+  params = oracles.mlp_init(jax.random.PRNGKey(3), [5, 4, 3])
+  batch, c = _batch(), 64.0
+  scaled = lambda p, b: kfe.softmax_cross_entropy(
+      oracles.mlp_apply(p, b["x"]), b["y"], weights=jnp.full(b["y"].shape, c))
+
+  def direction(loss, scale):
+    tx = kfe.scale_by_kfac(loss, damping=DAMPING, ema_decay=0.0, fisher="empirical",
+                           damping_mode=mode, damping_scale=scale)
+    grads = jax.grad(loss)(params, batch)
+    return tx.update(grads, tx.init(params), params, batch=batch)[0]
+
+  for scale, invariant in (("relative", True), ("absolute", False)):
+    base, big = direction(_loss, scale), direction(scaled, scale)
+    for l in range(2):
+      close = np.allclose(np.asarray(_matrix(big[l])),
+                          np.asarray(_matrix(base[l])), rtol=1e-9, atol=1e-12)
+      assert close == invariant, (scale, l)
+
+
+def test_damping_scale_is_checked_and_refused_where_lambda_is_shared():
+  with pytest.raises(ValueError, match="damping_scale must be one of"):
+    kfe.scale_by_kfac(_loss, damping_scale="per_layer")
+  params = oracles.mlp_init(jax.random.PRNGKey(3), [5, 4, 3])
+  with pytest.raises(ValueError, match="leave damping_scale='absolute'"):
+    kfe.scale_by_kfac(_loss, structure="block_tridiagonal", damping_scale="relative",
+                      example_batch=_batch())
+  with pytest.raises(ValueError, match="leave damping_scale="):
+    kfe.scale_by_two_level_kfac(_loss, coarse_space="nicolaides",
+                                damping_scale="relative")
+  # TKFAC and the adaptive mode take it
+  kfe.tkfac(_loss, 0.1, damping_scale="relative").init(params)
+  kfe.kfac(_loss, "adaptive", momentum="adaptive", damping=1.0,
+           damping_adaptation=True, damping_scale="relative").init(params)

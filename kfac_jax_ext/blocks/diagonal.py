@@ -93,8 +93,10 @@ def batch_diagonals(plan, traced, cb, fallback: str, dtype,
   return out
 
 
-def precondition_leaves(plan, grads, diags, damping, fallback: str, out: list):
-  """``out[leaf] = ∇ / (diag F + λ)`` for every leaf served by a diagonal."""
+def precondition_leaves(plan, grads, diags, damping, fallback: str, out: list,
+                        relative: bool = False):
+  """``out[leaf] = ∇ / (diag F + λ)`` for every leaf served by a diagonal
+  (``relative``: ``λ·mean(diag F)``, λ where the diagonal is still zero)."""
   leaves = [leaf for _, layer in plan.diagonal_layers
             for leaf in (layer.scale, layer.shift) if leaf is not None]
   if fallback == "diagonal":
@@ -102,7 +104,10 @@ def precondition_leaves(plan, grads, diags, damping, fallback: str, out: list):
     leaves += [leaf for _, layer, _ in plan.unfactored_layers
                for leaf in (layer.kernel, layer.bias) if leaf is not None]
   for leaf in leaves:
-    g = grads[leaf]
+    g, lam = grads[leaf], damping
+    if relative:
+      mean = jnp.mean(diags[leaf])
+      lam = damping * jnp.where(mean > 0, mean, jnp.ones_like(mean))
     out[leaf] = precondition(g.astype(damping.dtype), diags[leaf],
-                             damping).astype(g.dtype)
+                             lam).astype(g.dtype)
   return out

@@ -1,0 +1,68 @@
+r"""Damping in units of each block's curvature: ``damping_scale="relative"``.
+
+With ``damping_scale="absolute"`` (the default) every Kronecker block
+``A ⊗ G`` is damped by the same λ. A loss's scale sets its curvature's: a
+mean over the 64 tokens of a window has 1/64 of the sum's Fisher, and the
+layers of one model differ by orders of magnitude, so one absolute λ is
+mostly damping for some blocks and negligible for others. With
+``"relative"``, λ is measured in units of the block's mean eigenvalue:
+
+  ``λ_l = λ · m_A · m_G``,  ``m_X = tr(X) / dim X``
+
+(``m_A m_G = tr(A⊗G) / dim(A⊗G)``; a diagonal factor kept as a vector: its
+mean; a grouped conv: per group). So
+
+* ``damping_mode="tikhonov"``: ``Δ = (A⊗G + λ m_A m_G I)⁻¹ vec(∇)``;
+* ``damping_mode="factored"``: π-adjusted with ``λ_l``, which is
+  ``(A + √λ m_A I) ⊗ (G + √λ m_G I)``: each factor damped by √λ times its own
+  mean eigenvalue;
+
+and when the loss is multiplied by a constant c (e.g. summed over tokens
+instead of averaged), its gradient and its Fisher ``A⊗G`` scale by c,
+``λ_l`` with them, and ``Δ`` is exactly unchanged, as the undamped natural
+gradient ``F⁻¹∇`` is (with an absolute λ it is not). TKFAC's ``conv_damping`` term is added as before (it
+is already relative to the block's trace). Leaves served by a diagonal
+Fisher (scale-and-shift layers, ``fallback="diagonal"``) are damped by
+``λ·mean(diag F)``. A block with no curvature mass yet (a zero mean) is
+damped by λ.
+
+Example::
+
+  >>> opt = kfe.kfac(loss_fn, 0.1, damping=1e-2, damping_scale="relative")
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+SCALES = ("absolute", "relative")
+
+
+def check_scale(damping_scale, name: str) -> None:
+  if damping_scale not in SCALES:
+    raise ValueError(f"{name}: damping_scale must be one of {SCALES}, got "
+                     f"{damping_scale!r}.")
+
+
+def mean_eigenvalue(factor: jnp.ndarray) -> jnp.ndarray:
+  """``tr(X) / dim X`` of a factor ``[d, d]`` (a vector: a diagonal factor,
+  its mean; a stack ``[..., d, d]``: the mean over the stack)."""
+  if factor.ndim == 1:
+    return jnp.mean(factor)
+  return jnp.mean(jnp.diagonal(factor, axis1=-2, axis2=-1))
+
+
+def apply(variant, damping_scale: str):
+  """``variant`` (a ``kronecker_family.KroneckerVariant``) with its damping
+  in the units ``damping_scale`` names."""
+  if damping_scale == "absolute":
+    return variant
+  base = variant.layer_damping
+
+  def layer_damping(damping, layer, side_a, side_g, trace):
+    a, g = variant.effective_factors(side_a, side_g, trace)
+    scale = mean_eigenvalue(a) * mean_eigenvalue(g)
+    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    return base(damping * scale, layer, side_a, side_g, trace)
+
+  return variant._replace(layer_damping=layer_damping, damping_scale=damping_scale)
