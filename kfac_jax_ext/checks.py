@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from kfac_jax_ext import statistics
+from kfac_jax_ext import stats_subsample
 from kfac_jax_ext import weight_sharing as sharing_lib
 
 
@@ -74,3 +75,20 @@ def check_curvature(traced, cb):
             f"curvature statistics of layer {layer.name} have shapes "
             f"{a.shape}, {g.shape}, inconsistent with the traced layer "
             f"(d_in={layer.d_in}, d_out={layer.d_out}, groups={layer.groups}).")
+
+
+def check_two_level_options(fine_scale, coarse_batch, fisher_products, options):
+  """``scale_by_two_level_kfac``'s own options, and the base options it
+  cannot take."""
+  if fine_scale not in ("model", "none"):
+    raise ValueError(f"fine_scale must be 'model' or 'none', got {fine_scale!r}.")
+  stats_subsample.check_examples(coarse_batch, "coarse_batch",
+                                 "scale_by_two_level_kfac")
+  if options.get("stats_batch") is not None:
+    raise ValueError("scale_by_two_level_kfac reads the whole batch's statistics"
+                     ": leave stats_batch unset (see coarse_batch=).")
+  if coarse_batch is not None and fisher_products == "ggn":
+    raise ValueError("coarse_batch subsamples the statistics' per-example "
+                     "gradients (fisher_products='statistics'); with "
+                     "fisher_products='ggn' pass a smaller batch to update, or "
+                     "leave coarse_batch unset.")

@@ -51,13 +51,12 @@ class KroneckerVariant(NamedTuple):
     layer_damping: ``(damping, layer, side_a, side_g, trace) -> λ_l``.
     unsupported: ``layer -> reason or None`` for layer kinds the method
       has no block for (they take the fallback).
-    damping_scale: the units of λ (``relative_damping.apply`` sets it).
   """
   batch_statistics: Callable
   effective_factors: Callable
   layer_damping: Callable
   unsupported: Callable = lambda layer: None
-  damping_scale: str = "absolute"   # kfac_jax_ext.relative_damping
+  damping_scale: str = "absolute"   # units of λ: relative_damping.apply sets it
 
 
 class StepContext(NamedTuple):
@@ -103,8 +102,7 @@ def kronecker_stepper(
                        inverse_every, ema_decay, damping, weight_sharing)
   distributed.check_axis_name(axis_name, name)
   stats_subsample.check_examples(stats_batch, "stats_batch", name)
-  relative_damping.check_scale(damping_scale, name)
-  variant = relative_damping.apply(variant, damping_scale)
+  variant = relative_damping.apply(variant, damping_scale, name)
 
   def init_fn(params, share=None):
     dtype = linalg.factor_dtype()
@@ -399,5 +397,4 @@ def _precondition(plan, traced, grads, factors, traces, inverses, diags, lam,
         kronecker.KroneckerInverseData(ia, ig, va, vg), v, lam_l)
 
   out = plan_lib.precondition_layers(plan, grads, lam.dtype, apply)
-  return diagonal.precondition_leaves(plan, grads, diags, lam, fallback, out,
-                                      relative=variant.damping_scale == "relative")
+  return diagonal.precondition_leaves(plan, grads, diags, lam, fallback, out, variant.damping_scale)

@@ -38,10 +38,11 @@ import jax.numpy as jnp
 SCALES = ("absolute", "relative")
 
 
-def check_scale(damping_scale, name: str) -> None:
-  if damping_scale not in SCALES:
-    raise ValueError(f"{name}: damping_scale must be one of {SCALES}, got "
-                     f"{damping_scale!r}.")
+def require_absolute(options: dict, what: str) -> None:
+  """Refuses ``damping_scale="relative"`` where ``what`` shares one
+  absolute λ (e.g. two levels of one preconditioner)."""
+  if options.get("damping_scale", "absolute") != "absolute":
+    raise ValueError(f"{what} with one absolute λ: leave damping_scale='absolute'.")
 
 
 def mean_eigenvalue(factor: jnp.ndarray) -> jnp.ndarray:
@@ -52,9 +53,17 @@ def mean_eigenvalue(factor: jnp.ndarray) -> jnp.ndarray:
   return jnp.mean(jnp.diagonal(factor, axis1=-2, axis2=-1))
 
 
-def apply(variant, damping_scale: str):
+def apply(variant, damping_scale: str, name: str):
   """``variant`` (a ``kronecker_family.KroneckerVariant``) with its damping
-  in the units ``damping_scale`` names."""
+  in the units ``damping_scale`` names.
+
+  Raises:
+    ValueError: ``damping_scale`` is not one of ``SCALES`` (``name``: the
+      transform, for the message).
+  """
+  if damping_scale not in SCALES:
+    raise ValueError(f"{name}: damping_scale must be one of {SCALES}, got "
+                     f"{damping_scale!r}.")
   if damping_scale == "absolute":
     return variant
   base = variant.layer_damping

@@ -35,6 +35,7 @@ from kfac_jax_ext import eager
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext import relative_damping
 from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
 from kfac_jax_ext import tracing
@@ -83,9 +84,8 @@ def _links(traced, chains):
 
 
 def _check(options):
-  if options.get("damping_scale", "absolute") != "absolute":
-    raise ValueError("structure='block_tridiagonal' damps its chains' factors "
-                     "with one absolute λ: leave damping_scale='absolute'.")
+  relative_damping.require_absolute(
+      options, "structure='block_tridiagonal' damps its chains' factors")
   if options.get("damping_mode", "factored") != "factored":
     raise ValueError("structure='block_tridiagonal' damps the diagonal factors "
                      "(factored Tikhonov, M&G §6.3): use damping_mode='factored'.")

@@ -24,9 +24,9 @@ from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import kronecker_variants
 from kfac_jax_ext import linalg
+from kfac_jax_ext import relative_damping
 from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
-from kfac_jax_ext import stats_subsample
 from kfac_jax_ext import tracing
 from kfac_jax_ext.blocks import kronecker
 from kfac_jax_ext.state import Health, KfacState
@@ -181,27 +181,14 @@ def scale_by_two_level_kfac(
   """
   _check(base, coarse_space, coarse_matrix, combine, coarse_damping, omega,
          fisher_products)
-  if fine_scale not in ("model", "none"):
-    raise ValueError(f"fine_scale must be 'model' or 'none', got {fine_scale!r}.")
-  stats_subsample.check_examples(coarse_batch, "coarse_batch",
-                                 "scale_by_two_level_kfac")
-  if options.get("stats_batch") is not None:
-    raise ValueError("scale_by_two_level_kfac reads the whole batch's statistics"
-                     ": leave stats_batch unset (see coarse_batch=).")
-  if coarse_batch is not None and fisher_products == "ggn":
-    raise ValueError("coarse_batch subsamples the statistics' per-example "
-                     "gradients (fisher_products='statistics'); with "
-                     "fisher_products='ggn' pass a smaller batch to update, or "
-                     "leave coarse_batch unset.")
+  checks.check_two_level_options(fine_scale, coarse_batch, fisher_products, options)
   if coarse_matrix is None:
     coarse_matrix = ("kronecker" if fisher_products == "statistics" and
                      combine == "additive" and
                      coarse_space in ("nicolaides", "spectral") else "exact")
-  if coarse_space is not None and options.get("damping_scale",
-                                              "absolute") != "absolute":
-    raise ValueError("scale_by_two_level_kfac damps its fine and coarse levels "
-                     "with one absolute λ (I12-I13): leave damping_scale="
-                     "'absolute' (or coarse_space=None for plain K-FAC).")
+  if coarse_space is not None:
+    relative_damping.require_absolute(options, "scale_by_two_level_kfac damps "
+                                      "its fine and coarse levels (I12-I13)")
   variant = (kronecker_variants.KFAC if base == "kfac"
              else kronecker_variants.tkfac_variant())
   name = "scale_by_two_level_kfac"

@@ -94,9 +94,10 @@ def batch_diagonals(plan, traced, cb, fallback: str, dtype,
 
 
 def precondition_leaves(plan, grads, diags, damping, fallback: str, out: list,
-                        relative: bool = False):
+                        damping_scale: str = "absolute"):
   """``out[leaf] = ∇ / (diag F + λ)`` for every leaf served by a diagonal
-  (``relative``: ``λ·mean(diag F)``, λ where the diagonal is still zero)."""
+  (``damping_scale="relative"``: ``λ·mean(diag F)``, λ where the diagonal
+  is still zero; ``kfac_jax_ext.relative_damping``)."""
   leaves = [leaf for _, layer in plan.diagonal_layers
             for leaf in (layer.scale, layer.shift) if leaf is not None]
   if fallback == "diagonal":
@@ -105,7 +106,7 @@ def precondition_leaves(plan, grads, diags, damping, fallback: str, out: list,
                for leaf in (layer.kernel, layer.bias) if leaf is not None]
   for leaf in leaves:
     g, lam = grads[leaf], damping
-    if relative:
+    if damping_scale == "relative":
       mean = jnp.mean(diags[leaf])
       lam = damping * jnp.where(mean > 0, mean, jnp.ones_like(mean))
     out[leaf] = precondition(g.astype(damping.dtype), diags[leaf],
