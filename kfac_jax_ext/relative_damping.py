@@ -24,7 +24,9 @@ gradient ``F⁻¹∇`` is (with an absolute λ it is not). TKFAC's ``conv_dampin
 is already relative to the block's trace). Leaves served by a diagonal
 Fisher (scale-and-shift layers, ``fallback="diagonal"``) are damped by
 ``λ·mean(diag F)``. A block with no curvature mass yet (a zero mean) is
-damped by λ.
+damped by λ. In the adaptive mode (``kfe.quadratic_model_step``) only the
+preconditioner reads λ this way: the quadratic model's ``½(λ+η)‖δ‖²`` term
+stays absolute (``docs/methods.md``).
 
 Example::
 

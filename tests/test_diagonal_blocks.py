@@ -31,35 +31,32 @@ def _loss(p, b):
   return kfe.softmax_cross_entropy(_model(p, b["x"]), b["y"])
 
 
+def _norm_updates_and_diagonals(**options):
+  """The scale-and-shift leaves' K-FAC updates and gradients, and their
+  exact empirical-Fisher diagonals from vmap(grad)."""
+  params, batch = _setup()
+  tx = kfe.scale_by_kfac(_loss, damping=LAM, ema_decay=0.0, fisher="empirical",
+                         **options)
+  grads = jax.grad(_loss)(params, batch)
+  updates, _ = tx.update(grads, tx.init(params), params, batch=batch)
+  per_ex = jax.vmap(jax.grad(lambda p, x, y: -jax.nn.log_softmax(
+      _model(p, x[None])[0])[y]), (None, 0, 0))(params, batch["x"], batch["y"])
+  return [(updates["norm"][name], grads["norm"][name],
+           jnp.mean(per_ex["norm"][name] ** 2, axis=0)) for name in ("scale", "shift")]
+
+
 def test_scale_and_shift_diagonal_equals_per_example_fisher_diagonal():
   params, batch = _setup()
   layers = kfe.find_layers(_loss, params, batch)
   assert [(l.name, l.kind) for l in layers] == [
       ("dense", "dense"), ("norm", "scale_and_shift"), ("out", "dense")]
-  tx = kfe.scale_by_kfac(_loss, damping=LAM, ema_decay=0.0, fisher="empirical")
-  grads = jax.grad(_loss)(params, batch)
-  updates, _ = tx.update(grads, tx.init(params), params, batch=batch)
-  per_ex = jax.vmap(jax.grad(lambda p, x, y: -jax.nn.log_softmax(
-      _model(p, x[None])[0])[y]), (None, 0, 0))(params, batch["x"], batch["y"])
-  for name in ("scale", "shift"):
-    diag = jnp.mean(per_ex["norm"][name] ** 2, axis=0)
-    np.testing.assert_allclose(updates["norm"][name],
-                               grads["norm"][name] / (diag + LAM), rtol=1e-10)
+  for update, grad, diag in _norm_updates_and_diagonals():
+    np.testing.assert_allclose(update, grad / (diag + LAM), rtol=1e-10)
 
 
 def test_relative_damping_damps_a_diagonal_by_its_mean():
-  params, batch = _setup()
-  tx = kfe.scale_by_kfac(_loss, damping=LAM, ema_decay=0.0, fisher="empirical",
-                         damping_scale="relative")
-  grads = jax.grad(_loss)(params, batch)
-  updates, _ = tx.update(grads, tx.init(params), params, batch=batch)
-  per_ex = jax.vmap(jax.grad(lambda p, x, y: -jax.nn.log_softmax(
-      _model(p, x[None])[0])[y]), (None, 0, 0))(params, batch["x"], batch["y"])
-  for name in ("scale", "shift"):
-    diag = jnp.mean(per_ex["norm"][name] ** 2, axis=0)
-    np.testing.assert_allclose(updates["norm"][name],
-                               grads["norm"][name] / (diag + LAM * diag.mean()),
-                               rtol=1e-10)
+  for update, grad, diag in _norm_updates_and_diagonals(damping_scale="relative"):
+    np.testing.assert_allclose(update, grad / (diag + LAM * diag.mean()), rtol=1e-10)
 
 
 def test_diagonal_fallback_for_an_embedding_is_unbiased():
