@@ -122,7 +122,7 @@ ADAPTIVE = {"initial_damping": 150.0, "interval": 5, "decay": 0.95,
             "min_damping": 1e-5, "max_damping": 1000.0}
 # kfac_adaptive_relative: λ₀ with damping_scale="relative", the mean
 # eigenvalue of each block, the same on every task (the swept kfac_relative
-# chose λ = 1 on the transformer)
+# chose λ = 1 on the transformer, before any adaptive run; later on all three)
 ADAPTIVE_RELATIVE_DAMPING = 1.0
 
 
