@@ -20,8 +20,9 @@ mean; a grouped conv: per group). So
 and when the loss is multiplied by a constant c (e.g. summed over tokens
 instead of averaged), its gradient and its Fisher ``A⊗G`` scale by c,
 ``λ_l`` with them, and ``Δ`` is exactly unchanged, as the undamped natural
-gradient ``F⁻¹∇`` is (with an absolute λ it is not). TKFAC's ``conv_damping`` term is added as before (it
-is already relative to the block's trace). Leaves served by a diagonal
+gradient ``F⁻¹∇`` is (with an absolute λ it is not). TKFAC's
+``conv_damping`` term is added as before (it is already relative to the
+block's trace). Leaves served by a diagonal
 Fisher (scale-and-shift layers, ``fallback="diagonal"``) are damped by
 ``λ·mean(diag F)``. A block with no curvature mass yet (a zero mean) is
 damped by λ. In the adaptive mode (``kfe.quadratic_model_step``) only the
