@@ -52,7 +52,9 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
 * ``kfac_relative``: ``kfac`` with ``damping_scale="relative"`` (λ in units
   of each block's mean eigenvalue), swept over one λ grid for every task
   (``tasks.RELATIVE_DAMPINGS``); ``kfac_adaptive_relative``:
-  ``kfac_adaptive`` with it, λ₀ = ``ADAPTIVE_RELATIVE_DAMPING`` on every task.
+  ``kfac_adaptive`` with it, λ₀ = ``ADAPTIVE_RELATIVE_DAMPING`` on every task;
+  ``tengrad_relative`` and ``tengrad_adaptive_relative`` the same for
+  ``tengrad`` (``λ_l = λ·tr(F_l)/P_l``).
 * ``kfac_jax``: kfac-jax 0.0.8's ``Optimizer`` with the same fixed learning
   rate, momentum 0.9, damping, ``norm_constraint = kl_clip``,
   ``curvature_ema = task.ema_decay`` and
@@ -81,9 +83,11 @@ from kfac_jax_ext import coarse
 OPTIMIZERS = ("adam", "sgd", "muon", "shampoo", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
               "kfac_adaptive", "kfac_jax_adaptive", "kfac_tridiagonal",
               "tengrad_adaptive", "natural_gradient", "kfac_relative",
-              "kfac_adaptive_relative")
+              "kfac_adaptive_relative", "tengrad_relative",
+              "tengrad_adaptive_relative")
 NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
-           "kfac_tridiagonal", "natural_gradient", "kfac_relative")
+           "kfac_tridiagonal", "natural_gradient", "kfac_relative",
+           "tengrad_relative")
 # Two-level K-FAC by combination and coarse space, ``two_level_COMBINE_SPACE``
 # (``two_level_kfac`` is additive Nicolaides): swept like the others, the
 # coarse matrix at its default (Tselepidis' Kronecker sums for a fixed
@@ -240,15 +244,15 @@ def _natural(name, task, alias, options):
 
   per_step = (options.get("combine", "additive") != "additive" or
               options.get("coarse_space") in coarse.PER_STEP_SPACES)
-  family = ("woodbury" if name.startswith("tengrad") else "relative"
-            if options.get("damping_scale") == "relative" else "natural")
+  family = ("relative" if options.get("damping_scale") == "relative" else
+            "woodbury" if name.startswith("tengrad") else "natural")
   return _fused(name, family, task, make, warmup=2,
                 statistics_every_step=per_step,
                 stats_batch=options.get("stats_batch"))
 
 
 def _adaptive(task, name):
-  """``kfac_adaptive`` / ``tengrad_adaptive`` / ``kfac_adaptive_relative``:
+  """``kfac_adaptive`` / ``tengrad_adaptive`` and their ``_relative``:
   the alias with M&G's adaptive α, μ and λ (settings ``ADAPTIVE``; the
   relative one: λ in units of each block's mean eigenvalue, from
   ``ADAPTIVE_RELATIVE_DAMPING``)."""
@@ -258,7 +262,7 @@ def _adaptive(task, name):
   options = (dict(ema_decay=task.ema_decay, damping_mode="factored") if kfac else
              dict(gram_batch=min(len(jax.tree_util.tree_leaves(batch)[0]), 1000)))
   family, initial = "adaptive", a["initial_damping"]
-  if name == "kfac_adaptive_relative":
+  if name.endswith("_relative"):
     options["damping_scale"] = "relative"
     family, initial = "adaptive_relative", ADAPTIVE_RELATIVE_DAMPING
   alias = kfe.kfac if kfac else kfe.tengrad
@@ -352,10 +356,11 @@ def make_contender(name: str, task) -> Contender:
                                            "structure": "block_tridiagonal"})
   if name == "tkfac":
     return _natural(name, task, kfe.tkfac, {})
-  if name in ("tengrad", "natural_gradient"):
+  if name in ("tengrad", "natural_gradient", "tengrad_relative"):
     batch = len(jax.tree_util.tree_leaves(task.sample_batch(np.random.default_rng(0)))[0])
-    alias = kfe.tengrad if name == "tengrad" else kfe.natural_gradient
-    return _natural(name, task, alias, {"gram_batch": min(batch, 1000)})
+    alias = kfe.natural_gradient if name == "natural_gradient" else kfe.tengrad
+    scale = {"damping_scale": "relative"} if name == "tengrad_relative" else {}
+    return _natural(name, task, alias, {"gram_batch": min(batch, 1000), **scale})
   if _tengrad_gram(name) is not None:
     return _natural(name, task, kfe.tengrad, {"gram_batch": _tengrad_gram(name)})
   if name == "two_level_kfac":
@@ -366,7 +371,8 @@ def make_contender(name: str, task) -> Contender:
                     {"combine": combine, "coarse_space": space})
   if name == "kfac_jax":
     return _kfac_jax(task)
-  if name in ("kfac_adaptive", "tengrad_adaptive", "kfac_adaptive_relative"):
+  if name in ("kfac_adaptive", "tengrad_adaptive", "kfac_adaptive_relative",
+              "tengrad_adaptive_relative"):
     return _adaptive(task, name)
   if name == "kfac_jax_adaptive":
     return _kfac_jax(task, adaptive=True)

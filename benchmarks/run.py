@@ -234,6 +234,10 @@ def parse_args(argv):
     if args.period is not None and args.existing.get("period") != args.period:
       parser.error(f"--add-to {args.add_to} ran with period "
                    f"{args.existing.get('period')}, not --period {args.period}")
+    if args.existing.get("seed", 0) != args.seed:
+      parser.error(f"--add-to {args.add_to} ran with seed "
+                   f"{args.existing.get('seed', 0)}, not --seed {args.seed}: "
+                   "pass its seed")
     there = [n for n in names if n in args.existing.get("runs", {})]
     if there and not args.replace:
       parser.error(f"--add-to {args.add_to} already has {there} (--replace "

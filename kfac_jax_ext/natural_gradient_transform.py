@@ -122,6 +122,7 @@ def scale_by_natural_gradient(
     weight_sharing: str = "expand",
     axis_name: str | None = None,
     has_aux: bool = False,
+    damping_scale: str = "absolute",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions each layer with its cheaper exactly damped block.
 
@@ -152,6 +153,9 @@ def scale_by_natural_gradient(
     weight_sharing: the Kronecker side's ``weight_sharing``.
     axis_name: the pmap / shard_map data axis (both sides).
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
+    damping_scale: ``"absolute"`` or ``"relative"`` (λ in units of each
+      block's mean eigenvalue, on both sides: ``scale_by_kfac``'s and
+      ``scale_by_tengrad``'s).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -181,13 +185,13 @@ def scale_by_natural_gradient(
       stats_every=stats_every, inverse_every=inverse_every,
       ema_decay=ema_decay, fallback=fallback, max_factor_dim=max_factor_dim,
       axis_name=axis_name, has_aux=has_aux, example_batch=example_batch,
-      weight_sharing=weight_sharing, name=name)
+      weight_sharing=weight_sharing, damping_scale=damping_scale, name=name)
   wood_init, wood_update = woodbury_family.tengrad_stepper(
       loss_fn, damping=damping, gram_batch=gram_batch, conv_gram=conv_gram,
       damping_mode="tikhonov", fisher=fisher, stats_every=1,
       inverse_every=inverse_every, ema_decay=0.0, fallback="identity",
       axis_name=axis_name, has_aux=has_aux, example_batch=example_batch,
-      name=name)
+      damping_scale=damping_scale, name=name)
 
   @functools.lru_cache(maxsize=8)
   def shares(structure):

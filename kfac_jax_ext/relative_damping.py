@@ -24,7 +24,10 @@ gradient ``F⁻¹∇`` is (with an absolute λ it is not). TKFAC's
 ``conv_damping`` term is added as before (it is already relative to the
 block's trace). Leaves served by a diagonal
 Fisher (scale-and-shift layers, ``fallback="diagonal"``) are damped by
-``λ·mean(diag F)``. A block with no curvature mass yet (a zero mean) is
+``λ·mean(diag F)``. TENGraD's exact blocks (``kfe.tengrad``) are damped by
+``λ·tr(F_l)/P_l`` at each refresh, ``tr(F_l) = tr(K)/n`` from the block's
+Gram ``K`` of ``n`` examples and ``P_l`` parameters (per group or slice of
+a batched block). A block with no curvature mass yet (a zero mean) is
 damped by λ. In the adaptive mode (``kfe.quadratic_model_step``) only the
 preconditioner reads λ this way: the quadratic model's ``½(λ+η)‖δ‖²`` term
 stays absolute (``docs/methods.md``).
@@ -56,6 +59,21 @@ def mean_eigenvalue(factor: jnp.ndarray) -> jnp.ndarray:
   return jnp.mean(jnp.diagonal(factor, axis1=-2, axis2=-1))
 
 
+def check(damping_scale: str, name: str) -> None:
+  """Raises ``ValueError`` naming ``name`` unless ``damping_scale`` is one of
+  ``SCALES``."""
+  if damping_scale not in SCALES:
+    raise ValueError(f"{name}: damping_scale must be one of {SCALES}, got "
+                     f"{damping_scale!r}.")
+
+
+def exact_block_damping(damping, fisher_trace, size: int):
+  """``λ · tr(F)/P`` for an exact block ``F`` of ``P`` parameters (TENGraD's
+  Woodbury blocks: ``tr(F) = tr(K)/n``); λ where ``tr(F)`` is zero."""
+  mean = fisher_trace / size
+  return damping * jnp.where(mean > 0, mean, jnp.ones_like(mean))
+
+
 def apply(variant, damping_scale: str, name: str):
   """``variant`` (a ``kronecker_family.KroneckerVariant``) with its damping
   in the units ``damping_scale`` names.
@@ -64,9 +82,7 @@ def apply(variant, damping_scale: str, name: str):
     ValueError: ``damping_scale`` is not one of ``SCALES`` (``name``: the
       transform, for the message).
   """
-  if damping_scale not in SCALES:
-    raise ValueError(f"{name}: damping_scale must be one of {SCALES}, got "
-                     f"{damping_scale!r}.")
+  check(damping_scale, name)
   if damping_scale == "absolute":
     return variant
   base = variant.layer_damping

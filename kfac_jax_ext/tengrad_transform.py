@@ -33,6 +33,7 @@ def scale_by_tengrad(
     axis_name: str | None = None,
     has_aux: bool = False,
     example_batch: Any = None,
+    damping_scale: str = "absolute",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions gradients with TENGraD's exact per-layer Fisher blocks.
 
@@ -98,6 +99,13 @@ def scale_by_tengrad(
       exact per-example gradients, so ``[N, T, D]`` layers and 3-D attention
       kernels get exact Woodbury blocks. Without it the layout follows the
       leaf shapes and such layers fall back (a warning names them).
+    damping_scale: ``"absolute"`` (default: every block damped by λ) or
+      ``"relative"``: λ in units of each block's mean eigenvalue, ``λ_l =
+      λ·tr(F_l)/P_l`` (``tr(F_l) = tr(K)/n``, ``P_l`` the block's
+      parameters; per group or slice of a batched block), fixed at each
+      refresh; a diagonal-Fisher leaf is damped by ``λ·mean(diag F)``
+      (``kfac_jax_ext.relative_damping``). Then multiplying the loss by a
+      constant leaves the step unchanged.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` has the
@@ -115,6 +123,7 @@ def scale_by_tengrad(
       loss_fn, damping=damping, gram_batch=gram_batch, conv_gram=conv_gram,
       damping_mode=damping_mode, fisher=fisher, stats_every=stats_every,
       inverse_every=inverse_every, ema_decay=ema_decay, fallback=fallback,
-      axis_name=axis_name, has_aux=has_aux, example_batch=example_batch)
+      axis_name=axis_name, has_aux=has_aux, example_batch=example_batch,
+      damping_scale=damping_scale)
   return optax.GradientTransformationExtraArgs(
       init_fn, eager.compile_when_eager(update_fn))

@@ -13,6 +13,7 @@ blocks. See ``blocks/woodbury.py`` for the layouts and products.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -23,6 +24,7 @@ from kfac_jax_ext import distributed
 from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext import relative_damping
 from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
 from kfac_jax_ext import tengrad_plan
@@ -94,12 +96,14 @@ def _examples(traced, gram_batch: int, axis_name) -> tuple[int, int]:
   return n_local, devices * n_local
 
 
-def _blocks(plan, traced, state_blocks, n_local, n, conv_gram):
+def _blocks(plan, traced, state_blocks, n_local, n, conv_gram,
+            damping_scale="absolute"):
   """The ``woodbury.Woodbury`` block of every layer in the plan."""
-  return [tengrad_plan.woodbury_block(
+  return [dataclasses.replace(tengrad_plan.woodbury_block(
       kl.layer, traced, state_blocks[kl.layer.kernel].gram_inverse.shape[-1],
       getattr(state_blocks[kl.layer.kernel], "per_example", 0) is None, conv_gram,
-      examples=n_local, gram_size=n) for kl in plan.kronecker]
+      examples=n_local, gram_size=n), damping_scale=damping_scale)
+          for kl in plan.kronecker]
 
 
 def _refresh(plan, blocks, traced, state, cb, lam, fallback, dtype,
@@ -151,7 +155,8 @@ def _refresh(plan, blocks, traced, state, cb, lam, fallback, dtype,
   return tuple(entries), tuple(diags), health
 
 
-def _precondition(plan, blocks, grads, entries, diags, lam, fallback):
+def _precondition(plan, blocks, grads, entries, diags, lam, fallback,
+                  damping_scale="absolute"):
   block_of = {kl.index: block for kl, block in zip(plan.kronecker, blocks)}
 
   def apply(kl, v):
@@ -159,12 +164,14 @@ def _precondition(plan, blocks, grads, entries, diags, lam, fallback):
     return block.apply(block.load(entries[kl.layer.kernel], kl.a_side), v, lam)
 
   out = plan_lib.precondition_layers(plan, grads, lam.dtype, apply)
-  return diagonal.precondition_leaves(plan, grads, diags, lam, fallback, out)
+  return diagonal.precondition_leaves(plan, grads, diags, lam, fallback, out,
+                                      damping_scale)
 
 
 def tengrad_stepper(loss_fn, *, damping, gram_batch, conv_gram, damping_mode,
                     fisher, stats_every, inverse_every, ema_decay, fallback,
-                    axis_name, has_aux, example_batch, name="scale_by_tengrad"):
+                    axis_name, has_aux, example_batch, damping_scale="absolute",
+                    name="scale_by_tengrad"):
   """``(init_fn, update_fn)`` of ``scale_by_tengrad`` (same options, checked
   here); both take an optional ``share`` (a ``plan.Share``) that limits them
   to part of the model."""
@@ -173,6 +180,7 @@ def tengrad_stepper(loss_fn, *, damping, gram_batch, conv_gram, damping_mode,
   _check_options(gram_batch, conv_gram, damping_mode, stats_every, inverse_every,
                  ema_decay)
   distributed.check_axis_name(axis_name, name)
+  relative_damping.check(damping_scale, name)
   period = inverse_every
 
   def init_fn(params, share=None):
@@ -218,7 +226,8 @@ def tengrad_stepper(loss_fn, *, damping, gram_batch, conv_gram, damping_mode,
     n_local, n = _examples(traced, gram_batch, axis_name)
     _gram_memory_check(plan, traced, state.blocks, n, gram_batch, conv_gram,
                        dtype)
-    blocks = _blocks(plan, traced, state.blocks, n_local, n, conv_gram)
+    blocks = _blocks(plan, traced, state.blocks, n_local, n, conv_gram,
+                     damping_scale)
 
     def refresh(st):
       if curvature is not None:
@@ -234,7 +243,8 @@ def tengrad_stepper(loss_fn, *, damping, gram_batch, conv_gram, damping_mode,
         period, state.count % period == 0, refresh,
         lambda st: (st.blocks, st.diagonals, st.health), state,
         None if due is None else due.statistics)
-    out = _precondition(plan, blocks, grads, entries, diags, lam, fallback)
+    out = _precondition(plan, blocks, grads, entries, diags, lam, fallback,
+                        damping_scale)
     count = state.count + 1
     new_state = TengradState(count, count % period == 0, entries, diags, health)
     return jax.tree_util.tree_unflatten(treedef, out), new_state

@@ -156,7 +156,8 @@ def test_period_replaces_the_refresh_period_of_every_natural_contender(
     return due_at(i, **kwargs)
   monkeypatch.setattr(contenders.kfe, "due_at", recording_due_at)
   results = run.main(["--task", "mlp", "--quick", "--no-progress", "--no-sweep",
-                      "--optimizers", "kfac,kfac_relative,kfac_adaptive_relative",
+                      "--optimizers", "kfac,kfac_relative,kfac_adaptive_relative,"
+                      "tengrad_relative",
                       "--out", str(tmp_path),
                       "--period", "3"])
   assert results["period"] == 3 and "run" in results["runs"]["kfac"]
@@ -166,6 +167,7 @@ def test_period_replaces_the_refresh_period_of_every_natural_contender(
   assert results["runs"]["kfac_relative"]["grid"] == results["grids"]["relative"]
   assert results["runs"]["kfac_relative"]["chosen"]["damping"] in tasks.RELATIVE_DAMPINGS
   assert results["runs"]["kfac_relative"]["family"] == "relative"
+  assert results["runs"]["tengrad_relative"]["family"] == "relative"
   assert results["runs"]["kfac_adaptive_relative"]["chosen"] == {
       "lr": "adaptive", "damping": contenders.ADAPTIVE_RELATIVE_DAMPING}
   assert all(math.isfinite(l) for l in
@@ -224,6 +226,9 @@ def test_quick_run_shakespeare_transformer(tmp_path):
   with pytest.raises(SystemExit):      # a run of another refresh period
     run.parse_args(["--task", "shakespeare", "--quick", "--optimizers", "adam",
                     "--add-to", path, "--period", "7"])
+  with pytest.raises(SystemExit):      # a run of another seed
+    run.parse_args(["--task", "shakespeare", "--quick", "--optimizers", "adam",
+                    "--add-to", str(out / "quick_seed2.json")])
 
 
 @pytest.mark.parametrize("argv, message", [

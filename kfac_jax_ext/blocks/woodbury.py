@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import linalg
+from kfac_jax_ext import relative_damping
 from kfac_jax_ext.blocks import base
 from kfac_jax_ext.blocks import kronecker
 
@@ -252,6 +253,8 @@ class Woodbury(base.CurvatureBlock):
       the per-example gradients ``U``.
     conv_gram: how an explicit layer's Gram is computed (``CONV_GRAMS``).
     initial_damping: ``λ`` of the block before its first refresh.
+    damping_scale: ``"absolute"`` (a refresh damps by λ) or ``"relative"``
+      (by ``λ·tr(F)/P``, ``refresh_damping``).
   """
   capacity: int = 128
   gram_size: int = 128
@@ -260,6 +263,17 @@ class Woodbury(base.CurvatureBlock):
   factored: bool = True
   conv_gram: str = "exact"
   initial_damping: float = 1.0
+  damping_scale: str = "absolute"
+
+  def refresh_damping(self, gram, n, size: int, damping):
+    """``λ_r``, the damping a refresh inverts with: λ, or with
+    ``damping_scale="relative"`` ``λ·tr(F)/P`` (``F = UUᵀ/n``, so
+    ``tr(F) = tr(K)/n``; ``P = size`` parameters;
+    ``relative_damping.exact_block_damping``)."""
+    if self.damping_scale == "absolute":
+      return damping
+    return relative_damping.exact_block_damping(damping, jnp.trace(gram) / n,
+                                                size)
 
   @staticmethod
   def unsupported(layer) -> str | None:
@@ -306,6 +320,8 @@ class Woodbury(base.CurvatureBlock):
     n = a.shape[0]
     dtype = a.dtype
     gram, (sa, sg, u) = self._gram(a, g)
+    size = a.shape[-1] * g.shape[-1]
+    damping = self.refresh_damping(gram, n, size, damping)
     full = linalg.set_leading(jnp.zeros((self.capacity,) * 2, dtype), gram)
     inverse, ok = invert_gram(full, jnp.asarray(n, dtype), damping)
     pad = lambda x: None if x is None else pad_examples(x, self.capacity)

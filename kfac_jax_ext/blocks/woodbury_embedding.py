@@ -92,8 +92,10 @@ class EmbeddingWoodbury(woodbury.Woodbury):
   def refresh(self, estimate, damping):
     ids, g = estimate
     n, dtype = ids.shape[0], g.dtype
-    full = linalg.set_leading(jnp.zeros((self.capacity,) * 2, dtype),
-                              lookup_gram(ids, g, self.layer.d_in))
+    gram = lookup_gram(ids, g, self.layer.d_in)
+    damping = self.refresh_damping(gram, n, self.layer.d_in * g.shape[-1],
+                                   damping)
+    full = linalg.set_leading(jnp.zeros((self.capacity,) * 2, dtype), gram)
     inverse, ok = woodbury.invert_gram(full, jnp.asarray(n, dtype), damping)
     data = EmbeddingWoodburyBlock(
         woodbury.pad_examples(ids, self.capacity),

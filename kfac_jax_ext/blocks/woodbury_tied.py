@@ -68,8 +68,9 @@ class TiedWoodbury(woodbury.Woodbury):
   def refresh(self, estimate, damping):
     u = estimate
     n, dtype = u.shape[0], u.dtype
-    full = linalg.set_leading(jnp.zeros((self.capacity,) * 2, dtype),
-                              woodbury.explicit_gram(u))
+    gram = woodbury.explicit_gram(u)
+    damping = self.refresh_damping(gram, n, u.shape[1] * u.shape[2], damping)
+    full = linalg.set_leading(jnp.zeros((self.capacity,) * 2, dtype), gram)
     inverse, ok = woodbury.invert_gram(full, jnp.asarray(n, dtype), damping)
     data = woodbury.WoodburyInverseData(
         None, None, woodbury.pad_examples(u, self.capacity), inverse,
