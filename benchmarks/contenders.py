@@ -54,7 +54,7 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   (``tasks.RELATIVE_DAMPINGS``); ``kfac_adaptive_relative``:
   ``kfac_adaptive`` with it, λ₀ = ``ADAPTIVE_RELATIVE_DAMPING`` on every task;
   ``tengrad_relative`` and ``tengrad_adaptive_relative`` the same for
-  ``tengrad`` (``λ_l = λ·tr(F_l)/P_l``).
+  ``tengrad`` (``λ_l = λ·tr(K)/(n·min(n, P_l))``).
 * ``kfac_jax``: kfac-jax 0.0.8's ``Optimizer`` with the same fixed learning
   rate, momentum 0.9, damping, ``norm_constraint = kl_clip``,
   ``curvature_ema = task.ema_decay`` and

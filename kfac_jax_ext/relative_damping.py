@@ -24,10 +24,10 @@ gradient ``F⁻¹∇`` is (with an absolute λ it is not). TKFAC's
 ``conv_damping`` term is added as before (it is already relative to the
 block's trace). Leaves served by a diagonal
 Fisher (scale-and-shift layers, ``fallback="diagonal"``) are damped by
-``λ·mean(diag F)``. TENGraD's exact blocks (``kfe.tengrad``) are damped by
-``λ·tr(F_l)/P_l`` at each refresh, ``tr(F_l) = tr(K)/n`` from the block's
-Gram ``K`` of ``n`` examples and ``P_l`` parameters (per group or slice of
-a batched block). A block with no curvature mass yet (a zero mean) is
+``λ·mean(diag F)``. TENGraD's exact blocks ``F_l = UUᵀ/n`` (``kfe.tengrad``)
+have at most n nonzero eigenvalues, those of ``K/n``; they are damped by λ
+times their mean, ``λ·tr(K)/(n·min(n, P_l))`` (``P_l`` parameters; per
+group or slice of a batched block), fixed at each refresh. A block with no curvature mass yet (a zero mean) is
 damped by λ. In the adaptive mode (``kfe.quadratic_model_step``) only the
 preconditioner reads λ this way: the quadratic model's ``½(λ+η)‖δ‖²`` term
 stays absolute (``docs/methods.md``).
@@ -67,10 +67,15 @@ def check(damping_scale: str, name: str) -> None:
                      f"{damping_scale!r}.")
 
 
-def exact_block_damping(damping, fisher_trace, size: int):
-  """``λ · tr(F)/P`` for an exact block ``F`` of ``P`` parameters (TENGraD's
-  Woodbury blocks: ``tr(F) = tr(K)/n``); λ where ``tr(F)`` is zero."""
-  mean = fisher_trace / size
+def exact_block_damping(damping, gram, n: int, size: int):
+  """``λ · tr(K)/(n·min(n, P))`` for an exact block ``F = UUᵀ/n`` of ``n``
+  examples and ``P`` parameters with Gram ``K = UᵀU``: λ times the mean of
+  F's at most ``min(n, P)`` nonzero eigenvalues (those of ``K/n``); λ where
+  ``tr K`` is zero. The mean over all P eigenvalues, ``tr(F)/P``, would
+  count the ``P − n`` directions the batch did not see: for a layer of 200k
+  parameters and 128 examples it is ~1/1500 of the seen eigenvalues, and
+  the unseen directions, scaled by ``1/λ_l``, blow up."""
+  mean = jnp.trace(gram) / (n * min(n, size))
   return damping * jnp.where(mean > 0, mean, jnp.ones_like(mean))
 
 

@@ -100,12 +100,12 @@ def scale_by_tengrad(
       kernels get exact Woodbury blocks. Without it the layout follows the
       leaf shapes and such layers fall back (a warning names them).
     damping_scale: ``"absolute"`` (default: every block damped by λ) or
-      ``"relative"``: λ in units of each block's mean eigenvalue, ``λ_l =
-      λ·tr(F_l)/P_l`` (``tr(F_l) = tr(K)/n``, ``P_l`` the block's
-      parameters; per group or slice of a batched block), fixed at each
-      refresh; a diagonal-Fisher leaf is damped by ``λ·mean(diag F)``
-      (``kfac_jax_ext.relative_damping``). Then multiplying the loss by a
-      constant leaves the step unchanged.
+      ``"relative"``: λ in units of the mean of each block's (at most n)
+      nonzero eigenvalues, those of ``K/n``: ``λ_l = λ·tr(K)/(n·min(n,
+      P_l))`` (``P_l`` the block's parameters; per group or slice of a
+      batched block), fixed at each refresh; a diagonal-Fisher leaf is
+      damped by ``λ·mean(diag F)`` (``kfac_jax_ext.relative_damping``).
+      Then multiplying the loss by a constant leaves the step unchanged.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` has the

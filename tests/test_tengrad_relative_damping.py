@@ -1,6 +1,7 @@
 """TENGraD with ``damping_scale="relative"`` against its closed form (float64):
-each block ``Δ_l = solve(F_l + λ·tr(F_l)/P_l·I, ∇_l)`` with ``F_l = U_lU_lᵀ/n``
-from ``vmap(grad)`` and ``P_l`` the block's parameters — dense (factored),
+each block ``Δ_l = solve(F_l + λ·tr(F_l)/min(n, P_l)·I, ∇_l)`` (λ times the
+mean of F_l's nonzero eigenvalues) with ``F_l = U_lU_lᵀ/n`` from
+``vmap(grad)`` and ``P_l`` the block's parameters — dense (factored),
 conv (explicit), per group of a grouped conv, an embedding table and a tied
 table — and the step's independence of the loss's scale."""
 
@@ -17,9 +18,10 @@ LAM = 0.05
 
 
 def _relative_solve(u, v, lam=LAM):
-  """``solve(UᵀU/n + λ·tr(UᵀU/n)/P·I, v)`` for ``u [n, P]``, ``v [P]``."""
-  fisher = u.T @ u / u.shape[0]
-  lam_l = lam * jnp.trace(fisher) / fisher.shape[0]
+  """``solve(UᵀU/n + λ·tr(UᵀU/n)/min(n, P)·I, v)`` for ``u [n, P]``, ``v [P]``."""
+  n, size = u.shape
+  fisher = u.T @ u / n
+  lam_l = lam * jnp.trace(fisher) / min(n, size)
   return jnp.linalg.solve(fisher + lam_l * jnp.eye(fisher.shape[0]), v)
 
 
@@ -41,14 +43,19 @@ def _relative_oracle(loss, params, batch):
   return out
 
 
-@pytest.mark.parametrize("task", ["mlp", "cnn"])
+@pytest.mark.parametrize("task", ["mlp", "mlp_more_examples_than_parameters",
+                                  "cnn"])
 def test_relative_damping_equals_solve_damped_by_each_blocks_mean_eigenvalue(task):
-  loss, params, batch = base._mlp_task() if task == "mlp" else base._cnn_task()
+  # n = 9 examples: fewer than every block's parameters (24, 15); n = 40:
+  # more than the second block's 15, whose F is then full rank
+  loss, params, batch = (base._cnn_task() if task == "cnn" else
+                         base._mlp_task(40 if task.endswith("parameters") else 9))
   expected = _relative_oracle(loss, params, batch)
-  updates, state = base._tengrad(loss, params, batch, damping_scale="relative")
+  updates, state = base._tengrad(loss, params, batch, damping_scale="relative",
+                                 gram_batch=64)
   base._assert_close(updates, expected)
   # not the absolute step: the layers' mean eigenvalues are not 1
-  absolute, _ = base._tengrad(loss, params, batch)
+  absolute, _ = base._tengrad(loss, params, batch, gram_batch=64)
   assert max(np.max(np.abs(a - b)) for a, b in zip(absolute, updates)) > 1e-3
   blocks = [b for b in state.blocks if b is not None]
   assert len({float(b.damping) for b in blocks}) == len(blocks)  # one λ_l each

@@ -267,13 +267,12 @@ class Woodbury(base.CurvatureBlock):
 
   def refresh_damping(self, gram, n, size: int, damping):
     """``λ_r``, the damping a refresh inverts with: λ, or with
-    ``damping_scale="relative"`` ``λ·tr(F)/P`` (``F = UUᵀ/n``, so
-    ``tr(F) = tr(K)/n``; ``P = size`` parameters;
+    ``damping_scale="relative"`` λ times the mean nonzero eigenvalue of
+    ``F = UUᵀ/n``, ``λ·tr(K)/(n·min(n, P))`` (``P = size`` parameters;
     ``relative_damping.exact_block_damping``)."""
     if self.damping_scale == "absolute":
       return damping
-    return relative_damping.exact_block_damping(damping, jnp.trace(gram) / n,
-                                                size)
+    return relative_damping.exact_block_damping(damping, gram, n, size)
 
   @staticmethod
   def unsupported(layer) -> str | None:
