@@ -153,9 +153,10 @@ def scale_by_natural_gradient(
     weight_sharing: the Kronecker side's ``weight_sharing``.
     axis_name: the pmap / shard_map data axis (both sides).
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
-    damping_scale: ``"absolute"`` or ``"relative"`` (λ in units of each
-      block's mean eigenvalue, on both sides: ``scale_by_kfac``'s and
-      ``scale_by_tengrad``'s).
+    damping_scale: ``"absolute"`` or ``"relative"``: λ in units of each
+      block's mean eigenvalue, ``scale_by_kfac``'s ``λ·m_A·m_G`` on the
+      Kronecker side and ``scale_by_tengrad``'s mean of the nonzero
+      eigenvalues on the Woodbury side.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state

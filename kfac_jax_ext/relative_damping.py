@@ -27,10 +27,11 @@ Fisher (scale-and-shift layers, ``fallback="diagonal"``) are damped by
 ``λ·mean(diag F)``. TENGraD's exact blocks ``F_l = UUᵀ/n`` (``kfe.tengrad``)
 have at most n nonzero eigenvalues, those of ``K/n``; they are damped by λ
 times their mean, ``λ·tr(K)/(n·min(n, P_l))`` (``P_l`` parameters; per
-group or slice of a batched block), fixed at each refresh. A block with no curvature mass yet (a zero mean) is
-damped by λ. In the adaptive mode (``kfe.quadratic_model_step``) only the
-preconditioner reads λ this way: the quadratic model's ``½(λ+η)‖δ‖²`` term
-stays absolute (``docs/methods.md``).
+group or slice of a batched block), fixed at each refresh. A block with
+no curvature mass yet (a zero mean) is damped by λ. In the adaptive mode
+(``kfe.quadratic_model_step``) only the preconditioner reads λ this way:
+the quadratic model's ``½(λ+η)‖δ‖²`` term stays absolute
+(``docs/methods.md``).
 
 Example::
 

@@ -254,7 +254,7 @@ class Woodbury(base.CurvatureBlock):
     conv_gram: how an explicit layer's Gram is computed (``CONV_GRAMS``).
     initial_damping: ``λ`` of the block before its first refresh.
     damping_scale: ``"absolute"`` (a refresh damps by λ) or ``"relative"``
-      (by ``λ·tr(F)/P``, ``refresh_damping``).
+      (by λ times the block's mean nonzero eigenvalue, ``refresh_damping``).
   """
   capacity: int = 128
   gram_size: int = 128
