@@ -93,7 +93,7 @@ def choose_blocks(traced, blocks: str = "auto", gram_batch: int = 128,
     if KFAC.unsupported(layer) is None and plan_lib.largest_dense_dim(
         layer) <= int(max_factor_dim):
       options.append(("kronecker", kronecker_cost(layer)))
-    if tengrad_plan.unsupported(layer, traced.num_examples) is None:
+    if tengrad_plan.unsupported(layer, traced.num_examples, traced) is None:
       options.append(("woodbury", woodbury_cost(layer, n, traced.num_examples)))
     if not options:
       continue

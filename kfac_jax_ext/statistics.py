@@ -49,7 +49,7 @@ class CurvatureBatch(NamedTuple):
   num_examples: jax.Array
 
 
-def _evaluate(jaxpr, consts, args, path, probes, actions, active):
+def evaluate_jaxpr(jaxpr, consts, args, path, probes, actions, active):
   env: dict = {}
   for v, x in zip(jaxpr.constvars, consts):
     env[v] = x
@@ -74,7 +74,7 @@ def _evaluate(jaxpr, consts, args, path, probes, actions, active):
       sub_probes = {k: v for k, v in probes.items() if k[0][:len(sub)] == sub}
 
       def run(vals, prb, body=body, body_consts=body_consts, sub=sub):
-        return _evaluate(body, body_consts, vals, sub, prb, actions, active)
+        return evaluate_jaxpr(body, body_consts, vals, sub, prb, actions, active)
 
       if kind == "remat":
         run = jax.checkpoint(run, **jint.remat_options(eqn))
@@ -103,7 +103,7 @@ def _evaluate_scan(eqn, scan, invals, path, probes, actions, active):
 
   def step(carry, slices):
     x_slices, prb = slices
-    outs, captured = _evaluate(scan.body.jaxpr, scan.body.consts,
+    outs, captured = evaluate_jaxpr(scan.body.jaxpr, scan.body.consts,
                                list(consts) + list(carry) + list(x_slices), path,
                                prb, actions, active)
     return outs[:ncar], (outs[ncar:], captured)
@@ -114,7 +114,7 @@ def _evaluate_scan(eqn, scan, invals, path, probes, actions, active):
   return list(carry) + list(ys), captured
 
 
-def _instrumentation(traced: tracing.TracedLoss):
+def instrumentation(traced: tracing.TracedLoss):
   actions: dict = {}
   for li, layer in enumerate(traced.layers):
     for ci, (site, operand) in enumerate(layer.captures):
@@ -139,7 +139,7 @@ def _steps_shape(traced, path) -> tuple:
   return tuple(lead)
 
 
-def _probe_zeros(traced):
+def probe_zeros(traced):
   probes = {}
   for layer in traced.layers:
     for path, i in layer.probes:
@@ -268,7 +268,7 @@ def evaluate_losses(traced: tracing.TracedLoss, p_leaves, b_leaves):
              for k, site in enumerate(traced.loss_sites)}
   active = {site[0][:n] for site in actions for n in range(1, len(site[0]) + 1)}
   closed = traced.closed_jaxpr
-  outs, captured = _evaluate(closed.jaxpr, closed.consts,
+  outs, captured = evaluate_jaxpr(closed.jaxpr, closed.consts,
                              list(p_leaves) + list(b_leaves), (), {}, actions,
                              active)
   kinds = [traced.jaxprs[p].eqns[i].params["kind"] for p, i in traced.loss_sites]
@@ -294,14 +294,14 @@ def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
   p_leaves = jax.tree_util.tree_leaves(params)
   b_leaves = jax.tree_util.tree_leaves(batch)
   closed = traced.closed_jaxpr
-  actions, active = _instrumentation(traced)
+  actions, active = instrumentation(traced)
   kinds = [traced.jaxprs[p].eqns[i].params["kind"] for p, i in traced.loss_sites]
   if fisher == "sampled" and key is None:
     raise ValueError("fisher='sampled' draws targets from the model: pass a PRNG "
                      "key (update(..., key=key)) on statistics steps.")
 
   def forward(p, probes):
-    outs, captured = _evaluate(closed.jaxpr, closed.consts, list(p) + b_leaves,
+    outs, captured = evaluate_jaxpr(closed.jaxpr, closed.consts, list(p) + b_leaves,
                                (), probes, actions, active)
     registered = [losses_lib.RegisteredLoss(kind, *captured[("loss", k)])
                   for k, kind in enumerate(kinds)]
@@ -317,7 +317,7 @@ def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
     return (outs[0], objective), (outs, a_captures)
 
   # Per-device gradients under shard_map (see distributed.per_device).
-  p_leaves, probes = distributed.per_device((p_leaves, _probe_zeros(traced)),
+  p_leaves, probes = distributed.per_device((p_leaves, probe_zeros(traced)),
                                             axis_name)
   (loss, objective), vjp_fn, (outs, captured) = jax.vjp(
       forward, p_leaves, probes, has_aux=True)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext import position_mixing
 from kfac_jax_ext import weight_sharing as sharing_lib
 from kfac_jax_ext.blocks import woodbury
 from kfac_jax_ext.blocks import woodbury_batched
@@ -34,7 +35,7 @@ def make_plan(traced, blocks) -> plan_lib.Plan:
   example: their stored ``Ā``, ``G`` cannot hold sums over locations."""
   m = traced.num_examples
   plan = plan_lib.make_plan(traced, blocks, fits=block_fits,
-                            unsupported=lambda layer: unsupported(layer, m))
+                            unsupported=lambda layer: unsupported(layer, m, traced))
   keep, unfactored = [], list(plan.unfactored_layers)
   for kl in plan.kronecker:
     tokens = sharing_lib.tokens(kl.layer)
@@ -58,7 +59,7 @@ def layout_blocks(traced, capacity, dtype, damping, share=None):
   blocks = [None] * len(traced.param_shapes)
   total = 0
   for layer in traced.layers:
-    if unsupported(layer, traced.num_examples) is not None or (
+    if unsupported(layer, traced.num_examples, traced) is not None or (
         layer.kind == "scale_and_shift") or (
         share is not None and not share.owns(layer)):
       continue
@@ -74,16 +75,20 @@ def layout_blocks(traced, capacity, dtype, damping, share=None):
   return tuple(blocks)
 
 
-def unsupported(layer, num_examples: int | None = None) -> str | None:
+def unsupported(layer, num_examples: int | None = None,
+                traced=None) -> str | None:
   """Why the layer has no Woodbury block (None: it has one). With
   ``num_examples`` (M), a layer with several tokens per example must have
-  them grouped by example: the examples lead its output."""
+  them grouped by example: the examples lead its output. With ``traced``
+  (the ``TracedLoss``), a layer with one token per example at several
+  positions of an input must not reach other positions' losses
+  (``position_mixing``)."""
   reason = woodbury.Woodbury.unsupported(layer)
   if reason is not None or num_examples is None or (
       layer.kind == "scale_and_shift"):
     return reason
   if layer.kind == "tied":   # every use's tokens
-    return next((r for r in (unsupported(use, num_examples)
+    return next((r for r in (unsupported(use, num_examples, traced)
                              for use in layer.uses) if r), None)
   k = sharing_lib.tokens(layer)
   if k % num_examples:
@@ -93,6 +98,11 @@ def unsupported(layer, num_examples: int | None = None) -> str | None:
     return ("its tokens are not grouped by example (the loss examples are not "
             f"the leading axis of its output {layer.outputs_shape}), so its "
             "per-example gradients are unknown")
+  if traced is not None and position_mixing.mixes_positions(traced, layer):
+    return ("its output at one position reaches the losses at other positions "
+            "(attention, a convolution or a recurrence after it) while the loss "
+            "has one example per position, so its per-example gradients are "
+            "unknown (only the per-position approximation, not the exact block)")
   return None
 
 
