@@ -60,7 +60,11 @@ def scale_by_tengrad(
   ``example_batch`` (without it they use the fallback, with a warning), and
   a layer's tokens must be grouped by example (its output's leading axis
   the loss examples). A tied table stores its per-example gradients summed
-  over its uses (``blocks/woodbury_tied.py``).
+  over its uses (``blocks/woodbury_tied.py``). Under a loss with one example
+  per position (a mean over a sequence's tokens), a layer whose output at
+  one position reaches other positions' losses (keys, values and embeddings
+  before a causal attention) has no per-example gradients in the
+  statistics and falls back, with a warning (``position_mixing.py``).
 
   Args:
     loss_fn: ``loss_fn(params, batch)`` using a ``kfe`` loss helper.
