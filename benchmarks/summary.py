@@ -18,7 +18,7 @@ Run ``python -m benchmarks.summary RESULTS.json ... --readme
 benchmarks/README.md`` to rewrite the README's results section (between
 ``<!-- results:begin -->`` and ``<!-- results:end -->``) from the JSON files,
 and ``python -m benchmarks.summary RESULTS.json --headline --readme README.md``
-to fill the front page's five-row table (``<!-- headline:begin -->`` …).
+to fill the front page's short table (``<!-- headline:begin -->`` …).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import numpy as np
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 HEADLINE_BEGIN, HEADLINE_END = "<!-- headline:begin -->", "<!-- headline:end -->"
-HEADLINE_ROWS = ("adam", "muon", "kfac", "kfac_jax", "kfac_adaptive")
+HEADLINE_ROWS = ("adam", "muon", "kfac", "kfac_jax", "kfac_adaptive",
+                 "kfac_adaptive_relative")
 
 
 def step_costs(step_seconds, period):
@@ -176,7 +177,8 @@ def markdown(results, reference="adam", plot_path=None):
 
 
 def headline(results, json_path, readme, reference="adam", names=HEADLINE_ROWS):
-  """The front page's table: five optimizers of one run, time to the
+  """The front page's table: a few optimizers of one run (those added
+  later with ``--add-to`` named with their command), time to the
   reference's best training loss and the step cost, plus the plot."""
   s = summarize(results, reference)
   meta = results["meta"]
@@ -194,6 +196,11 @@ def headline(results, json_path, readme, reference="adam", names=HEADLINE_ROWS):
     t = "not reached" if r["time_to_target"] is None else f"{r['time_to_target']:.3g} s"
     lines.append(f"| {name} | {r['final_train']:.4g} | {t} | "
                  f"{_fmt(r['vs_ref_time'], '.2f')} | {r['amortized_step_ms']:.0f} ms |")
+  for added in meta.get("added", []):
+    shown = [n for n in added["optimizers"] if n in names and n in s["rows"]]
+    if shown:
+      lines += ["", f"{', '.join(shown)} added later to the same file: "
+                f"`{added['command']}`, {added['date']}."]
   plot = pathlib.Path(json_path).parent / results["plot"]
   lines += ["", f"![{results['task']}]({rel(plot)})"]
   return "\n".join(lines) + "\n"

@@ -317,6 +317,24 @@ def test_readme_section_is_rewritten_from_json(tmp_path):
     summary.update_readme(readme, [path])
 
 
+def test_front_page_table_names_rows_added_later_with_their_command(tmp_path):
+  results = _fake_results()
+  results["plot"] = "t.png"
+  results["runs"]["kfac_adaptive_relative"] = results["runs"].pop("slow")
+  results["meta"]["added"] = [{"command": "c2 --add-to r.json", "date": "2026-12-01",
+                               "optimizers": ["kfac_adaptive_relative"]}]
+  path = tmp_path / "r.json"
+  path.write_text(json.dumps(results))
+  readme = tmp_path / "README.md"
+  readme.write_text(f"a\n{summary.HEADLINE_BEGIN}\nold\n{summary.HEADLINE_END}\nb\n")
+  summary.update_headline(readme, path)
+  text = readme.read_text()
+  assert "| kfac | 1.9 | 1.5 s | 0.38 |" in text and "old" not in text
+  assert "| kfac_adaptive_relative | 2.1 | not reached | – |" in text
+  assert ("kfac_adaptive_relative added later to the same file: "
+          "`c2 --add-to r.json`, 2026-12-01.") in text
+
+
 def test_tengrad_damping_grid_continues_the_ladder_to_ten_times_higher():
   assert tasks.woodbury_dampings((0.1, 0.3)) == [0.1, 0.3, 1.0, 3.0]
   assert tasks.woodbury_dampings((0.01, 0.1)) == [0.01, 0.1, 0.3, 1.0]
