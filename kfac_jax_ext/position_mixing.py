@@ -21,7 +21,10 @@ layer's output at its first position only, and one at its last, with fixed
 pseudo-random parameters and inputs of the traced shapes (integer inputs
 zero, so ids stay in range). The layer mixes if either moves more than one
 loss example. A layer that does not mix gives exact zeros there (zero tangents
-propagate exactly), so the test has no tolerance to tune.
+propagate exactly), so the test has no tolerance to tune. It errs towards
+"mixes": a kernel concatenated with others before one product (a fused
+query-key-value kernel) is tested on the whole product's output, and a
+position that feeds two registered losses counts twice.
 
 Example:
   >>> traced = tracing.trace_loss(loss_fn, params, batch)
@@ -101,8 +104,9 @@ def per_example_losses(traced, inputs, probes):
   then batch leaves) with ``probes`` added at the layer outputs."""
   actions, active = statistics.instrumentation(traced)
   closed = traced.closed_jaxpr
-  _, captured = statistics.evaluate_jaxpr(closed.jaxpr, closed.consts, list(inputs),
-                                     (), probes, actions, active)
+  _, captured = statistics.evaluate_jaxpr(closed.jaxpr, closed.consts,
+                                         list(inputs), (), probes, actions,
+                                         active)
   kinds = [traced.jaxprs[p].eqns[i].params["kind"] for p, i in traced.loss_sites]
   out = []
   for k, kind in enumerate(kinds):
