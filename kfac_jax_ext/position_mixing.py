@@ -16,15 +16,16 @@ examples' gradients, and its Gram is that of the per-position
 from the summed loss's statistics.
 
 ``mixes_positions(traced, layer)`` decides it once per trace, numerically:
-a forward-mode pass of the per-example losses with a tangent on the
-layer's output at its first position only, and one at its last, with fixed
-pseudo-random parameters and inputs of the traced shapes (integer inputs
-zero, so ids stay in range). The layer mixes if either moves more than one
-loss example. A layer that does not mix gives exact zeros there (zero tangents
-propagate exactly), so the test has no tolerance to tune. It errs towards
+the gradients of the first and of the last per-example loss with respect
+to every checked layer's output (two reverse-mode passes for all layers),
+with fixed pseudo-random parameters and inputs of the traced shapes
+(integer inputs zero, so ids stay in range). A layer mixes if either loss
+depends on its output at more than one position (a causal model's last
+position depends on all earlier ones, an anti-causal model's first on all
+later ones). Where nothing depends, the gradient is an exact zero (zero
+cotangents propagate exactly), so the test has no tolerance to tune. It errs towards
 "mixes": a kernel concatenated with others before one product (a fused
-query-key-value kernel) is tested on the whole product's output, and a
-position that feeds two registered losses counts twice.
+query-key-value kernel) is tested on the whole product's output.
 
 Example:
   >>> traced = tracing.trace_loss(loss_fn, params, batch)
@@ -63,39 +64,60 @@ def _dummy(aval, key):
   return jnp.zeros(aval.shape, aval.dtype)
 
 
+_CACHE: list = []   # (jaxpr text and input shapes, mixing sites), last 8
+
+
 def mixes_positions(traced, layer) -> bool:
-  """Whether the layer's output at one position moves more than one loss
-  example (see the module docstring); tried at its first and at its last
-  position (a causal model mixes forward, an anti-causal one backward).
-  Layers ``needs_check`` rejects return False.
+  """Whether the layer's output at some position reaches the losses of more
+  than one position (see the module docstring). Layers ``needs_check``
+  rejects return False.
 
   Args:
     traced: the ``tracing.TracedLoss`` the layer was found in.
-    layer: one of ``traced.layers``.
+    layer: one of ``traced.layers`` (or a use of a tied one).
 
   Returns:
-    True when the output at the first or the last position reaches more
-    than one loss example.
+    True when the first or the last loss example depends on the layer's
+    output at more than one position.
   """
   if not needs_check(layer, traced.num_examples):
     return False
-  site = layer.probes[0]
-  closed = traced.closed_jaxpr
-  with jax.ensure_compile_time_eval():
-    keys = jax.random.split(jax.random.PRNGKey(0), len(closed.in_avals))
-    inputs = [_dummy(aval, k) for aval, k in zip(closed.in_avals, keys)]
-    probes = statistics.probe_zeros(traced)
-    shape = probes[site].shape
-    feature = _feature_axes(layer, len(shape))
-    for end in (0, -1):
-      where = tuple(slice(None) if d in feature else end for d in range(len(shape)))
-      tangent = {s: jnp.zeros_like(v) for s, v in probes.items()}
-      tangent[site] = tangent[site].at[where].set(1.0)
-      _, moved = jax.jvp(lambda pr: per_example_losses(traced, inputs, pr),
-                         (probes,), (tangent,))
-      if np.count_nonzero(np.asarray(moved)) > 1:
-        return True
-  return False
+  return layer.probes[0] in _mixing_sites(traced)
+
+
+def _mixing_sites(traced) -> frozenset:
+  """The probe sites, among the layers ``needs_check`` accepts, at which the
+  gradient of the first or of the last per-example loss is nonzero at more
+  than one position: two reverse-mode passes for all layers of a trace,
+  cached by the jaxpr's text (``init``, ``update`` and ``describe_layers``
+  trace the same program)."""
+  key = (str(traced.closed_jaxpr.jaxpr), tuple(traced.closed_jaxpr.in_avals))
+  for cached, sites in _CACHE:
+    if cached == key:
+      return sites
+  checked = {}
+  for layer in traced.layers:
+    for one in (layer,) + tuple(layer.uses):
+      if needs_check(one, traced.num_examples):
+        checked[one.probes[0]] = _feature_axes(one, len(one.outputs_shape))
+  mixing = set()
+  if checked:
+    closed = traced.closed_jaxpr
+    with jax.ensure_compile_time_eval():
+      keys = jax.random.split(jax.random.PRNGKey(0), len(closed.in_avals))
+      inputs = [_dummy(aval, k) for aval, k in zip(closed.in_avals, keys)]
+      losses, pullback = jax.vjp(
+          lambda pr: per_example_losses(traced, inputs, pr),
+          statistics.probe_zeros(traced))
+      for k in (0, losses.shape[0] - 1):
+        (grads,) = pullback(jnp.zeros_like(losses).at[k].set(1.0))
+        for site, feature in checked.items():
+          reached = np.any(np.asarray(grads[site]) != 0, axis=feature)
+          if np.count_nonzero(reached) > 1:
+            mixing.add(site)
+  sites = frozenset(mixing)
+  _CACHE[:] = ([(key, sites)] + _CACHE)[:8]
+  return sites
 
 
 def per_example_losses(traced, inputs, probes):
