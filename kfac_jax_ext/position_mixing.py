@@ -59,8 +59,12 @@ def needs_check(layer, num_examples: int) -> bool:
 
 
 def _dummy(aval, key):
+  """A pseudo-random input: floats ``N(0, 1/fan_in)`` (fan-in: all but the
+  last axis), so that no tanh or softmax saturates (a saturated softmax has
+  exactly zero derivatives and would hide a dependence); integers zero."""
   if jnp.issubdtype(aval.dtype, jnp.floating):
-    return (0.5 * jax.random.normal(key, aval.shape)).astype(aval.dtype)
+    fan_in = max(int(np.prod(aval.shape[:-1])), 1) if aval.ndim > 1 else 1
+    return (jax.random.normal(key, aval.shape) / np.sqrt(fan_in)).astype(aval.dtype)
   return jnp.zeros(aval.shape, aval.dtype)
 
 
