@@ -68,7 +68,7 @@ def _dummy(aval, key):
   return jnp.zeros(aval.shape, aval.dtype)
 
 
-_CACHE: list = []   # (jaxpr text and input shapes, mixing sites), last 8
+_CACHE: list = []   # (closed jaxpr, its text and input shapes, mixing sites)
 
 
 def mixes_positions(traced, layer) -> bool:
@@ -95,9 +95,15 @@ def _mixing_sites(traced) -> frozenset:
   than one position: two reverse-mode passes for all layers of a trace,
   cached by the jaxpr's text (``init``, ``update`` and ``describe_layers``
   trace the same program)."""
-  key = (str(traced.closed_jaxpr.jaxpr), tuple(traced.closed_jaxpr.in_avals))
-  for cached, sites in _CACHE:
+  closed = traced.closed_jaxpr
+  for program, _, sites in _CACHE:     # the same trace: no text to build
+    if program is closed:
+      return sites
+  key = (str(closed.jaxpr), tuple(closed.in_avals))
+  for _, cached, sites in _CACHE:
     if cached == key:
+      _CACHE.insert(0, (closed, key, sites))
+      del _CACHE[8:]
       return sites
   checked = {}
   for layer in traced.layers:
@@ -106,7 +112,6 @@ def _mixing_sites(traced) -> frozenset:
         checked[one.probes[0]] = _feature_axes(one, len(one.outputs_shape))
   mixing = set()
   if checked:
-    closed = traced.closed_jaxpr
     with jax.ensure_compile_time_eval():
       keys = jax.random.split(jax.random.PRNGKey(0), len(closed.in_avals))
       inputs = [_dummy(aval, k) for aval, k in zip(closed.in_avals, keys)]
@@ -120,7 +125,7 @@ def _mixing_sites(traced) -> frozenset:
           if np.count_nonzero(reached) > 1:
             mixing.add(site)
   sites = frozenset(mixing)
-  _CACHE[:] = ([(key, sites)] + _CACHE)[:8]
+  _CACHE[:] = ([(closed, key, sites)] + _CACHE)[:8]
   return sites
 
 
