@@ -254,7 +254,7 @@ class Woodbury(base.CurvatureBlock):
     conv_gram: how an explicit layer's Gram is computed (``CONV_GRAMS``).
     initial_damping: ``λ`` of the block before its first refresh.
     damping_scale: ``"absolute"`` (a refresh damps by λ) or ``"relative"``
-      (by λ times the block's mean nonzero eigenvalue, ``refresh_damping``).
+      (by λ times the block's mean nonzero eigenvalue, ``invert_padded``).
   """
   capacity: int = 128
   gram_size: int = 128
@@ -265,14 +265,17 @@ class Woodbury(base.CurvatureBlock):
   initial_damping: float = 1.0
   damping_scale: str = "absolute"
 
-  def refresh_damping(self, gram, n, size: int, damping):
-    """``λ_r``, the damping a refresh inverts with: λ, or with
-    ``damping_scale="relative"`` λ times the mean nonzero eigenvalue of
-    ``F = UUᵀ/n``, ``λ·tr(K)/(n·min(n, P))`` (``P = size`` parameters;
-    ``relative_damping.exact_block_damping``)."""
-    if self.damping_scale == "absolute":
-      return damping
-    return relative_damping.exact_block_damping(damping, gram, n, size)
+  def invert_padded(self, gram, n: int, size: int, damping):
+    """``((K/n + λ_r I)⁻¹, ok, λ_r)`` with ``K`` zero-padded to ``capacity``
+    (zero rows add nothing; the divisor is the true ``n``). ``λ_r`` is λ,
+    or with ``damping_scale="relative"`` λ times the mean nonzero
+    eigenvalue of ``F = UUᵀ/n``, ``λ·tr(K)/(n·min(n, P))`` (``P = size``
+    parameters; ``relative_damping.exact_block_damping``)."""
+    if self.damping_scale != "absolute":
+      damping = relative_damping.exact_block_damping(damping, gram, n, size)
+    full = linalg.set_leading(jnp.zeros((self.capacity,) * 2, gram.dtype), gram)
+    inverse, ok = invert_gram(full, jnp.asarray(n, gram.dtype), damping)
+    return inverse, ok, damping
 
   @staticmethod
   def unsupported(layer) -> str | None:
@@ -319,10 +322,8 @@ class Woodbury(base.CurvatureBlock):
     n = a.shape[0]
     dtype = a.dtype
     gram, (sa, sg, u) = self._gram(a, g)
-    size = a.shape[-1] * g.shape[-1]
-    damping = self.refresh_damping(gram, n, size, damping)
-    full = linalg.set_leading(jnp.zeros((self.capacity,) * 2, dtype), gram)
-    inverse, ok = invert_gram(full, jnp.asarray(n, dtype), damping)
+    inverse, ok, damping = self.invert_padded(gram, n, a.shape[-1] * g.shape[-1],
+                                              damping)
     pad = lambda x: None if x is None else pad_examples(x, self.capacity)
     data = WoodburyInverseData(pad(sa), pad(sg), pad(u), inverse,
                                jnp.asarray(n, dtype),

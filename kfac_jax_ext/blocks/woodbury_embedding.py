@@ -93,10 +93,8 @@ class EmbeddingWoodbury(woodbury.Woodbury):
     ids, g = estimate
     n, dtype = ids.shape[0], g.dtype
     gram = lookup_gram(ids, g, self.layer.d_in)
-    damping = self.refresh_damping(gram, n, self.layer.d_in * g.shape[-1],
-                                   damping)
-    full = linalg.set_leading(jnp.zeros((self.capacity,) * 2, dtype), gram)
-    inverse, ok = woodbury.invert_gram(full, jnp.asarray(n, dtype), damping)
+    inverse, ok, damping = self.invert_padded(
+        gram, n, self.layer.d_in * g.shape[-1], damping)
     data = EmbeddingWoodburyBlock(
         woodbury.pad_examples(ids, self.capacity),
         woodbury.pad_examples(g, self.capacity), inverse,

@@ -69,9 +69,8 @@ class TiedWoodbury(woodbury.Woodbury):
     u = estimate
     n, dtype = u.shape[0], u.dtype
     gram = woodbury.explicit_gram(u)
-    damping = self.refresh_damping(gram, n, u.shape[1] * u.shape[2], damping)
-    full = linalg.set_leading(jnp.zeros((self.capacity,) * 2, dtype), gram)
-    inverse, ok = woodbury.invert_gram(full, jnp.asarray(n, dtype), damping)
+    inverse, ok, damping = self.invert_padded(gram, n, u.shape[1] * u.shape[2],
+                                              damping)
     data = woodbury.WoodburyInverseData(
         None, None, woodbury.pad_examples(u, self.capacity), inverse,
         jnp.asarray(n, dtype), jnp.asarray(damping, dtype))
