@@ -11,6 +11,7 @@ from kfac_jax_ext.curvature_products import fisher_vector_product
 from kfac_jax_ext.kfac_transform import scale_by_kfac
 from kfac_jax_ext.state import Health, KfacState, curvature_due
 from kfac_jax_ext.layers import Layer, describe_layers, find_layers
+from kfac_jax_ext.model_damping import units_of as damping_units_of
 from kfac_jax_ext.losses import (sigmoid_cross_entropy, softmax_cross_entropy,
                                  squared_error)
 from kfac_jax_ext.schedule import Due, due_at
@@ -38,5 +39,5 @@ __all__ = [
     "softmax_cross_entropy", "squared_error", "tengrad", "TengradState",
     "tkfac", "TwoLevelState", "scale_by_two_level_kfac", "two_level_kfac",
     "value_and_grad", "lapack_thread_limit", "lapack_threads",
-    "limit_lapack_threads", "restore_lapack_threads",
+    "limit_lapack_threads", "restore_lapack_threads", "damping_units_of",
 ]

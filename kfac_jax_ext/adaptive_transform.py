@@ -19,6 +19,9 @@ the four methods) as an optax transformation whose output is the final update
   forward-mode pass for ``M(δ)``. λ lives in the state (``state.damping``)
   and is passed to ``inner.update(..., damping=λ)``, so the preconditioner's
   next refresh uses it. A non-finite ρ keeps λ and is counted.
+* a preconditioner with ``damping_scale="relative"`` (``λ_l = λ·u_l``):
+  the model's damping term is ``½λ Σ_l u_l‖δ_l‖²`` in the same units
+  (``damping_units``; ``kfac_jax_ext.model_damping``).
 
 Example:
   >>> tx = kfe.kfac(loss_fn, learning_rate="adaptive", momentum="adaptive",
@@ -40,6 +43,7 @@ from kfac_jax_ext import curvature_products
 from kfac_jax_ext import distributed
 from kfac_jax_ext import eager
 from kfac_jax_ext import linalg
+from kfac_jax_ext import model_damping
 from kfac_jax_ext import quadratic_model as qm
 from kfac_jax_ext import schedule
 from kfac_jax_ext import tracing
@@ -116,6 +120,7 @@ def quadratic_model_step(
     max_damping: float = 1e8,
     has_aux: bool = False,
     axis_name: str | None = None,
+    damping_units: Callable | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Martens & Grosse's adaptive α, μ and λ around a preconditioner.
 
@@ -139,6 +144,12 @@ def quadratic_model_step(
     min_damping, max_damping: the range λ is clipped to.
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
     axis_name: the pmap/shard_map data axis (forms and losses are averaged).
+    damping_units: the units of λ in the model's damping term ``½λδᵀDδ``:
+      ``damping_units(inner_state, params, batch)`` returns ``δ ↦ Dδ``
+      (``kfac_jax_ext.model_damping``). None: the inner preconditioner's own
+      when it was built with ``damping_scale="relative"``
+      (``kfe.damping_units_of(inner)``; an ``optax.chain`` around it has
+      none: pass it), else ``D = I`` (λ absolute).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``: ``update(grads, state,
@@ -155,6 +166,8 @@ def quadratic_model_step(
   """
   adaptive_lr = _check(learning_rate, momentum, damping, damping_adaptation,
                        damping_adaptation_decay, (min_damping, max_damping))
+  if damping_units is None:
+    damping_units = model_damping.units_of(inner)
   inner = optax.with_extra_args_support(inner)
   distributed.check_axis_name(axis_name, "quadratic_model_step")
   name = "quadratic_model_step"
@@ -182,7 +195,11 @@ def quadratic_model_step(
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     eta = jnp.asarray(weight_decay, dtype)
     grad_h = jax.tree_util.tree_map(lambda g, p: g + eta * p, updates, params)
-    damped = lam + eta
+    weigh = (lambda x: x) if damping_units is None else damping_units(
+        inner_state, params, batch)
+    # the damping term's forms: λ⟨x, Dy⟩ + η⟨x, y⟩ (D = I: (λ + η)⟨x, y⟩)
+    damping_form = lambda x, y: (lam * qm.tree_vdot(x, weigh(y))
+                                 + eta * qm.tree_vdot(x, y))
     health = state.health
     alpha, mu = jnp.zeros([], dtype), jnp.zeros([], dtype)
     if adaptive_lr:
@@ -191,9 +208,9 @@ def quadratic_model_step(
       loss, fisher = curvature_products.curvature_forms(
           traced, params, batch, vectors, axis_name=axis_name)
       k = len(vectors)
-      gram = jnp.asarray([[qm.tree_vdot(vectors[i], vectors[j])
-                           for j in range(k)] for i in range(k)])
-      q = jnp.zeros((2, 2), dtype).at[:k, :k].set(fisher + damped * gram)
+      damped = jnp.asarray([[damping_form(vectors[i], vectors[j])
+                             for j in range(k)] for i in range(k)])
+      q = jnp.zeros((2, 2), dtype).at[:k, :k].set(fisher + damped)
       b = jnp.zeros([2], dtype).at[:k].set(
           jnp.stack([qm.tree_vdot(grad_h, v) for v in vectors]))
       c, ok = qm.solve_coefficients(q, b, momentum=momentum,
@@ -217,7 +234,7 @@ def quadratic_model_step(
         else:
           loss0, fisher1 = curvature_products.curvature_forms(
               traced, params, batch, [delta], axis_name=axis_name)
-          change = (0.5 * (fisher1[0, 0] + damped * qm.tree_vdot(delta, delta))
+          change = (0.5 * (fisher1[0, 0] + damping_form(delta, delta))
                     + qm.tree_vdot(grad_h, delta))
         moved = jax.tree_util.tree_map(lambda p, x: p + x.astype(p.dtype),
                                        params, delta)

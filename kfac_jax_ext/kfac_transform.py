@@ -11,6 +11,7 @@ from typing import Any, Callable
 import optax
 
 from kfac_jax_ext import kronecker_family
+from kfac_jax_ext import model_damping
 from kfac_jax_ext import tridiagonal_family
 from kfac_jax_ext.kronecker_variants import KFAC
 
@@ -101,5 +102,5 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
   if structure != "block_diagonal":
     raise ValueError(f"structure must be 'block_diagonal' or 'block_tridiagonal', "
                      f"got {structure!r}.")
-  return kronecker_family.scale_by_kronecker(loss_fn, KFAC, name="scale_by_kfac",
-                                             **options)
+  return model_damping.register_kronecker(kronecker_family.scale_by_kronecker(
+      loss_fn, KFAC, name="scale_by_kfac", **options), loss_fn, KFAC, options)

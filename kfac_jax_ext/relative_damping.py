@@ -29,9 +29,9 @@ have at most n nonzero eigenvalues, those of ``K/n``; they are damped by λ
 times their mean, ``λ·tr(K)/(n·min(n, P_l))`` (``P_l`` parameters; per
 group or slice of a batched block), fixed at each refresh. A block with
 no curvature mass yet (a zero mean) is damped by λ. In the adaptive mode
-(``kfe.quadratic_model_step``) only the preconditioner reads λ this way:
-the quadratic model's ``½(λ+η)‖δ‖²`` term stays absolute
-(``docs/methods.md``).
+(``kfe.quadratic_model_step``) the quadratic model's damping term reads λ
+in the same units for K-FAC and TKFAC, ``½λ Σ_l u_l‖δ_l‖²``
+(``kfac_jax_ext.model_damping``); TENGraD's stays ``½λ‖δ‖²``.
 
 Example::
 
@@ -60,6 +60,12 @@ def mean_eigenvalue(factor: jnp.ndarray) -> jnp.ndarray:
   return jnp.mean(jnp.diagonal(factor, axis1=-2, axis2=-1))
 
 
+def positive_or_one(unit: jnp.ndarray) -> jnp.ndarray:
+  """``unit`` where it is positive, else 1: a block with no curvature mass
+  yet is damped by λ itself."""
+  return jnp.where(unit > 0, unit, jnp.ones_like(unit))
+
+
 def check(damping_scale: str, name: str) -> None:
   """Raises ``ValueError`` naming ``name`` unless ``damping_scale`` is one of
   ``SCALES``."""
@@ -77,7 +83,7 @@ def exact_block_damping(damping, gram, n: int, size: int):
   parameters and 128 examples it is ~1/1500 of the seen eigenvalues, and
   the unseen directions, scaled by ``1/λ_l``, blow up."""
   mean = jnp.trace(gram) / (n * min(n, size))
-  return damping * jnp.where(mean > 0, mean, jnp.ones_like(mean))
+  return damping * positive_or_one(mean)
 
 
 def apply(variant, damping_scale: str, name: str):
@@ -95,8 +101,7 @@ def apply(variant, damping_scale: str, name: str):
 
   def layer_damping(damping, layer, side_a, side_g, trace):
     a, g = variant.effective_factors(side_a, side_g, trace)
-    scale = mean_eigenvalue(a) * mean_eigenvalue(g)
-    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    scale = positive_or_one(mean_eigenvalue(a) * mean_eigenvalue(g))
     return base(damping * scale, layer, side_a, side_g, trace)
 
   return variant._replace(layer_damping=layer_damping, damping_scale=damping_scale)

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import optax
 
 from kfac_jax_ext import kronecker_family
+from kfac_jax_ext import model_damping
 from kfac_jax_ext.kronecker_variants import tkfac_variant
 
 
@@ -48,5 +49,6 @@ def scale_by_tkfac(loss_fn: Callable[..., Any], *, factors: str = "weighted",
     ...                  optax.sgd(0.1, momentum=0.9))
   """
   variant = tkfac_variant(factors, trace, conv_damping)
-  return kronecker_family.scale_by_kronecker(loss_fn, variant,
-                                             name="scale_by_tkfac", **options)
+  return model_damping.register_kronecker(kronecker_family.scale_by_kronecker(
+      loss_fn, variant, name="scale_by_tkfac", **options), loss_fn, variant,
+      options)

@@ -57,6 +57,22 @@ def mlp_output_grads(params, x, per_example_loss, act=jnp.tanh):
   return one
 
 
+def mlp_empirical_factors(params, batch):
+  """Per layer, ``(A, G)`` of a softmax cross-entropy MLP's empirical Fisher:
+  ``Ā = [a, 1]``, ``g`` from ``vmap(grad)`` of each example's loss,
+  ``A = ĀᵀĀ/N``, ``G = gᵀg/N``."""
+  per_example = lambda logits, label: -jax.nn.log_softmax(logits)[label]
+  g_fn = mlp_output_grads(params, batch["x"], per_example)
+  gs = jax.vmap(lambda xn, yn: g_fn(xn, (yn,)))(batch["x"], batch["y"])
+  inputs, _ = mlp_inputs_and_preacts(params, batch["x"])
+  n = batch["x"].shape[0]
+  out = []
+  for a, g in zip(inputs, gs):
+    abar = homogeneous(a)
+    out.append((abar.T @ abar / n, g.T @ g / n))
+  return out
+
+
 def homogeneous(a):
   return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
 

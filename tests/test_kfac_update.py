@@ -24,16 +24,7 @@ def _loss(p, b):
 
 def _exact_factors(params, batch):
   """A_l, G_l from the hand forward pass and vmap(grad) output gradients."""
-  per_example = lambda logits, label: -jax.nn.log_softmax(logits)[label]
-  g_fn = oracles.mlp_output_grads(params, batch["x"], per_example)
-  gs = jax.vmap(lambda xn, yn: g_fn(xn, (yn,)))(batch["x"], batch["y"])
-  inputs, _ = oracles.mlp_inputs_and_preacts(params, batch["x"])
-  n = batch["x"].shape[0]
-  out = []
-  for a, g in zip(inputs, gs):
-    abar = oracles.homogeneous(a)
-    out.append((abar.T @ abar / n, g.T @ g / n))
-  return out
+  return oracles.mlp_empirical_factors(params, batch)
 
 
 def _kfac_direction(params, batch, **options):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from kfac_jax_ext import distributed
 from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext import relative_damping
 
 
 def from_tokens(u, num_examples, dtype):
@@ -93,22 +94,27 @@ def batch_diagonals(plan, traced, cb, fallback: str, dtype,
   return out
 
 
-def precondition_leaves(plan, grads, diags, damping, fallback: str, out: list,
-                        damping_scale: str = "absolute"):
-  """``out[leaf] = ∇ / (diag F + λ)`` for every leaf served by a diagonal
-  (``damping_scale="relative"``: ``λ·mean(diag F)``, λ where the diagonal
-  is still zero; ``kfac_jax_ext.relative_damping``)."""
+def served_leaves(plan, fallback: str) -> list:
+  """The leaves a diagonal serves: scale-and-shift layers', and with
+  ``fallback="diagonal"`` those no block owns and unfactored layers'."""
   leaves = [leaf for _, layer in plan.diagonal_layers
             for leaf in (layer.scale, layer.shift) if leaf is not None]
   if fallback == "diagonal":
     leaves += list(plan.fallback_leaves)
     leaves += [leaf for _, layer, _ in plan.unfactored_layers
                for leaf in (layer.kernel, layer.bias) if leaf is not None]
-  for leaf in leaves:
+  return leaves
+
+
+def precondition_leaves(plan, grads, diags, damping, fallback: str, out: list,
+                        damping_scale: str = "absolute"):
+  """``out[leaf] = ∇ / (diag F + λ)`` for every leaf served by a diagonal
+  (``damping_scale="relative"``: ``λ·mean(diag F)``, λ where the diagonal
+  is still zero; ``kfac_jax_ext.relative_damping``)."""
+  for leaf in served_leaves(plan, fallback):
     g, lam = grads[leaf], damping
     if damping_scale == "relative":
-      mean = jnp.mean(diags[leaf])
-      lam = damping * jnp.where(mean > 0, mean, jnp.ones_like(mean))
+      lam = damping * relative_damping.positive_or_one(jnp.mean(diags[leaf]))
     out[leaf] = precondition(g.astype(damping.dtype), diags[leaf],
                              lam).astype(g.dtype)
   return out

@@ -1,0 +1,123 @@
+r"""The quadratic model's damping term in the preconditioner's units of λ.
+
+Martens & Grosse's model of a step δ (``kfac_jax_ext.quadratic_model``) is
+
+  ``M(δ) = ½ δᵀ(F + ηI)δ + ½ λ δᵀDδ + ∇hᵀδ``
+
+with ``D = I`` when λ is absolute. With ``damping_scale="relative"`` the
+preconditioner damps block l by ``λ_l = λ·u_l`` (``kfac_jax_ext.relative_damping``:
+``u_l = m_A m_G`` of a Kronecker block, ``mean(diag F)`` of a leaf served by
+a diagonal), so the model damps it the same way: ``D = diag(u_l I_l)``. Then
+the λ that the Levenberg–Marquardt rule adapts and the λ the preconditioner
+reads are one number in one unit, and a loss multiplied by c (its gradient,
+Fisher and every ``u_l`` with it) leaves α, μ, ρ and λ's path unchanged. With
+``D = I`` and a relative λ the model's ``½λ‖δ‖²`` is in the loss's absolute
+units: a per-token loss whose blocks have mean eigenvalues ~1e-3 gets a model
+damping ~1000× the preconditioner's, and α and λ shrink to match it.
+
+A transform built with ``damping_scale="relative"`` by ``scale_by_kfac`` or
+``scale_by_tkfac`` records how to build ``D`` from its state
+(``units_of``); the ``kfe.kfac``/``kfe.tkfac`` adaptive mode passes it to
+``quadratic_model_step(damping_units=...)``. Composing by hand::
+
+  >>> pre = kfe.scale_by_kfac(loss_fn, damping_scale="relative")
+  >>> tx = kfe.quadratic_model_step(pre, loss_fn, damping=1.0,
+  ...                               damping_units=kfe.damping_units_of(pre))
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from kfac_jax_ext import kronecker_family
+from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext import relative_damping
+from kfac_jax_ext import tracing
+from kfac_jax_ext.blocks import diagonal
+from kfac_jax_ext.state import KfacState
+
+_UNITS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def find_state(tree, cls):
+  """The one ``cls`` instance inside an optax state ``tree`` (a chain's
+  tuple, an ``inject_hyperparams`` state, ...).
+
+  Raises:
+    ValueError: none, or more than one (two preconditioners of this kind:
+      pass ``damping_units`` built for the right one).
+  """
+  found = [s for s in jax.tree_util.tree_leaves(
+      tree, is_leaf=lambda x: isinstance(x, cls)) if isinstance(s, cls)]
+  if len(found) != 1:
+    raise ValueError(f"damping_units: the inner state holds {len(found)} "
+                     f"{cls.__name__}s, not one; build damping_units for the "
+                     "preconditioner whose λ the model should share.")
+  return found[0]
+
+
+def kronecker_units(loss_fn: Callable[..., Any], variant, fallback: str,
+                    has_aux: bool) -> Callable:
+  """``units(inner_state, params, batch) -> (δ ↦ Dδ)`` for a Kronecker-family
+  preconditioner with relative damping (``variant``: its variant, relative
+  units applied).
+
+  ``u_l = λ_l(1) − λ_l(0)`` of each Kronecker layer (the λ-proportional part
+  of its damping; TKFAC's ``conv_damping`` is not), from the factors in
+  ``inner_state``'s ``KfacState`` (the ones the step's preconditioner used
+  in the Tikhonov mode; in the factored mode the inverses hold the units of
+  their refresh); per group for a grouped conv; ``mean(diag F)`` (or 1
+  while it is zero) for a diagonal leaf; 1 for every other leaf.
+  """
+  def units(inner_state, params, batch):
+    state = find_state(inner_state, KfacState)
+    traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
+    plan = plan_lib.make_plan(traced, state.factors,
+                              unsupported=variant.unsupported)
+    dtype = state.diagonals[0].dtype if state.diagonals else jnp.float32
+
+    def unit(kl):
+      at = lambda lam: kronecker_family.layer_factors(
+          kl, state.factors[kl.layer.kernel], state.traces[kl.layer.kernel],
+          variant, jnp.asarray(lam, dtype))[2]
+      return at(1.0) - at(0.0)
+
+    def weigh(tree):
+      leaves, treedef = jax.tree_util.tree_flatten(tree)
+
+      def apply(kl, v):
+        u = unit(kl)
+        return (u[:, None, None] if kl.layer.groups > 1 else u) * v
+
+      out = plan_lib.precondition_layers(plan, leaves, dtype, apply)
+      for leaf in diagonal.served_leaves(plan, fallback):
+        u = relative_damping.positive_or_one(jnp.mean(state.diagonals[leaf]))
+        out[leaf] = (u * leaves[leaf].astype(dtype)).astype(leaves[leaf].dtype)
+      return jax.tree_util.tree_unflatten(treedef, out)
+    return weigh
+  return units
+
+
+def register_kronecker(transform, loss_fn, variant, options: dict):
+  """Records ``transform``'s units when ``options`` ask for relative damping
+  (``scale_by_kfac``/``scale_by_tkfac``); returns ``transform``."""
+  if options.get("damping_scale", "absolute") == "relative":
+    _UNITS[transform.update] = kronecker_units(
+        loss_fn, relative_damping.apply(variant, "relative", "damping_units"),
+        options.get("fallback", "identity"), options.get("has_aux", False))
+  return transform
+
+
+def units_of(transform) -> Callable | None:
+  """The ``damping_units`` of a preconditioner built with
+  ``damping_scale="relative"`` (``scale_by_kfac``, ``scale_by_tkfac``), for
+  ``kfe.quadratic_model_step(damping_units=...)``; None for any other
+  transform (λ absolute: ``D = I``)."""
+  try:
+    return _UNITS.get(transform.update)
+  except TypeError:
+    return None

@@ -1,0 +1,139 @@
+"""The adaptive mode's quadratic model with ``damping_scale="relative"``:
+its damping term is ``½λ Σ_l u_l‖δ_l‖²`` with the preconditioner's units
+``u_l = m_A m_G`` (``kfac_jax_ext.model_damping``), checked in float64
+against the dense Fisher and the exact factors."""
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import kfac_jax_ext as kfe
+from tests import oracles
+
+ravel = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
+LAM = 0.3
+OPTIONS = dict(damping_scale="relative", damping_mode="tikhonov",
+               fisher="empirical", ema_decay=0.0)
+
+
+def _task(weight=1.0):
+  params = oracles.mlp_init(jax.random.PRNGKey(0), [4, 6, 3])
+  batch = {"x": jax.random.normal(jax.random.PRNGKey(1), (10, 4)),
+           "y": jax.random.randint(jax.random.PRNGKey(2), (10,), 0, 3)}
+  predict = lambda p, b: oracles.mlp_apply(p, b["x"])
+  loss = lambda p, b: kfe.softmax_cross_entropy(
+      predict(p, b), b["y"], weights=jnp.full(b["y"].shape, weight))
+
+  def loss_of_predictions(z):
+    return -weight * jnp.mean(jnp.take_along_axis(
+        jax.nn.log_softmax(z), batch["y"][:, None], axis=1))
+  fisher = lambda p: oracles.exact_fisher(lambda q: predict(q, batch), p,
+                                          loss_of_predictions)
+  return params, batch, loss, fisher
+
+
+def _units(params, batch):
+  """Per parameter, its layer's ``m_A m_G`` from the exact factors."""
+  factors = oracles.mlp_empirical_factors(params, batch)
+  mean = lambda x: np.trace(x) / x.shape[0]
+  units = [mean(a) * mean(g) for a, g in factors]
+  return ravel([jax.tree_util.tree_map(lambda x, u=u: jnp.full_like(x, u), layer)
+                for layer, u in zip(params, units)])
+
+
+def _solve(f, grad, d, previous, first):
+  if first:
+    return np.array([-(grad @ d) / (d @ f @ d), 0.0])
+  vs = np.stack([d, previous])
+  return -np.linalg.solve(vs @ f @ vs.T, vs @ grad)
+
+
+def test_model_damping_is_lambda_times_each_blocks_mean_eigenvalue():
+  """Three updates of α and μ: ``Q = VᵀF̃V``, ``F̃ = F + λ·diag(u)`` with F
+  the dense Fisher and ``u`` each parameter's block's ``m_A m_G``; not
+  ``F + λI`` (the absolute term, asserted to differ)."""
+  params, batch, loss, fisher = _task()
+  tx = kfe.kfac(loss, "adaptive", momentum="adaptive", damping=LAM, **OPTIONS)
+  ref = kfe.scale_by_kfac(loss, damping=LAM, **OPTIONS)
+  state, ref_state = tx.init(params), ref.init(params)
+  previous = np.zeros_like(ravel(params))
+  for i in range(3):
+    grads = jax.grad(loss)(params, batch)
+    update, state = tx.update(grads, state, params, batch=batch)
+    direction, ref_state = ref.update(grads, ref_state, params, batch=batch)
+    d, g = -ravel(direction), ravel(grads)
+    units = _units(params, batch)
+    assert units.min() > 0
+    c = _solve(fisher(params) + LAM * np.diag(units), g, d, previous, i == 0)
+    absolute = _solve(fisher(params) + LAM * np.eye(d.size), g, d, previous,
+                      i == 0)
+    assert abs(absolute[0] - c[0]) > 0.05 * abs(c[0])
+    np.testing.assert_allclose([state.learning_rate, state.momentum], c,
+                               rtol=1e-8, atol=1e-12)
+    want = c[0] * d + c[1] * previous
+    np.testing.assert_allclose(ravel(update), want, rtol=1e-8,
+                               atol=1e-10 * np.abs(want).max())
+    previous = np.asarray(want)
+    params = optax.apply_updates(params, update)
+
+
+@pytest.mark.parametrize("alias", [kfe.kfac, kfe.tkfac])
+@pytest.mark.parametrize("learning_rate", ["adaptive", 0.05])
+def test_a_scaled_loss_takes_the_same_adaptive_steps(alias, learning_rate):
+  """Loss × 64 scales the gradient, the Fisher and every ``u_l`` by 64: with
+  relative damping α, μ, ρ and λ's path are unchanged; with absolute
+  damping they are not."""
+  momentum = "adaptive" if learning_rate == "adaptive" else 0.0
+  for scale, invariant in (("relative", True), ("absolute", False)):
+    runs = []
+    for weight in (1.0, 64.0):
+      params, batch, loss, _ = _task(weight)
+      tx = alias(loss, learning_rate, momentum=momentum, damping=LAM,
+                 damping_adaptation=True, damping_adaptation_interval=1,
+                 **dict(OPTIONS, damping_scale=scale))
+      state, path = tx.init(params), []
+      for _ in range(5):
+        update, state = tx.update(jax.grad(loss)(params, batch), state, params,
+                                  batch=batch)
+        path.append(np.concatenate([ravel(update), [state.damping, state.rho]]))
+        params = optax.apply_updates(params, update)
+      runs.append(np.stack(path))
+      assert np.isfinite(runs[-1]).all() or not invariant   # every ρ measured
+    same = np.allclose(runs[0], runs[1], rtol=1e-7, atol=1e-12)
+    assert same == invariant, scale
+
+
+def test_composed_by_hand_finds_the_preconditioners_units():
+  """``quadratic_model_step`` around a relative ``scale_by_kfac`` reads its
+  units itself; around a chain it needs ``damping_units=`` (else D = I)."""
+  params, batch, loss, _ = _task()
+  grads = jax.grad(loss)(params, batch)
+
+  def first_step(tx):
+    return ravel(tx.update(grads, tx.init(params), params, batch=batch)[0])
+
+  alias = first_step(kfe.kfac(loss, "adaptive", momentum=None, damping=LAM,
+                              **OPTIONS))
+  pre = kfe.scale_by_kfac(loss, damping=LAM, **OPTIONS)
+  assert kfe.damping_units_of(pre) is not None
+  assert kfe.damping_units_of(kfe.scale_by_kfac(loss, damping=LAM)) is None
+  bare = kfe.quadratic_model_step(pre, loss, momentum=None, damping=LAM)
+  np.testing.assert_allclose(first_step(bare), alias, rtol=1e-10)
+  chained = lambda **kw: kfe.quadratic_model_step(
+      optax.chain(pre, optax.identity()), loss, momentum=None, damping=LAM, **kw)
+  np.testing.assert_allclose(
+      first_step(chained(damping_units=kfe.damping_units_of(pre))), alias,
+      rtol=1e-10)
+  assert not np.allclose(first_step(chained()), alias, rtol=1e-3)
+
+
+def test_two_preconditioners_in_the_inner_state_are_refused():
+  params, batch, loss, _ = _task()
+  pre = kfe.scale_by_kfac(loss, damping=LAM, **OPTIONS)
+  tx = kfe.quadratic_model_step(optax.chain(pre, pre), loss, momentum=None,
+                                damping=LAM, damping_units=kfe.damping_units_of(pre))
+  with pytest.raises(ValueError, match="holds 2 KfacStates, not one"):
+    tx.update(jax.grad(loss)(params, batch), tx.init(params), params, batch=batch)
