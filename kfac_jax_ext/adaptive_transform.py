@@ -19,9 +19,10 @@ the four methods) as an optax transformation whose output is the final update
   forward-mode pass for ``M(δ)``. λ lives in the state (``state.damping``)
   and is passed to ``inner.update(..., damping=λ)``, so the preconditioner's
   next refresh uses it. A non-finite ρ keeps λ and is counted.
-* a preconditioner with ``damping_scale="relative"`` (``λ_l = λ·u_l``):
-  the model's damping term is ``½λ Σ_l u_l‖δ_l‖²`` in the same units
-  (``damping_units``; ``kfac_jax_ext.model_damping``).
+* the model's damping term is ``½(λ + η)‖δ‖²``, also around a
+  preconditioner with ``damping_scale="relative"`` (``λ_l = λ·u_l``);
+  ``damping_units=kfe.damping_units_of(pre)`` makes it ``½λ Σ_l u_l‖δ_l‖² +
+  ½η‖δ‖²``, the preconditioner's units (``kfac_jax_ext.model_damping``).
 
 Example:
   >>> tx = kfe.kfac(loss_fn, learning_rate="adaptive", momentum="adaptive",
@@ -43,7 +44,6 @@ from kfac_jax_ext import curvature_products
 from kfac_jax_ext import distributed
 from kfac_jax_ext import eager
 from kfac_jax_ext import linalg
-from kfac_jax_ext import model_damping
 from kfac_jax_ext import quadratic_model as qm
 from kfac_jax_ext import schedule
 from kfac_jax_ext import tracing
@@ -145,11 +145,11 @@ def quadratic_model_step(
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
     axis_name: the pmap/shard_map data axis (forms and losses are averaged).
     damping_units: the units of λ in the model's damping term ``½λδᵀDδ``:
-      ``damping_units(inner_state, params, batch)`` returns ``δ ↦ Dδ``
-      (``kfac_jax_ext.model_damping``). None: the inner preconditioner's own
-      when it was built with ``damping_scale="relative"``
-      (``kfe.damping_units_of(inner)``; an ``optax.chain`` around it has
-      none: pass it), else ``D = I`` (λ absolute).
+      ``damping_units(inner_state, params, batch)`` returns ``δ ↦ Dδ``;
+      ``kfe.damping_units_of(pre)`` gives the units of a preconditioner
+      ``pre`` built with ``damping_scale="relative"`` (``D = diag(u_l I_l)``,
+      the model damped as the preconditioner is; ``kfac_jax_ext.model_damping``
+      has the measurements that keep it opt-in). None (default): ``D = I``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``: ``update(grads, state,
@@ -166,8 +166,6 @@ def quadratic_model_step(
   """
   adaptive_lr = _check(learning_rate, momentum, damping, damping_adaptation,
                        damping_adaptation_decay, (min_damping, max_damping))
-  if damping_units is None:
-    damping_units = model_damping.units_of(inner)
   inner = optax.with_extra_args_support(inner)
   distributed.check_axis_name(axis_name, "quadratic_model_step")
   name = "quadratic_model_step"

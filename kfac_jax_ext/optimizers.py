@@ -18,7 +18,6 @@ from kfac_jax_ext import coarse
 from kfac_jax_ext import eager
 from kfac_jax_ext import kfac_transform
 from kfac_jax_ext import kronecker_family
-from kfac_jax_ext import model_damping
 from kfac_jax_ext import natural_gradient_transform as natural_gradient_lib
 from kfac_jax_ext import tengrad_transform
 from kfac_jax_ext import tkfac_transform
@@ -116,8 +115,7 @@ def _adaptive(precondition, loss_fn, learning_rate, momentum, weight_decay,
       weight_decay=weight_decay,
       damping=options.get("damping", default_damping),
       has_aux=options.get("has_aux", False),
-      axis_name=options.get("axis_name"),
-      damping_units=model_damping.units_of(precondition), **adaptation)
+      axis_name=options.get("axis_name"), **adaptation)
 
 
 def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,

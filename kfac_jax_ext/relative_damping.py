@@ -29,9 +29,9 @@ have at most n nonzero eigenvalues, those of ``K/n``; they are damped by λ
 times their mean, ``λ·tr(K)/(n·min(n, P_l))`` (``P_l`` parameters; per
 group or slice of a batched block), fixed at each refresh. A block with
 no curvature mass yet (a zero mean) is damped by λ. In the adaptive mode
-(``kfe.quadratic_model_step``) the quadratic model's damping term reads λ
-in the same units for K-FAC and TKFAC, ``½λ Σ_l u_l‖δ_l‖²``
-(``kfac_jax_ext.model_damping``); TENGraD's stays ``½λ‖δ‖²``.
+(``kfe.quadratic_model_step``) the quadratic model's damping term stays
+``½(λ+η)‖δ‖²``; ``damping_units=kfe.damping_units_of(pre)`` puts it in the
+preconditioner's units (K-FAC, TKFAC; ``kfac_jax_ext.model_damping``).
 
 Example::
 

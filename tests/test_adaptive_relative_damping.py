@@ -1,7 +1,7 @@
-"""The adaptive mode's quadratic model with ``damping_scale="relative"``:
-its damping term is ``½λ Σ_l u_l‖δ_l‖²`` with the preconditioner's units
-``u_l = m_A m_G`` (``kfac_jax_ext.model_damping``), checked in float64
-against the dense Fisher and the exact factors."""
+"""``quadratic_model_step(damping_units=kfe.damping_units_of(pre))``: the
+model's damping term is ``½λ Σ_l u_l‖δ_l‖²`` with the relative
+preconditioner's units ``u_l = m_A m_G`` (``kfac_jax_ext.model_damping``),
+checked in float64 against the dense Fisher and the exact factors."""
 
 import jax
 import jax.flatten_util
@@ -51,12 +51,18 @@ def _solve(f, grad, d, previous, first):
   return -np.linalg.solve(vs @ f @ vs.T, vs @ grad)
 
 
+def _adaptive(pre, loss, units=True, **options):
+  return kfe.quadratic_model_step(
+      pre, loss, damping=LAM,
+      damping_units=kfe.damping_units_of(pre) if units else None, **options)
+
+
 def test_model_damping_is_lambda_times_each_blocks_mean_eigenvalue():
   """Three updates of α and μ: ``Q = VᵀF̃V``, ``F̃ = F + λ·diag(u)`` with F
   the dense Fisher and ``u`` each parameter's block's ``m_A m_G``; not
-  ``F + λI`` (the absolute term, asserted to differ)."""
+  ``F + λI`` (the default term, asserted to differ)."""
   params, batch, loss, fisher = _task()
-  tx = kfe.kfac(loss, "adaptive", momentum="adaptive", damping=LAM, **OPTIONS)
+  tx = _adaptive(kfe.scale_by_kfac(loss, damping=LAM, **OPTIONS), loss)
   ref = kfe.scale_by_kfac(loss, damping=LAM, **OPTIONS)
   state, ref_state = tx.init(params), ref.init(params)
   previous = np.zeros_like(ravel(params))
@@ -80,20 +86,28 @@ def test_model_damping_is_lambda_times_each_blocks_mean_eigenvalue():
     params = optax.apply_updates(params, update)
 
 
-@pytest.mark.parametrize("alias", [kfe.kfac, kfe.tkfac])
+@pytest.mark.parametrize("scale_by", [kfe.scale_by_kfac, kfe.scale_by_tkfac])
 @pytest.mark.parametrize("learning_rate", ["adaptive", 0.05])
-def test_a_scaled_loss_takes_the_same_adaptive_steps(alias, learning_rate):
+def test_a_scaled_loss_takes_the_same_adaptive_steps(scale_by, learning_rate):
   """Loss × 64 scales the gradient, the Fisher and every ``u_l`` by 64: with
-  relative damping α, μ, ρ and λ's path are unchanged; with absolute
-  damping they are not."""
-  momentum = "adaptive" if learning_rate == "adaptive" else 0.0
-  for scale, invariant in (("relative", True), ("absolute", False)):
+  the units α, μ, ρ and λ's path are unchanged; with ``D = I`` (the
+  default) they are not. A numeric learning rate: the chain is
+  ``pre → scale(−lr)`` and only λ adapts."""
+  for units, invariant in ((True, True), (False, False)):
     runs = []
     for weight in (1.0, 64.0):
       params, batch, loss, _ = _task(weight)
-      tx = alias(loss, learning_rate, momentum=momentum, damping=LAM,
-                 damping_adaptation=True, damping_adaptation_interval=1,
-                 **dict(OPTIONS, damping_scale=scale))
+      pre = scale_by(loss, damping=LAM, **OPTIONS)
+      if learning_rate == "adaptive":
+        tx = _adaptive(pre, loss, units, momentum="adaptive",
+                       damping_adaptation=True, damping_adaptation_interval=1)
+      else:
+        tx = kfe.quadratic_model_step(
+            optax.chain(pre, optax.scale(-learning_rate)), loss,
+            learning_rate=learning_rate, momentum=None, damping=LAM,
+            damping_adaptation=True,
+            damping_adaptation_interval=1,
+            damping_units=kfe.damping_units_of(pre) if units else None)
       state, path = tx.init(params), []
       for _ in range(5):
         update, state = tx.update(jax.grad(loss)(params, batch), state, params,
@@ -103,31 +117,32 @@ def test_a_scaled_loss_takes_the_same_adaptive_steps(alias, learning_rate):
       runs.append(np.stack(path))
       assert np.isfinite(runs[-1]).all() or not invariant   # every ρ measured
     same = np.allclose(runs[0], runs[1], rtol=1e-7, atol=1e-12)
-    assert same == invariant, scale
+    assert same == invariant, units
 
 
-def test_composed_by_hand_finds_the_preconditioners_units():
-  """``quadratic_model_step`` around a relative ``scale_by_kfac`` reads its
-  units itself; around a chain it needs ``damping_units=`` (else D = I)."""
+def test_units_are_opt_in_and_found_in_a_chain():
+  """The alias keeps ``D = I``; ``damping_units`` finds the preconditioner's
+  state inside a chain."""
   params, batch, loss, _ = _task()
   grads = jax.grad(loss)(params, batch)
 
   def first_step(tx):
     return ravel(tx.update(grads, tx.init(params), params, batch=batch)[0])
 
-  alias = first_step(kfe.kfac(loss, "adaptive", momentum=None, damping=LAM,
-                              **OPTIONS))
   pre = kfe.scale_by_kfac(loss, damping=LAM, **OPTIONS)
   assert kfe.damping_units_of(pre) is not None
   assert kfe.damping_units_of(kfe.scale_by_kfac(loss, damping=LAM)) is None
-  bare = kfe.quadratic_model_step(pre, loss, momentum=None, damping=LAM)
-  np.testing.assert_allclose(first_step(bare), alias, rtol=1e-10)
-  chained = lambda **kw: kfe.quadratic_model_step(
-      optax.chain(pre, optax.identity()), loss, momentum=None, damping=LAM, **kw)
+  alias = first_step(kfe.kfac(loss, "adaptive", momentum=None, damping=LAM,
+                              **OPTIONS))
   np.testing.assert_allclose(
-      first_step(chained(damping_units=kfe.damping_units_of(pre))), alias,
+      first_step(_adaptive(pre, loss, units=False, momentum=None)), alias,
       rtol=1e-10)
-  assert not np.allclose(first_step(chained()), alias, rtol=1e-3)
+  consistent = first_step(_adaptive(pre, loss, momentum=None))
+  assert not np.allclose(consistent, alias, rtol=1e-3)
+  chained = kfe.quadratic_model_step(
+      optax.chain(pre, optax.identity()), loss, momentum=None, damping=LAM,
+      damping_units=kfe.damping_units_of(pre))
+  np.testing.assert_allclose(first_step(chained), consistent, rtol=1e-10)
 
 
 def test_two_preconditioners_in_the_inner_state_are_refused():
