@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_ext import coarse
 from kfac_jax_ext import statistics
 from kfac_jax_ext import stats_subsample
 from kfac_jax_ext import weight_sharing as sharing_lib
@@ -92,3 +93,29 @@ def check_two_level_options(fine_scale, coarse_batch, fisher_products, options):
                      "gradients (fisher_products='statistics'); with "
                      "fisher_products='ggn' pass a smaller batch to update, or "
                      "leave coarse_batch unset.")
+
+
+def check_two_level_choices(base, coarse_space, coarse_matrix, combine,
+                           coarse_damping, omega, fisher_products):
+  """Raises ``ValueError`` naming the first of ``scale_by_two_level_kfac``'s
+  choices that is not one of its allowed values, or an inconsistent pair."""
+  for name, value, allowed in (
+      ("base", base, ("kfac", "tkfac")),
+      ("coarse_space", coarse_space, coarse.COARSE_SPACES + (None,)),
+      ("coarse_matrix", coarse_matrix, coarse.COARSE_MATRICES + (None,)),
+      ("combine", combine, coarse.COMBINES),
+      ("coarse_damping", coarse_damping, ("consistent", "identity")),
+      ("fisher_products", fisher_products, ("statistics", "ggn"))):
+    if value not in allowed:
+      raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+  if coarse_matrix == "kronecker" and fisher_products == "ggn":
+    raise ValueError("fisher_products='ggn' computes F_c = R F Rᵀ from the exact "
+                     "GGN; coarse_matrix='kronecker' (Tselepidis' approximation "
+                     "from the statistics) does not apply: leave coarse_matrix "
+                     "unset or pass 'exact'.")
+  if coarse_matrix == "kronecker" and coarse_space not in coarse.RANK_ONE_SPACES:
+    raise ValueError(f"coarse_matrix='kronecker' needs rank-one coarse vectors "
+                     f"(nicolaides or spectral); use coarse_matrix='exact' with "
+                     f"coarse_space={coarse_space!r}.")
+  if len(tuple(omega)) != 2:
+    raise ValueError(f"omega must be a pair (ω₁, ω₂), got {omega!r}.")

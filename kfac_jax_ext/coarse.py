@@ -14,9 +14,11 @@ Coarse vectors of a layer are ``[m, d_a, d_g]`` matrices in the layer's
 canonical orientation: ``"nicolaides"`` one all-ones vector; ``"spectral"``
 ``q_A ⊗ q_G`` (eigenvectors of the smallest eigenvalues of the factors, ∞-norm
 1); ``"parameters"`` one unit vector per parameter (``R = I``; small models).
-Koroko et al.'s spaces built every step from ``res = ∇ − F_λM⁻¹∇``:
-``"residual"`` ``M_l⁻¹res_l``; ``"krylov_nicolaides"`` ``{1, M_l⁻¹1}``;
-``"krylov_residual"`` ``{res_l, M_l⁻¹res_l}`` (two vectors per layer).
+Koroko et al.'s Krylov spaces (two vectors per layer):
+``"krylov_nicolaides"`` ``{1, M_l⁻¹1}`` (fixed between refreshes, like
+``"spectral"``: ``M⁻¹1`` is recomputed with the inverses) and, built every
+step from ``res = ∇ − F_λM⁻¹∇``, ``"residual"`` ``M_l⁻¹res_l`` and
+``"krylov_residual"`` ``{res_l, M_l⁻¹res_l}``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from kfac_jax_ext.blocks import kronecker
 
 COARSE_SPACES = ("nicolaides", "spectral", "parameters", "residual",
                  "krylov_nicolaides", "krylov_residual")
-PER_STEP_SPACES = ("residual", "krylov_nicolaides", "krylov_residual")
+PER_STEP_SPACES = ("residual", "krylov_residual")
+RANK_ONE_SPACES = ("nicolaides", "spectral")
 NEEDS_RESIDUAL = ("residual", "krylov_residual")
 COARSE_MATRICES = ("kronecker", "exact")
 COMBINES = ("additive", "multiplicative", "balanced")

@@ -27,6 +27,7 @@ from kfac_jax_ext import distributed
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext.blocks import kronecker
 from kfac_jax_ext.blocks import woodbury
 
 
@@ -49,10 +50,10 @@ def coarse_layers(plan, spectral):
   return [kl for kl in plan.kronecker if kl.layer.is_plain and fits(kl)]
 
 
-def static_layers(plan, spectral, slots, space, dtype):
+def static_layers(plan, spectral, slots, space, dtype, krylov=None):
   """``CoarseLayer``s of a space fixed between refreshes (Nicolaides,
-  spectral, parameters); the per-step spaces get a placeholder basis that
-  ``per_step_bases`` replaces."""
+  spectral, Krylov–Nicolaides from ``krylov``, parameters); the per-step
+  spaces get a placeholder basis that ``per_step_bases`` replaces."""
   out = []
   for kl in coarse_layers(plan, spectral):
     vec_a = vec_g = None
@@ -60,6 +61,13 @@ def static_layers(plan, spectral, slots, space, dtype):
       rows, cols = spectral[kl.layer.kernel]
       vec_a = (rows if kl.a_side == "rows" else cols)[:kl.d_a]
       vec_g = (cols if kl.a_side == "rows" else rows)[:kl.d_g]
+    if space == "krylov_nicolaides":
+      second = _oriented(kl, linalg.leading(krylov[kl.layer.kernel],
+                                            _oriented_shape(kl)))
+      basis = coarse.normalized_basis([jnp.ones((kl.d_a, kl.d_g), dtype), second])
+      out.append(CoarseLayer(kl, jnp.asarray(slots[kl.layer.kernel][:2]),
+                             basis.astype(dtype), None))
+      continue
     if space in coarse.PER_STEP_SPACES:
       basis, rank_one = None, None
       count = coarse.vectors_per_layer(space)
@@ -72,18 +80,48 @@ def static_layers(plan, spectral, slots, space, dtype):
   return out
 
 
-def per_step_bases(space, layers, residual, precondition, dtype):
+def _oriented_shape(kl):
+  """The ``[d_a, d_g]`` matrix's shape in its leaf's (rows, cols) slot."""
+  return (kl.d_a, kl.d_g) if kl.a_side == "rows" else (kl.d_g, kl.d_a)
+
+
+def _oriented(kl, x):
+  """``[d_a, d_g]`` ↔ the leaf's (rows, cols) orientation (a transpose or
+  nothing: its own inverse)."""
+  return x if kl.a_side == "rows" else x.T
+
+
+def krylov_slots(shapes, dtype):
+  """Per ≥2-D leaf, a ``(rows, cols)`` slot for ``M_l⁻¹1`` (None otherwise)."""
+  return tuple(jnp.zeros(kronecker.slot_sizes(s), dtype) if len(s) >= 2 else None
+               for s in shapes)
+
+
+def krylov_vectors(plan, krylov, precondition, leaves, shapes, dtype):
+  """``krylov`` with every coarse layer's ``M_l⁻¹1`` (``precondition``: the
+  refreshed ``M⁻¹`` on parameter leaves; ``leaves``: any leaves of the
+  parameters' shapes), recomputed with the inverses."""
+  layers = [CoarseLayer(kl, None, None, None) for kl in coarse_layers(plan, None)]
+  ones = [jnp.ones((l.kl.d_a, l.kl.d_g), dtype) for l in layers]
+  zeros = [jnp.zeros_like(x) for x in leaves]
+  mats = to_matrices(layers, precondition(write(layers, zeros, ones, shapes)),
+                     dtype)
+  krylov = list(krylov)
+  for l, m in zip(layers, mats):
+    krylov[l.kl.layer.kernel] = linalg.set_leading(krylov[l.kl.layer.kernel],
+                                                   _oriented(l.kl, m))
+  return tuple(krylov)
+
+
+def per_step_bases(space, layers, residual, precondition):
   """The layers with this step's basis (``algorithms.md`` §4.2).
 
-  ``"residual"``: ``M_l⁻¹ res_l``; ``"krylov_nicolaides"``: ``{1, M_l⁻¹1}``;
-  ``"krylov_residual"``: ``{res_l, M_l⁻¹res_l}``, with ``res = ∇ − F_λM⁻¹∇``
-  (``residual``: its per-layer matrices) and ``precondition`` mapping
-  per-layer matrices through ``M⁻¹``. See ``coarse.normalized_basis``.
+  ``"residual"``: ``M_l⁻¹ res_l``; ``"krylov_residual"``:
+  ``{res_l, M_l⁻¹res_l}``, with ``res = ∇ − F_λM⁻¹∇`` (``residual``: its
+  per-layer matrices) and ``precondition`` mapping per-layer matrices
+  through ``M⁻¹``. See ``coarse.normalized_basis``.
   """
-  if space in ("krylov_residual", "residual"):
-    first = residual
-  else:
-    first = [jnp.ones((l.kl.d_a, l.kl.d_g), dtype) for l in layers]
+  first = residual
   second = precondition(first)
   out = []
   for l, r, mr in zip(layers, first, second):

@@ -49,6 +49,8 @@ class TwoLevelState(NamedTuple):
     coarse_inverse: ``(F_c + coarse damping)⁻¹`` of the last refresh.
     spectral: per leaf, ``(rows vector, cols vector)`` of the spectral space.
     health: coarse-level ``Health`` counters.
+    krylov: per leaf, ``M_l⁻¹1`` of the Krylov–Nicolaides space (a
+      ``(rows, cols)`` slot; None elsewhere), refreshed with the inverses.
   """
   base: KfacState
   curvature_due: jax.Array
@@ -58,31 +60,7 @@ class TwoLevelState(NamedTuple):
   coarse_inverse: jax.Array
   spectral: tuple
   health: Health
-
-
-def _check(base, coarse_space, coarse_matrix, combine, coarse_damping, omega,
-           fisher_products):
-  for name, value, allowed in (
-      ("base", base, ("kfac", "tkfac")),
-      ("coarse_space", coarse_space, coarse.COARSE_SPACES + (None,)),
-      ("coarse_matrix", coarse_matrix, coarse.COARSE_MATRICES + (None,)),
-      ("combine", combine, coarse.COMBINES),
-      ("coarse_damping", coarse_damping, ("consistent", "identity")),
-      ("fisher_products", fisher_products, ("statistics", "ggn"))):
-    if value not in allowed:
-      raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
-  if coarse_matrix == "kronecker" and fisher_products == "ggn":
-    raise ValueError("fisher_products='ggn' computes F_c = R F Rᵀ from the exact "
-                     "GGN; coarse_matrix='kronecker' (Tselepidis' approximation "
-                     "from the statistics) does not apply: leave coarse_matrix "
-                     "unset or pass 'exact'.")
-  if coarse_matrix == "kronecker" and (
-      coarse_space == "parameters" or coarse_space in coarse.PER_STEP_SPACES):
-    raise ValueError(f"coarse_matrix='kronecker' needs rank-one coarse vectors "
-                     f"(nicolaides or spectral); use coarse_matrix='exact' with "
-                     f"coarse_space={coarse_space!r}.")
-  if len(tuple(omega)) != 2:
-    raise ValueError(f"omega must be a pair (ω₁, ω₂), got {omega!r}.")
+  krylov: tuple = ()
 
 
 def scale_by_two_level_kfac(
@@ -114,11 +92,13 @@ def scale_by_two_level_kfac(
     coarse_space: ``"nicolaides"`` (one all-ones vector per layer; default),
       ``"spectral"`` (``q_A⊗q_G`` of the smallest eigenvalues, refreshed with
       the inverses), ``"parameters"`` (``R = I``: the exact damped natural
-      gradient on the layers; small models), Koroko et al.'s per-step spaces
-      from the residual ``res = ∇ − F_λM⁻¹∇`` (one Fisher-vector product per
-      step): ``"residual"`` (``M_l⁻¹res_l``), ``"krylov_nicolaides"``
-      (``{1, M_l⁻¹1}``), ``"krylov_residual"`` (``{res_l, M_l⁻¹res_l}``), or
-      None (the base method).
+      gradient on the layers; small models), Koroko et al.'s
+      ``"krylov_nicolaides"`` (``{1, M_l⁻¹1}``, ``M⁻¹1`` recomputed with the
+      inverses: a space fixed between refreshes, like ``"spectral"``), their
+      per-step spaces from the residual ``res = ∇ − F_λM⁻¹∇`` (one
+      Fisher-vector product per step): ``"residual"`` (``M_l⁻¹res_l``),
+      ``"krylov_residual"`` (``{res_l, M_l⁻¹res_l}``), or None (the base
+      method).
     coarse_matrix: with ``fisher_products="statistics"``: ``"kronecker"``
       (Tselepidis: ``F_c[i,j] = (r_aᵀA_ij r_a)(r_gᵀG_ij r_g)`` from per-token
       projections; the default for the additive combination with Nicolaides
@@ -179,13 +159,13 @@ def scale_by_two_level_kfac(
     ...     loss_fn, combine="multiplicative", fisher_products="ggn"),
     ...     optax.sgd(0.1, momentum=0.9))
   """
-  _check(base, coarse_space, coarse_matrix, combine, coarse_damping, omega,
-         fisher_products)
+  checks.check_two_level_choices(base, coarse_space, coarse_matrix, combine,
+                                 coarse_damping, omega, fisher_products)
   checks.check_two_level_options(fine_scale, coarse_batch, fisher_products, options)
   if coarse_matrix is None:
     coarse_matrix = ("kronecker" if fisher_products == "statistics" and
                      combine == "additive" and
-                     coarse_space in ("nicolaides", "spectral") else "exact")
+                     coarse_space in coarse.RANK_ONE_SPACES else "exact")
   if coarse_space is not None:
     relative_damping.require_absolute(options, "scale_by_two_level_kfac damps "
                                       "its fine and coarse levels (I12-I13)")
@@ -233,9 +213,11 @@ def scale_by_two_level_kfac(
     g0 = (initial_arrays.zeros((size, size), dtype) if coarse_matrix == "kronecker"
           else initial_arrays.ones((size, size), dtype))
     zero = lambda: jnp.zeros([], jnp.int32)
+    krylov = (level.krylov_slots(shapes, dtype)
+              if coarse_space == "krylov_nicolaides" else ())
     return TwoLevelState(base_state, jnp.array(True), zero(), zeros, g0,
                          initial_arrays.identity((size, size), dtype), spectral,
-                         Health(zero(), zero()))
+                         Health(zero(), zero()), krylov)
 
   def update_fn(updates, state, params=None, *, batch=None, key=None,
                 curvature=None, due=None, **extra_args):
@@ -272,7 +254,16 @@ def scale_by_two_level_kfac(
           lambda sp: level.spectral_vectors(ctx.plan, base_state, sp, variant,
                                             axis_name),
           lambda sp: sp, spectral, static_refresh)
-    layers = level.static_layers(ctx.plan, spectral, slots, coarse_space, dtype)
+    krylov = state.krylov
+    if coarse_space == "krylov_nicolaides":   # M⁻¹1 with the fresh inverses
+      krylov = schedule.maybe(
+          inverse_every, refresh_due,
+          lambda k: level.krylov_vectors(ctx.plan, k, ctx.precondition,
+                                         jax.tree_util.tree_leaves(updates),
+                                         shapes, dtype),
+          lambda k: k, krylov, static_refresh)
+    layers = level.static_layers(ctx.plan, spectral, slots, coarse_space, dtype,
+                                 krylov)
     if not layers:
       return out, state._replace(base=base_state)
     # the coarse level's examples: the first min(M, coarse_batch)
@@ -308,7 +299,7 @@ def scale_by_two_level_kfac(
       residual = sub(v, fb)
     if coarse_space in coarse.PER_STEP_SPACES:
       layers = level.per_step_bases(coarse_space, layers, residual,
-                                     precondition, dtype)
+                                     precondition)
 
     def batch_matrices():
       if ggn:
@@ -384,7 +375,8 @@ def scale_by_two_level_kfac(
     fine = level.write(layers, fine, delta, shapes)
     new_state = TwoLevelState(base_state, jnp.array(True) if tokens_every_step
                               else base_state.curvature_due, coarse_count,
-                              coarse_a, coarse_g, inverse, spectral, health)
+                              coarse_a, coarse_g, inverse, spectral, health,
+                              krylov)
     treedef = jax.tree_util.tree_structure(updates)
     return jax.tree_util.tree_unflatten(treedef, fine), new_state
 

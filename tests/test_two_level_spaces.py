@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import kfac_jax_ext as kfe
+from kfac_jax_ext import train_step
 from tests import oracles
 from tests.test_two_level import (EXACT, LAM, _brute, _cnn, _direction, _flat,
                                   _mlp, _nicolaides_rows)
@@ -64,7 +65,7 @@ def _space_rows(space, masks, minv, res):
 @pytest.mark.parametrize("space,combine", [
     ("residual", "multiplicative"), ("residual", "balanced"),
     ("krylov_nicolaides", "balanced"), ("krylov_residual", "multiplicative")])
-def test_per_step_spaces_equal_their_closed_form(space, combine):
+def test_koroko_spaces_equal_their_closed_form(space, combine):
   loss, params, batch = _mlp(squared=True)
   delta, state = _direction(loss, params, batch, combine=combine,
                             coarse_space=space, fine_scale="none")
@@ -244,3 +245,49 @@ def test_bad_coarse_batch_is_named():
   with pytest.raises(ValueError, match="fisher_products='ggn'"):
     kfe.scale_by_two_level_kfac(loss, combine="multiplicative",
                                 fisher_products="ggn", coarse_batch=8)
+
+
+def test_additive_krylov_nicolaides_equals_its_closed_form():
+  """The first update: ``M⁻¹∇ + Q∇`` with rows ``{1_l, M_l⁻¹1_l}`` and
+  ``F_c = R F_λ Rᵀ`` of the batch (the running average of one batch)."""
+  loss, params, batch = _mlp(squared=True)
+  delta, state = _direction(loss, params, batch, combine="additive",
+                            coarse_space="krylov_nicolaides")
+  grad, u = _brute(loss, params, batch)
+  f = u @ u.T / u.shape[1] + LAM * jnp.eye(u.shape[0])
+  minv = _base_inverse(loss, params, batch)
+  r = _space_rows("krylov_nicolaides", _nicolaides_rows(params), minv, None)
+  q = r.T @ jnp.linalg.solve(r @ f @ r.T, r)
+  expected = minv(grad) + q @ grad
+  scale = float(jnp.max(jnp.abs(expected)))
+  np.testing.assert_allclose(delta, expected, rtol=0, atol=1e-9 * scale)
+  assert float(jnp.max(jnp.abs(q @ grad))) > 1e-3 * scale
+  assert state.coarse_inverse.shape[0] == r.shape[0]
+
+
+def test_krylov_nicolaides_basis_is_refreshed_with_the_inverses():
+  """``M⁻¹1`` is kept between refreshes (inverse_every=2) and recomputed at
+  the next; the additive combination then needs statistics only on the
+  statistics schedule (not every step)."""
+  loss, params, batch = _mlp(squared=True)
+  options = dict(EXACT, inverse_every=2, stats_every=2)
+  tx = kfe.scale_by_two_level_kfac(loss, coarse_space="krylov_nicolaides",
+                                   **options)
+  state = tx.init(params)
+  seen = []
+  p = params
+  for i in range(3):
+    grads = jax.grad(loss)(p, batch)
+    out, state = tx.update(grads, state, p, batch=batch,
+                           due=kfe.due_at(i, stats_every=2, inverse_every=2))
+    seen.append([np.asarray(k) for k in state.krylov if k is not None])
+    p = jax.tree_util.tree_map(lambda x, d: x - 0.5 * d, p, out)
+  for a, b, c in zip(*seen):
+    np.testing.assert_array_equal(a, b)            # no refresh at update 1
+    assert np.abs(c - b).max() > 1e-6 * np.abs(b).max()   # refreshed at 2
+  opt = kfe.two_level_kfac(loss, 0.1, coarse_space="krylov_nicolaides",
+                           **options)
+  assert not train_step.schedule_of(opt).statistics_every_step
+  with pytest.raises(ValueError, match="needs rank-one coarse vectors"):
+    kfe.scale_by_two_level_kfac(loss, coarse_space="krylov_nicolaides",
+                                coarse_matrix="kronecker")
