@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from kfac_jax_ext import coarse
 from kfac_jax_ext import distributed
+from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
@@ -93,8 +94,8 @@ def _oriented(kl, x):
 
 def krylov_slots(shapes, dtype):
   """Per ≥2-D leaf, a ``(rows, cols)`` slot for ``M_l⁻¹1`` (None otherwise)."""
-  return tuple(jnp.zeros(kronecker.slot_sizes(s), dtype) if len(s) >= 2 else None
-               for s in shapes)
+  return tuple(initial_arrays.zeros(kronecker.slot_sizes(s), dtype)
+               if len(s) >= 2 else None for s in shapes)
 
 
 def krylov_vectors(plan, krylov, precondition, leaves, shapes, dtype):
