@@ -88,18 +88,20 @@ def kronecker_units(loss_fn: Callable[..., Any], variant, fallback: str,
       at = lambda lam: kronecker_family.layer_factors(
           kl, state.factors[kl.layer.kernel], state.traces[kl.layer.kernel],
           variant, jnp.asarray(lam, dtype))[2]
-      return at(1.0) - at(0.0)
+      u = at(1.0) - at(0.0)
+      return u[:, None, None] if kl.layer.groups > 1 else u
+
+    # computed once: weigh runs for every pair of the model's vectors
+    layer_units = {kl.layer.kernel: unit(kl) for kl in plan.kronecker}
+    leaf_units = {leaf: relative_damping.positive_or_one(
+        jnp.mean(state.diagonals[leaf]))
+        for leaf in diagonal.served_leaves(plan, fallback)}
 
     def weigh(tree):
       leaves, treedef = jax.tree_util.tree_flatten(tree)
-
-      def apply(kl, v):
-        u = unit(kl)
-        return (u[:, None, None] if kl.layer.groups > 1 else u) * v
-
-      out = plan_lib.precondition_layers(plan, leaves, dtype, apply)
-      for leaf in diagonal.served_leaves(plan, fallback):
-        u = relative_damping.positive_or_one(jnp.mean(state.diagonals[leaf]))
+      out = plan_lib.precondition_layers(
+          plan, leaves, dtype, lambda kl, v: layer_units[kl.layer.kernel] * v)
+      for leaf, u in leaf_units.items():
         out[leaf] = (u * leaves[leaf].astype(dtype)).astype(leaves[leaf].dtype)
       return jax.tree_util.tree_unflatten(treedef, out)
     return weigh
