@@ -3,6 +3,7 @@ model's damping term is ``½λ Σ_l u_l‖δ_l‖²`` with the relative
 preconditioner's units ``u_l = m_A m_G`` (``kfac_jax_ext.model_damping``),
 checked in float64 against the dense Fisher and the exact factors."""
 
+import flax.linen as nn
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -152,3 +153,59 @@ def test_two_preconditioners_in_the_inner_state_are_refused():
                                 damping=LAM, damping_units=kfe.damping_units_of(pre))
   with pytest.raises(ValueError, match="holds 2 KfacStates, not one"):
     tx.update(jax.grad(loss)(params, batch), tx.init(params), params, batch=batch)
+
+
+class _GroupedNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(4, (3, 3), padding="SAME")(x))
+    x = jnp.tanh(nn.Conv(4, (3, 3), feature_group_count=2, padding="SAME")(x))
+    x = nn.LayerNorm()(x)
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_units_per_group_and_per_diagonal_leaf_and_the_scale_invariance():
+  """A grouped conv gets one unit per group (its output channels), a
+  LayerNorm (diagonal) ``mean(diag F)``; a loss × 64 still takes the same
+  adaptive steps."""
+  net = _GroupedNet()
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 5, 5, 2))
+  batch = {"x": x, "y": jax.random.randint(jax.random.PRNGKey(1), (6,), 0, 3)}
+  params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                  net.init(jax.random.PRNGKey(2), x))
+  options = dict(OPTIONS, example_batch=batch)
+
+  def loss_of(weight):
+    return lambda p, b: kfe.softmax_cross_entropy(
+        net.apply(p, b["x"]), b["y"], weights=jnp.full(b["y"].shape, weight))
+
+  loss = loss_of(1.0)
+  pre = kfe.scale_by_kfac(loss, damping=LAM, **options)
+  _, state = pre.update(jax.grad(loss)(params, batch), pre.init(params), params,
+                        batch=batch)
+  ones = jax.tree_util.tree_map(jnp.ones_like, params)
+  units = kfe.damping_units_of(pre)(state, params, batch)(ones)["params"]
+  grouped = np.asarray(units["Conv_1"]["kernel"])       # [3, 3, 2, 4], 2 groups
+  first, second = np.unique(grouped[..., :2]), np.unique(grouped[..., 2:])
+  assert first.size == second.size == 1 and abs(first[0] - second[0]) > 1e-3
+  np.testing.assert_allclose(units["Conv_1"]["bias"],
+                             [first[0]] * 2 + [second[0]] * 2, rtol=1e-12)
+  paths = [jax.tree_util.keystr(k)
+           for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  diag = state.diagonals[paths.index("['params']['LayerNorm_0']['scale']")]
+  np.testing.assert_allclose(units["LayerNorm_0"]["scale"],
+                             np.full(4, np.mean(diag)), rtol=1e-12)
+  runs = []
+  for weight in (1.0, 64.0):
+    loss = loss_of(weight)
+    pre = kfe.scale_by_kfac(loss, damping=LAM, **options)
+    tx = _adaptive(pre, loss, damping_adaptation=True,
+                   damping_adaptation_interval=1)
+    state, p, path = tx.init(params), params, []
+    for _ in range(3):
+      update, state = tx.update(jax.grad(loss)(p, batch), state, p, batch=batch)
+      path.append(np.concatenate([ravel(update), [state.damping, state.rho]]))
+      p = optax.apply_updates(p, update)
+    runs.append(np.stack(path))
+  assert np.isfinite(runs[0]).all()
+  np.testing.assert_allclose(runs[1], runs[0], rtol=1e-9, atol=1e-14)
