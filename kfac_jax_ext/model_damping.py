@@ -53,14 +53,17 @@ def find_state(tree, cls):
 
   Raises:
     ValueError: none, or more than one (two preconditioners of this kind:
-      pass ``damping_units`` built for the right one).
+      write a ``damping_units(inner_state, params, batch)`` that picks the
+      state of the one whose λ the model should share).
   """
   found = [s for s in jax.tree_util.tree_leaves(
       tree, is_leaf=lambda x: isinstance(x, cls)) if isinstance(s, cls)]
   if len(found) != 1:
     raise ValueError(f"damping_units: the inner state holds {len(found)} "
-                     f"{cls.__name__}s, not one; build damping_units for the "
-                     "preconditioner whose λ the model should share.")
+                     f"{cls.__name__}s, not one; with several preconditioners "
+                     "pass your own damping_units(inner_state, params, batch) "
+                     "that calls kfe.damping_units_of(pre) on the state of the "
+                     "one whose λ the model should share.")
   return found[0]
 
 
