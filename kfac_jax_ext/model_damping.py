@@ -18,7 +18,8 @@ adaptive mode from relative λ₀ = 1 reached the autoencoder's target a little
 sooner (0.26–0.28× Adam's time against 0.25–0.31×) but diverged on the
 Fashion-MNIST CNN on both seeds, where ``D = I`` reached it first: there
 ``u_l ≪ 1``, so ``D = I`` is a far stronger trust region in the first steps
-(with D: ρ = −0.55 on the first step, then μ = −0.94, −9.8, −674). In the
+(with D: ρ = −0.55 on the first step, then μ = −0.94, −9.8, −674;
+``python -m benchmarks.adaptive_trace --model-units``). In the
 factored mode the preconditioner's damping is not ``λ u_l`` either:
 ``(A + √λ m_A I)⊗(G + √λ m_G I)`` adds ``√λ`` cross terms that dominate
 for small λ. So the aliases keep ``D = I`` and this is an option of

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 
 import kfac_jax_ext as kfe
-from benchmarks import models, quickstart, step_phases, step_time, thread_spin
+from benchmarks import (adaptive_trace, models, quickstart, step_phases, step_time,
+                        thread_spin)
 
 
 def test_quickstart_runs(capsys):
@@ -29,6 +30,14 @@ def test_time_to_reads_the_window_mean():
 def test_step_phases_runs(capsys):
   step_phases.main(["--model", "mlp", "--batch", "32", "--repeats", "1"])
   assert "predicted amortized step" in capsys.readouterr().out
+
+
+def test_adaptive_trace_runs_both_model_terms(capsys):
+  for units in ([], ["--model-units"]):
+    rows = adaptive_trace.main(["--task", "autoencoder", "--quick", "--steps",
+                                "3", "--period", "2"] + units)
+    assert rows.shape == (3, 5) and jnp.isfinite(rows[:, :4]).all()
+  assert capsys.readouterr().out.count("step ") == 2
 
 
 def test_step_time_runs_without_kfac_jax_or_with_it(capsys):
