@@ -23,6 +23,10 @@ the four methods) as an optax transformation whose output is the final update
   preconditioner with ``damping_scale="relative"`` (``λ_l = λ·u_l``);
   ``damping_units=kfe.damping_units_of(pre)`` makes it ``½λ Σ_l u_l‖δ_l‖² +
   ½η‖δ‖²``, the preconditioner's units (``kfac_jax_ext.model_damping``).
+* ``preconditioner_damping_adaptation=True`` (M&G §6.6): the preconditioner
+  gets its own damping ``γ²`` instead of λ, re-tuned greedily at its
+  refreshes among ``{γ, ω₂γ, γ/ω₂}`` by the model value of each one's best
+  step (``kfac_jax_ext.damping_strength``); λ then damps only the model.
 
 Example:
   >>> tx = kfe.kfac(loss_fn, learning_rate="adaptive", momentum="adaptive",
@@ -38,9 +42,11 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kfac_jax_ext import curvature_products
+from kfac_jax_ext import damping_strength as strength_lib
 from kfac_jax_ext import distributed
 from kfac_jax_ext import eager
 from kfac_jax_ext import linalg
@@ -69,6 +75,9 @@ class AdaptiveState(NamedTuple):
     rho: the last measured reduction ratio ρ (NaN before the first).
     health: ``AdaptiveHealth``.
     inner: the wrapped transformation's state.
+    preconditioner_damping: the damping the preconditioner got at the last
+      update: ``γ²`` with ``preconditioner_damping_adaptation`` (M&G §6.6,
+      ``kfac_jax_ext.damping_strength``), else λ.
   """
   count: jax.Array
   damping: jax.Array
@@ -78,6 +87,7 @@ class AdaptiveState(NamedTuple):
   rho: jax.Array
   health: AdaptiveHealth
   inner: Any
+  preconditioner_damping: jax.Array
 
 
 def _check(learning_rate, momentum, damping, damping_adaptation, decay, bounds):
@@ -121,6 +131,9 @@ def quadratic_model_step(
     has_aux: bool = False,
     axis_name: str | None = None,
     damping_units: Callable | None = None,
+    preconditioner_damping_adaptation: bool = False,
+    preconditioner_damping_interval: int | None = None,
+    preconditioner_damping_decay: float = strength_lib.DEFAULT_DECAY,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Martens & Grosse's adaptive α, μ and λ around a preconditioner.
 
@@ -150,6 +163,17 @@ def quadratic_model_step(
       ``pre`` built with ``damping_scale="relative"`` (``D = diag(u_l I_l)``,
       the model damped as the preconditioner is; ``kfac_jax_ext.model_damping``
       has the measurements that keep it opt-in). None (default): ``D = I``.
+    preconditioner_damping_adaptation: M&G §6.6: the preconditioner gets its
+      own damping ``γ²`` (from the initial λ) instead of λ; on every update
+      that refreshes its inverses the update is computed for ``γ'²`` with
+      ``γ' ∈ {γ, ω₂γ, γ/ω₂}`` (three preconditioner updates, one set of
+      forward-mode passes), each with its α, μ, and the γ' with the lowest
+      model value ``M(δ)`` is kept with its inverses (``state.
+      preconditioner_damping``). Needs ``learning_rate="adaptive"``.
+    preconditioner_damping_interval: T₂, the preconditioner's
+      ``inverse_every`` (the aliases pass it): with ``due`` the trial runs
+      when ``due.inverses``, else when ``count % T₂ == 0``.
+    preconditioner_damping_decay: ``ω₂ = decay ** T₂`` (M&G: √(19/20)).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``: ``update(grads, state,
@@ -166,6 +190,12 @@ def quadratic_model_step(
   """
   adaptive_lr = _check(learning_rate, momentum, damping, damping_adaptation,
                        damping_adaptation_decay, (min_damping, max_damping))
+  strength_adaptation = preconditioner_damping_adaptation
+  strength_interval = preconditioner_damping_interval
+  strength_lib.check(strength_adaptation, learning_rate, strength_interval,
+                     preconditioner_damping_decay)
+  omega2 = (strength_lib.omega(preconditioner_damping_decay, strength_interval)
+            if strength_adaptation else None)
   inner = optax.with_extra_args_support(inner)
   distributed.check_axis_name(axis_name, "quadratic_model_step")
   name = "quadratic_model_step"
@@ -178,7 +208,8 @@ def quadratic_model_step(
         zero(), jnp.asarray(lam0, dtype),
         jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros([], dtype),
         jnp.zeros([], dtype), jnp.full([], jnp.nan, dtype),
-        AdaptiveHealth(zero(), zero()), inner.init(params))
+        AdaptiveHealth(zero(), zero()), inner.init(params),
+        jnp.asarray(lam0, dtype))
 
   def update_fn(updates, state, params=None, *, batch=None, due=None, **extra):
     if params is None or batch is None:
@@ -188,40 +219,78 @@ def quadratic_model_step(
     dtype = state.damping.dtype
     lam = (state.damping if damping_adaptation else
            jnp.asarray(schedule.value_at(damping, state.count), dtype))
-    out, inner_state = inner.update(updates, state.inner, params, batch=batch,
-                                    due=due, damping=lam, **extra)
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     eta = jnp.asarray(weight_decay, dtype)
     grad_h = jax.tree_util.tree_map(lambda g, p: g + eta * p, updates, params)
-    weigh = (lambda x: x) if damping_units is None else damping_units(
-        inner_state, params, batch)
-    # the damping term's forms: λ⟨x, Dy⟩ + η⟨x, y⟩ (D = I: (λ + η)⟨x, y⟩)
-    damping_form = lambda x, y: (lam * qm.tree_vdot(x, weigh(y))
-                                 + eta * qm.tree_vdot(x, y))
-    health = state.health
-    alpha, mu = jnp.zeros([], dtype), jnp.zeros([], dtype)
-    if adaptive_lr:
-      d = jax.tree_util.tree_map(jnp.negative, out)
-      vectors = [d] if momentum is None else [d, state.previous_update]
+
+    def precondition(strength):
+      return inner.update(updates, state.inner, params, batch=batch, due=due,
+                          damping=strength, **extra)
+
+    def damping_form_of(inner_state):
+      weigh = (lambda x: x) if damping_units is None else damping_units(
+          inner_state, params, batch)
+      # the damping term's forms: λ⟨x, Dy⟩ + η⟨x, y⟩ (D = I: (λ + η)⟨x, y⟩)
+      return lambda x, y: (lam * qm.tree_vdot(x, weigh(y))
+                           + eta * qm.tree_vdot(x, y))
+
+    def solve_along(strengths):
+      """Each γ'² in ``strengths``: its preconditioned direction, α and μ
+      from the model (one set of forward-mode passes for all) and M(δ)."""
+      runs = [precondition(s) for s in strengths]
+      damping_form = damping_form_of(runs[0][1])   # units do not depend on γ
+      directions = [jax.tree_util.tree_map(jnp.negative, out) for out, _ in runs]
+      vectors = directions + ([] if momentum is None else [state.previous_update])
       loss, fisher = curvature_products.curvature_forms(
           traced, params, batch, vectors, axis_name=axis_name)
-      k = len(vectors)
-      damped = jnp.asarray([[damping_form(vectors[i], vectors[j])
-                             for j in range(k)] for i in range(k)])
-      q = jnp.zeros((2, 2), dtype).at[:k, :k].set(fisher + damped)
-      b = jnp.zeros([2], dtype).at[:k].set(
-          jnp.stack([qm.tree_vdot(grad_h, v) for v in vectors]))
-      c, ok = qm.solve_coefficients(q, b, momentum=momentum,
-                                    use_previous=state.count > 0)
+      solved = []
+      for i in range(len(strengths)):
+        index = [i] if momentum is None else [i, len(strengths)]
+        k = len(index)
+        damped = jnp.asarray([[damping_form(vectors[r], vectors[s])
+                               for s in index] for r in index])
+        q = jnp.zeros((2, 2), dtype).at[:k, :k].set(
+            fisher[np.ix_(index, index)] + damped)
+        b = jnp.zeros([2], dtype).at[:k].set(
+            jnp.stack([qm.tree_vdot(grad_h, vectors[r]) for r in index]))
+        c, ok = qm.solve_coefficients(q, b, momentum=momentum,
+                                      use_previous=state.count > 0)
+        solved.append((q, b, c, ok, qm.model_change(q, b, c)))
+      if len(strengths) == 1:
+        index = jnp.zeros([], jnp.int32)
+      else:
+        index = strength_lib.best_candidate(
+            jnp.stack([s[4] for s in solved]), jnp.stack([s[3] for s in solved]))
+      out, inner_state = strength_lib.select(index, runs)
+      q, b, c, ok, _ = strength_lib.select(index, solved)
+      return (out, inner_state, loss, q, b, c, ok,
+              strength_lib.select(index, list(strengths)))
+
+    health = state.health
+    alpha, mu = jnp.zeros([], dtype), jnp.zeros([], dtype)
+    strength = lam
+    if adaptive_lr:
+      if strength_adaptation:
+        current = state.preconditioner_damping
+        trial = lambda _: solve_along(strength_lib.candidates(
+            current, omega2, (min_damping, max_damping)))
+        (out, inner_state, loss, q, b, c, ok, strength) = schedule.maybe(
+            strength_interval, state.count % strength_interval == 0, trial,
+            lambda _: solve_along([current]), None,
+            None if due is None else due.inverses)
+      else:
+        out, inner_state, loss, q, b, c, ok, _ = solve_along([lam])
       c = jnp.where(ok, c, jnp.stack([state.learning_rate, 0.0]).astype(dtype))
       health = health._replace(fallback_steps=health.fallback_steps + (~ok))
+      d = jax.tree_util.tree_map(jnp.negative, out)
       delta = jax.tree_util.tree_map(
           lambda x, y: (c[0] * x + c[1] * y).astype(x.dtype), d,
           state.previous_update)
       predicted = qm.model_change(q, b, c)
       alpha, mu = c[0], c[1]
     else:
-      delta = out
+      delta, inner_state = precondition(lam)
+    damping_form = damping_form_of(inner_state)
 
     rho, skipped = state.rho, health.skipped_adaptations
     if damping_adaptation:
@@ -255,7 +324,7 @@ def quadratic_model_step(
     health = health._replace(skipped_adaptations=skipped)
     new_state = AdaptiveState(state.count + 1, lam.astype(dtype), delta,
                               alpha.astype(dtype), mu.astype(dtype), rho,
-                              health, inner_state)
+                              health, inner_state, strength.astype(dtype))
     return delta, new_state
 
   return optax.GradientTransformationExtraArgs(

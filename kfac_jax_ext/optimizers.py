@@ -15,6 +15,7 @@ import optax
 
 from kfac_jax_ext import adaptive_transform
 from kfac_jax_ext import coarse
+from kfac_jax_ext import damping_strength
 from kfac_jax_ext import eager
 from kfac_jax_ext import kfac_transform
 from kfac_jax_ext import kronecker_family
@@ -137,7 +138,10 @@ def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
   def optimizer(loss_fn, learning_rate, *, momentum=0.9, weight_decay=0.0,
                 kl_clip=None, damping_adaptation=False,
                 damping_adaptation_interval=5, damping_adaptation_decay=0.95,
-                min_damping=1e-8, max_damping=1e8, **options):
+                min_damping=1e-8, max_damping=1e8,
+                preconditioner_damping_adaptation=False,
+                preconditioner_damping_decay=damping_strength.DEFAULT_DECAY,
+                **options):
     precondition = scale_by(loss_fn, **options)
     setting = lambda key: options.get(key, defaults[key])
     plan = train_step.StepSchedule(
@@ -147,14 +151,18 @@ def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
         setting("fisher"), setting("has_aux"), statistics_every_step(options),
         setting("axis_name"), options.get("stats_batch"))
     if not (isinstance(learning_rate, str) or isinstance(momentum, str)
-            or damping_adaptation):
+            or damping_adaptation or preconditioner_damping_adaptation):
       return train_step.remember_schedule(_compiled_when_eager(
           with_optimizer_steps(precondition, learning_rate, momentum=momentum,
                                weight_decay=weight_decay, kl_clip=kl_clip)), plan)
     adaptation = dict(damping_adaptation=damping_adaptation,
                       damping_adaptation_interval=damping_adaptation_interval,
                       damping_adaptation_decay=damping_adaptation_decay,
-                      min_damping=min_damping, max_damping=max_damping)
+                      min_damping=min_damping, max_damping=max_damping,
+                      preconditioner_damping_adaptation=(
+                          preconditioner_damping_adaptation),
+                      preconditioner_damping_interval=setting("inverse_every"),
+                      preconditioner_damping_decay=preconditioner_damping_decay)
     return train_step.remember_schedule(_compiled_when_eager(_adaptive(
         precondition, loss_fn, learning_rate, momentum, weight_decay, kl_clip,
         adaptation, options, default_damping)), plan)
@@ -192,6 +200,12 @@ Args:
     Levenberg–Marquardt rule every ``damping_adaptation_interval`` updates,
     with ``ω₁ = damping_adaptation_decay ** interval``, within
     ``[min_damping, max_damping]``; λ is ``state.damping``.
+  preconditioner_damping_adaptation: (``learning_rate="adaptive"``) M&G
+    §6.6: the preconditioner's damping ``γ²`` (``state.
+    preconditioner_damping``, from ``damping=``) is re-tuned at each refresh
+    of the inverses among ``{γ, ω₂γ, γ/ω₂}``, ``ω₂ =
+    preconditioner_damping_decay ** inverse_every``, by the quadratic
+    model's value at each one's best step; λ then damps only the model.
   **options: ``scale_by_kfac``'s options (damping, damping_mode, fisher,
     stats_every, inverse_every, ema_decay, fallback, max_factor_dim, has_aux).
 
