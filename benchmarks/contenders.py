@@ -55,6 +55,9 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   ``kfac_adaptive`` with it, λ₀ = ``ADAPTIVE_RELATIVE_DAMPING`` on every task;
   ``tengrad_relative`` and ``tengrad_adaptive_relative`` the same for
   ``tengrad`` (``λ_l = λ·tr(K)/(n·min(n, P_l))``).
+* ``kfac_adaptive_gamma``, ``kfac_adaptive_relative_gamma``: those two with
+  M&G §6.6's separate preconditioner damping γ²
+  (``preconditioner_damping_adaptation=True``: re-tuned at each refresh).
 * ``kfac_jax``: kfac-jax 0.0.8's ``Optimizer`` with the same fixed learning
   rate, momentum 0.9, damping, ``norm_constraint = kl_clip``,
   ``curvature_ema = task.ema_decay`` and
@@ -84,7 +87,8 @@ OPTIMIZERS = ("adam", "sgd", "muon", "shampoo", "kfac", "tkfac", "tengrad", "two
               "kfac_adaptive", "kfac_jax_adaptive", "kfac_tridiagonal",
               "tengrad_adaptive", "natural_gradient", "kfac_relative",
               "kfac_adaptive_relative", "tengrad_relative",
-              "tengrad_adaptive_relative")
+              "tengrad_adaptive_relative", "kfac_adaptive_gamma",
+              "kfac_adaptive_relative_gamma")
 NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
            "kfac_tridiagonal", "natural_gradient", "kfac_relative",
            "tengrad_relative")
@@ -258,6 +262,8 @@ def _adaptive(task, name):
   ``ADAPTIVE_RELATIVE_DAMPING``)."""
   a = ADAPTIVE
   batch = task.sample_batch(np.random.default_rng(0))
+  gamma = name.endswith("_gamma")
+  name = name.removesuffix("_gamma")
   kfac = name in ("kfac_adaptive", "kfac_adaptive_relative")
   options = (dict(ema_decay=task.ema_decay, damping_mode="factored") if kfac else
              dict(gram_batch=min(len(jax.tree_util.tree_leaves(batch)[0]), 1000)))
@@ -272,8 +278,9 @@ def _adaptive(task, name):
               damping_adaptation_decay=a["decay"],
               min_damping=a["min_damping"], max_damping=a["max_damping"],
               stats_every=task.period, inverse_every=task.period,
-              example_batch=batch, **options)
-  return _fused(name, family, task, lambda hp: opt,
+              example_batch=batch, preconditioner_damping_adaptation=gamma,
+              **options)
+  return _fused(name + ("_gamma" if gamma else ""), family, task, lambda hp: opt,
                 warmup=2 * task.period + 1, damping_every=a["interval"])
 
 
@@ -372,6 +379,7 @@ def make_contender(name: str, task) -> Contender:
   if name == "kfac_jax":
     return _kfac_jax(task)
   if name in ("kfac_adaptive", "tengrad_adaptive", "kfac_adaptive_relative",
+              "kfac_adaptive_gamma", "kfac_adaptive_relative_gamma",
               "tengrad_adaptive_relative"):
     return _adaptive(task, name)
   if name == "kfac_jax_adaptive":

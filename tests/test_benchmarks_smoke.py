@@ -32,12 +32,16 @@ def test_step_phases_runs(capsys):
   assert "predicted amortized step" in capsys.readouterr().out
 
 
-def test_adaptive_trace_runs_both_model_terms(capsys):
-  for units in ([], ["--model-units"]):
+def test_adaptive_trace_runs_both_model_terms_and_gamma(capsys):
+  for flags in ([], ["--model-units"], ["--gamma"]):
     rows = adaptive_trace.main(["--task", "autoencoder", "--quick", "--steps",
-                                "3", "--period", "2"] + units)
-    assert rows.shape == (3, 5) and jnp.isfinite(rows[:, :4]).all()
-  assert capsys.readouterr().out.count("step ") == 2
+                                "3", "--period", "2"] + flags)
+    assert rows.shape == (3, 6) and jnp.isfinite(rows[:, :4]).all()
+    # without --gamma the preconditioner got the λ of the update before
+    if "--gamma" not in flags:
+      assert (rows[1:, 5] == rows[:-1, 1]).all()
+    assert rows[0, 5] > 0
+  assert capsys.readouterr().out.count("step ") == 3
 
 
 def test_step_time_runs_without_kfac_jax_or_with_it(capsys):
