@@ -3,6 +3,9 @@ problem and what to do, raised at trace time before any state changes."""
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -119,3 +122,45 @@ def check_two_level_choices(base, coarse_space, coarse_matrix, combine,
                      f"coarse_space={coarse_space!r}.")
   if len(tuple(omega)) != 2:
     raise ValueError(f"omega must be a pair (ω₁, ω₂), got {omega!r}.")
+
+
+PRODUCT_DTYPES = ("bfloat16", "float16")
+
+
+def check_product_dtype(product_dtype, name):
+  """None, or the numpy dtype of ``"bfloat16"``/``"float16"`` (or the
+  dtype itself); anything else is refused with the choices."""
+  if product_dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(product_dtype)
+  except TypeError:
+    dtype = None
+  if dtype is None or dtype.name not in PRODUCT_DTYPES:
+    raise ValueError(
+        f"{name}: product_dtype must be None (the factors' dtype) or one of "
+        f"{PRODUCT_DTYPES} (the GEMM inputs rounded to it, accumulated in the "
+        f"factors' dtype), got {product_dtype!r}.")
+  return dtype
+
+
+def warn_unfactored(name, plan, fallback, traced):
+  """One warning per layer without a block (at trace time, so once per
+  compilation), naming the layer and what to do; one more when over 10 % of
+  the parameters get no block, naming the largest."""
+  for _, layer, reason in plan.unfactored_layers:
+    warnings.warn(f"{name}: layer {layer.name} ({layer.kind}) gets no "
+                  f"curvature block ({reason}); it falls back to "
+                  f"fallback={fallback!r}.", stacklevel=3)
+  sizes = [math.prod(s) for s in traced.param_shapes]
+  bare = [leaf for _, layer, _ in plan.unfactored_layers
+          for leaf in (layer.kernel, layer.bias) if leaf is not None]
+  bare += list(plan.fallback_leaves)
+  share = sum(sizes[i] for i in bare) / max(sum(sizes), 1)
+  if share > 0.1:
+    largest = sorted(bare, key=lambda i: -sizes[i])[:3]
+    names = ", ".join("/".join(map(str, traced.param_paths[i])) for i in largest)
+    warnings.warn(f"{name}: {100 * share:.0f}% of the parameters get no "
+                  f"curvature block (fallback={fallback!r}); the largest: "
+                  f"{names}. kfe.describe_layers(loss_fn, params, batch) says "
+                  "why.", stacklevel=3)

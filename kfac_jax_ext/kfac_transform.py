@@ -77,6 +77,14 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
       uses the whole batch: the statistics step costs about n/rows of its
       factor products and sampled backward (``kfac_jax_ext.stats_subsample``).
       None (default): the whole batch.
+    product_dtype: None (default) or ``"bfloat16"`` / ``"float16"``: the
+      inputs of the dense and conv blocks' factor products (``āᵀā``,
+      ``gᵀg``) and preconditioning GEMMs are rounded to it and accumulated
+      in the factors' dtype; factors and inverses stay float32 (float64
+      with x64). Per GEMM entry the error is at most ``(2u + u²)(|x||y|)``
+      plus the accumulation's, u = 2⁻⁸ for bfloat16
+      (``blocks.kronecker.matmul``). Faster where bfloat16 GEMMs are (CPUs
+      with AVX512-BF16, GPUs, TPUs); measured in ``docs/performance.md``.
     structure: ``"block_diagonal"`` (default) or ``"block_tridiagonal"``:
       M&G's §4.3 inverse over chains of dense layers, with cross-layer
       factors (``tridiagonal_family``; needs ``example_batch`` and

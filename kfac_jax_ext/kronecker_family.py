@@ -11,8 +11,6 @@ contract) is shared.
 
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -57,6 +55,7 @@ class KroneckerVariant(NamedTuple):
   layer_damping: Callable
   unsupported: Callable = lambda layer: None
   damping_scale: str = "absolute"   # units of λ: relative_damping.apply sets it
+  product_dtype: Any = None         # GEMM inputs (blocks/kronecker.matmul)
 
 
 class StepContext(NamedTuple):
@@ -87,6 +86,7 @@ def kronecker_stepper(
     weight_sharing: str = "expand",
     stats_batch: int | None = None,
     damping_scale: str = "absolute",
+    product_dtype: Any = None,
     name: str = "scale_by_kronecker",
 ) -> optax.GradientTransformationExtraArgs:
   """``(init_fn, step_fn)`` of the Kronecker family (options: ``scale_by_kfac``).
@@ -102,7 +102,8 @@ def kronecker_stepper(
                        inverse_every, ema_decay, damping, weight_sharing)
   distributed.check_axis_name(axis_name, name)
   stats_subsample.check_examples(stats_batch, "stats_batch", name)
-  variant = relative_damping.apply(variant, damping_scale, name)
+  variant = relative_damping.apply(variant, damping_scale, name)._replace(
+      product_dtype=checks.check_product_dtype(product_dtype, name))
 
   def init_fn(params, share=None):
     dtype = linalg.factor_dtype()
@@ -131,7 +132,7 @@ def kronecker_stepper(
     checks.check_structure(traced, grads, treedef, state)
     plan = plan_lib.restrict(plan_lib.make_plan(
         traced, state.factors, unsupported=variant.unsupported), share)
-    warn_unfactored(name, plan, fallback, traced)
+    checks.warn_unfactored(name, plan, fallback, traced)
     lam = schedule.value_at(damping, state.count, damping_override)
     dtype = state.diagonals[0].dtype if state.diagonals else jnp.float32
     lam = jnp.asarray(lam, dtype)
@@ -215,28 +216,6 @@ def guessed_entries(leaves, dtype, mode: str, max_factor_dim: int):
   return tuple(factors), tuple(inverses), tuple(traces)
 
 
-def warn_unfactored(name, plan, fallback, traced):
-  """One warning per layer without a block (at trace time, so once per
-  compilation), naming the layer and what to do; one more when over 10 % of
-  the parameters get no block, naming the largest."""
-  for _, layer, reason in plan.unfactored_layers:
-    warnings.warn(f"{name}: layer {layer.name} ({layer.kind}) gets no "
-                  f"curvature block ({reason}); it falls back to "
-                  f"fallback={fallback!r}.", stacklevel=3)
-  sizes = [math.prod(s) for s in traced.param_shapes]
-  bare = [leaf for _, layer, _ in plan.unfactored_layers
-          for leaf in (layer.kernel, layer.bias) if leaf is not None]
-  bare += list(plan.fallback_leaves)
-  share = sum(sizes[i] for i in bare) / max(sum(sizes), 1)
-  if share > 0.1:
-    largest = sorted(bare, key=lambda i: -sizes[i])[:3]
-    names = ", ".join("/".join(map(str, traced.param_paths[i])) for i in largest)
-    warnings.warn(f"{name}: {100 * share:.0f}% of the parameters get no "
-                  f"curvature block (fallback={fallback!r}); the largest: "
-                  f"{names}. kfe.describe_layers(loss_fn, params, batch) says "
-                  "why.", stacklevel=3)
-
-
 def scale_by_kronecker(loss_fn: Callable[..., Any], variant: KroneckerVariant,
                        **options) -> optax.GradientTransformationExtraArgs:
   """The shared Kronecker-family transform (see ``scale_by_kfac`` for options).
@@ -294,7 +273,7 @@ def _accumulate(plan, traced, st, cb, variant, ema_decay, fallback, dtype,
   factors, traces, diags = list(st.factors), list(st.traces), list(st.diagonals)
   layer_stats = distributed.mean(
       [variant.batch_statistics(
-          table.kronecker_block(kl.layer),
+          table.kronecker_block(kl.layer, product_dtype=variant.product_dtype),
           layer_statistics(cb, kl, traced.num_examples, weight_sharing),
           traced.num_examples, dtype)
        for kl in plan.kronecker], axis_name)
@@ -393,7 +372,7 @@ def _precondition(plan, traced, grads, factors, traces, inverses, diags, lam,
       vg = linalg.leading(getattr(inv, kl.g_side + "_vals"), g_shape[:-1])
       lam_l = layer_factors(kl, factors[layer.kernel], traces[layer.kernel],
                              variant, lam)[2]
-    return table.kronecker_block(layer, mode).apply(
+    return table.kronecker_block(layer, mode, variant.product_dtype).apply(
         kronecker.KroneckerInverseData(ia, ig, va, vg), v, lam_l)
 
   out = plan_lib.precondition_layers(plan, grads, lam.dtype, apply)

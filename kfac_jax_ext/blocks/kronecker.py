@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,11 +75,23 @@ def init_inverse(shape, dtype, mode: str) -> KroneckerInverse:
                           vals(r), vals(c))
 
 
-def homogeneous_gram(a, has_bias: bool, weights=None):
+def matmul(x, y, product_dtype=None):
+  """``x @ y`` in ``x``'s dtype; with ``product_dtype`` (e.g. bfloat16) the
+  inputs are rounded to it and the products accumulated in ``x``'s dtype
+  (``preferred_element_type``): per entry ``|error| ≤ (2u + u²)(|x||y|)``
+  plus the accumulation's rounding, u the unit roundoff of
+  ``product_dtype`` (2⁻⁸ for bfloat16)."""
+  if product_dtype is None:
+    return x @ y
+  return jnp.matmul(x.astype(product_dtype), y.astype(product_dtype),
+                    preferred_element_type=x.dtype)
+
+
+def homogeneous_gram(a, has_bias: bool, weights=None, product_dtype=None):
   """``Σ_tok w ā āᵀ`` (unnormalised) with ``ā = [a; 1]`` when ``has_bias``,
   without materialising the ones column."""
   aw = a if weights is None else a * weights[:, None]
-  gram = a.T @ aw
+  gram = matmul(a.T, aw, product_dtype)
   if not has_bias:
     return gram
   s = jnp.sum(aw, axis=0)
@@ -89,12 +101,14 @@ def homogeneous_gram(a, has_bias: bool, weights=None):
   return jnp.concatenate([top, bottom], axis=0)
 
 
-def batch_factors(a, g, has_bias: bool, num_examples, dtype):
-  """``(A_b, G_b)`` of one batch from ``a [K, d_in]`` and ``g [K, d_out]``."""
+def batch_factors(a, g, has_bias: bool, num_examples, dtype,
+                  product_dtype=None):
+  """``(A_b, G_b)`` of one batch from ``a [K, d_in]`` and ``g [K, d_out]``
+  (the products' inputs in ``product_dtype`` if given: ``matmul``)."""
   a = a.astype(dtype)
   g = g.astype(dtype)
-  return (homogeneous_gram(a, has_bias) / a.shape[0],
-          (g.T @ g) / jnp.asarray(num_examples, dtype))
+  return (homogeneous_gram(a, has_bias, product_dtype=product_dtype) / a.shape[0],
+          matmul(g.T, g, product_dtype) / jnp.asarray(num_examples, dtype))
 
 
 def refresh(a, g, damping, mode: str):
@@ -114,13 +128,17 @@ def refresh(a, g, damping, mode: str):
   return inv_a, inv_g, None, None, ok_a & ok_g
 
 
-def precondition(v, inv_a, inv_g, vals_a, vals_g, damping, mode: str):
-  """Applies the damped block inverse to the canonical gradient matrix ``v``."""
+def precondition(v, inv_a, inv_g, vals_a, vals_g, damping, mode: str,
+                 product_dtype=None):
+  """Applies the damped block inverse to the canonical gradient matrix ``v``
+  (the GEMMs' inputs in ``product_dtype`` if given: ``matmul``; the
+  eigenvalue division stays in the factors' dtype)."""
+  mm = lambda x, y: matmul(x, y, product_dtype)
   if mode == "tikhonov":
-    rotated = inv_a.T @ v @ inv_g
+    rotated = mm(mm(inv_a.T, v), inv_g)
     rotated = rotated / (vals_a[:, None] * vals_g[None, :] + damping)
-    return inv_a @ rotated @ inv_g.T
-  return inv_a @ v @ inv_g
+    return mm(mm(inv_a, rotated), inv_g.T)
+  return mm(mm(inv_a, v), inv_g)
 
 
 def init_layer_entry(a_shape, g_shape, a_side: str, dtype, mode: str):
@@ -155,8 +173,13 @@ class Kronecker(base.CurvatureBlock):
 
   Attributes:
     mode: ``"tikhonov"`` or ``"factored"`` damping.
+    product_dtype: None, or the dtype the factor products' and the
+      preconditioning GEMMs' inputs are rounded to (accumulated in the
+      factors' dtype; ``matmul``). Dense and conv blocks; embedding and tied
+      blocks ignore it.
   """
   mode: str = "tikhonov"
+  product_dtype: Any = None
 
   @property
   def batched(self) -> bool:
@@ -176,7 +199,8 @@ class Kronecker(base.CurvatureBlock):
   def batch_statistics(self, stats, num_examples, dtype):
     """``(A_b, G_b)`` from the tokens ``stats = (a [K, d_in], g [K, d_out])``."""
     a, g = stats
-    one = lambda x, y: batch_factors(x, y, self.has_bias, num_examples, dtype)
+    one = lambda x, y: batch_factors(x, y, self.has_bias, num_examples, dtype,
+                                     self.product_dtype)
     return jax.vmap(one)(a, g) if self.batched else one(a, g)
 
   def refresh(self, estimate, damping):
@@ -191,7 +215,7 @@ class Kronecker(base.CurvatureBlock):
 
   def apply(self, inverse, v, damping):
     one = lambda x, ia, ig, va, vg, lam: precondition(x, ia, ig, va, vg, lam,
-                                                      self.mode)
+                                                      self.mode, self.product_dtype)
     if self.batched:
       return jax.vmap(one)(v, *inverse, jnp.broadcast_to(damping, v.shape[:1]))
     return one(v, *inverse, damping)

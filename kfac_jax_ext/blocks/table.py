@@ -21,7 +21,8 @@ KRONECKER_BLOCKS = {
 }
 
 
-def kronecker_block(layer, mode: str = "tikhonov") -> base.CurvatureBlock:
+def kronecker_block(layer, mode: str = "tikhonov",
+                    product_dtype=None) -> base.CurvatureBlock:
   """The Kronecker-family block of a dense, conv, embedding or tied layer.
 
   Raises:
@@ -34,4 +35,4 @@ def kronecker_block(layer, mode: str = "tikhonov") -> base.CurvatureBlock:
     raise ValueError(f"layer {layer.name} of kind {layer.kind!r} has no "
                      "Kronecker block (kinds with one: "
                      f"{sorted(KRONECKER_BLOCKS)}).") from None
-  return kind(layer, mode)
+  return kind(layer, mode, product_dtype)
