@@ -17,6 +17,11 @@
    with ``.at[:n, :n].set`` (a scatter) against ``linalg.set_leading``
    (the value itself, or a dynamic update slice). They cost about the same
    (2-4 ms): refreshes use ``set_leading`` for its shape check, not speed.
+6. ``product_dtype="bfloat16"`` (``blocks/kronecker.matmul``): the
+   autoencoder's preconditioning GEMMs and factor products in float32 and
+   with bfloat16 inputs, and one 1000x1000 Gram ``xᵀx`` against ``x @ y``:
+   XLA CPU's fast bfloat16 path takes the plain ``x @ y`` layout, not the
+   transposed contraction of a factor product.
 """
 
 from __future__ import annotations
@@ -156,6 +161,34 @@ def sampling_keys():
           f"{_median_ms(per_example, key, p, repeats=30):6.2f} ms")
 
 
+def bfloat16_products():
+  from kfac_jax_ext.blocks import kronecker
+  sizes = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
+  key = jax.random.PRNGKey(0)
+  normal = lambda i, shape: jax.random.normal(jax.random.fold_in(key, i), shape)
+  layers = [(normal(3 * i, (m + 1, n)), normal(3 * i + 1, (m + 1, m + 1)),
+             normal(3 * i + 2, (n, n)))
+            for i, (m, n) in enumerate(zip(sizes, sizes[1:]))]
+  acts = [normal(100 + i, (1000, m)) for i, m in enumerate(sizes)]
+  bf16 = jnp.bfloat16
+  print("autoencoder, float32 against bfloat16 GEMM inputs:")
+  for dtype in (None, bf16):
+    pre = jax.jit(lambda ls, d=dtype: [kronecker.precondition(
+        v, ia, ig, None, None, 0.1, "factored", d) for v, ia, ig in ls])
+    fac = jax.jit(lambda xs, d=dtype: [kronecker.batch_factors(
+        xs[i], xs[i + 1], True, 1000, jnp.float32, d) for i in range(8)])
+    name = "bfloat16" if dtype else "float32"
+    print(f"  precondition, {name:<9}{_median_ms(pre, layers):8.1f} ms")
+    print(f"  factor products, {name:<6}{_median_ms(fac, acts):8.1f} ms")
+  x = normal(200, (1000, 1000))
+  mm = lambda a, b: jnp.matmul(a.astype(bf16), b.astype(bf16),
+                               preferred_element_type=jnp.float32)
+  print("one 1000x1000x1000 GEMM:")
+  print(f"  float32 x.T @ x              {_median_ms(jax.jit(lambda x: x.T @ x), x):8.1f} ms")
+  print(f"  bfloat16 x.T @ x             {_median_ms(jax.jit(lambda x: mm(x.T, x)), x):8.1f} ms")
+  print(f"  bfloat16 x @ x               {_median_ms(jax.jit(lambda x: mm(x, x)), x):8.1f} ms")
+
+
 if __name__ == "__main__":
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
   conv_in_cond()
@@ -163,3 +196,4 @@ if __name__ == "__main__":
   sampling_keys()
   cond_pass_through()
   slot_writes()
+  bfloat16_products()

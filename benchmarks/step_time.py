@@ -24,7 +24,8 @@ parameter shapes alone (no ``example_batch``: padded slots per leaf), so the
 two layouts are compared in one run. With ``--stats-batch 500,250``, also
 ``make_train_step`` with ``kfe.kfac(..., stats_batch=500)`` (250): the
 statistics from the batch's first 500 (250) examples, the gradient from the
-whole batch (Martens & Grosse §8).
+whole batch (Martens & Grosse §8). With ``--product-dtype bfloat16``, also
+``make_train_step`` with ``kfe.kfac(..., product_dtype="bfloat16")``.
 
 Each step is timed after compilation, all optimizers interleaved in rounds
 of 10 steps; reported: the median step and the amortized mean over whole
@@ -227,7 +228,8 @@ def _model(name, x_train, y_train):
   return kfe_loss, kfac_jax_loss, params, batches
 
 
-def run_model(name, rounds, x_train, y_train, layouts=False, stats_batch=()):
+def run_model(name, rounds, x_train, y_train, layouts=False, stats_batch=(),
+              product_dtype=None):
   kfe_loss, kfac_jax_loss, params, batches = _model(name, x_train, y_train)
   # the README's optimizer: the state laid out from example_batch
   equal = dict(damping=1e-3, damping_mode="factored", example_batch=batches[0])
@@ -249,6 +251,11 @@ def run_model(name, rounds, x_train, y_train, layouts=False, stats_batch=()):
       timed[f"make_train_step, stats_batch={n} ({every}, {inverse})"] = (
           train_step(kfac(every, inverse, stats_batch=n), kfe_loss, params,
                      batches))
+  if product_dtype:   # the GEMMs' inputs rounded (blocks/kronecker.matmul)
+    for every, inverse in ((1, 5), (10, 10)):
+      timed[f"make_train_step, {product_dtype} products ({every}, {inverse})"] = (
+          train_step(kfac(every, inverse, product_dtype=product_dtype),
+                     kfe_loss, params, batches))
   if layouts:   # the same steps with the state laid out from parameter shapes
     for every, inverse in ((1, 5), (10, 10)):
       timed[f"shape layout: make_train_step ({every}, {inverse})"] = train_step(
@@ -280,6 +287,9 @@ def timing_args(doc, argv):
   parser.add_argument("--stats-batch", default="",
                       help="comma-separated sizes n: also time make_train_step "
                            "with kfe.kfac(..., stats_batch=n)")
+  parser.add_argument("--product-dtype", default=None,
+                      help="e.g. bfloat16: also time make_train_step with "
+                           "kfe.kfac(..., product_dtype=...)")
   return parser.parse_args(argv)
 
 
@@ -292,7 +302,8 @@ def main(argv=None):
              "models": {}}
   for name in args.models.split(","):
     rows = run_model(name, args.rounds, x_train, y_train, args.layouts,
-                     [int(n) for n in args.stats_batch.split(",") if n])
+                     [int(n) for n in args.stats_batch.split(",") if n],
+                     args.product_dtype)
     results["models"][name] = rows
     adam = rows["optax.adam"]
     kj = rows.get(KFAC_JAX)

@@ -45,9 +45,11 @@ def test_adaptive_trace_runs_both_model_terms_and_gamma(capsys):
 
 
 def test_step_time_runs_without_kfac_jax_or_with_it(capsys):
-  step_time.main(["--models", "mlp", "--rounds", "1"])
+  step_time.main(["--models", "mlp", "--rounds", "1", "--product-dtype",
+                  "bfloat16"])
   out = capsys.readouterr().out
   assert "kfe.make_train_step (10, 10)" in out and "optax.adam" in out
+  assert "make_train_step, bfloat16 products (1, 5)" in out
 
 
 def test_thread_spin_runs(capsys, monkeypatch):
