@@ -11,7 +11,7 @@ and the loss jumps.
 
 Run: ``python -m benchmarks.two_level_trace [--combine multiplicative]
 [--coarse-space nicolaides|...|none] [--fine-scale model|none] [--steps 20]
-[--lr 0.1] [--damping 0.3]``.
+[--lr 0.1] [--damping 0.3] [--fisher-products statistics|ggn] [--quiet]``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--lr", type=float, default=0.1)
   parser.add_argument("--damping", type=float, default=0.3)
+  parser.add_argument("--fisher-products", default="statistics",
+                      help="statistics (the sampled Fisher of the statistics "
+                           "pass) or ggn (the batch's exact GGN)")
+  parser.add_argument("--quiet", action="store_true",
+                      help="print every 10th step and the last")
   args = parser.parse_args(argv)
   space = None if args.coarse_space == "none" else args.coarse_space
   task = tasks.make_task("autoencoder")
@@ -46,7 +51,8 @@ def main(argv=None):
                 example_batch=task.sample_batch(np.random.default_rng(0)))
   pre = kfe.scale_by_two_level_kfac(
       task.loss_fn, combine=args.combine, coarse_space=space,
-      coarse_matrix="exact", fine_scale=args.fine_scale, **common)
+      coarse_matrix="exact", fine_scale=args.fine_scale,
+      fisher_products=args.fisher_products, **common)
   fine = kfe.scale_by_two_level_kfac(task.loss_fn, coarse_space=None, **common)
   opt = optimizers.with_optimizer_steps(pre, args.lr, momentum=0.9,
                                         kl_clip=task.kl_clip)
@@ -71,13 +77,18 @@ def main(argv=None):
             "|update|": jnp.sqrt(dot(updates, updates))}
     return optax.apply_updates(params, updates), new, info
 
-  params, rng = task.params, np.random.default_rng(0)
+  params, rng, losses = task.params, np.random.default_rng(0), []
   state, key = opt.init(params), jax.random.PRNGKey(0)
   for i in range(args.steps):
     key, sub = jax.random.split(key)
     batch = jax.tree_util.tree_map(jnp.asarray, task.sample_batch(rng))
     params, state, info = step(params, state, batch, sub)
-    print(i, " ".join(f"{k} {float(v):.3g}" for k, v in info.items()))
+    losses.append(float(info["loss"]))
+    if not args.quiet or i % 10 == 0 or i == args.steps - 1:
+      print(i, " ".join(f"{k} {float(v):.3g}" for k, v in info.items()))
+  tail = losses[-min(20, len(losses)):]
+  print(f"mean loss of the last {len(tail)} steps: {np.mean(tail):.4g}")
+  return np.array(losses)
 
 
 if __name__ == "__main__":
