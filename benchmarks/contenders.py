@@ -36,7 +36,9 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   from the batch's first N examples, Martens & Grosse §8), swept like
   ``kfac``.
 * ``two_level_COMBINE_SPACE`` (``TWO_LEVEL_VARIANTS``): two-level K-FAC
-  with that combination and coarse space, swept like ``two_level_kfac``.
+  with that combination and coarse space, swept like ``two_level_kfac``;
+  ``two_level_COMBINE_SPACE_ggn``: its Fisher-vector products and per-step
+  ``F_c`` with the batch's exact GGN (``fisher_products="ggn"``).
 * ``natural_gradient``: ``kfe.natural_gradient`` (``blocks="auto"``: per
   layer the cheaper exactly damped Kronecker or Woodbury block,
   ``gram_batch`` as ``tengrad``), swept like the others.
@@ -99,8 +101,8 @@ NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
 # otherwise), Fisher products from the statistics, the fine step
 # model-scaled for multiplicative and balanced.
 TWO_LEVEL_VARIANTS = tuple(
-    f"two_level_{c}_{s}" for c in ("additive", "multiplicative", "balanced")
-    for s in coarse.COARSE_SPACES if s != "parameters")
+    f"two_level_{c}_{s}{ggn}" for c in ("additive", "multiplicative", "balanced")
+    for s in coarse.COARSE_SPACES if s != "parameters" for ggn in ("", "_ggn"))
 
 
 def _suffix_count(name: str, prefix: str):
@@ -246,8 +248,9 @@ def _natural(name, task, alias, options):
                  kl_clip=task.kl_clip, stats_every=task.period,
                  inverse_every=task.period, **options)
 
-  per_step = (options.get("combine", "additive") != "additive" or
-              options.get("coarse_space") in coarse.PER_STEP_SPACES)
+  per_step = options.get("fisher_products") != "ggn" and (
+      options.get("combine", "additive") != "additive" or
+      options.get("coarse_space") in coarse.PER_STEP_SPACES)
   family = ("relative" if options.get("damping_scale") == "relative" else
             "woodbury" if name.startswith("tengrad") else "natural")
   return _fused(name, family, task, make, warmup=2,
@@ -373,9 +376,11 @@ def make_contender(name: str, task) -> Contender:
   if name == "two_level_kfac":
     return _natural(name, task, kfe.two_level_kfac, {})
   if name in TWO_LEVEL_VARIANTS:
-    combine, space = name[len("two_level_"):].split("_", 1)
+    combine, space = name[len("two_level_"):].removesuffix("_ggn").split("_", 1)
+    products = "ggn" if name.endswith("_ggn") else "statistics"
     return _natural(name, task, kfe.two_level_kfac,
-                    {"combine": combine, "coarse_space": space})
+                    {"combine": combine, "coarse_space": space,
+                     "fisher_products": products})
   if name == "kfac_jax":
     return _kfac_jax(task)
   if name in ("kfac_adaptive", "tengrad_adaptive", "kfac_adaptive_relative",

@@ -11,7 +11,7 @@ and the loss jumps.
 
 Run: ``python -m benchmarks.two_level_trace [--combine multiplicative]
 [--coarse-space nicolaides|...|none] [--fine-scale model|none] [--steps 20]
-[--lr 0.1] [--damping 0.3] [--fisher-products statistics|ggn] [--quiet]``.
+[--lr 0.1] [--damping 0.3] [--fisher-products statistics|ggn] [--kl-clip 0.01] [--quiet]``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def main(argv=None):
   parser.add_argument("--fisher-products", default="statistics",
                       help="statistics (the sampled Fisher of the statistics "
                            "pass) or ggn (the batch's exact GGN)")
+  parser.add_argument("--kl-clip", type=float, default=None,
+                      help="κ (default: the task's, 0.01)")
   parser.add_argument("--quiet", action="store_true",
                       help="print every 10th step and the last")
   args = parser.parse_args(argv)
@@ -55,7 +57,7 @@ def main(argv=None):
       fisher_products=args.fisher_products, **common)
   fine = kfe.scale_by_two_level_kfac(task.loss_fn, coarse_space=None, **common)
   opt = optimizers.with_optimizer_steps(pre, args.lr, momentum=0.9,
-                                        kl_clip=task.kl_clip)
+                                        kl_clip=args.kl_clip or task.kl_clip)
   dot = lambda x, y: sum(jnp.vdot(a, b) for a, b in zip(
       jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)))
 
