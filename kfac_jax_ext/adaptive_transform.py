@@ -288,9 +288,9 @@ def quadratic_model_step(
           state.previous_update)
       predicted = qm.model_change(q, b, c)
       alpha, mu = c[0], c[1]
-    else:
+    else:   # the model's damping forms are needed only to measure M(δ)
       delta, inner_state = precondition(lam)
-    damping_form = damping_form_of(inner_state)
+      damping_form = damping_form_of(inner_state)
 
     rho, skipped = state.rho, health.skipped_adaptations
     if damping_adaptation:

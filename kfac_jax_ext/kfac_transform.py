@@ -79,7 +79,8 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
       None (default): the whole batch.
     product_dtype: None (default) or ``"bfloat16"`` / ``"float16"``: the
       inputs of the dense and conv blocks' factor products (``āᵀā``,
-      ``gᵀg``) and preconditioning GEMMs are rounded to it and accumulated
+      ``gᵀg``; TKFAC's weighted factors keep full precision) and
+      preconditioning GEMMs are rounded to it and accumulated
       in the factors' dtype; factors and inverses stay float32 (float64
       with x64). Per GEMM entry the error is at most ``(2u + u²)(|x||y|)``
       plus the accumulation's, u = 2⁻⁸ for bfloat16

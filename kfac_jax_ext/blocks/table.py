@@ -25,6 +25,11 @@ def kronecker_block(layer, mode: str = "tikhonov",
                     product_dtype=None) -> base.CurvatureBlock:
   """The Kronecker-family block of a dense, conv, embedding or tied layer.
 
+  Args:
+    layer: the traced layer.
+    mode: ``"tikhonov"`` or ``"factored"`` damping.
+    product_dtype: None or the GEMM input dtype (``kronecker.Kronecker``).
+
   Raises:
     ValueError: for a layer kind with no Kronecker block (scale-and-shift
       layers have diagonal blocks, ``blocks/diagonal.py``).
