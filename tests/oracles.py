@@ -10,6 +10,8 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
+import kfac_jax_ext as kfe
+
 
 def mlp_init(key, sizes, dtype=jnp.float64):
   params = []
@@ -139,3 +141,19 @@ def exact_fisher(predict, params, loss_of_predictions):
   jac = jax.jacobian(lambda f: predict(unravel(f)))(flat).reshape(z.size, -1)
   hess = jax.hessian(loss_of_predictions)(z).reshape(z.size, z.size)
   return jac.T @ hess @ jac
+
+
+def mlp_classifier_task():
+  """A 4-6-3 tanh MLP, a batch of 10 and its softmax cross-entropy:
+  ``(params, batch, predict(p, b), loss(p, b), loss_of_predictions(z, b))``
+  (float64; ``loss`` calls ``kfe.softmax_cross_entropy``)."""
+  params = mlp_init(jax.random.PRNGKey(0), [4, 6, 3])
+  batch = {"x": jax.random.normal(jax.random.PRNGKey(1), (10, 4)),
+           "y": jax.random.randint(jax.random.PRNGKey(2), (10,), 0, 3)}
+  predict = lambda p, b: mlp_apply(p, b["x"])
+  loss = lambda p, b: kfe.softmax_cross_entropy(predict(p, b), b["y"])
+
+  def loss_of_predictions(z, b):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), b["y"][:, None],
+                                         axis=1))
+  return params, batch, predict, loss, loss_of_predictions

@@ -22,17 +22,7 @@ from tests import oracles
 ravel = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
 
 
-def _mlp_task():
-  params = oracles.mlp_init(jax.random.PRNGKey(0), [4, 6, 3])
-  batch = {"x": jax.random.normal(jax.random.PRNGKey(1), (10, 4)),
-           "y": jax.random.randint(jax.random.PRNGKey(2), (10,), 0, 3)}
-  predict = lambda p, b: oracles.mlp_apply(p, b["x"])
-  loss = lambda p, b: kfe.softmax_cross_entropy(predict(p, b), b["y"])
-
-  def loss_of_predictions(z, b):
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), b["y"][:, None],
-                                         axis=1))
-  return params, batch, predict, loss, loss_of_predictions
+_mlp_task = oracles.mlp_classifier_task
 
 
 class SmallCNN(nn.Module):

@@ -19,17 +19,10 @@ DECAY = 0.5
 
 
 def _task():
-  params = oracles.mlp_init(jax.random.PRNGKey(0), [4, 6, 3])
-  batch = {"x": jax.random.normal(jax.random.PRNGKey(1), (10, 4)),
-           "y": jax.random.randint(jax.random.PRNGKey(2), (10,), 0, 3)}
-  predict = lambda p, b: oracles.mlp_apply(p, b["x"])
-  loss = lambda p, b: kfe.softmax_cross_entropy(predict(p, b), b["y"])
-
-  def loss_of_predictions(z):
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z),
-                                         batch["y"][:, None], axis=1))
-  fisher = lambda p: oracles.exact_fisher(lambda q: predict(q, batch), p,
-                                          loss_of_predictions)
+  params, batch, predict, loss, loss_of_predictions = (
+      oracles.mlp_classifier_task())
+  fisher = lambda p: oracles.exact_fisher(
+      lambda q: predict(q, batch), p, lambda z: loss_of_predictions(z, batch))
   return params, batch, loss, fisher
 
 
