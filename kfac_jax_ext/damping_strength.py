@@ -18,8 +18,8 @@ inverses built for it. ``ω₂ = decay^{T₂}`` with M&G's ``decay = √(19/20)`
 needs inverses built for each γ', and the trial is the refresh.
 
 Example:
-  >>> strengths = candidates(0.04, omega=0.6)      # γ'² for γ, ω₂γ, γ/ω₂
-  >>> index = best_candidate(changes, ok)           # lowest finite M(δ)
+  >>> strengths = candidates(0.04, omega(DEFAULT_DECAY, 20), (1e-8, 1e8))
+  >>> index = best_candidate(changes, ok)     # lowest finite M(δ) per γ'²
   >>> out = select(index, [out0, out1, out2])
 """
 
