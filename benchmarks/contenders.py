@@ -38,7 +38,10 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
 * ``two_level_COMBINE_SPACE`` (``TWO_LEVEL_VARIANTS``): two-level K-FAC
   with that combination and coarse space, swept like ``two_level_kfac``;
   ``two_level_COMBINE_SPACE_ggn``: its Fisher-vector products and per-step
-  ``F_c`` with the batch's exact GGN (``fisher_products="ggn"``).
+  ``F_c`` with the batch's exact GGN (``fisher_products="ggn"``);
+  ``two_level_COMBINE_SPACE_mixed``: the products it uses at full size
+  from the exact GGN, ``F_c`` and the projected ones from the statistics
+  (``fisher_products="mixed"``).
 * ``natural_gradient``: ``kfe.natural_gradient`` (``blocks="auto"``: per
   layer the cheaper exactly damped Kronecker or Woodbury block,
   ``gram_batch`` as ``tengrad``), swept like the others.
@@ -102,7 +105,8 @@ NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
 # model-scaled for multiplicative and balanced.
 TWO_LEVEL_VARIANTS = tuple(
     f"two_level_{c}_{s}{ggn}" for c in ("additive", "multiplicative", "balanced")
-    for s in coarse.COARSE_SPACES if s != "parameters" for ggn in ("", "_ggn"))
+    for s in coarse.COARSE_SPACES if s != "parameters"
+    for ggn in ("", "_ggn", "_mixed"))
 
 
 def _suffix_count(name: str, prefix: str):
@@ -376,8 +380,10 @@ def make_contender(name: str, task) -> Contender:
   if name == "two_level_kfac":
     return _natural(name, task, kfe.two_level_kfac, {})
   if name in TWO_LEVEL_VARIANTS:
-    combine, space = name[len("two_level_"):].removesuffix("_ggn").split("_", 1)
-    products = "ggn" if name.endswith("_ggn") else "statistics"
+    products = next((p for p in ("ggn", "mixed") if name.endswith("_" + p)),
+                    "statistics")
+    combine, space = name[len("two_level_"):].removesuffix(
+        "_" + products).split("_", 1)
     return _natural(name, task, kfe.two_level_kfac,
                     {"combine": combine, "coarse_space": space,
                      "fisher_products": products})

@@ -91,11 +91,11 @@ def check_two_level_options(fine_scale, coarse_batch, fisher_products, options):
   if options.get("stats_batch") is not None:
     raise ValueError("scale_by_two_level_kfac reads the whole batch's statistics"
                      ": leave stats_batch unset (see coarse_batch=).")
-  if coarse_batch is not None and fisher_products == "ggn":
-    raise ValueError("coarse_batch subsamples the statistics' per-example "
-                     "gradients (fisher_products='statistics'); with "
-                     "fisher_products='ggn' pass a smaller batch to update, or "
-                     "leave coarse_batch unset.")
+  if coarse_batch is not None and fisher_products != "statistics":
+    raise ValueError(f"coarse_batch subsamples the statistics' per-example "
+                     f"gradients (fisher_products='statistics'); with "
+                     f"fisher_products={fisher_products!r} pass a smaller batch "
+                     f"to update, or leave coarse_batch unset.")
 
 
 def check_two_level_choices(base, coarse_space, coarse_matrix, combine,
@@ -108,7 +108,7 @@ def check_two_level_choices(base, coarse_space, coarse_matrix, combine,
       ("coarse_matrix", coarse_matrix, coarse.COARSE_MATRICES + (None,)),
       ("combine", combine, coarse.COMBINES),
       ("coarse_damping", coarse_damping, ("consistent", "identity")),
-      ("fisher_products", fisher_products, ("statistics", "ggn"))):
+      ("fisher_products", fisher_products, ("statistics", "ggn", "mixed"))):
     if value not in allowed:
       raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
   if coarse_matrix == "kronecker" and fisher_products == "ggn":
@@ -116,6 +116,12 @@ def check_two_level_choices(base, coarse_space, coarse_matrix, combine,
                      "GGN; coarse_matrix='kronecker' (Tselepidis' approximation "
                      "from the statistics) does not apply: leave coarse_matrix "
                      "unset or pass 'exact'.")
+  if (fisher_products == "mixed" and coarse_space is not None and
+      combine != "balanced" and coarse_space not in coarse.PER_STEP_SPACES):
+    raise ValueError(f"fisher_products='mixed' makes the products used at full "
+                     f"size exact; combine={combine!r} with coarse_space="
+                     f"{coarse_space!r} uses none (only projections on the "
+                     f"coarse space): pass 'statistics' or 'ggn'.")
   if coarse_matrix == "kronecker" and coarse_space not in coarse.RANK_ONE_SPACES:
     raise ValueError(f"coarse_matrix='kronecker' needs rank-one coarse vectors "
                      f"(nicolaides or spectral); use coarse_matrix='exact' with "

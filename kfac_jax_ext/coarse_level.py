@@ -284,11 +284,11 @@ def _model_ratio(num, den):
 
 
 def projected_multiplicative(fisher, layers, inverse, v, b, precondition,
-                             scaled, size, dtype):
+                             scaled, size, dtype, lifted=None):
   """The multiplicative step ``αb + Rᵀ F_c⁻¹(Rv − αR F_λb)`` (``b = M⁻¹v``;
   ``α = bᵀv / bᵀF_λb`` when ``scaled``, else 1) with one forward pass over
   the tokens. Returns ``(Δ per layer, α)``."""
-  del precondition                     # the signature of projected_balanced
+  del precondition, lifted             # the signature of projected_balanced
   rfb, bfb = coarse_product(fisher, layers, b, size, dtype)
   alpha = (_model_ratio(sum(jnp.vdot(x, y) for x, y in zip(b, v)), bfb)
            if scaled else jnp.ones([], dtype))
@@ -297,15 +297,18 @@ def projected_multiplicative(fisher, layers, inverse, v, b, precondition,
 
 
 def projected_balanced(fisher, layers, inverse, v, b, precondition, scaled,
-                       size, dtype):
+                       size, dtype, lifted=None):
   """The balanced step ``α(w − QF_λw) + y`` with ``y = Qv``,
   ``z = v − F_λy``, ``w = M⁻¹z`` (``α = wᵀz / wᵀF_λw`` when ``scaled``):
-  one transposed and one forward pass over the tokens. Returns
-  ``(Δ per layer, α)``."""
+  one transposed and one forward pass over the tokens (``lifted``: another
+  ``xs ↦ F_λxs`` for ``F_λy``, the product ``M⁻¹`` is applied to, e.g. the
+  exact GGN's). Returns ``(Δ per layer, α)``."""
   del b
   beta = inverse @ project_all(layers, v, size, dtype)
   y = lift_all(layers, beta)
-  z = [x - f for x, f in zip(v, lifted_product(fisher, layers, beta))]
+  fy = (lifted_product(fisher, layers, beta) if lifted is None
+        else lifted(y))
+  z = [x - f for x, f in zip(v, fy)]
   w = precondition(z)
   rfw, wfw = coarse_product(fisher, layers, w, size, dtype)
   alpha = (_model_ratio(sum(jnp.vdot(x, y) for x, y in zip(w, z)), wfw)

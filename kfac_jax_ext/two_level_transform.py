@@ -120,7 +120,11 @@ def scale_by_two_level_kfac(
       or ``"ggn"`` (the exact Fisher = GGN ``(1/M)Σ J_nᵀH_nJ_n`` of the
       batch: one forward-mode and one transposed pass per product, one
       forward-mode pass per coarse vector for ``F_c``; no statistics pass
-      needed on non-refresh steps).
+      needed on non-refresh steps) or ``"mixed"`` (the exact GGN for the
+      products used at full size, which ``M⁻¹`` amplifies: balanced's
+      ``F_λQ∇`` and the residual ``∇ − F_λM⁻¹∇`` of the per-step spaces; the
+      statistics for ``F_c`` and the products only projected on R; needs
+      combine="balanced" or a per-step space).
     fine_scale: multiplicative and balanced only. ``"model"`` (default):
       the fine step is ``αM⁻¹``, α the quadratic model's best scale
       ``α = xᵀr / xᵀF_λx`` of the fine direction ``x = M⁻¹r`` (``r = ∇``
@@ -280,6 +284,11 @@ def scale_by_two_level_kfac(
     elif every_step:
       toks = level.tokens(layers, traced, cb, dtype, m)
       fvp = level.statistics_fvp(toks, m, ctx.damping, axis_name)
+    # "mixed": the products used at full size (fed to M⁻¹ or a basis) from
+    # the exact GGN; F_c and the projected ones from the statistics
+    full_fvp = level.ggn_fvp(layers, curvature_products.fisher_operator(
+        traced, params, batch, axis_name=axis_name), grads, shapes,
+        ctx.damping, dtype) if fisher_products == "mixed" else None
     # A fixed space's multiplicative and balanced steps need F_λx only
     # projected (R F_λx, xᵀF_λx) or lifted (F_λRᵀβ): half the token passes
     projected = (every_step and not ggn and combine != "additive"
@@ -292,7 +301,7 @@ def scale_by_two_level_kfac(
     residual, alpha = None, jnp.ones([], dtype)
     if coarse_space in coarse.NEEDS_RESIDUAL or (
         combine == "multiplicative" and not projected):
-      fb = fvp(b)
+      fb = (full_fvp or fvp)(b)
       if scaled and combine == "multiplicative":
         alpha = level.model_scale(b, v, fb)
         b, fb = [alpha * x for x in b], [alpha * x for x in fb]
@@ -352,12 +361,12 @@ def scale_by_two_level_kfac(
       combined = (level.projected_multiplicative if combine == "multiplicative"
                   else level.projected_balanced)
       delta, alpha = combined(sf, layers, inverse, v, b, precondition, scaled,
-                              size, dtype)
+                              size, dtype, lifted=full_fvp)
     elif combine == "multiplicative":
       delta = [bi + ci for bi, ci in zip(b, q(residual))]
     else:
       y = q(v)
-      z = sub(v, fvp(y))
+      z = sub(v, (full_fvp or fvp)(y))
       w = precondition(z)
       fw = fvp(w)
       if scaled:

@@ -162,6 +162,53 @@ def test_ggn_products_equal_the_closed_form_with_the_exact_fisher(combine):
                              atol=1e-10 * float(jnp.max(jnp.abs(exact))))
 
 
+@pytest.mark.parametrize("space,combine", [("nicolaides", "balanced"),
+                                          ("residual", "balanced"),
+                                          ("residual", "multiplicative")])
+def test_mixed_products_take_the_full_size_ones_from_the_ggn(space, combine):
+  """``fisher_products="mixed"``: the products fed to ``M⁻¹`` or to a basis
+  (``F_λQ∇``, the residual ``∇ − F_λM⁻¹∇``) with the exact GGN ``F_g``;
+  ``F_c`` and the projected products with the statistics' ``F_s``."""
+  loss, params, batch = _mlp(squared=True)
+  grad, u = _brute(loss, params, batch)
+  f_s = u @ u.T / u.shape[1] + LAM * jnp.eye(u.shape[0])
+  f_g = _ggn(params, batch) + LAM * jnp.eye(u.shape[0])
+  minv = _base_inverse(loss, params, batch)
+  masks = _nicolaides_rows(params)
+  r = (masks if space == "nicolaides" else
+       _space_rows(space, masks, minv, grad - f_g @ minv(grad)))
+  q = r.T @ jnp.linalg.solve(r @ f_s @ r.T, r)
+  if combine == "multiplicative":
+    b = minv(grad)
+    expected = b + q @ (grad - f_g @ b)
+  else:
+    y = q @ grad
+    w = minv(grad - f_g @ y)
+    expected = w - q @ f_s @ w + y
+  delta, _ = _direction(loss, params, batch, combine=combine, coarse_space=space,
+                        fisher_products="mixed", fine_scale="none")
+  scale = float(jnp.max(jnp.abs(expected)))
+  np.testing.assert_allclose(delta, expected, rtol=0, atol=1e-9 * scale)
+  # neither all-statistics nor all-GGN: the test can tell the three apart
+  for products in ("statistics", "ggn"):
+    other, _ = _direction(loss, params, batch, combine=combine,
+                          coarse_space=space, fisher_products=products,
+                          fine_scale="none")
+    assert float(jnp.max(jnp.abs(other - delta))) > 1e-4 * scale
+
+
+def test_mixed_products_without_a_full_size_product_are_refused():
+  loss, _, _ = _mlp(squared=True)
+  for combine, space in (("additive", "nicolaides"),
+                         ("multiplicative", "spectral")):
+    with pytest.raises(ValueError, match="uses none"):
+      kfe.scale_by_two_level_kfac(loss, combine=combine, coarse_space=space,
+                                  fisher_products="mixed")
+  with pytest.raises(ValueError, match="fisher_products='mixed'"):
+    kfe.scale_by_two_level_kfac(loss, combine="balanced",
+                                fisher_products="mixed", coarse_batch=8)
+
+
 def test_ggn_products_need_no_statistics_between_refreshes_and_bad_options_raise():
   loss, params, batch = _mlp(squared=True)
   tx = kfe.scale_by_two_level_kfac(loss, combine="multiplicative",
