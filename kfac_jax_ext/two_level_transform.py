@@ -289,12 +289,10 @@ def scale_by_two_level_kfac(
     full_fvp = level.ggn_fvp(layers, curvature_products.fisher_operator(
         traced, params, batch, axis_name=axis_name), grads, shapes,
         ctx.damping, dtype) if fisher_products == "mixed" else None
-    # A fixed space's multiplicative and balanced steps need F_λx only
-    # projected (R F_λx, xᵀF_λx) or lifted (F_λRᵀβ): half the token passes
-    projected = (every_step and not ggn and combine != "additive"
-                 and coarse_space not in coarse.PER_STEP_SPACES)
-    coeffs = (level.example_coefficients(layers, toks, size, dtype)
-              if projected else None)
+    # Balanced steps, and multiplicative ones on a fixed space, need F_λx
+    # only projected (R F_λx, xᵀF_λx) or lifted (F_λRᵀβ): half the token passes
+    projected = (every_step and not ggn and combine != "additive" and (
+        combine == "balanced" or coarse_space not in coarse.PER_STEP_SPACES))
     sub = lambda xs, ys: [x - y for x, y in zip(xs, ys)]
     precondition = lambda xs: level.to_matrices(layers, ctx.precondition(
         level.write(layers, grads, xs, shapes)), dtype)
@@ -309,6 +307,8 @@ def scale_by_two_level_kfac(
     if coarse_space in coarse.PER_STEP_SPACES:
       layers = level.per_step_bases(coarse_space, layers, residual,
                                      precondition)
+    coeffs = (level.example_coefficients(layers, toks, size, dtype)
+              if projected else None)
 
     def batch_matrices():
       if ggn:
