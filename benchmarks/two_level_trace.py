@@ -11,7 +11,7 @@ and the loss jumps.
 
 Run: ``python -m benchmarks.two_level_trace [--combine multiplicative]
 [--coarse-space nicolaides|...|none] [--fine-scale model|none] [--steps 20]
-[--lr 0.1] [--damping 0.3] [--fisher-products statistics|ggn] [--kl-clip 0.01] [--quiet]``.
+[--lr 0.1] [--damping 0.3] [--fisher-products statistics|ggn|mixed] [--kl-clip 0.01] [--quiet]``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def main(argv=None):
   parser.add_argument("--damping", type=float, default=0.3)
   parser.add_argument("--fisher-products", default="statistics",
                       help="statistics (the sampled Fisher of the statistics "
-                           "pass) or ggn (the batch's exact GGN)")
+                           "pass), ggn (the batch's exact GGN) or mixed (the "
+                           "GGN for the products fed to M⁻¹)")
   parser.add_argument("--kl-clip", type=float, default=None,
                       help="κ (default: the task's, 0.01)")
   parser.add_argument("--quiet", action="store_true",
