@@ -13,6 +13,10 @@ parameter leaves. Two sources of curvature (``fisher_products``):
   one transposed pass, ``F_c = R F Rᵀ`` one forward-mode pass per coarse
   vector. Its expectation is what the sampled Fisher estimates, without the
   sampling noise of a rank-≤M matrix.
+
+``"mixed"`` (in ``two_level_transform``) takes the second only for the
+products used at full size (``projected_balanced``'s ``lifted``, the
+residual of the per-step spaces) and the first for the rest.
 """
 
 from __future__ import annotations

@@ -366,7 +366,7 @@ def scale_by_two_level_kfac(
       delta = [bi + ci for bi, ci in zip(b, q(residual))]
     else:
       y = q(v)
-      z = sub(v, (full_fvp or fvp)(y))
+      z = sub(v, fvp(y))                  # ggn only: the others are projected
       w = precondition(z)
       fw = fvp(w)
       if scaled:
