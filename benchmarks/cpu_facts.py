@@ -22,6 +22,19 @@
    with bfloat16 inputs, and one 1000x1000 Gram ``xᵀx`` against ``x @ y``:
    XLA CPU's fast bfloat16 path takes the plain ``x @ y`` layout, not the
    transposed contraction of a factor product.
+7. The autoencoder's 16 factor products as one GEMM each against the upper
+   triangle of ~330-column blocks (a ``syrk`` from GEMMs: 2/3 of the FLOPs
+   for a 1001-column factor), interleaved in 5 rounds: why factor products
+   stay one GEMM. The saving is real in isolation (68.2 → 57.4 ms,
+   2026-12-02, ``OPENBLAS_NUM_THREADS=1``), but in two paired runs of the
+   whole ``make_train_step`` at (1, 5) the median step moved 266.9 → 250.7
+   and 253.5 → 248.4 ms (amortized 334.8 → 299.7 and 301.9 → 298.9, kfac-jax
+   318.7 and 318.8; the MLP's 784-wide factor: no change), and at the
+   benchmarks' periods of 5–10 a statistics step is one in 5–10: under 1 %
+   of time-to-target, so it was not kept.
+
+``python -m benchmarks.cpu_facts [SECTION ...]`` runs the named sections only
+(the function names below, e.g. ``symmetric_products``).
 """
 
 from __future__ import annotations
@@ -189,11 +202,57 @@ def bfloat16_products():
   print(f"  bfloat16 x @ x               {_median_ms(jax.jit(lambda x: mm(x, x)), x):8.1f} ms")
 
 
+def _upper_triangle_gram(x, block=330):
+  """``xᵀx`` from the upper triangle of column blocks (``round(n / block)``
+  of them): the ``i ≤ j`` block products, the lower ones their transposes;
+  ``(k+1)/2k`` of the FLOPs (BLAS's ``syrk``; XLA emits none)."""
+  n = x.shape[1]
+  k = max(1, round(n / block))
+  edges = [round(i * n / k) for i in range(k + 1)]
+  cols = [x[:, edges[i]:edges[i + 1]] for i in range(k)]
+  upper = {(i, j): cols[i].T @ cols[j] for i in range(k) for j in range(i, k)}
+  return jnp.concatenate([jnp.concatenate(
+      [upper[i, j] if j >= i else upper[j, i].T for j in range(k)], axis=1)
+      for i in range(k)], axis=0)
+
+
+def symmetric_products(rounds=5):
+  sizes = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
+  key = jax.random.PRNGKey(0)
+  # inputs (with the bias column) and output gradients drawn apart (as one
+  # array, XLA would share a layer's G with the next layer's A)
+  xs = []
+  for i, (m, n) in enumerate(zip(sizes, sizes[1:])):
+    xs.append(jax.random.normal(jax.random.fold_in(key, 2 * i), (1000, m + 1)))
+    xs.append(jax.random.normal(jax.random.fold_in(key, 2 * i + 1), (1000, n)))
+  programs = {"one GEMM each (used)": jax.jit(lambda xs: [x.T @ x for x in xs]),
+              "upper block triangle, 330-column blocks":
+                  jax.jit(lambda xs: [_upper_triangle_gram(x) for x in xs])}
+  err = max(float(jnp.max(jnp.abs(p - q)) / jnp.max(jnp.abs(q))) for p, q in zip(
+      *[fn(xs) for fn in programs.values()]))
+  times = {name: [] for name in programs}
+  for _ in range(rounds):
+    for name, fn in programs.items():
+      times[name].append(_median_ms(fn, xs))
+  print("the autoencoder's 16 factor products (batch 1000), median of "
+        f"{rounds} interleaved rounds:")
+  for name, t in times.items():
+    print(f"  {name:<42}{np.median(t):8.1f} ms")
+  print(f"  largest relative difference {err:.1e}")
+
+
+SECTIONS = (conv_in_cond, inverse_options, sampling_keys, cond_pass_through,
+            slot_writes, bfloat16_products, symmetric_products)
+
+
 if __name__ == "__main__":
+  import sys
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
-  conv_in_cond()
-  inverse_options()
-  sampling_keys()
-  cond_pass_through()
-  slot_writes()
-  bfloat16_products()
+  chosen = sys.argv[1:]
+  unknown = set(chosen) - {f.__name__ for f in SECTIONS}
+  if unknown:
+    raise SystemExit(f"unknown section(s) {sorted(unknown)}; choose from "
+                     f"{[f.__name__ for f in SECTIONS]}")
+  for section in SECTIONS:
+    if not chosen or section.__name__ in chosen:
+      section()
