@@ -3,9 +3,10 @@
 1. XLA CPU runs convolutions inside ``lax.cond`` branches several times slower
    than outside: why ``statistics_pass`` keeps the forward and the gradient
    outside its conditional.
-2. Ways to get a damped inverse of SPD factors of the autoencoder's sizes, and
-   the per-step cost of applying one: why refreshes use an LU inverse and
-   steps multiply by the explicit inverse.
+2. Ways to get a damped inverse of SPD factors of the autoencoder's sizes
+   (time and float32 residual), and the per-step cost of applying one: why
+   refreshes use block elimination (``linalg.spd_inverse``: GEMMs, LU only
+   on blocks of ≤ 128 rows) and steps multiply by the explicit inverse.
 3. The cost of drawing sampled targets with one key per example (the global
    index, so draws do not depend on how a batch is split over devices)
    against one draw for the whole array.
@@ -83,30 +84,37 @@ def conv_in_cond():
 def inverse_options():
   dims = AE_FACTOR_DIMS
   mats = []
-  for i, n in enumerate(dims):
-    x = jax.random.normal(jax.random.PRNGKey(i), (1000, n))
+  for i, n in enumerate(dims):    # columns of unequal scale: a spread spectrum
+    x = jax.random.normal(jax.random.PRNGKey(i), (1000, n)) * jax.random.uniform(
+        jax.random.PRNGKey(100 + i), (n,), minval=0.01, maxval=3.0)
     mats.append(x.T @ x / 1000)
-  lam = 1e-2
+  lam = 1e-3
+  damp = lambda m: m + lam * jnp.eye(m.shape[0])
 
   def tri_inverse(m):
-    chol = jnp.linalg.cholesky(m + lam * jnp.eye(m.shape[0]))
+    chol = jnp.linalg.cholesky(damp(m))
     li = jax.lax.linalg.triangular_solve(chol, jnp.eye(m.shape[0]), left_side=True,
                                          lower=True)
     return li.T @ li
 
   options = {
-      "linalg.damped_inverse (used: LU)": lambda ms: [
+      "linalg.damped_inverse (used: blocks, LU at 128)": lambda ms: [
           linalg.damped_inverse(m, lam)[0] for m in ms],
+      "LU of the whole matrix (jnp.linalg.inv)": lambda ms: [
+          jnp.linalg.inv(damp(m)) for m in ms],
       "cholesky + cho_solve": lambda ms: [jax.scipy.linalg.cho_solve(
-          (jnp.linalg.cholesky(m + lam * jnp.eye(m.shape[0])), True),
-          jnp.eye(m.shape[0])) for m in ms],
+          (jnp.linalg.cholesky(damp(m)), True), jnp.eye(m.shape[0])) for m in ms],
       "cholesky + triangular inverse + GEMM": lambda ms: [tri_inverse(m) for m in ms],
-      "cholesky only (apply by solves)": lambda ms: [jnp.linalg.cholesky(
-          m + lam * jnp.eye(m.shape[0])) for m in ms],
   }
-  print("refresh: damped inverses of the 16 autoencoder factors:")
+  print("refresh: damped inverses (λ = 1e-3) of the 16 autoencoder factors, "
+        "float32; residual max|X (M + λI) - I|:")
   for name, fn in options.items():
-    print(f"  {name:<38}{_median_ms(jax.jit(fn), mats):8.1f} ms")
+    fn = jax.jit(fn)
+    residual = max(float(jnp.max(jnp.abs(x @ damp(m) - jnp.eye(m.shape[0]))))
+                   for x, m in zip(fn(mats), mats))
+    print(f"  {name:<48}{_median_ms(fn, mats):8.1f} ms   residual {residual:.1e}")
+  chol_only = jax.jit(lambda ms: [jnp.linalg.cholesky(damp(m)) for m in ms])
+  print(f"  {'cholesky only (apply by solves)':<48}{_median_ms(chol_only, mats):8.1f} ms")
   a = mats[2] + lam * jnp.eye(1001)
   chol = jnp.linalg.cholesky(a)
   inv = jnp.linalg.inv(a)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import kfac_jax_ext as kfe
+from kfac_jax_ext import linalg
 from kfac_jax_ext.blocks import kronecker
 from tests import oracles
 
@@ -49,7 +50,11 @@ def test_tikhonov_update_equals_damped_kronecker_solve():
     np.testing.assert_allclose(_matrix(updates[l]), expected, rtol=1e-9, atol=1e-12)
 
 
-def test_factored_update_equals_pi_damped_formula():
+@pytest.mark.parametrize("leaf", [128, 2], ids=["lu", "block_inverse"])
+def test_factored_update_equals_pi_damped_formula(leaf, monkeypatch):
+  """Also with the damped inverses by block elimination down to 2 rows
+  (``linalg.spd_inverse``; the default splits only factors above 128)."""
+  monkeypatch.setattr(linalg, "INVERSE_LEAF", leaf)
   params = oracles.mlp_init(jax.random.PRNGKey(3), [5, 4, 3])
   batch = _batch()
   grads, updates = _kfac_direction(params, batch, damping_mode="factored")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import kfac_jax_ext as kfe
+from kfac_jax_ext import linalg
 from kfac_jax_ext.blocks import woodbury
 from tests import oracles
 
@@ -94,7 +95,11 @@ def _assert_close(actual, expected, rtol=1e-9):
     np.testing.assert_allclose(a, e, rtol=0, atol=rtol * scale)
 
 
-def test_dense_update_equals_woodbury_solve():
+@pytest.mark.parametrize("leaf", [128, 2], ids=["lu", "block_inverse"])
+def test_dense_update_equals_woodbury_solve(leaf, monkeypatch):
+  """Also with the Gram's damped inverse by block elimination down to 2
+  rows (``linalg.spd_inverse``)."""
+  monkeypatch.setattr(linalg, "INVERSE_LEAF", leaf)
   loss, params, batch = _mlp_task()
   _, expected = _oracle(loss, params, batch)
   updates, state = _tengrad(loss, params, batch)
