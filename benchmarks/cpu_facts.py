@@ -24,15 +24,10 @@
    XLA CPU's fast bfloat16 path takes the plain ``x @ y`` layout, not the
    transposed contraction of a factor product.
 7. The autoencoder's 16 factor products as one GEMM each against the upper
-   triangle of ~330-column blocks (a ``syrk`` from GEMMs: 2/3 of the FLOPs
-   for a 1001-column factor), interleaved in 5 rounds: why factor products
-   stay one GEMM. The saving is real in isolation (68.2 → 57.4 ms,
-   2026-12-02, ``OPENBLAS_NUM_THREADS=1``), but in two paired runs of the
-   whole ``make_train_step`` at (1, 5) the median step moved 266.9 → 250.7
-   and 253.5 → 248.4 ms (amortized 334.8 → 299.7 and 301.9 → 298.9, kfac-jax
-   318.7 and 318.8; the MLP's 784-wide factor: no change), and at the
-   benchmarks' periods of 5–10 a statistics step is one in 5–10: under 1 %
-   of time-to-target, so it was not kept.
+   triangle of ~330-column blocks (``gram.symmetric_gram``, a ``syrk`` from
+   GEMMs: 2/3 of the FLOPs for a 1001-column factor), interleaved in 5
+   rounds: why large factors are split on CPU (68.2 → 57.4 ms, 2026-12-02,
+   ``OPENBLAS_NUM_THREADS=1``; in the whole step 3–5 %, ``gram.py``).
 
 ``python -m benchmarks.cpu_facts [SECTION ...]`` runs the named sections only
 (the function names below, e.g. ``symmetric_products``).
@@ -210,20 +205,6 @@ def bfloat16_products():
   print(f"  bfloat16 x @ x               {_median_ms(jax.jit(lambda x: mm(x, x)), x):8.1f} ms")
 
 
-def _upper_triangle_gram(x, block=330):
-  """``xᵀx`` from the upper triangle of column blocks (``round(n / block)``
-  of them): the ``i ≤ j`` block products, the lower ones their transposes;
-  ``(k+1)/2k`` of the FLOPs (BLAS's ``syrk``; XLA emits none)."""
-  n = x.shape[1]
-  k = max(1, round(n / block))
-  edges = [round(i * n / k) for i in range(k + 1)]
-  cols = [x[:, edges[i]:edges[i + 1]] for i in range(k)]
-  upper = {(i, j): cols[i].T @ cols[j] for i in range(k) for j in range(i, k)}
-  return jnp.concatenate([jnp.concatenate(
-      [upper[i, j] if j >= i else upper[j, i].T for j in range(k)], axis=1)
-      for i in range(k)], axis=0)
-
-
 def symmetric_products(rounds=5):
   sizes = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
   key = jax.random.PRNGKey(0)
@@ -233,9 +214,11 @@ def symmetric_products(rounds=5):
   for i, (m, n) in enumerate(zip(sizes, sizes[1:])):
     xs.append(jax.random.normal(jax.random.fold_in(key, 2 * i), (1000, m + 1)))
     xs.append(jax.random.normal(jax.random.fold_in(key, 2 * i + 1), (1000, n)))
-  programs = {"one GEMM each (used)": jax.jit(lambda xs: [x.T @ x for x in xs]),
-              "upper block triangle, 330-column blocks":
-                  jax.jit(lambda xs: [_upper_triangle_gram(x) for x in xs])}
+  from kfac_jax_ext import gram
+  programs = {"one GEMM each": jax.jit(lambda xs: [x.T @ x for x in xs]),
+              f"upper block triangle (used), {gram.BLOCK}-column blocks":
+                  jax.jit(lambda xs: [gram.symmetric_gram(x, blocks=gram.num_blocks(
+                      x.shape[1], backend="cpu")) for x in xs])}
   err = max(float(jnp.max(jnp.abs(p - q)) / jnp.max(jnp.abs(q))) for p, q in zip(
       *[fn(xs) for fn in programs.values()]))
   times = {name: [] for name in programs}
@@ -245,7 +228,7 @@ def symmetric_products(rounds=5):
   print("the autoencoder's 16 factor products (batch 1000), median of "
         f"{rounds} interleaved rounds:")
   for name, t in times.items():
-    print(f"  {name:<42}{np.median(t):8.1f} ms")
+    print(f"  {name:<50}{np.median(t):8.1f} ms")
   print(f"  largest relative difference {err:.1e}")
 
 

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_ext import gram as gram_lib
 from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import linalg
 from kfac_jax_ext.blocks import base
@@ -91,7 +92,7 @@ def homogeneous_gram(a, has_bias: bool, weights=None, product_dtype=None):
   """``Σ_tok w ā āᵀ`` (unnormalised) with ``ā = [a; 1]`` when ``has_bias``,
   without materialising the ones column."""
   aw = a if weights is None else a * weights[:, None]
-  gram = matmul(a.T, aw, product_dtype)
+  gram = gram_lib.symmetric_gram(a, aw, matmul=lambda x, y: matmul(x, y, product_dtype))
   if not has_bias:
     return gram
   s = jnp.sum(aw, axis=0)
@@ -104,11 +105,13 @@ def homogeneous_gram(a, has_bias: bool, weights=None, product_dtype=None):
 def batch_factors(a, g, has_bias: bool, num_examples, dtype,
                   product_dtype=None):
   """``(A_b, G_b)`` of one batch from ``a [K, d_in]`` and ``g [K, d_out]``
-  (the products' inputs in ``product_dtype`` if given: ``matmul``)."""
+  (the products' inputs in ``product_dtype`` if given: ``matmul``; large
+  factors from their upper block triangle on CPU: ``gram.symmetric_gram``)."""
   a = a.astype(dtype)
   g = g.astype(dtype)
+  mm = lambda x, y: matmul(x, y, product_dtype)
   return (homogeneous_gram(a, has_bias, product_dtype=product_dtype) / a.shape[0],
-          matmul(g.T, g, product_dtype) / jnp.asarray(num_examples, dtype))
+          gram_lib.symmetric_gram(g, matmul=mm) / jnp.asarray(num_examples, dtype))
 
 
 def refresh(a, g, damping, mode: str):

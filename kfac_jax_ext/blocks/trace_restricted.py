@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_ext import gram
 from kfac_jax_ext import linalg
 from kfac_jax_ext.blocks import embedding
 from kfac_jax_ext.blocks import kronecker
@@ -124,7 +125,7 @@ def batch_statistics(a, g, has_bias, num_examples, dtype, *, factors: str,
   m = jnp.asarray(num_examples, dtype)
   if factors == "weighted":
     side_a = kronecker.homogeneous_gram(a, has_bias, beta) / m
-    side_g = (g * alpha[:, None]).T @ g / m
+    side_g = gram.symmetric_gram(g * alpha[:, None], g) / m
   else:
     side_a, side_g = kronecker.batch_factors(a, g, has_bias, num_examples, dtype)
   if trace == "exact":
