@@ -17,8 +17,9 @@ blocks of about ``BLOCK = 330`` columns (``round(n / 330)`` blocks: 1001 → 3,
 785 → 2, 500 → 2, 250 → 1) took the autoencoder's 16 factor products from
 68.2 to 57.4 ms (``python -m benchmarks.cpu_facts symmetric_products``), and
 the README's step at (statistics, inverses) every (1, 5) from 306.9 to 291.0
-and 297.5 to 289.5 ms amortized in two paired runs (kfac-jax 350.5 and
-338.5 ms in the same runs); the MLP's 785-row factor gained nothing
+and 297.5 to 289.5 ms amortized in two paired runs (``python -m
+benchmarks.paired_setting kfac_jax_ext.gram.BLOCK 0,330 [--reverse]``;
+kfac-jax 350.5 and 338.5 ms in the same runs); the MLP's 785-row factor gained nothing
 measurable. Only on CPU: accelerators run one large GEMM at a rate small
 blocks do not reach, and TPUs pad blocks to 128 lanes.
 """
@@ -31,16 +32,20 @@ import jax.numpy as jnp
 # Columns per block: n columns make round(n / BLOCK) blocks. 0 turns the
 # splitting off.
 BLOCK = 330
+# More blocks would only add small GEMMs (k(k+1)/2 of them) for a FLOP share
+# that tends to 1/2.
+MAX_BLOCKS = 8
 
 
 def num_blocks(n: int, block: int | None = None, backend: str | None = None) -> int:
   """How many column blocks a Gram product of ``n`` columns is split into:
-  ``round(n / block)`` on CPU, 1 elsewhere or when ``block`` is 0."""
+  ``round(n / block)`` (at most ``MAX_BLOCKS``) on CPU, 1 elsewhere or when
+  ``block`` is 0."""
   block = BLOCK if block is None else block
   backend = backend or jax.default_backend()
   if block <= 0 or backend != "cpu":
     return 1
-  return max(1, round(n / block))
+  return max(1, min(MAX_BLOCKS, round(n / block)))
 
 
 def symmetric_gram(x, y=None, *, matmul=None, blocks: int | None = None):

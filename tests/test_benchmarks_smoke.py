@@ -4,8 +4,11 @@ import jax
 import jax.numpy as jnp
 
 import kfac_jax_ext as kfe
-from benchmarks import (adaptive_trace, models, quickstart, step_phases, step_time,
-                        thread_spin)
+import pytest
+
+from benchmarks import (adaptive_trace, models, paired_setting, quickstart, step_phases,
+                        step_time, thread_spin)
+from kfac_jax_ext import gram
 
 
 def test_quickstart_runs(capsys):
@@ -50,6 +53,16 @@ def test_step_time_runs_without_kfac_jax_or_with_it(capsys):
   out = capsys.readouterr().out
   assert "kfe.make_train_step (10, 10)" in out and "optax.adam" in out
   assert "make_train_step, bfloat16 products (1, 5)" in out
+
+
+def test_paired_setting_times_both_values_and_restores_the_attribute(capsys):
+  paired_setting.main(["kfac_jax_ext.gram.BLOCK", "0,300", "--models", "mlp",
+                       "--rounds", "1"])
+  out = capsys.readouterr().out
+  assert "(1, 5) BLOCK=0" in out and "(10, 10) BLOCK=300" in out
+  assert gram.BLOCK == 330
+  with pytest.raises(SystemExit):
+    paired_setting.main(["kfac_jax_ext.gram.NO_SUCH", "0,1"])
 
 
 def test_thread_spin_runs(capsys, monkeypatch):

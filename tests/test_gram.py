@@ -27,6 +27,7 @@ def test_num_blocks_splits_only_large_factors_and_only_on_cpu():
   assert cpu == [3, 2, 2, 1, 1]
   assert gram.num_blocks(1001, 330, "gpu") == gram.num_blocks(1001, 330, "tpu") == 1
   assert gram.num_blocks(1001, 0, "cpu") == 1
+  assert gram.num_blocks(100_000, 330, "cpu") == gram.MAX_BLOCKS
 
 
 def test_split_factor_products_equal_the_batch_factors_of_one_gemm(monkeypatch):
