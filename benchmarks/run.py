@@ -168,8 +168,10 @@ def parse_args(argv):
                            "(the initial parameters are the task's); the sweep "
                            "uses seed + 1")
   parser.add_argument("--settings-from", default=None,
-                      help="a results JSON: train each optimizer with the setting "
-                           "chosen there (no sweep), e.g. a second seed")
+                      help="a results JSON, or several separated by commas: train "
+                           "each optimizer with the setting chosen there (no sweep; "
+                           "the first file that has the optimizer wins), e.g. a "
+                           "second seed")
   parser.add_argument("--add-to", default=None,
                       help="a results JSON of the same task: run the optimizers "
                            "and add them to it (the target stays its Adam run's)")
@@ -211,16 +213,7 @@ def parse_args(argv):
     parser.error(f"--seed must be >= 0, got {args.seed}")
   args.chosen = {}
   if args.settings_from is not None:
-    try:
-      with open(args.settings_from) as f:
-        earlier = json.load(f)["runs"]
-    except (OSError, ValueError, KeyError) as e:
-      parser.error(f"--settings-from {args.settings_from}: cannot read its runs ({e})")
-    missing = [n for n in names if "chosen" not in earlier.get(n, {})]
-    if missing:
-      parser.error(f"--settings-from {args.settings_from} has no chosen setting for "
-                   f"{missing}; run them with a sweep")
-    args.chosen = {n: earlier[n]["chosen"] for n in names}
+    args.chosen = _chosen_settings(parser, args.settings_from, names)
   args.existing = None
   if args.add_to is not None:
     try:
@@ -245,6 +238,29 @@ def parse_args(argv):
   elif args.replace:
     parser.error("--replace needs --add-to")
   return args
+
+
+def _chosen_settings(parser, settings_from, names):
+  """``{optimizer: chosen setting}`` from one or more comma-separated results
+  files, the first file holding an optimizer's choice winning."""
+  paths = [p.strip() for p in settings_from.split(",") if p.strip()]
+  if not paths:
+    parser.error("--settings-from needs a results JSON")
+  chosen = {}
+  for path in paths:
+    try:
+      with open(path) as f:
+        earlier = json.load(f)["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      parser.error(f"--settings-from {path}: cannot read its runs ({e})")
+    for n in names:
+      if n not in chosen and "chosen" in earlier.get(n, {}):
+        chosen[n] = earlier[n]["chosen"]
+  missing = [n for n in names if n not in chosen]
+  if missing:
+    parser.error(f"--settings-from {settings_from} has no chosen setting for "
+                 f"{missing}; run them with a sweep")
+  return chosen
 
 
 def main(argv=None):

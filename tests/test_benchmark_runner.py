@@ -377,3 +377,22 @@ def test_sweep_extends_the_grid_while_the_best_setting_is_at_its_edge():
   scores, chosen = sweep.sweep(adam, lambda hp: hp["lr"])
   assert chosen == {"lr": 1e-4, "damping": 0.0}   # λ, one value: not extended
   assert [s["hp"]["lr"] for s in scores] == [1e-3, 3e-3, 3e-4, 1e-4]
+
+
+def test_settings_from_several_files_first_holder_wins(tmp_path):
+  first, second = tmp_path / "a.json", tmp_path / "b.json"
+  first.write_text(json.dumps({"runs": {
+      "kfac": {"chosen": {"lr": 0.03, "damping": 0.3}}, "muon": {"error": "x"}}}))
+  second.write_text(json.dumps({"runs": {
+      "kfac": {"chosen": {"lr": 1.0, "damping": 3.0}},
+      "muon": {"chosen": {"lr": 0.01, "damping": 0.0}}}}))
+  args = run.parse_args(["--task", "mlp", "--steps", "3", "--optimizers", "kfac,muon",
+                         "--settings-from", f"{first}, {second}"])
+  assert args.chosen == {"kfac": {"lr": 0.03, "damping": 0.3},
+                         "muon": {"lr": 0.01, "damping": 0.0}}
+  with pytest.raises(SystemExit):      # adam is in neither file
+    run.parse_args(["--task", "mlp", "--steps", "3", "--optimizers", "adam",
+                    "--settings-from", f"{first},{second}"])
+  with pytest.raises(SystemExit):      # an empty list of files
+    run.parse_args(["--task", "mlp", "--steps", "3", "--optimizers", "adam",
+                    "--settings-from", ","])
