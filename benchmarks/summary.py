@@ -17,8 +17,10 @@ run; wall-clock is training time only, see ``training``):
 Run ``python -m benchmarks.summary RESULTS.json ... --readme
 benchmarks/README.md`` to rewrite the README's results section (between
 ``<!-- results:begin -->`` and ``<!-- results:end -->``) from the JSON files,
-and ``python -m benchmarks.summary RESULTS.json --headline --readme README.md``
-to fill the front page's short table (``<!-- headline:begin -->`` …).
+``python -m benchmarks.summary RESULTS.json --headline --readme README.md``
+to fill the front page's short table (``<!-- headline:begin -->`` …), and
+``python -m benchmarks.summary RESULTS.json ... --overview --readme README.md``
+for one table over several runs (``<!-- overview:begin -->`` …).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 HEADLINE_BEGIN, HEADLINE_END = "<!-- headline:begin -->", "<!-- headline:end -->"
+OVERVIEW_BEGIN, OVERVIEW_END = "<!-- overview:begin -->", "<!-- overview:end -->"
 HEADLINE_ROWS = ("adam", "muon", "kfac", "kfac_jax", "kfac_adaptive",
                  "kfac_adaptive_relative")
 
@@ -206,6 +209,63 @@ def headline(results, json_path, readme, reference="adam", names=HEADLINE_ROWS):
   return "\n".join(lines) + "\n"
 
 
+def _run_label(results):
+  label = results.get("name") or results["task"]
+  return label if "seed" in label else f"{label}, seed {results.get('seed', 0)}"
+
+
+def overview(results_list, reference="adam"):
+  """One table over several runs (tasks, seeds): per optimizer and run, the
+  time to the reference's best training loss divided by the reference's
+  time (the fastest in bold; ``–`` not reached, with the final training
+  loss), then the amortized step divided by the reference's, and the
+  command of each run."""
+  summaries = [summarize(r, reference) for r in results_list]
+  names = []
+  for s in summaries:
+    names += [n for n in s["rows"] if n not in names]
+  head = ("| optimizer | " + " | ".join(_run_label(r) for r in results_list)
+          + " |\n|---|" + "---|" * len(results_list))
+  times, steps = [head], [head]
+  fastest = [min((r["vs_ref_time"] for r in s["rows"].values()
+                  if r["vs_ref_time"] is not None), default=None) for s in summaries]
+  for name in names:
+    cells_t, cells_s = [], []
+    for s, best in zip(summaries, fastest):
+      r = s["rows"].get(name)
+      if r is None:
+        cells_t.append(" ")
+        cells_s.append(" ")
+        continue
+      v = r["vs_ref_time"]
+      cells_t.append(f"– ({r['final_train']:.4g})" if v is None else
+                     f"**{v:.2f}**" if v == best else f"{v:.2f}")
+      cells_s.append(_fmt(r["amortized_vs_ref"], ".2f"))
+    times.append(f"| {name} | " + " | ".join(cells_t) + " |")
+    steps.append(f"| {name} | " + " | ".join(cells_s) + " |")
+  targets = " ".join(
+      f"{_run_label(r)}: {s['target']:.4g} at {s['reference_time']:.3g} s."
+      for r, s in zip(results_list, summaries) if s["target"] is not None)
+  commands = [f"* {_run_label(r)}: `{r['meta']['command']}` ({r['meta']['date']}, "
+              f"{r['meta']['machine']})" for r in results_list]
+  return "\n".join(
+      [f"Time to {reference}'s best training loss, divided by {reference}'s time "
+       f"(fastest in bold; – = not reached, final training loss in brackets). "
+       f"Targets: {targets}", ""] + times +
+      ["", f"Amortized step, divided by {reference}'s:", ""] + steps +
+      ["", "Runs:", ""] + commands) + "\n"
+
+
+def update_overview(readme, json_paths, reference="adam"):
+  """Fills the README's overview section from several results JSONs."""
+  results_list = []
+  for path in json_paths:
+    with open(path) as f:
+      results_list.append(json.load(f))
+  _replace_between(readme, OVERVIEW_BEGIN, OVERVIEW_END,
+                   overview(results_list, reference))
+
+
 def _replace_between(readme, begin, end, body):
   text = pathlib.Path(readme).read_text()
   if begin not in text or end not in text:
@@ -247,8 +307,15 @@ def main(argv=None):
   parser.add_argument("--reference", default="adam")
   parser.add_argument("--headline", action="store_true",
                       help="fill --readme's headline section from the one JSON")
+  parser.add_argument("--overview", action="store_true",
+                      help="fill --readme's overview section (one table over "
+                           "the JSONs' runs)")
   args = parser.parse_args(argv)
-  if args.headline:
+  if args.overview:
+    if not args.readme:
+      parser.error("--overview needs --readme")
+    update_overview(args.readme, args.json, args.reference)
+  elif args.headline:
     if not args.readme or len(args.json) != 1:
       parser.error("--headline needs --readme and exactly one JSON")
     update_headline(args.readme, args.json[0], args.reference)
