@@ -17,10 +17,10 @@ run; wall-clock is training time only, see ``training``):
 Run ``python -m benchmarks.summary RESULTS.json ... --readme
 benchmarks/README.md`` to rewrite the README's results section (between
 ``<!-- results:begin -->`` and ``<!-- results:end -->``) from the JSON files,
-``python -m benchmarks.summary RESULTS.json --headline --readme README.md``
-to fill the front page's short table (``<!-- headline:begin -->`` …), and
 ``python -m benchmarks.summary RESULTS.json ... --overview --readme README.md``
-for one table over several runs (``<!-- overview:begin -->`` …).
+to fill the front page's table over several runs (``<!-- overview:begin -->``
+…), and ``--headline`` with one JSON for a short table of one run
+(``<!-- headline:begin -->`` …).
 """
 
 from __future__ import annotations
@@ -210,8 +210,7 @@ def headline(results, json_path, readme, reference="adam", names=HEADLINE_ROWS):
 
 
 def _run_label(results):
-  label = results.get("name") or results["task"]
-  return label if "seed" in label else f"{label}, seed {results.get('seed', 0)}"
+  return f"{results['task']}, seed {results.get('seed', 0)}"
 
 
 def overview(results_list, reference="adam"):
@@ -227,7 +226,7 @@ def overview(results_list, reference="adam"):
   head = ("| optimizer | " + " | ".join(_run_label(r) for r in results_list)
           + " |\n|---|" + "---|" * len(results_list))
   times, steps = [head], [head]
-  fastest = [min((r["vs_ref_time"] for r in s["rows"].values()
+  fastest = [min((round(r["vs_ref_time"], 2) for r in s["rows"].values()
                   if r["vs_ref_time"] is not None), default=None) for s in summaries]
   for name in names:
     cells_t, cells_s = [], []
@@ -239,7 +238,7 @@ def overview(results_list, reference="adam"):
         continue
       v = r["vs_ref_time"]
       cells_t.append(f"– ({r['final_train']:.4g})" if v is None else
-                     f"**{v:.2f}**" if v == best else f"{v:.2f}")
+                     f"**{v:.2f}**" if round(v, 2) == best else f"{v:.2f}")
       cells_s.append(_fmt(r["amortized_vs_ref"], ".2f"))
     times.append(f"| {name} | " + " | ".join(cells_t) + " |")
     steps.append(f"| {name} | " + " | ".join(cells_s) + " |")
@@ -247,7 +246,10 @@ def overview(results_list, reference="adam"):
       f"{_run_label(r)}: {s['target']:.4g} at {s['reference_time']:.3g} s."
       for r, s in zip(results_list, summaries) if s["target"] is not None)
   commands = [f"* {_run_label(r)}: `{r['meta']['command']}` ({r['meta']['date']}, "
-              f"{r['meta']['machine']})" for r in results_list]
+              f"{r['meta']['machine']})" + "".join(
+                  f"; {', '.join(a['optimizers'])} joined by `{a['command']}` "
+                  f"({a['date']})" for a in r["meta"].get("added", []))
+              for r in results_list]
   return "\n".join(
       [f"Time to {reference}'s best training loss, divided by {reference}'s time "
        f"(fastest in bold; – = not reached, final training loss in brackets). "

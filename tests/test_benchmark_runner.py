@@ -402,6 +402,7 @@ def test_overview_table_spans_runs_and_bolds_the_fastest(tmp_path):
   first, second = _fake_results(), _fake_results()
   second["name"], second["seed"] = "t_seed2", 2
   second["runs"]["kfac"]["run"]["evals"][-1]["train"]["loss"] = 2.2   # not reached
+  second["meta"]["added"] = [{"command": "c2", "date": "2026-12-02", "optimizers": ["kfac"]}]
   paths = []
   for k, results in enumerate((first, second)):
     paths.append(tmp_path / f"r{k}.json")
@@ -410,10 +411,10 @@ def test_overview_table_spans_runs_and_bolds_the_fastest(tmp_path):
   readme.write_text(f"a\n{summary.OVERVIEW_BEGIN}\nold\n{summary.OVERVIEW_END}\nb\n")
   summary.update_overview(readme, paths)
   text = readme.read_text()
-  assert "| optimizer | t, seed 0 | t_seed2 |" in text and "\nold\n" not in text
+  assert "| optimizer | t, seed 0 | t, seed 2 |" in text and "\nold\n" not in text
   # Seed 0: kfac 1.5 s / 4 s; seed 2: kfac never reaches 2.0 and adam is fastest.
   assert "| kfac | **0.38** | – (2.2) |" in text
   assert "| adam | 1.00 | **1.00** |" in text and "| slow | – (2.1) | – (2.1) |" in text
-  assert "Targets: t, seed 0: 2 at 4 s. t_seed2: 2 at 4 s." in text
+  assert "Targets: t, seed 0: 2 at 4 s. t, seed 2: 2 at 4 s." in text
   assert "| kfac | 1.00 | 1.00 |" in text          # amortized step over adam's
-  assert "* t_seed2: `c` (2026-11-23, m)" in text
+  assert "* t, seed 2: `c` (2026-11-23, m); kfac joined by `c2` (2026-12-02)" in text
