@@ -317,6 +317,14 @@ def test_readme_section_is_rewritten_from_json(tmp_path):
     summary.update_readme(readme, [path])
 
 
+def _fill_section(tmp_path, begin, end, fill):
+  """The text of a README with a ``begin … end`` section after ``fill(readme)``."""
+  readme = tmp_path / "README.md"
+  readme.write_text(f"a\n{begin}\nold\n{end}\nb\n")
+  fill(readme)
+  return readme.read_text()
+
+
 def test_front_page_table_names_rows_added_later_with_their_command(tmp_path):
   results = _fake_results()
   results["plot"] = "t.png"
@@ -325,10 +333,8 @@ def test_front_page_table_names_rows_added_later_with_their_command(tmp_path):
                                "optimizers": ["kfac_adaptive_relative"]}]
   path = tmp_path / "r.json"
   path.write_text(json.dumps(results))
-  readme = tmp_path / "README.md"
-  readme.write_text(f"a\n{summary.HEADLINE_BEGIN}\nold\n{summary.HEADLINE_END}\nb\n")
-  summary.update_headline(readme, path)
-  text = readme.read_text()
+  text = _fill_section(tmp_path, summary.HEADLINE_BEGIN, summary.HEADLINE_END,
+                       lambda readme: summary.update_headline(readme, path))
   assert "| kfac | 1.9 | 1.5 s | 0.38 |" in text and "old" not in text
   assert "| kfac_adaptive_relative | 2.1 | not reached | – |" in text
   assert ("kfac_adaptive_relative added later to the same file: "
@@ -407,10 +413,8 @@ def test_overview_table_spans_runs_and_bolds_the_fastest(tmp_path):
   for k, results in enumerate((first, second)):
     paths.append(tmp_path / f"r{k}.json")
     paths[-1].write_text(json.dumps(results))
-  readme = tmp_path / "README.md"
-  readme.write_text(f"a\n{summary.OVERVIEW_BEGIN}\nold\n{summary.OVERVIEW_END}\nb\n")
-  summary.update_overview(readme, paths)
-  text = readme.read_text()
+  text = _fill_section(tmp_path, summary.OVERVIEW_BEGIN, summary.OVERVIEW_END,
+                       lambda readme: summary.update_overview(readme, paths))
   assert "| optimizer | t, seed 0 | t, seed 2 |" in text and "\nold\n" not in text
   # Seed 0: kfac 1.5 s / 4 s; seed 2: kfac never reaches 2.0 and adam is fastest.
   assert "| kfac | **0.38** | – (2.2) |" in text
