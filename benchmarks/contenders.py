@@ -232,7 +232,8 @@ def _fused(name, family, task, make, warmup, damping_every=None,
 
   def run_step(carry, batch, key, hp, i):
     due = kfe.due_at(i, stats_every=task.period, inverse_every=task.period,
-                     damping_every=damping_every)
+                     damping_every=damping_every,
+                     refresh_warmup=task.refresh_warmup)
     return step(carry, batch, key, hp, due=due)
 
   return Contender(name, family, init, run_step, lambda carry: carry[0],

@@ -182,6 +182,10 @@ def parse_args(argv):
                       help="replace the task's curvature refresh period (statistics "
                            "and inverses every N steps) for every natural-gradient "
                            "contender and Shampoo's preconditioner alike")
+  parser.add_argument("--refresh-warmup", type=int, default=0,
+                      help="kfac_jax_ext contenders refresh statistics and inverses on "
+                           "each of the first N steps (kfe.due_at's refresh_warmup); "
+                           "kfac-jax has no such option")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
@@ -204,6 +208,8 @@ def parse_args(argv):
     parser.error(f"--batch-size must be positive, got {args.batch_size}")
   if args.period is not None and args.period < 1:
     parser.error(f"--period must be positive, got {args.period}")
+  if args.refresh_warmup < 0:
+    parser.error(f"--refresh-warmup must be >= 0, got {args.refresh_warmup}")
   if args.name is not None and not args.name.replace("_", "").replace(
       "-", "").isalnum():
     parser.error(f"--name must be letters, digits, '_' or '-', got {args.name!r}")
@@ -227,6 +233,10 @@ def parse_args(argv):
     if args.period is not None and args.existing.get("period") != args.period:
       parser.error(f"--add-to {args.add_to} ran with period "
                    f"{args.existing.get('period')}, not --period {args.period}")
+    if args.existing.get("refresh_warmup", 0) != args.refresh_warmup:
+      parser.error(f"--add-to {args.add_to} ran with refresh warm-up "
+                   f"{args.existing.get('refresh_warmup', 0)}, not --refresh-warmup "
+                   f"{args.refresh_warmup}")
     if args.existing.get("seed", 0) != args.seed:
       parser.error(f"--add-to {args.add_to} ran with seed "
                    f"{args.existing.get('seed', 0)}, not --seed {args.seed}: "
@@ -275,6 +285,7 @@ def main(argv=None):
     return {"task": args.task, "skipped": str(e)}
   if args.period is not None:
     task = task._replace(period=args.period)
+  task = task._replace(refresh_warmup=args.refresh_warmup)
   budget = _budget(args.steps, args.seconds)
   if args.quick:
     sweep_budget = _budget(QUICK_SWEEP_STEPS, None)
@@ -299,7 +310,8 @@ def main(argv=None):
                        f"settings from {args.settings_from}" if args.chosen else
                        _describe(sweep_budget)),
       "grids": task.grids, "period": task.period, "kl_clip": task.kl_clip,
-      "ema_decay": task.ema_decay, "batch_size": args.batch_size,
+      "ema_decay": task.ema_decay, "refresh_warmup": task.refresh_warmup,
+      "batch_size": args.batch_size,
       "name": args.name, "seed": args.seed,
       "settings_from": args.settings_from,
       "plot": f"{stem}.png", "runs": {}}

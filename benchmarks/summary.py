@@ -140,7 +140,9 @@ def markdown(results, reference="adam", plot_path=None):
            f"`{meta['command']}` — {meta['date']}, {meta['machine']}, jax "
            f"{meta['jax']}, budget {results['budget']}; sweep "
            f"{results['sweep_budget']} per setting; curvature refreshed every "
-           f"{results['period']} steps.", ""]
+           f"{results['period']} steps" + (
+               f", every step for the first {results['refresh_warmup']}"
+               if results.get("refresh_warmup") else "") + ".", ""]
   for added in meta.get("added", []):     # runs joined with --add-to
     lines += [f"Joined by `{added['command']}` — {added['date']}.", ""]
   failed = {k: v["error"] for k, v in results["runs"].items() if "error" in v}

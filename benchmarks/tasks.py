@@ -63,6 +63,7 @@ class Task(NamedTuple):
   kl_clip: float
   period: int                # curvature refresh period (statistics, inverses)
   ema_decay: float = 0.95    # running-average decay of the curvature statistics
+  refresh_warmup: int = 0    # kfac_jax_ext contenders: refresh on each of the first N steps
 
 
 def _losses(apply, kind):

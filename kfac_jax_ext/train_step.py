@@ -95,7 +95,7 @@ def make_train_step(loss_fn: Callable, optimizer, *, stats_every: int | None = N
                     inverse_every: int | None = None,
                     damping_every: int | None = None, fisher: str | None = None,
                     has_aux: bool | None = None, stats_batch: int | None = None,
-                    donate: bool = True) -> Callable:
+                    refresh_warmup: int = 0, donate: bool = True) -> Callable:
   """A jitted whole training step with the static refresh schedule.
 
   Step ``i`` computes ``value, ∇, statistics = kfe.value_and_grad(loss_fn)``
@@ -115,6 +115,9 @@ def make_train_step(loss_fn: Callable, optimizer, *, stats_every: int | None = N
       the schedule, only for an optimizer not built by an alias (given with
       an alias, they must equal the alias's; ``stats_batch``: the
       preconditioner's, statistics from the first n examples).
+    refresh_warmup: updates ``0 … W−1`` refresh statistics and inverses
+      whatever the periods (``kfe.due_at``'s; default 0). The step's own
+      option: the optimizer's counters have no warm-up.
     donate: donate ``params`` and ``state`` (default): the arrays passed in
       are invalid after the call; keep the returned ones.
 
@@ -139,6 +142,7 @@ def make_train_step(loss_fn: Callable, optimizer, *, stats_every: int | None = N
     >>> for i in range(1000):
     ...   params, state, loss = step(params, state, next(batches), key, i)
   """
+  schedule_lib.due_at(0, refresh_warmup=refresh_warmup)   # checks it now
   given = dict(stats_every=stats_every, inverse_every=inverse_every,
                damping_every=damping_every, fisher=fisher, has_aux=has_aux,
                stats_batch=stats_batch)
@@ -177,8 +181,10 @@ def make_train_step(loss_fn: Callable, optimizer, *, stats_every: int | None = N
   def step(params, state, batch, key, i):
     due = schedule_lib.due_at(i, stats_every=plan.stats_every,
                               inverse_every=plan.inverse_every,
-                              damping_every=plan.damping_every)
+                              damping_every=plan.damping_every,
+                              refresh_warmup=refresh_warmup)
     return jitted(params, state, batch, key, np.uint32(i), due=due)
 
   step.schedule = plan
+  step.refresh_warmup = refresh_warmup
   return step

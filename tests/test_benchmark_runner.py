@@ -174,6 +174,28 @@ def test_period_replaces_the_refresh_period_of_every_natural_contender(
              results["runs"]["kfac_adaptive_relative"]["run"]["loss"])
 
 
+def test_refresh_warmup_reaches_the_scheduled_steps(tmp_path, monkeypatch):
+  from benchmarks import contenders
+  dues = {}           # step -> Due of the run (warm-up steps compile first)
+  due_at = contenders.kfe.due_at
+
+  def recording_due_at(i, **kwargs):
+    dues[i] = due_at(i, **kwargs)
+    return dues[i]
+  monkeypatch.setattr(contenders.kfe, "due_at", recording_due_at)
+  results = run.main(["--task", "mlp", "--quick", "--no-progress", "--no-sweep",
+                      "--optimizers", "kfac", "--out", str(tmp_path),
+                      "--period", "3", "--refresh-warmup", "2"])
+  assert results["refresh_warmup"] == 2
+  assert [dues[i] for i in range(4)] == [contenders.kfe.Due(True, True)] * 2 + [
+      contenders.kfe.Due(False, False), contenders.kfe.Due(True, True)]
+  assert "refreshed every 3 steps, every step for the first 2." in summary.markdown(
+      results)
+  with pytest.raises(SystemExit):      # joining a run without the warm-up
+    run.parse_args(["--task", "mlp", "--quick", "--optimizers", "adam", "--add-to",
+                    str(tmp_path / "quick_mlp.json")])
+
+
 def test_recorded_command_names_the_thread_settings_that_change_step_times(
     monkeypatch):
   for variable in step_time.THREAD_ENV:
@@ -247,6 +269,8 @@ def test_quick_run_shakespeare_transformer(tmp_path):
     (["--task", "mlp", "--steps", "3", "--replace"], "--replace needs --add-to"),
     (["--task", "mlp", "--steps", "3", "--seed", "-1"], "--seed must be"),
     (["--task", "mlp", "--steps", "3", "--period", "0"], "--period must be"),
+    (["--task", "mlp", "--steps", "3", "--refresh-warmup", "-1"],
+     "--refresh-warmup must be"),
     (["--task", "mlp", "--steps", "3", "--settings-from", "/no/such.json"],
      "cannot read its runs"),
     (["--task", "mlp", "--steps", "3", "--add-to", "/no/such.json"],

@@ -198,6 +198,16 @@ def test_bad_due_is_a_clear_error():
                     damping_every=5) == kfe.Due(True, False, True)
   with pytest.raises(ValueError, match="damping_every must be >= 1"):
     kfe.due_at(3, damping_every=0)
+  # the warm-up: every update before refresh_warmup refreshes both
+  assert [kfe.due_at(i, stats_every=10, inverse_every=5, refresh_warmup=3)
+          for i in range(6)] == [kfe.Due(True, True)] * 3 + [
+              kfe.Due(False, False), kfe.Due(False, False), kfe.Due(False, True)]
+  assert kfe.due_at(1, stats_every=2, inverse_every=2, damping_every=2,
+                    refresh_warmup=2) == kfe.Due(True, True, False)
+  with pytest.raises(ValueError, match="refresh_warmup must be >= 0"):
+    kfe.due_at(0, refresh_warmup=-1)
+  with pytest.raises(TypeError, match="refresh_warmup must be a Python int"):
+    kfe.due_at(0, refresh_warmup=2.0)
   with pytest.raises(TypeError, match="due must be kfe.Due"):
     opt.update(grads, state, params, batch=batches[0], key=jax.random.PRNGKey(0),
                due=kfe.Due(True, True, 1))

@@ -88,6 +88,39 @@ def test_train_step_reads_the_schedule_and_donates():
   assert not before.is_deleted()
 
 
+def test_train_step_refresh_warmup_refreshes_every_early_step():
+  """``refresh_warmup=3``: updates 0, 1, 2 take statistics and refresh the
+  inverses (periods 2 and 3 alone would skip update 1), and the step equals
+  ``update(..., due=kfe.due_at(i, ..., refresh_warmup=3))``."""
+  params, loss_fn, batches = _problem()
+  opt = kfe.kfac(loss_fn, 0.1, damping=1e-2, stats_every=2, inverse_every=3)
+  key = jax.random.PRNGKey(3)
+  runs = {}
+  for warmup in (0, 3):
+    step = kfe.make_train_step(loss_fn, opt, refresh_warmup=warmup, donate=False)
+    assert step.refresh_warmup == warmup
+    fused, plain, inverses = (params, opt.init(params)), (params, opt.init(params)), []
+    for i in range(4):
+      p, s, _ = step(*fused, batches[i % 3], key, i)
+      fused = (p, s)
+      inverses.append(jax.tree_util.tree_leaves(s[0].inverses))
+      due = kfe.due_at(i, stats_every=2, inverse_every=3, refresh_warmup=warmup)
+      grads = jax.grad(loss_fn)(plain[0], batches[i % 3])
+      updates, state = opt.update(grads, plain[1], plain[0], batch=batches[i % 3],
+                                  key=jax.random.fold_in(key, i), due=due)
+      plain = (optax.apply_updates(plain[0], updates), state)
+    for x, y in zip(jax.tree_util.tree_leaves(fused), jax.tree_util.tree_leaves(plain)):
+      np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
+    runs[warmup] = (int(fused[1][0].statistics_count), inverses)
+  assert runs[0][0] == 2 and runs[3][0] == 3     # statistics at 0, 2 / 0, 1, 2
+  moved = lambda inv, a, b: max(float(jnp.abs(x - y).max())
+                                for x, y in zip(inv[a], inv[b]))
+  assert moved(runs[0][1], 0, 1) == 0.0          # update 1 keeps update 0's inverses
+  assert moved(runs[3][1], 0, 1) > 1e-6          # the warm-up refreshed them
+  with pytest.raises(ValueError, match="refresh_warmup must be >= 0"):
+    kfe.make_train_step(loss_fn, opt, refresh_warmup=-2)
+
+
 def test_train_step_with_a_hand_built_chain_needs_the_schedule():
   params, loss_fn, batches = _problem()
   chain = optax.chain(kfe.scale_by_kfac(loss_fn, damping=1e-2, stats_every=2,
