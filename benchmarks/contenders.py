@@ -60,6 +60,9 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   ``kfac_adaptive`` with it, λ₀ = ``ADAPTIVE_RELATIVE_DAMPING`` on every task;
   ``tengrad_relative`` and ``tengrad_adaptive_relative`` the same for
   ``tengrad`` (``λ_l = λ·tr(K)/(n·min(n, P_l))``).
+* ``kfac_adaptive_relative_modelN``: ``kfac_adaptive_relative`` with
+  ``model_batch=N`` (the quadratic model's Fisher from the batch's first N
+  examples).
 * ``kfac_adaptive_gamma``, ``kfac_adaptive_relative_gamma``: those two with
   M&G §6.6's separate preconditioner damping γ²
   (``preconditioner_damping_adaptation=True``: re-tuned at each refresh).
@@ -124,7 +127,12 @@ def _tengrad_gram(name: str):
 def known(name: str) -> bool:
   return (name in OPTIMIZERS or name in TWO_LEVEL_VARIANTS
           or _tengrad_gram(name) is not None
-          or _suffix_count(name, "kfac_stats") is not None)
+          or _suffix_count(name, "kfac_stats") is not None
+          or _suffix_count(name, ADAPTIVE_MODEL) is not None)
+
+
+# kfac_adaptive_relative_modelN: the quadratic model on the first N examples
+ADAPTIVE_MODEL = "kfac_adaptive_relative_model"
 MOMENTUM = 0.9
 # The adaptive runs (no sweep), both libraries, every task: the adaptive
 # rule of kfac-jax's examples for its MNIST autoencoder and classifier
@@ -272,6 +280,10 @@ def _adaptive(task, name):
   batch = task.sample_batch(np.random.default_rng(0))
   gamma = name.endswith("_gamma")
   name = name.removesuffix("_gamma")
+  model_batch = _suffix_count(name, ADAPTIVE_MODEL)
+  full_name = name
+  if model_batch is not None:
+    name = "kfac_adaptive_relative"
   kfac = name in ("kfac_adaptive", "kfac_adaptive_relative")
   options = (dict(ema_decay=task.ema_decay, damping_mode="factored") if kfac else
              dict(gram_batch=min(len(jax.tree_util.tree_leaves(batch)[0]), 1000)))
@@ -287,8 +299,8 @@ def _adaptive(task, name):
               min_damping=a["min_damping"], max_damping=a["max_damping"],
               stats_every=task.period, inverse_every=task.period,
               example_batch=batch, preconditioner_damping_adaptation=gamma,
-              **options)
-  return _fused(name + ("_gamma" if gamma else ""), family, task, lambda hp: opt,
+              model_batch=model_batch, **options)
+  return _fused(full_name + ("_gamma" if gamma else ""), family, task, lambda hp: opt,
                 warmup=2 * task.period + 1, damping_every=a["interval"])
 
 
@@ -392,7 +404,8 @@ def make_contender(name: str, task) -> Contender:
     return _kfac_jax(task)
   if name in ("kfac_adaptive", "tengrad_adaptive", "kfac_adaptive_relative",
               "kfac_adaptive_gamma", "kfac_adaptive_relative_gamma",
-              "tengrad_adaptive_relative"):
+              "tengrad_adaptive_relative") or _suffix_count(
+                  name, ADAPTIVE_MODEL) is not None:
     return _adaptive(task, name)
   if name == "kfac_jax_adaptive":
     return _kfac_jax(task, adaptive=True)

@@ -19,6 +19,11 @@ the four methods) as an optax transformation whose output is the final update
   forward-mode pass for ``M(δ)``. λ lives in the state (``state.damping``)
   and is passed to ``inner.update(..., damping=λ)``, so the preconditioner's
   next refresh uses it. A non-finite ρ keeps λ and is counted.
+* ``model_batch=n``: the model's curvature (the forward-mode passes above)
+  from the batch's first ``n`` examples, an unbiased estimate of the batch's
+  Fisher at ``n/M`` of those passes' cost; the gradient term stays the
+  whole batch's, and ρ compares the whole batch's losses at ``θ`` and
+  ``θ+δ`` (one more forward pass on the adaptation updates).
 * the model's damping term is ``½(λ + η)‖δ‖²``, also around a
   preconditioner with ``damping_scale="relative"`` (``λ_l = λ·u_l``);
   ``damping_units=kfe.damping_units_of(pre)`` makes it ``½λ Σ_l u_l‖δ_l‖² +
@@ -52,6 +57,7 @@ from kfac_jax_ext import eager
 from kfac_jax_ext import linalg
 from kfac_jax_ext import quadratic_model as qm
 from kfac_jax_ext import schedule
+from kfac_jax_ext import stats_subsample
 from kfac_jax_ext import tracing
 
 
@@ -134,6 +140,7 @@ def quadratic_model_step(
     preconditioner_damping_adaptation: bool = False,
     preconditioner_damping_interval: int | None = None,
     preconditioner_damping_decay: float = strength_lib.DEFAULT_DECAY,
+    model_batch: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Martens & Grosse's adaptive α, μ and λ around a preconditioner.
 
@@ -174,6 +181,9 @@ def quadratic_model_step(
       ``inverse_every`` (the aliases pass it): with ``due`` the trial runs
       when ``due.inverses``, else when ``count % T₂ == 0``.
     preconditioner_damping_decay: ``ω₂ = decay ** T₂`` (M&G: √(19/20)).
+    model_batch: the model's Fisher ``F`` from the batch's first ``n``
+      examples (every array leaf cut to its first ``n`` rows, as
+      ``stats_batch``); None (default) or ``n`` ≥ the batch: all of it.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``: ``update(grads, state,
@@ -199,6 +209,7 @@ def quadratic_model_step(
   inner = optax.with_extra_args_support(inner)
   distributed.check_axis_name(axis_name, "quadratic_model_step")
   name = "quadratic_model_step"
+  stats_subsample.check_examples(model_batch, "model_batch", name)
 
   def init_fn(params):
     dtype = linalg.factor_dtype()
@@ -220,6 +231,10 @@ def quadratic_model_step(
     lam = (state.damping if damping_adaptation else
            jnp.asarray(schedule.value_at(damping, state.count), dtype))
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
+    # the model's curvature: the batch's first model_batch examples
+    model_inputs, model_traced = stats_subsample.statistics_inputs(
+        loss_fn, params, batch, traced, model_batch, has_aux, "model_batch")
+    whole_batch = model_traced is traced
     eta = jnp.asarray(weight_decay, dtype)
     grad_h = jax.tree_util.tree_map(lambda g, p: g + eta * p, updates, params)
 
@@ -242,7 +257,7 @@ def quadratic_model_step(
       directions = [jax.tree_util.tree_map(jnp.negative, out) for out, _ in runs]
       vectors = directions + ([] if momentum is None else [state.previous_update])
       loss, fisher = curvature_products.curvature_forms(
-          traced, params, batch, vectors, axis_name=axis_name)
+          model_traced, params, model_inputs, vectors, axis_name=axis_name)
       solved = []
       for i in range(len(strengths)):
         index = [i] if momentum is None else [i, len(strengths)]
@@ -300,13 +315,17 @@ def quadratic_model_step(
           loss0, change = loss, predicted
         else:
           loss0, fisher1 = curvature_products.curvature_forms(
-              traced, params, batch, [delta], axis_name=axis_name)
+              model_traced, params, model_inputs, [delta], axis_name=axis_name)
           change = (0.5 * (fisher1[0, 0] + damping_form(delta, delta))
                     + qm.tree_vdot(grad_h, delta))
         moved = jax.tree_util.tree_map(lambda p, x: p + x.astype(p.dtype),
                                        params, delta)
-        loss1 = loss_fn(moved, batch)
-        loss1 = distributed.mean(loss1[0] if has_aux else loss1, axis_name)
+        def loss_at(p):
+          value = loss_fn(p, batch)
+          return distributed.mean(value[0] if has_aux else value, axis_name)
+        loss1 = loss_at(moved)
+        if not whole_batch:      # the forms' loss is the sub-batch's
+          loss0 = loss_at(params)
         decay_change = 0.5 * eta * (qm.tree_vdot(moved, moved)
                                     - qm.tree_vdot(params, params))
         actual = loss1.astype(dtype) - loss0.astype(dtype) + decay_change

@@ -141,7 +141,7 @@ def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
                 min_damping=1e-8, max_damping=1e8,
                 preconditioner_damping_adaptation=False,
                 preconditioner_damping_decay=damping_strength.DEFAULT_DECAY,
-                **options):
+                model_batch=None, **options):
     precondition = scale_by(loss_fn, **options)
     setting = lambda key: options.get(key, defaults[key])
     plan = train_step.StepSchedule(
@@ -152,6 +152,11 @@ def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
         setting("axis_name"), options.get("stats_batch"))
     if not (isinstance(learning_rate, str) or isinstance(momentum, str)
             or damping_adaptation or preconditioner_damping_adaptation):
+      if model_batch is not None:
+        raise ValueError(
+            f"{name}: model_batch is the batch of the adaptive mode's quadratic "
+            "model; with a fixed learning rate and no damping_adaptation there "
+            "is none: drop model_batch (stats_batch= subsamples the statistics).")
       return train_step.remember_schedule(_compiled_when_eager(
           with_optimizer_steps(precondition, learning_rate, momentum=momentum,
                                weight_decay=weight_decay, kl_clip=kl_clip)), plan)
@@ -162,7 +167,8 @@ def _optimizer_alias(scale_by: Callable, method_options: Callable, name: str,
                       preconditioner_damping_adaptation=(
                           preconditioner_damping_adaptation),
                       preconditioner_damping_interval=setting("inverse_every"),
-                      preconditioner_damping_decay=preconditioner_damping_decay)
+                      preconditioner_damping_decay=preconditioner_damping_decay,
+                      model_batch=model_batch)
     return train_step.remember_schedule(_compiled_when_eager(_adaptive(
         precondition, loss_fn, learning_rate, momentum, weight_decay, kl_clip,
         adaptation, options, default_damping)), plan)
@@ -206,6 +212,9 @@ Args:
     of the inverses among ``{γ, ω₂γ, γ/ω₂}``, ``ω₂ =
     preconditioner_damping_decay ** inverse_every``, by the quadratic
     model's value at each one's best step; λ then damps only the model.
+  model_batch: (adaptive α/μ or λ) the quadratic model's Fisher from the
+    batch's first n examples (its forward-mode passes at n/M of the cost;
+    the gradient and ρ's losses stay the whole batch's); None: all of it.
   **options: ``scale_by_kfac``'s options (damping, damping_mode, fisher,
     stats_every, inverse_every, ema_decay, fallback, max_factor_dim, has_aux).
 

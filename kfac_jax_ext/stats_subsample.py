@@ -38,7 +38,7 @@ def check_examples(value, option: str, name: str) -> None:
                      f"examples) or None, got {value!r}.")
 
 
-def batch_rows(batch) -> int:
+def batch_rows(batch, option: str = "stats_batch") -> int:
   """The batch's size: the common leading axis of its array leaves (scalars
   are shared by the examples and ignored).
 
@@ -51,10 +51,10 @@ def batch_rows(batch) -> int:
   sizes = {shape[0] for shape in shapes.values() if shape}
   if len(sizes) != 1:
     raise ValueError(
-        "stats_batch cuts every batch leaf to its first rows (the examples on "
+        f"{option} cuts every batch leaf to its first rows (the examples on "
         "the leading axis), but the leaves' leading sizes are "
         + ", ".join(f"{k}: {v}" for k, v in shapes.items())
-        + ". Put the examples first in every leaf, or leave stats_batch unset.")
+        + f". Put the examples first in every leaf, or leave {option} unset.")
   return sizes.pop()
 
 
@@ -65,14 +65,15 @@ def first_examples(batch, n: int):
       lambda x: x[:n] if jax.numpy.ndim(x) else x, batch)
 
 
-def statistics_inputs(loss_fn, params, batch, traced, stats_batch, has_aux):
+def statistics_inputs(loss_fn, params, batch, traced, stats_batch, has_aux,
+                      option: str = "stats_batch"):
   """``(batch, traced)`` of the statistics pass: the batch's first
   ``stats_batch`` rows and ``loss_fn`` traced on them, or the inputs
   unchanged when ``stats_batch`` is None or at least the batch's size.
   Rows are the batch's leading axis: with a per-token loss over ``[N, T]``
   sequences, n sequences (``n·T`` of the loss's examples); a time-major
   batch ``[T, N, ...]`` would be cut in time, so put the examples first."""
-  if stats_batch is None or stats_batch >= batch_rows(batch):
+  if stats_batch is None or stats_batch >= batch_rows(batch, option):
     return batch, traced
   sub = first_examples(batch, stats_batch)
   return sub, tracing.trace_loss(loss_fn, params, sub, has_aux)

@@ -227,6 +227,58 @@ def test_damping_adapts_from_the_measured_reduction_ratio(learning_rate):
   assert "down" in seen
 
 
+@pytest.mark.parametrize("learning_rate", ["adaptive", 0.5])
+def test_model_batch_takes_the_fisher_of_the_first_examples(learning_rate):
+  """``model_batch=4`` of 10: ``(α, μ)`` solve the model with the dense Fisher
+  of the first 4 examples and the whole batch's gradient; ρ is the whole
+  batch's loss change over that model's prediction (λ adapted every update);
+  ``model_batch`` ≥ the batch is the plain adaptive step."""
+  task = _mlp_task()
+  params, batch, _, loss, _ = task
+  first = {k: v[:4] for k, v in batch.items()}
+  adaptive = learning_rate == "adaptive"
+  options = dict(momentum="adaptive" if adaptive else 0.0, damping=DAMPING,
+                 damping_adaptation=True, damping_adaptation_interval=1,
+                 damping_adaptation_decay=0.8, inverse_every=2)
+  tx = kfe.kfac(loss, learning_rate, model_batch=4, **options)
+  whole, plain = (kfe.kfac(loss, learning_rate, model_batch=m, **options)
+                  for m in (10, None))
+  state, whole_state, plain_state = tx.init(params), whole.init(params), plain.init(params)
+  ref = kfe.scale_by_kfac(loss, damping=DAMPING, inverse_every=2)
+  ref_state, previous, lam = ref.init(params), np.zeros_like(ravel(params)), DAMPING
+  for i in range(3):
+    key = jax.random.PRNGKey(30 + i)
+    grads = jax.grad(loss)(params, batch)
+    update, state = tx.update(grads, state, params, batch=batch, key=key)
+    f = _fisher(task, params, first) + lam * np.eye(previous.size)
+    g = ravel(grads)
+    if adaptive:
+      direction, ref_state = ref.update(grads, ref_state, params, batch=batch,
+                                        key=key, damping=lam)
+      d = -ravel(direction)
+      if i == 0:
+        c = np.array([-(g @ d) / (d @ f @ d), 0.0])
+      else:
+        vs = np.stack([d, previous])
+        c = -np.linalg.solve(vs @ f @ vs.T, vs @ g)
+      np.testing.assert_allclose([state.learning_rate, state.momentum], c,
+                                 rtol=1e-8, atol=1e-12)
+      np.testing.assert_allclose(ravel(update), c[0] * d + c[1] * previous,
+                                 rtol=1e-8, atol=1e-12)
+    delta = ravel(update)
+    moved = optax.apply_updates(params, update)
+    rho = (loss(moved, batch) - loss(params, batch)) / (
+        0.5 * delta @ f @ delta + g @ delta)
+    np.testing.assert_allclose(state.rho, rho, rtol=1e-8)
+    lam = lam * 0.8 if rho > 0.75 else lam / 0.8 if rho < 0.25 else lam
+    np.testing.assert_allclose(state.damping, lam, rtol=1e-12)
+    a, whole_state = whole.update(grads, whole_state, params, batch=batch, key=key)
+    b, plain_state = plain.update(grads, plain_state, params, batch=batch, key=key)
+    np.testing.assert_allclose(ravel(a), ravel(b), rtol=1e-12, atol=1e-15)
+    previous = delta
+    params = moved
+
+
 def test_zero_direction_falls_back_and_skips_the_adaptation():
   params, batch, _, loss, _ = _mlp_task()
   tx = kfe.kfac(loss, "adaptive", momentum="adaptive", damping=0.5,
@@ -249,6 +301,8 @@ def test_zero_direction_falls_back_and_skips_the_adaptation():
       "damping_adaptation": True}, "not a schedule"),
     ({"learning_rate": "adaptive", "damping_adaptation_decay": 1.5,
       "damping_adaptation": True}, r"\(0, 1\)"),
+    ({"learning_rate": 0.1, "model_batch": 4}, "drop model_batch"),
+    ({"learning_rate": "adaptive", "model_batch": 0}, "model_batch must be a positive"),
 ])
 def test_bad_adaptive_options_are_named(kwargs, match):
   _, _, _, loss, _ = _mlp_task()
