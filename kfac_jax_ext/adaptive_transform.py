@@ -183,7 +183,9 @@ def quadratic_model_step(
     preconditioner_damping_decay: ``ω₂ = decay ** T₂`` (M&G: √(19/20)).
     model_batch: the model's Fisher ``F`` from the batch's first ``n``
       examples (every array leaf cut to its first ``n`` rows, as
-      ``stats_batch``); None (default) or ``n`` ≥ the batch: all of it.
+      ``stats_batch``; under ``axis_name`` each device's first ``n``);
+      None (default) or ``n`` ≥ the batch: all of it. Measured unstable at
+      32–64 of 128 (``docs/methods.md``): keep ``n`` in the hundreds.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``: ``update(grads, state,
