@@ -120,6 +120,10 @@ def _suffix_count(name: str, prefix: str):
   return int(tail) if tail.isdigit() and int(tail) > 0 else None
 
 
+# kfac_adaptive_relative_modelN: the quadratic model on the first N examples
+ADAPTIVE_MODEL = "kfac_adaptive_relative_model"
+
+
 def _tengrad_gram(name: str):
   return _suffix_count(name, "tengrad_gram")
 
@@ -131,8 +135,6 @@ def known(name: str) -> bool:
           or _suffix_count(name, ADAPTIVE_MODEL) is not None)
 
 
-# kfac_adaptive_relative_modelN: the quadratic model on the first N examples
-ADAPTIVE_MODEL = "kfac_adaptive_relative_model"
 MOMENTUM = 0.9
 # The adaptive runs (no sweep), both libraries, every task: the adaptive
 # rule of kfac-jax's examples for its MNIST autoencoder and classifier

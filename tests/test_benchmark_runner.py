@@ -261,6 +261,8 @@ def test_quick_run_shakespeare_transformer(tmp_path):
      "unknown optimizers"),
     (["--task", "mlp", "--steps", "5", "--optimizers", "kfac_stats"],
      "unknown optimizers"),
+    (["--task", "mlp", "--steps", "5", "--optimizers",
+      "kfac_adaptive_relative_model0"], "unknown optimizers"),
     (["--task", "mlp"], "give a budget"),
     (["--task", "mlp", "--seconds", "-1"], "must be positive"),
     (["--task", "mlp", "--steps", "3", "--optimizers", "adam,adam"], "named twice"),
