@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import kfac_jax_ext as kfe
 import pytest
 
-from benchmarks import (adaptive_trace, models, paired_setting, quickstart, step_phases,
+from benchmarks import (adaptive_trace, equal_steps, models, paired_setting, quickstart, step_phases,
                         step_time, thread_spin)
 from kfac_jax_ext import gram
 
@@ -20,6 +20,16 @@ def test_quickstart_runs(capsys):
   # on CPU with OpenBLAS: one thread for the run, the counts restored after it
   assert ("OpenBLAS limited to one thread" in out) == bool(before)
   assert kfe.lapack_threads() == before
+
+
+def test_equal_steps_compares_schedules_on_the_same_batches(capsys):
+  rows = equal_steps.main(["--task", "mlp", "--quick", "--lr", "0.1", "--damping",
+                           "0.1", "--steps", "4", "--refresh-warmup", "0,3,0"])
+  losses = [loss for _, loss, _ in rows]
+  assert [w for w, _, _ in rows] == [0, 3, 0]
+  assert losses[0] == losses[2]      # same batches and keys: the same run
+  assert losses[0] != losses[1]      # steps 1 and 2 refreshed: another run
+  assert "warm-up 3: train loss after 4 steps" in capsys.readouterr().out
 
 
 def test_time_to_reads_the_window_mean():

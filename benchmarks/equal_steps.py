@@ -1,0 +1,64 @@
+"""Training loss after a fixed number of steps, one optimizer, several schedules.
+
+Run: ``python -m benchmarks.equal_steps --task shakespeare --optimizer kfac
+--lr 0.1 --damping 5e-4 --steps 300 --refresh-warmup 0,20 [--ema-decay 0.8]``.
+Every schedule gets the same batches and sampling keys (``--seed``), so the
+losses compare progress per step, not per second (``benchmarks.run`` measures
+time). Prints, per schedule, the training loss on the task's fixed training
+subset after the last step and the total step seconds.
+
+This is how docs/performance.md's refresh warm-up table was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from benchmarks import contenders
+from benchmarks import tasks
+from benchmarks import training
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--task", required=True, choices=tasks.TASKS)
+  parser.add_argument("--optimizer", default="kfac")
+  parser.add_argument("--lr", type=float, required=True)
+  parser.add_argument("--damping", type=float, required=True)
+  parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--refresh-warmup", default="0,20",
+                      help="comma-separated warm-ups to compare")
+  parser.add_argument("--ema-decay", type=float, default=None,
+                      help="replace the task's running-average decay")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--quick", action="store_true",
+                      help="the task's small model (keeps the script tested)")
+  args = parser.parse_args(argv)
+  warmups = [int(w) for w in args.refresh_warmup.split(",")]
+  if args.steps < 1 or any(w < 0 for w in warmups):
+    parser.error("--steps must be positive and every --refresh-warmup >= 0")
+  task = tasks.make_task(args.task, quick=args.quick)
+  if args.ema_decay is not None:
+    task = task._replace(ema_decay=args.ema_decay)
+  evaluate = training.make_evaluator(task.metrics_fn)
+  hp = {"lr": args.lr, "damping": args.damping}
+  rows = []
+  for warmup in warmups:
+    run_task = task._replace(refresh_warmup=warmup)
+    contender = contenders.make_contender(args.optimizer, run_task)
+    result = training.train(contender, run_task, hp, steps=args.steps,
+                            seed=args.seed, progress=False, evaluate=evaluate,
+                            evals=1)
+    rows.append((warmup, result["evals"][-1]["train"]["loss"],
+                 float(np.sum(result["step_seconds"]))))
+    print(f"{args.task} {args.optimizer} lr {args.lr} λ {args.damping} "
+          f"ema {task.ema_decay} warm-up {warmup}: train loss after "
+          f"{args.steps} steps {rows[-1][1]:.4f} ({rows[-1][2]:.1f} s of steps)",
+          flush=True)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
