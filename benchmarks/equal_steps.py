@@ -32,6 +32,8 @@ def main(argv=None):
                       help="comma-separated warm-ups to compare")
   parser.add_argument("--ema-decay", type=float, default=None,
                       help="replace the task's running-average decay")
+  parser.add_argument("--kl-clip", type=float, default=None,
+                      help="replace the task's KL-clip κ")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--quick", action="store_true",
                       help="the task's small model (keeps the script tested)")
@@ -42,6 +44,8 @@ def main(argv=None):
   task = tasks.make_task(args.task, quick=args.quick)
   if args.ema_decay is not None:
     task = task._replace(ema_decay=args.ema_decay)
+  if args.kl_clip is not None:
+    task = task._replace(kl_clip=args.kl_clip)
   evaluate = training.make_evaluator(task.metrics_fn)
   hp = {"lr": args.lr, "damping": args.damping}
   rows = []
@@ -54,7 +58,7 @@ def main(argv=None):
     rows.append((warmup, result["evals"][-1]["train"]["loss"],
                  float(np.sum(result["step_seconds"]))))
     print(f"{args.task} {args.optimizer} lr {args.lr} λ {args.damping} "
-          f"ema {task.ema_decay} warm-up {warmup}: train loss after "
+          f"κ {task.kl_clip} ema {task.ema_decay} warm-up {warmup}: train loss after "
           f"{args.steps} steps {rows[-1][1]:.4f} ({rows[-1][2]:.1f} s of steps)",
           flush=True)
   return rows
