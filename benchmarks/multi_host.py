@@ -83,8 +83,12 @@ def worker(args):
     key = jax.make_array_from_process_local_data(
         replicated, np.asarray(jax.random.PRNGKey(i)))
     params, state, loss = step(params, state, global_batch(), key)
-    print(f"process {jax.process_index()}/{jax.process_count()} step {i} "
-          f"loss {float(loss.addressable_data(0)):.4f}", flush=True)
+    line = (f"process {jax.process_index()}/{jax.process_count()} step {i} "
+            f"loss {float(loss.addressable_data(0)):.4f}\n")
+    # the processes share the launcher's stdout: one write(2) per line, so
+    # two processes' lines cannot interleave (a pipe write of < 4 KiB is atomic)
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), line.encode())
   jax.distributed.shutdown()
 
 

@@ -14,6 +14,7 @@ that continues bit-exactly, and into this single 8-device process.
 import functools
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -157,9 +158,11 @@ def test_launcher_trains_mnist_on_two_processes():
   losses = {}
   for line in done.stdout.splitlines():
     if line.startswith("process "):
-      _, who, _, step, _, loss = line.split()
+      match = re.fullmatch(r"process (\d+/\d+) step (\d+) loss (\S+)", line)
+      assert match, f"a malformed progress line {line!r} in:\n{done.stdout}"
+      who, step, loss = match.groups()
       losses.setdefault(int(step), set()).add((who, float(loss)))
-  assert sorted(losses) == [0, 1, 2]
+  assert sorted(losses) == [0, 1, 2], done.stdout
   for seen in losses.values():
     assert {w for w, _ in seen} == {"0/2", "1/2"}
     assert len({v for _, v in seen}) == 1, seen      # one global loss
