@@ -41,7 +41,11 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   ``F_c`` with the batch's exact GGN (``fisher_products="ggn"``);
   ``two_level_COMBINE_SPACE_mixed``: the products it uses at full size
   from the exact GGN, ``F_c`` and the projected ones from the statistics
-  (``fisher_products="mixed"``).
+  (``fisher_products="mixed"``); ``two_level_COMBINE_SPACE_storedN`` (or
+  ``_stored``: all examples; statistics' products): the per-step correction from the tokens of
+  the last statistics batch's first N examples (``coarse_statistics=
+  "stored"``, ``coarse_batch=N``; Koroko et al.'s code, whose Fisher batch
+  is a quarter of the batch): no statistics pass between refreshes.
 * ``natural_gradient``: ``kfe.natural_gradient`` (``blocks="auto"``: per
   layer the cheaper exactly damped Kronecker or Woodbury block,
   ``gram_batch`` as ``tengrad``), swept like the others.
@@ -90,6 +94,7 @@ import optax
 
 import kfac_jax_ext as kfe
 from kfac_jax_ext import coarse
+from kfac_jax_ext import coarse_tokens
 
 OPTIMIZERS = ("adam", "sgd", "muon", "shampoo", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
               "kfac_adaptive", "kfac_jax_adaptive", "kfac_tridiagonal",
@@ -128,8 +133,19 @@ def _tengrad_gram(name: str):
   return _suffix_count(name, "tengrad_gram")
 
 
+def _two_level_stored(name: str):
+  """``(variant, coarse_batch)`` of ``two_level_COMBINE_SPACE_stored[N]``
+  (``coarse_batch`` None: all examples), else None."""
+  head, sep, tail = name.rpartition("_stored")
+  if not sep or head not in TWO_LEVEL_VARIANTS or head.endswith(("_ggn", "_mixed")) or (
+      tail and _suffix_count(tail, "") is None):
+    return None
+  return head, (int(tail) if tail else None)
+
+
 def known(name: str) -> bool:
   return (name in OPTIMIZERS or name in TWO_LEVEL_VARIANTS
+          or _two_level_stored(name) is not None
           or _tengrad_gram(name) is not None
           or _suffix_count(name, "kfac_stats") is not None
           or _suffix_count(name, ADAPTIVE_MODEL) is not None)
@@ -263,9 +279,7 @@ def _natural(name, task, alias, options):
                  kl_clip=task.kl_clip, stats_every=task.period,
                  inverse_every=task.period, **options)
 
-  per_step = options.get("fisher_products") != "ggn" and (
-      options.get("combine", "additive") != "additive" or
-      options.get("coarse_space") in coarse.PER_STEP_SPACES)
+  per_step = coarse_tokens.statistics_every_step(options)
   family = ("relative" if options.get("damping_scale") == "relative" else
             "woodbury" if name.startswith("tengrad") else "natural")
   return _fused(name, family, task, make, warmup=2,
@@ -394,14 +408,17 @@ def make_contender(name: str, task) -> Contender:
     return _natural(name, task, kfe.tengrad, {"gram_batch": _tengrad_gram(name)})
   if name == "two_level_kfac":
     return _natural(name, task, kfe.two_level_kfac, {})
-  if name in TWO_LEVEL_VARIANTS:
-    products = next((p for p in ("ggn", "mixed") if name.endswith("_" + p)),
+  if name in TWO_LEVEL_VARIANTS or _two_level_stored(name) is not None:
+    variant, stored = _two_level_stored(name) or (name, False)
+    products = next((p for p in ("ggn", "mixed") if variant.endswith("_" + p)),
                     "statistics")
-    combine, space = name[len("two_level_"):].removesuffix(
+    combine, space = variant[len("two_level_"):].removesuffix(
         "_" + products).split("_", 1)
+    extra = ({} if stored is False else
+             {"coarse_statistics": "stored", "coarse_batch": stored})
     return _natural(name, task, kfe.two_level_kfac,
                     {"combine": combine, "coarse_space": space,
-                     "fisher_products": products})
+                     "fisher_products": products, **extra})
   if name == "kfac_jax":
     return _kfac_jax(task)
   if name in ("kfac_adaptive", "tengrad_adaptive", "kfac_adaptive_relative",

@@ -96,6 +96,24 @@ def _oriented(kl, x):
   return x if kl.a_side == "rows" else x.T
 
 
+def coarse_size(shapes, space, limit: int) -> int:
+  """``S``: the coarse indices of ``space`` on leaves of these shapes
+  (``ValueError`` above ``limit``)."""
+  size = sum(len(s) for s in coarse.leaf_slots(shapes, space))
+  if size > limit:
+    raise ValueError(f"coarse_space={space!r} gives {size} coarse vectors (more "
+                     f"than {limit}); use 'nicolaides' or 'spectral' for models "
+                     "of this size.")
+  return size
+
+
+def spectral_slots(shapes, dtype):
+  """Per ≥2-D leaf, the spectral space's ``(rows, cols)`` vectors, one size
+  for both (a layer may use either side of its kernel); None elsewhere."""
+  ones = lambda s: initial_arrays.ones((max(kronecker.slot_sizes(s)),), dtype)
+  return [(ones(s), ones(s)) if len(s) >= 2 else None for s in shapes]
+
+
 def krylov_slots(shapes, dtype):
   """Per ≥2-D leaf, a ``(rows, cols)`` slot for ``M_l⁻¹1`` (None otherwise)."""
   return tuple(initial_arrays.zeros(kronecker.slot_sizes(s), dtype)

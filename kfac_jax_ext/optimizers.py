@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from kfac_jax_ext import adaptive_transform
-from kfac_jax_ext import coarse
+from kfac_jax_ext import coarse_tokens
 from kfac_jax_ext import damping_strength
 from kfac_jax_ext import eager
 from kfac_jax_ext import kfac_transform
@@ -264,22 +264,21 @@ def _two_level_options(*, base="kfac", coarse_space="nicolaides",
                        coarse_matrix=None, combine="additive",
                        omega=(1.0, 1.0), coarse_damping="consistent",
                        fisher_products="statistics", fine_scale="model",
-                       coarse_batch=None):
+                       coarse_batch=None, coarse_statistics="batch"):
   """Two-level K-FAC's own options (see ``scale_by_two_level_kfac``)."""
 
 
 two_level_kfac = _optimizer_alias(
     two_level_transform.scale_by_two_level_kfac, _two_level_options,
-    "two_level_kfac", statistics_every_step=lambda options: (
-        options.get("fisher_products", "statistics") != "ggn" and (
-            options.get("combine", "additive") != "additive"
-            or options.get("coarse_space", "nicolaides") in coarse.PER_STEP_SPACES)),
+    "two_level_kfac", statistics_every_step=coarse_tokens.statistics_every_step,
     doc="""\
 Two-level K-FAC optimizer: ``scale_by_two_level_kfac`` → KL-clip → weight
 decay → momentum → lr.
 
 Same signature as ``kfe.kfac`` plus ``base``, ``coarse_space``,
-``coarse_matrix``, ``combine``, ``omega`` and ``coarse_damping``.
+``coarse_matrix``, ``combine``, ``omega``, ``coarse_damping``,
+``fisher_products``, ``fine_scale``, ``coarse_batch`` and
+``coarse_statistics``.
 
 Example:
   >>> opt = kfe.two_level_kfac(loss_fn, learning_rate=0.1, damping=1e-2,

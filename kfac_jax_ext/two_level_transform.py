@@ -17,6 +17,7 @@ import optax
 from kfac_jax_ext import checks
 from kfac_jax_ext import coarse
 from kfac_jax_ext import coarse_level as level
+from kfac_jax_ext import coarse_tokens
 from kfac_jax_ext import curvature_products
 from kfac_jax_ext import distributed
 from kfac_jax_ext import eager
@@ -28,7 +29,6 @@ from kfac_jax_ext import relative_damping
 from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
 from kfac_jax_ext import tracing
-from kfac_jax_ext.blocks import kronecker
 from kfac_jax_ext.state import Health, KfacState
 
 MAX_COARSE = 4096
@@ -51,6 +51,9 @@ class TwoLevelState(NamedTuple):
     health: coarse-level ``Health`` counters.
     krylov: per leaf, ``M_l⁻¹1`` of the Krylov–Nicolaides space (a
       ``(rows, cols)`` slot; None elsewhere), refreshed with the inverses.
+    tokens: with ``coarse_statistics="stored"`` and a per-step correction,
+      per coarse layer the last statistics batch's ``(ā, g)`` tokens
+      (``coarse_tokens``); else ``()``.
   """
   base: KfacState
   curvature_due: jax.Array
@@ -61,6 +64,7 @@ class TwoLevelState(NamedTuple):
   spectral: tuple
   health: Health
   krylov: tuple = ()
+  tokens: tuple = ()
 
 
 def scale_by_two_level_kfac(
@@ -75,6 +79,7 @@ def scale_by_two_level_kfac(
     fisher_products: str = "statistics",
     fine_scale: str = "model",
     coarse_batch: int | None = None,
+    coarse_statistics: str = "batch",
     **options,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Two-level K-FAC: the base preconditioner plus a coarse correction.
@@ -147,6 +152,11 @@ def scale_by_two_level_kfac(
       (each product is two passes over the layers' tokens, about a forward
       pass of the batch). ``None`` (default): all ``M`` examples. The fine
       level always uses the whole batch.
+    coarse_statistics: a per-step correction's ``F``: ``"batch"`` (default:
+      each step's batch; a statistics pass every step) or ``"stored"`` (the
+      tokens of the last statistics batch, kept in the state: no statistics
+      pass between statistics steps, as in Koroko et al.'s code; needs
+      ``example_batch``; see ``coarse_tokens``).
     **options: the base method's options (``scale_by_kfac``).
 
   Returns:
@@ -156,7 +166,7 @@ def scale_by_two_level_kfac(
     step: with a static ``due``, call ``kfe.value_and_grad`` with
     ``due._replace(statistics=True)`` and pass it the ``curvature``, else
     ``update`` runs its own statistics pass (a second forward) on the steps
-    where ``due.statistics`` is False.
+    where ``due.statistics`` is False (not with ``coarse_statistics="stored"``).
 
   Example:
     >>> tx = optax.chain(kfe.scale_by_two_level_kfac(
@@ -166,6 +176,7 @@ def scale_by_two_level_kfac(
   checks.check_two_level_choices(base, coarse_space, coarse_matrix, combine,
                                  coarse_damping, omega, fisher_products)
   checks.check_two_level_options(fine_scale, coarse_batch, fisher_products, options)
+  coarse_tokens.check(coarse_statistics, fisher_products, options)
   if coarse_matrix is None:
     coarse_matrix = ("kronecker" if fisher_products == "statistics" and
                      combine == "additive" and
@@ -176,14 +187,11 @@ def scale_by_two_level_kfac(
   variant = (kronecker_variants.KFAC if base == "kfac"
              else kronecker_variants.tkfac_variant())
   name = "scale_by_two_level_kfac"
+  if coarse_space is None:     # the base method
+    return kronecker_family.scale_by_kronecker(loss_fn, variant, name=name,
+                                               **options)
   base_init, base_step = kronecker_family.kronecker_stepper(
       loss_fn, variant, name=name, **options)
-  if coarse_space is None:
-    return optax.GradientTransformationExtraArgs(
-        base_init, eager.compile_when_eager(lambda u, s, p=None, **kw: base_step(
-            u, s, p, **{k: kw.get(k) for k in ("batch", "key", "curvature",
-                                               "due")},
-            damping_override=kw.get("damping"))[:2]))
   ema_decay = options.get("ema_decay", 0.95)
   inverse_every = options.get("inverse_every", 5)
   stats_every = options.get("stats_every", 1)
@@ -192,26 +200,18 @@ def scale_by_two_level_kfac(
   axis_name = options.get("axis_name")
   ggn = fisher_products == "ggn"
   scaled = fine_scale == "model"
-  # F_c of the step's own batch, inverted every step
-  every_step = (combine != "additive" or coarse_space in coarse.PER_STEP_SPACES
-                or ggn)
-  # the per-step products need the statistics' tokens
-  tokens_every_step = every_step and not ggn
+  every_step = coarse_tokens.per_step(combine, coarse_space, fisher_products)
+  # the per-step products need statistics' tokens: the step's, or stored ones
+  stored = every_step and not ggn and coarse_statistics == "stored"
+  tokens_every_step = every_step and not ggn and not stored
 
   def init_fn(params):
     base_state = base_init(params)
     shapes = [tuple(jnp.shape(x)) for x in jax.tree_util.tree_leaves(params)]
-    size = sum(len(s) for s in coarse.leaf_slots(shapes, coarse_space))
-    if size > MAX_COARSE:
-      raise ValueError(f"coarse_space={coarse_space!r} gives {size} coarse "
-                       f"vectors (more than {MAX_COARSE}); use 'nicolaides' or "
-                       "'spectral' for models of this size.")
+    size = level.coarse_size(shapes, coarse_space, MAX_COARSE)
     dtype = linalg.factor_dtype()
-    # one size for both sides: a layer may use either side of its kernel
-    spectral = tuple(
-        (initial_arrays.ones((max(kronecker.slot_sizes(s)),), dtype),
-         initial_arrays.ones((max(kronecker.slot_sizes(s)),), dtype))
-        if coarse_space == "spectral" and len(s) >= 2 else None for s in shapes)
+    spectral = tuple(level.spectral_slots(shapes, dtype) if coarse_space ==
+                     "spectral" else [None] * len(shapes))
     # Distinct buffers (no array twice in the state): the state is donatable.
     zeros = initial_arrays.zeros((size, size), dtype)
     g0 = (initial_arrays.zeros((size, size), dtype) if coarse_matrix == "kronecker"
@@ -219,9 +219,12 @@ def scale_by_two_level_kfac(
     zero = lambda: jnp.zeros([], jnp.int32)
     krylov = (level.krylov_slots(shapes, dtype)
               if coarse_space == "krylov_nicolaides" else ())
+    toks = coarse_tokens.initial(
+        loss_fn, params, options["example_batch"], has_aux, base_state.factors,
+        variant.unsupported, spectral, coarse_batch, dtype) if stored else ()
     return TwoLevelState(base_state, jnp.array(True), zero(), zeros, g0,
                          initial_arrays.identity((size, size), dtype), spectral,
-                         Health(zero(), zero()), krylov)
+                         Health(zero(), zero()), krylov, toks)
 
   def update_fn(updates, state, params=None, *, batch=None, key=None,
                 curvature=None, due=None, **extra_args):
@@ -271,8 +274,12 @@ def scale_by_two_level_kfac(
     if not layers:
       return out, state._replace(base=base_state)
     # the coarse level's examples: the first min(M, coarse_batch)
-    m = traced.num_examples if coarse_batch is None else min(
-        traced.num_examples, coarse_batch)
+    m = coarse_tokens.examples(traced.num_examples, coarse_batch)
+    stored_toks, tokens_ok = state.tokens, jnp.array(True)
+    if stored:        # the last statistics batch's tokens, fresh when due
+      stored_toks, tokens_ok = coarse_tokens.kept(
+          state.tokens, lambda: level.tokens(layers, traced, cb, dtype, m),
+          stats_every, stats_due, static_stats)
     grads = jax.tree_util.tree_leaves(updates)
     fine = jax.tree_util.tree_leaves(out)
     v = level.to_matrices(layers, grads, dtype)
@@ -282,7 +289,7 @@ def scale_by_two_level_kfac(
                                                     axis_name=axis_name)
       fvp = level.ggn_fvp(layers, operator, grads, shapes, ctx.damping, dtype)
     elif every_step:
-      toks = level.tokens(layers, traced, cb, dtype, m)
+      toks = stored_toks if stored else level.tokens(layers, traced, cb, dtype, m)
       fvp = level.statistics_fvp(toks, m, ctx.damping, axis_name)
     # "mixed": the products used at full size (fed to M⁻¹ or a basis) from
     # the exact GGN; F_c and the projected ones from the statistics
@@ -325,7 +332,7 @@ def scale_by_two_level_kfac(
       ok = linalg.all_finite(new_a, new_g)
       ema = lambda old, new: jnp.where(ok, eps * old + (1 - eps) * new, old)
       health = st.health._replace(nonfinite_statistics=(
-          st.health.nonfinite_statistics + (~ok).astype(jnp.int32)))
+          st.health.nonfinite_statistics + (~(ok & tokens_ok)).astype(jnp.int32)))
       return (ema(st.coarse_a, new_a), ema(st.coarse_g, new_g),
               st.coarse_count + ok.astype(jnp.int32), health, ok)
 
@@ -385,7 +392,7 @@ def scale_by_two_level_kfac(
     new_state = TwoLevelState(base_state, jnp.array(True) if tokens_every_step
                               else base_state.curvature_due, coarse_count,
                               coarse_a, coarse_g, inverse, spectral, health,
-                              krylov)
+                              krylov, stored_toks)
     treedef = jax.tree_util.tree_structure(updates)
     return jax.tree_util.tree_unflatten(treedef, fine), new_state
 

@@ -1,0 +1,127 @@
+r"""Which batch's Fisher two-level K-FAC's per-step correction uses: ``coarse_statistics``.
+
+A per-step correction (multiplicative, balanced, or a per-step space:
+residual, Krylov–residual) needs, on every step, products ``F_λx`` and a
+coarse matrix ``F_c = R F_λ Rᵀ`` with ``F = (1/n) Σ_k u_k u_kᵀ`` the
+Fisher of per-example gradients ``u_k``, which the statistics' tokens
+``(ā_k, g_k)`` give without forming them (``coarse_level``). Two sources:
+
+* ``"batch"`` (default): the tokens of each step's own batch. The
+  statistics pass (a sampled backward) runs on every step, whatever
+  ``stats_every``.
+* ``"stored"``: the tokens of the last statistics batch's first ``n``
+  examples (``n = min(M, coarse_batch)``), kept in the state and replaced
+  whenever the fine level takes statistics, as Koroko et al.'s code does
+  (its ``collect_stats`` every ``T_cov``, products from the stored
+  ``x``, ``gy`` on the steps between). Between statistics steps no
+  statistics pass runs: a per-step correction costs its token passes and
+  its extra ``M⁻¹`` applications only. ``F_c`` is still formed every step
+  from the stored tokens and the step's basis, so Galerkin orthogonality
+  ``R(∇ − F_λΔ) = 0`` holds at every step for the stored ``F``. The tokens'
+  shapes are fixed at ``init`` from ``example_batch`` (required; one
+  device's batch under ``axis_name``): ``n·T_l·(d_a + d_g)`` numbers per
+  coarse layer (``T_l`` positions per example).
+
+Example::
+
+  >>> tx = kfe.two_level_kfac(loss_fn, 0.1, damping=0.3,
+  ...                         combine="multiplicative", coarse_space="residual",
+  ...                         coarse_statistics="stored", coarse_batch=250,
+  ...                         example_batch=batch)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kfac_jax_ext import coarse
+from kfac_jax_ext import coarse_level as level
+from kfac_jax_ext import linalg
+from kfac_jax_ext import plan as plan_lib
+from kfac_jax_ext import schedule
+from kfac_jax_ext import tracing
+from kfac_jax_ext import weight_sharing as sharing_lib
+
+MODES = ("batch", "stored")
+
+
+def per_step(combine: str, coarse_space, fisher_products: str) -> bool:
+  """Whether ``F_c`` is the step's own (formed and inverted every step)."""
+  return coarse_space is not None and (
+      combine != "additive" or coarse_space in coarse.PER_STEP_SPACES
+      or fisher_products == "ggn")
+
+
+def statistics_every_step(options: dict) -> bool:
+  """Whether ``two_level_kfac`` with these options reads the batch's
+  statistics on every step (so the fused step's one pass takes them)."""
+  products = options.get("fisher_products", "statistics")
+  return (products != "ggn"
+          and options.get("coarse_statistics", "batch") == "batch"
+          and per_step(options.get("combine", "additive"),
+                       options.get("coarse_space", "nicolaides"), products))
+
+
+def check(mode, fisher_products: str, options: dict) -> None:
+  """Raises ``ValueError`` for a ``coarse_statistics`` that cannot apply."""
+  if mode not in MODES:
+    raise ValueError(f"coarse_statistics must be one of {MODES}, got {mode!r}.")
+  if mode == "stored" and fisher_products == "ggn":
+    raise ValueError("coarse_statistics='stored' keeps the statistics' tokens; "
+                     "fisher_products='ggn' uses none (its products are the "
+                     "batch's exact GGN): pass 'statistics' or 'mixed'.")
+  if mode == "stored" and options.get("example_batch") is None:
+    raise ValueError("coarse_statistics='stored' keeps the tokens in the state, "
+                     "whose shapes come from a batch: pass example_batch=<a batch"
+                     ", or jax.ShapeDtypeStructs of its shapes>.")
+
+
+def examples(num_examples: int, coarse_batch) -> int:
+  """``n = min(M, coarse_batch)``: the coarse level's examples."""
+  return num_examples if coarse_batch is None else min(num_examples, coarse_batch)
+
+
+def initial(loss_fn, params, example_batch, has_aux, factors, unsupported,
+            spectral, coarse_batch, dtype) -> tuple:
+  """Zero tokens ``(ā [n, T, d_a], g [n, T, d_g])`` per coarse layer of the
+  plan traced on ``example_batch`` (``factors``: the fine state's, laid out
+  from it; ``unsupported``: the base variant's; ``spectral``: the state's)."""
+  traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux)
+  plan = plan_lib.make_plan(traced, factors, unsupported=unsupported)
+  n = examples(traced.num_examples, coarse_batch)
+  out = []
+  for kl in level.coarse_layers(plan, spectral):
+    t = sharing_lib.tokens(kl.layer) // traced.num_examples
+    out.append((jnp.zeros((n, t, kl.d_a), dtype), jnp.zeros((n, t, kl.d_g), dtype)))
+  return tuple(out)
+
+
+def check_shapes(stored, fresh) -> None:
+  """The step's tokens must fit the stored ones (a static check)."""
+  shape = lambda toks: [tuple(x.shape) for pair in toks for x in pair]
+  if shape(stored) != shape(fresh):
+    raise ValueError(
+        f"coarse_statistics='stored' keeps tokens of shapes {shape(stored)} "
+        f"(from example_batch) but this batch gives {shape(fresh)}: pass "
+        "batches of example_batch's shapes (or leave coarse_statistics='batch').")
+
+
+def kept(stored, fresh, period, due, static):
+  """``(tokens, ok)``: on a statistics step (``due``; ``static``: its
+  Python value, if known) ``refresh(stored, fresh())``, else ``stored``."""
+  def take(old):
+    new = fresh()
+    check_shapes(old, new)
+    return refresh(old, new)
+  return schedule.maybe(period, due, take, lambda old: (old, jnp.array(True)),
+                        stored, static)
+
+
+def refresh(stored, fresh):
+  """``(tokens, ok)``: the fresh tokens, or the stored ones where the fresh
+  are not finite (``ok`` False: the caller counts it)."""
+  ok = linalg.all_finite(*jax.tree_util.tree_leaves(fresh))
+  kept = jax.tree_util.tree_map(lambda new, old: jnp.where(ok, new, old),
+                                tuple(tuple(p) for p in fresh), stored)
+  return kept, ok
