@@ -107,9 +107,12 @@ def check_shapes(stored, fresh) -> None:
         "batches of example_batch's shapes (or leave coarse_statistics='batch').")
 
 
-def kept(stored, fresh, period, due, static):
-  """``(tokens, ok)``: on a statistics step (``due``; ``static``: its
-  Python value, if known) ``refresh(stored, fresh())``, else ``stored``."""
+def kept(active: bool, stored, fresh, period, due, static):
+  """``(tokens, ok)``: with ``active`` (``"stored"`` and a per-step
+  correction), on a statistics step (``due``; ``static``: its Python value,
+  if known) ``refresh(stored, fresh())``; else ``stored`` (``()`` inactive)."""
+  if not active:
+    return stored, jnp.array(True)
   def take(old):
     new = fresh()
     check_shapes(old, new)

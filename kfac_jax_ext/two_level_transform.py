@@ -195,9 +195,8 @@ def scale_by_two_level_kfac(
   ema_decay = options.get("ema_decay", 0.95)
   inverse_every = options.get("inverse_every", 5)
   stats_every = options.get("stats_every", 1)
-  fisher = options.get("fisher", "sampled")
-  has_aux = options.get("has_aux", False)
-  axis_name = options.get("axis_name")
+  fisher, has_aux, axis_name = (options.get("fisher", "sampled"),
+                                options.get("has_aux", False), options.get("axis_name"))
   ggn = fisher_products == "ggn"
   scaled = fine_scale == "model"
   every_step = coarse_tokens.per_step(combine, coarse_space, fisher_products)
@@ -275,11 +274,9 @@ def scale_by_two_level_kfac(
       return out, state._replace(base=base_state)
     # the coarse level's examples: the first min(M, coarse_batch)
     m = coarse_tokens.examples(traced.num_examples, coarse_batch)
-    stored_toks, tokens_ok = state.tokens, jnp.array(True)
-    if stored:        # the last statistics batch's tokens, fresh when due
-      stored_toks, tokens_ok = coarse_tokens.kept(
-          state.tokens, lambda: level.tokens(layers, traced, cb, dtype, m),
-          stats_every, stats_due, static_stats)
+    stored_toks, tokens_ok = coarse_tokens.kept(    # the last statistics batch's
+        stored, state.tokens, lambda: level.tokens(layers, traced, cb, dtype, m),
+        stats_every, stats_due, static_stats)
     grads = jax.tree_util.tree_leaves(updates)
     fine = jax.tree_util.tree_leaves(out)
     v = level.to_matrices(layers, grads, dtype)
@@ -384,7 +381,10 @@ def scale_by_two_level_kfac(
     ok = linalg.all_finite(alpha, *delta)
     health = health._replace(failed_inverses=health.failed_inverses + (
         ~ok).astype(jnp.int32))
-    delta = [jnp.where(ok, d, u) for d, u in zip(delta, unscaled)]
+    # balanced needs M⁻¹∇ only here: in a branch, the base's is dead code
+    delta = (jax.lax.cond(ok, lambda d: d, lambda d: precondition(v), delta)
+             if combine == "balanced" else
+             [jnp.where(ok, d, u) for d, u in zip(delta, unscaled)])
     if scaled and combine != "additive":   # the other leaves: αM⁻¹∇ too
       alpha = jnp.where(ok, alpha, 1.0)
       fine = [(alpha * x).astype(x.dtype) for x in fine]

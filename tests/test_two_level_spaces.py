@@ -234,10 +234,14 @@ def test_ggn_products_need_no_statistics_between_refreshes_and_bad_options_raise
       kfe.scale_by_two_level_kfac(loss, **options)
 
 
-def test_non_finite_statistics_drop_the_per_step_correction_and_are_counted():
+@pytest.mark.parametrize("combine,space", [
+    ("multiplicative", "residual"), ("balanced", "nicolaides")])
+def test_non_finite_statistics_drop_the_per_step_correction_and_are_counted(
+    combine, space):
+  """(balanced computes the fallback ``M⁻¹∇`` only in a failure branch)"""
   loss, params, batch = _mlp(squared=True)
-  tx = kfe.scale_by_two_level_kfac(loss, combine="multiplicative",
-                                   coarse_space="residual", **EXACT)
+  tx = kfe.scale_by_two_level_kfac(loss, combine=combine,
+                                   coarse_space=space, **EXACT)
   base = kfe.scale_by_two_level_kfac(loss, coarse_space=None, **EXACT)
   vg = kfe.value_and_grad(loss, fisher="empirical")
   _, grads, curv = vg(params, batch)
