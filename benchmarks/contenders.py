@@ -143,6 +143,14 @@ def _two_level_stored(name: str):
   return head, (int(tail) if tail else None)
 
 
+def settings_name(name: str) -> str:
+  """The contender whose swept setting ``name`` may reuse: a stored-token
+  two-level variant's is the variant's (same hyper-parameters, the Fisher
+  of the last statistics batch instead of the step's); else ``name``."""
+  stored = _two_level_stored(name)
+  return name if stored is None else stored[0]
+
+
 def known(name: str) -> bool:
   return (name in OPTIMIZERS or name in TWO_LEVEL_VARIANTS
           or _two_level_stored(name) is not None

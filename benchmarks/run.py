@@ -170,8 +170,9 @@ def parse_args(argv):
   parser.add_argument("--settings-from", default=None,
                       help="a results JSON, or several separated by commas: train "
                            "each optimizer with the setting chosen there (no sweep; "
-                           "the first file that has the optimizer wins), e.g. a "
-                           "second seed")
+                           "the first file that has the optimizer wins; a "
+                           "two_level_*_stored[N] without its own takes its "
+                           "variant's), e.g. a second seed")
   parser.add_argument("--add-to", default=None,
                       help="a results JSON of the same task: run the optimizers "
                            "and add them to it (the target stays its Adam run's)")
@@ -256,16 +257,20 @@ def _chosen_settings(parser, settings_from, names):
   paths = [p.strip() for p in settings_from.split(",") if p.strip()]
   if not paths:
     parser.error("--settings-from needs a results JSON")
-  chosen = {}
+  files = []
   for path in paths:
     try:
       with open(path) as f:
-        earlier = json.load(f)["runs"]
+        files.append(json.load(f)["runs"])
     except (OSError, ValueError, KeyError, TypeError) as e:
       parser.error(f"--settings-from {path}: cannot read its runs ({e})")
-    for n in names:
-      if n not in chosen and "chosen" in earlier.get(n, {}):
-        chosen[n] = earlier[n]["chosen"]
+  chosen = {}
+  # the name's own setting, else (two_level_*_storedN) its variant's
+  for lookup in (lambda n: n, contenders.settings_name):
+    for earlier in files:
+      for n in names:
+        if n not in chosen and "chosen" in earlier.get(lookup(n), {}):
+          chosen[n] = earlier[lookup(n)]["chosen"]
   missing = [n for n in names if n not in chosen]
   if missing:
     parser.error(f"--settings-from {settings_from} has no chosen setting for "

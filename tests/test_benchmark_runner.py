@@ -12,7 +12,7 @@ import pickle
 import numpy as np
 import pytest
 
-from benchmarks import run, step_time, summary, tasks
+from benchmarks import contenders, run, step_time, summary, tasks, training
 from kfac_jax_ext import datasets as data
 
 
@@ -428,6 +428,36 @@ def test_settings_from_several_files_first_holder_wins(tmp_path):
   with pytest.raises(SystemExit):      # an empty list of files
     run.parse_args(["--task", "mlp", "--steps", "3", "--optimizers", "adam",
                     "--settings-from", ","])
+
+
+def test_stored_two_level_variants_parse_and_reuse_their_variants_setting(tmp_path):
+  task = tasks.make_task("mlp")
+  name = "two_level_multiplicative_residual_stored4"
+  assert contenders.known(name) and contenders.settings_name(name) == (
+      "two_level_multiplicative_residual")
+  for bad in ("two_level_multiplicative_residual_stored0",
+              "two_level_multiplicative_residual_ggn_stored",
+              "two_level_multiplicative_residual_mixed_stored4", "kfac_stored"):
+    assert not contenders.known(bad) and contenders.settings_name(bad) == bad
+  results = tmp_path / "a.json"
+  results.write_text(json.dumps({"runs": {
+      "two_level_multiplicative_residual": {"chosen": {"lr": 0.1, "damping": 0.3}},
+      name: {"chosen": {"lr": 0.3, "damping": 1.0}}}}))
+  other = tmp_path / "b.json"
+  other.write_text(json.dumps({"runs": {
+      "two_level_balanced_residual": {"chosen": {"lr": 0.03, "damping": 0.1}}}}))
+  args = run.parse_args(["--task", "mlp", "--steps", "3", "--optimizers",
+                         f"{name},two_level_balanced_residual_stored",
+                         "--settings-from", f"{other},{results}"])
+  # its own setting (in the second file) before its variant's
+  assert args.chosen == {name: {"lr": 0.3, "damping": 1.0},
+                         "two_level_balanced_residual_stored":
+                             {"lr": 0.03, "damping": 0.1}}
+  # the contender reads the stored tokens: no statistics pass every step
+  contender = contenders.make_contender(name, task)
+  run_ = training.train(contender, task, {"lr": 0.03, "damping": 1.0}, steps=3,
+                        progress=False, evals=1)
+  assert all(math.isfinite(x) for x in run_["loss"])
 
 
 def test_overview_table_spans_runs_and_bolds_the_fastest(tmp_path):
