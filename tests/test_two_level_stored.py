@@ -45,7 +45,8 @@ def _two_updates(loss, params, first, second, mode, **options):
 
 @pytest.mark.parametrize("space,combine", [
     ("residual", "multiplicative"), ("nicolaides", "balanced"),
-    ("krylov_residual", "multiplicative"), ("residual", "additive")])
+    ("krylov_residual", "multiplicative"), ("residual", "additive"),
+    ("nicolaides", "multiplicative")])
 def test_stored_tokens_give_the_closed_form_with_the_last_statistics_batch(
     space, combine):
   loss, params, first, second = _batches()
