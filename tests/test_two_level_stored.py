@@ -58,27 +58,24 @@ def test_stored_tokens_give_the_closed_form_with_the_last_statistics_batch(
   np.testing.assert_array_equal(out0, ref0)
   # the next step: ∇ of the second batch, F of the first batch's first N
   grad, _ = _brute(loss, params, second)
-  _, u = _brute(loss, params, first)
-  f = u[:, :N] @ u[:, :N].T / N + LAM * jnp.eye(u.shape[0])
   minv = _base_inverse(loss, params, first)
   masks = _nicolaides_rows(params)
-  r = (masks if space == "nicolaides" else
-       _space_rows(space, masks, minv, grad - f @ minv(grad)))
-  if combine == "additive":
-    expected = minv(grad) + r.T @ jnp.linalg.solve(r @ f @ r.T, r @ grad)
-  else:
-    expected = _closed_form(combine, r, f, grad, minv, alpha_scaled=False)
+
+  def closed_form(batch):
+    """The step with F of ``batch``'s first N per-example gradients."""
+    _, u = _brute(loss, params, batch)
+    f = u[:, :N] @ u[:, :N].T / N + LAM * jnp.eye(u.shape[0])
+    r = (masks if space == "nicolaides" else
+         _space_rows(space, masks, minv, grad - f @ minv(grad)))
+    if combine == "additive":
+      return minv(grad) + r.T @ jnp.linalg.solve(r @ f @ r.T, r @ grad)
+    return _closed_form(combine, r, f, grad, minv, alpha_scaled=False)
+
+  expected = closed_form(first)
   scale = float(jnp.max(jnp.abs(expected)))
   np.testing.assert_allclose(out1, expected, rtol=0, atol=1e-9 * scale)
   # the second batch's own Fisher gives another step: the test could fail
-  _, u2 = _brute(loss, params, second)
-  f2 = u2[:, :N] @ u2[:, :N].T / N + LAM * jnp.eye(u.shape[0])
-  r2 = (masks if space == "nicolaides" else
-        _space_rows(space, masks, minv, grad - f2 @ minv(grad)))
-  if combine == "additive":
-    other = minv(grad) + r2.T @ jnp.linalg.solve(r2 @ f2 @ r2.T, r2 @ grad)
-  else:
-    other = _closed_form(combine, r2, f2, grad, minv, alpha_scaled=False)
+  other = closed_form(second)
   assert float(jnp.max(jnp.abs(other - expected))) > 1e-3 * scale
 
 
