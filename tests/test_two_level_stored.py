@@ -12,17 +12,18 @@ import pytest
 
 import kfac_jax_ext as kfe
 from kfac_jax_ext import train_step
-from tests.test_two_level import EXACT, LAM, _brute, _flat, _mlp, _nicolaides_rows
+from tests.test_two_level import (EXACT, LAM, _brute, _cnn, _flat, _mlp,
+                                  _nicolaides_rows)
 from tests.test_two_level_spaces import _base_inverse, _closed_form, _space_rows
 
-N = 4      # coarse_batch, of M = 7 examples
+N = 4      # coarse_batch, of M = 7 (MLP) or 5 (CNN) examples
 
 
-def _batches():
-  loss, params, first = _mlp(squared=True)
-  second = jax.tree_util.tree_map(
-      lambda t: t + 0.5 * jax.random.normal(jax.random.PRNGKey(9), t.shape, t.dtype),
-      first)
+def _batches(task="mlp"):
+  """Two batches of the same shapes (the CNN's conv tokens: 81 positions)."""
+  loss, params, first = _mlp(squared=True) if task == "mlp" else _cnn()
+  second = dict(first, x=first["x"] + 0.5 * jax.random.normal(
+      jax.random.PRNGKey(9), first["x"].shape, first["x"].dtype))
   return loss, params, first, second
 
 
@@ -43,13 +44,14 @@ def _two_updates(loss, params, first, second, mode, **options):
   return _flat(out0), _flat(out1), state, state1
 
 
-@pytest.mark.parametrize("space,combine", [
-    ("residual", "multiplicative"), ("nicolaides", "balanced"),
-    ("krylov_residual", "multiplicative"), ("residual", "additive"),
-    ("nicolaides", "multiplicative")])
+@pytest.mark.parametrize("task,space,combine", [
+    ("mlp", "residual", "multiplicative"), ("mlp", "nicolaides", "balanced"),
+    ("mlp", "krylov_residual", "multiplicative"), ("mlp", "residual", "additive"),
+    ("mlp", "nicolaides", "multiplicative"), ("cnn", "residual", "multiplicative"),
+    ("cnn", "nicolaides", "balanced")])
 def test_stored_tokens_give_the_closed_form_with_the_last_statistics_batch(
-    space, combine):
-  loss, params, first, second = _batches()
+    task, space, combine):
+  loss, params, first, second = _batches(task)
   out0, out1, _, _ = _two_updates(loss, params, first, second, "stored",
                                   combine=combine, coarse_space=space)
   # a statistics step: exactly the step's own batch, as with "batch"
