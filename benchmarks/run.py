@@ -187,6 +187,10 @@ def parse_args(argv):
                       help="kfac_jax_ext contenders refresh statistics and inverses on "
                            "each of the first N steps (kfe.due_at's refresh_warmup); "
                            "kfac-jax has no such option")
+  parser.add_argument("--ema-decay", type=float, default=None,
+                      help="replace the task's curvature running-average decay (per "
+                           "statistics update) for every natural-gradient contender "
+                           "and kfac-jax alike (its curvature_ema)")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
@@ -211,6 +215,8 @@ def parse_args(argv):
     parser.error(f"--period must be positive, got {args.period}")
   if args.refresh_warmup < 0:
     parser.error(f"--refresh-warmup must be >= 0, got {args.refresh_warmup}")
+  if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
+    parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
   if args.name is not None and not args.name.replace("_", "").replace(
       "-", "").isalnum():
     parser.error(f"--name must be letters, digits, '_' or '-', got {args.name!r}")
@@ -238,6 +244,9 @@ def parse_args(argv):
       parser.error(f"--add-to {args.add_to} ran with refresh warm-up "
                    f"{args.existing.get('refresh_warmup', 0)}, not --refresh-warmup "
                    f"{args.refresh_warmup}")
+    if args.ema_decay is not None and args.existing.get("ema_decay") != args.ema_decay:
+      parser.error(f"--add-to {args.add_to} ran with curvature EMA "
+                   f"{args.existing.get('ema_decay')}, not --ema-decay {args.ema_decay}")
     if args.existing.get("seed", 0) != args.seed:
       parser.error(f"--add-to {args.add_to} ran with seed "
                    f"{args.existing.get('seed', 0)}, not --seed {args.seed}: "
@@ -291,6 +300,8 @@ def main(argv=None):
   if args.period is not None:
     task = task._replace(period=args.period)
   task = task._replace(refresh_warmup=args.refresh_warmup)
+  if args.ema_decay is not None:
+    task = task._replace(ema_decay=args.ema_decay)
   budget = _budget(args.steps, args.seconds)
   if args.quick:
     sweep_budget = _budget(QUICK_SWEEP_STEPS, None)

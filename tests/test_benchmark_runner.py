@@ -189,11 +189,30 @@ def test_refresh_warmup_reaches_the_scheduled_steps(tmp_path, monkeypatch):
   assert results["refresh_warmup"] == 2
   assert [dues[i] for i in range(4)] == [contenders.kfe.Due(True, True)] * 2 + [
       contenders.kfe.Due(False, False), contenders.kfe.Due(True, True)]
-  assert "refreshed every 3 steps, every step for the first 2." in summary.markdown(
-      results)
+  assert "refreshed every 3 steps, every step for the first 2; curvature EMA" in (
+      summary.markdown(results))
   with pytest.raises(SystemExit):      # joining a run without the warm-up
     run.parse_args(["--task", "mlp", "--quick", "--optimizers", "adam", "--add-to",
                     str(tmp_path / "quick_mlp.json")])
+
+
+def test_ema_decay_replaces_the_tasks_for_ours_and_kfac_jax(tmp_path, monkeypatch):
+  from benchmarks import contenders
+  seen = []
+  make = contenders.make_contender
+
+  def recording_make(name, task):
+    seen.append((name, task.ema_decay))
+    return make(name, task)
+  monkeypatch.setattr(contenders, "make_contender", recording_make)
+  results = run.main(["--task", "mlp", "--quick", "--no-progress", "--no-sweep",
+                      "--optimizers", "kfac", "--out", str(tmp_path),
+                      "--ema-decay", "0.5"])
+  assert results["ema_decay"] == 0.5 and seen == [("kfac", 0.5)]
+  assert "; curvature EMA 0.5 per statistics update." in summary.markdown(results)
+  with pytest.raises(SystemExit):      # joining it with another decay
+    run.parse_args(["--task", "mlp", "--quick", "--optimizers", "adam", "--ema-decay",
+                    "0.6", "--add-to", str(tmp_path / "quick_mlp.json")])
 
 
 def test_recorded_command_names_the_thread_settings_that_change_step_times(
@@ -273,6 +292,7 @@ def test_quick_run_shakespeare_transformer(tmp_path):
     (["--task", "mlp", "--steps", "3", "--period", "0"], "--period must be"),
     (["--task", "mlp", "--steps", "3", "--refresh-warmup", "-1"],
      "--refresh-warmup must be"),
+    (["--task", "mlp", "--steps", "3", "--ema-decay", "1"], "--ema-decay must be"),
     (["--task", "mlp", "--steps", "3", "--settings-from", "/no/such.json"],
      "cannot read its runs"),
     (["--task", "mlp", "--steps", "3", "--add-to", "/no/such.json"],
