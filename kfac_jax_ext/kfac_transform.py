@@ -48,6 +48,9 @@ def scale_by_kfac(loss_fn: Callable[..., Any], **options
       update always does).
     inverse_every: refresh inverses every k updates (default 5).
     ema_decay: running-average cap ε (default 0.95); 0.0 = latest batch only.
+      It acts per statistics update, not per step: Martens & Grosse's 0.95
+      took statistics every step, so with ``stats_every=T`` the same
+      averaging horizon (about 20 steps) is ``0.95**T`` (0.6 at T = 10).
     fallback: ``"identity"`` (default) or ``"diagonal"`` for leaves no layer
       owns.
     max_factor_dim: layers whose factors would be larger fall back (4096).
