@@ -244,9 +244,6 @@ def parse_args(argv):
       parser.error(f"--add-to {args.add_to} ran with refresh warm-up "
                    f"{args.existing.get('refresh_warmup', 0)}, not --refresh-warmup "
                    f"{args.refresh_warmup}")
-    if args.ema_decay is not None and args.existing.get("ema_decay") != args.ema_decay:
-      parser.error(f"--add-to {args.add_to} ran with curvature EMA "
-                   f"{args.existing.get('ema_decay')}, not --ema-decay {args.ema_decay}")
     if args.existing.get("seed", 0) != args.seed:
       parser.error(f"--add-to {args.add_to} ran with seed "
                    f"{args.existing.get('seed', 0)}, not --seed {args.seed}: "
@@ -302,6 +299,10 @@ def main(argv=None):
   task = task._replace(refresh_warmup=args.refresh_warmup)
   if args.ema_decay is not None:
     task = task._replace(ema_decay=args.ema_decay)
+  joined_ema = (args.existing or {}).get("ema_decay")
+  if joined_ema is not None and joined_ema != task.ema_decay:
+    raise SystemExit(f"--add-to {args.add_to} ran with curvature EMA {joined_ema:g}, "
+                     f"this run's is {task.ema_decay:g}: pass --ema-decay {joined_ema:g}")
   budget = _budget(args.steps, args.seconds)
   if args.quick:
     sweep_budget = _budget(QUICK_SWEEP_STEPS, None)

@@ -196,7 +196,7 @@ def test_refresh_warmup_reaches_the_scheduled_steps(tmp_path, monkeypatch):
                     str(tmp_path / "quick_mlp.json")])
 
 
-def test_ema_decay_replaces_the_tasks_for_ours_and_kfac_jax(tmp_path, monkeypatch):
+def test_ema_decay_replaces_the_tasks_for_every_contender(tmp_path, monkeypatch):
   from benchmarks import contenders
   seen = []
   make = contenders.make_contender
@@ -206,13 +206,16 @@ def test_ema_decay_replaces_the_tasks_for_ours_and_kfac_jax(tmp_path, monkeypatc
     return make(name, task)
   monkeypatch.setattr(contenders, "make_contender", recording_make)
   results = run.main(["--task", "mlp", "--quick", "--no-progress", "--no-sweep",
-                      "--optimizers", "kfac", "--out", str(tmp_path),
+                      "--optimizers", "adam,kfac", "--out", str(tmp_path),
                       "--ema-decay", "0.5"])
-  assert results["ema_decay"] == 0.5 and seen == [("kfac", 0.5)]
+  assert results["ema_decay"] == 0.5 and seen == [("adam", 0.5), ("kfac", 0.5)]
   assert "; curvature EMA 0.5 per statistics update." in summary.markdown(results)
-  with pytest.raises(SystemExit):      # joining it with another decay
-    run.parse_args(["--task", "mlp", "--quick", "--optimizers", "adam", "--ema-decay",
-                    "0.6", "--add-to", str(tmp_path / "quick_mlp.json")])
+  joined = str(tmp_path / "quick_mlp.json")
+  for other in (["--ema-decay", "0.6"], []):   # another decay, or the task's own
+    with pytest.raises(SystemExit, match="ran with curvature EMA 0.5"):
+      run.main(["--task", "mlp", "--quick", "--no-progress", "--no-sweep",
+                "--optimizers", "sgd", "--add-to", joined, *other])
+  assert seen == [("adam", 0.5), ("kfac", 0.5)]     # nothing ran
 
 
 def test_recorded_command_names_the_thread_settings_that_change_step_times(
