@@ -19,7 +19,8 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   preconditioners every ``task.period`` steps (``shampoo_compat``); swept
   over Muon's grid (Adam's learning rates and the next one up).
 * ``kfac``, ``tkfac``, ``tengrad``, ``two_level_kfac``: the kfac_jax_ext
-  aliases with momentum 0.9, KL-clip ``task.kl_clip``, statistics and inverses
+  aliases with momentum 0.9 (Nesterov's form if ``task.nesterov``: ``run
+  --nesterov``), KL-clip ``task.kl_clip``, statistics and inverses
   refreshed every ``task.period`` steps, every other option at its default
   (K-FAC: ``damping_mode="factored"``, the π-adjusted damping kfac-jax uses;
   TENGraD: ``gram_batch`` = the batch size, capped at 1000), and the state
@@ -284,7 +285,7 @@ def _natural(name, task, alias, options):
 
   def make(hp):
     return alias(task.loss_fn, hp["lr"], damping=hp["damping"], momentum=MOMENTUM,
-                 kl_clip=task.kl_clip, stats_every=task.period,
+                 nesterov=task.nesterov, kl_clip=task.kl_clip, stats_every=task.period,
                  inverse_every=task.period, **options)
 
   per_step = coarse_tokens.statistics_every_step(options)

@@ -1,11 +1,13 @@
 """Training loss after a fixed number of steps, one optimizer, several schedules.
 
 Run: ``python -m benchmarks.equal_steps --task shakespeare --optimizer kfac
---lr 0.1 --damping 5e-4 --steps 300 --refresh-warmup 0,20 [--ema-decay 0.8]``.
+--lr 0.1 --damping 5e-4 --steps 300 --refresh-warmup 0,20 [--ema-decay 0.8]
+[--nesterov 0,1] [--evals 10]``.
 Every schedule gets the same batches and sampling keys (``--seed``), so the
 losses compare progress per step, not per second (``benchmarks.run`` measures
 time). Prints, per schedule, the training loss on the task's fixed training
-subset after the last step and the total step seconds.
+subset after the last step (with ``--evals N``: at N evenly spaced steps)
+and the total step seconds.
 
 This is how docs/performance.md's refresh warm-up table was measured.
 """
@@ -34,13 +36,23 @@ def main(argv=None):
                       help="replace the task's running-average decay")
   parser.add_argument("--kl-clip", type=float, default=None,
                       help="replace the task's KL-clip κ")
+  parser.add_argument("--nesterov", default="0",
+                      help="comma-separated 0/1: heavy-ball (0) and/or Nesterov (1) "
+                           "momentum, each compared with every warm-up")
+  parser.add_argument("--evals", type=int, default=1,
+                      help="training-loss evaluations spread over the steps")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--quick", action="store_true",
                       help="the task's small model (keeps the script tested)")
   args = parser.parse_args(argv)
   warmups = [int(w) for w in args.refresh_warmup.split(",")]
+  forms = args.nesterov.split(",")
   if args.steps < 1 or any(w < 0 for w in warmups):
     parser.error("--steps must be positive and every --refresh-warmup >= 0")
+  if any(f not in ("0", "1") for f in forms):
+    parser.error(f"--nesterov takes 0 and/or 1, got {args.nesterov!r}")
+  if not 1 <= args.evals <= args.steps:
+    parser.error(f"--evals must be in [1, --steps], got {args.evals}")
   task = tasks.make_task(args.task, quick=args.quick)
   if args.ema_decay is not None:
     task = task._replace(ema_decay=args.ema_decay)
@@ -50,17 +62,21 @@ def main(argv=None):
   hp = {"lr": args.lr, "damping": args.damping}
   rows = []
   for warmup in warmups:
-    run_task = task._replace(refresh_warmup=warmup)
-    contender = contenders.make_contender(args.optimizer, run_task)
-    result = training.train(contender, run_task, hp, steps=args.steps,
-                            seed=args.seed, progress=False, evaluate=evaluate,
-                            evals=1)
-    rows.append((warmup, result["evals"][-1]["train"]["loss"],
-                 float(np.sum(result["step_seconds"]))))
-    print(f"{args.task} {args.optimizer} lr {args.lr} λ {args.damping} "
-          f"κ {task.kl_clip} ema {task.ema_decay} warm-up {warmup}: train loss after "
-          f"{args.steps} steps {rows[-1][1]:.4f} ({rows[-1][2]:.1f} s of steps)",
-          flush=True)
+    for form in forms:
+      run_task = task._replace(refresh_warmup=warmup, nesterov=form == "1")
+      contender = contenders.make_contender(args.optimizer, run_task)
+      result = training.train(contender, run_task, hp, steps=args.steps,
+                              seed=args.seed, progress=False, evaluate=evaluate,
+                              evals=args.evals)
+      rows.append((warmup, form == "1", result["evals"][-1]["train"]["loss"],
+                   float(np.sum(result["step_seconds"]))))
+      curve = "" if args.evals == 1 else " (" + ", ".join(
+          f"{e['step']}: {e['train']['loss']:.4f}" for e in result["evals"][1:]) + ")"
+      print(f"{args.task} {args.optimizer} lr {args.lr} λ {args.damping} "
+            f"κ {task.kl_clip} ema {task.ema_decay} warm-up {warmup}"
+            f"{' nesterov' if form == '1' else ''}: train loss after "
+            f"{args.steps} steps {rows[-1][2]:.4f} ({rows[-1][3]:.1f} s of steps)"
+            + curve, flush=True)
   return rows
 
 

@@ -191,6 +191,10 @@ def parse_args(argv):
                       help="replace the task's curvature running-average decay (per "
                            "statistics update) for every natural-gradient contender "
                            "and kfac-jax alike (its curvature_ema)")
+  parser.add_argument("--nesterov", action="store_true",
+                      help="kfac_jax_ext's fixed-learning-rate contenders take their "
+                           "momentum in Nesterov's form (nesterov=True); kfac-jax has "
+                           "no such option, Muon's is Nesterov's already")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
@@ -244,6 +248,10 @@ def parse_args(argv):
       parser.error(f"--add-to {args.add_to} ran with refresh warm-up "
                    f"{args.existing.get('refresh_warmup', 0)}, not --refresh-warmup "
                    f"{args.refresh_warmup}")
+    if args.existing.get("nesterov", False) != args.nesterov:
+      parser.error(f"--add-to {args.add_to} ran "
+                   + ("with" if args.existing.get("nesterov") else "without")
+                   + " --nesterov: pass the same")
     if args.existing.get("seed", 0) != args.seed:
       parser.error(f"--add-to {args.add_to} ran with seed "
                    f"{args.existing.get('seed', 0)}, not --seed {args.seed}: "
@@ -296,7 +304,7 @@ def main(argv=None):
     return {"task": args.task, "skipped": str(e)}
   if args.period is not None:
     task = task._replace(period=args.period)
-  task = task._replace(refresh_warmup=args.refresh_warmup)
+  task = task._replace(refresh_warmup=args.refresh_warmup, nesterov=args.nesterov)
   if args.ema_decay is not None:
     task = task._replace(ema_decay=args.ema_decay)
   joined_ema = (args.existing or {}).get("ema_decay")
@@ -328,6 +336,7 @@ def main(argv=None):
                        _describe(sweep_budget)),
       "grids": task.grids, "period": task.period, "kl_clip": task.kl_clip,
       "ema_decay": task.ema_decay, "refresh_warmup": task.refresh_warmup,
+      "nesterov": task.nesterov,
       "batch_size": args.batch_size,
       "name": args.name, "seed": args.seed,
       "settings_from": args.settings_from,

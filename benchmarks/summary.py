@@ -144,7 +144,9 @@ def markdown(results, reference="adam", plot_path=None):
                f", every step for the first {results['refresh_warmup']}"
                if results.get("refresh_warmup") else "") + (
                f"; curvature EMA {results['ema_decay']:g} per statistics update"
-               if results.get("ema_decay") is not None else "") + ".", ""]
+               if results.get("ema_decay") is not None else "") + (
+               "; kfac_jax_ext's momentum in Nesterov's form"
+               if results.get("nesterov") else "") + ".", ""]
   for added in meta.get("added", []):     # runs joined with --add-to
     lines += [f"Joined by `{added['command']}` — {added['date']}.", ""]
   failed = {k: v["error"] for k, v in results["runs"].items() if "error" in v}

@@ -64,6 +64,7 @@ class Task(NamedTuple):
   period: int                # curvature refresh period (statistics, inverses)
   ema_decay: float = 0.95    # running-average decay of the curvature statistics
   refresh_warmup: int = 0    # kfac_jax_ext contenders: refresh on each of the first N steps
+  nesterov: bool = False     # kfac_jax_ext contenders: Nesterov's momentum (nesterov=True)
 
 
 def _losses(apply, kind):

@@ -218,6 +218,24 @@ def test_ema_decay_replaces_the_tasks_for_every_contender(tmp_path, monkeypatch)
   assert seen == [("adam", 0.5), ("kfac", 0.5)]     # nothing ran
 
 
+def test_nesterov_reaches_the_kfac_jax_ext_aliases_and_is_recorded(tmp_path, monkeypatch):
+  import kfac_jax_ext as kfe
+  seen = []
+  alias = kfe.kfac
+
+  def recording_kfac(*args, **kwargs):
+    seen.append(kwargs["nesterov"])
+    return alias(*args, **kwargs)
+  monkeypatch.setattr(kfe, "kfac", recording_kfac)
+  results = run.main(["--task", "mlp", "--quick", "--no-progress", "--no-sweep",
+                      "--optimizers", "kfac", "--out", str(tmp_path), "--nesterov"])
+  assert results["nesterov"] is True and seen and all(seen)
+  assert "; kfac_jax_ext's momentum in Nesterov's form." in summary.markdown(results)
+  with pytest.raises(SystemExit):   # joining it without --nesterov is refused
+    run.parse_args(["--task", "mlp", "--quick", "--optimizers", "sgd", "--add-to",
+                    str(tmp_path / "quick_mlp.json")])
+
+
 def test_recorded_command_names_the_thread_settings_that_change_step_times(
     monkeypatch):
   for variable in step_time.THREAD_ENV:

@@ -25,11 +25,25 @@ def test_quickstart_runs(capsys):
 def test_equal_steps_compares_schedules_on_the_same_batches(capsys):
   rows = equal_steps.main(["--task", "mlp", "--quick", "--lr", "0.1", "--damping",
                            "0.1", "--steps", "4", "--refresh-warmup", "0,3,0"])
-  losses = [loss for _, loss, _ in rows]
-  assert [w for w, _, _ in rows] == [0, 3, 0]
+  losses = [loss for _, _, loss, _ in rows]
+  assert [w for w, _, _, _ in rows] == [0, 3, 0]
   assert losses[0] == losses[2]      # same batches and keys: the same run
   assert losses[0] != losses[1]      # steps 1 and 2 refreshed: another run
   assert "warm-up 3: train loss after 4 steps" in capsys.readouterr().out
+
+
+def test_equal_steps_compares_heavy_ball_and_nesterov(capsys):
+  rows = equal_steps.main(["--task", "mlp", "--quick", "--lr", "0.1", "--damping",
+                           "0.1", "--steps", "4", "--refresh-warmup", "0",
+                           "--nesterov", "0,1", "--evals", "2"])
+  assert [n for _, n, _, _ in rows] == [False, True]
+  assert rows[0][2] != rows[1][2]    # the same batches, another momentum
+  out = capsys.readouterr().out
+  assert "warm-up 0 nesterov: train loss after 4 steps" in out
+  assert "(2: " in out and ", 4: " in out     # the curve at steps 2 and 4
+  with pytest.raises(SystemExit):
+    equal_steps.main(["--task", "mlp", "--quick", "--lr", "0.1", "--damping", "0.1",
+                      "--nesterov", "2"])
 
 
 def test_time_to_reads_the_window_mean():
