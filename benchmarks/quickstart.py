@@ -113,7 +113,7 @@ def _run(args, parser):
                                               "y": jnp.zeros((2,), jnp.int32)}))
   example = {"x": jnp.zeros((args.batch_size, 784)),
              "y": jnp.zeros((args.batch_size,), jnp.int32)}
-  kfac = kfe.kfac(loss_fn, learning_rate=0.3, damping=0.1, momentum=0.9,
+  kfac = kfe.kfac(loss_fn, learning_rate=0.3, damping=0.1, momentum=0.9, nesterov=True,
                   kl_clip=1e-3, stats_every=5, inverse_every=5, example_batch=example)
   adam = optax.adam(1e-3)
   optimizers = {

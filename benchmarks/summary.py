@@ -19,7 +19,8 @@ benchmarks/README.md`` to rewrite the README's results section (between
 ``<!-- results:begin -->`` and ``<!-- results:end -->``) from the JSON files,
 ``python -m benchmarks.summary RESULTS.json ... --overview --readme README.md``
 to fill the front page's table over several runs (``<!-- overview:begin -->``
-…), and ``--headline`` with one JSON for a short table of one run
+…; ``--section NAME``: ``<!-- overview:NAME:begin -->`` …), and
+``--headline`` with one JSON for a short table of one run
 (``<!-- headline:begin -->`` …).
 """
 
@@ -145,7 +146,7 @@ def markdown(results, reference="adam", plot_path=None):
                if results.get("refresh_warmup") else "") + (
                f"; curvature EMA {results['ema_decay']:g} per statistics update"
                if results.get("ema_decay") is not None else "") + (
-               "; kfac_jax_ext's momentum in Nesterov's form"
+               "; Nesterov momentum for kfac_jax_ext's fixed-lr contenders"
                if results.get("nesterov") else "") + ".", ""]
   for added in meta.get("added", []):     # runs joined with --add-to
     lines += [f"Joined by `{added['command']}` — {added['date']}.", ""]
@@ -264,13 +265,24 @@ def overview(results_list, reference="adam"):
       ["", "Runs:", ""] + commands) + "\n"
 
 
-def update_overview(readme, json_paths, reference="adam"):
-  """Fills the README's overview section from several results JSONs."""
+def overview_markers(section=None):
+  """The README's markers of the overview section ``section`` (None: the
+  first, ``<!-- overview:begin -->``; a name: ``<!-- overview:NAME:begin -->``)."""
+  if section is None:
+    return OVERVIEW_BEGIN, OVERVIEW_END
+  if not section.replace("_", "").replace("-", "").isalnum():
+    raise ValueError(f"a section name is letters, digits, '_' or '-', got {section!r}")
+  return f"<!-- overview:{section}:begin -->", f"<!-- overview:{section}:end -->"
+
+
+def update_overview(readme, json_paths, reference="adam", section=None):
+  """Fills the README's overview section (``overview_markers(section)``)
+  from several results JSONs."""
   results_list = []
   for path in json_paths:
     with open(path) as f:
       results_list.append(json.load(f))
-  _replace_between(readme, OVERVIEW_BEGIN, OVERVIEW_END,
+  _replace_between(readme, *overview_markers(section),
                    overview(results_list, reference))
 
 
@@ -318,11 +330,19 @@ def main(argv=None):
   parser.add_argument("--overview", action="store_true",
                       help="fill --readme's overview section (one table over "
                            "the JSONs' runs)")
+  parser.add_argument("--section", default=None,
+                      help="with --overview: fill <!-- overview:SECTION:begin --> … "
+                           "instead of the first overview")
   args = parser.parse_args(argv)
+  if args.section is not None and not args.overview:
+    parser.error("--section needs --overview")
   if args.overview:
     if not args.readme:
       parser.error("--overview needs --readme")
-    update_overview(args.readme, args.json, args.reference)
+    try:
+      update_overview(args.readme, args.json, args.reference, args.section)
+    except ValueError as e:
+      parser.error(str(e))
   elif args.headline:
     if not args.readme or len(args.json) != 1:
       parser.error("--headline needs --readme and exactly one JSON")

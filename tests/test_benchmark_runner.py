@@ -230,7 +230,7 @@ def test_nesterov_reaches_the_kfac_jax_ext_aliases_and_is_recorded(tmp_path, mon
   results = run.main(["--task", "mlp", "--quick", "--no-progress", "--no-sweep",
                       "--optimizers", "kfac", "--out", str(tmp_path), "--nesterov"])
   assert results["nesterov"] is True and seen and all(seen)
-  assert "; kfac_jax_ext's momentum in Nesterov's form." in summary.markdown(results)
+  assert "; Nesterov momentum for kfac_jax_ext's fixed-lr contenders." in summary.markdown(results)
   with pytest.raises(SystemExit):   # joining it without --nesterov is refused
     run.parse_args(["--task", "mlp", "--quick", "--optimizers", "sgd", "--add-to",
                     str(tmp_path / "quick_mlp.json")])
@@ -519,3 +519,19 @@ def test_overview_table_spans_runs_and_bolds_the_fastest(tmp_path):
   assert "Targets: t, seed 0: 2 at 4 s. t, seed 2: 2 at 4 s." in text
   assert "| kfac | 1.00 | 1.00 |" in text          # amortized step over adam's
   assert "* t, seed 2: `c` (2026-11-23, m); kfac joined by `c2` (2026-12-02)" in text
+
+
+def test_a_named_overview_section_is_filled_and_the_first_left_alone(tmp_path):
+  path = tmp_path / "r.json"
+  path.write_text(json.dumps(_fake_results()))
+  readme = tmp_path / "README.md"
+  readme.write_text(f"a\n{summary.OVERVIEW_BEGIN}\nfirst\n{summary.OVERVIEW_END}\n"
+                    "<!-- overview:tuned:begin -->\nold\n<!-- overview:tuned:end -->\n")
+  summary.main([str(path), "--overview", "--section", "tuned", "--readme", str(readme)])
+  text = readme.read_text()
+  assert "\nfirst\n" in text and "\nold\n" not in text
+  assert text.index("| optimizer | t, seed 0 |") > text.index("overview:tuned:begin")
+  for bad in (["--section", "tuned"], ["--overview", "--section", "a b", "--readme",
+                                       str(readme)]):
+    with pytest.raises(SystemExit):
+      summary.main([str(path), *bad])
