@@ -216,8 +216,8 @@ Args:
     ``"adaptive"`` (needs ``learning_rate="adaptive"``): μ from the model too.
   nesterov: Nesterov's form of that momentum (``optax.trace(μ, nesterov=
     True)``: the step is ``Δ + μv`` after ``v ← Δ + μv``), numeric
-    learning rates only. It made more progress per step than heavy ball on
-    every benchmark task (docs/performance.md).
+    learning rates only. From step 50 on it made more progress per step
+    than heavy ball on every benchmark task (docs/performance.md).
   weight_decay: added to the preconditioned direction (``Δ + wd·θ``); in
     the adaptive model it is η of ``h = loss + η‖θ‖²/2``.
   kl_clip: κ for KL-clipping (``clip_by_kl``), or None (numeric lr only).

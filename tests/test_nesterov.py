@@ -34,7 +34,7 @@ def test_nesterov_step_is_delta_plus_mu_times_the_updated_velocity(alias):
                            u, expected)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14),
                            uh, heavy_expected)
-    # the two forms differ on every step (each step of Nesterov's is (1 + μ)Δ_1 at t = 1)
+    # the two forms differ on every step (at t = 1: (1 + μ)Δ_1 against Δ_1)
     gap = max(float(np.max(np.abs(a - b))) for a, b in zip(
         jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(uh)))
     assert gap > 1e-3
