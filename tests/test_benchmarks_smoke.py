@@ -67,39 +67,6 @@ def test_equal_steps_compares_schedules_on_the_same_batches(capsys):
   assert "warm-up 3: train loss after 4 steps" in capsys.readouterr().out
 
 
-def test_step_progress_splits_step_cost_from_per_step_loss(tmp_path, capsys):
-  # K-FAC: 100 steps of 0.2 s, loss 100/(k+1); "slow": 50 steps of 0.3 s with
-  # twice K-FAC's loss at every step; "fast": its loss is K-FAC's at 2k.
-  kfac = [100.0 / (k + 1) for k in range(100)]
-  runs = {"kfac": {"run": {"loss": kfac, "step_seconds": [0.2] * 100}},
-          "slow": {"run": {"loss": [2 * x for x in kfac[:50]],
-                           "step_seconds": [0.3] * 50}},
-          "fast": {"run": {"loss": [100.0 / (2 * k + 1) for k in range(100)],
-                           "step_seconds": [0.2] * 100}}}
-  results = {"task": "t", "name": "toy", "period": 10, "runs": runs}
-  slow = step_progress.compare(results, "slow", window=5)
-  assert slow["steps"] == (100, 50) and slow["step_cost"] == pytest.approx(1.5)
-  assert [k for k, _ in slow["at"]] == [12, 25, 50]       # 25/50/100 % of 50
-  assert all(r == pytest.approx(2.0) for _, r in slow["at"])
-  assert slow["steps_to_ref"] is None
-  fast = step_progress.compare(results, "fast", window=5)
-  assert all(r < 0.6 for _, r in fast["at"])
-  # K-FAC's smoothed final (mean of 100/96 … 100/100) is first reached at step 50
-  ref_final = sum(100.0 / k for k in range(96, 101)) / 5
-  first = next(i for i in range(96) if sum(
-      100.0 / (2 * k + 1) for k in range(i, i + 5)) / 5 <= ref_final)
-  assert fast["steps_to_ref"] == pytest.approx((first + 5) / 100)
-  path = tmp_path / "toy.json"
-  path.write_text(json.dumps(results))
-  step_progress.main([str(path), "--optimizers", "slow,fast,absent", "--window", "5"])
-  out = capsys.readouterr().out
-  assert "| toy | slow | 100 / 50 | 1.50 | 2.000 (k=12)" in out and "absent" not in out
-  with pytest.raises(KeyError, match="'none' has no run"):
-    step_progress.compare(results, "none")
-  with pytest.raises(ValueError, match="fewer than the window"):
-    step_progress.compare(results, "slow", window=80)
-
-
 def test_equal_steps_compares_heavy_ball_and_nesterov(capsys):
   rows = equal_steps.main(["--task", "mlp", "--quick", "--lr", "0.1", "--damping",
                            "0.1", "--steps", "4", "--refresh-warmup", "0",
