@@ -11,6 +11,10 @@ contender against the reference (default K-FAC) in the same run,
   losses ending at step k) over the reference's at the same step, at 25 %,
   50 % and 100 % of the shorter run's steps. With the same ``--seed`` the
   two runs saw the same batches at the same steps, so the ratio is paired;
+* ``ordinary / refresh step``: the median of its steps that refresh no
+  inverse and of those that do (step ``i`` with ``i % period == 0``, after
+  the run's refresh warm-up, when every step refreshes), in ms, and the same
+  over the reference's: which part of the step the extra cost is in;
 * ``steps to ref``: the first step where its smoothed loss reaches the
   reference's smoothed loss at the reference's last step (``–``: never),
   over the reference's step count.
@@ -68,19 +72,33 @@ def compare(results: dict, name: str, reference: str = "kfac",
   for f in FRACTIONS:     # k steps done; the window ends at the k-th step
     k = max(window, int(round(f * shorter)))
     at.append((k, float(it[k - window] / ref[k - window])))
+  warmup = results.get("refresh_warmup") or 0
+  ordinary, refresh = _split_ms(run["step_seconds"], period, warmup)
+  ref_ordinary, ref_refresh = _split_ms(ref_run["step_seconds"], period, warmup)
   reached = np.nonzero(it <= ref[-1])[0]
   return {"steps": (len(ref_run["loss"]), len(run["loss"])),
           "step_cost": float(cost / ref_cost), "at": at,
           "steps_to_ref": (float((reached[0] + window) / len(ref_run["loss"]))
                            if len(reached) else None),
-          "final": (float(ref[-1]), float(it[-1]))}
+          "final": (float(ref[-1]), float(it[-1])),
+          "ordinary_ms": (ref_ordinary, ordinary), "refresh_ms": (ref_refresh, refresh)}
+
+
+def _split_ms(step_seconds, period, warmup):
+  """Median ms of the steps that refresh no inverse and of those that do."""
+  ms = 1e3 * np.asarray(step_seconds, dtype=float)
+  i = np.arange(len(ms))
+  refresh = (i < warmup) | (i % period == 0)
+  return (float(np.median(ms[~refresh])) if (~refresh).any() else float("nan"),
+          float(np.median(ms[refresh])))
 
 
 def table(paths, names, reference="kfac", window=25) -> str:
   """A markdown table: one row per (file, contender)."""
-  rows = [f"| run | contender | steps ({reference} / it) | step cost | "
-          "loss ÷ ref's at 25 % / 50 % / 100 % of the steps | steps to ref's final |",
-          "|---|---|---|---|---|---|"]
+  rows = [f"| run | contender | steps ({reference} / it) | step cost | ordinary step, ms "
+          f"({reference} / it) | refresh step, ms | loss ÷ ref's at 25 % / 50 % / 100 % "
+          "of the steps | steps to ref's final |",
+          "|---|---|---|---|---|---|---|---|"]
   for path in paths:
     with open(path) as f:
       results = json.load(f)
@@ -91,8 +109,9 @@ def table(paths, names, reference="kfac", window=25) -> str:
       c = compare(results, name, reference, window)
       at = " / ".join(f"{r:.3f} (k={k})" for k, r in c["at"])
       to = "–" if c["steps_to_ref"] is None else f"{c['steps_to_ref']:.2f}"
+      split = [f"{r:.0f} / {x:.0f}" for r, x in (c["ordinary_ms"], c["refresh_ms"])]
       rows.append(f"| {label} | {name} | {c['steps'][0]} / {c['steps'][1]} | "
-                  f"{c['step_cost']:.2f} | {at} | {to} |")
+                  f"{c['step_cost']:.2f} | {split[0]} | {split[1]} | {at} | {to} |")
   return "\n".join(rows)
 
 

@@ -39,6 +39,13 @@ def test_step_progress_splits_step_cost_from_per_step_loss(tmp_path, capsys):
   assert [k for k, _ in slow["at"]] == [12, 25, 50]       # 25/50/100 % of 50
   assert all(r == pytest.approx(2.0) for _, r in slow["at"])
   assert slow["steps_to_ref"] is None
+  assert slow["ordinary_ms"] == pytest.approx((200, 300))
+  runs["slow"]["run"]["step_seconds"] = [0.9 if i % 10 == 0 else 0.3 for i in range(50)]
+  results["refresh_warmup"] = 3     # steps 0, 1, 2 refresh too
+  split = step_progress.compare(results, "slow", window=5)
+  assert split["ordinary_ms"][1] == pytest.approx(300)
+  assert split["refresh_ms"][1] == pytest.approx(900)   # 0, 10, …, 40 (5) vs 1, 2 (0.3)
+  runs["slow"]["run"]["step_seconds"] = [0.3] * 50
   fast = step_progress.compare(results, "fast", window=5)
   assert all(r < 0.6 for _, r in fast["at"])
   # K-FAC's smoothed final (mean of 100/96 … 100/100) is first reached at step 50
@@ -50,7 +57,7 @@ def test_step_progress_splits_step_cost_from_per_step_loss(tmp_path, capsys):
   path.write_text(json.dumps(results))
   step_progress.main([str(path), "--optimizers", "slow,fast,absent", "--window", "5"])
   out = capsys.readouterr().out
-  assert "| toy | slow | 100 / 50 | 1.50 | 2.000 (k=12)" in out and "absent" not in out
+  assert "| toy | slow | 100 / 50 | 1.50 | 200 / 300 | 200 / 300 | 2.000 (k=12)" in out and "absent" not in out
   with pytest.raises(KeyError, match="'none' has no run"):
     step_progress.compare(results, "none")
   with pytest.raises(ValueError, match="fewer than the window"):
