@@ -109,7 +109,8 @@ def table(paths, names, reference="kfac", window=25) -> str:
       c = compare(results, name, reference, window)
       at = " / ".join(f"{r:.3f} (k={k})" for k, r in c["at"])
       to = "–" if c["steps_to_ref"] is None else f"{c['steps_to_ref']:.2f}"
-      split = [f"{r:.0f} / {x:.0f}" for r, x in (c["ordinary_ms"], c["refresh_ms"])]
+      split = [" / ".join("–" if np.isnan(v) else f"{v:.0f}" for v in pair)
+               for pair in (c["ordinary_ms"], c["refresh_ms"])]
       rows.append(f"| {label} | {name} | {c['steps'][0]} / {c['steps'][1]} | "
                   f"{c['step_cost']:.2f} | {split[0]} | {split[1]} | {at} | {to} |")
   return "\n".join(rows)
