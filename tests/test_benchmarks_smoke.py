@@ -103,7 +103,7 @@ def test_step_phases_runs(capsys):
 
 def test_adaptive_trace_runs_both_model_terms_and_gamma(capsys):
   for flags in ([], ["--model-units"], ["--gamma"]):
-    rows = adaptive_trace.main(["--task", "autoencoder", "--quick", "--steps",
+    rows = adaptive_trace.main(["--task", "mlp", "--quick", "--steps",
                                 "3", "--period", "2"] + flags)
     assert rows.shape == (3, 6) and jnp.isfinite(rows[:, :4]).all()
     # without --gamma the preconditioner got the λ of the update before
