@@ -33,6 +33,10 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   keeps no running average).
 * ``tengrad_gramN``: ``tengrad`` with ``gram_batch=N`` (a subsample of the
   batch for its blocks).
+* ``tengrad_everyN``: ``tengrad`` with its factors and Gram matrices
+  refreshed every N steps instead of ``task.period`` (N = 1: every step's
+  blocks are the exact damped Fisher blocks of that step's batch, no reuse),
+  whatever ``run --period`` says; swept like ``tengrad``.
 * ``kfac_statsN``: ``kfac`` with ``stats_batch=N`` (curvature statistics
   from the batch's first N examples, Martens & Grosse §8), swept like
   ``kfac``.
@@ -134,6 +138,16 @@ def _tengrad_gram(name: str):
   return _suffix_count(name, "tengrad_gram")
 
 
+def _tengrad_every(name: str):
+  return _suffix_count(name, "tengrad_every")
+
+
+def refresh_period(name: str, period: int) -> int:
+  """The refresh period contender ``name`` ran with in a file of ``period``:
+  N for ``tengrad_everyN``, else the file's."""
+  return _tengrad_every(name) or period
+
+
 def _two_level_stored(name: str):
   """``(variant, coarse_batch)`` of ``two_level_COMBINE_SPACE_stored[N]``
   (``coarse_batch`` None: all examples), else None."""
@@ -156,6 +170,7 @@ def known(name: str) -> bool:
   return (name in OPTIMIZERS or name in TWO_LEVEL_VARIANTS
           or _two_level_stored(name) is not None
           or _tengrad_gram(name) is not None
+          or _tengrad_every(name) is not None
           or _suffix_count(name, "kfac_stats") is not None
           or _suffix_count(name, ADAPTIVE_MODEL) is not None)
 
@@ -415,6 +430,10 @@ def make_contender(name: str, task) -> Contender:
     return _natural(name, task, alias, {"gram_batch": min(batch, 1000), **scale})
   if _tengrad_gram(name) is not None:
     return _natural(name, task, kfe.tengrad, {"gram_batch": _tengrad_gram(name)})
+  if _tengrad_every(name) is not None:   # its own refresh period
+    batch = len(jax.tree_util.tree_leaves(task.sample_batch(np.random.default_rng(0)))[0])
+    return _natural(name, task._replace(period=_tengrad_every(name)), kfe.tengrad,
+                    {"gram_batch": min(batch, 1000)})
   if name == "two_level_kfac":
     return _natural(name, task, kfe.two_level_kfac, {})
   if name in TWO_LEVEL_VARIANTS or _two_level_stored(name) is not None:

@@ -13,8 +13,10 @@ contender against the reference (default K-FAC) in the same run,
   two runs saw the same batches at the same steps, so the ratio is paired;
 * ``ordinary / refresh step``: the median of its steps that refresh no
   inverse and of those that do (step ``i`` with ``i % period == 0``, after
-  the run's refresh warm-up, when every step refreshes), in ms, and the same
-  over the reference's: which part of the step the extra cost is in;
+  the run's refresh warm-up, when every step refreshes; ``period`` the
+  contender's own for ``tengrad_everyN``), in ms, and the same over the
+  reference's: which part of the step the extra cost is in (``nan`` ordinary
+  for a contender that refreshes every step);
 * ``steps to ref``: the first step where its smoothed loss reaches the
   reference's smoothed loss at the reference's last step (``–``: never),
   over the reference's step count.
@@ -35,7 +37,7 @@ import json
 
 import numpy as np
 
-from benchmarks import summary
+from benchmarks import contenders, summary
 
 FRACTIONS = (0.25, 0.5, 1.0)
 
@@ -81,8 +83,10 @@ def compare(results: dict, name: str, reference: str = "kfac",
     k = max(window, int(round(f * shorter)))
     at.append((k, float(it[k - window] / ref[k - window])))
   warmup = results.get("refresh_warmup") or 0
-  ordinary, refresh = _split_ms(run["step_seconds"], period, warmup)
-  ref_ordinary, ref_refresh = _split_ms(ref_run["step_seconds"], period, warmup)
+  ordinary, refresh = _split_ms(run["step_seconds"],
+                                contenders.refresh_period(name, period), warmup)
+  ref_ordinary, ref_refresh = _split_ms(
+      ref_run["step_seconds"], contenders.refresh_period(reference, period), warmup)
   reached = np.nonzero(it <= ref[-1])[0]
   return {"steps": (len(ref_run["loss"]), len(run["loss"])),
           "step_cost": float(cost / ref_cost), "at": at,

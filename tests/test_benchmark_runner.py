@@ -157,11 +157,12 @@ def test_period_replaces_the_refresh_period_of_every_natural_contender(
   monkeypatch.setattr(contenders.kfe, "due_at", recording_due_at)
   results = run.main(["--task", "mlp", "--quick", "--no-progress", "--no-sweep",
                       "--optimizers", "kfac,kfac_relative,kfac_adaptive_relative,"
-                      "tengrad_relative",
+                      "tengrad_relative,tengrad_every2",
                       "--out", str(tmp_path),
                       "--period", "3"])
   assert results["period"] == 3 and "run" in results["runs"]["kfac"]
-  assert periods and set(periods) == {(3, 3)}
+  # tengrad_everyN keeps its own period (its blocks every N steps)
+  assert periods and set(periods) == {(3, 3), (2, 2)}
   # damping_scale="relative" sweeps one λ grid on every task
   assert set(results["grids"]["relative"]["damping"]) <= set(tasks.RELATIVE_DAMPINGS)
   assert results["runs"]["kfac_relative"]["grid"] == results["grids"]["relative"]
@@ -298,6 +299,8 @@ def test_quick_run_shakespeare_transformer(tmp_path):
     (["--task", "mlp", "--steps", "5", "--optimizers", "two_level_additive_ones"],
      "unknown optimizers"),
     (["--task", "mlp", "--steps", "5", "--optimizers", "tengrad_gram0"],
+     "unknown optimizers"),
+    (["--task", "mlp", "--steps", "5", "--optimizers", "tengrad_every0"],
      "unknown optimizers"),
     (["--task", "mlp", "--steps", "5", "--optimizers", "kfac_stats"],
      "unknown optimizers"),
