@@ -37,6 +37,10 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   refreshed every N steps instead of ``task.period`` (N = 1: every step's
   blocks are the exact damped Fisher blocks of that step's batch, no reuse),
   whatever ``run --period`` says; swept like ``tengrad``.
+  ``tengrad_empirical_everyN``: the same with the empirical Fisher (the
+  data's targets, ``fisher="empirical"``): with N = 1 the gradient lies in
+  the span of the block's per-example gradients, so no part of it is scaled
+  by ``1/λ`` alone.
 * ``kfac_statsN``: ``kfac`` with ``stats_batch=N`` (curvature statistics
   from the batch's first N examples, Martens & Grosse §8), swept like
   ``kfac``.
@@ -139,7 +143,8 @@ def _tengrad_gram(name: str):
 
 
 def _tengrad_every(name: str):
-  return _suffix_count(name, "tengrad_every")
+  return (_suffix_count(name, "tengrad_every")
+          or _suffix_count(name, "tengrad_empirical_every"))
 
 
 def refresh_period(name: str, period: int) -> int:
@@ -257,14 +262,16 @@ def _optax(name, task, make):
 
 
 def _fused(name, family, task, make, warmup, damping_every=None,
-           statistics_every_step=False, stats_batch=None):
+           statistics_every_step=False, stats_batch=None, fisher="sampled"):
   """A kfac_jax_ext contender: ``make(hp)`` builds the optimizer; the step is
   the fused one with the static schedule of the task's period.
   ``statistics_every_step``: the optimizer reads the batch statistics on
   every step (two-level's per-step corrections), so the one pass takes them
   every step (else ``update`` would run a second pass of its own).
-  ``stats_batch``: the optimizer's (statistics from the first n examples)."""
-  value_and_grad = kfe.value_and_grad(task.loss_fn, stats_batch=stats_batch)
+  ``stats_batch``: the optimizer's (statistics from the first n examples).
+  ``fisher``: the optimizer's (``"sampled"`` or ``"empirical"`` targets)."""
+  value_and_grad = kfe.value_and_grad(task.loss_fn, stats_batch=stats_batch,
+                                      fisher=fisher)
 
   @functools.partial(jax.jit, static_argnames="due", donate_argnums=0)
   def step(carry, batch, key, hp, due):
@@ -308,7 +315,8 @@ def _natural(name, task, alias, options):
             "woodbury" if name.startswith("tengrad") else "natural")
   return _fused(name, family, task, make, warmup=2,
                 statistics_every_step=per_step,
-                stats_batch=options.get("stats_batch"))
+                stats_batch=options.get("stats_batch"),
+                fisher=options.get("fisher", "sampled"))
 
 
 def _adaptive(task, name):
@@ -432,8 +440,9 @@ def make_contender(name: str, task) -> Contender:
     return _natural(name, task, kfe.tengrad, {"gram_batch": _tengrad_gram(name)})
   if _tengrad_every(name) is not None:   # its own refresh period
     batch = len(jax.tree_util.tree_leaves(task.sample_batch(np.random.default_rng(0)))[0])
+    fisher = "empirical" if name.startswith("tengrad_empirical") else "sampled"
     return _natural(name, task._replace(period=_tengrad_every(name)), kfe.tengrad,
-                    {"gram_batch": min(batch, 1000)})
+                    {"gram_batch": min(batch, 1000), "fisher": fisher})
   if name == "two_level_kfac":
     return _natural(name, task, kfe.two_level_kfac, {})
   if name in TWO_LEVEL_VARIANTS or _two_level_stored(name) is not None:

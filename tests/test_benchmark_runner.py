@@ -149,20 +149,28 @@ def test_period_replaces_the_refresh_period_of_every_natural_contender(
     tmp_path, monkeypatch):
   from benchmarks import contenders
   periods = []          # (stats_every, inverse_every) of every scheduled step
-  due_at = contenders.kfe.due_at
+  fishers = []          # the statistics pass's fisher, per fused contender
+  due_at, value_and_grad = contenders.kfe.due_at, contenders.kfe.value_and_grad
 
   def recording_due_at(i, **kwargs):
     periods.append((kwargs["stats_every"], kwargs["inverse_every"]))
     return due_at(i, **kwargs)
+
+  def recording_value_and_grad(loss_fn, **kwargs):
+    fishers.append(kwargs.get("fisher", "sampled"))
+    return value_and_grad(loss_fn, **kwargs)
   monkeypatch.setattr(contenders.kfe, "due_at", recording_due_at)
+  monkeypatch.setattr(contenders.kfe, "value_and_grad", recording_value_and_grad)
   results = run.main(["--task", "mlp", "--quick", "--no-progress", "--no-sweep",
                       "--optimizers", "kfac,kfac_relative,kfac_adaptive_relative,"
-                      "tengrad_relative,tengrad_every2",
+                      "tengrad_relative,tengrad_empirical_every2",
                       "--out", str(tmp_path),
                       "--period", "3"])
   assert results["period"] == 3 and "run" in results["runs"]["kfac"]
-  # tengrad_everyN keeps its own period (its blocks every N steps)
+  # tengrad_empirical_everyN keeps its own period (its blocks every N steps)
+  # and takes its statistics with the data's targets
   assert periods and set(periods) == {(3, 3), (2, 2)}
+  assert fishers[-1] == "empirical" and set(fishers[:-1]) == {"sampled"}
   # damping_scale="relative" sweeps one λ grid on every task
   assert set(results["grids"]["relative"]["damping"]) <= set(tasks.RELATIVE_DAMPINGS)
   assert results["runs"]["kfac_relative"]["grid"] == results["grids"]["relative"]
