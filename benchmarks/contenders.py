@@ -147,6 +147,12 @@ def _tengrad_every(name: str):
           or _suffix_count(name, "tengrad_empirical_every"))
 
 
+def _gram_batch(task) -> int:
+  """TENGraD's ``gram_batch`` in the benchmark: the batch size, capped at 1000."""
+  batch = len(jax.tree_util.tree_leaves(task.sample_batch(np.random.default_rng(0)))[0])
+  return min(batch, 1000)
+
+
 def refresh_period(name: str, period: int) -> int:
   """The refresh period contender ``name`` ran with in a file of ``period``:
   N for ``tengrad_everyN``, else the file's."""
@@ -334,7 +340,7 @@ def _adaptive(task, name):
     name = "kfac_adaptive_relative"
   kfac = name in ("kfac_adaptive", "kfac_adaptive_relative")
   options = (dict(ema_decay=task.ema_decay, damping_mode="factored") if kfac else
-             dict(gram_batch=min(len(jax.tree_util.tree_leaves(batch)[0]), 1000)))
+             dict(gram_batch=_gram_batch(task)))
   family, initial = "adaptive", a["initial_damping"]
   if name.endswith("_relative"):
     options["damping_scale"] = "relative"
@@ -432,17 +438,15 @@ def make_contender(name: str, task) -> Contender:
   if name == "tkfac":
     return _natural(name, task, kfe.tkfac, {})
   if name in ("tengrad", "natural_gradient", "tengrad_relative"):
-    batch = len(jax.tree_util.tree_leaves(task.sample_batch(np.random.default_rng(0)))[0])
     alias = kfe.natural_gradient if name == "natural_gradient" else kfe.tengrad
     scale = {"damping_scale": "relative"} if name == "tengrad_relative" else {}
-    return _natural(name, task, alias, {"gram_batch": min(batch, 1000), **scale})
+    return _natural(name, task, alias, {"gram_batch": _gram_batch(task), **scale})
   if _tengrad_gram(name) is not None:
     return _natural(name, task, kfe.tengrad, {"gram_batch": _tengrad_gram(name)})
   if _tengrad_every(name) is not None:   # its own refresh period
-    batch = len(jax.tree_util.tree_leaves(task.sample_batch(np.random.default_rng(0)))[0])
     fisher = "empirical" if name.startswith("tengrad_empirical") else "sampled"
     return _natural(name, task._replace(period=_tengrad_every(name)), kfe.tengrad,
-                    {"gram_batch": min(batch, 1000), "fisher": fisher})
+                    {"gram_batch": _gram_batch(task), "fisher": fisher})
   if name == "two_level_kfac":
     return _natural(name, task, kfe.two_level_kfac, {})
   if name in TWO_LEVEL_VARIANTS or _two_level_stored(name) is not None:
