@@ -15,8 +15,9 @@ contender against the reference (default K-FAC) in the same run,
   inverse and of those that do (step ``i`` with ``i % period == 0``, after
   the run's refresh warm-up, when every step refreshes; ``period`` the
   contender's own for ``tengrad_everyN``), in ms, and the same over the
-  reference's: which part of the step the extra cost is in (``nan`` ordinary
-  for a contender that refreshes every step);
+  reference's: which part of the step the extra cost is in (for a contender
+  that refreshes every step no ordinary step: ``nan`` from ``compare``, ``–``
+  in the table);
 * ``steps to ref``: the first step where its smoothed loss reaches the
   reference's smoothed loss at the reference's last step (``–``: never),
   over the reference's step count.
