@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from kfac_jax_ext import coarse
+from kfac_jax_ext import curvature_batch
 from kfac_jax_ext import statistics
 from kfac_jax_ext import stats_subsample
 from kfac_jax_ext import weight_sharing as sharing_lib
@@ -38,13 +39,14 @@ def check_options(damping_mode, fisher, fallback, stats_every, inverse_every,
 def check_update_args(name, params, batch, curvature, fisher, key, due=None):
   """Clear errors for a missing ``params``, ``batch`` or (sampled Fisher
   without precomputed statistics, on an update that may take statistics)
-  ``key``."""
+  ``key``, and for ``curvature`` made with another ``fisher``."""
   if params is None:
     raise ValueError(f"{name} needs params: update(grads, state, params, "
                      "batch=batch, key=key).")
   if batch is None:
     raise ValueError(f"{name} needs the batch loss_fn takes: "
                      "update(grads, state, params, batch=batch, key=key).")
+  curvature_batch.check_fisher(curvature, fisher, name)
   if (curvature is None and fisher == "sampled" and key is None
       and (due is None or due.statistics)):
     raise ValueError("fisher='sampled' draws targets from the model: pass "

@@ -20,33 +20,20 @@ A scan is re-run with its body instrumented (``_evaluate_scan``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kfac_jax_ext import _jax_internals as jint
+from kfac_jax_ext.curvature_batch import CurvatureBatch
 from kfac_jax_ext import distributed
 from kfac_jax_ext import losses as losses_lib
 from kfac_jax_ext import schedule
 from kfac_jax_ext import state as state_lib
 from kfac_jax_ext import stats_subsample
 from kfac_jax_ext import tracing
-
-
-class CurvatureBatch(NamedTuple):
-  """Statistics of one batch (arrays only; pass to ``update(curvature=...)``).
-
-  ``layers``: per traced layer, ``(a, g)`` for dense/conv and
-  ``(u_scale, u_shift)`` per-token gradients for scale-and-shift (None where
-  absent). ``fallback_grads``: per parameter leaf no layer owns, the gradient
-  of the Fisher objective (its square / M estimates the diagonal Fisher).
-  ``num_examples``: M, the number of per-example losses.
-  """
-  layers: tuple
-  fallback_grads: tuple
-  num_examples: jax.Array
 
 
 def evaluate_jaxpr(jaxpr, consts, args, path, probes, actions, active):
@@ -332,7 +319,7 @@ def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
                    for li, layer in enumerate(traced.layers))
     fallback = tuple(obj_grads[i] for i in sorted(traced.leaf_reasons))
     return CurvatureBatch(layers, fallback,
-                          jnp.asarray(traced.num_examples, jnp.float32))
+                          jnp.asarray(traced.num_examples, jnp.float32), fisher)
 
   if due is None:
     return outputs, grads, curvature(None)
@@ -350,7 +337,8 @@ def value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     loss_fn: ``loss_fn(params, batch)`` calling one of the loss helpers.
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
     fisher: ``"sampled"`` (true Fisher) or ``"empirical"``; must match the
-      preconditioner's own ``fisher`` option.
+      preconditioner's own ``fisher`` option (``update`` raises otherwise:
+      the ``CurvatureBatch`` records it).
     axis_name: inside ``pmap``/``shard_map``, the data axis (the
       preconditioner's ``axis_name``): sampled targets are then drawn by global
       example index, so they do not depend on the sharding. The gradient is
@@ -375,6 +363,9 @@ def value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     >>> updates, state = tx.update(grads, state, params, batch=batch, key=key,
     ...                            curvature=curv)
   """
+  if fisher not in ("sampled", "empirical"):
+    raise ValueError(f"value_and_grad: fisher must be 'sampled' or 'empirical' "
+                     f"(the preconditioner's own fisher option), got {fisher!r}.")
   stats_subsample.check_examples(stats_batch, "stats_batch", "value_and_grad")
 
   def fn(params, batch, key=None, *, opt_state=None, due=None):

@@ -227,3 +227,41 @@ def test_layers_without_a_kronecker_block_fall_back_loudly():
     updates, _ = tx.update(grads, tx.init(params), params, batch=batch,
                            key=jax.random.PRNGKey(0))
   chex.assert_trees_all_equal(updates[1], grads[1])   # identity fallback
+
+
+_PRECONDITIONERS = {
+    "kfac": lambda f, fisher, b: kfe.scale_by_kfac(f, fisher=fisher),
+    "tkfac": lambda f, fisher, b: kfe.scale_by_tkfac(f, fisher=fisher),
+    "tridiagonal": lambda f, fisher, b: kfe.scale_by_kfac(
+        f, fisher=fisher, structure="block_tridiagonal", example_batch=b),
+    "tengrad": lambda f, fisher, b: kfe.scale_by_tengrad(
+        f, fisher=fisher, example_batch=b),
+    "natural_gradient": lambda f, fisher, b: kfe.scale_by_natural_gradient(
+        f, fisher=fisher, example_batch=b),
+    "two_level": lambda f, fisher, b: kfe.scale_by_two_level_kfac(f, fisher=fisher),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PRECONDITIONERS))
+def test_statistics_of_the_other_fisher_are_refused(name):
+  """``value_and_grad``'s ``fisher`` is recorded in the ``CurvatureBatch`` (a
+  static field, kept through ``jit``) and every preconditioner refuses
+  statistics of the Fisher it was not built with; the matching one is taken
+  and gives the update that computing the statistics itself gives."""
+  params, batch, loss_fn = _setup()
+  key = jax.random.PRNGKey(5)
+  tx = _PRECONDITIONERS[name](loss_fn, "empirical", batch)
+  state = tx.init(params)
+  for fisher in ("sampled", "empirical"):
+    vg = jax.jit(kfe.value_and_grad(loss_fn, fisher=fisher))
+    _, grads, curv = vg(params, batch, key)
+    assert curv.fisher == fisher
+    if fisher == "sampled":
+      with pytest.raises(ValueError, match=r"sampled Fisher.*fisher='empirical'"):
+        tx.update(grads, state, params, batch=batch, key=key, curvature=curv)
+      continue
+    fused, _ = tx.update(grads, state, params, batch=batch, key=key, curvature=curv)
+    plain, _ = tx.update(grads, state, params, batch=batch, key=key)
+    chex.assert_trees_all_close(fused, plain, rtol=1e-10)
+  with pytest.raises(ValueError, match="fisher must be 'sampled' or 'empirical'"):
+    kfe.value_and_grad(loss_fn, fisher="true")
