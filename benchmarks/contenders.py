@@ -54,7 +54,10 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   ``_stored``: all examples; statistics' products): the per-step correction from the tokens of
   the last statistics batch's first N examples (``coarse_statistics=
   "stored"``, ``coarse_batch=N``; Koroko et al.'s code, whose Fisher batch
-  is a quarter of the batch): no statistics pass between refreshes.
+  is a quarter of the batch): no statistics pass between refreshes;
+  ``two_level_COMBINE_spectral_iterK``: the spectral space by K steps of
+  warm-started inverse iteration per refresh (``spectral_iterations=K``)
+  instead of an eigendecomposition, at the spectral variant's setting.
 * ``natural_gradient``: ``kfe.natural_gradient`` (``blocks="auto"``: per
   layer the cheaper exactly damped Kronecker or Woodbury block,
   ``gram_batch`` as ``tengrad``), swept like the others.
@@ -169,17 +172,29 @@ def _two_level_stored(name: str):
   return head, (int(tail) if tail else None)
 
 
+def _two_level_spectral_iterations(name: str):
+  """``(variant, k)`` of ``two_level_COMBINE_spectral_iterK``, else None."""
+  head, sep, tail = name.rpartition("_iter")
+  if (not sep or head not in TWO_LEVEL_VARIANTS or not head.endswith("_spectral")
+      or _suffix_count(tail, "") is None):
+    return None
+  return head, int(tail)
+
+
 def settings_name(name: str) -> str:
   """The contender whose swept setting ``name`` may reuse: a stored-token
   two-level variant's is the variant's (same hyper-parameters, the Fisher
-  of the last statistics batch instead of the step's); else ``name``."""
-  stored = _two_level_stored(name)
-  return name if stored is None else stored[0]
+  of the last statistics batch instead of the step's), and so is a spectral
+  one's with ``spectral_iterations`` (the same space, found by inverse
+  iteration); else ``name``."""
+  found = _two_level_stored(name) or _two_level_spectral_iterations(name)
+  return name if found is None else found[0]
 
 
 def known(name: str) -> bool:
   return (name in OPTIMIZERS or name in TWO_LEVEL_VARIANTS
           or _two_level_stored(name) is not None
+          or _two_level_spectral_iterations(name) is not None
           or _tengrad_gram(name) is not None
           or _tengrad_every(name) is not None
           or _suffix_count(name, "kfac_stats") is not None
@@ -449,6 +464,12 @@ def make_contender(name: str, task) -> Contender:
                     {"gram_batch": _gram_batch(task), "fisher": fisher})
   if name == "two_level_kfac":
     return _natural(name, task, kfe.two_level_kfac, {})
+  if _two_level_spectral_iterations(name) is not None:
+    variant, steps = _two_level_spectral_iterations(name)
+    combine = variant[len("two_level_"):].split("_", 1)[0]
+    return _natural(name, task, kfe.two_level_kfac,
+                    {"combine": combine, "coarse_space": "spectral",
+                     "spectral_iterations": steps})
   if name in TWO_LEVEL_VARIANTS or _two_level_stored(name) is not None:
     variant, stored = _two_level_stored(name) or (name, False)
     products = next((p for p in ("ggn", "mixed") if variant.endswith("_" + p)),

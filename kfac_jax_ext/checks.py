@@ -83,9 +83,19 @@ def check_curvature(traced, cb):
             f"(d_in={layer.d_in}, d_out={layer.d_out}, groups={layer.groups}).")
 
 
-def check_two_level_options(fine_scale, coarse_batch, fisher_products, options):
+def check_two_level_options(fine_scale, coarse_batch, fisher_products, options,
+                            coarse_space=None, spectral_iterations=None):
   """``scale_by_two_level_kfac``'s own options, and the base options it
   cannot take."""
+  if spectral_iterations is not None:
+    if coarse_space != "spectral":
+      raise ValueError(f"spectral_iterations applies to coarse_space='spectral' "
+                       f"(got coarse_space={coarse_space!r}): leave it unset.")
+    if isinstance(spectral_iterations, bool) or not isinstance(
+        spectral_iterations, int) or spectral_iterations < 1:
+      raise ValueError(f"spectral_iterations must be a positive int (steps of "
+                       f"inverse iteration per refresh) or None, got "
+                       f"{spectral_iterations!r}.")
   if fine_scale not in ("model", "none"):
     raise ValueError(f"fine_scale must be 'model' or 'none', got {fine_scale!r}.")
   stats_subsample.check_examples(coarse_batch, "coarse_batch",

@@ -23,6 +23,7 @@ step from ``res = ∇ − F_λM⁻¹∇``, ``"residual"`` ``M_l⁻¹res_l`` and
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from kfac_jax_ext.blocks import kronecker
@@ -85,14 +86,39 @@ def layer_basis(space: str, d_a: int, d_g: int, vec_a=None, vec_g=None,
   return jnp.outer(r_a, r_g)[None], (r_a, r_g)
 
 
+def signed_unit(v):
+  """``v`` scaled to ∞-norm 1 with its largest-magnitude entry +1."""
+  big = v[jnp.argmax(jnp.abs(v))]
+  return v / jnp.where(big != 0, big, 1.0)
+
+
 def smallest_eigenvector(x):
   """Eigenvector of the smallest eigenvalue, scaled to ∞-norm 1 with its
   largest-magnitude entry +1: a sign fixed by the matrix, not by the solver
   (the coarse statistics are running averages over refreshes)."""
   _, vecs = jnp.linalg.eigh(0.5 * (x + x.T))
-  v = vecs[:, 0]
-  big = v[jnp.argmax(jnp.abs(v))]
-  return v / jnp.where(big != 0, big, 1.0)
+  return signed_unit(vecs[:, 0])
+
+
+def inverse_iteration(damped_inverse, previous, steps: int):
+  """``steps`` of inverse iteration toward the smallest eigenvector of ``X``
+  from ``previous``, with ``damped_inverse = (X + γI)⁻¹`` (the fine level's
+  refreshed inverse): ``v ← (X + γI)⁻¹v``, scaled as
+  ``smallest_eigenvector`` after every step.
+
+  Each step multiplies the components along ``X``'s eigenvectors by
+  ``1/(μ_i + γ)``, so the iterate converges to the smallest eigenvector at
+  the rate ``(μ_1 + γ)/(μ_2 + γ)``; warm-started at every refresh from the
+  last vector, it tracks slowly moving factors at ``O(d²)`` a step instead
+  of an ``O(d³)`` eigendecomposition. A non-finite result keeps
+  ``previous``.
+
+  Example:
+    >>> v = inverse_iteration(jnp.linalg.inv(x + 0.1 * jnp.eye(n)), v, 2)
+  """
+  v = jax.lax.fori_loop(0, steps, lambda _, v: signed_unit(damped_inverse @ v),
+                        previous)
+  return jnp.where(jnp.all(jnp.isfinite(v)), v, previous)
 
 
 def project(basis, v):

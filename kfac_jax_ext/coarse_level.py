@@ -360,10 +360,15 @@ def write(layers, leaves, mats, shapes):
   return leaves
 
 
-def spectral_vectors(plan, base_state, spectral, variant, axis_name=None):
+def spectral_vectors(plan, base_state, spectral, variant, axis_name=None,
+                     iterations=None):
   """Smallest-eigenvalue eigenvectors of each layer's effective factors
-  (each device decomposes the layers it owns when ``axis_name`` is set)."""
+  (each device decomposes the layers it owns when ``axis_name`` is set);
+  with ``iterations=k`` instead k steps of ``coarse.inverse_iteration`` with
+  the base's refreshed damped inverses from the previous vectors (tikhonov
+  mode: the base's eigenvectors, read directly)."""
   spectral = list(spectral)
+  layers = coarse_layers(plan, spectral)
 
   def vectors(kl):
     fa, fg, _ = kronecker_family.layer_factors(
@@ -371,10 +376,20 @@ def spectral_vectors(plan, base_state, spectral, variant, axis_name=None):
         base_state.traces[kl.layer.kernel], variant, 0.0)
     return coarse.smallest_eigenvector(fa), coarse.smallest_eigenvector(fg)
 
-  layers = coarse_layers(plan, spectral)
+  def iterated(kl):
+    inverse, found = base_state.inverses[kl.layer.kernel], []
+    for side, d in ((kl.a_side, kl.d_a), (kl.g_side, kl.d_g)):
+      matrix = linalg.leading(getattr(inverse, side), (d, d))
+      previous = spectral[kl.layer.kernel][side == "cols"][:d]
+      found.append(coarse.inverse_iteration(matrix, previous, iterations)
+                   if inverse.rows_vals is None else coarse.signed_unit(matrix[:, 0]))
+    return tuple(found)
+
   found = distributed.on_owners(
-      [lambda kl=kl: vectors(kl) for kl in layers],
-      [kl.d_a ** 3 + kl.d_g ** 3 for kl in layers], axis_name)
+      [lambda kl=kl: (vectors if iterations is None else iterated)(kl)
+       for kl in layers],
+      [(kl.d_a ** 3 + kl.d_g ** 3) if iterations is None else
+       (kl.d_a ** 2 + kl.d_g ** 2) * iterations for kl in layers], axis_name)
   for kl, (va, vg) in zip(layers, found):
     rows, cols = spectral[kl.layer.kernel]
     if kl.a_side == "rows":

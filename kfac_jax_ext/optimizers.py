@@ -283,7 +283,8 @@ def _two_level_options(*, base="kfac", coarse_space="nicolaides",
                        coarse_matrix=None, combine="additive",
                        omega=(1.0, 1.0), coarse_damping="consistent",
                        fisher_products="statistics", fine_scale="model",
-                       coarse_batch=None, coarse_statistics="batch"):
+                       coarse_batch=None, coarse_statistics="batch",
+                       spectral_iterations=None):
   """Two-level K-FAC's own options (see ``scale_by_two_level_kfac``)."""
 
 
@@ -296,8 +297,8 @@ decay → momentum → lr.
 
 Same signature as ``kfe.kfac`` plus ``base``, ``coarse_space``,
 ``coarse_matrix``, ``combine``, ``omega``, ``coarse_damping``,
-``fisher_products``, ``fine_scale``, ``coarse_batch`` and
-``coarse_statistics``.
+``fisher_products``, ``fine_scale``, ``coarse_batch``,
+``coarse_statistics`` and ``spectral_iterations``.
 
 Example:
   >>> opt = kfe.two_level_kfac(loss_fn, learning_rate=0.1, damping=1e-2,

@@ -80,6 +80,7 @@ def scale_by_two_level_kfac(
     fine_scale: str = "model",
     coarse_batch: int | None = None,
     coarse_statistics: str = "batch",
+    spectral_iterations: int | None = None,
     **options,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Two-level K-FAC: the base preconditioner plus a coarse correction.
@@ -109,11 +110,10 @@ def scale_by_two_level_kfac(
       projections; the default for the additive combination with Nicolaides
       or spectral) or ``"exact"`` (Koroko: ``(1/M) Σ_n c_n c_nᵀ``,
       ``c_{n,i} = r_iᵀu_{n,i}``; the default otherwise, so that the
-      multiplicative and balanced ``F_c`` is ``R F_λ Rᵀ`` of their products). With the additive combination and a fixed space both are
-      running averages with the factors' schedule, inverted with the fine
-      inverses; otherwise ``F_c`` is the step's batch's (the batch of the
-      Fisher-vector products) and is inverted every step (``S×S``, cheap), so
-      Galerkin orthogonality holds at every step.
+      multiplicative and balanced ``F_c`` is ``R F_λ Rᵀ`` of their products).
+      Additive with a fixed space: running averages on the factors' schedule,
+      inverted with the fine inverses; otherwise the step's batch's ``F_c``,
+      inverted every step (``S×S``): Galerkin orthogonality at every step.
     combine: ``"additive"`` (default), ``"multiplicative"`` or ``"balanced"``.
     omega: ``(ω₁, ω₂)`` of the additive combination.
     coarse_damping: ``"consistent"`` (``λRRᵀ``, i.e. ``λ·n_i`` for
@@ -134,16 +134,12 @@ def scale_by_two_level_kfac(
       the fine step is ``αM⁻¹``, α the quadratic model's best scale
       ``α = xᵀr / xᵀF_λx`` of the fine direction ``x = M⁻¹r`` (``r = ∇``
       multiplicative, ``r = ∇ − F_λQ∇`` balanced), from the product the
-      correction computes anyway. The Galerkin correction then completes the
-      step that is taken: the model decrease is at least the scaled fine
-      step's, so the update is a descent direction with ``ΔᵀF_λΔ < 2∇ᵀΔ``
-      and KL-clipping measures it. ``"none"``: α = 1, the formulas above
-      verbatim. K-FAC's ``M⁻¹∇`` is often far longer than ``F_λ⁻¹∇`` (stale
-      or factored-damped factors); unscaled, the correction that completes
-      it can cancel its descent (``∇ᵀΔ ≤ 0``; ``benchmarks/direction_quality``
-      measures this). With ``R = I`` both give ``F_λ⁻¹∇``; Galerkin
-      orthogonality holds for both. Leaves outside the coarse layers get
-      ``αM⁻¹∇``.
+      correction computes anyway: the update is then a descent direction
+      with ``ΔᵀF_λΔ < 2∇ᵀΔ`` (K-FAC's ``M⁻¹∇`` is often far longer than
+      ``F_λ⁻¹∇``, and the unscaled completion can cancel its descent; see
+      docs/methods.md). ``"none"``: α = 1, the formulas verbatim. With
+      ``R = I`` both give ``F_λ⁻¹∇``; Galerkin orthogonality holds for both.
+      Leaves outside the coarse layers get ``αM⁻¹∇``.
     coarse_batch: with ``fisher_products="statistics"``, the coarse level's
       ``F`` (its products ``F_λx`` and a per-step or running ``F_c``) is
       ``(1/n) Σ_{k<n} u_k u_kᵀ`` over the first ``n = min(M, coarse_batch)``
@@ -157,6 +153,10 @@ def scale_by_two_level_kfac(
       tokens of the last statistics batch, kept in the state: no statistics
       pass between statistics steps, as in Koroko et al.'s code; needs
       ``example_batch``; see ``coarse_tokens``).
+    spectral_iterations: ``"spectral"`` only. None (default): ``eigh`` of
+      every factor per refresh. ``k``: k steps of inverse iteration with the
+      base's refreshed ``(A + γI)⁻¹`` from the last vectors, O(d²) each
+      (``coarse.inverse_iteration``; tikhonov mode: the base's eigenvectors).
     **options: the base method's options (``scale_by_kfac``).
 
   Returns:
@@ -175,12 +175,13 @@ def scale_by_two_level_kfac(
   """
   checks.check_two_level_choices(base, coarse_space, coarse_matrix, combine,
                                  coarse_damping, omega, fisher_products)
-  checks.check_two_level_options(fine_scale, coarse_batch, fisher_products, options)
+  checks.check_two_level_options(fine_scale, coarse_batch, fisher_products, options,
+                                 coarse_space, spectral_iterations)
   coarse_tokens.check(coarse_statistics, fisher_products, options)
   if coarse_matrix is None:
-    coarse_matrix = ("kronecker" if fisher_products == "statistics" and
-                     combine == "additive" and
-                     coarse_space in coarse.RANK_ONE_SPACES else "exact")
+    coarse_matrix = ("kronecker" if fisher_products == "statistics" and combine
+                     == "additive" and coarse_space in coarse.RANK_ONE_SPACES
+                     else "exact")
   if coarse_space is not None:
     relative_damping.require_absolute(options, "scale_by_two_level_kfac damps "
                                       "its fine and coarse levels (I12-I13)")
@@ -192,9 +193,8 @@ def scale_by_two_level_kfac(
                                                **options)
   base_init, base_step = kronecker_family.kronecker_stepper(
       loss_fn, variant, name=name, **options)
-  ema_decay = options.get("ema_decay", 0.95)
-  inverse_every = options.get("inverse_every", 5)
-  stats_every = options.get("stats_every", 1)
+  ema_decay, inverse_every, stats_every = (options.get(k, d) for k, d in (
+      ("ema_decay", 0.95), ("inverse_every", 5), ("stats_every", 1)))
   fisher, has_aux, axis_name = (options.get("fisher", "sampled"),
                                 options.get("has_aux", False), options.get("axis_name"))
   ggn = fisher_products == "ggn"
@@ -258,7 +258,7 @@ def scale_by_two_level_kfac(
       spectral = schedule.maybe(
           inverse_every, refresh_due,
           lambda sp: level.spectral_vectors(ctx.plan, base_state, sp, variant,
-                                            axis_name),
+                                            axis_name, spectral_iterations),
           lambda sp: sp, spectral, static_refresh)
     krylov = state.krylov
     if coarse_space == "krylov_nicolaides":   # M⁻¹1 with the fresh inverses

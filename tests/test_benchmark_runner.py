@@ -512,6 +512,21 @@ def test_stored_two_level_variants_parse_and_reuse_their_variants_setting(tmp_pa
   assert all(math.isfinite(x) for x in run_["loss"])
 
 
+def test_spectral_iteration_variants_parse_and_reuse_the_spectral_setting():
+  name = "two_level_additive_spectral_iter2"
+  assert contenders.known(name) and contenders.settings_name(name) == (
+      "two_level_additive_spectral")
+  for bad in ("two_level_additive_spectral_iter0", "two_level_additive_spectral_iter",
+              "two_level_additive_nicolaides_iter2",
+              "two_level_additive_spectral_ggn_iter2"):
+    assert not contenders.known(bad) and contenders.settings_name(bad) == bad
+  task = tasks.make_task("mlp")
+  contender = contenders.make_contender(name, task)
+  run_ = training.train(contender, task, {"lr": 0.03, "damping": 1.0}, steps=3,
+                        progress=False, evals=1)
+  assert all(math.isfinite(x) for x in run_["loss"])
+
+
 def test_overview_table_spans_runs_and_bolds_the_fastest(tmp_path):
   first, second = _fake_results(), _fake_results()
   second["name"], second["seed"] = "t_seed2", 2
