@@ -71,6 +71,9 @@ METHODS = {
         loss, damping=0.1, inverse_every=2, gram_batch=16, **kw),
     "two_level_additive": lambda loss, **kw: kfe.scale_by_two_level_kfac(
         loss, damping=0.1, inverse_every=2, coarse_space="spectral", **kw),
+    "two_level_spectral_iterated": lambda loss, **kw: kfe.scale_by_two_level_kfac(
+        loss, damping=0.1, inverse_every=2, coarse_space="spectral",
+        combine="balanced", spectral_iterations=2, **kw),
     "two_level_multiplicative": lambda loss, **kw: kfe.scale_by_two_level_kfac(
         loss, damping=0.1, inverse_every=2, combine="multiplicative",
         coarse_matrix="exact", **kw),
