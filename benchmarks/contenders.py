@@ -105,100 +105,18 @@ import numpy as np
 import optax
 
 import kfac_jax_ext as kfe
-from kfac_jax_ext import coarse
 from kfac_jax_ext import coarse_tokens
 
-OPTIMIZERS = ("adam", "sgd", "muon", "shampoo", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
-              "kfac_adaptive", "kfac_jax_adaptive", "kfac_tridiagonal",
-              "tengrad_adaptive", "natural_gradient", "kfac_relative",
-              "kfac_adaptive_relative", "tengrad_relative",
-              "tengrad_adaptive_relative", "kfac_adaptive_gamma",
-              "kfac_adaptive_relative_gamma")
-NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
-           "kfac_tridiagonal", "natural_gradient", "kfac_relative",
-           "tengrad_relative")
-# Two-level K-FAC by combination and coarse space, ``two_level_COMBINE_SPACE``
-# (``two_level_kfac`` is additive Nicolaides): swept like the others, the
-# coarse matrix at its default (Tselepidis' Kronecker sums for a fixed
-# rank-one space with the additive combination, Koroko's exact one
-# otherwise), Fisher products from the statistics, the fine step
-# model-scaled for multiplicative and balanced.
-TWO_LEVEL_VARIANTS = tuple(
-    f"two_level_{c}_{s}{ggn}" for c in ("additive", "multiplicative", "balanced")
-    for s in coarse.COARSE_SPACES if s != "parameters"
-    for ggn in ("", "_ggn", "_mixed"))
-
-
-def _suffix_count(name: str, prefix: str):
-  """N of ``PREFIX + N`` (a positive int), else None: ``tengrad_gramN``
-  (TENGraD with ``gram_batch=N``), ``kfac_statsN`` (K-FAC with
-  ``stats_batch=N``)."""
-  tail = name[len(prefix):] if name.startswith(prefix) else ""
-  return int(tail) if tail.isdigit() and int(tail) > 0 else None
-
-
-# kfac_adaptive_relative_modelN: the quadratic model on the first N examples
-ADAPTIVE_MODEL = "kfac_adaptive_relative_model"
-
-
-def _tengrad_gram(name: str):
-  return _suffix_count(name, "tengrad_gram")
-
-
-def _tengrad_every(name: str):
-  return (_suffix_count(name, "tengrad_every")
-          or _suffix_count(name, "tengrad_empirical_every"))
+from benchmarks import contender_names as names
+from benchmarks.contender_names import (  # noqa: F401  (re-exported)
+    ADAPTIVE_MODEL, NATURAL, OPTIMIZERS, TWO_LEVEL_VARIANTS, known,
+    refresh_period, settings_name)
 
 
 def _gram_batch(task) -> int:
   """TENGraD's ``gram_batch`` in the benchmark: the batch size, capped at 1000."""
   batch = len(jax.tree_util.tree_leaves(task.sample_batch(np.random.default_rng(0)))[0])
   return min(batch, 1000)
-
-
-def refresh_period(name: str, period: int) -> int:
-  """The refresh period contender ``name`` ran with in a file of ``period``:
-  N for ``tengrad_everyN``, else the file's."""
-  return _tengrad_every(name) or period
-
-
-def _two_level_stored(name: str):
-  """``(variant, coarse_batch)`` of ``two_level_COMBINE_SPACE_stored[N]``
-  (``coarse_batch`` None: all examples), else None."""
-  head, sep, tail = name.rpartition("_stored")
-  if not sep or head not in TWO_LEVEL_VARIANTS or head.endswith(("_ggn", "_mixed")) or (
-      tail and _suffix_count(tail, "") is None):
-    return None
-  return head, (int(tail) if tail else None)
-
-
-def _two_level_spectral_iterations(name: str):
-  """``(variant, k)`` of ``two_level_COMBINE_spectral_iterK``, else None."""
-  head, sep, tail = name.rpartition("_iter")
-  if (not sep or head not in TWO_LEVEL_VARIANTS or not head.endswith("_spectral")
-      or _suffix_count(tail, "") is None):
-    return None
-  return head, int(tail)
-
-
-def settings_name(name: str) -> str:
-  """The contender whose swept setting ``name`` may reuse: a stored-token
-  two-level variant's is the variant's (same hyper-parameters, the Fisher
-  of the last statistics batch instead of the step's), and so is a spectral
-  one's with ``spectral_iterations`` (the same space, found by inverse
-  iteration); else ``name``."""
-  found = _two_level_stored(name) or _two_level_spectral_iterations(name)
-  return name if found is None else found[0]
-
-
-def known(name: str) -> bool:
-  return (name in OPTIMIZERS or name in TWO_LEVEL_VARIANTS
-          or _two_level_stored(name) is not None
-          or _two_level_spectral_iterations(name) is not None
-          or _tengrad_gram(name) is not None
-          or _tengrad_every(name) is not None
-          or _suffix_count(name, "kfac_stats") is not None
-          or _suffix_count(name, ADAPTIVE_MODEL) is not None)
 
 
 MOMENTUM = 0.9
@@ -349,7 +267,7 @@ def _adaptive(task, name):
   batch = task.sample_batch(np.random.default_rng(0))
   gamma = name.endswith("_gamma")
   name = name.removesuffix("_gamma")
-  model_batch = _suffix_count(name, ADAPTIVE_MODEL)
+  model_batch = names.suffix_count(name, ADAPTIVE_MODEL)
   full_name = name
   if model_batch is not None:
     name = "kfac_adaptive_relative"
@@ -443,10 +361,10 @@ def make_contender(name: str, task) -> Contender:
   if name == "kfac_relative":   # λ in units of each block's mean eigenvalue
     return _natural(name, task, kfe.kfac, {"damping_mode": "factored",
                                            "damping_scale": "relative"})
-  if _suffix_count(name, "kfac_stats") is not None:   # M&G §8's subsample
+  if names.suffix_count(name, "kfac_stats") is not None:   # M&G §8's subsample
     return _natural(name, task, kfe.kfac, {
         "damping_mode": "factored",
-        "stats_batch": _suffix_count(name, "kfac_stats")})
+        "stats_batch": names.suffix_count(name, "kfac_stats")})
   if name == "kfac_tridiagonal":   # M&G §4.3 over chains of dense layers
     return _natural(name, task, kfe.kfac, {"damping_mode": "factored",
                                            "structure": "block_tridiagonal"})
@@ -456,22 +374,22 @@ def make_contender(name: str, task) -> Contender:
     alias = kfe.natural_gradient if name == "natural_gradient" else kfe.tengrad
     scale = {"damping_scale": "relative"} if name == "tengrad_relative" else {}
     return _natural(name, task, alias, {"gram_batch": _gram_batch(task), **scale})
-  if _tengrad_gram(name) is not None:
-    return _natural(name, task, kfe.tengrad, {"gram_batch": _tengrad_gram(name)})
-  if _tengrad_every(name) is not None:   # its own refresh period
+  if names.tengrad_gram(name) is not None:
+    return _natural(name, task, kfe.tengrad, {"gram_batch": names.tengrad_gram(name)})
+  if names.tengrad_every(name) is not None:   # its own refresh period
     fisher = "empirical" if name.startswith("tengrad_empirical") else "sampled"
-    return _natural(name, task._replace(period=_tengrad_every(name)), kfe.tengrad,
+    return _natural(name, task._replace(period=names.tengrad_every(name)), kfe.tengrad,
                     {"gram_batch": _gram_batch(task), "fisher": fisher})
   if name == "two_level_kfac":
     return _natural(name, task, kfe.two_level_kfac, {})
-  if _two_level_spectral_iterations(name) is not None:
-    variant, steps = _two_level_spectral_iterations(name)
+  if names.two_level_spectral_iterations(name) is not None:
+    variant, steps = names.two_level_spectral_iterations(name)
     combine = variant[len("two_level_"):].split("_", 1)[0]
     return _natural(name, task, kfe.two_level_kfac,
                     {"combine": combine, "coarse_space": "spectral",
                      "spectral_iterations": steps})
-  if name in TWO_LEVEL_VARIANTS or _two_level_stored(name) is not None:
-    variant, stored = _two_level_stored(name) or (name, False)
+  if name in TWO_LEVEL_VARIANTS or names.two_level_stored(name) is not None:
+    variant, stored = names.two_level_stored(name) or (name, False)
     products = next((p for p in ("ggn", "mixed") if variant.endswith("_" + p)),
                     "statistics")
     combine, space = variant[len("two_level_"):].removesuffix(
@@ -485,7 +403,7 @@ def make_contender(name: str, task) -> Contender:
     return _kfac_jax(task)
   if name in ("kfac_adaptive", "tengrad_adaptive", "kfac_adaptive_relative",
               "kfac_adaptive_gamma", "kfac_adaptive_relative_gamma",
-              "tengrad_adaptive_relative") or _suffix_count(
+              "tengrad_adaptive_relative") or names.suffix_count(
                   name, ADAPTIVE_MODEL) is not None:
     return _adaptive(task, name)
   if name == "kfac_jax_adaptive":

@@ -91,32 +91,6 @@ def test_many_steps_converge_to_the_eigendecomposition_and_tikhonov_reads_it():
           np.testing.assert_allclose(g_vec, w_vec, rtol=0, atol=tol)
 
 
-def test_galerkin_orthogonality_holds_in_the_iterated_space():
-  loss, params, batch = _mlp(n=9, sizes=(3, 5, 4), squared=True)
-  tx = kfe.scale_by_two_level_kfac(loss, coarse_matrix="exact",
-                                   spectral_iterations=1, **FACTORED)
-  grads = jax.grad(loss)(params, batch)
-  out, state = tx.update(grads, tx.init(params), params, batch=batch)
-  flat = lambda t: jnp.concatenate([x.reshape(-1) for x in
-                                    jax.tree_util.tree_leaves(t)])
-  one = lambda p, b: loss(p, jax.tree_util.tree_map(lambda t: t[None], b))
-  per = jax.vmap(jax.grad(one), (None, 0))(params, batch)
-  u = jnp.stack([flat(jax.tree_util.tree_map(lambda t, i=i: t[i], per))
-                 for i in range(9)], axis=1)
-  delta = flat(out)
-  residual = flat(grads) - (u @ u.T / 9 + LAM * jnp.eye(u.shape[0])) @ delta
-  offset = 0
-  for i, layer in enumerate(params):            # flat order: b, w per layer
-    rows, cols = state.spectral[2 * i + 1]
-    d_in, d_out = layer["w"].shape
-    r_mat = jnp.outer(rows[:d_in + 1], cols[:d_out])   # canonical [w; b]
-    assert float(jnp.max(jnp.abs(r_mat - 1.0))) > 1e-3  # not Nicolaides
-    r_vec = jnp.concatenate([r_mat[d_in], r_mat[:d_in].reshape(-1)])
-    seg = residual[offset:offset + r_vec.size]
-    assert abs(float(r_vec @ seg)) < 1e-10 * float(jnp.max(jnp.abs(grads[0]["w"])))
-    offset += r_vec.size
-
-
 @pytest.mark.parametrize("options,match", [
     ({"coarse_space": "nicolaides", "spectral_iterations": 2}, "coarse_space='spectral'"),
     ({"coarse_space": "spectral", "spectral_iterations": 0}, "positive int"),

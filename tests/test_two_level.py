@@ -114,11 +114,16 @@ def test_galerkin_orthogonality_with_the_exact_coarse_matrix(task, base, combine
   assert float(jnp.max(jnp.abs(residual))) > 1e-4 * scale   # not trivially exact
 
 
+@pytest.mark.parametrize("iterated", [{}, {"spectral_iterations": 1,
+                                           "damping_mode": "factored"}],
+                         ids=["eigh", "inverse-iteration"])
 @pytest.mark.parametrize("combine", ["multiplicative", "balanced"])
-def test_galerkin_orthogonality_in_the_spectral_space(combine):
+def test_galerkin_orthogonality_in_the_spectral_space(combine, iterated):
+  """(also with the space from one step of inverse iteration on the
+  factored-damped inverses, ``spectral_iterations``)"""
   loss, params, batch = _mlp()
   delta, state = _direction(loss, params, batch, coarse_matrix="exact",
-                            combine=combine, coarse_space="spectral")
+                            combine=combine, coarse_space="spectral", **iterated)
   grad, u = _brute(loss, params, batch)
   residual = grad - (u @ u.T / u.shape[1] + LAM * jnp.eye(u.shape[0])) @ delta
   offset = 0

@@ -1,0 +1,98 @@
+"""The names ``benchmarks.run --optimizers`` takes: the fixed ones and the
+parametrized families (``tengrad_gramN``, ``tengrad_everyN``,
+``kfac_statsN``, ``two_level_COMBINE_SPACE[_ggn|_mixed]``,
+``two_level_COMBINE_SPACE_stored[N]``,
+``two_level_COMBINE_spectral_iterK``, ``kfac_adaptive_relative_modelN``),
+parsed without building anything (``contenders`` builds them; its module
+docstring says what each one is).
+"""
+
+from __future__ import annotations
+
+from kfac_jax_ext import coarse
+
+OPTIMIZERS = ("adam", "sgd", "muon", "shampoo", "kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
+              "kfac_adaptive", "kfac_jax_adaptive", "kfac_tridiagonal",
+              "tengrad_adaptive", "natural_gradient", "kfac_relative",
+              "kfac_adaptive_relative", "tengrad_relative",
+              "tengrad_adaptive_relative", "kfac_adaptive_gamma",
+              "kfac_adaptive_relative_gamma")
+NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
+           "kfac_tridiagonal", "natural_gradient", "kfac_relative",
+           "tengrad_relative")
+# Two-level K-FAC by combination and coarse space, ``two_level_COMBINE_SPACE``
+# (``two_level_kfac`` is additive Nicolaides): swept like the others, the
+# coarse matrix at its default (Tselepidis' Kronecker sums for a fixed
+# rank-one space with the additive combination, Koroko's exact one
+# otherwise), Fisher products from the statistics, the fine step
+# model-scaled for multiplicative and balanced.
+TWO_LEVEL_VARIANTS = tuple(
+    f"two_level_{c}_{s}{ggn}" for c in ("additive", "multiplicative", "balanced")
+    for s in coarse.COARSE_SPACES if s != "parameters"
+    for ggn in ("", "_ggn", "_mixed"))
+
+
+def suffix_count(name: str, prefix: str):
+  """N of ``PREFIX + N`` (a positive int), else None: ``tengrad_gramN``
+  (TENGraD with ``gram_batch=N``), ``kfac_statsN`` (K-FAC with
+  ``stats_batch=N``)."""
+  tail = name[len(prefix):] if name.startswith(prefix) else ""
+  return int(tail) if tail.isdigit() and int(tail) > 0 else None
+
+
+# kfac_adaptive_relative_modelN: the quadratic model on the first N examples
+ADAPTIVE_MODEL = "kfac_adaptive_relative_model"
+
+
+def tengrad_gram(name: str):
+  return suffix_count(name, "tengrad_gram")
+
+
+def tengrad_every(name: str):
+  return (suffix_count(name, "tengrad_every")
+          or suffix_count(name, "tengrad_empirical_every"))
+
+
+def refresh_period(name: str, period: int) -> int:
+  """The refresh period contender ``name`` ran with in a file of ``period``:
+  N for ``tengrad_everyN``, else the file's."""
+  return tengrad_every(name) or period
+
+
+def two_level_stored(name: str):
+  """``(variant, coarse_batch)`` of ``two_level_COMBINE_SPACE_stored[N]``
+  (``coarse_batch`` None: all examples), else None."""
+  head, sep, tail = name.rpartition("_stored")
+  if not sep or head not in TWO_LEVEL_VARIANTS or head.endswith(("_ggn", "_mixed")) or (
+      tail and suffix_count(tail, "") is None):
+    return None
+  return head, (int(tail) if tail else None)
+
+
+def two_level_spectral_iterations(name: str):
+  """``(variant, k)`` of ``two_level_COMBINE_spectral_iterK``, else None."""
+  head, sep, tail = name.rpartition("_iter")
+  if (not sep or head not in TWO_LEVEL_VARIANTS or not head.endswith("_spectral")
+      or suffix_count(tail, "") is None):
+    return None
+  return head, int(tail)
+
+
+def settings_name(name: str) -> str:
+  """The contender whose swept setting ``name`` may reuse: a stored-token
+  two-level variant's is the variant's (same hyper-parameters, the Fisher
+  of the last statistics batch instead of the step's), and so is a spectral
+  one's with ``spectral_iterations`` (the same space, found by inverse
+  iteration); else ``name``."""
+  found = two_level_stored(name) or two_level_spectral_iterations(name)
+  return name if found is None else found[0]
+
+
+def known(name: str) -> bool:
+  return (name in OPTIMIZERS or name in TWO_LEVEL_VARIANTS
+          or two_level_stored(name) is not None
+          or two_level_spectral_iterations(name) is not None
+          or tengrad_gram(name) is not None
+          or tengrad_every(name) is not None
+          or suffix_count(name, "kfac_stats") is not None
+          or suffix_count(name, ADAPTIVE_MODEL) is not None)
