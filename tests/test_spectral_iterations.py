@@ -61,7 +61,7 @@ def test_vectors_are_warm_started_inverse_iteration_on_the_damped_factors():
   states = _updates({**FACTORED, "spectral_iterations": 2}, [first, second],
                     params, loss)
   for before, after in zip(states[:-1], states[1:]):
-    previous = [s for s in before.spectral]
+    previous = list(before.spectral)
     kernels = [f if s is not None else None
                for f, s in zip(after.base.factors, after.spectral)]
     for got, want in zip(after.spectral, _expected(kernels, previous, 2)):
