@@ -27,13 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfac_jax_ext import _jax_internals as jint
-from kfac_jax_ext.curvature_batch import CurvatureBatch
 from kfac_jax_ext import distributed
 from kfac_jax_ext import losses as losses_lib
 from kfac_jax_ext import schedule
 from kfac_jax_ext import state as state_lib
 from kfac_jax_ext import stats_subsample
 from kfac_jax_ext import tracing
+from kfac_jax_ext.curvature_batch import CurvatureBatch
 
 
 def evaluate_jaxpr(jaxpr, consts, args, path, probes, actions, active):
