@@ -17,7 +17,8 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
 * ``shampoo``: Google's ``distributed_shampoo`` (``precondition-opt``, the
   ``bench`` extra) at its documented defaults, grafted to normalized RMSProp,
   preconditioners every ``task.period`` steps (``shampoo_compat``); swept
-  over Muon's grid (Adam's learning rates and the next one up).
+  from a decade below Adam's learning rates to Adam's largest (``tasks``
+  grid ``shampoo``: its optimum lies below Adam's).
 * ``kfac``, ``tkfac``, ``tengrad``, ``two_level_kfac``: the kfac_jax_ext
   aliases with momentum 0.9 (Nesterov's form if ``task.nesterov``: ``run
   --nesterov``), KL-clip ``task.kl_clip``, statistics and inverses

@@ -21,7 +21,8 @@ Tasks (``TASKS``):
 exists to keep the runner tested.
 
 Hyper-parameter grids (``Task.grids``): Adam and SGD (momentum 0.9) sweep the
-learning rate over three values, Muon over Adam's three and the next one up; every natural-gradient method, kfac-jax
+learning rate over three values, Muon over Adam's three and the next one up,
+Shampoo from a decade below Adam's grid to its top; every natural-gradient method, kfac-jax
 included, sweeps the same learning rate × damping grid (2 × 2), with
 momentum 0.9, KL-clip (kfac-jax: ``norm_constraint``) ``kl_clip`` and
 curvature statistics and inverses refreshed every ``period`` steps.
@@ -151,8 +152,11 @@ def _grids(adam, sgd, lr, damping):
   up = _ladder_up(adam[-1])
   return {"adam": {"lr": list(adam)}, "sgd": {"lr": list(sgd)},
           "muon": {"lr": list(adam) + [up]},
-          # Shampoo grafted to normalized RMSProp: Adam-scale steps too
-          "shampoo": {"lr": list(adam) + [up]},
+          # Shampoo grafted to normalized RMSProp: with Adam's grid (extended
+          # twice down) its best sat at the edge on the autoencoder (3e-5;
+          # it diverged at Adam's rates) and the transformer (1e-4) on
+          # 2026-12-03, so its grid starts a decade below Adam's
+          "shampoo": {"lr": sorted({float(f"{a / 10:.1g}") for a in adam} | set(adam))},
           "natural": {"lr": list(lr), "damping": list(damping)},
           "woodbury": {"lr": list(lr), "damping": woodbury_dampings(damping)},
           # damping_scale="relative": λ in units of each block's mean

@@ -128,14 +128,15 @@ def test_quick_run_autoencoder_against_adam_and_kfac_jax(tmp_path, monkeypatch):
     monkeypatch.delenv(variable, raising=False)
   # kfac_adaptive takes no sweep (kfac_jax_adaptive shares kfac_jax's code
   # and fails under x64, which the tests run with: a kfac-jax 0.0.8 bug)
-  names = ["adam", "kfac", "kfac_jax", "kfac_adaptive"]
+  names = ["adam", "kfac", "kfac_jax", "kfac_adaptive", "shampoo"]
   results = run.main(["--task", "autoencoder", "--quick", "--no-progress",
                       "--optimizers", ",".join(names), "--out", str(tmp_path),
                       "--batch-size", "100"])
   assert list(results["runs"]) == names
-  if importlib.util.find_spec("kfac_jax") is None:   # the bench extra is absent
-    assert "pip install -e '.[bench]'" in results["runs"]["kfac_jax"]["error"]
-    names.remove("kfac_jax")
+  for name, module in (("kfac_jax", "kfac_jax"), ("shampoo", "precondition")):
+    if importlib.util.find_spec(module) is None:   # the bench extra is absent
+      assert "pip install -e '.[bench]'" in results["runs"][name]["error"]
+      names.remove(name)
   saved = _check_quick_results(tmp_path, names, "quick_autoencoder_b100")
   assert saved["meta"]["command"].startswith("python -m benchmarks.run --task autoencoder")
   assert saved["batch_size"] == 100 and saved["description"].endswith("batch 100")
