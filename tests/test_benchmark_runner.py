@@ -268,7 +268,9 @@ def test_quick_run_cifar10_resnet(tiny_cifar):
                        must_improve=False)
 
 
-def test_quick_run_shakespeare_transformer(tmp_path):
+def test_quick_run_shakespeare_transformer(tmp_path, monkeypatch):
+  for variable in step_time.THREAD_ENV:   # the command is recorded without them
+    monkeypatch.delenv(variable, raising=False)
   out = tmp_path / "out"
   run.main(["--task", "shakespeare", "--quick", "--no-progress", "--optimizers",
             "tengrad,two_level_kfac", "--out", str(out), "--name", "chars-1"])
