@@ -10,7 +10,18 @@ Phases (factored damping, fused statistics pass, batch from MNIST):
   sampled-target backward for g (``kfe.value_and_grad``);
 * ``+ factor products``: ``āᵀā/K`` and ``gᵀg/M`` per layer;
 * ``precondition``: ``(A+π√λI)⁻¹ V (G+√λ/πI)⁻¹`` per layer;
-* ``refresh``: the damped inverses (Cholesky) of every factor.
+* ``refresh``: the damped inverses of every factor (``linalg.spd_inverse``,
+  block elimination: ``(4/3)n³`` FLOPs for an ``n × n`` factor).
+
+It then prints the **FLOP floor** of the amortized step, as a multiple of
+the gradient's FLOPs (Adam's step, whose elementwise update adds no GEMM):
+``grad + precondition + (backward_g + factor products)/stats_every +
+refresh_min/inverse_every``, with ``refresh_min = n³`` per factor (Cholesky
+``n³/3`` and the inverse from it ``2n³/3``, the fewest FLOPs of an explicit
+SPD inverse). No implementation of K-FAC's step at that schedule can do
+fewer FLOPs; a step-time target below it can only be met by running some
+phase faster than the GEMMs of Adam's gradient. ``--stats-batch N`` scales
+the statistics' FLOPs by ``N / batch`` (``kfe.kfac(..., stats_batch=N)``).
 """
 
 from __future__ import annotations
@@ -51,9 +62,21 @@ def phase_flops(sizes, batch):
   backward_g = sum(2 * batch * (a - 1) * g for a, g in dims[1:])
   factors = sum(2 * batch * (a * a + g * g) for a, g in dims)
   precondition = sum(2 * (a * a * g + a * g * g) for a, g in dims)
-  refresh = sum((7 / 3) * (a ** 3 + g ** 3) for a, g in dims)  # chol + 2 trsm
+  refresh = sum((4 / 3) * (a ** 3 + g ** 3) for a, g in dims)  # block elimination
+  refresh_min = sum(a ** 3 + g ** 3 for a, g in dims)    # Cholesky + its inverse
   return dict(grad=grad, backward_g=backward_g, factors=factors,
-              precondition=precondition, refresh=refresh)
+              precondition=precondition, refresh=refresh, refresh_min=refresh_min)
+
+
+SCHEDULES = ((1, 5), (10, 10))
+
+
+def flop_floor(f, stats_every, inverse_every, stats_fraction=1.0):
+  """Fewest FLOPs of one amortized K-FAC step over the gradient's (Adam's)."""
+  stats = stats_fraction * (f["backward_g"] + f["factors"])
+  step = (f["grad"] + f["precondition"] + stats / stats_every
+          + f["refresh_min"] / inverse_every)
+  return step / f["grad"]
 
 
 def main(argv=None):
@@ -61,6 +84,8 @@ def main(argv=None):
   parser.add_argument("--model", default="autoencoder", choices=list(step_time.MODELS))
   parser.add_argument("--batch", type=int, default=None, help="override the batch")
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--stats-batch", type=int, default=None,
+                      help="also print the FLOP floor with statistics from N examples")
   args = parser.parse_args(argv)
   spec = dict(step_time.MODELS[args.model])
   if args.batch:
@@ -119,10 +144,17 @@ def main(argv=None):
     print(f"{name:<24}{ms:>9.1f}{gfs}{rate}{ms / t['adam step']:>7.2f}")
   plain = t["gradient"] + t["precondition"]
   stats = t["+ factor products"] + t["precondition"]
-  for s_every, i_every in ((1, 5), (10, 10)):
+  for s_every, i_every in SCHEDULES:
     amort = plain + (stats - plain) / s_every + t["refresh"] / i_every
     print(f"predicted amortized step, stats every {s_every}, inverses every "
           f"{i_every}: {amort:.1f} ms = {amort / t['adam step']:.2f}x adam")
+  fractions = [(spec["batch"], 1.0)]
+  if args.stats_batch:
+    fractions.append((args.stats_batch, args.stats_batch / spec["batch"]))
+  for s_every, i_every in SCHEDULES:
+    for n, fraction in fractions:
+      print(f"FLOP floor, stats every {s_every} (from {n} examples), inverses every "
+            f"{i_every}: {flop_floor(f, s_every, i_every, fraction):.2f}x the gradient's")
 
 
 if __name__ == "__main__":

@@ -97,8 +97,27 @@ def test_time_to_reads_the_window_mean():
 
 
 def test_step_phases_runs(capsys):
-  step_phases.main(["--model", "mlp", "--batch", "32", "--repeats", "1"])
-  assert "predicted amortized step" in capsys.readouterr().out
+  step_phases.main(["--model", "mlp", "--batch", "32", "--repeats", "1",
+                    "--stats-batch", "8"])
+  out = capsys.readouterr().out
+  assert "predicted amortized step" in out
+  assert out.count("FLOP floor") == 4 and "(from 8 examples)" in out
+
+
+def test_flop_floor_counts_each_phase_once_per_its_period():
+  # one 2 -> 3 layer, batch 4: d_a = 3 (bias), d_g = 3
+  f = step_phases.phase_flops([2, 3], 4)
+  assert f == dict(grad=144, backward_g=0, factors=144, precondition=108,
+                   refresh=72, refresh_min=54)
+  assert step_phases.flop_floor(f, 1, 1) == pytest.approx(450 / 144)
+  assert step_phases.flop_floor(f, 10, 10, 0.5) == pytest.approx(
+      (144 + 108 + 0.5 * 144 / 10 + 54 / 10) / 144)
+  # the autoencoder at (10, 10): above #22's 1.6x target with the whole
+  # batch's statistics, just below it with a quarter of the batch
+  ae = step_time.MODELS["autoencoder"]
+  f = step_phases.phase_flops(ae["sizes"], ae["batch"])
+  assert step_phases.flop_floor(f, 10, 10) == pytest.approx(1.662, abs=1e-3)
+  assert step_phases.flop_floor(f, 10, 10, 0.25) == pytest.approx(1.587, abs=1e-3)
 
 
 def test_adaptive_trace_runs_both_model_terms_and_gamma(capsys):
