@@ -17,11 +17,13 @@ Phases (factored damping, fused statistics pass, batch from MNIST):
 It then prints the **FLOP floor** of the amortized step, as a multiple of
 the gradient's FLOPs (Adam's step, whose elementwise update adds no GEMM):
 ``grad + precondition + (backward_g + factor products)/stats_every +
-refresh_min/inverse_every``, with ``refresh_min = n³`` per factor (Cholesky
-``n³/3`` and the inverse from it ``2n³/3``, the fewest FLOPs of an explicit
-SPD inverse). No implementation of K-FAC's step at that schedule can do
-fewer FLOPs; a step-time target below it can only be met by running some
-phase faster than the GEMMs of Adam's gradient. ``--stats-batch N`` scales
+refresh_min/inverse_every``, with ``refresh_min = n³/3`` per factor (its
+Cholesky factor alone: two triangular solves with ``m`` right-hand sides
+cost the same ``2n²m`` FLOPs as the GEMM with an explicit inverse, and any
+dense ``n × n`` map applied to them costs that much). No implementation of
+K-FAC's step at that schedule does fewer FLOPs; a step-time target below
+it can only be met by running some phase faster than the GEMMs of Adam's
+gradient. ``--stats-batch N`` scales
 the statistics' FLOPs by ``N / batch`` (``kfe.kfac(..., stats_batch=N)``).
 """
 
@@ -79,7 +81,7 @@ def phase_flops(sizes, batch):
   factors = sum(2 * batch * (a * a + g * g) for a, g in dims)
   precondition = sum(2 * (a * a * g + a * g * g) for a, g in dims)
   refresh = sum((4 / 3) * (a ** 3 + g ** 3) for a, g in dims)  # block elimination
-  refresh_min = sum(a ** 3 + g ** 3 for a, g in dims)    # Cholesky + its inverse
+  refresh_min = sum((a ** 3 + g ** 3) / 3 for a, g in dims)   # Cholesky alone
   return dict(grad=grad, backward_g=backward_g, factors=factors,
               precondition=precondition, refresh=refresh, refresh_min=refresh_min)
 
