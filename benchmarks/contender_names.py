@@ -2,7 +2,8 @@
 parametrized families (``tengrad_gramN``, ``tengrad_everyN``,
 ``kfac_statsN``, ``two_level_COMBINE_SPACE[_ggn|_mixed]``,
 ``two_level_COMBINE_SPACE_stored[N]``,
-``two_level_COMBINE_spectral_iterK``, ``kfac_adaptive_relative_modelN``),
+``two_level_COMBINE_spectral_iterK``, ``two_level_COMBINE_SPACE_klN``,
+``kfac_adaptive_relative_modelN``),
 parsed without building anything (``contenders`` builds them; its module
 docstring says what each one is).
 """
@@ -78,6 +79,15 @@ def two_level_spectral_iterations(name: str):
   return head, int(tail)
 
 
+def two_level_kl_clip(name: str):
+  """``(variant, κ)`` of ``two_level_COMBINE_SPACE_klN`` (the variant with
+  KL-clip κ = N instead of the task's), else None."""
+  head, sep, tail = name.rpartition("_kl")
+  if not sep or head not in TWO_LEVEL_VARIANTS or suffix_count(tail, "") is None:
+    return None
+  return head, int(tail)
+
+
 def settings_name(name: str) -> str:
   """The contender whose swept setting ``name`` may reuse: a stored-token
   two-level variant's is the variant's (same hyper-parameters, the Fisher
@@ -92,6 +102,7 @@ def known(name: str) -> bool:
   return (name in OPTIMIZERS or name in TWO_LEVEL_VARIANTS
           or two_level_stored(name) is not None
           or two_level_spectral_iterations(name) is not None
+          or two_level_kl_clip(name) is not None
           or tengrad_gram(name) is not None
           or tengrad_every(name) is not None
           or suffix_count(name, "kfac_stats") is not None

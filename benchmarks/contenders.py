@@ -58,7 +58,11 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   is a quarter of the batch): no statistics pass between refreshes;
   ``two_level_COMBINE_spectral_iterK``: the spectral space by K steps of
   warm-started inverse iteration per refresh (``spectral_iterations=K``)
-  instead of an eigendecomposition, at the spectral variant's setting.
+  instead of an eigendecomposition, at the spectral variant's setting;
+  ``two_level_COMBINE_SPACE_klN``: the variant with KL-clip κ = N instead
+  of the task's (Koroko et al.'s reference runs use κ = 1, almost no
+  clipping: the Galerkin correction of the multiplicative and balanced
+  combinations sets the step's scale itself), swept on its own.
 * ``natural_gradient``: ``kfe.natural_gradient`` (``blocks="auto"``: per
   layer the cheaper exactly damped Kronecker or Woodbury block,
   ``gram_batch`` as ``tengrad``), swept like the others.
@@ -389,17 +393,13 @@ def make_contender(name: str, task) -> Contender:
     return _natural(name, task, kfe.two_level_kfac,
                     {"combine": combine, "coarse_space": "spectral",
                      "spectral_iterations": steps})
+  if names.two_level_kl_clip(name) is not None:
+    variant, kappa = names.two_level_kl_clip(name)
+    return _two_level_variant(name, variant, False,
+                              task._replace(kl_clip=float(kappa)))
   if name in TWO_LEVEL_VARIANTS or names.two_level_stored(name) is not None:
     variant, stored = names.two_level_stored(name) or (name, False)
-    products = next((p for p in ("ggn", "mixed") if variant.endswith("_" + p)),
-                    "statistics")
-    combine, space = variant[len("two_level_"):].removesuffix(
-        "_" + products).split("_", 1)
-    extra = ({} if stored is False else
-             {"coarse_statistics": "stored", "coarse_batch": stored})
-    return _natural(name, task, kfe.two_level_kfac,
-                    {"combine": combine, "coarse_space": space,
-                     "fisher_products": products, **extra})
+    return _two_level_variant(name, variant, stored, task)
   if name == "kfac_jax":
     return _kfac_jax(task)
   if name in ("kfac_adaptive", "tengrad_adaptive", "kfac_adaptive_relative",
@@ -410,6 +410,21 @@ def make_contender(name: str, task) -> Contender:
   if name == "kfac_jax_adaptive":
     return _kfac_jax(task, adaptive=True)
   raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+def _two_level_variant(name, variant, stored, task):
+  """``two_level_COMBINE_SPACE[_ggn|_mixed]`` as contender ``name``; with
+  ``stored`` (False, or ``coarse_batch``: None for all examples) its
+  per-step correction from the last statistics batch's tokens."""
+  products = next((p for p in ("ggn", "mixed") if variant.endswith("_" + p)),
+                  "statistics")
+  combine, space = variant[len("two_level_"):].removesuffix(
+      "_" + products).split("_", 1)
+  extra = ({} if stored is False else
+           {"coarse_statistics": "stored", "coarse_batch": stored})
+  return _natural(name, task, kfe.two_level_kfac,
+                  {"combine": combine, "coarse_space": space,
+                   "fisher_products": products, **extra})
 
 
 def grid_points(contender: Contender, grids: dict) -> list:
