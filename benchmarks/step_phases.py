@@ -23,8 +23,8 @@ cost the same ``2n²m`` FLOPs as the GEMM with an explicit inverse, and any
 dense ``n × n`` map applied to them costs that much). No implementation of
 K-FAC's step at that schedule does fewer FLOPs; a step-time target below
 it can only be met by running some phase faster than the GEMMs of Adam's
-gradient. ``--stats-batch N`` scales
-the statistics' FLOPs by ``N / batch`` (``kfe.kfac(..., stats_batch=N)``).
+gradient. ``--stats-batch N`` scales the statistics' FLOPs by ``N / batch``
+(``kfe.kfac(..., stats_batch=N)``).
 """
 
 from __future__ import annotations
