@@ -80,10 +80,13 @@ def two_level_spectral_iterations(name: str):
 
 
 def two_level_kl_clip(name: str):
-  """``(variant, κ)`` of ``two_level_COMBINE_SPACE_klN`` (the variant with
-  KL-clip κ = N instead of the task's), else None."""
+  """``(variant, κ)`` of ``VARIANT_klN``: a two-level variant
+  (``two_level_COMBINE_SPACE``, or its ``_stored[N]`` or ``_iterK`` form)
+  with KL-clip κ = N instead of the task's, else None."""
   head, sep, tail = name.rpartition("_kl")
-  if not sep or head not in TWO_LEVEL_VARIANTS or suffix_count(tail, "") is None:
+  if not sep or suffix_count(tail, "") is None or not (
+      head in TWO_LEVEL_VARIANTS or two_level_stored(head) is not None
+      or two_level_spectral_iterations(head) is not None):
     return None
   return head, int(tail)
 

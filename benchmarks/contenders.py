@@ -395,8 +395,7 @@ def make_contender(name: str, task) -> Contender:
                      "spectral_iterations": steps})
   if names.two_level_kl_clip(name) is not None:
     variant, kappa = names.two_level_kl_clip(name)
-    return _two_level_variant(name, variant, False,
-                              task._replace(kl_clip=float(kappa)))
+    return make_contender(variant, task._replace(kl_clip=float(kappa)))._replace(name=name)
   if name in TWO_LEVEL_VARIANTS or names.two_level_stored(name) is not None:
     variant, stored = names.two_level_stored(name) or (name, False)
     return _two_level_variant(name, variant, stored, task)

@@ -541,24 +541,33 @@ def test_spectral_iteration_variants_parse_and_reuse_the_spectral_setting(
 def test_kl_clip_variants_parse_and_build_with_their_own_kappa(monkeypatch):
   name = "two_level_multiplicative_nicolaides_kl1"
   assert contenders.known(name) and contenders.settings_name(name) == name
+  iterated = "two_level_balanced_spectral_iter2_kl3"
+  assert contenders.known(iterated) and contenders.known(
+      "two_level_multiplicative_residual_stored250_kl1")
   for bad in ("two_level_multiplicative_nicolaides_kl0", "two_level_kfac_kl1",
-              "kfac_kl1", "two_level_multiplicative_nicolaides_klx"):
+              "kfac_kl1", "two_level_multiplicative_nicolaides_klx",
+              "two_level_additive_nicolaides_iter2_kl1",
+              "two_level_multiplicative_nicolaides_kl1_kl1"):
     assert not contenders.known(bad)
   seen = []
   real = contenders.kfe.two_level_kfac
 
   def recording(*args, **kwargs):
-    seen.append((kwargs["kl_clip"], kwargs["combine"], kwargs["coarse_space"]))
+    seen.append((kwargs["kl_clip"], kwargs["combine"], kwargs["coarse_space"],
+                 kwargs.get("spectral_iterations")))
     return real(*args, **kwargs)
 
   monkeypatch.setattr(contenders.kfe, "two_level_kfac", recording)
   task = tasks.make_task("mlp", quick=True)
   hp = {"lr": 0.03, "damping": 0.1}
-  for contender_name in (name, "two_level_multiplicative_nicolaides"):
-    contenders.make_contender(contender_name, task).init(task.params, hp)
-  assert seen == [(1.0, "multiplicative", "nicolaides"),
-                  (task.kl_clip, "multiplicative", "nicolaides")]
-  assert task.kl_clip != 1.0
+  for contender_name in (name, "two_level_multiplicative_nicolaides", iterated):
+    built = contenders.make_contender(contender_name, task)
+    assert built.name == contender_name
+    built.init(task.params, hp)
+  assert seen == [(1.0, "multiplicative", "nicolaides", None),
+                  (task.kl_clip, "multiplicative", "nicolaides", None),
+                  (3.0, "balanced", "spectral", 2)]
+  assert task.kl_clip not in (1.0, 3.0)
 
 
 def test_overview_table_spans_runs_and_bolds_the_fastest(tmp_path):
