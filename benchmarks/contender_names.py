@@ -2,7 +2,8 @@
 parametrized families (``tengrad_gramN``, ``tengrad_everyN``,
 ``kfac_statsN``, ``two_level_COMBINE_SPACE[_ggn|_mixed]``,
 ``two_level_COMBINE_SPACE_stored[N]``,
-``two_level_COMBINE_spectral_iterK``, ``two_level_COMBINE_SPACE_klN``,
+``two_level_COMBINE_spectral_iterK``, ``two_level_COMBINE_SPACE_klN``
+(also ``…_storedN_klN``, ``…_iterK_klN``),
 ``kfac_adaptive_relative_modelN``),
 parsed without building anything (``contenders`` builds them; its module
 docstring says what each one is).

@@ -59,7 +59,8 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   ``two_level_COMBINE_spectral_iterK``: the spectral space by K steps of
   warm-started inverse iteration per refresh (``spectral_iterations=K``)
   instead of an eigendecomposition, at the spectral variant's setting;
-  ``two_level_COMBINE_SPACE_klN``: the variant with KL-clip κ = N instead
+  ``two_level_COMBINE_SPACE_klN`` (also after ``_storedN`` or
+  ``_iterK``): the variant with KL-clip κ = N instead
   of the task's (Koroko et al.'s reference runs use κ = 1, almost no
   clipping: the Galerkin correction of the multiplicative and balanced
   combinations sets the step's scale itself), swept on its own.
