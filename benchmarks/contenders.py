@@ -399,7 +399,15 @@ def make_contender(name: str, task) -> Contender:
     return make_contender(variant, task._replace(kl_clip=float(kappa)))._replace(name=name)
   if name in TWO_LEVEL_VARIANTS or names.two_level_stored(name) is not None:
     variant, stored = names.two_level_stored(name) or (name, False)
-    return _two_level_variant(name, variant, stored, task)
+    products = next((p for p in ("ggn", "mixed") if variant.endswith("_" + p)),
+                    "statistics")
+    combine, space = variant[len("two_level_"):].removesuffix(
+        "_" + products).split("_", 1)
+    extra = ({} if stored is False else
+             {"coarse_statistics": "stored", "coarse_batch": stored})
+    return _natural(name, task, kfe.two_level_kfac,
+                    {"combine": combine, "coarse_space": space,
+                     "fisher_products": products, **extra})
   if name == "kfac_jax":
     return _kfac_jax(task)
   if name in ("kfac_adaptive", "tengrad_adaptive", "kfac_adaptive_relative",
@@ -410,21 +418,6 @@ def make_contender(name: str, task) -> Contender:
   if name == "kfac_jax_adaptive":
     return _kfac_jax(task, adaptive=True)
   raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-
-
-def _two_level_variant(name, variant, stored, task):
-  """``two_level_COMBINE_SPACE[_ggn|_mixed]`` as contender ``name``; with
-  ``stored`` (False, or ``coarse_batch``: None for all examples) its
-  per-step correction from the last statistics batch's tokens."""
-  products = next((p for p in ("ggn", "mixed") if variant.endswith("_" + p)),
-                  "statistics")
-  combine, space = variant[len("two_level_"):].removesuffix(
-      "_" + products).split("_", 1)
-  extra = ({} if stored is False else
-           {"coarse_statistics": "stored", "coarse_batch": stored})
-  return _natural(name, task, kfe.two_level_kfac,
-                  {"combine": combine, "coarse_space": space,
-                   "fisher_products": products, **extra})
 
 
 def grid_points(contender: Contender, grids: dict) -> list:
