@@ -300,11 +300,12 @@ Same signature as ``kfe.kfac`` plus ``base``, ``coarse_space``,
 ``fisher_products``, ``fine_scale``, ``coarse_batch``,
 ``coarse_statistics`` and ``spectral_iterations``.
 
-KL clip: ``combine="multiplicative"`` and ``"balanced"`` steps are
-model-consistent (``∇ᵀΔ ≈ ΔᵀF_λΔ``, the KL ``clip_by_kl`` reads), K-FAC's
-understate it, so a ``kl_clip`` tuned for ``kfac`` clips them far harder:
+KL clip: ``clip_by_kl`` reads ``∇ᵀΔ`` as the step's KL. The
+``combine="multiplicative"`` and ``"balanced"`` steps are model-consistent
+(``∇ᵀΔ ≈ ΔᵀF_λΔ``); K-FAC's ``∇ᵀΔ`` understates its KL (up to 75× on the
+autoencoder), so a ``kl_clip`` tuned for ``kfac`` clips them far harder:
 give them κ ≈ 1, as Koroko et al.'s reference runs do (docs/methods.md,
-two-level section, measures both).
+two-level section, has both measurements).
 
 Example:
   >>> opt = kfe.two_level_kfac(loss_fn, learning_rate=0.1, damping=1e-2,
