@@ -23,10 +23,27 @@ step from ``res = ∇ − F_λM⁻¹∇``, ``"residual"`` ``M_l⁻¹res_l`` and
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from kfac_jax_ext.blocks import kronecker
+
+class RankOne(NamedTuple):
+  """A layer's coarse vectors as combinations of rank-one atoms:
+  ``basis[k] = Σ_j mixing[k, j] rows[j] cols[j]ᵀ``.
+
+  Attributes:
+    rows: ``[n, d_a]`` the atoms' ``ā``-side vectors.
+    cols: ``[n, d_g]`` their ``g``-side vectors.
+    mixing: ``[m, n]`` (Nicolaides, spectral: ``[[1]]``; Krylov–Nicolaides
+      with a factored base: the Gram–Schmidt of ``{11ᵀ, M_l⁻¹11ᵀ}``).
+  """
+  rows: jax.Array
+  cols: jax.Array
+  mixing: jax.Array
+
 
 COARSE_SPACES = ("nicolaides", "spectral", "parameters", "residual",
                  "krylov_nicolaides", "krylov_residual")
@@ -56,34 +73,44 @@ def vectors_per_layer(space: str) -> int:
   return 2 if space.startswith("krylov") else 1
 
 
-def normalized_basis(vectors, tol: float = 1e-6):
+def normalized_basis(vectors, tol: float = 1e-6, mixing: bool = False):
   """``[m, d_a, d_g]`` from one layer's vectors: each orthogonalised against
   the previous ones (Gram–Schmidt; the span, hence ``Q``, is unchanged) and
   scaled to ∞-norm 1; a vector (numerically) in the span of the previous ones
-  becomes zero, an unused coarse index."""
-  out = []
-  for v in vectors:
+  becomes zero, an unused coarse index.
+
+  With ``mixing=True`` also returns ``T [m, m]``, the basis in terms of the
+  inputs: ``basis[k] = Σ_j T[k, j] vectors[j]`` (so a projection on the
+  basis is ``T`` times the projections on the inputs).
+  """
+  out, mix = [], []
+  for i, v in enumerate(vectors):
+    t = jnp.zeros((len(vectors),), v.dtype).at[i].set(1.0)
     tiny = jnp.finfo(v.dtype).tiny
     before = jnp.max(jnp.abs(v))
-    for u in out:
-      v = v - jnp.vdot(u, v) / jnp.maximum(jnp.vdot(u, u), tiny) * u
+    for u, tu in zip(out, mix):
+      c = jnp.vdot(u, v) / jnp.maximum(jnp.vdot(u, u), tiny)
+      v, t = v - c * u, t - c * tu
     size = jnp.max(jnp.abs(v))
     keep = size > tol * before
-    out.append(jnp.where(keep, v / jnp.where(keep, size, 1.0), 0.0))
-  return jnp.stack(out)
+    scale = lambda x: jnp.where(keep, x / jnp.where(keep, size, 1.0), 0.0)
+    out.append(scale(v))
+    mix.append(scale(t))
+  return (jnp.stack(out), jnp.stack(mix)) if mixing else jnp.stack(out)
 
 
 def layer_basis(space: str, d_a: int, d_g: int, vec_a=None, vec_g=None,
                 dtype=jnp.float32):
-  """The layer's coarse vectors ``[m, d_a, d_g]`` and their rank-one factors
-  (``(r_a, r_g)`` or None)."""
+  """The layer's coarse vectors ``[m, d_a, d_g]`` and their ``RankOne``
+  form (None for ``"parameters"``)."""
   if space == "nicolaides":
     r_a, r_g = jnp.ones((d_a,), dtype), jnp.ones((d_g,), dtype)
   elif space == "spectral":
     r_a, r_g = vec_a, vec_g
   else:
     return jnp.eye(d_a * d_g, dtype=dtype).reshape(-1, d_a, d_g), None
-  return jnp.outer(r_a, r_g)[None], (r_a, r_g)
+  return jnp.outer(r_a, r_g)[None], RankOne(r_a[None], r_g[None],
+                                            jnp.ones((1, 1), dtype))
 
 
 def signed_unit(v):
@@ -133,10 +160,12 @@ def lift(basis, beta):
 
 def example_projections(a, g, basis, rank_one):
   """``c_{n,k} = r_kᵀ u_n = Σ_t ā_ntᵀ R_k g_nt`` for tokens ``a [M,T,d_a]``,
-  ``g [M,T,d_g]``: ``[M, m]``."""
+  ``g [M,T,d_g]``: ``[M, m]``. With ``rank_one`` (a ``RankOne``) from the
+  atoms' per-token projections, ``O(MT(d_a + d_g))`` a vector instead of a
+  pass over the layer's ``MT·d_a·d_g``."""
   if rank_one is not None:
-    r_a, r_g = rank_one
-    return jnp.sum((a @ r_a) * (g @ r_g), axis=1)[:, None]
+    on_atoms = jnp.sum((a @ rank_one.rows.T) * (g @ rank_one.cols.T), axis=1)
+    return on_atoms @ rank_one.mixing.T
   return jnp.einsum("ntd,kde,nte->nk", a, basis, g)
 
 

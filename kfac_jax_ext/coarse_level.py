@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from kfac_jax_ext import coarse
+from kfac_jax_ext import coarse_krylov
 from kfac_jax_ext import distributed
 from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import kronecker_family
@@ -40,7 +41,7 @@ class CoarseLayer(NamedTuple):
   kl: Any            # plan_lib.KroneckerLayer
   idx: jax.Array     # its coarse indices
   basis: jax.Array   # [m, d_a, d_g]
-  rank_one: Any      # (r_a, r_g) or None
+  rank_one: Any      # coarse.RankOne or None
 
 
 def coarse_layers(plan, spectral):
@@ -67,11 +68,10 @@ def static_layers(plan, spectral, slots, space, dtype, krylov=None):
       vec_a = (rows if kl.a_side == "rows" else cols)[:kl.d_a]
       vec_g = (cols if kl.a_side == "rows" else rows)[:kl.d_g]
     if space == "krylov_nicolaides":
-      second = _oriented(kl, linalg.leading(krylov[kl.layer.kernel],
-                                            _oriented_shape(kl)))
-      basis = coarse.normalized_basis([jnp.ones((kl.d_a, kl.d_g), dtype), second])
+      basis, rank_one = coarse_krylov.layer_basis(kl, krylov[kl.layer.kernel],
+                                                  dtype)
       out.append(CoarseLayer(kl, jnp.asarray(slots[kl.layer.kernel][:2]),
-                             basis.astype(dtype), None))
+                             basis, rank_one))
       continue
     if space in coarse.PER_STEP_SPACES:
       basis, rank_one = None, None
@@ -83,17 +83,6 @@ def static_layers(plan, spectral, slots, space, dtype, krylov=None):
     idx = jnp.asarray(slots[kl.layer.kernel][:count])
     out.append(CoarseLayer(kl, idx, basis, rank_one))
   return out
-
-
-def _oriented_shape(kl):
-  """The ``[d_a, d_g]`` matrix's shape in its leaf's (rows, cols) slot."""
-  return (kl.d_a, kl.d_g) if kl.a_side == "rows" else (kl.d_g, kl.d_a)
-
-
-def _oriented(kl, x):
-  """``[d_a, d_g]`` ↔ the leaf's (rows, cols) orientation (a transpose or
-  nothing: its own inverse)."""
-  return x if kl.a_side == "rows" else x.T
 
 
 def coarse_size(shapes, space, limit: int) -> int:
@@ -114,26 +103,16 @@ def spectral_slots(shapes, dtype):
   return [(ones(s), ones(s)) if len(s) >= 2 else None for s in shapes]
 
 
-def krylov_slots(shapes, dtype):
-  """Per ≥2-D leaf, a ``(rows, cols)`` slot for ``M_l⁻¹1`` (None otherwise)."""
-  return tuple(initial_arrays.zeros(kronecker.slot_sizes(s), dtype)
-               if len(s) >= 2 else None for s in shapes)
-
-
-def krylov_vectors(plan, krylov, precondition, leaves, shapes, dtype):
-  """``krylov`` with every coarse layer's ``M_l⁻¹1`` (``precondition``: the
-  refreshed ``M⁻¹`` on parameter leaves; ``leaves``: any leaves of the
-  parameters' shapes), recomputed with the inverses."""
+def krylov_vectors(plan, krylov, inverses, precondition, leaves, shapes, dtype):
+  """``krylov`` with every coarse layer's ``M_l⁻¹1`` from the refreshed
+  ``inverses`` (``coarse_krylov.refreshed``; ``precondition``: ``M⁻¹`` on
+  parameter leaves, ``leaves``: any leaves of the parameters' shapes)."""
   layers = [CoarseLayer(kl, None, None, None) for kl in coarse_layers(plan, None)]
-  ones = [jnp.ones((l.kl.d_a, l.kl.d_g), dtype) for l in layers]
   zeros = [jnp.zeros_like(x) for x in leaves]
-  mats = to_matrices(layers, precondition(write(layers, zeros, ones, shapes)),
-                     dtype)
-  krylov = list(krylov)
-  for l, m in zip(layers, mats):
-    krylov[l.kl.layer.kernel] = linalg.set_leading(krylov[l.kl.layer.kernel],
-                                                   _oriented(l.kl, m))
-  return tuple(krylov)
+  through = lambda mats: to_matrices(
+      layers, precondition(write(layers, zeros, mats, shapes)), dtype)
+  return coarse_krylov.refreshed([l.kl for l in layers], krylov, inverses,
+                                 through, dtype)
 
 
 def per_step_bases(space, layers, residual, precondition):
@@ -179,8 +158,8 @@ def batch_coarse(layers, toks, size, coarse_matrix, m, dtype, coeffs=None):
   if coarse_matrix == "kronecker":
     idx = jnp.concatenate([l.idx for l in layers])
     full = lambda x: jnp.zeros((size, size), dtype).at[jnp.ix_(idx, idx)].set(x)
-    pa = [a @ l.rank_one[0] for l, (a, _) in zip(layers, toks)]
-    pg = [g @ l.rank_one[1] for l, (_, g) in zip(layers, toks)]
+    pa = [a @ l.rank_one.rows[0] for l, (a, _) in zip(layers, toks)]
+    pg = [g @ l.rank_one.cols[0] for l, (_, g) in zip(layers, toks)]
     s_a, s_g = coarse.kronecker_sums(pa, pg)
     return full(s_a), full(s_g)
   c = example_coefficients(layers, toks, size, dtype) if coeffs is None else coeffs

@@ -16,6 +16,7 @@ import optax
 
 from kfac_jax_ext import checks
 from kfac_jax_ext import coarse
+from kfac_jax_ext import coarse_krylov
 from kfac_jax_ext import coarse_level as level
 from kfac_jax_ext import coarse_tokens
 from kfac_jax_ext import curvature_products
@@ -49,8 +50,8 @@ class TwoLevelState(NamedTuple):
     coarse_inverse: ``(F_c + coarse damping)⁻¹`` of the last refresh.
     spectral: per leaf, ``(rows vector, cols vector)`` of the spectral space.
     health: coarse-level ``Health`` counters.
-    krylov: per leaf, ``M_l⁻¹1`` of the Krylov–Nicolaides space (a
-      ``(rows, cols)`` slot; None elsewhere), refreshed with the inverses.
+    krylov: per leaf, ``M_l⁻¹1`` of the Krylov–Nicolaides space (None
+      elsewhere; ``coarse_krylov.slots``), refreshed with the inverses.
     tokens: with ``coarse_statistics="stored"`` and a per-step correction,
       per coarse layer the last statistics batch's ``(ā, g)`` tokens
       (``coarse_tokens``); else ``()``.
@@ -216,8 +217,8 @@ def scale_by_two_level_kfac(
     g0 = (initial_arrays.zeros((size, size), dtype) if coarse_matrix == "kronecker"
           else initial_arrays.ones((size, size), dtype))
     zero = lambda: jnp.zeros([], jnp.int32)
-    krylov = (level.krylov_slots(shapes, dtype)
-              if coarse_space == "krylov_nicolaides" else ())
+    krylov = (coarse_krylov.slots(shapes, dtype, options.get(
+        "damping_mode", "factored") == "factored") if coarse_space == "krylov_nicolaides" else ())
     toks = coarse_tokens.initial(
         loss_fn, params, options["example_batch"], has_aux, base_state.factors,
         variant.unsupported, spectral, coarse_batch, dtype) if stored else ()
@@ -244,13 +245,12 @@ def scale_by_two_level_kfac(
                                       due=cond_due, axis_name=axis_name)[2]
     stats_due = state.base.curvature_due
     refresh_due = state.base.count % inverse_every == 0
-    static_stats = None if due is None else due.statistics
-    static_refresh = None if due is None else due.inverses
+    static_stats, static_refresh = ((None, None) if due is None
+                                    else (due.statistics, due.inverses))
     out, base_state, ctx = base_step(updates, state.base, params, batch=batch,
                                      key=key, curvature=cb, due=due,
                                      damping_override=extra_args.get("damping"))
-    dtype = state.coarse_a.dtype
-    size = state.coarse_a.shape[0]
+    dtype, size = state.coarse_a.dtype, state.coarse_a.shape[0]
     shapes = list(traced.param_shapes)
     slots = coarse.leaf_slots(shapes, coarse_space)
     spectral = state.spectral
@@ -264,9 +264,9 @@ def scale_by_two_level_kfac(
     if coarse_space == "krylov_nicolaides":   # M⁻¹1 with the fresh inverses
       krylov = schedule.maybe(
           inverse_every, refresh_due,
-          lambda k: level.krylov_vectors(ctx.plan, k, ctx.precondition,
-                                         jax.tree_util.tree_leaves(updates),
-                                         shapes, dtype),
+          lambda k: level.krylov_vectors(
+              ctx.plan, k, base_state.inverses, ctx.precondition,
+              jax.tree_util.tree_leaves(updates), shapes, dtype),
           lambda k: k, krylov, static_refresh)
     layers = level.static_layers(ctx.plan, spectral, slots, coarse_space, dtype,
                                  krylov)

@@ -74,6 +74,9 @@ METHODS = {
     "two_level_spectral_iterated": lambda loss, **kw: kfe.scale_by_two_level_kfac(
         loss, damping=0.1, inverse_every=2, coarse_space="spectral",
         combine="balanced", spectral_iterations=2, **kw),
+    "two_level_krylov_factored": lambda loss, **kw: kfe.scale_by_two_level_kfac(
+        loss, damping=0.1, inverse_every=2, coarse_space="krylov_nicolaides",
+        combine="multiplicative", **kw),
     "two_level_multiplicative": lambda loss, **kw: kfe.scale_by_two_level_kfac(
         loss, damping=0.1, inverse_every=2, combine="multiplicative",
         coarse_matrix="exact", **kw),

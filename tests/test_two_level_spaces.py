@@ -16,9 +16,11 @@ from tests.test_two_level import (EXACT, LAM, _brute, _cnn, _direction, _flat,
                                   _mlp, _nicolaides_rows)
 
 
-def _base_inverse(loss, params, batch):
-  """``v ↦ M⁻¹v`` on flat vectors: the base method's blocks of this batch."""
-  tx = kfe.scale_by_two_level_kfac(loss, coarse_space=None, **EXACT)
+def _base_inverse(loss, params, batch, **options):
+  """``v ↦ M⁻¹v`` on flat vectors: the base method's blocks of this batch
+  (``options`` over ``EXACT``'s)."""
+  tx = kfe.scale_by_two_level_kfac(loss, coarse_space=None,
+                                   **{**EXACT, **options})
   _, unravel = jax.flatten_util.ravel_pytree(params)
   leaves = jax.tree_util.tree_leaves(params)
   sizes = np.cumsum([l.size for l in leaves])[:-1]
@@ -342,3 +344,56 @@ def test_krylov_nicolaides_basis_is_refreshed_with_the_inverses():
   with pytest.raises(ValueError, match="needs rank-one coarse vectors"):
     kfe.scale_by_two_level_kfac(loss, coarse_space="krylov_nicolaides",
                                 coarse_matrix="kronecker")
+
+
+@pytest.mark.parametrize("task,base,combine", [
+    (_mlp, "kfac", "additive"), (_mlp, "kfac", "multiplicative"),
+    (_mlp, "tkfac", "balanced"), (_cnn, "kfac", "balanced")])
+def test_krylov_nicolaides_with_a_factored_base_equals_its_closed_form(
+    task, base, combine):
+  """With ``damping_mode="factored"`` ``M_l⁻¹1 = (Ā⁻¹1)(Ḡ⁻¹1)ᵀ`` is kept as
+  two vectors and the projections go through the rank-one atoms
+  (``coarse_krylov``); the update is the closed form with rows
+  ``{1_l, M_l⁻¹1_l}``, ``M⁻¹`` applied to the indicator rows by brute force
+  (conv layers: tokens summed over positions)."""
+  loss, params, batch = task(squared=True) if task is _mlp else task()
+  options = dict(base=base, damping_mode="factored")
+  delta, state = _direction(loss, params, batch, combine=combine,
+                            coarse_space="krylov_nicolaides",
+                            fine_scale="none", **options)
+  assert all(isinstance(k, tuple) for k in state.krylov if k is not None)
+  grad, u = _brute(loss, params, batch)
+  f = u @ u.T / u.shape[1] + LAM * jnp.eye(u.shape[0])
+  minv = _base_inverse(loss, params, batch, **options)
+  r = _space_rows("krylov_nicolaides", _nicolaides_rows(params), minv, None)
+  if combine == "additive":
+    expected = minv(grad) + r.T @ jnp.linalg.solve(r @ f @ r.T, r @ grad)
+  else:
+    expected = _closed_form(combine, r, f, grad, minv, alpha_scaled=False)
+  scale = float(jnp.max(jnp.abs(expected)))
+  np.testing.assert_allclose(delta, expected, rtol=0, atol=1e-9 * scale)
+  assert float(jnp.max(jnp.abs(delta - minv(grad)))) > 1e-3 * scale
+  # the second row is not in the span of the first: two vectors per layer
+  assert np.linalg.matrix_rank(np.asarray(r)) == r.shape[0]
+
+
+def test_factored_krylov_vectors_are_the_refreshed_inverses_on_the_ones():
+  """The factored slots hold ``Ā⁻¹1`` and ``Ḡ⁻¹1`` of the last refresh, in
+  the leaf's (rows, cols) orientation: their outer product is ``M⁻¹`` of
+  the layer's all-ones kernel and bias (the base's own preconditioner)."""
+  loss, params, batch = _mlp(squared=True)
+  options = dict(EXACT, damping_mode="factored")
+  tx = kfe.scale_by_two_level_kfac(loss, coarse_space="krylov_nicolaides",
+                                   **options)
+  _, state = tx.update(jax.grad(loss)(params, batch), tx.init(params), params,
+                       batch=batch)
+  base = kfe.scale_by_two_level_kfac(loss, coarse_space=None, **options)
+  ones = jax.tree_util.tree_map(jnp.ones_like, params)
+  images, _ = base.update(ones, base.init(params), params, batch=batch)
+  kernels = [k for k in state.krylov if k is not None]
+  assert len(kernels) == 2
+  for (rows, cols), layer in zip(kernels, images):
+    image = np.concatenate([layer["w"], layer["b"][None]])   # bias row folded
+    outer = np.outer(rows, cols)        # slots padded per leaf: the corner
+    np.testing.assert_allclose(outer[:image.shape[0], :image.shape[1]], image,
+                               rtol=1e-10)
