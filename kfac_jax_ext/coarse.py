@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from kfac_jax_ext.blocks import kronecker
 
+
 class RankOne(NamedTuple):
   """A layer's coarse vectors as combinations of rank-one atoms:
   ``basis[k] = Σ_j mixing[k, j] rows[j] cols[j]ᵀ``.
@@ -52,6 +53,9 @@ RANK_ONE_SPACES = ("nicolaides", "spectral")
 NEEDS_RESIDUAL = ("residual", "krylov_residual")
 COARSE_MATRICES = ("kronecker", "exact")
 COMBINES = ("additive", "multiplicative", "balanced")
+# a basis vector whose part outside the previous ones' span is below this
+# fraction of it (∞-norms) is dropped (``normalized_basis``)
+SPAN_TOL = 1e-6
 
 
 def leaf_slots(shapes, space: str) -> list:
@@ -73,30 +77,21 @@ def vectors_per_layer(space: str) -> int:
   return 2 if space.startswith("krylov") else 1
 
 
-def normalized_basis(vectors, tol: float = 1e-6, mixing: bool = False):
+def normalized_basis(vectors, tol: float = SPAN_TOL):
   """``[m, d_a, d_g]`` from one layer's vectors: each orthogonalised against
   the previous ones (Gram–Schmidt; the span, hence ``Q``, is unchanged) and
   scaled to ∞-norm 1; a vector (numerically) in the span of the previous ones
-  becomes zero, an unused coarse index.
-
-  With ``mixing=True`` also returns ``T [m, m]``, the basis in terms of the
-  inputs: ``basis[k] = Σ_j T[k, j] vectors[j]`` (so a projection on the
-  basis is ``T`` times the projections on the inputs).
-  """
-  out, mix = [], []
-  for i, v in enumerate(vectors):
-    t = jnp.zeros((len(vectors),), v.dtype).at[i].set(1.0)
+  becomes zero, an unused coarse index."""
+  out = []
+  for v in vectors:
     tiny = jnp.finfo(v.dtype).tiny
     before = jnp.max(jnp.abs(v))
-    for u, tu in zip(out, mix):
-      c = jnp.vdot(u, v) / jnp.maximum(jnp.vdot(u, u), tiny)
-      v, t = v - c * u, t - c * tu
+    for u in out:
+      v = v - jnp.vdot(u, v) / jnp.maximum(jnp.vdot(u, u), tiny) * u
     size = jnp.max(jnp.abs(v))
     keep = size > tol * before
-    scale = lambda x: jnp.where(keep, x / jnp.where(keep, size, 1.0), 0.0)
-    out.append(scale(v))
-    mix.append(scale(t))
-  return (jnp.stack(out), jnp.stack(mix)) if mixing else jnp.stack(out)
+    out.append(jnp.where(keep, v / jnp.where(keep, size, 1.0), 0.0))
+  return jnp.stack(out)
 
 
 def layer_basis(space: str, d_a: int, d_g: int, vec_a=None, vec_g=None,
@@ -148,14 +143,31 @@ def inverse_iteration(damped_inverse, previous, steps: int):
   return jnp.where(jnp.all(jnp.isfinite(v)), v, previous)
 
 
-def project(basis, v):
-  """``R_l vec(V)`` for ``V [d_a, d_g]``."""
+def project(basis, v, rank_one=None):
+  """``R_l vec(V)`` for ``V [d_a, d_g]`` (with ``rank_one``, a ``RankOne``:
+  ``T [p_jᵀ V q_j]_j``, one read of ``V``, the basis not materialized)."""
+  if rank_one is not None:
+    on_atoms = jnp.sum(rank_one.rows.T * (v @ rank_one.cols.T), axis=0)
+    return rank_one.mixing @ on_atoms
   return jnp.einsum("kde,de->k", basis, v)
 
 
-def lift(basis, beta):
-  """``R_lᵀ β`` as a ``[d_a, d_g]`` matrix."""
+def lift(basis, beta, rank_one=None):
+  """``R_lᵀ β`` as a ``[d_a, d_g]`` matrix (with ``rank_one``:
+  ``Σ_j (Tᵀβ)_j p_j q_jᵀ``, one GEMM of inner size ``n``)."""
+  if rank_one is not None:
+    weights = rank_one.mixing.T @ beta
+    return (rank_one.rows.T * weights) @ rank_one.cols
   return jnp.einsum("k,kde->de", beta, basis)
+
+
+def gram(basis, rank_one=None):
+  """``R_l R_lᵀ [m, m]`` (with ``rank_one``: ``T (PᵀP ∘ QᵀQ) Tᵀ`` from the
+  atoms' inner products)."""
+  if rank_one is not None:
+    atoms = (rank_one.rows @ rank_one.rows.T) * (rank_one.cols @ rank_one.cols.T)
+    return rank_one.mixing @ atoms @ rank_one.mixing.T
+  return jnp.einsum("kde,jde->kj", basis, basis)
 
 
 def example_projections(a, g, basis, rank_one):

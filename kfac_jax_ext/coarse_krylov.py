@@ -80,18 +80,34 @@ def refreshed(kls, krylov, inverses, precondition, dtype):
 
 
 def layer_basis(kl, slot, dtype):
-  """The layer's ``(basis [2, d_a, d_g], RankOne or None)`` from its slot."""
+  """The layer's ``(basis [2, d_a, d_g], RankOne or None)`` from its slot.
+
+  The factored form is ``coarse.normalized_basis`` of ``{11ᵀ, pqᵀ}``
+  (``p = Ā⁻¹1``, ``q = Ḡ⁻¹1``) worked out on the atoms, never
+  materializing a ``[d_a, d_g]`` matrix: ``c = ⟨11ᵀ, pqᵀ⟩/⟨11ᵀ, 11ᵀ⟩ =
+  (Σp)(Σq)/(d_a d_g)``, and the ∞-norm of ``pqᵀ − c11ᵀ`` is, row by row, at
+  ``q``'s largest or smallest entry. ``basis`` is then only read by the
+  exact-GGN products (XLA drops it elsewhere).
+  """
   ones = jnp.ones((kl.d_a, kl.d_g), dtype)
-  if isinstance(slot, tuple):
-    rows, cols = slot
-    p = (rows if kl.a_side == "rows" else cols)[:kl.d_a].astype(dtype)
-    q = (cols if kl.a_side == "rows" else rows)[:kl.d_g].astype(dtype)
-    basis, mixing = coarse.normalized_basis([ones, jnp.outer(p, q)], mixing=True)
-    atoms = coarse.RankOne(jnp.stack([jnp.ones_like(p), p]),
-                           jnp.stack([jnp.ones_like(q), q]), mixing)
-    return basis, atoms
-  second = _oriented(kl, linalg.leading(slot, _oriented_shape(kl)))
-  return coarse.normalized_basis([ones, second.astype(dtype)]), None
+  if not isinstance(slot, tuple):
+    second = _oriented(kl, linalg.leading(slot, _oriented_shape(kl)))
+    return coarse.normalized_basis([ones, second.astype(dtype)]), None
+  rows, cols = slot
+  p = (rows if kl.a_side == "rows" else cols)[:kl.d_a].astype(dtype)
+  q = (cols if kl.a_side == "rows" else rows)[:kl.d_g].astype(dtype)
+  c = jnp.sum(p) * jnp.sum(q) / (kl.d_a * kl.d_g)
+  before = jnp.max(jnp.abs(p)) * jnp.max(jnp.abs(q))
+  size = jnp.max(jnp.maximum(jnp.abs(p * jnp.max(q) - c),
+                             jnp.abs(p * jnp.min(q) - c)))
+  keep = size > coarse.SPAN_TOL * before
+  second = jnp.where(keep, jnp.stack([-c, jnp.ones_like(c)]) /
+                     jnp.where(keep, size, 1.0), 0.0)
+  mixing = jnp.stack([jnp.array([1.0, 0.0], dtype), second.astype(dtype)])
+  atoms = coarse.RankOne(jnp.stack([jnp.ones_like(p), p]),
+                         jnp.stack([jnp.ones_like(q), q]), mixing)
+  basis = jnp.einsum("kj,jd,je->kde", mixing, atoms.rows, atoms.cols)
+  return basis, atoms
 
 
 def _oriented_shape(kl):

@@ -187,10 +187,10 @@ def coarse_inverse(layers, st_a, st_g, lam, coarse_damping, size, dtype):
   used = jnp.zeros((size,), bool)
   damp = jnp.zeros((size, size), dtype)
   for l in layers:
-    norms = jnp.einsum("kde,kde->k", l.basis, l.basis)
-    used = used.at[l.idx].set(norms > 0)
-    block = (jnp.einsum("kde,jde->kj", l.basis, l.basis)
-             if coarse_damping == "consistent" else jnp.eye(len(l.idx), dtype=dtype))
+    rrt = coarse.gram(l.basis, l.rank_one)
+    used = used.at[l.idx].set(jnp.diagonal(rrt) > 0)
+    block = (rrt if coarse_damping == "consistent"
+             else jnp.eye(len(l.idx), dtype=dtype))
     damp = damp.at[jnp.ix_(l.idx, l.idx)].set(lam * block)
   matrix = st_a * st_g + damp + jnp.diag(jnp.where(used, 0.0, 1.0).astype(dtype))
   inverse = jnp.linalg.inv(linalg.symmetrize(matrix))
@@ -201,13 +201,13 @@ def project_all(layers, xs, size, dtype):
   """``R x`` scattered to ``[S]``."""
   rx = jnp.zeros((size,), dtype)
   for l, x in zip(layers, xs):
-    rx = rx.at[l.idx].set(coarse.project(l.basis, x))
+    rx = rx.at[l.idx].set(coarse.project(l.basis, x, l.rank_one))
   return rx
 
 
 def lift_all(layers, beta):
   """``Rᵀβ`` per layer."""
-  return [coarse.lift(l.basis, beta[l.idx]) for l in layers]
+  return [coarse.lift(l.basis, beta[l.idx], l.rank_one) for l in layers]
 
 
 def apply_q(layers, inverse, xs, size, dtype):

@@ -100,8 +100,8 @@ def scale_by_two_level_kfac(
       ``"spectral"`` (``q_A⊗q_G`` of the smallest eigenvalues, refreshed with
       the inverses), ``"parameters"`` (``R = I``: the exact damped natural
       gradient on the layers; small models), Koroko et al.'s
-      ``"krylov_nicolaides"`` (``{1, M_l⁻¹1}``, ``M⁻¹1`` recomputed with the
-      inverses: a space fixed between refreshes, like ``"spectral"``), their
+      ``"krylov_nicolaides"`` (``{1, M_l⁻¹1}``, fixed between refreshes;
+      rank one with factored damping: ``coarse_krylov``), their
       per-step spaces from the residual ``res = ∇ − F_λM⁻¹∇`` (one
       Fisher-vector product per step): ``"residual"`` (``M_l⁻¹res_l``),
       ``"krylov_residual"`` (``{res_l, M_l⁻¹res_l}``), or None (the base
