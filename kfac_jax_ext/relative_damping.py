@@ -57,7 +57,8 @@ def mean_eigenvalue(factor: jnp.ndarray) -> jnp.ndarray:
   its mean; a stack ``[..., d, d]``: the mean over the stack)."""
   if factor.ndim == 1:
     return jnp.mean(factor)
-  return jnp.mean(jnp.diagonal(factor, axis1=-2, axis2=-1))
+  k = jnp.arange(factor.shape[-1])   # (jnp.diagonal traces to a platform cond)
+  return jnp.mean(factor[..., k, k])
 
 
 def positive_or_one(unit: jnp.ndarray) -> jnp.ndarray:

@@ -53,6 +53,11 @@ METHODS = {
     "two_level_multiplicative": lambda f: kfe.two_level_kfac(
         f, 0.1, damping=1e-2, stats_every=2, inverse_every=3,
         combine="multiplicative"),
+    "two_level_krylov": lambda f: kfe.two_level_kfac(
+        f, 0.1, damping=1e-2, stats_every=2, inverse_every=3,
+        coarse_space="krylov_nicolaides", combine="multiplicative"),
+    "kfac_relative": lambda f: kfe.kfac(f, 0.1, damping=1e-2, stats_every=2,
+                                        inverse_every=3, damping_scale="relative"),
     "kfac_tridiagonal": lambda f: kfe.kfac(
         f, 0.1, damping=1e-2, stats_every=2, inverse_every=3,
         structure="block_tridiagonal", example_batch=_problem()[2][0]),
