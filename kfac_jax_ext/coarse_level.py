@@ -188,8 +188,7 @@ def coarse_inverse(layers, st_a, st_g, lam, coarse_damping, size, dtype):
   damp = jnp.zeros((size, size), dtype)
   for l in layers:
     rrt = coarse.gram(l.basis, l.rank_one)
-    k = jnp.arange(rrt.shape[0])      # (jnp.diagonal traces to a platform cond)
-    used = used.at[l.idx].set(rrt[k, k] > 0)
+    used = used.at[l.idx].set(linalg.diagonal(rrt) > 0)
     block = (rrt if coarse_damping == "consistent"
              else jnp.eye(len(l.idx), dtype=dtype))
     damp = damp.at[jnp.ix_(l.idx, l.idx)].set(lam * block)

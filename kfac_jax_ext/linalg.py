@@ -42,8 +42,15 @@ def trace(x):
   HLO of a refresh step shows); a vector is a diagonal matrix (its sum)."""
   if x.ndim == 1:
     return jnp.sum(x)
-  n = x.shape[0]
-  return jnp.sum(x.reshape(-1)[::n + 1])
+  return jnp.sum(diagonal(x))
+
+
+def diagonal(x):
+  """The diagonal of ``x [..., n, n]`` as ``[..., n]``, a strided slice
+  (``jnp.diagonal`` traces to a platform ``cond``, which a step on the
+  static schedule must not contain; ``jnp.trace`` to a select)."""
+  n = x.shape[-1]
+  return x.reshape(x.shape[:-2] + (n * n,))[..., ::n + 1]
 
 
 def leading(slot, shape):

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from kfac_jax_ext import linalg
+
 SCALES = ("absolute", "relative")
 
 
@@ -57,8 +59,7 @@ def mean_eigenvalue(factor: jnp.ndarray) -> jnp.ndarray:
   its mean; a stack ``[..., d, d]``: the mean over the stack)."""
   if factor.ndim == 1:
     return jnp.mean(factor)
-  k = jnp.arange(factor.shape[-1])   # (jnp.diagonal traces to a platform cond)
-  return jnp.mean(factor[..., k, k])
+  return jnp.mean(linalg.diagonal(factor))
 
 
 def positive_or_one(unit: jnp.ndarray) -> jnp.ndarray:
