@@ -169,3 +169,16 @@ def test_3c1f_has_tengrads_wide_dense_layer():
   shapes = jax.eval_shape(models.ConvNet3C1F().init,
                           jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
   assert shapes["params"]["Dense_0"]["kernel"].shape == (10368, 500)
+
+
+def test_factored_krylov_nicolaides_step_costs_what_nicolaides_costs():
+  """``benchmarks.two_level_flops``: with factored damping the
+  Krylov–Nicolaides step's XLA FLOP count is Nicolaides' (its second
+  vector is rank one), both above K-FAC's (the per-step token pass)."""
+  from benchmarks import tasks, two_level_flops
+  task = tasks.make_task("autoencoder", quick=True)
+  kfac = two_level_flops.step_flops(task, "kfac")
+  nico = two_level_flops.step_flops(task, "multiplicative_nicolaides")
+  krylov = two_level_flops.step_flops(task, "multiplicative_krylov_nicolaides")
+  for k, n, base in zip(krylov, nico, kfac):
+    assert abs(k - n) < 0.01 * n and n > base
