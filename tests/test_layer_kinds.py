@@ -130,6 +130,36 @@ def test_einsum_kernel(mode):
   np.testing.assert_allclose(upd["bias"].reshape(6), expected[4], rtol=1e-9)
 
 
+@pytest.mark.parametrize("spec", ["BTD,CKDH->CBTKH", "BTD,SNDH->SBTNH"])
+def test_einsum_kernel_whose_axes_come_before_the_batchs(spec):
+  """Gemma's key/value and fused q/k/v projections (flax examples/gemma):
+  the output puts the kernel's stacking axis before the batch and positions
+  (``[C, B, T, K, H]``). Per token a ``D × (C·K·H)`` layer, exact against
+  the oracle with every position an example (no mixing between them)."""
+  d, c, k, h, classes = 4, 2, 2, 3, 3
+  ein = nn.Einsum((c, k, d, h), spec, use_bias=False)
+  head = nn.Dense(classes)
+
+  def project(q, x):                 # [B, T, D] -> [B, T, C, K, H]
+    return jnp.moveaxis(ein.apply({"params": q}, x), 0, 2)
+
+  def model(p, x, probe=0.0):        # the oracle passes one token: [1, D]
+    x = x[:, None] if x.ndim == 2 else x
+    probe = probe if isinstance(probe, float) else probe[:, None]
+    hid = project(p["params"]["ein"], x) + probe
+    return head.apply({"params": p["params"]["head"]},
+                      jnp.tanh(hid).reshape(hid.shape[:2] + (-1,)))
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, d))
+  params = {"params": {
+      "ein": ein.init(jax.random.PRNGKey(1), x)["params"],
+      "head": head.init(jax.random.PRNGKey(2), jnp.ones((3, 4, c * k * h)))["params"]}}
+  y = jax.random.randint(jax.random.PRNGKey(3), (3, 4), 0, classes)
+  text = _check_update(model, params, {"x": x, "y": y}, "ein",
+                       lambda q, xn: project(q, xn[None, None])[0, 0],
+                       lambda p, xn: xn, (c, k, h))
+  assert "kronecker 4x12" in text, text
+
 def test_embedding_block_is_diag_counts_kron_g():
   """``nn.Embed`` over ``[N, T]`` ids (a per-token loss): the input factor is
   ``diag(f)``, the token frequencies, and the update is

@@ -1,0 +1,1 @@
+"""flax examples/gemma (see each file's header)."""
