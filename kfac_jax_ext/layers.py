@@ -158,6 +158,14 @@ def describe_layers(loss_fn: Callable, params: Any, batch: Any,
         rest, ("param", "shape", "reason", "fallback"))
   else:
     text += "\n\nEvery parameter belongs to a layer."
+  if traced.penalty_leaves:
+    names = ", ".join("/".join(map(str, traced.param_paths[i]))
+                      for i in traced.penalty_leaves)
+    text += (f"\n\nAlso used in terms added to the registered losses (a penalty): "
+             f"{names}. Their gradient is preconditioned with the blocks above; "
+             "their own curvature is not in the blocks (for an L2 penalty, the "
+             "aliases' weight_decay= decays the weights outside the "
+             "preconditioner instead).")
   found = chains_lib.find_chains(traced)
   if found:
     text += ("\n\nChains of dense layers (cross-layer blocks with "

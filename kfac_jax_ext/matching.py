@@ -267,9 +267,11 @@ LAYER_MATCHERS = (_concatenated_layers, _single_use_layers, _multi_use_layers,
                   _scale_and_shift_layers)
 
 
-def match_layers(uses, jaxprs, shapes, paths, n):
+def match_layers(uses, jaxprs, shapes, paths, n, penalty_leaves=frozenset()):
   """Layers from the live parameter uses of a traced loss: ``(layers in
-  forward order, {leaf: reason} for every leaf no layer owns)``."""
+  forward order, {leaf: reason} for every leaf no layer owns)``;
+  ``penalty_leaves``: leaves also used in terms outside the registered
+  losses (for the reason of those used nowhere else)."""
   by_leaf: dict[int, list[patterns.Use]] = {i: [] for i in range(n)}
   at_operand: dict[tuple, patterns.Use] = {}
   for u in uses:
@@ -284,13 +286,16 @@ def match_layers(uses, jaxprs, shapes, paths, n):
       taken.update(layer.leaves)
       found.append((site, layer))
   found.sort(key=lambda t: t[0][0] + (t[0][1],))   # forward (program) order
-  reasons = {i: _reason(jaxprs, by_leaf[i], shapes[i])
+  reasons = {i: _reason(jaxprs, by_leaf[i], shapes[i], i in penalty_leaves)
              for i in range(n) if i not in taken}
   return tuple(layer for _, layer in found), reasons
 
 
-def _reason(jaxprs, uses, shape) -> str:
+def _reason(jaxprs, uses, shape, in_penalty=False) -> str:
   """Why no layer owns a leaf, naming the cause."""
+  if not uses and in_penalty:
+    return ("used only in terms added to the registered losses (a penalty): "
+            "no Fisher of the model's predictions")
   if not uses:
     return "not used by loss_fn"
   if len(uses) > 1:

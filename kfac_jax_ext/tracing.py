@@ -3,8 +3,12 @@
 The walk recurses into ``jax.jit``, ``jax.checkpoint``/remat and
 ``custom_jvp``/``custom_vjp`` bodies and follows *views* of parameter leaves
 (dtype casts, reshapes, broadcasts, transposes, ``leaf ± constant``). Uses
-in equations that cannot reach the loss (dead code, outputs the loss
-ignores) are dropped first. A leaf belongs to a layer only if that layer is
+in equations that cannot reach a registered loss's inputs are dropped
+first: dead code, outputs the loss ignores, and terms added to the
+registered losses (a penalty such as ``loss + c·Σw²``: it has no Fisher of
+the model's predictive distribution, and its use must not make a layer's
+kernel look shared; ``TracedLoss.penalty_leaves`` names them). A leaf
+belongs to a layer only if that layer is
 its single use; every other leaf is reported with the reason it was not
 recognised (tied weights, control flow, transformed before use, ...), so
 nothing is silently mis-tagged. The patterns are in ``patterns.py``.
@@ -41,6 +45,7 @@ class TracedLoss:
   loss_sites: tuple       # sites of the loss tags
   leaf_reasons: dict      # leaf -> why no layer owns it
   jaxprs: dict            # path -> Jaxpr (for the interpreter)
+  penalty_leaves: tuple = ()  # leaves also used in terms outside the losses
 
   @property
   def num_examples(self) -> int:
@@ -63,10 +68,12 @@ def readable_path(keypath) -> tuple:
   return names
 
 
-def _live_outputs(jaxpr, live_outs) -> list:
-  """Per equation, which of its outputs can reach a live output of
-  ``jaxpr`` (a conservative backward pass: every input of an equation with a
-  live output is live)."""
+def _liveness(jaxpr, live_outs, to_losses) -> tuple[list, set]:
+  """Per equation, which of its outputs are live, and the live variables: a
+  conservative backward pass (every input of an equation with a live output
+  is live) from the outputs marked in ``live_outs``. With ``to_losses``
+  the inputs of every loss tag are live too, and a call's inputs are live
+  only where they reach its body's tags or live outputs."""
   live = {v for v, keep in zip(jaxpr.outvars, live_outs)
           if keep and not jint.is_literal(v)}
   per_eqn = [None] * len(jaxpr.eqns)
@@ -74,9 +81,21 @@ def _live_outputs(jaxpr, live_outs) -> list:
     eqn = jaxpr.eqns[i]
     outs = [v in live for v in eqn.outvars]
     per_eqn[i] = outs
-    if any(outs) or jint.has_effects(eqn):
+    if to_losses and jint.call_kind(eqn) is not None:
+      body, _ = jint.call_body(eqn)
+      inner = _liveness(body, outs, True)[1]
+      live.update(v for v, b in zip(eqn.invars, body.invars)
+                  if b in inner and not jint.is_literal(v))
+    elif any(outs) or jint.has_effects(eqn) or (
+        to_losses and eqn.primitive is losses_lib.LOSS_TAG_PRIMITIVE):
       live.update(v for v in eqn.invars if not jint.is_literal(v))
-  return per_eqn
+  return per_eqn, live
+
+
+def _live_outputs(jaxpr, live_outs) -> list:
+  """Per equation, which of its outputs reach a registered loss's inputs
+  (the loss tags) or an output marked in ``live_outs``."""
+  return _liveness(jaxpr, live_outs, True)[0]
 
 
 class _Walker:
@@ -84,12 +103,18 @@ class _Walker:
 
   def __init__(self):
     self.uses: list[patterns.Use] = []
+    self.penalty_leaves: set[int] = set()   # used where only the value reaches
     self.loss_sites: list[Site] = []
     self.jaxprs: dict[tuple, Any] = {}
 
-  def walk(self, jaxpr, path, views, live_outs):
+  def walk(self, jaxpr, path, views, live_outs, value_outs=None):
+    """``live_outs``: the outputs that reach a registered loss's inputs;
+    ``value_outs``: those that reach the loss value (a use there that
+    reaches no loss's inputs is a penalty's)."""
     self.jaxprs[path] = jaxpr
     live = _live_outputs(jaxpr, live_outs)
+    value = _liveness(jaxpr, live_outs if value_outs is None else value_outs,
+                      False)[0]
     for i, eqn in enumerate(jaxpr.eqns):
       name = eqn.primitive.name
       in_views = [None if jint.is_literal(v) else views.get(v) for v in eqn.invars]
@@ -108,7 +133,7 @@ class _Walker:
       if jint.call_kind(eqn) is not None:
         body, _ = jint.call_body(eqn)
         inner = {bv: iv for bv, iv in zip(body.invars, in_views) if iv is not None}
-        self.walk(body, path + (i,), inner, live[i])
+        self.walk(body, path + (i,), inner, live[i], value[i])
         continue
       scan = jint.scan_parts(eqn)
       if scan is not None and any(v is not None for v in in_views):
@@ -120,6 +145,8 @@ class _Walker:
           if v is not None:
             reason = (f"used inside control flow '{name}'" if nested else None)
             self.uses.append(patterns.Use(v.leaf, path, i, j, v, name, reason))
+      elif any(value[i]):
+        self.penalty_leaves.update(v.leaf for v in in_views if v is not None)
       if nested:
         for body in nested:  # loss tags or leaves captured as constants
           self._scan_nested(body, path + (i,), name)
@@ -207,7 +234,7 @@ def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False) -> Trace
   walker = _Walker()
   n = len(param_leaves)
   views = {v: patterns.View(i, ()) for i, v in enumerate(closed.jaxpr.invars[:n])}
-  walker.walk(closed.jaxpr, (), views,
+  walker.walk(closed.jaxpr, (), views, [False] * len(closed.jaxpr.outvars),
               [i == 0 for i in range(len(closed.jaxpr.outvars))])
   if not walker.loss_sites:
     raise ValueError(
@@ -216,7 +243,8 @@ def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False) -> Trace
         "knows the model's predictive distribution.")
   shapes = tuple(tuple(np.shape(x)) for x in param_leaves)
   layers, reasons = matching.match_layers(walker.uses, walker.jaxprs, shapes,
-                                          param_paths, n)
+                                          param_paths, n,
+                                          frozenset(walker.penalty_leaves))
   return TracedLoss(closed, param_treedef, param_paths, shapes, batch_treedef,
                     store["out_treedef"], layers, tuple(walker.loss_sites),
-                    reasons, walker.jaxprs)
+                    reasons, walker.jaxprs, tuple(sorted(walker.penalty_leaves)))
