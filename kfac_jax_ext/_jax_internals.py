@@ -99,8 +99,12 @@ def is_literal(atom: Any) -> bool:
   return isinstance(atom, Literal)
 
 
-def make_closed_jaxpr(fn: Callable[..., Any], *args: Any) -> ClosedJaxpr:
-  return jax.make_jaxpr(fn)(*args)
+def make_closed_jaxpr(fn: Callable[..., Any], *args: Any,
+                      axis_names: Sequence[str] = ()) -> ClosedJaxpr:
+  """``fn`` traced; ``axis_names`` bound as mapped axes (of size 1), as
+  ``pmap`` / ``shard_map`` would bind them, so that collectives over them
+  (``BatchNorm(axis_name=...)``) trace outside those transforms."""
+  return jax.make_jaxpr(fn, axis_env=[(name, 1) for name in axis_names] or None)(*args)
 
 
 def make_identity_primitive(name: str) -> Callable[..., tuple]:

@@ -83,11 +83,11 @@ def examples(num_examples: int, coarse_batch) -> int:
 
 
 def initial(loss_fn, params, example_batch, has_aux, factors, unsupported,
-            spectral, coarse_batch, dtype) -> tuple:
+            spectral, coarse_batch, dtype, axis_name=None) -> tuple:
   """Zero tokens ``(ā [n, T, d_a], g [n, T, d_g])`` per coarse layer of the
   plan traced on ``example_batch`` (``factors``: the fine state's, laid out
   from it; ``unsupported``: the base variant's; ``spectral``: the state's)."""
-  traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux)
+  traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux, axis_name)
   plan = plan_lib.make_plan(traced, factors, unsupported=unsupported)
   n = examples(traced.num_examples, coarse_batch)
   out = []

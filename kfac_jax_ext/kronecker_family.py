@@ -109,7 +109,8 @@ def kronecker_stepper(
     dtype = linalg.factor_dtype()
     leaves = jax.tree_util.tree_leaves(params)
     if example_batch is not None:
-      traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux)
+      traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux,
+                                  axis_name)
       unsupported = variant.unsupported if share is None else (
           lambda layer: variant.unsupported(layer) if share.owns(layer)
           else "another transform's layer")

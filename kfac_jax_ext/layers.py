@@ -44,7 +44,7 @@ def _public(traced: tracing.TracedLoss, m: tracing.LayerMatch) -> Layer:
 
 
 def find_layers(loss_fn: Callable, params: Any, batch: Any,
-                has_aux: bool = False) -> tuple[Layer, ...]:
+                has_aux: bool = False, axis_name=None) -> tuple[Layer, ...]:
   """Traces ``loss_fn(params, batch)`` (never runs it) and lists its layers.
 
   Args:
@@ -52,6 +52,8 @@ def find_layers(loss_fn: Callable, params: Any, batch: Any,
     params: parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
     batch: what ``loss_fn`` takes (arrays or shape structs).
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
+    axis_name: the optimizer's: the ``pmap`` / ``shard_map`` data axis, for a
+      ``loss_fn`` that averages over it (``BatchNorm(axis_name=...)``).
 
   Returns:
     One ``Layer`` per recognised layer, in forward order.
@@ -63,7 +65,7 @@ def find_layers(loss_fn: Callable, params: Any, batch: Any,
     >>> for layer in kfe.find_layers(loss_fn, params, batch):
     ...   print(layer.name, layer.kind)
   """
-  traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
+  traced = tracing.trace_loss(loss_fn, params, batch, has_aux, axis_name)
   return tuple(_public(traced, m) for m in traced.layers)
 
 
@@ -119,11 +121,11 @@ def coverage(traced: tracing.TracedLoss, max_factor_dim: int = 4096,
 def describe_layers(loss_fn: Callable, params: Any, batch: Any,
                     has_aux: bool = False, fallback: str = "identity",
                     max_factor_dim: int = 4096, blocks: str | None = None,
-                    gram_batch: int = 128) -> str:
+                    gram_batch: int = 128, axis_name=None) -> str:
   """A readable table of the layers and of every parameter no layer owns.
 
   Args:
-    loss_fn, params, batch, has_aux: as for ``find_layers``.
+    loss_fn, params, batch, has_aux, axis_name: as for ``find_layers``.
     fallback: the preconditioner's ``fallback`` option, shown for the
       parameters no layer owns.
     max_factor_dim: the preconditioner's option: layers with a larger factor
@@ -139,7 +141,7 @@ def describe_layers(loss_fn: Callable, params: Any, batch: Any,
     layers (``chains.find_chains``) if any; the last line gives the share of
     the parameters per block kind.
   """
-  traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
+  traced = tracing.trace_loss(loss_fn, params, batch, has_aux, axis_name)
   chosen = None if blocks is None else natural_gradient_transform.choose_blocks(
       traced, blocks, gram_batch, max_factor_dim)
   n = min(gram_batch, traced.num_examples)

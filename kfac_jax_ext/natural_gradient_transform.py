@@ -198,7 +198,7 @@ def scale_by_natural_gradient(
   def shares(structure):
     params = jax.tree_util.tree_unflatten(structure[0], [
         jax.ShapeDtypeStruct(s, d) for s, d in structure[1]])
-    traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux)
+    traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux, axis_name)
     chosen = choose_blocks(traced, blocks, gram_batch, max_factor_dim)
     wood = frozenset(k for k, kind in chosen.items() if kind == "woodbury")
     return plan_lib.Share(wood, True), plan_lib.Share(wood, False)

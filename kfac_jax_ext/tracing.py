@@ -193,8 +193,12 @@ def _shifted_view(eqn, in_views) -> bool:
   return False
 
 
-def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False) -> TracedLoss:
-  """Traces ``loss_fn(params, batch)`` (never runs it) and matches layers."""
+def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False,
+               axis_name=None) -> TracedLoss:
+  """Traces ``loss_fn(params, batch)`` (never runs it) and matches layers.
+  ``axis_name`` (a name or a tuple of names): the data axes of the
+  ``pmap`` / ``shard_map`` the loss runs under, bound while tracing outside
+  them (a ``BatchNorm(axis_name=...)`` averages over them)."""
   flat_params, param_treedef = jax.tree_util.tree_flatten_with_path(params)
   param_paths = tuple(readable_path(k) for k, _ in flat_params)
   param_leaves = [v for _, v in flat_params]
@@ -219,12 +223,20 @@ def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False) -> Trace
     leaves, store["out_treedef"] = jax.tree_util.tree_flatten(out)
     return leaves
 
+  names = (() if axis_name is None else (axis_name,) if isinstance(axis_name, str)
+           else tuple(axis_name))
   try:
-    closed = jint.make_closed_jaxpr(flat_fn, param_leaves, batch_leaves)
-  except (TypeError, ValueError) as e:
+    closed = jint.make_closed_jaxpr(flat_fn, param_leaves, batch_leaves,
+                                    axis_names=names)
+  except (TypeError, ValueError, NameError) as e:
     shapes = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), batch)
     message = (f"tracing loss_fn(params, batch) failed for a batch of shapes "
                f"{shapes}: {e}")
+    if isinstance(e, NameError) and "axis name" in str(e):
+      message += ("\nloss_fn averages over a device axis (e.g. BatchNorm(axis_name="
+                  "...)): pass that axis_name= to the optimizer (and to "
+                  "kfe.describe_layers / kfe.find_layers), as under pmap or "
+                  "shard_map.")
     try:
       error = type(e)(message)
     except TypeError:   # a JAX error type whose constructor takes no message

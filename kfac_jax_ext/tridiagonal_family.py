@@ -124,7 +124,7 @@ def scale_by_tridiagonal_kfac(loss_fn, variant, **options
   axis_name = options.get("axis_name")
 
   def init_fn(params):
-    traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux)
+    traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux, axis_name)
     base_state = base_init(params)
     chains = _usable_chains(traced, plan_lib.make_plan(traced, base_state.factors))
     dtype = linalg.factor_dtype()

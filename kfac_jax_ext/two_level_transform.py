@@ -221,7 +221,7 @@ def scale_by_two_level_kfac(
         "damping_mode", "factored") == "factored") if coarse_space == "krylov_nicolaides" else ())
     toks = coarse_tokens.initial(
         loss_fn, params, options["example_batch"], has_aux, base_state.factors,
-        variant.unsupported, spectral, coarse_batch, dtype) if stored else ()
+        variant.unsupported, spectral, coarse_batch, dtype, axis_name) if stored else ()
     return TwoLevelState(base_state, jnp.array(True), zero(), zeros, g0,
                          initial_arrays.identity((size, size), dtype), spectral,
                          Health(zero(), zero()), krylov, toks)

@@ -189,7 +189,8 @@ def tengrad_stepper(loss_fn, *, damping, gram_batch, conv_gram, damping_mode,
     shapes = [tuple(jnp.shape(x)) for x in leaves]
     lam0 = damping(0) if callable(damping) else damping
     if example_batch is not None:
-      traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux)
+      traced = tracing.trace_loss(loss_fn, params, example_batch, has_aux,
+                                  axis_name)
       blocks = tengrad_plan.layout_blocks(traced, gram_batch, dtype, lam0, share)
     else:
       total = sum(woodbury.storage_elements(s, gram_batch) for s in shapes)

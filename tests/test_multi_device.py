@@ -255,6 +255,50 @@ def test_natural_gradient_split_batch_equals_single_device():
                 rtol=1e-4)
 
 
+class CrossDeviceBatchNormCNN(nn.Module):
+  """BatchNorm in training mode, its statistics over ``axis_name``'s devices
+  (flax's examples/imagenet ResNet writes ``axis_name='batch'``)."""
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), padding="SAME")(x)
+    x = nn.BatchNorm(use_running_average=False, axis_name=self.axis_name)(x)
+    return nn.Dense(3)(jnp.tanh(x).reshape(x.shape[0], -1))
+
+
+def test_cross_device_batchnorm_is_traced_with_the_axis_name():
+  """``example_batch`` and ``describe_layers`` trace the loss outside the
+  ``pmap``: the axis its BatchNorm averages over is bound then; without it
+  the error says what to pass. The update equals one device's, whose
+  BatchNorm sees the whole batch."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 6, 6, 2))
+  batch = {"x": x, "y": jax.random.randint(jax.random.PRNGKey(2), (16,), 0, 3)}
+  variables = CrossDeviceBatchNormCNN().init(jax.random.PRNGKey(0), x)
+  params, stats = {"params": variables["params"]}, variables["batch_stats"]
+
+  def loss_of(model):
+    def loss(p, b):
+      logits, _ = model.apply({**p, "batch_stats": stats}, b["x"],
+                              mutable=["batch_stats"])
+      return kfe.softmax_cross_entropy(logits, b["y"])
+    return loss
+
+  local = jax.tree_util.tree_map(lambda a: a[:2], batch)
+  loss = loss_of(CrossDeviceBatchNormCNN(axis_name=AXIS))
+  with pytest.raises(NameError, match="pass that axis_name= to the optimizer"):
+    kfe.describe_layers(loss, params, local)
+  table = kfe.describe_layers(loss, params, local, axis_name=AXIS)
+  assert "conv2d           kronecker 19x4" in table, table
+  assert "dense            kronecker 145x3" in table, table
+  make = lambda loss, b, **kw: kfe.scale_by_kfac(
+      loss, damping=0.1, inverse_every=2, example_batch=b, **kw)
+  single = loss_of(CrossDeviceBatchNormCNN())
+  want, _ = _single_device(make(single, batch), single, params, batch)
+  got, _ = _pmapped(make(loss, local, axis_name=AXIS), loss, params, batch)
+  for g, w in zip(got, want):
+    _assert_close(g, w)
+
 def test_fused_statistics_under_pmap_equal_single_device():
   loss, params, batch = _cnn_task()
   vg = kfe.value_and_grad(loss)
