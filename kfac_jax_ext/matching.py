@@ -18,6 +18,7 @@ import dataclasses
 
 import numpy as np
 
+from kfac_jax_ext import _jax_internals as jint
 from kfac_jax_ext import concatenated
 from kfac_jax_ext import patterns
 from kfac_jax_ext.patterns import LayerMatch
@@ -223,9 +224,40 @@ def _multi_use_layers(ctx: _Uses, taken: set):
   return found
 
 
+def _rescaled_scale(ctx: _Uses, use, eqn, shape):
+  """BatchNorm in training mode: ``v = s ⊙ r`` with ``r = rsqrt(var + ε)``
+  per feature (one value for the whole batch), then ``y ⊙ v`` per example.
+  The per-example gradient of ``s`` is ``r ⊙ Σ_pos y ⊙ g`` (``g`` at the
+  second product), so ``s`` is a scale whose input is ``y ⊙ r``. Returns
+  ``(the use at the second product, its equation, the capture of r)`` or
+  None (any other use of ``s`` alone stays "transformed before use")."""
+  out = eqn.outvars[0]
+  other = eqn.invars[1 - use.operand]
+  if (use.primitive != "mul" or jint.is_literal(other)
+      or int(np.prod(out.aval.shape)) != int(np.prod(shape))):
+    return None
+  jaxpr = ctx.jaxprs[use.path]
+  if any(v is out for v in jaxpr.outvars):
+    return None
+  consumers = [(k, e) for k, e in enumerate(jaxpr.eqns)
+               if any(v is out for v in e.invars)]
+  if len(consumers) != 1 or consumers[0][1].primitive.name != "mul":
+    return None
+  k, second = consumers[0]
+  operand = next(j for j, v in enumerate(second.invars) if v is out)
+  if any(v is out for v in second.invars[:operand] + second.invars[operand + 1:]) or (
+      (use.path, k, 1 - operand) in ctx.at_operand):
+    return None
+  moved = dataclasses.replace(use, eqn=k, operand=operand)
+  if patterns.scale_shift_axes(moved, second, shape) is None:
+    return None
+  return moved, second, (((use.path, use.eqn), 1 - use.operand),)
+
+
 def _scale_and_shift_layers(ctx: _Uses, taken: set):
   """Elementwise scale (``mul``) and shift (``add``) leaves, one layer per
-  module (LayerNorm/BatchNorm affine), in or out of scans."""
+  module (LayerNorm/BatchNorm affine, BatchNorm's training-mode scale
+  included: ``_rescaled_scale``), in or out of scans."""
   groups: dict[str, dict] = {}
   for leaf, use in ctx.single.items():
     if leaf in taken or use.primitive not in ("mul", "add"):
@@ -239,8 +271,12 @@ def _scale_and_shift_layers(ctx: _Uses, taken: set):
       marker, steps, rest = in_scan
       shape = shape[1:] if marker is patterns.SCAN_SLICE else shape
       use = dataclasses.replace(use, view=patterns.View(use.leaf, rest))
+    multiplier = ()
     if patterns.scale_shift_axes(use, eqn, shape) is None:
-      continue
+      rescaled = None if in_scan is not None else _rescaled_scale(ctx, use, eqn, shape)
+      if rescaled is None:
+        continue
+      use, eqn, multiplier = rescaled
     out_shape = eqn.outvars[0].aval.shape
     g = groups.setdefault(ctx.name(leaf), dict(
         site=(use.path, use.eqn), captures=(), probes=(), scale=None,
@@ -250,8 +286,8 @@ def _scale_and_shift_layers(ctx: _Uses, taken: set):
       continue
     g[role] = leaf
     g["probes"] += ((use.path, use.eqn),)
-    if role == "scale":
-      g["captures"] += (((use.path, use.eqn), 1 - use.operand),)
+    if role == "scale":   # its input, then (BatchNorm) its per-feature multiplier
+      g["captures"] += (((use.path, use.eqn), 1 - use.operand),) + multiplier
     g["site"] = min(g["site"], (use.path, use.eqn))
     taken.add(leaf)
   return [(g["site"], LayerMatch(

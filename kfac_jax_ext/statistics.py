@@ -239,6 +239,8 @@ def _scale_shift_statistics(layer, traced, captured, probe_grads, li):
   if layer.scale is not None:
     g = probe_grads[layer.probes[0]]
     x = jnp.broadcast_to(captured[("a", li, 0)], g.shape)
+    if len(layer.captures) > 1:   # the scale's per-feature multiplier (BatchNorm)
+      x = x * jnp.broadcast_to(captured[("a", li, 1)], g.shape)
     u_scale = tokens(x * g)
     k = 1
   if layer.shift is not None:

@@ -152,6 +152,55 @@ def test_rmsnorm_one_plus_scale_is_exact():
                              rtol=1e-10)
 
 
+class _TrainingBatchNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(3, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=False)(x)    # the batch's statistics
+    return nn.Dense(3)(jnp.tanh(x).reshape(x.shape[0], -1))
+
+
+def test_batchnorm_scale_in_training_mode_is_exact():
+  """flax's BatchNorm multiplies the scale by ``rsqrt(var + ε)`` of the batch
+  before the activations (``v = s ⊙ r``, then ``y ⊙ v``): the scale still
+  gets its exact diagonal block, ``Σ_tok u² / M`` over the examples'
+  positions with ``u = x̂ ⊙ g`` (K-FAC-expand, as for LayerNorm). The oracle
+  normalises the conv output by hand and takes ``g`` from ``vmap(grad)`` of
+  each example's loss in the normalised output."""
+  model = _TrainingBatchNorm()
+  x = jax.random.normal(jax.random.PRNGKey(1), (6, 4, 4, 2))
+  y = jnp.array([0, 1, 2, 0, 1, 2])
+  variables = model.init(jax.random.PRNGKey(0), x)
+  params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                  {"params": variables["params"]})
+  params["params"]["BatchNorm_0"]["scale"] = jnp.linspace(0.5, 1.5, 3)
+  p = params["params"]
+
+  def logits(q, xs):
+    return model.apply({**q, "batch_stats": variables["batch_stats"]}, xs,
+                       mutable=["batch_stats"])[0]
+
+  loss = lambda q, b: kfe.softmax_cross_entropy(logits(q, b["x"]), b["y"])
+  batch = {"x": x, "y": y}
+  text = kfe.describe_layers(loss, params, batch)
+  assert "Every parameter belongs to a layer." in text, text
+  lam = 0.1
+  tx = kfe.scale_by_kfac(loss, damping=lam, ema_decay=0.0, fisher="empirical",
+                         example_batch=batch)
+  grads = jax.grad(loss)(params, batch)
+  upd = tx.update(grads, tx.init(params), params, batch=batch)[0]
+  h = nn.Conv(3, (3, 3)).apply({"params": p["Conv_0"]}, x)
+  mean = h.mean((0, 1, 2))
+  x_hat = (h - mean) / jnp.sqrt((h * h).mean((0, 1, 2)) - mean ** 2 + 1e-5)
+  out = x_hat * p["BatchNorm_0"]["scale"] + p["BatchNorm_0"]["bias"]
+  head = lambda o: nn.Dense(3).apply({"params": p["Dense_0"]}, jnp.tanh(o).reshape(-1))
+  g = jax.vmap(jax.grad(lambda o, c: -jax.nn.log_softmax(head(o))[c]))(out, y)
+  for leaf, u in (("scale", x_hat * g), ("bias", g)):
+    diag = jnp.sum(u.reshape(-1, 3) ** 2, axis=0) / 6
+    np.testing.assert_allclose(upd["params"]["BatchNorm_0"][leaf],
+                               grads["params"]["BatchNorm_0"][leaf] / (diag + lam),
+                               rtol=1e-10)
+
 def test_forgetting_has_aux_says_what_to_do():
   params = {"w": jnp.ones((3, 2))}
   batch = {"x": jnp.ones((4, 3)), "y": jnp.zeros((4,), jnp.int32)}

@@ -19,6 +19,10 @@ discovery gives every kernel a block, and K-FAC trains it.
   query/key RMSNorm, local sliding-window and global layers, a gated MLP,
   and the example's padding mask, as its ``train.py`` builds them. (Its
   imports are made package-relative; ``tests/third_party/flax_gemma``.)
+* flax's ``examples/imagenet`` ResNet: convs without bias, BatchNorm in
+  training mode whose statistics average over the devices
+  (``axis_name='batch'``, as the example trains under ``pmap``), max
+  pooling, projection shortcuts; its running statistics come back as aux.
 """
 
 import jax
@@ -27,6 +31,7 @@ import numpy as np
 import pytest
 
 import kfac_jax_ext as kfe
+from tests.third_party import flax_imagenet_models as imagenet
 from tests.third_party.flax_gemma import transformer as gemma
 from tests.third_party.flax_gemma import transformer_cfg as gemma_cfg
 from tests.third_party.flax_lm1b_models import TransformerConfig, TransformerLM
@@ -177,3 +182,58 @@ def test_flax_gemma_nnx_transformer_every_kernel_has_a_block_and_trains(kv_heads
   embedder = next(r.split() for r in text.splitlines() if r.startswith("embedder"))
   assert embedder[1:4] == ["tied", "kronecker", "40x16"], embedder
   assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_flax_imagenet_resnet_under_pmap_every_parameter_has_a_block_and_trains():
+  """Two stages of one block each (a strided one with a projection), 8
+  devices of 2 examples; the optimizer and ``describe_layers`` get the axis
+  its BatchNorm averages over."""
+  import functools
+  import optax
+  devices, per_device = 8, 2
+  if len(jax.devices()) < devices:
+    pytest.skip(f"needs {devices} devices (run through tests/conftest.py)")
+  model = functools.partial(imagenet.ResNet, block_cls=imagenet.ResNetBlock)(
+      stage_sizes=[1, 1], num_classes=4, num_filters=4)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(devices * per_device, 16, 16, 3)).astype(np.float32)
+  y = (x[..., 0].mean((1, 2)) > 0).astype(np.int32) + 2 * (
+      x[..., 1].mean((1, 2)) > 0).astype(np.int32)
+
+  def loss_fn(p, b):     # the example's train step, with kfe's loss
+    logits, new = model.apply({"params": p, "batch_stats": b["batch_stats"]},
+                              b["x"], mutable=["batch_stats"])
+    return kfe.softmax_cross_entropy(logits, b["y"]), new["batch_stats"]
+
+  with jax.enable_x64(False):
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), x[:2],
+                                           train=False))()
+    params, stats = variables["params"], variables["batch_stats"]
+    local = {"x": x[:per_device], "y": y[:per_device], "batch_stats": stats}
+    text = kfe.describe_layers(loss_fn, params, local, has_aux=True,
+                               axis_name="batch")
+    assert "Every parameter belongs to a layer." in text, text
+    assert "fallback 0.0%" in text.splitlines()[-1], text
+    # the stem, two convs per block, the projection; BatchNorm scale and bias
+    assert sum(r.split()[1:2] == ["conv2d"] for r in text.splitlines()) == 6, text
+    assert sum(r.split()[1:2] == ["scale_and_shift"] for r in text.splitlines()) == 6
+    opt = kfe.kfac(loss_fn, 0.3, damping=0.1, kl_clip=1e-2, has_aux=True,
+                   axis_name="batch", example_batch=local)
+    vg = kfe.value_and_grad(loss_fn, has_aux=True, axis_name="batch")
+
+    def step(p, s, b, key):
+      (loss, new_stats), g, curv = vg(p, b, key, opt_state=s)
+      u, s = opt.update(jax.lax.pmean(g, "batch"), s, p, batch=b, key=key,
+                        curvature=curv)
+      return optax.apply_updates(p, u), s, jax.lax.pmean(loss, "batch"), new_stats
+
+    step = jax.pmap(step, axis_name="batch", in_axes=(0, 0, 0, None))
+    copies = lambda t: jax.tree_util.tree_map(lambda a: np.stack([a] * devices), t)
+    p, s, stats = copies(params), copies(opt.init(params)), copies(stats)
+    shard = lambda a: a.reshape((devices, per_device) + a.shape[1:])
+    losses = []
+    for i in range(12):
+      p, s, loss, stats = step(p, s, {"x": shard(x), "y": shard(y),
+                                      "batch_stats": stats}, jax.random.PRNGKey(i))
+      losses.append(float(np.asarray(loss)[0]))
+  assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
