@@ -25,6 +25,10 @@ from kfac_jax_ext import _jax_internals
 
 _tag = _jax_internals.make_identity_primitive("kfe_loss_tag")
 LOSS_TAG_PRIMITIVE = _tag.primitive
+# marks a helper's returned value, so that the factor loss_fn puts on it can
+# be read off the jaxpr (kfac_jax_ext.loss_scales)
+_value_tag = _jax_internals.make_identity_primitive("kfe_loss_value")
+LOSS_VALUE_PRIMITIVE = _value_tag.primitive
 
 
 def _prepare(predictions, targets, weights, kind):
@@ -167,7 +171,7 @@ def _register_and_mean(kind, predictions, targets, weights):
   predictions, targets, weights = _prepare(predictions, targets, weights, kind)
   predictions, targets, weights = _tag(predictions, targets, weights, kind=kind)
   losses = per_example_loss(kind, predictions, targets)
-  return jnp.mean(weights.astype(losses.dtype) * losses)
+  return _value_tag(jnp.mean(weights.astype(losses.dtype) * losses))[0]
 
 
 def softmax_cross_entropy(logits, labels, weights=None):

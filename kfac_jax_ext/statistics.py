@@ -28,7 +28,7 @@ import numpy as np
 
 from kfac_jax_ext import _jax_internals as jint
 from kfac_jax_ext import distributed
-from kfac_jax_ext import losses as losses_lib
+from kfac_jax_ext import loss_scales as scales_lib
 from kfac_jax_ext import schedule
 from kfac_jax_ext import state as state_lib
 from kfac_jax_ext import stats_subsample
@@ -260,9 +260,8 @@ def evaluate_losses(traced: tracing.TracedLoss, p_leaves, b_leaves):
   outs, captured = evaluate_jaxpr(closed.jaxpr, closed.consts,
                              list(p_leaves) + list(b_leaves), (), {}, actions,
                              active)
-  kinds = [traced.jaxprs[p].eqns[i].params["kind"] for p, i in traced.loss_sites]
-  return outs, [losses_lib.RegisteredLoss(kind, *captured[("loss", k)])
-                for k, kind in enumerate(kinds)]
+  return outs, scales_lib.registered_losses(traced, captured)
+
 
 
 def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
@@ -284,7 +283,6 @@ def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
   b_leaves = jax.tree_util.tree_leaves(batch)
   closed = traced.closed_jaxpr
   actions, active = instrumentation(traced)
-  kinds = [traced.jaxprs[p].eqns[i].params["kind"] for p, i in traced.loss_sites]
   if fisher == "sampled" and key is None:
     raise ValueError("fisher='sampled' draws targets from the model: pass a PRNG "
                      "key (update(..., key=key)) on statistics steps.")
@@ -292,8 +290,7 @@ def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
   def forward(p, probes):
     outs, captured = evaluate_jaxpr(closed.jaxpr, closed.consts, list(p) + b_leaves,
                                (), probes, actions, active)
-    registered = [losses_lib.RegisteredLoss(kind, *captured[("loss", k)])
-                  for k, kind in enumerate(kinds)]
+    registered = scales_lib.registered_losses(traced, captured)
     m0 = registered[0].num_examples
     objective = 0.0
     for k, reg in enumerate(registered):

@@ -17,12 +17,14 @@ nothing is silently mis-tagged. The patterns are in ``patterns.py``.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
 from kfac_jax_ext import _jax_internals as jint
+from kfac_jax_ext import loss_scales as scales_lib
 from kfac_jax_ext import losses as losses_lib
 from kfac_jax_ext import matching
 from kfac_jax_ext import patterns
@@ -46,6 +48,7 @@ class TracedLoss:
   leaf_reasons: dict      # leaf -> why no layer owns it
   jaxprs: dict            # path -> Jaxpr (for the interpreter)
   penalty_leaves: tuple = ()  # leaves also used in terms outside the losses
+  loss_scales: tuple = ()     # the factor on each registered loss (loss_scales)
 
   @property
   def num_examples(self) -> int:
@@ -259,4 +262,30 @@ def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False,
                                           frozenset(walker.penalty_leaves))
   return TracedLoss(closed, param_treedef, param_paths, shapes, batch_treedef,
                     store["out_treedef"], layers, tuple(walker.loss_sites),
-                    reasons, walker.jaxprs, tuple(sorted(walker.penalty_leaves)))
+                    reasons, walker.jaxprs, tuple(sorted(walker.penalty_leaves)),
+                    _checked_scales(closed, walker.loss_sites))
+
+
+def _checked_scales(closed, sites) -> tuple:
+  """The factor on each registered loss (``loss_scales``): a negative one is
+  refused (no Fisher), an unknown or zero one warned about and taken as 1."""
+  out = []
+  for k, c in enumerate(scales_lib.loss_scales(closed, len(sites))):
+    if c == scales_lib.COLLECTIVE:
+      c = 1.0
+    if c is not None and c < 0:
+      raise ValueError(
+          f"loss_fn multiplies the value of its loss helper #{k + 1} by {c:g} < 0: "
+          "a negative multiple of a loss has no Fisher; minimise a loss whose "
+          "helper terms carry non-negative factors.")
+    if c is None or c == 0:
+      why = ("is combined with other values in a way whose factor cannot be read "
+             "off (a product with another loss, a factor computed from the batch, "
+             "a nonlinear function)" if c is None else "does not reach its loss")
+      warnings.warn(
+          f"loss_fn: the value of loss helper #{k + 1} {why}; its curvature is "
+          "taken at factor 1. Put a factor in the helper's weights= instead.",
+          stacklevel=3)
+      c = 1.0
+    out.append(float(c))
+  return tuple(out)
