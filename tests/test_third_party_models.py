@@ -26,6 +26,10 @@ discovery gives every kernel a block, and K-FAC trains it.
 * flax's ``examples/vae``: its loss adds a KL term on the encoder's mean
   and log-variance to the reconstruction loss (a term outside the
   registered loss), and samples the latent with a key from the batch.
+* flax's ``examples/wmt`` encoder-decoder transformer: cross-attention, and
+  one embedding table shared by the encoder's inputs, the decoder's inputs
+  and the logits (three uses, one tied block), with dropout and the
+  example's padding weights.
 """
 
 import jax
@@ -36,6 +40,7 @@ import pytest
 import kfac_jax_ext as kfe
 from tests.third_party import flax_imagenet_models as imagenet
 from tests.third_party import flax_vae_models as vae
+from tests.third_party import flax_wmt_models as wmt
 from tests.third_party.flax_gemma import transformer as gemma
 from tests.third_party.flax_gemma import transformer_cfg as gemma_cfg
 from tests.third_party.flax_lm1b_models import TransformerConfig, TransformerLM
@@ -265,4 +270,39 @@ def test_flax_vae_every_kernel_has_a_block_and_trains():
     # encoder fc1, fc2_mean, fc2_logvar; decoder fc1, fc2
     losses = _covered_and_trained(loss_fn, params, batch, dense_layers=5,
                                   fresh_key="z_rng")
+  assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+def test_flax_wmt_encoder_decoder_every_parameter_has_a_block_and_trains():
+  config = wmt.TransformerConfig(
+      vocab_size=30, output_vocab_size=30, emb_dim=16, num_heads=2,
+      num_layers=2, qkv_dim=16, mlp_dim=32, max_len=16, dropout_rate=0.1,
+      attention_dropout_rate=0.1, deterministic=False, share_embeddings=True,
+      logits_via_embedding=True)
+  model = wmt.Transformer(config)
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(1, 30, (8, 10)).astype(np.int32)
+  targets = rng.integers(1, 30, (8, 9)).astype(np.int32)
+  targets[:2, -2:] = 0                      # padding: weight 0, as in train.py
+
+  def loss_fn(p, b):
+    logits = model.apply({"params": p}, b["inputs"], b["targets"],
+                         rngs={"dropout": b["dropout"]})
+    return kfe.softmax_cross_entropy(logits, b["targets"],
+                                     weights=b["targets"] > 0)
+
+  with jax.enable_x64(False):
+    batch = {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets),
+             "dropout": jax.random.PRNGKey(2)}
+    params = model.init({"params": jax.random.PRNGKey(0),
+                         "dropout": jax.random.PRNGKey(1)},
+                        batch["inputs"], batch["targets"])["params"]
+    text = kfe.describe_layers(loss_fn, params, batch)
+    shared = next(r.split() for r in text.splitlines()
+                  if r.startswith("shared_embedding"))
+    assert shared[1:4] == ["tied", "kronecker", "30x16"], shared
+    # encoder: 2 × (q, k, v, out, 2 MLP) = 12; decoder: 2 × (self- and
+    # cross-attention q, k, v, out, 2 MLP) = 20
+    losses = _covered_and_trained(loss_fn, params, batch, dense_layers=32,
+                                  fresh_key="dropout", kronecker_share=95.0)
   assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
