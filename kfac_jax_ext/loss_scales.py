@@ -26,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -110,9 +112,34 @@ def loss_scales(closed_jaxpr, num_losses: int) -> tuple:
   ``closed_jaxpr``: a float, or None where it cannot be read off."""
   prop = _Propagation()
   out = prop.run(closed_jaxpr.jaxpr, [{}] * len(closed_jaxpr.jaxpr.invars))[0]
-  if prop.count != num_losses:   # a helper's value is not tagged (older trace)
+  if prop.count != num_losses:   # a value tag the pass did not reach
     return (UNKNOWN,) * num_losses
   return tuple(out.get(k, 0.0) for k in range(num_losses))
+
+
+def checked_scales(closed_jaxpr, num_losses: int) -> tuple:
+  """The factor on each registered loss (``loss_scales``): a negative one is
+  refused (no Fisher), an unknown or zero one warned about and taken as 1."""
+  out = []
+  for k, c in enumerate(loss_scales(closed_jaxpr, num_losses)):
+    if c == COLLECTIVE:
+      c = 1.0
+    if c is not None and c < 0:
+      raise ValueError(
+          f"loss_fn multiplies the value of its loss helper #{k + 1} by {c:g} < 0: "
+          "a negative multiple of a loss has no Fisher; minimise a loss whose "
+          "helper terms carry non-negative factors.")
+    if c is None or c == 0:
+      why = ("is combined with other values in a way whose factor cannot be read "
+             "off (a product with another loss, a factor computed from the batch, "
+             "a nonlinear function)" if c is None else "does not reach its loss")
+      warnings.warn(
+          f"loss_fn: the value of loss helper #{k + 1} {why}; its curvature is "
+          "taken at factor 1. Put a factor in the helper's weights= instead.",
+          stacklevel=4)
+      c = 1.0
+    out.append(float(c))
+  return tuple(out)
 
 
 def registered_losses(traced, captured) -> list:

@@ -263,7 +263,6 @@ def evaluate_losses(traced: tracing.TracedLoss, p_leaves, b_leaves):
   return outs, scales_lib.registered_losses(traced, captured)
 
 
-
 def statistics_pass(traced: tracing.TracedLoss, params, batch, key,
                     fisher: str, due=None, axis_name=None):
   """Runs the fused pass. Returns ``(outputs, grads, CurvatureBatch)``.

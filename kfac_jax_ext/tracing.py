@@ -17,7 +17,6 @@ nothing is silently mis-tagged. The patterns are in ``patterns.py``.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Callable
 
 import jax
@@ -263,29 +262,5 @@ def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False,
   return TracedLoss(closed, param_treedef, param_paths, shapes, batch_treedef,
                     store["out_treedef"], layers, tuple(walker.loss_sites),
                     reasons, walker.jaxprs, tuple(sorted(walker.penalty_leaves)),
-                    _checked_scales(closed, walker.loss_sites))
+                    scales_lib.checked_scales(closed, len(walker.loss_sites)))
 
-
-def _checked_scales(closed, sites) -> tuple:
-  """The factor on each registered loss (``loss_scales``): a negative one is
-  refused (no Fisher), an unknown or zero one warned about and taken as 1."""
-  out = []
-  for k, c in enumerate(scales_lib.loss_scales(closed, len(sites))):
-    if c == scales_lib.COLLECTIVE:
-      c = 1.0
-    if c is not None and c < 0:
-      raise ValueError(
-          f"loss_fn multiplies the value of its loss helper #{k + 1} by {c:g} < 0: "
-          "a negative multiple of a loss has no Fisher; minimise a loss whose "
-          "helper terms carry non-negative factors.")
-    if c is None or c == 0:
-      why = ("is combined with other values in a way whose factor cannot be read "
-             "off (a product with another loss, a factor computed from the batch, "
-             "a nonlinear function)" if c is None else "does not reach its loss")
-      warnings.warn(
-          f"loss_fn: the value of loss helper #{k + 1} {why}; its curvature is "
-          "taken at factor 1. Put a factor in the helper's weights= instead.",
-          stacklevel=3)
-      c = 1.0
-    out.append(float(c))
-  return tuple(out)
