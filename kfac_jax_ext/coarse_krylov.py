@@ -75,7 +75,7 @@ def refreshed(kls, krylov, inverses, precondition, dtype):
   mats = precondition([jnp.ones((kl.d_a, kl.d_g), dtype) for kl in kls])
   for kl, m in zip(kls, mats):
     krylov[kl.layer.kernel] = linalg.set_leading(krylov[kl.layer.kernel],
-                                                 _oriented(kl, m))
+                                                 oriented(kl, m))
   return tuple(krylov)
 
 
@@ -91,7 +91,7 @@ def layer_basis(kl, slot, dtype):
   """
   ones = jnp.ones((kl.d_a, kl.d_g), dtype)
   if not isinstance(slot, tuple):
-    second = _oriented(kl, linalg.leading(slot, _oriented_shape(kl)))
+    second = oriented(kl, linalg.leading(slot, oriented_shape(kl)))
     return coarse.normalized_basis([ones, second.astype(dtype)]), None
   rows, cols = slot
   p = (rows if kl.a_side == "rows" else cols)[:kl.d_a].astype(dtype)
@@ -110,12 +110,12 @@ def layer_basis(kl, slot, dtype):
   return basis, atoms
 
 
-def _oriented_shape(kl):
+def oriented_shape(kl):
   """The ``[d_a, d_g]`` matrix's shape in its leaf's (rows, cols) slot."""
   return (kl.d_a, kl.d_g) if kl.a_side == "rows" else (kl.d_g, kl.d_a)
 
 
-def _oriented(kl, x):
+def oriented(kl, x):
   """``[d_a, d_g]`` ↔ the leaf's (rows, cols) orientation (a transpose or
   nothing: its own inverse)."""
   return x if kl.a_side == "rows" else x.T

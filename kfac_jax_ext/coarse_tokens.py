@@ -46,11 +46,12 @@ from kfac_jax_ext import weight_sharing as sharing_lib
 MODES = ("batch", "stored")
 
 
-def per_step(combine: str, coarse_space, fisher_products: str) -> bool:
+def per_step(combine: str, coarse_space, fisher_products: str,
+             residual_refresh: str = "step") -> bool:
   """Whether ``F_c`` is the step's own (formed and inverted every step)."""
   return coarse_space is not None and (
-      combine != "additive" or coarse_space in coarse.PER_STEP_SPACES
-      or fisher_products == "ggn")
+      combine != "additive" or fisher_products == "ggn" or (
+          coarse_space in coarse.PER_STEP_SPACES and residual_refresh == "step"))
 
 
 def statistics_every_step(options: dict) -> bool:
@@ -60,7 +61,8 @@ def statistics_every_step(options: dict) -> bool:
   return (products != "ggn"
           and options.get("coarse_statistics", "batch") == "batch"
           and per_step(options.get("combine", "additive"),
-                       options.get("coarse_space", "nicolaides"), products))
+                       options.get("coarse_space", "nicolaides"), products,
+                       options.get("residual_refresh", "step")))
 
 
 def check(mode, fisher_products: str, options: dict) -> None:

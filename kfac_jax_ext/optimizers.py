@@ -284,7 +284,7 @@ def _two_level_options(*, base="kfac", coarse_space="nicolaides",
                        omega=(1.0, 1.0), coarse_damping="consistent",
                        fisher_products="statistics", fine_scale="model",
                        coarse_batch=None, coarse_statistics="batch",
-                       spectral_iterations=None):
+                       spectral_iterations=None, residual_refresh="step"):
   """Two-level K-FAC's own options (see ``scale_by_two_level_kfac``)."""
 
 
@@ -298,7 +298,7 @@ decay → momentum → lr.
 Same signature as ``kfe.kfac`` plus ``base``, ``coarse_space``,
 ``coarse_matrix``, ``combine``, ``omega``, ``coarse_damping``,
 ``fisher_products``, ``fine_scale``, ``coarse_batch``,
-``coarse_statistics`` and ``spectral_iterations``.
+``coarse_statistics``, ``spectral_iterations`` and ``residual_refresh``.
 
 KL clip: ``clip_by_kl`` reads ``∇ᵀΔ`` as the step's KL. The
 ``combine="multiplicative"`` and ``"balanced"`` steps are model-consistent

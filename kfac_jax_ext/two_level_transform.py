@@ -8,7 +8,7 @@ options); this module keeps the running coarse statistics, refreshes
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +16,12 @@ import optax
 
 from kfac_jax_ext import checks
 from kfac_jax_ext import coarse
-from kfac_jax_ext import coarse_krylov
 from kfac_jax_ext import coarse_level as level
+from kfac_jax_ext import coarse_refresh
 from kfac_jax_ext import coarse_tokens
 from kfac_jax_ext import curvature_products
 from kfac_jax_ext import distributed
 from kfac_jax_ext import eager
-from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import kronecker_family
 from kfac_jax_ext import kronecker_variants
 from kfac_jax_ext import linalg
@@ -30,42 +29,10 @@ from kfac_jax_ext import relative_damping
 from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
 from kfac_jax_ext import tracing
-from kfac_jax_ext.state import Health, KfacState
+from kfac_jax_ext import two_level_state
+from kfac_jax_ext.two_level_state import TwoLevelState
 
 MAX_COARSE = 4096
-
-
-class TwoLevelState(NamedTuple):
-  """State of ``scale_by_two_level_kfac`` (arrays only).
-
-  Attributes:
-    base: the fine level's ``KfacState``.
-    curvature_due: whether the next update needs statistics (always, for the
-      multiplicative and balanced corrections).
-    coarse_count: accepted coarse statistics batches (EMA schedule).
-    coarse_a, coarse_g: running coarse statistics ``[S, S]``; ``F_c = coarse_a
-      ∘ coarse_g`` (``"kronecker"``: ``S_A``, ``S_G``; ``"exact"``: ``F_c`` and
-      ones). ``S`` = one index per ≥2-D leaf (two for the Krylov spaces, one
-      per parameter for ``"parameters"``); unused indices stay zero.
-    coarse_inverse: ``(F_c + coarse damping)⁻¹`` of the last refresh.
-    spectral: per leaf, ``(rows vector, cols vector)`` of the spectral space.
-    health: coarse-level ``Health`` counters.
-    krylov: per leaf, ``M_l⁻¹1`` of the Krylov–Nicolaides space (None
-      elsewhere; ``coarse_krylov.slots``), refreshed with the inverses.
-    tokens: with ``coarse_statistics="stored"`` and a per-step correction,
-      per coarse layer the last statistics batch's ``(ā, g)`` tokens
-      (``coarse_tokens``); else ``()``.
-  """
-  base: KfacState
-  curvature_due: jax.Array
-  coarse_count: jax.Array
-  coarse_a: jax.Array
-  coarse_g: jax.Array
-  coarse_inverse: jax.Array
-  spectral: tuple
-  health: Health
-  krylov: tuple = ()
-  tokens: tuple = ()
 
 
 def scale_by_two_level_kfac(
@@ -82,6 +49,7 @@ def scale_by_two_level_kfac(
     coarse_batch: int | None = None,
     coarse_statistics: str = "batch",
     spectral_iterations: int | None = None,
+    residual_refresh: str = "step",
     **options,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Two-level K-FAC: the base preconditioner plus a coarse correction.
@@ -158,6 +126,11 @@ def scale_by_two_level_kfac(
       every factor per refresh. ``k``: k steps of inverse iteration with the
       base's refreshed ``(A + γI)⁻¹`` from the last vectors, O(d²) each
       (``coarse.inverse_iteration``; tikhonov mode: the base's eigenvectors).
+    residual_refresh: ``"residual"`` and ``"krylov_residual"`` only:
+      ``"step"`` (default: the basis is rebuilt from every step's residual)
+      or ``"statistics"`` (rebuilt on statistics steps only, with its
+      ``F_c``, and kept between; the additive step then needs no statistics
+      pass between them; see ``coarse_refresh``).
     **options: the base method's options (``scale_by_kfac``).
 
   Returns:
@@ -179,6 +152,7 @@ def scale_by_two_level_kfac(
   checks.check_two_level_options(fine_scale, coarse_batch, fisher_products, options,
                                  coarse_space, spectral_iterations)
   coarse_tokens.check(coarse_statistics, fisher_products, options)
+  coarse_refresh.check(residual_refresh, coarse_space, fisher_products)
   if coarse_matrix is None:
     coarse_matrix = ("kronecker" if fisher_products == "statistics" and combine
                      == "additive" and coarse_space in coarse.RANK_ONE_SPACES
@@ -200,31 +174,24 @@ def scale_by_two_level_kfac(
                                 options.get("has_aux", False), options.get("axis_name"))
   ggn = fisher_products == "ggn"
   scaled = fine_scale == "model"
-  every_step = coarse_tokens.per_step(combine, coarse_space, fisher_products)
+  every_step = coarse_tokens.per_step(combine, coarse_space, fisher_products,
+                                      residual_refresh)
+  refreshed = coarse_refresh.active(residual_refresh, coarse_space)
+  per_step_space = coarse_space in coarse.PER_STEP_SPACES and not refreshed
   # the per-step products need statistics' tokens: the step's, or stored ones
   stored = every_step and not ggn and coarse_statistics == "stored"
   tokens_every_step = every_step and not ggn and not stored
 
   def init_fn(params):
     base_state = base_init(params)
-    shapes = [tuple(jnp.shape(x)) for x in jax.tree_util.tree_leaves(params)]
-    size = level.coarse_size(shapes, coarse_space, MAX_COARSE)
-    dtype = linalg.factor_dtype()
-    spectral = tuple(level.spectral_slots(shapes, dtype) if coarse_space ==
-                     "spectral" else [None] * len(shapes))
-    # Distinct buffers (no array twice in the state): the state is donatable.
-    zeros = initial_arrays.zeros((size, size), dtype)
-    g0 = (initial_arrays.zeros((size, size), dtype) if coarse_matrix == "kronecker"
-          else initial_arrays.ones((size, size), dtype))
-    zero = lambda: jnp.zeros([], jnp.int32)
-    krylov = (coarse_krylov.slots(shapes, dtype, options.get(
-        "damping_mode", "factored") == "factored") if coarse_space == "krylov_nicolaides" else ())
-    toks = coarse_tokens.initial(
+    tokens = (lambda spectral: coarse_tokens.initial(
         loss_fn, params, options["example_batch"], has_aux, base_state.factors,
-        variant.unsupported, spectral, coarse_batch, dtype, axis_name) if stored else ()
-    return TwoLevelState(base_state, jnp.array(True), zero(), zeros, g0,
-                         initial_arrays.identity((size, size), dtype), spectral,
-                         Health(zero(), zero()), krylov, toks)
+        variant.unsupported, spectral, coarse_batch, linalg.factor_dtype(),
+        axis_name)) if stored else None
+    return two_level_state.initial(
+        base_state, params, coarse_space, coarse_matrix, MAX_COARSE,
+        krylov_factored=options.get("damping_mode", "factored") == "factored",
+        refreshed=refreshed, tokens=tokens)
 
   def update_fn(updates, state, params=None, *, batch=None, key=None,
                 curvature=None, due=None, **extra_args):
@@ -296,19 +263,26 @@ def scale_by_two_level_kfac(
     # Balanced steps, and multiplicative ones on a fixed space, need F_λx
     # only projected (R F_λx, xᵀF_λx) or lifted (F_λRᵀβ): half the token passes
     projected = (every_step and not ggn and combine != "additive" and (
-        combine == "balanced" or coarse_space not in coarse.PER_STEP_SPACES))
+        combine == "balanced" or not per_step_space))
     sub = lambda xs, ys: [x - y for x, y in zip(xs, ys)]
     precondition = lambda xs: level.to_matrices(layers, ctx.precondition(
         level.write(layers, grads, xs, shapes)), dtype)
+    if refreshed:     # a statistics step's residual basis, kept till the next
+      bases, bases_ok = schedule.maybe(
+          stats_every, stats_due, lambda old: coarse_refresh.rebuilt(
+              coarse_space, layers, old, sub(v, level.statistics_fvp(
+                  level.tokens(layers, traced, cb, dtype, m), m, ctx.damping,
+                  axis_name)(unscaled)), precondition),
+          lambda old: (old, jnp.array(True)), state.bases, static_stats)
+      layers, tokens_ok = coarse_refresh.stored_layers(layers, bases), tokens_ok & bases_ok
     residual, alpha = None, jnp.ones([], dtype)
-    if coarse_space in coarse.NEEDS_RESIDUAL or (
-        combine == "multiplicative" and not projected):
+    if per_step_space or (combine == "multiplicative" and not projected):
       fb = (full_fvp or fvp)(b)
       if scaled and combine == "multiplicative":
         alpha = level.model_scale(b, v, fb)
         b, fb = [alpha * x for x in b], [alpha * x for x in fb]
       residual = sub(v, fb)
-    if coarse_space in coarse.PER_STEP_SPACES:
+    if per_step_space:
       layers = level.per_step_bases(coarse_space, layers, residual,
                                      precondition)
     coeffs = (level.example_coefficients(layers, toks, size, dtype)
@@ -325,7 +299,7 @@ def scale_by_two_level_kfac(
     def accumulate(st):
       new_a, new_g = batch_matrices()
       k = (st.coarse_count + 1).astype(dtype)
-      eps = 0.0 if every_step else jnp.minimum(1.0 - 1.0 / k, ema_decay)
+      eps = 0.0 if every_step or refreshed else jnp.minimum(1.0 - 1.0 / k, ema_decay)
       ok = linalg.all_finite(new_a, new_g)
       ema = lambda old, new: jnp.where(ok, eps * old + (1 - eps) * new, old)
       health = st.health._replace(nonfinite_statistics=(
@@ -352,9 +326,11 @@ def scale_by_two_level_kfac(
       keep = jnp.zeros_like(inverse) if per_step else inverse
       return jnp.where(ok, new, keep), health
 
+    period, due_now, static_now = ((stats_every, stats_due, static_stats) if refreshed
+                                   else (inverse_every, refresh_due, static_refresh))
     inverse, health = schedule.maybe(
-        1 if every_step else inverse_every, refresh_due, refresh, lambda o: o,
-        (state.coarse_inverse, health), None if every_step else static_refresh)
+        1 if every_step else period, due_now, refresh, lambda o: o,
+        (state.coarse_inverse, health), None if every_step else static_now)
 
     q = lambda xs: level.apply_q(layers, inverse, xs, size, dtype)
     if combine == "additive":
@@ -392,7 +368,7 @@ def scale_by_two_level_kfac(
     new_state = TwoLevelState(base_state, jnp.array(True) if tokens_every_step
                               else base_state.curvature_due, coarse_count,
                               coarse_a, coarse_g, inverse, spectral, health,
-                              krylov, stored_toks)
+                              krylov, stored_toks, bases if refreshed else ())
     treedef = jax.tree_util.tree_structure(updates)
     return jax.tree_util.tree_unflatten(treedef, fine), new_state
 
