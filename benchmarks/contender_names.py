@@ -2,8 +2,9 @@
 parametrized families (``tengrad_gramN``, ``tengrad_everyN``,
 ``kfac_statsN``, ``two_level_COMBINE_SPACE[_ggn|_mixed]``,
 ``two_level_COMBINE_SPACE_stored[N]``,
-``two_level_COMBINE_spectral_iterK``, ``two_level_COMBINE_SPACE_klN``
-(also ``…_storedN_klN``, ``…_iterK_klN``),
+``two_level_COMBINE_spectral_iterK``, ``two_level_COMBINE_RESIDUAL_refreshed``,
+``two_level_COMBINE_SPACE_klN`` (also ``…_storedN_klN``, ``…_iterK_klN``,
+``…_refreshed_klN``),
 ``kfac_adaptive_relative_modelN``),
 parsed without building anything (``contenders`` builds them; its module
 docstring says what each one is).
@@ -80,14 +81,25 @@ def two_level_spectral_iterations(name: str):
   return head, int(tail)
 
 
+def two_level_refreshed(name: str):
+  """The variant of ``two_level_COMBINE_SPACE_refreshed`` (SPACE a residual
+  space, statistics' products), else None."""
+  head, sep, tail = name.rpartition("_refreshed")
+  ok = (sep and not tail and head in TWO_LEVEL_VARIANTS
+        and head.endswith(coarse.PER_STEP_SPACES))
+  return head if ok else None
+
+
 def two_level_kl_clip(name: str):
   """``(variant, κ)`` of ``VARIANT_klN``: a two-level variant
-  (``two_level_COMBINE_SPACE``, or its ``_stored[N]`` or ``_iterK`` form)
+  (``two_level_COMBINE_SPACE``, or its ``_stored[N]``, ``_iterK`` or
+  ``_refreshed`` form)
   with KL-clip κ = N instead of the task's, else None."""
   head, sep, tail = name.rpartition("_kl")
   if not sep or suffix_count(tail, "") is None or not (
       head in TWO_LEVEL_VARIANTS or two_level_stored(head) is not None
-      or two_level_spectral_iterations(head) is not None):
+      or two_level_spectral_iterations(head) is not None
+      or two_level_refreshed(head) is not None):
     return None
   return head, int(tail)
 
@@ -106,6 +118,7 @@ def known(name: str) -> bool:
   return (name in OPTIMIZERS or name in TWO_LEVEL_VARIANTS
           or two_level_stored(name) is not None
           or two_level_spectral_iterations(name) is not None
+          or two_level_refreshed(name) is not None
           or two_level_kl_clip(name) is not None
           or tengrad_gram(name) is not None
           or tengrad_every(name) is not None

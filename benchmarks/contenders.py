@@ -59,8 +59,11 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   ``two_level_COMBINE_spectral_iterK``: the spectral space by K steps of
   warm-started inverse iteration per refresh (``spectral_iterations=K``)
   instead of an eigendecomposition, at the spectral variant's setting;
-  ``two_level_COMBINE_SPACE_klN`` (also after ``_storedN`` or
-  ``_iterK``): the variant with KL-clip κ = N instead
+  ``two_level_COMBINE_RESIDUAL_refreshed`` (RESIDUAL ``residual`` or
+  ``krylov_residual``): the residual basis rebuilt on statistics steps only,
+  with its ``F_c``, and kept between (``residual_refresh="statistics"``),
+  swept on its own; ``two_level_COMBINE_SPACE_klN`` (also after
+  ``_storedN``, ``_iterK`` or ``_refreshed``): the variant with KL-clip κ = N instead
   of the task's (Koroko et al.'s reference runs use κ = 1, almost no
   clipping: the Galerkin correction of the multiplicative and balanced
   combinations sets the step's scale itself), swept on its own.
@@ -397,6 +400,12 @@ def make_contender(name: str, task) -> Contender:
   if names.two_level_kl_clip(name) is not None:
     variant, kappa = names.two_level_kl_clip(name)
     return make_contender(variant, task._replace(kl_clip=float(kappa)))._replace(name=name)
+  if names.two_level_refreshed(name) is not None:   # the basis kept between
+    variant = names.two_level_refreshed(name)       # statistics steps
+    combine, space = variant[len("two_level_"):].split("_", 1)
+    return _natural(name, task, kfe.two_level_kfac,
+                    {"combine": combine, "coarse_space": space,
+                     "residual_refresh": "statistics"})
   if name in TWO_LEVEL_VARIANTS or names.two_level_stored(name) is not None:
     variant, stored = names.two_level_stored(name) or (name, False)
     products = next((p for p in ("ggn", "mixed") if variant.endswith("_" + p)),

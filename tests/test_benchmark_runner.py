@@ -538,6 +538,28 @@ def test_spectral_iteration_variants_parse_and_reuse_the_spectral_setting(
                 "spectral_iterations": 2}
 
 
+def test_refreshed_residual_variants_parse_and_build(monkeypatch):
+  name = "two_level_additive_residual_refreshed"
+  assert contenders.known(name) and contenders.settings_name(name) == name
+  assert contenders.known("two_level_balanced_krylov_residual_refreshed_kl1")
+  for bad in ("two_level_additive_nicolaides_refreshed",
+              "two_level_additive_residual_ggn_refreshed",
+              "two_level_additive_residual_refreshed2", "kfac_refreshed"):
+    assert not contenders.known(bad)
+  built = []
+  real = contenders.kfe.two_level_kfac
+  monkeypatch.setattr(contenders.kfe, "two_level_kfac", lambda *a, **kw: (
+      built.append(kw), real(*a, **kw))[1])
+  task = tasks.make_task("mlp")
+  contender = contenders.make_contender(name, task)
+  run_ = training.train(contender, task, {"lr": 0.03, "damping": 1.0}, steps=3,
+                        progress=False, evals=1)
+  assert all(math.isfinite(x) for x in run_["loss"])
+  assert {k: built[-1][k] for k in ("combine", "coarse_space", "residual_refresh")
+          } == {"combine": "additive", "coarse_space": "residual",
+                "residual_refresh": "statistics"}
+
+
 def test_kl_clip_variants_parse_and_build_with_their_own_kappa(monkeypatch):
   name = "two_level_multiplicative_nicolaides_kl1"
   assert contenders.known(name) and contenders.settings_name(name) == name
