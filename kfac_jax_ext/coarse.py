@@ -17,7 +17,8 @@ canonical orientation: ``"nicolaides"`` one all-ones vector; ``"spectral"``
 Koroko et al.'s Krylov spaces (two vectors per layer):
 ``"krylov_nicolaides"`` ``{1, M_l⁻¹1}`` (fixed between refreshes, like
 ``"spectral"``: ``M⁻¹1`` is recomputed with the inverses) and, built every
-step from ``res = ∇ − F_λM⁻¹∇``, ``"residual"`` ``M_l⁻¹res_l`` and
+step (or every statistics step: ``coarse_refresh``) from
+``res = ∇ − F_λM⁻¹∇``, ``"residual"`` ``M_l⁻¹res_l`` and
 ``"krylov_residual"`` ``{res_l, M_l⁻¹res_l}``.
 """
 

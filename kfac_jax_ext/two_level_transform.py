@@ -71,7 +71,8 @@ def scale_by_two_level_kfac(
       ``"krylov_nicolaides"`` (``{1, M_l⁻¹1}``, fixed between refreshes;
       rank one with factored damping: ``coarse_krylov``), their
       per-step spaces from the residual ``res = ∇ − F_λM⁻¹∇`` (one
-      Fisher-vector product per step): ``"residual"`` (``M_l⁻¹res_l``),
+      Fisher-vector product per step; per statistics step with
+      ``residual_refresh="statistics"``): ``"residual"`` (``M_l⁻¹res_l``),
       ``"krylov_residual"`` (``{res_l, M_l⁻¹res_l}``), or None (the base
       method).
     coarse_matrix: with ``fisher_products="statistics"``: ``"kronecker"``
