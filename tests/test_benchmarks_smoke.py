@@ -1,5 +1,6 @@
 """The benchmark and example entry points run (tiny settings), so they cannot rot."""
 
+import numpy as np
 import json
 
 import jax
@@ -182,3 +183,82 @@ def test_factored_krylov_nicolaides_step_costs_what_nicolaides_costs():
   krylov = two_level_flops.step_flops(task, "multiplicative_krylov_nicolaides")
   for k, n, base in zip(krylov, nico, kfac):
     assert abs(k - n) < 0.01 * n and n > base
+
+
+def _fake_torch_output(path, losses, times, monkeypatch):
+  """A ``.npy`` as Koroko et al.'s scripts write it (a dict whose arrays are
+  torch tensors, pickled through torch's legacy storage format), made
+  without torch: stand-in ``torch`` modules, for the test's duration."""
+  import io
+  import pickle
+  import sys
+  import types
+
+  torch = types.ModuleType("torch")
+  utils = types.ModuleType("torch._utils")
+  storage_mod = types.ModuleType("torch.storage")
+  torch.FloatStorage = type("FloatStorage", (), {"__module__": "torch"})
+
+  def _rebuild_tensor_v2(*args):
+    raise AssertionError("only pickled, never called")
+
+  def _load_from_bytes(b):
+    raise AssertionError("only pickled, never called")
+
+  _rebuild_tensor_v2.__module__, _load_from_bytes.__module__ = (
+      "torch._utils", "torch.storage")
+  _rebuild_tensor_v2.__qualname__ = "_rebuild_tensor_v2"
+  _load_from_bytes.__qualname__ = "_load_from_bytes"
+  utils._rebuild_tensor_v2, storage_mod._load_from_bytes = (
+      _rebuild_tensor_v2, _load_from_bytes)
+
+  for name, module in (("torch", torch), ("torch._utils", utils),
+                       ("torch.storage", storage_mod)):
+    monkeypatch.setitem(sys.modules, name, module)
+  data = np.asarray(losses, np.float32)
+
+  class Root:                       # the storage, by persistent id
+    pass
+
+  class Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+      return (("storage", torch.FloatStorage, "k0", "cpu", data.size)
+              if isinstance(obj, Root) else None)
+
+  stream = io.BytesIO()
+  for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001}):
+    pickle.dump(header, stream, protocol=2)
+  Pickler(stream, protocol=2).dump(Root())
+  pickle.dump(["k0"], stream, protocol=2)
+  stream.write(np.int64(data.size).tobytes() + data.tobytes())
+
+  class Storage:
+    def __reduce__(self):
+      return _load_from_bytes, (stream.getvalue(),)
+
+  class Tensor:
+    def __reduce__(self):
+      return _rebuild_tensor_v2, (Storage(), 0, (data.size,), (1,), False, None)
+
+  np.save(path, np.array({"train_loss": Tensor(), "times": list(times)},
+                         dtype=object), allow_pickle=True)
+
+
+def test_koroko_reference_reads_torch_pickled_outputs_without_torch(
+    tmp_path, capsys, monkeypatch):
+  from benchmarks import koroko_reference
+  folder = tmp_path / "apps/mlp_cnn/results_ref/twolevel_kfac/MNIST/outputs"
+  folder.mkdir(parents=True)
+  _fake_torch_output(folder / "kfac.npy", [0.5, 0.2, 0.1], [1.0, 2.0, 10.0],
+                     monkeypatch)
+  _fake_torch_output(folder / "kfac_2L_span.npy", [0.5, 0.3, 0.105],
+                     [1.0, 4.0, 20.0], monkeypatch)
+  run = koroko_reference.load(folder / "kfac_2L_span.npy")
+  np.testing.assert_array_equal(run["train_loss"], np.float32([0.5, 0.3, 0.105]))
+  koroko_reference.main([str(tmp_path)])
+  rows = capsys.readouterr().out.splitlines()
+  assert rows[2].startswith("| K-FAC | 3 | 0.10000 | +0.0% | 1.00 |")
+  # RESIDU: +5 % at its end (twice K-FAC's time); at K-FAC's 10 s, between
+  # its 0.3 at 4 s and 0.105 at 20 s: 0.3 − 0.195·6/16
+  assert rows[3].startswith("| RESIDU | 3 | 0.10500 | +5.0% | 2.00 | 0.22688 |")
+  assert len(rows) == 4                 # the runs without a file are left out
