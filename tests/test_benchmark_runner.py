@@ -515,15 +515,10 @@ def test_stored_two_level_variants_parse_and_reuse_their_variants_setting(tmp_pa
   assert all(math.isfinite(x) for x in run_["loss"])
 
 
-def test_spectral_iteration_variants_parse_and_reuse_the_spectral_setting(
-    monkeypatch):
-  name = "two_level_balanced_spectral_iter2"
-  assert contenders.known(name) and contenders.settings_name(name) == (
-      "two_level_balanced_spectral")
-  for bad in ("two_level_additive_spectral_iter0", "two_level_additive_spectral_iter",
-              "two_level_additive_nicolaides_iter2",
-              "two_level_additive_spectral_ggn_iter2"):
-    assert not contenders.known(bad) and contenders.settings_name(bad) == bad
+def _two_level_options_of(name, monkeypatch, option):
+  """Trains contender ``name`` 3 steps on the MLP (its losses must be
+  finite); returns the ``combine``, ``coarse_space`` and ``option`` it
+  passed to ``kfe.two_level_kfac``."""
   built = []
   real = contenders.kfe.two_level_kfac
   monkeypatch.setattr(contenders.kfe, "two_level_kfac", lambda *a, **kw: (
@@ -533,9 +528,20 @@ def test_spectral_iteration_variants_parse_and_reuse_the_spectral_setting(
   run_ = training.train(contender, task, {"lr": 0.03, "damping": 1.0}, steps=3,
                         progress=False, evals=1)
   assert all(math.isfinite(x) for x in run_["loss"])
-  assert {k: built[-1][k] for k in ("combine", "coarse_space", "spectral_iterations")
-          } == {"combine": "balanced", "coarse_space": "spectral",
-                "spectral_iterations": 2}
+  return {k: built[-1][k] for k in ("combine", "coarse_space", option)}
+
+
+def test_spectral_iteration_variants_parse_and_reuse_the_spectral_setting(
+    monkeypatch):
+  name = "two_level_balanced_spectral_iter2"
+  assert contenders.known(name) and contenders.settings_name(name) == (
+      "two_level_balanced_spectral")
+  for bad in ("two_level_additive_spectral_iter0", "two_level_additive_spectral_iter",
+              "two_level_additive_nicolaides_iter2",
+              "two_level_additive_spectral_ggn_iter2"):
+    assert not contenders.known(bad) and contenders.settings_name(bad) == bad
+  assert _two_level_options_of(name, monkeypatch, "spectral_iterations") == {
+      "combine": "balanced", "coarse_space": "spectral", "spectral_iterations": 2}
 
 
 def test_refreshed_residual_variants_parse_and_build(monkeypatch):
@@ -546,18 +552,9 @@ def test_refreshed_residual_variants_parse_and_build(monkeypatch):
               "two_level_additive_residual_ggn_refreshed",
               "two_level_additive_residual_refreshed2", "kfac_refreshed"):
     assert not contenders.known(bad)
-  built = []
-  real = contenders.kfe.two_level_kfac
-  monkeypatch.setattr(contenders.kfe, "two_level_kfac", lambda *a, **kw: (
-      built.append(kw), real(*a, **kw))[1])
-  task = tasks.make_task("mlp")
-  contender = contenders.make_contender(name, task)
-  run_ = training.train(contender, task, {"lr": 0.03, "damping": 1.0}, steps=3,
-                        progress=False, evals=1)
-  assert all(math.isfinite(x) for x in run_["loss"])
-  assert {k: built[-1][k] for k in ("combine", "coarse_space", "residual_refresh")
-          } == {"combine": "additive", "coarse_space": "residual",
-                "residual_refresh": "statistics"}
+  assert _two_level_options_of(name, monkeypatch, "residual_refresh") == {
+      "combine": "additive", "coarse_space": "residual",
+      "residual_refresh": "statistics"}
 
 
 def test_kl_clip_variants_parse_and_build_with_their_own_kappa(monkeypatch):

@@ -13,7 +13,7 @@ import kfac_jax_ext as kfe
 from kfac_jax_ext import train_step
 from tests.test_two_level import EXACT, LAM, _brute, _flat, _nicolaides_rows
 from tests.test_two_level_spaces import _base_inverse, _closed_form, _space_rows
-from tests.test_two_level_stored import _batches
+from tests.test_two_level_stored import _batches, non_finite
 
 
 def _two_updates(loss, params, first, second, refresh, **options):
@@ -97,10 +97,7 @@ def test_a_non_finite_statistics_step_keeps_the_basis_and_is_counted():
                                 coarse_space="residual")
   tx = kfe.scale_by_two_level_kfac(loss, **options)
   _, grads, curv = kfe.value_and_grad(loss, fisher="empirical")(params, second)
-  bad = curv._replace(layers=tuple(
-      None if layer is None else (layer[0] * jnp.nan, layer[1])
-      for layer in curv.layers))
-  out, new = tx.update(grads, state, params, batch=second, curvature=bad,
+  out, new = tx.update(grads, state, params, batch=second, curvature=non_finite(curv),
                        due=kfe.Due(statistics=True, inverses=True))
   assert bool(jnp.all(jnp.isfinite(_flat(out))))
   for kept, old in zip(jax.tree_util.tree_leaves(new.bases),

@@ -104,6 +104,13 @@ def test_stored_tokens_need_no_statistics_between_statistics_steps():
              for t in jax.tree_util.tree_leaves(two_level.tokens))
 
 
+def non_finite(curvature):
+  """``curvature`` with every layer's activations made NaN."""
+  return curvature._replace(layers=tuple(
+      None if layer is None else (layer[0] * jnp.nan, layer[1])
+      for layer in curvature.layers))
+
+
 def test_non_finite_statistics_keep_the_stored_tokens_and_are_counted():
   loss, params, first, second = _batches()
   _, _, state, _ = _two_updates(loss, params, first, second, "stored",
@@ -114,9 +121,7 @@ def test_non_finite_statistics_keep_the_stored_tokens_and_are_counted():
                "example_batch": first})
   vg = kfe.value_and_grad(loss, fisher="empirical")
   _, grads, curv = vg(params, second)
-  bad = curv._replace(layers=tuple(
-      None if layer is None else (layer[0] * jnp.nan, layer[1])
-      for layer in curv.layers))
+  bad = non_finite(curv)
   out, new = tx.update(grads, state, params, batch=second, curvature=bad)
   assert bool(jnp.all(jnp.isfinite(_flat(out))))
   for kept, old in zip(jax.tree_util.tree_leaves(new.tokens),
