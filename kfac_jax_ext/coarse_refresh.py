@@ -26,7 +26,7 @@ every ``T_cov`` steps, so its ``F_c`` is that of an older basis; here the
 basis and ``F_c`` change together.)
 
 A rebuilt basis that is not finite (from non-finite statistics) keeps the
-previous one; the caller counts it.
+previous one, with its ``F_c`` and ``F_c⁻¹``; the caller counts it.
 
 Example::
 

@@ -314,8 +314,9 @@ def scale_by_two_level_kfac(
                     jnp.array(True)), state,
         None if every_step else static_stats)
     # A per-step basis has no previous F_c⁻¹ to fall back on: a failed step
-    # drops the correction (Q = 0) and is counted.
-    per_step = coarse_space in coarse.PER_STEP_SPACES
+    # drops the correction (Q = 0) and is counted. (A refreshed basis keeps
+    # its previous F_c with it, hence its previous F_c⁻¹.)
+    per_step = per_step_space
 
     def refresh(operand):
       inverse, health = operand

@@ -104,6 +104,11 @@ def test_a_non_finite_statistics_step_keeps_the_basis_and_is_counted():
                        jax.tree_util.tree_leaves(state.bases)):
     np.testing.assert_array_equal(kept, old)
   assert int(new.health.nonfinite_statistics) == 1
+  # the kept basis keeps its F_c and F_c⁻¹: the correction is not dropped
+  assert int(new.health.failed_inverses) == 0
+  np.testing.assert_allclose(new.coarse_inverse, state.coarse_inverse, rtol=1e-12)
+  assert float(jnp.max(jnp.abs(new.coarse_inverse - jnp.eye(
+      new.coarse_inverse.shape[0])))) > 1e-3
 
 
 def test_bad_residual_refresh_is_named():
