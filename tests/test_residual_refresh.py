@@ -13,21 +13,14 @@ import kfac_jax_ext as kfe
 from kfac_jax_ext import train_step
 from tests.test_two_level import EXACT, LAM, _brute, _flat, _nicolaides_rows
 from tests.test_two_level_spaces import _base_inverse, _closed_form, _space_rows
-from tests.test_two_level_stored import _batches, non_finite
+from tests.test_two_level_stored import _batches, non_finite, two_updates
 
 
 def _two_updates(loss, params, first, second, refresh, **options):
-  """Update 0 on ``first`` (statistics and inverses), update 1 on ``second``
-  with neither; returns both flat directions and the two states."""
-  tx = kfe.scale_by_two_level_kfac(
-      loss, **{**EXACT, "inverse_every": 2, "stats_every": 2, "fine_scale": "none",
-               "residual_refresh": refresh, **options})
-  state = tx.init(params)
-  out0, state0 = tx.update(jax.grad(loss)(params, first), state, params,
-                           batch=first, due=kfe.Due(statistics=True, inverses=True))
-  out1, state1 = tx.update(jax.grad(loss)(params, second), state0, params,
-                           batch=second, due=kfe.Due(statistics=False, inverses=False))
-  return _flat(out0), _flat(out1), state0, state1
+  """``two_updates`` (statistics and inverses, then neither) with
+  ``residual_refresh=refresh``."""
+  return two_updates(loss, params, first, second, residual_refresh=refresh,
+                     **options)
 
 
 def _fisher(loss, params, batch):

@@ -27,13 +27,13 @@ def _batches(task="mlp"):
   return loss, params, first, second
 
 
-def _two_updates(loss, params, first, second, mode, **options):
+def two_updates(loss, params, first, second, **options):
   """Update 0 on ``first`` (statistics and inverses), update 1 on ``second``
-  with neither; returns both flat directions and the states."""
+  with neither (``options`` over ``EXACT``'s, both periods 2, unscaled fine
+  step); returns both flat directions and the states after each."""
   tx = kfe.scale_by_two_level_kfac(
       loss, **{**EXACT, "inverse_every": 2, "stats_every": 2, "fine_scale": "none",
-               "coarse_batch": N, "coarse_statistics": mode,
-               "example_batch": first, **options})
+               **options})
   state = tx.init(params)
   g0 = jax.grad(loss)(params, first)
   out0, state = tx.update(g0, state, params, batch=first,
@@ -42,6 +42,12 @@ def _two_updates(loss, params, first, second, mode, **options):
   out1, state1 = tx.update(g1, state, params, batch=second,
                            due=kfe.Due(statistics=False, inverses=False))
   return _flat(out0), _flat(out1), state, state1
+
+
+def _two_updates(loss, params, first, second, mode, **options):
+  """``two_updates`` with ``coarse_statistics=mode`` on N examples."""
+  return two_updates(loss, params, first, second, coarse_batch=N,
+                     coarse_statistics=mode, example_batch=first, **options)
 
 
 @pytest.mark.parametrize("task,space,combine", [
