@@ -1,10 +1,10 @@
 """The names ``benchmarks.run --optimizers`` takes: the fixed ones and the
 parametrized families (``tengrad_gramN``, ``tengrad_everyN``,
 ``kfac_statsN``, ``two_level_COMBINE_SPACE[_ggn|_mixed]``,
-``two_level_COMBINE_SPACE_stored[N]``,
+``two_level_COMBINE_SPACE_stored[N]``, ``two_level_COMBINE_SPACE_subsampleN``,
 ``two_level_COMBINE_spectral_iterK``, ``two_level_COMBINE_RESIDUAL_refreshed``,
 ``two_level_COMBINE_SPACE_klN`` (also ``…_storedN_klN``, ``…_iterK_klN``,
-``…_refreshed_klN``),
+``…_refreshed_klN``, ``…_subsampleN_klN``),
 ``kfac_adaptive_relative_modelN``),
 parsed without building anything (``contenders`` builds them; its module
 docstring says what each one is).
@@ -72,6 +72,17 @@ def two_level_stored(name: str):
   return head, (int(tail) if tail else None)
 
 
+def two_level_subsample(name: str):
+  """``(variant, coarse_batch)`` of ``two_level_COMBINE_SPACE_subsampleN``
+  (statistics' products; between statistics steps a pass over the batch's
+  first N rows), else None."""
+  head, sep, tail = name.rpartition("_subsample")
+  if (not sep or head not in TWO_LEVEL_VARIANTS or head.endswith(("_ggn", "_mixed"))
+      or suffix_count(tail, "") is None):
+    return None
+  return head, int(tail)
+
+
 def two_level_spectral_iterations(name: str):
   """``(variant, k)`` of ``two_level_COMBINE_spectral_iterK``, else None."""
   head, sep, tail = name.rpartition("_iter")
@@ -92,12 +103,13 @@ def two_level_refreshed(name: str):
 
 def two_level_kl_clip(name: str):
   """``(variant, κ)`` of ``VARIANT_klN``: a two-level variant
-  (``two_level_COMBINE_SPACE``, or its ``_stored[N]``, ``_iterK`` or
-  ``_refreshed`` form)
+  (``two_level_COMBINE_SPACE``, or its ``_stored[N]``, ``_subsampleN``,
+  ``_iterK`` or ``_refreshed`` form)
   with KL-clip κ = N instead of the task's, else None."""
   head, sep, tail = name.rpartition("_kl")
   if not sep or suffix_count(tail, "") is None or not (
       head in TWO_LEVEL_VARIANTS or two_level_stored(head) is not None
+      or two_level_subsample(head) is not None
       or two_level_spectral_iterations(head) is not None
       or two_level_refreshed(head) is not None):
     return None
@@ -107,16 +119,19 @@ def two_level_kl_clip(name: str):
 def settings_name(name: str) -> str:
   """The contender whose swept setting ``name`` may reuse: a stored-token
   two-level variant's is the variant's (same hyper-parameters, the Fisher
-  of the last statistics batch instead of the step's), and so is a spectral
-  one's with ``spectral_iterations`` (the same space, found by inverse
+  of the last statistics batch instead of the step's), so is a subsampled
+  one's (the Fisher of the step's first rows), and so is a spectral one's
+  with ``spectral_iterations`` (the same space, found by inverse
   iteration); else ``name``."""
-  found = two_level_stored(name) or two_level_spectral_iterations(name)
+  found = (two_level_stored(name) or two_level_subsample(name)
+           or two_level_spectral_iterations(name))
   return name if found is None else found[0]
 
 
 def known(name: str) -> bool:
   return (name in OPTIMIZERS or name in TWO_LEVEL_VARIANTS
           or two_level_stored(name) is not None
+          or two_level_subsample(name) is not None
           or two_level_spectral_iterations(name) is not None
           or two_level_refreshed(name) is not None
           or two_level_kl_clip(name) is not None

@@ -56,6 +56,10 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   the last statistics batch's first N examples (``coarse_statistics=
   "stored"``, ``coarse_batch=N``; Koroko et al.'s code, whose Fisher batch
   is a quarter of the batch): no statistics pass between refreshes;
+  ``two_level_COMBINE_SPACE_subsampleN``: between the fine level's
+  statistics steps the correction's Fisher from a statistics pass over the
+  step's first N rows only (``coarse_statistics="subsample"``,
+  ``coarse_batch=N``), on statistics steps the first N of the full pass;
   ``two_level_COMBINE_spectral_iterK``: the spectral space by K steps of
   warm-started inverse iteration per refresh (``spectral_iterations=K``)
   instead of an eigendecomposition, at the spectral variant's setting;
@@ -63,7 +67,7 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   ``krylov_residual``): the residual basis rebuilt on statistics steps only,
   with its ``F_c``, and kept between (``residual_refresh="statistics"``),
   swept on its own; ``two_level_COMBINE_SPACE_klN`` (also after
-  ``_storedN``, ``_iterK`` or ``_refreshed``): the variant with KL-clip κ = N instead
+  ``_storedN``, ``_subsampleN``, ``_iterK`` or ``_refreshed``): the variant with KL-clip κ = N instead
   of the task's (Koroko et al.'s reference runs use κ = 1, almost no
   clipping: the Galerkin correction of the multiplicative and balanced
   combinations sets the step's scale itself), swept on its own.
@@ -406,6 +410,12 @@ def make_contender(name: str, task) -> Contender:
     return _natural(name, task, kfe.two_level_kfac,
                     {"combine": combine, "coarse_space": space,
                      "residual_refresh": "statistics"})
+  if names.two_level_subsample(name) is not None:   # the step's first N rows
+    variant, rows = names.two_level_subsample(name)
+    combine, space = variant[len("two_level_"):].split("_", 1)
+    return _natural(name, task, kfe.two_level_kfac,
+                    {"combine": combine, "coarse_space": space,
+                     "coarse_statistics": "subsample", "coarse_batch": rows})
   if name in TWO_LEVEL_VARIANTS or names.two_level_stored(name) is not None:
     variant, stored = names.two_level_stored(name) or (name, False)
     products = next((p for p in ("ggn", "mixed") if variant.endswith("_" + p)),

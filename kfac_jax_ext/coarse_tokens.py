@@ -21,6 +21,16 @@ Fisher of per-example gradients ``u_k``, which the statistics' tokens
   shapes are fixed at ``init`` from ``example_batch`` (required; one
   device's batch under ``axis_name``): ``n·T_l·(d_a + d_g)`` numbers per
   coarse layer (``T_l`` positions per example).
+* ``"subsample"``: on the fine level's statistics steps the first ``n``
+  examples of that step's statistics (``n``: those of the batch's first
+  ``coarse_batch`` rows, required); on the other steps a statistics pass of
+  its own over those rows only (their forward and sampled backward), so the
+  tokens are always the step's own, at ``n/M`` of a full pass's cost
+  (Koroko et al.'s Fisher batch is a quarter of the batch). The sampled
+  targets are drawn by example index, so with one device the tokens equal
+  the first ``n`` of a full pass's (a model whose examples do not interact,
+  e.g. no BatchNorm in training mode). Under ``axis_name`` each device
+  takes its own first rows.
 
 Example::
 
@@ -40,10 +50,12 @@ from kfac_jax_ext import coarse_level as level
 from kfac_jax_ext import linalg
 from kfac_jax_ext import plan as plan_lib
 from kfac_jax_ext import schedule
+from kfac_jax_ext import statistics as stats_lib
+from kfac_jax_ext import stats_subsample
 from kfac_jax_ext import tracing
 from kfac_jax_ext import weight_sharing as sharing_lib
 
-MODES = ("batch", "stored")
+MODES = ("batch", "stored", "subsample")
 
 
 def per_step(combine: str, coarse_space, fisher_products: str,
@@ -65,10 +77,14 @@ def statistics_every_step(options: dict) -> bool:
                        options.get("residual_refresh", "step")))
 
 
-def check(mode, fisher_products: str, options: dict) -> None:
+def check(mode, fisher_products: str, options: dict, coarse_batch=None) -> None:
   """Raises ``ValueError`` for a ``coarse_statistics`` that cannot apply."""
   if mode not in MODES:
     raise ValueError(f"coarse_statistics must be one of {MODES}, got {mode!r}.")
+  if mode == "subsample" and coarse_batch is None:
+    raise ValueError("coarse_statistics='subsample' takes the statistics of the "
+                     "batch's first coarse_batch rows between statistics steps: "
+                     "pass coarse_batch=<rows>, e.g. a quarter of the batch.")
   if mode == "stored" and fisher_products == "ggn":
     raise ValueError("coarse_statistics='stored' keeps the statistics' tokens; "
                      "fisher_products='ggn' uses none (its products are the "
@@ -77,6 +93,36 @@ def check(mode, fisher_products: str, options: dict) -> None:
     raise ValueError("coarse_statistics='stored' keeps the tokens in the state, "
                      "whose shapes come from a batch: pass example_batch=<a batch"
                      ", or jax.ShapeDtypeStructs of its shapes>.")
+
+
+def check_key(active: bool, fisher: str, key) -> None:
+  """``"subsample"`` (``active``) draws targets between statistics steps."""
+  if active and fisher == "sampled" and key is None:
+    raise ValueError("coarse_statistics='subsample' runs a statistics pass of its "
+                     "own on the steps without statistics, and fisher='sampled' "
+                     "draws its targets: pass key=<PRNG key> to update.")
+
+
+def subsampled(active: bool, loss_fn, params, batch, traced, key, fisher,
+               coarse_batch, has_aux, axis_name, layers, dtype):
+  """``(tokens_of, n)`` of ``"subsample"`` (``active``): ``tokens_of(cb,
+  statistics)`` gives the coarse layers' tokens of the first ``n`` examples,
+  from ``cb`` (the step's full statistics) when ``statistics`` else from a
+  statistics pass over the batch's first ``coarse_batch`` rows; ``(None,
+  None)`` inactive."""
+  if not active:
+    return None, None
+  sub_batch, sub_traced = stats_subsample.statistics_inputs(
+      loss_fn, params, batch, traced, coarse_batch, has_aux, "coarse_batch")
+  n = sub_traced.num_examples
+
+  def tokens_of(cb, statistics):
+    if statistics:
+      return level.tokens(layers, traced, cb, dtype, n)
+    sub_cb = stats_lib.statistics_pass(sub_traced, params, sub_batch, key, fisher,
+                                       axis_name=axis_name)[2]
+    return level.tokens(layers, sub_traced, sub_cb, dtype, n)
+  return tokens_of, n
 
 
 def examples(num_examples: int, coarse_batch) -> int:

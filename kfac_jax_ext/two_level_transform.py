@@ -152,7 +152,7 @@ def scale_by_two_level_kfac(
                                  coarse_damping, omega, fisher_products)
   checks.check_two_level_options(fine_scale, coarse_batch, fisher_products, options,
                                  coarse_space, spectral_iterations)
-  coarse_tokens.check(coarse_statistics, fisher_products, options)
+  coarse_tokens.check(coarse_statistics, fisher_products, options, coarse_batch)
   coarse_refresh.check(residual_refresh, coarse_space, fisher_products)
   if coarse_matrix is None:
     coarse_matrix = ("kronecker" if fisher_products == "statistics" and combine
@@ -181,7 +181,8 @@ def scale_by_two_level_kfac(
   per_step_space = coarse_space in coarse.PER_STEP_SPACES and not refreshed
   # the per-step products need statistics' tokens: the step's, or stored ones
   stored = every_step and not ggn and coarse_statistics == "stored"
-  tokens_every_step = every_step and not ggn and not stored
+  subsample = every_step and not ggn and coarse_statistics == "subsample"
+  tokens_every_step = every_step and not ggn and not stored and not subsample
 
   def init_fn(params):
     base_state = base_init(params)
@@ -199,8 +200,9 @@ def scale_by_two_level_kfac(
     schedule.check_due(due, name)
     needs_batch = None if due is None else due._replace(
         statistics=due.statistics or tokens_every_step)
-    checks.check_update_args(name, params, batch, curvature, fisher,
-                             key, needs_batch)
+    checks.check_update_args(name, params, batch, curvature, fisher, key,
+                             needs_batch)
+    coarse_tokens.check_key(subsample, fisher, key)
     traced = tracing.trace_loss(loss_fn, params, batch, has_aux)
     if curvature is not None:
       cb = curvature
@@ -242,6 +244,10 @@ def scale_by_two_level_kfac(
       return out, state._replace(base=base_state)
     # the coarse level's examples: the first min(M, coarse_batch)
     m = coarse_tokens.examples(traced.num_examples, coarse_batch)
+    tokens_of, n_sub = coarse_tokens.subsampled(   # "subsample": its own pass between
+        subsample, loss_fn, params, batch, traced, key, fisher, coarse_batch,
+        has_aux, axis_name, layers, dtype)
+    m = n_sub or m
     stored_toks, tokens_ok = coarse_tokens.kept(    # the last statistics batch's
         stored, state.tokens, lambda: level.tokens(layers, traced, cb, dtype, m),
         stats_every, stats_due, static_stats)
@@ -254,7 +260,13 @@ def scale_by_two_level_kfac(
                                                     axis_name=axis_name)
       fvp = level.ggn_fvp(layers, operator, grads, shapes, ctx.damping, dtype)
     elif every_step:
-      toks = stored_toks if stored else level.tokens(layers, traced, cb, dtype, m)
+      if stored:
+        toks = stored_toks
+      elif subsample:   # the statistics step's first n, else a pass of its own
+        toks = schedule.maybe(stats_every, stats_due, lambda _: tokens_of(cb, True),
+                              lambda _: tokens_of(cb, False), None, static_stats)
+      else:
+        toks = level.tokens(layers, traced, cb, dtype, m)
       fvp = level.statistics_fvp(toks, m, ctx.damping, axis_name)
     # "mixed": the products used at full size (fed to M⁻¹ or a basis) from
     # the exact GGN; F_c and the projected ones from the statistics

@@ -557,6 +557,24 @@ def test_refreshed_residual_variants_parse_and_build(monkeypatch):
       "residual_refresh": "statistics"}
 
 
+def test_subsample_variants_parse_and_take_no_statistics_every_step(monkeypatch):
+  name = "two_level_multiplicative_nicolaides_subsample16"
+  assert contenders.known(name) and contenders.settings_name(name) == (
+      "two_level_multiplicative_nicolaides")
+  assert contenders.known("two_level_balanced_spectral_subsample250_kl1")
+  for bad in ("two_level_multiplicative_nicolaides_subsample",
+              "two_level_multiplicative_nicolaides_subsample0",
+              "two_level_multiplicative_residual_ggn_subsample16", "kfac_subsample16"):
+    assert not contenders.known(bad)
+  passes = []
+  real = contenders._fused
+  monkeypatch.setattr(contenders, "_fused", lambda *a, **kw: (
+      passes.append(kw["statistics_every_step"]), real(*a, **kw))[1])
+  assert _two_level_options_of(name, monkeypatch, "coarse_batch") == {
+      "combine": "multiplicative", "coarse_space": "nicolaides", "coarse_batch": 16}
+  assert passes == [False]       # the fused pass only on statistics steps
+
+
 def test_kl_clip_variants_parse_and_build_with_their_own_kappa(monkeypatch):
   name = "two_level_multiplicative_nicolaides_kl1"
   assert contenders.known(name) and contenders.settings_name(name) == name
