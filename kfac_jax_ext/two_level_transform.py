@@ -119,10 +119,13 @@ def scale_by_two_level_kfac(
       pass of the batch). ``None`` (default): all ``M`` examples. The fine
       level always uses the whole batch.
     coarse_statistics: a per-step correction's ``F``: ``"batch"`` (default:
-      each step's batch; a statistics pass every step) or ``"stored"`` (the
+      each step's batch; a statistics pass every step), ``"stored"`` (the
       tokens of the last statistics batch, kept in the state: no statistics
       pass between statistics steps, as in Koroko et al.'s code; needs
-      ``example_batch``; see ``coarse_tokens``).
+      ``example_batch``) or ``"subsample"`` (each step's first
+      ``coarse_batch`` rows, required: between statistics steps a pass of
+      its own over those rows only, at their share of the pass's cost; see
+      ``coarse_tokens``).
     spectral_iterations: ``"spectral"`` only. None (default): ``eigh`` of
       every factor per refresh. ``k``: k steps of inverse iteration with the
       base's refreshed ``(A + γI)⁻¹`` from the last vectors, O(d²) each
