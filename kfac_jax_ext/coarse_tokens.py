@@ -30,7 +30,8 @@ Fisher of per-example gradients ``u_k``, which the statistics' tokens
   targets are drawn by example index, so with one device the tokens equal
   the first ``n`` of a full pass's (a model whose examples do not interact,
   e.g. no BatchNorm in training mode). Under ``axis_name`` each device
-  takes its own first rows.
+  takes its own first rows (targets by their index among all devices'
+  first rows).
 
 Example::
 

@@ -12,6 +12,7 @@ import pytest
 
 import kfac_jax_ext as kfe
 from kfac_jax_ext import train_step
+from tests.test_multi_device import AXIS, _mlp_task, _split
 from tests.test_two_level import EXACT, LAM, _brute, _flat, _nicolaides_rows
 from tests.test_two_level_spaces import _base_inverse, _closed_form, _space_rows
 from tests.test_two_level_stored import N, _batches, two_updates
@@ -121,3 +122,34 @@ def test_subsample_errors_are_named():
   with pytest.raises(ValueError, match="draws its targets: pass key"):
     tx.update(jax.grad(loss)(params, first), tx.init(params), params, batch=first,
               due=kfe.Due(statistics=False, inverses=False))
+
+
+def test_under_pmap_each_device_takes_its_own_first_rows():
+  """Each device's own pass covers its first ``coarse_batch`` rows (targets
+  by global index of the sub-batch): equal to one device whose statistics
+  are those rows' (2 of 4 per device), with the whole batch's gradient."""
+  loss, params, batch = _mlp_task(batch_size=32)
+  options = dict(damping=0.1, combine="multiplicative", coarse_space="nicolaides")
+  grads = jax.grad(loss)(params, batch)
+  key, due = jax.random.PRNGKey(3), kfe.Due(statistics=False, inverses=False)
+  reference = kfe.scale_by_two_level_kfac(loss, **options)
+
+  def one_device(statistics_batch):
+    curvature = kfe.value_and_grad(loss)(params, statistics_batch, key)[2]
+    return reference.update(grads, reference.init(params), params,
+                            batch=statistics_batch, key=key, curvature=curvature,
+                            due=due)[0]
+
+  chosen = jax.tree_util.tree_map(
+      lambda x: _split(x)[:, :2].reshape((16,) + x.shape[1:]), batch)
+  tx = kfe.scale_by_two_level_kfac(loss, coarse_statistics="subsample",
+                                   coarse_batch=2, axis_name=AXIS, **options)
+  got = jax.pmap(lambda b: tx.update(grads, tx.init(params), params, batch=b,
+                                     key=key, due=due)[0], axis_name=AXIS)(
+                                         _split(batch))
+  got = _flat(jax.tree_util.tree_map(lambda x: np.asarray(x)[0], got))
+  want = _flat(one_device(chosen))
+  scale = float(jnp.max(jnp.abs(want)))
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+  # all four rows per device give another step: the test can fail
+  assert float(jnp.max(jnp.abs(_flat(one_device(batch)) - want))) > 1e-3 * scale
