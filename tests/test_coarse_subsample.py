@@ -13,14 +13,10 @@ import pytest
 import kfac_jax_ext as kfe
 from kfac_jax_ext import train_step
 from tests.test_multi_device import AXIS, _mlp_task, _split
-from tests.test_two_level import EXACT, LAM, _brute, _flat, _nicolaides_rows
-from tests.test_two_level_spaces import _base_inverse, _closed_form, _space_rows
-from tests.test_two_level_stored import N, _batches, two_updates
-
-
-def _two_updates(loss, params, first, second, mode, **options):
-  return two_updates(loss, params, first, second, coarse_batch=N,
-                     coarse_statistics=mode, **options)
+from tests.test_two_level import EXACT, _brute, _flat
+from tests.test_two_level_spaces import _base_inverse
+from tests.test_two_level_stored import (N, _batches, _two_updates,
+                                         closed_form_step, next_step_of)
 
 
 @pytest.mark.parametrize("task,space,combine", [
@@ -30,28 +26,16 @@ def _two_updates(loss, params, first, second, mode, **options):
 def test_subsample_gives_the_closed_form_with_the_steps_first_examples(
     task, space, combine):
   loss, params, first, second = _batches(task)
-  out0, out1, _, _ = _two_updates(loss, params, first, second, "subsample",
-                                  combine=combine, coarse_space=space)
-  # a statistics step: the full pass's first N, exactly as with "batch"
-  ref0, _, _, _ = _two_updates(loss, params, first, second, "batch",
-                               combine=combine, coarse_space=space)
-  np.testing.assert_array_equal(out0, ref0)
-  # the next step (no statistics): F of the second batch's first N
+  out1 = next_step_of("subsample", loss, params, first, second, space, combine)
+  # the next step (no statistics): F of the second batch's own first N
   grad, u = _brute(loss, params, second)
   minv = _base_inverse(loss, params, first)
-  masks = _nicolaides_rows(params)
-
-  def closed_form(n):
-    f = u[:, :n] @ u[:, :n].T / n + LAM * jnp.eye(u.shape[0])
-    r = (masks if space == "nicolaides" else
-         _space_rows(space, masks, minv, grad - f @ minv(grad)))
-    return _closed_form(combine, r, f, grad, minv, alpha_scaled=False)
-
-  expected = closed_form(N)
+  expected = closed_form_step(loss, params, second, grad, minv, space, combine)
   scale = float(jnp.max(jnp.abs(expected)))
   np.testing.assert_allclose(out1, expected, rtol=0, atol=1e-9 * scale)
   # the Fisher of all the batch's examples gives another step: it can fail
-  other = closed_form(u.shape[1])
+  other = closed_form_step(loss, params, second, grad, minv, space, combine,
+                           n=u.shape[1])
   assert float(jnp.max(jnp.abs(other - expected))) > 1e-3 * scale
 
 

@@ -50,6 +50,30 @@ def _two_updates(loss, params, first, second, mode, **options):
                      coarse_statistics=mode, example_batch=first, **options)
 
 
+def next_step_of(mode, loss, params, first, second, space, combine):
+  """``_two_updates``' second direction (no statistics); the first (a
+  statistics step) must equal the ``"batch"`` form's exactly."""
+  out0, out1, _, _ = _two_updates(loss, params, first, second, mode,
+                                  combine=combine, coarse_space=space)
+  ref0, _, _, _ = _two_updates(loss, params, first, second, "batch",
+                               combine=combine, coarse_space=space)
+  np.testing.assert_array_equal(out0, ref0)
+  return out1
+
+
+def closed_form_step(loss, params, fisher_batch, grad, minv, space, combine, n=N):
+  """The step on ``∇ = grad`` with ``F`` of ``fisher_batch``'s first ``n``
+  per-example gradients (``vmap(grad)``) and the fine ``M⁻¹``."""
+  _, u = _brute(loss, params, fisher_batch)
+  f = u[:, :n] @ u[:, :n].T / n + LAM * jnp.eye(u.shape[0])
+  masks = _nicolaides_rows(params)
+  r = (masks if space == "nicolaides" else
+       _space_rows(space, masks, minv, grad - f @ minv(grad)))
+  if combine == "additive":
+    return minv(grad) + r.T @ jnp.linalg.solve(r @ f @ r.T, r @ grad)
+  return _closed_form(combine, r, f, grad, minv, alpha_scaled=False)
+
+
 @pytest.mark.parametrize("task,space,combine", [
     ("mlp", "residual", "multiplicative"), ("mlp", "nicolaides", "balanced"),
     ("mlp", "krylov_residual", "multiplicative"), ("mlp", "residual", "additive"),
@@ -58,32 +82,15 @@ def _two_updates(loss, params, first, second, mode, **options):
 def test_stored_tokens_give_the_closed_form_with_the_last_statistics_batch(
     task, space, combine):
   loss, params, first, second = _batches(task)
-  out0, out1, _, _ = _two_updates(loss, params, first, second, "stored",
-                                  combine=combine, coarse_space=space)
-  # a statistics step: exactly the step's own batch, as with "batch"
-  ref0, _, _, _ = _two_updates(loss, params, first, second, "batch",
-                               combine=combine, coarse_space=space)
-  np.testing.assert_array_equal(out0, ref0)
+  out1 = next_step_of("stored", loss, params, first, second, space, combine)
   # the next step: ∇ of the second batch, F of the first batch's first N
   grad, _ = _brute(loss, params, second)
   minv = _base_inverse(loss, params, first)
-  masks = _nicolaides_rows(params)
-
-  def closed_form(batch):
-    """The step with F of ``batch``'s first N per-example gradients."""
-    _, u = _brute(loss, params, batch)
-    f = u[:, :N] @ u[:, :N].T / N + LAM * jnp.eye(u.shape[0])
-    r = (masks if space == "nicolaides" else
-         _space_rows(space, masks, minv, grad - f @ minv(grad)))
-    if combine == "additive":
-      return minv(grad) + r.T @ jnp.linalg.solve(r @ f @ r.T, r @ grad)
-    return _closed_form(combine, r, f, grad, minv, alpha_scaled=False)
-
-  expected = closed_form(first)
+  expected = closed_form_step(loss, params, first, grad, minv, space, combine)
   scale = float(jnp.max(jnp.abs(expected)))
   np.testing.assert_allclose(out1, expected, rtol=0, atol=1e-9 * scale)
   # the second batch's own Fisher gives another step: the test could fail
-  other = closed_form(second)
+  other = closed_form_step(loss, params, second, grad, minv, space, combine)
   assert float(jnp.max(jnp.abs(other - expected))) > 1e-3 * scale
 
 
