@@ -25,7 +25,7 @@ Fisher of per-example gradients ``u_k``, which the statistics' tokens
   examples of that step's statistics (``n``: those of the batch's first
   ``coarse_batch`` rows, required); on the other steps a statistics pass of
   its own over those rows only (their forward and sampled backward), so the
-  tokens are always the step's own, at ``n/M`` of a full pass's cost
+  tokens are always the step's own, at ``n/M`` of a full pass's FLOPs
   (Koroko et al.'s Fisher batch is a quarter of the batch). The sampled
   targets are drawn by example index, so with one device the tokens equal
   the first ``n`` of a full pass's (a model whose examples do not interact,

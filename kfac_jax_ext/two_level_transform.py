@@ -124,7 +124,7 @@ def scale_by_two_level_kfac(
       pass between statistics steps, as in Koroko et al.'s code; needs
       ``example_batch``) or ``"subsample"`` (each step's first
       ``coarse_batch`` rows, required: between statistics steps a pass of
-      its own over those rows only, at their share of the pass's cost; see
+      its own over those rows only, at their share of the pass's FLOPs; see
       ``coarse_tokens``).
     spectral_iterations: ``"spectral"`` only. None (default): ``eigh`` of
       every factor per refresh. ``k``: k steps of inverse iteration with the
