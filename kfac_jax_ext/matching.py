@@ -273,7 +273,7 @@ def _scale_and_shift_layers(ctx: _Uses, taken: set):
       use = dataclasses.replace(use, view=patterns.View(use.leaf, rest))
     multiplier = ()
     if patterns.scale_shift_axes(use, eqn, shape) is None:
-      rescaled = None if in_scan is not None else _rescaled_scale(ctx, use, eqn, shape)
+      rescaled = _rescaled_scale(ctx, use, eqn, shape)
       if rescaled is None:
         continue
       use, eqn, multiplier = rescaled

@@ -102,17 +102,19 @@ def _evaluate_scan(eqn, scan, invals, path, probes, actions, active):
 
 
 def instrumentation(traced: tracing.TracedLoss):
-  actions: dict = {}
+  actions = scales_lib.loss_actions(traced)
   for li, layer in enumerate(traced.layers):
     for ci, (site, operand) in enumerate(layer.captures):
       actions.setdefault(site, []).append(("capture", ("a", li, ci), operand))
     for site in layer.probes:   # one probe per site (concatenated kernels share it)
       if ("probe",) not in actions.setdefault(site, []):
         actions[site].append(("probe",))
-  for k, site in enumerate(traced.loss_sites):
-    actions.setdefault(site, []).append(("loss", ("loss", k)))
-  active = {site[0][:n] for site in actions for n in range(1, len(site[0]) + 1)}
-  return actions, active
+  return actions, _active(actions)
+
+
+def _active(actions) -> set:
+  """The paths of the call bodies the interpreter must enter."""
+  return {site[0][:n] for site in actions for n in range(1, len(site[0]) + 1)}
 
 
 def _steps_shape(traced, path) -> tuple:
@@ -240,7 +242,10 @@ def _scale_shift_statistics(layer, traced, captured, probe_grads, li):
     g = probe_grads[layer.probes[0]]
     x = jnp.broadcast_to(captured[("a", li, 0)], g.shape)
     if len(layer.captures) > 1:   # the scale's per-feature multiplier (BatchNorm)
-      x = x * jnp.broadcast_to(captured[("a", li, 1)], g.shape)
+      r = captured[("a", li, 1)]    # in a scan: [L, features], stacked per step
+      n_scans = len(_steps_shape(traced, layer.captures[1][0][0]))
+      r = r.reshape(r.shape[:n_scans] + (1,) * (g.ndim - r.ndim) + r.shape[n_scans:])
+      x = x * jnp.broadcast_to(r, g.shape)
     u_scale = tokens(x * g)
     k = 1
   if layer.shift is not None:
@@ -253,13 +258,11 @@ def evaluate_losses(traced: tracing.TracedLoss, p_leaves, b_leaves):
   ``(outputs, registered)`` with ``outputs`` the flat outputs of ``loss_fn``
   (the loss first) and ``registered`` one ``RegisteredLoss`` per loss helper
   call, in trace order. Differentiable in ``p_leaves``."""
-  actions = {site: [("loss", ("loss", k))]
-             for k, site in enumerate(traced.loss_sites)}
-  active = {site[0][:n] for site in actions for n in range(1, len(site[0]) + 1)}
+  actions = scales_lib.loss_actions(traced)
   closed = traced.closed_jaxpr
   outs, captured = evaluate_jaxpr(closed.jaxpr, closed.consts,
                              list(p_leaves) + list(b_leaves), (), {}, actions,
-                             active)
+                             _active(actions))
   return outs, scales_lib.registered_losses(traced, captured)
 
 

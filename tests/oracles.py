@@ -59,19 +59,22 @@ def mlp_output_grads(params, x, per_example_loss, act=jnp.tanh):
   return one
 
 
-def mlp_empirical_factors(params, batch):
+def mlp_empirical_factors(params, batch, weights=None):
   """Per layer, ``(A, G)`` of a softmax cross-entropy MLP's empirical Fisher:
   ``Ā = [a, 1]``, ``g`` from ``vmap(grad)`` of each example's loss,
-  ``A = ĀᵀĀ/N``, ``G = gᵀg/N``."""
+  ``A = ĀᵀĀ/N``, ``G = gᵀ diag(w) g/N`` (``w``: per-example ``weights`` of
+  the loss ``mean_n w_n l_n``, 1 by default: they enter the Fisher
+  linearly)."""
   per_example = lambda logits, label: -jax.nn.log_softmax(logits)[label]
   g_fn = mlp_output_grads(params, batch["x"], per_example)
   gs = jax.vmap(lambda xn, yn: g_fn(xn, (yn,)))(batch["x"], batch["y"])
   inputs, _ = mlp_inputs_and_preacts(params, batch["x"])
   n = batch["x"].shape[0]
   out = []
+  w = jnp.ones((n,), gs[0].dtype) if weights is None else jnp.asarray(weights, gs[0].dtype)
   for a, g in zip(inputs, gs):
     abar = homogeneous(a)
-    out.append((abar.T @ abar / n, g.T @ g / n))
+    out.append((abar.T @ abar / n, (g.T * w) @ g / n))
   return out
 
 

@@ -29,8 +29,11 @@ discovery gives every kernel a block, and K-FAC trains it.
 * flax's ``examples/wmt`` encoder-decoder transformer: cross-attention, and
   one embedding table shared by the encoder's inputs, the decoder's inputs
   and the logits (three uses, one tied block), with dropout and the
-  example's padding weights.
+  example's padding weights and its normalisation by their sum (a factor
+  read at run time, ``kfac_jax_ext/loss_scales.py``).
 """
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -285,11 +288,12 @@ def test_flax_wmt_encoder_decoder_every_parameter_has_a_block_and_trains():
   targets = rng.integers(1, 30, (8, 9)).astype(np.int32)
   targets[:2, -2:] = 0                      # padding: weight 0, as in train.py
 
-  def loss_fn(p, b):
+  def loss_fn(p, b):   # train.py's loss / weight_sum: Σ w·l / Σ w
     logits = model.apply({"params": p}, b["inputs"], b["targets"],
                          rngs={"dropout": b["dropout"]})
-    return kfe.softmax_cross_entropy(logits, b["targets"],
-                                     weights=b["targets"] > 0)
+    weights = b["targets"] > 0
+    return kfe.softmax_cross_entropy(logits, b["targets"], weights=weights) * (
+        weights.size / jnp.sum(weights))
 
   with jax.enable_x64(False):
     batch = {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets),
@@ -297,7 +301,9 @@ def test_flax_wmt_encoder_decoder_every_parameter_has_a_block_and_trains():
     params = model.init({"params": jax.random.PRNGKey(0),
                          "dropout": jax.random.PRNGKey(1)},
                         batch["inputs"], batch["targets"])["params"]
-    text = kfe.describe_layers(loss_fn, params, batch)
+    with warnings.catch_warnings():   # its normaliser is read at run time
+      warnings.filterwarnings("error", message="loss_fn: the value of loss helper")
+      text = kfe.describe_layers(loss_fn, params, batch)
     shared = next(r.split() for r in text.splitlines()
                   if r.startswith("shared_embedding"))
     assert shared[1:4] == ["tied", "kronecker", "30x16"], shared
