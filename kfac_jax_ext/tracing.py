@@ -139,7 +139,7 @@ class _Walker:
         continue
       scan = jint.scan_parts(eqn)
       if scan is not None and any(v is not None for v in in_views):
-        self._walk_scan(eqn, scan, path + (i,), in_views, any(live[i]))
+        self._walk_scan(eqn, scan, path + (i,), in_views, live[i], value[i])
         continue
       nested = jint.sub_jaxprs(eqn)
       if any(live[i]):
@@ -153,10 +153,14 @@ class _Walker:
         for body in nested:  # loss tags or leaves captured as constants
           self._scan_nested(body, path + (i,), name)
 
-  def _walk_scan(self, eqn, scan, path, in_views, is_live):
+  def _walk_scan(self, eqn, scan, path, in_views, live_outs, value_outs):
     """Into a scan body: a leaf in ``xs`` is seen as ``leaf[i]`` at step i,
     one closed over (``consts``) as the whole leaf at every step; a leaf
-    passed as the initial carry is a use with a reason."""
+    passed as the initial carry is a use with a reason. ``live_outs`` and
+    ``value_outs``: the scan's outputs that reach the losses' inputs and the
+    loss value (a use in the body that reaches only the value, such as a
+    penalty accumulated in the carry, is a penalty's)."""
+    is_live = any(live_outs)
     inner = {}
     body = scan.body.jaxpr
     for k, (bv, iv) in enumerate(zip(body.invars, in_views)):
@@ -171,7 +175,8 @@ class _Walker:
                 else patterns.SCAN_SLICE)
       inner[bv] = patterns.View(iv.leaf, iv.chain + ((marker, {"length": scan.length}),))
     if is_live:
-      self.walk(body, path, inner, [True] * len(body.outvars))
+      self.walk(body, path, inner, _body_outputs(scan, live_outs, True),
+                _body_outputs(scan, value_outs, False))
     else:
       self._scan_nested(body, path, "scan")
 
@@ -182,6 +187,22 @@ class _Walker:
                          f"'{name}'; call it at the top level of loss_fn.")
       for body in jint.sub_jaxprs(eqn):
         self._scan_nested(body, path, name)
+
+
+def _body_outputs(scan, scan_outs, to_losses) -> list:
+  """The scan body's outputs (carry, then per-step outputs, as the scan's)
+  that reach what the scan's ``scan_outs`` reach: a carry is live when the
+  scan returns it live or the body's live outputs read it at the next
+  step (a fixed point over the carry)."""
+  body, outs = scan.body.jaxpr, [bool(o) for o in scan_outs]
+  carry_in = body.invars[scan.num_consts:scan.num_consts + scan.num_carry]
+  while True:
+    live = _liveness(body, outs, to_losses)[1]
+    new = [o or (k < scan.num_carry and carry_in[k] in live)
+           for k, o in enumerate(outs)]
+    if new == outs:
+      return outs
+    outs = new
 
 
 def _shifted_view(eqn, in_views) -> bool:

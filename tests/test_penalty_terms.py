@@ -7,12 +7,14 @@ not a second use of the kernel (before, ``loss + c·Σw²`` made every
 penalised kernel "used 2 times: tied or shared" and fall back). The
 statistics stay those of the registered losses; the update preconditions
 the whole gradient, the penalty's included. Float64, against the oracle's
-factors of the registered loss alone.
+factors of the registered loss alone. Inside a ``scan`` body the same holds
+for a penalty accumulated in the carry.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import kfac_jax_ext as kfe
 from tests import oracles
@@ -98,3 +100,44 @@ def test_a_penalty_inside_a_jitted_loss_function():
   assert "Every parameter belongs to a layer." in text, text
   assert "kronecker 100.0%" in text.splitlines()[-1], text
   assert "(a penalty): 0/w, 1/w." in text, text
+
+
+def _scanned(penalty, per_step_extra):
+  """A scan over three stacked ``tanh(h W_l)`` layers; ``penalty``: ``C1·Σw²``
+  accumulated in the carry and added to the loss; ``per_step_extra``: a
+  per-step output ``Σ W_l`` the loss never reads."""
+  def loss(p, b):
+    def body(carry, w):
+      h, pen = carry
+      return (jnp.tanh(h @ w), pen + jnp.sum(w ** 2)), (
+          jnp.sum(w) if per_step_extra else None)
+    (h, pen), _ = jax.lax.scan(body, (b["x"], 0.0), p["k"])
+    data = kfe.softmax_cross_entropy(h @ p["out"], b["y"])
+    return data + C1 * pen if penalty else data
+  return loss
+
+
+@pytest.mark.parametrize("penalty, per_step_extra", [(True, False), (False, True),
+                                                     (True, True)])
+def test_a_penalty_in_a_scan_body_keeps_the_scanned_blocks(penalty, per_step_extra):
+  """Inside the body, a use of the scanned kernel that reaches only the loss
+  value (through the carry) or nothing (an output the loss never reads) is
+  not a second use: the stacked kernel keeps its per-step blocks, equal to
+  those of the loss without it, applied to the whole gradient."""
+  ks = jax.random.split(jax.random.PRNGKey(0), 2)
+  params = {"k": jax.random.normal(ks[0], (3, 5, 5)) / 2,
+            "out": jax.random.normal(ks[1], (5, 3))}
+  batch = _batch()
+  loss, plain = _scanned(penalty, per_step_extra), _scanned(False, False)
+  text = kfe.describe_layers(loss, params, batch)
+  assert "Every parameter belongs to a layer." in text, text
+  assert ("(a penalty): k." in text) == penalty, text
+  grads = jax.grad(loss)(params, batch)
+  updates = []
+  for fn in (loss, plain):
+    tx = kfe.scale_by_kfac(fn, damping=LAM, damping_mode="tikhonov", ema_decay=0.0,
+                           fisher="empirical", example_batch=batch)
+    updates.append(tx.update(grads, tx.init(params), params, batch=batch)[0])
+  for leaf in ("k", "out"):
+    np.testing.assert_allclose(updates[0][leaf], updates[1][leaf], rtol=1e-12)
+  assert np.max(np.abs(updates[0]["k"] - grads["k"] / LAM)) > 1e-3   # not the fallback
