@@ -211,7 +211,7 @@ class Kronecker(base.CurvatureBlock):
     a, g = estimate
     one = lambda x, y, lam: refresh(x, y, lam, self.mode)
     if self.batched:
-      *out, ok = jax.vmap(one)(a, g, jnp.broadcast_to(damping, a.shape[:1]))
+      *out, ok = linalg.map_blocks(one, a, g, jnp.broadcast_to(damping, a.shape[:1]))
       return KroneckerInverseData(*out), jnp.all(ok)
     *out, ok = one(a, g, damping)
     return KroneckerInverseData(*out), ok

@@ -27,6 +27,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_ext import linalg
 from kfac_jax_ext.blocks import woodbury
 
 
@@ -54,7 +55,8 @@ class BatchedWoodbury(woodbury.Woodbury):
 
   def refresh(self, estimate, damping):
     one = lambda a, g: super(BatchedWoodbury, self).refresh((a, g), damping)
-    data, ok = jax.vmap(one, in_axes=(1, 1))(*estimate)
+    blocks_first = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 1, 0), tuple(estimate))
+    data, ok = linalg.map_blocks(one, *blocks_first)
     return data, jnp.all(ok)
 
   def apply(self, inverse, v, damping):
