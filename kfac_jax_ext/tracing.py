@@ -262,7 +262,7 @@ def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False,
                   "shard_map.")
     try:
       error = type(e)(message)
-    except TypeError:   # a JAX error type whose constructor takes no message
+    except Exception:   # a JAX error type whose constructor takes no message
       error = ValueError(message)
     raise error from e
 

@@ -229,6 +229,23 @@ class NnxBlock(nnx.Module):
     return self.out(self.att(self.emb(ids)))
 
 
+def test_a_loss_fn_that_needs_concrete_values_gets_a_readable_error():
+  """``float(x)`` on a traced value (a model that is not jit-traceable, as a
+  third-party Swin's ``.item()``): the error says what failed, with JAX's
+  message (JAX's error type does not take a message: on the Swin, the
+  library's re-raise itself failed with an AttributeError)."""
+  params = {"w": jnp.ones((3, 2))}
+  batch = {"x": jnp.ones((4, 3)), "y": jnp.zeros((4,), jnp.int32)}
+
+  def loss_fn(p, b):
+    scale = float(p["w"].sum())        # concrete value needed
+    return kfe.softmax_cross_entropy(scale * b["x"] @ p["w"], b["y"])
+
+  with pytest.raises(ValueError, match=r"(?s)tracing loss_fn\(params, batch\) "
+                     r"failed.*concrete value"):
+    kfe.find_layers(loss_fn, params, batch)
+
+
 def test_nnx_attention_and_embed():
   graphdef, state = nnx.split(NnxBlock(nnx.Rngs(0)))
   loss = lambda s, b: kfe.softmax_cross_entropy(nnx.merge(graphdef, s)(b["x"]),
