@@ -278,12 +278,17 @@ def _scale_and_shift_layers(ctx: _Uses, taken: set):
         continue
       use, eqn, multiplier = rescaled
     out_shape = eqn.outvars[0].aval.shape
-    g = groups.setdefault(ctx.name(leaf), dict(
-        site=(use.path, use.eqn), captures=(), probes=(), scale=None,
-        shift=None, inputs_shape=tuple(out_shape), steps=steps, marker=marker))
     role = "scale" if use.primitive == "mul" else "shift"
+    new = lambda: dict(
+        site=(use.path, use.eqn), captures=(), probes=(), scale=None,
+        shift=None, inputs_shape=tuple(out_shape), steps=steps, marker=marker)
+    g = groups.setdefault(ctx.name(leaf), new())
     if g[role] is not None or (g["steps"], g["marker"]) != (steps, marker):
-      continue
+      # a second scale (or shift) in one module, as CaiT's layer scales
+      # gamma_1 and gamma_2: a layer of its own, named by the leaf's path
+      g = groups.setdefault("/".join(map(str, ctx.paths[leaf])), new())
+      if g[role] is not None:
+        continue
     g[role] = leaf
     g["probes"] += ((use.path, use.eqn),)
     if role == "scale":   # its input, then (BatchNorm) its per-feature multiplier

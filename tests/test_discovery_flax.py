@@ -152,6 +152,41 @@ def test_rmsnorm_one_plus_scale_is_exact():
                              rtol=1e-10)
 
 
+class _TwoLayerScales(nn.Module):
+  """CaiT's block: two layer scales in one module (``gamma_1 * attn``,
+  ``gamma_2 * mlp``)."""
+  @nn.compact
+  def __call__(self, x):
+    g1 = self.param("gamma_1", nn.initializers.constant(0.5), (4,))
+    g2 = self.param("gamma_2", nn.initializers.constant(0.7), (4,))
+    x = x + g1 * nn.Dense(4)(x)
+    x = x + g2 * nn.Dense(4)(jnp.tanh(x))
+    return nn.Dense(3)(x)
+
+
+def test_two_layer_scales_in_one_module_each_get_their_exact_diagonal():
+  """The second scale of a module used to fall back ("no recognised layer
+  pattern"); each now has its diagonal ``Σ_n u_n² / N`` (empirical)."""
+  model = _TwoLayerScales()
+  x = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
+  y = jnp.array([0, 1, 2, 0, 1, 2])
+  params = model.init(jax.random.PRNGKey(0), x)
+  batch = {"x": x, "y": y}
+  loss = lambda p, b: kfe.softmax_cross_entropy(model.apply(p, b["x"]), b["y"])
+  assert "Every parameter belongs to a layer." in kfe.describe_layers(loss, params, batch)
+  lam = 0.1
+  tx = kfe.scale_by_kfac(loss, damping=lam, ema_decay=0.0, fisher="empirical",
+                         example_batch=batch)
+  grads = jax.grad(loss)(params, batch)
+  upd = tx.update(grads, tx.init(params), params, batch=batch)[0]["params"]
+  per_ex = jax.vmap(jax.grad(lambda p, x, y: -jax.nn.log_softmax(
+      model.apply(p, x[None])[0])[y]), (None, 0, 0))(params, x, y)["params"]
+  for leaf in ("gamma_1", "gamma_2"):
+    diag = jnp.mean(per_ex[leaf] ** 2, axis=0)
+    np.testing.assert_allclose(upd[leaf], grads["params"][leaf] / (diag + lam),
+                               rtol=1e-10)
+
+
 class _TrainingBatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
