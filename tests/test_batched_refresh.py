@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import kfac_jax_ext as kfe
+from kfac_jax_ext import _jax_internals as jint
 from kfac_jax_ext import linalg
 
 DECOMPOSITIONS = ("lu", "triangular_solve", "eigh", "cholesky", "qr", "svd")
@@ -37,11 +38,8 @@ def _decompositions(jaxpr):
   for eqn in jaxpr.eqns:
     if eqn.primitive.name in DECOMPOSITIONS:
       yield eqn
-    for value in eqn.params.values():
-      for item in value if isinstance(value, (list, tuple)) else (value,):
-        inner = getattr(item, "jaxpr", item)     # closed or open jaxprs
-        if hasattr(inner, "eqns"):
-          yield from _decompositions(inner)
+    for inner in jint.sub_jaxprs(eqn):
+      yield from _decompositions(inner)
 
 
 def test_map_blocks_equals_vmap():
