@@ -335,7 +335,8 @@ def write(layers, leaves, mats, shapes):
                                         l.kl.has_bias)
     leaves[layer.kernel] = kernel.astype(leaves[layer.kernel].dtype)
     if l.kl.has_bias:
-      leaves[layer.bias] = bias.astype(leaves[layer.bias].dtype)
+      old = leaves[layer.bias]
+      leaves[layer.bias] = bias.reshape(old.shape).astype(old.dtype)
   return leaves
 
 

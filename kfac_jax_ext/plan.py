@@ -179,7 +179,9 @@ def layer_ag(stats, layer: tracing.LayerMatch):
 
 
 def from_matrix(layer: tracing.LayerMatch, m, kernel_shape, has_bias: bool):
-  """Inverse of ``to_matrix``: ``(kernel, bias or None)``."""
+  """Inverse of ``to_matrix``: ``(kernel, bias or None)``; the bias flat
+  (``[d_out]``, per slice or group in order): callers reshape it to the bias
+  leaf's own shape (an Einsum's ``[heads, features]``)."""
   perm = layer.kernel_perm
   if layer.stacked:   # per slice: [slices(·groups), d_a, d_out]
     one = dataclasses.replace(layer, stacked=False, groups=layer.slice_groups)
@@ -212,7 +214,8 @@ def write_layer(out: list, kl: KroneckerLayer, delta, grads) -> None:
   dk, db = from_matrix(kl.layer, delta, kernel_grad.shape, kl.has_bias)
   out[kl.layer.kernel] = dk.astype(kernel_grad.dtype)
   if kl.has_bias:
-    out[kl.layer.bias] = db.astype(grads[kl.layer.bias].dtype)
+    bias_grad = grads[kl.layer.bias]   # e.g. an Einsum's [heads, features]
+    out[kl.layer.bias] = db.reshape(bias_grad.shape).astype(bias_grad.dtype)
 
 
 def precondition_layers(plan: Plan, grads, dtype, apply) -> list:

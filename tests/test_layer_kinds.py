@@ -366,3 +366,44 @@ def test_gated_ffn_kernel_sliced_in_two_is_two_blocks():
     expected = jnp.linalg.solve(block + LAM * jnp.eye(v.shape[0]), v)
     np.testing.assert_allclose(upd["w"][j].ravel(), expected, rtol=1e-9,
                                atol=1e-12)
+
+
+_ALIASES = {
+    "kfac": lambda f, b: kfe.kfac(f, 0.1, damping=0.1, example_batch=b),
+    "kfac_adaptive": lambda f, b: kfe.kfac(f, "adaptive", momentum="adaptive",
+                                           damping=0.1, example_batch=b),
+    "tridiagonal": lambda f, b: kfe.kfac(f, 0.1, damping=0.1,
+                                         structure="block_tridiagonal",
+                                         example_batch=b),
+    "tkfac": lambda f, b: kfe.tkfac(f, 0.1, damping=0.1, example_batch=b),
+    "tengrad": lambda f, b: kfe.tengrad(f, 0.1, damping=0.1, example_batch=b),
+    "two_level": lambda f, b: kfe.two_level_kfac(f, 0.1, damping=0.1,
+                                                 coarse_space="spectral",
+                                                 example_batch=b),
+    "natural_gradient": lambda f, b: kfe.natural_gradient(f, 0.1, damping=0.1,
+                                                          example_batch=b),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ALIASES))
+def test_einsum_bias_update_keeps_the_bias_shape(name):
+  """An ``nn.Einsum`` bias of shape ``[n, h]`` is folded into the kernel's
+  block as a flat row; its update comes back in the leaf's own shape (it
+  came back ``[n·h]``, and ``optax.apply_updates`` failed) and training
+  steps run."""
+  ein = nn.Einsum((2, 4, 3), "bd,ndh->bnh")
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 4))
+  params = ein.init(jax.random.PRNGKey(1), x)["params"]
+  assert params["bias"].shape == (2, 3)
+  loss = lambda p, b: kfe.softmax_cross_entropy(
+      ein.apply({"params": p}, b["x"]).reshape(6, -1), b["y"])
+  batch = {"x": x, "y": jnp.array([0, 1, 2, 3, 4, 5])}
+  assert "kronecker 5x6" in kfe.describe_layers(loss, params, batch)
+  opt = _ALIASES[name](loss, batch)
+  step = kfe.make_train_step(loss, opt)
+  state, losses = opt.init(params), []
+  for i in range(3):
+    params, state, value = step(params, state, batch, jax.random.PRNGKey(i), i)
+    losses.append(float(value))
+  assert params["bias"].shape == (2, 3)
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses

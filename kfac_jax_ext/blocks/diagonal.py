@@ -83,7 +83,7 @@ def batch_diagonals(plan, traced, cb, fallback: str, dtype,
                                     layer.bias is not None)
       for leaf, v in ((layer.kernel, dk), (layer.bias, db)):
         if leaf is not None:
-          out[leaf] = v
+          out[leaf] = v.reshape(traced.param_shapes[leaf])
   out = distributed.mean(out, axis_name)
   if fallback == "diagonal":
     grads = distributed.total(tuple(g.astype(dtype) for g in cb.fallback_grads),
