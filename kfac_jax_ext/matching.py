@@ -19,49 +19,15 @@ import dataclasses
 import numpy as np
 
 from kfac_jax_ext import _jax_internals as jint
+from kfac_jax_ext import bias_fold
 from kfac_jax_ext import concatenated
 from kfac_jax_ext import patterns
 from kfac_jax_ext.patterns import LayerMatch
 
 
-def _consumers(jaxpr, var):
-  found = [(i, j) for i, e in enumerate(jaxpr.eqns) for j, v in enumerate(e.invars)
-           if v is var]
-  if any(v is var for v in jaxpr.outvars):
-    found.append((None, None))
-  return found
-
-
 def _module_name(paths, leaf) -> str:
   """A leaf's module path (its key path without the last key)."""
   return "/".join(map(str, paths[leaf][:-1] or paths[leaf])) or str(leaf)
-
-
-def _bias(jaxpr, use, out_axes, single, at_operand, shapes,
-          marker=None):
-  """``(probe eqn, bias leaf)``: the single ``add`` of a bias leaf aligned with
-  ``out_axes`` that consumes the layer output, if any (inside a scan body,
-  a bias that enters the scan as the kernel does: both scanned or both
-  closed over)."""
-  s = jaxpr.eqns[use.eqn].outvars[0]
-  cons = _consumers(jaxpr, s)
-  if len(cons) != 1 or cons[0][0] is None:
-    return use.eqn, None
-  ci, cj = cons[0]
-  b = at_operand.get((use.path, ci, 1 - cj))
-  if jaxpr.eqns[ci].primitive.name != "add" or b is None or single.get(b.leaf) is not b:
-    return use.eqn, None
-  shape, chain = shapes[b.leaf], b.view.chain
-  in_scan = patterns.scan_view(chain)
-  if (in_scan[0] if in_scan else None) is not marker:
-    return use.eqn, None
-  if in_scan is not None:
-    chain = in_scan[2]
-    shape = shape[1:] if marker is patterns.SCAN_SLICE else shape
-  if len(shape) == len(out_axes) and patterns.aligned(
-      patterns.simulate(shape, chain), shape, s.aval.shape, out_axes):
-    return ci, b.leaf
-  return use.eqn, None
 
 
 def _tied(uses, matched):
@@ -195,14 +161,15 @@ def _single_use_layers(ctx: _Uses, taken: set):
       continue
     m, layer = found_use
     if m["kind"] != "embedding":
-      out_eqn, bias = _bias(ctx.jaxprs[use.path], use, layer.out_axes,
-                            ctx.single, ctx.at_operand, ctx.shapes,
-                            m.get("marker"))
+      bias = bias_fold.find_bias(ctx.jaxprs[use.path], use, layer.out_axes,
+                                 ctx.single, ctx.at_operand, ctx.shapes,
+                                 m.get("marker"))
       grouped_conv = (layer.kind == "conv2d" and layer.groups > 1
                       and not layer.stacked)   # a stacked layer's groups: slices
-      if bias is not None and not (grouped_conv and len(ctx.shapes[bias]) != 1):
-        layer = dataclasses.replace(layer, bias=bias,
-                                    probes=((use.path, out_eqn),))
+      if bias is not None and not (grouped_conv and len(ctx.shapes[bias.leaf]) != 1):
+        layer = dataclasses.replace(
+            layer, bias=bias.leaf, probes=((use.path, bias.probe),),
+            out_axes=bias.out_axes, outputs_shape=bias.outputs_shape)
     taken.update(layer.leaves)
     found.append(((use.path, use.eqn), layer))
   return found

@@ -4,10 +4,12 @@ Each matcher looks at one *use* of a parameter leaf (the equation that
 consumes a view of it) and either returns a ``LayerMatch`` recipe or None:
 
 * ``dense``: any ``dot_general`` with one operand a view (transpose, reshape,
-  cast) of a leaf and no batch dimensions: the contracted kernel axes are the
-  input side, its free axes the output side (``[D, H, Dh]`` is a
-  ``D × (H·Dh)`` layer, ``[H, Dh, D]`` an ``(H·Dh) × D`` one; Einsum kernels
-  likewise), any number of token axes on the other operand;
+  cast) of a leaf: the contracted kernel axes are the input side, its free
+  axes the output side (``[D, H, Dh]`` is a ``D × (H·Dh)`` layer,
+  ``[H, Dh, D]`` an ``(H·Dh) × D`` one; Einsum kernels likewise), any number
+  of token axes on the other operand; batch dimensions shared with the
+  other operand (per-head or per-expert kernels) make one block per index
+  of them (``groups``, as a grouped conv's);
 * ``conv2d``: ``conv_general_dilated(x, W)`` with any stride, padding,
   dilation and ``feature_group_count`` G (grouped/depthwise: one block per
   group, ``groups = G``);
@@ -109,8 +111,10 @@ class LayerMatch:
   the canonical matrix (``plan.to_matrix``); ``n_in`` of them are inputs.
   ``x_axes``: the contracted axes of ``x`` in the order of the kernel's input
   axes; ``out_axes``: the output-feature axes of the pre-activation in the
-  order of the kernel's output axes. ``groups``: conv feature groups (one
-  block each, ``d_in``/``d_out`` per group).
+  order of the kernel's output axes. ``groups``: conv feature groups, or
+  the size of a dense layer's batch axes (one block each, ``d_in``/``d_out``
+  per group; a grouped dense layer's ``x_axes`` and ``out_axes`` start with
+  its batch axes, so both sides flatten group-major).
   """
   kind: str
   name: str
@@ -202,25 +206,31 @@ def aligned(view: np.ndarray, leaf_shape, out_shape, axes) -> bool:
 
 
 def match_dense(use, eqn, leaf_shape):
-  """``dot_general(x, view(W))`` without batch dimensions."""
+  """``dot_general(x, view(W))``. Batch dimensions shared by ``x`` and the
+  kernel (per-head weights, ``"...hi,hij->...hj"``; per-expert kernels,
+  ``"ecd,edf->ecf"``) make a grouped dense layer: one block per index of
+  the batch axes, whose inputs are ``x``'s slices along them."""
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-  if lb or rb:
-    return None
   p = use.operand
   cw, cx = (tuple(lc), tuple(rc)) if p == 0 else (tuple(rc), tuple(lc))
+  bw, bx = (tuple(lb), tuple(rb)) if p == 0 else (tuple(rb), tuple(lb))
   w_ndim = len(eqn.invars[p].aval.shape)
-  fw = tuple(d for d in range(w_ndim) if d not in cw)
+  fw = tuple(d for d in range(w_ndim) if d not in cw and d not in bw)
   if not cw or not fw:
     return None
-  found = matrix_perm(simulate(leaf_shape, use.view.chain), leaf_shape, cw, fw)
+  view = simulate(leaf_shape, use.view.chain)
+  # columns group-major: (batch axes..., free axes...)
+  found = matrix_perm(view, leaf_shape, cw, bw + fw)
   if found is None:
     return None
   perm, n_in = found
   s_ndim = len(eqn.outvars[0].aval.shape)
-  out_axes = (tuple(range(len(fw))) if p == 0 else
-              tuple(range(s_ndim - len(fw), s_ndim)))
-  return dict(kind="dense", x_operand=1 - p, x_axes=cx, out_axes=out_axes,
-              kernel_perm=perm, n_in=n_in)
+  nb = len(bw)   # output: (batch axes, lhs free axes, rhs free axes)
+  free = (tuple(range(nb, nb + len(fw))) if p == 0 else
+          tuple(range(s_ndim - len(fw), s_ndim)))
+  return dict(kind="dense", x_operand=1 - p, x_axes=bx + cx,
+              out_axes=tuple(range(nb)) + free, kernel_perm=perm, n_in=n_in,
+              groups=math.prod(view.shape[a] for a in bw))
 
 
 def match_conv(use, eqn, leaf_shape):

@@ -159,7 +159,7 @@ def _grouped(x, groups):
 
 def _canonical_inputs(layer: tracing.LayerMatch, x):
   """The layer input as ``[tokens, d_in]`` (conv: im2col patches, feature
-  order (C, kh, kw); grouped conv: ``[G, tokens, d_in]``; embedding: the
+  order (C, kh, kw); grouped conv or dense: ``[G, tokens, d_in]``; embedding: the
   ids ``[tokens]``)."""
   if layer.kind == "embedding":
     return x.reshape(-1)
@@ -169,8 +169,9 @@ def _canonical_inputs(layer: tracing.LayerMatch, x):
         x, spatial, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
         dimension_numbers=dn)
     x = _to_end(x, (dn.out_spec[1],))
-    return _grouped(x, layer.groups) if layer.groups > 1 else x
-  return _to_end(x, layer.x_axes)
+  else:   # dense: a grouped one's x_axes lead with its batch axes
+    x = _to_end(x, layer.x_axes)
+  return _grouped(x, layer.groups) if layer.groups > 1 else x
 
 
 def _scan_statistics(layer, traced, captured, probe_grads, li):

@@ -407,3 +407,46 @@ def test_einsum_bias_update_keeps_the_bias_shape(name):
     losses.append(float(value))
   assert params["bias"].shape == (2, 3)
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+def test_bias_after_einsums_transpose_is_folded_into_the_block():
+  """Griffin's gated MLP: ``jnp.einsum("...td,cdD->c...tD", x, w) + b`` with
+  ``b`` of shape ``[2, 1, 1, D]``; the einsum's ``dot_general`` gives
+  ``[c, D, N, T]`` and a transpose puts it in order before the bias. The
+  bias joins the kernel's block: the update equals that of the same layer
+  written as ``x @ W + b`` with ``W = w`` laid out ``[d, 2·D]``."""
+  d, f, n, t = 3, 4, 5, 2
+  ks = jax.random.split(jax.random.PRNGKey(0), 5)
+  w = jax.random.normal(ks[0], (2, d, f)) / 2
+  b = 0.1 * jax.random.normal(ks[1], (2, 1, 1, f))
+  out = jax.random.normal(ks[2], (f, 3))
+  batch = {"x": jax.random.normal(ks[3], (n, t, d)),
+           "y": jax.random.randint(ks[4], (n, t), 0, 3)}
+
+  def gated(p, x):
+    u = jnp.einsum("...td,cdD->c...tD", x, p["w"]) + p["b"]
+    return (jax.nn.gelu(u[0]) * u[1]) @ p["out"]
+
+  def flat(p, x):
+    u = x @ p["w"] + p["b"]
+    return (jax.nn.gelu(u[..., :f]) * u[..., f:]) @ p["out"]
+
+  einsum_params = {"w": w, "b": b, "out": out}
+  flat_params = {"w": w.transpose(1, 0, 2).reshape(d, 2 * f),
+                 "b": b.reshape(2 * f), "out": out}
+  updates = []
+  for model, params in ((gated, einsum_params), (flat, flat_params)):
+    loss = lambda p, bt, model=model: kfe.softmax_cross_entropy(
+        model(p, bt["x"]), bt["y"])
+    text = kfe.describe_layers(loss, params, batch)
+    assert f"kronecker {d + 1}x{2 * f}" in text, text
+    tx = kfe.scale_by_kfac(loss, damping=LAM, ema_decay=0.0, fisher="empirical",
+                           damping_mode="tikhonov", example_batch=batch)
+    updates.append(tx.update(jax.grad(loss)(params, batch), tx.init(params),
+                             params, batch=batch)[0])
+  got, want = updates
+  assert got["b"].shape == (2, 1, 1, f)
+  np.testing.assert_allclose(got["w"].transpose(1, 0, 2).reshape(d, 2 * f),
+                             want["w"], rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(got["b"].reshape(-1), want["b"], rtol=1e-9,
+                             atol=1e-12)

@@ -1,0 +1,103 @@
+"""A bias added to a dense or conv layer's output, folded into its block.
+
+K-FAC treats ``s = W x + b`` as one layer with the homogeneous input
+``ā = [x, 1]``: the bias is the extra row of the canonical ``[d_in + 1,
+d_out]`` matrix and shares the kernel's ``A ⊗ G`` block. A bias leaf is
+folded when the layer's output ``s`` is consumed by a single ``add`` of a
+view of the leaf that lines up with the output's feature axes, or by a
+single ``transpose`` whose output is (``jnp.einsum`` often moves its
+``dot_general`` output's axes back into the order the user wrote, e.g.
+``[H, J, N, T] -> [N, T, H, J]`` for ``"...hi,hij->...hj"``, before the bias).
+A transpose is looked through only when it keeps the feature axes in their
+order and the token axes in theirs, so that the statistics read at the add
+(``g`` with the feature axes moved last) flatten exactly as before it. The
+bias leaf may have size-1 axes for the token axes (Griffin's ``[2, 1, 1, D]``
+for ``"...td,cdD->c...tD"``): its elements, in order, must be the features'.
+
+Example (the bias of a per-head kernel after einsum's transpose):
+  >>> y = jnp.einsum("...hi,hij->...hj", x, w) + b     # b: [H, J]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from kfac_jax_ext import patterns
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldedBias:
+  """Where the layer's statistics are read once its bias is folded.
+
+  ``probe``: the equation whose output gets the zero probe (the ``add``);
+  ``leaf``: the bias leaf; ``out_axes``/``outputs_shape``: the feature axes
+  and shape of that output (moved by a transpose in between, if any)."""
+  probe: int
+  leaf: int
+  out_axes: tuple
+  outputs_shape: tuple
+
+
+def consumers(jaxpr, var):
+  """``[(eqn, operand)]`` reading ``var``; ``(None, None)`` for an output."""
+  found = [(i, j) for i, e in enumerate(jaxpr.eqns) for j, v in enumerate(e.invars)
+           if v is var]
+  if any(v is var for v in jaxpr.outvars):
+    found.append((None, None))
+  return found
+
+
+def _only_consumer(jaxpr, var):
+  cons = consumers(jaxpr, var)
+  return cons[0] if len(cons) == 1 and cons[0][0] is not None else None
+
+
+def _through_transpose(jaxpr, k, out_axes):
+  """``(var, out_axes)`` after equation ``k`` when it is an order-keeping
+  transpose (see the module docstring); None otherwise."""
+  eqn = jaxpr.eqns[k]
+  if eqn.primitive.name != "transpose":
+    return None
+  perm = tuple(eqn.params["permutation"])
+  new = {old: new for new, old in enumerate(perm)}
+  features = [new[a] for a in out_axes]
+  tokens = [new[a] for a in range(len(perm)) if a not in out_axes]
+  if features != sorted(features) or tokens != sorted(tokens):
+    return None
+  return eqn.outvars[0], tuple(features)
+
+
+def find_bias(jaxpr, use, out_axes, single, at_operand, shapes,
+              marker=None) -> FoldedBias | None:
+  """The bias leaf ``add``-ed to the output of ``use``'s equation (directly
+  or after an order-keeping transpose) aligned with ``out_axes``; None if
+  there is none. Inside a scan body the bias must enter the scan as the
+  kernel does (both scanned or both closed over: ``marker``)."""
+  s = jaxpr.eqns[use.eqn].outvars[0]
+  con = _only_consumer(jaxpr, s)
+  if con is not None and jaxpr.eqns[con[0]].primitive.name == "transpose":
+    moved = _through_transpose(jaxpr, con[0], out_axes)
+    if moved is None:
+      return None
+    s, out_axes = moved
+    con = _only_consumer(jaxpr, s)
+  if con is None:
+    return None
+  ci, cj = con
+  b = at_operand.get((use.path, ci, 1 - cj))
+  if jaxpr.eqns[ci].primitive.name != "add" or b is None or single.get(b.leaf) is not b:
+    return None
+  shape, chain = shapes[b.leaf], b.view.chain
+  in_scan = patterns.scan_view(chain)
+  if (in_scan[0] if in_scan else None) is not marker:
+    return None
+  if in_scan is not None:
+    chain = in_scan[2]
+    shape = shape[1:] if marker is patterns.SCAN_SLICE else shape
+  # the leaf may carry size-1 axes (a [C, 1, 1, D] bias): only its order counts
+  features = tuple(s.aval.shape[a] for a in out_axes)
+  if math.prod(shape) == math.prod(features) and patterns.aligned(
+      patterns.simulate(shape, chain), features, s.aval.shape, out_axes):
+    return FoldedBias(ci, b.leaf, tuple(out_axes), tuple(s.aval.shape))
+  return None
