@@ -142,6 +142,28 @@ def test_time_major_tokens_get_no_woodbury_block():
     _tengrad(loss, params, batch)
 
 
+def test_kernel_axes_before_the_examples_get_a_woodbury_block():
+  """A kernel that is ``dot_general``'s first operand puts its output axes
+  first (``[F, N, T]``, as Gemma's ``"BTD,CKDH->CBTKH"`` does): the examples
+  are the first axis after them, so the per-example gradients are known and
+  the block is exact (it used to fall back: "not grouped by example")."""
+  ks = jax.random.split(jax.random.PRNGKey(8), 3)
+  params = {"w": jax.random.normal(ks[0], (3, D)) / 2,
+            "out": jax.random.normal(ks[1], (3, 2))}
+  batch = {"x": jax.random.normal(ks[2], (N, T, D)), "y": _labels()}
+
+  def loss(p, b):
+    h = jnp.tanh(jnp.einsum("fd,ntd->fnt", p["w"], b["x"]))   # [F, N, T]
+    return kfe.softmax_cross_entropy(h.mean(axis=2).T @ p["out"], b["y"])
+
+  grads, updates, state = _tengrad(loss, params, batch)
+  assert int(state.health.failed_inverses) == 0
+  u = _per_example_grads(loss, params, batch)
+  for name in ("w", "out"):
+    (want,) = _solve([u[name]], [grads[name]])
+    np.testing.assert_allclose(updates[name], want, rtol=1e-9, atol=1e-12)
+
+
 class _LSTMClassifier(nn.Module):
   @nn.compact
   def __call__(self, x):
