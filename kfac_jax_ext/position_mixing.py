@@ -22,8 +22,11 @@ with fixed pseudo-random parameters and inputs of the traced shapes
 (integer inputs zero, so ids stay in range). A layer mixes if either loss
 depends on its output at more than one position (a causal model's last
 position depends on all earlier ones, an anti-causal model's first on all
-later ones). Where nothing depends, the gradient is an exact zero (zero
-cotangents propagate exactly), so the test has no tolerance to tune. It errs towards
+later ones), or depends on a position other than its own (the k-th in
+the layer's token order: a loss whose examples are in another order than
+the layer's positions, a mixture of experts' capacity slots). Where nothing
+depends, the gradient is an exact zero (zero cotangents propagate exactly),
+so the test has no tolerance to tune. It errs towards
 "mixes": a kernel concatenated with others before one product (a fused
 query-key-value kernel) is tested on the whole product's output.
 
@@ -33,6 +36,8 @@ Example:
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
@@ -47,11 +52,15 @@ from kfac_jax_ext import weight_sharing as sharing_lib
 def needs_check(layer, num_examples: int) -> bool:
   """A layer outside any scan with one token per loss example whose output
   has more than one position axis (so position t of one input can reach
-  the loss at another position)."""
+  the loss at another position), or a grouped dense layer with one token
+  per loss example (a mixture of experts' ``[E, C, F]``: its capacity slots
+  need not hold the examples in order)."""
   if layer.steps or layer.kind not in ("dense", "conv2d", "embedding"):
     return False
   if sharing_lib.tokens(layer) != num_examples or num_examples < 2:
     return False
+  if layer.kind == "dense" and layer.groups > 1 and not layer.stacked:
+    return True
   feature = set(_feature_axes(layer, len(layer.outputs_shape)))
   positions = [n for d, n in enumerate(layer.outputs_shape)
                if d not in feature and n > 1]
@@ -99,7 +108,7 @@ def _mixing_sites(traced) -> frozenset:
   for program, _, sites in _CACHE:     # the same trace: no text to build
     if program is closed:
       return sites
-  key = (str(closed.jaxpr), tuple(closed.in_avals))
+  key = (str(closed.jaxpr), tuple(closed.in_avals), _consts_key(closed.consts))
   for _, cached, sites in _CACHE:
     if cached == key:
       _CACHE.insert(0, (closed, key, sites))
@@ -122,11 +131,25 @@ def _mixing_sites(traced) -> frozenset:
         (grads,) = pullback(jnp.zeros_like(losses).at[k].set(1.0))
         for site, feature in checked.items():
           reached = np.any(np.asarray(grads[site]) != 0, axis=feature)
-          if np.count_nonzero(reached) > 1:
+          if np.any(np.flatnonzero(reached) != k):   # not (only) its own
             mixing.add(site)
   sites = frozenset(mixing)
   _CACHE[:] = ([(closed, key, sites)] + _CACHE)[:8]
   return sites
+
+
+def _consts_key(consts) -> tuple:
+  """The values of a jaxpr's constants (its text does not show them: two
+  losses that differ only in a closed-over routing or mask print alike)."""
+  out = []
+  for c in consts:
+    try:
+      x = np.asarray(c)
+    except Exception:   # pylint: disable=broad-except  (an abstract value)
+      out.append(id(c))
+      continue
+    out.append((x.shape, str(x.dtype), hashlib.sha1(x.tobytes()).hexdigest()))
+  return tuple(out)
 
 
 def per_example_losses(traced, inputs, probes):

@@ -100,9 +100,11 @@ def unsupported(layer, num_examples: int | None = None,
             "per-example gradients are unknown")
   if traced is not None and position_mixing.mixes_positions(traced, layer):
     return ("its output at one position reaches the losses at other positions "
-            "(attention, a convolution or a recurrence after it) while the loss "
-            "has one example per position, so its per-example gradients are "
-            "unknown (only the per-position approximation, not the exact block)")
+            "(attention, a convolution or a recurrence after it, or positions "
+            "not in the loss examples' order, e.g. a mixture of experts' "
+            "capacity slots) while the loss has one example per position, so "
+            "its per-example gradients are unknown (only the per-position "
+            "approximation, not the exact block)")
   return None
 
 

@@ -10,6 +10,8 @@ one plain dense layer per head (K-FAC expand and reduce, TKFAC), and the
 two-level step's Galerkin orthogonality with the exact coarse matrix.
 """
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -246,3 +248,54 @@ def test_two_level_with_a_per_head_kernel(combine):
   np.testing.assert_allclose(jnp.sum(residual), 0.0, atol=1e-10 * scale)
   assert float(jnp.max(jnp.abs(residual))) > 1e-4 * scale   # not trivially exact
   assert float(jnp.max(jnp.abs(delta[h] - kfac[h]))) > 1e-4 * scale
+
+
+def _routed_experts(routed):
+  """``(loss, logits, params, batch)``: tokens dispatched to experts'
+  capacity slots (``"nd,nec->ecd"``, a closed-over one-hot routing, one slot
+  per example and expert, as many slots as examples); ``routed``: slot c of
+  expert j holds example ``c - j - 1`` (else example c)."""
+  e, d, f = 2, 3, 2
+  ks = jax.random.split(jax.random.PRNGKey(9), 3)
+  params = {"w": jax.random.normal(ks[0], (e, d, f)),
+            "out": jax.random.normal(ks[1], (f, 2))}
+  dispatch = np.zeros((tg.N, e, tg.N))
+  for j in range(e):
+    slots = np.roll(np.arange(tg.N), j + 1) if routed else np.arange(tg.N)
+    dispatch[slots, j, np.arange(tg.N)] = 1.0
+  batch = {"x": jax.random.normal(ks[2], (tg.N, d)), "y": tg._labels()}
+
+  def logits(p, x):   # (a routing passed in the batch is checked at random
+    xe = jnp.einsum("nd,nec->ecd", x, dispatch)   # values: it "mixes")
+    y = jnp.tanh(jnp.einsum("ecd,edf->ecf", xe, p["w"]))
+    return jnp.einsum("ecf,nec->nf", y, dispatch) @ p["out"]
+
+  loss = lambda p, b: kfe.softmax_cross_entropy(logits(p, b["x"]), b["y"])
+  return loss, logits, params, batch
+
+
+def test_experts_capacity_slots_in_example_order_get_exact_woodbury_blocks():
+  loss, logits, params, batch = _routed_experts(False)
+  assert "2x kronecker 3x2" in kfe.describe_layers(loss, params, batch)
+  grads, updates, _ = tg._tengrad(loss, params, batch)
+  per_example = lambda p: -jnp.take_along_axis(   # ℓ_n, whose gradients
+      jax.nn.log_softmax(logits(p, batch["x"])),     # are U's rows
+      batch["y"][:, None], axis=1)[:, 0]
+  u = jax.jacobian(per_example)(params)["w"]
+  for k in range(2):
+    (want,) = tg._solve([u[:, k]], [grads["w"][k]])
+    np.testing.assert_allclose(updates["w"][k], want, rtol=1e-9, atol=1e-12)
+
+
+def test_experts_capacity_slots_out_of_example_order_get_no_woodbury_block():
+  """With the slots permuted, slot c's ``ā gᵀ`` is another example's
+  gradient: the layer falls back, saying why, instead of building a wrong
+  Gram. Checked right after the same program with the identity routing
+  (whose jaxpr prints alike: the check's cache keys on the constants too)."""
+  loss, _, params, batch = _routed_experts(False)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tg._tengrad(loss, params, batch)
+  loss, _, params, batch = _routed_experts(True)
+  with pytest.warns(UserWarning, match="not in the loss examples' order"):
+    tg._tengrad(loss, params, batch)
