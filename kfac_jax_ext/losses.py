@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kfac_jax_ext import _jax_internals
 
@@ -55,10 +56,43 @@ def _prepare(predictions, targets, weights, kind):
   if weights is None:
     weights = jnp.ones(batch_shape, predictions.dtype)
   weights = jnp.asarray(weights)
-  if weights.shape != batch_shape:
-    raise ValueError(f"{kind}: weights of shape {weights.shape} must have the "
-                     f"examples' shape {batch_shape}.")
+  per_output = kind != "softmax_cross_entropy" and weights.shape == predictions.shape
+  if weights.shape != batch_shape and not per_output:
+    raise ValueError(
+        f"{kind}: weights of shape {weights.shape} must have the examples' "
+        f"shape {batch_shape}" + ("" if kind == "softmax_cross_entropy" else
+                                  f" or, one per output, {predictions.shape}")
+        + ".")
   return predictions, targets, weights
+
+
+def per_output_weights(kind: str, predictions, weights) -> bool:
+  """Whether ``weights`` weigh each output (``[..., D]``, sigmoid and squared
+  error: independent outputs, e.g. a multi-label mask) rather than each
+  example (``[...]``)."""
+  return (kind != "softmax_cross_entropy"
+          and jnp.ndim(weights) == jnp.ndim(predictions) and jnp.ndim(weights) > 0)
+
+
+def weighted_example_loss(kind: str, predictions, targets, weights):
+  """``w_n l_n`` per example, or ``Σ_d w_nd l_nd`` with per-output weights."""
+  if per_output_weights(kind, predictions, weights):
+    terms = per_output_loss(kind, predictions, targets)
+    return jnp.sum(weights.astype(terms.dtype) * terms, axis=-1)
+  losses = per_example_loss(kind, predictions, targets)
+  return weights.astype(losses.dtype) * losses
+
+
+def per_output_loss(kind: str, predictions, targets):
+  """The independent outputs' terms ``l_nd`` of a sigmoid or squared-error
+  loss (shape ``predictions.shape``), whose sum over d is ``l_n``."""
+  if kind == "sigmoid_cross_entropy":
+    log_p = jax.nn.log_sigmoid(predictions)
+    log_not_p = jax.nn.log_sigmoid(-predictions)
+    return -(targets * log_p + (1 - targets) * log_not_p)
+  if kind == "squared_error":
+    return 0.5 * jnp.square(predictions - targets)
+  raise ValueError(f"{kind} has no independent per-output terms")
 
 
 def per_example_loss(kind: str, predictions, targets):
@@ -68,12 +102,8 @@ def per_example_loss(kind: str, predictions, targets):
     if targets.shape == predictions.shape[:-1]:
       return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return -jnp.sum(targets * logp, axis=-1)
-  if kind == "sigmoid_cross_entropy":
-    log_p = jax.nn.log_sigmoid(predictions)
-    log_not_p = jax.nn.log_sigmoid(-predictions)
-    return -jnp.sum(targets * log_p + (1 - targets) * log_not_p, axis=-1)
-  if kind == "squared_error":
-    return 0.5 * jnp.sum(jnp.square(predictions - targets), axis=-1)
+  if kind in ("sigmoid_cross_entropy", "squared_error"):
+    return jnp.sum(per_output_loss(kind, predictions, targets), axis=-1)
   raise ValueError(f"unknown loss kind {kind!r}")
 
 
@@ -118,7 +148,7 @@ class RegisteredLoss(NamedTuple):
 
   @property
   def num_examples(self) -> int:
-    return int(jnp.size(self.weights))
+    return int(np.prod(jnp.shape(self.predictions)[:-1]))
 
   def fisher_objective(self, key, fisher: str, scale: float = 1.0, offset=0):
     """``scale * sum_n sqrt(w_n) l_n(y_n)`` with sampled or data targets
@@ -128,6 +158,8 @@ class RegisteredLoss(NamedTuple):
     Its gradient with respect to a pre-activation is the per-example output
     gradient ``g_n`` of the *summed* loss (no 1/N), weighted so that
     ``g_n g_nᵀ`` carries ``w_n``: the statistics of every method follow.
+    Per-output weights enter as ``Σ_d sqrt(w_nd) l_nd`` (the outputs are
+    independent, so the expected ``g_n g_nᵀ`` carries ``diag(w_n) H_n``).
     """
     if fisher == "sampled":
       targets = sample_targets(self.kind, self.predictions, key, offset)
@@ -135,17 +167,20 @@ class RegisteredLoss(NamedTuple):
       targets = jax.lax.stop_gradient(self.targets)
     else:
       raise ValueError(f"fisher must be 'sampled' or 'empirical', got {fisher!r}")
-    losses = per_example_loss(self.kind, self.predictions, targets)
     root_w = jnp.sqrt(jnp.maximum(jax.lax.stop_gradient(self.weights), 0))
-    return scale * jnp.sum(root_w.astype(losses.dtype) * losses)
+    return scale * jnp.sum(weighted_example_loss(
+        self.kind, self.predictions, targets, root_w))
 
   def hessian_product(self, u):
     """``∂²L/∂z² u`` of this helper's mean loss ``L = mean_n w_n l_n`` in its
-    predictions ``z``: ``(w_n / M) H_n u_n`` per example (M examples)."""
+    predictions ``z``: ``(w_n / M) H_n u_n`` per example (M examples);
+    with per-output weights ``(diag(w_n) / M) H_n u_n``."""
     z = jax.lax.stop_gradient(self.predictions)
     w = jax.lax.stop_gradient(self.weights)
     h = fisher_hessian_product(self.kind, z.astype(u.dtype), u)
-    return (w.astype(u.dtype) / self.num_examples)[..., None] * h
+    w = w.astype(u.dtype) / self.num_examples
+    # per-output weights scale each independent output's (diagonal) Hessian
+    return (w if per_output_weights(self.kind, z, w) else w[..., None]) * h
 
 
 def fisher_hessian_product(kind: str, predictions, u):
@@ -170,8 +205,8 @@ def fisher_hessian_product(kind: str, predictions, u):
 def _register_and_mean(kind, predictions, targets, weights):
   predictions, targets, weights = _prepare(predictions, targets, weights, kind)
   predictions, targets, weights = _tag(predictions, targets, weights, kind=kind)
-  losses = per_example_loss(kind, predictions, targets)
-  return _value_tag(jnp.mean(weights.astype(losses.dtype) * losses))[0]
+  return _value_tag(jnp.mean(weighted_example_loss(kind, predictions, targets,
+                                                   weights)))[0]
 
 
 def softmax_cross_entropy(logits, labels, weights=None):
@@ -193,10 +228,18 @@ def sigmoid_cross_entropy(logits, targets, weights=None):
 
   Args:
     logits: ``[..., D]`` log-odds. targets: ``[..., D]`` in ``[0, 1]``.
-    weights: optional per-example weights.
+    weights: optional per-example weights ``[...]``, or per-output weights
+      ``[..., D]`` (a multi-label task's mask of the labels it has: the
+      curvature of a masked label is zero).
 
   Returns:
-    The scalar ``mean_n w_n * sum_d BCE(logits_nd, targets_nd)``.
+    The scalar ``mean_n w_n * sum_d BCE(logits_nd, targets_nd)`` (per-output:
+    ``mean_n sum_d w_nd BCE(logits_nd, targets_nd)``).
+
+  Example:
+    >>> mask = ~jnp.isnan(labels)
+    >>> loss = kfe.sigmoid_cross_entropy(
+    ...     logits, jnp.where(mask, labels, 0.0), weights=mask)
   """
   return _register_and_mean("sigmoid_cross_entropy", logits, targets, weights)
 
@@ -206,9 +249,11 @@ def squared_error(predictions, targets, weights=None):
 
   Args:
     predictions, targets: ``[..., D]`` (a ``[N]`` vector is N scalar outputs).
-    weights: optional per-example weights.
+    weights: optional per-example weights ``[...]``, or per-output weights
+      ``[..., D]`` (regression targets some examples lack).
 
   Returns:
-    The scalar ``mean_n w_n * 0.5 * ||pred_n - target_n||²``.
+    The scalar ``mean_n w_n * 0.5 * ||pred_n - target_n||²`` (per-output:
+    ``mean_n sum_d w_nd * 0.5 * (pred_nd - target_nd)²``).
   """
   return _register_and_mean("squared_error", predictions, targets, weights)

@@ -52,8 +52,8 @@ class TracedLoss:
   @property
   def num_examples(self) -> int:
     """M: the number of per-example losses of the first registered loss."""
-    path, i = self.loss_sites[0]
-    return int(np.prod(self.jaxprs[path].eqns[i].outvars[2].aval.shape))
+    path, i = self.loss_sites[0]   # the predictions' batch shape
+    return int(np.prod(self.jaxprs[path].eqns[i].outvars[0].aval.shape[:-1]))
 
 
 def _key_name(k) -> Any:
