@@ -299,3 +299,56 @@ def test_experts_capacity_slots_out_of_example_order_get_no_woodbury_block():
   loss, _, params, batch = _routed_experts(True)
   with pytest.warns(UserWarning, match="not in the loss examples' order"):
     tg._tengrad(loss, params, batch)
+
+
+def test_per_head_kernels_stacked_under_scan_equal_the_unrolled_network():
+  """A scanned stack of per-head layers (kernel ``[L, H, I, I]``, bias
+  ``[L, H, I]``): one block per slice and head, the unrolled network's."""
+  layers = 2
+  ks = jax.random.split(jax.random.PRNGKey(11), 4)
+  params = {"w": jax.random.normal(ks[0], (layers, H, I, I)) / 2,
+            "b": 0.1 * jax.random.normal(ks[1], (layers, H, I)),
+            "out": jax.random.normal(ks[2], (H * I, C))}
+  batch = {"x": jax.random.normal(ks[3], (tg.N, H, I)),
+           "y": jnp.array([0, 1, 2, 0, 1, 2])}
+  step = lambda h, w, b: jnp.tanh(jnp.einsum("nhi,hij->nhj", h, w) + b)
+
+  def scanned(p, bt):
+    h, _ = jax.lax.scan(lambda h, wb: (step(h, *wb), None), bt["x"],
+                        (p["w"], p["b"]))
+    return kfe.softmax_cross_entropy(h.reshape(-1, H * I) @ p["out"], bt["y"])
+
+  def unrolled(p, bt):
+    h = bt["x"]
+    for k in range(layers):
+      h = step(h, p[f"w{k}"], p[f"b{k}"])
+    return kfe.softmax_cross_entropy(h.reshape(-1, H * I) @ p["out"], bt["y"])
+
+  flat = {"out": params["out"]}
+  for k in range(layers):
+    flat[f"w{k}"], flat[f"b{k}"] = params["w"][k], params["b"][k]
+  text = kfe.describe_layers(scanned, params, batch)
+  assert f"{layers * H}x kronecker {I + 1}x{I}" in text, text
+  got, want = [kfe.scale_by_kfac(
+      f, damping=0.05, damping_mode="tikhonov", ema_decay=0.0,
+      fisher="empirical", example_batch=batch) for f in (scanned, unrolled)]
+  got = got.update(jax.grad(scanned)(params, batch), got.init(params), params,
+                   batch=batch)[0]
+  want = want.update(jax.grad(unrolled)(flat, batch), want.init(flat), flat,
+                     batch=batch)[0]
+  np.testing.assert_allclose(got["out"], want["out"], rtol=1e-9, atol=1e-12)
+  for k in range(layers):
+    np.testing.assert_allclose(got["w"][k], want[f"w{k}"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got["b"][k], want[f"b{k}"], rtol=1e-9, atol=1e-12)
+  # TENGraD: per slice and head, the exact damped empirical Fisher block
+  grads, updates, state = tg._tengrad(scanned, params, batch)
+  assert int(state.health.failed_inverses) == 0
+  u = tg._per_example_grads(scanned, params, batch)
+  for k in range(layers):
+    for h in range(H):
+      want_w, want_b = tg._solve([u["w"][:, k, h], u["b"][:, k, h]],
+                                 [grads["w"][k, h], grads["b"][k, h]])
+      np.testing.assert_allclose(updates["w"][k, h], want_w, rtol=1e-9,
+                                 atol=1e-12)
+      np.testing.assert_allclose(updates["b"][k, h], want_b, rtol=1e-9,
+                                 atol=1e-12)
