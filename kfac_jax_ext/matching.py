@@ -296,7 +296,19 @@ def match_layers(uses, jaxprs, shapes, paths, n, penalty_leaves=frozenset()):
   found.sort(key=lambda t: t[0][0] + (t[0][1],))   # forward (program) order
   reasons = {i: _reason(jaxprs, by_leaf[i], shapes[i], i in penalty_leaves)
              for i in range(n) if i not in taken}
-  return tuple(layer for _, layer in found), reasons
+  return _unique_names(tuple(layer for _, layer in found), paths), reasons
+
+
+def _unique_names(layers, paths):
+  """Layers named by their module path, except where a module holds several
+  (a LoRA module's ``lora_a`` and ``lora_b``, a bias left apart from its
+  kernel): those are named by their first leaf's path."""
+  counts: dict[str, int] = {}
+  for layer in layers:
+    counts[layer.name] = counts.get(layer.name, 0) + 1
+  return tuple(
+      dataclasses.replace(layer, name="/".join(map(str, paths[layer.leaves[0]])))
+      if counts[layer.name] > 1 and layer.leaves else layer for layer in layers)
 
 
 def _reason(jaxprs, uses, shape, in_penalty=False) -> str:

@@ -321,3 +321,50 @@ def test_small_transformer_lm_is_covered(tied):
   share = layers_lib.coverage(traced)
   assert share["kronecker"] >= 0.95, share
   assert share["fallback"] == 0.0
+
+
+def test_nnx_lora_adapters_are_two_named_dense_layers():
+  """Fine-tuning only the adapters of ``nnx.LoRA`` (the frozen base in the
+  batch): ``lora_a`` and ``lora_b`` are two dense layers named by their
+  paths (one module holds both), and the update equals that of the same
+  network written as ``x @ W + (x @ A) @ B`` with plain arrays."""
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.LoRA(4, 2, 5, base_module=nnx.Linear(4, 5, rngs=rngs),
+                         rngs=rngs, param_dtype=jnp.float64)
+      self.head = nnx.Linear(5, 3, rngs=rngs, param_dtype=jnp.float64)
+
+    def __call__(self, x):
+      return self.head(jnp.tanh(self.l1(x)))
+
+  graphdef, lora, rest = nnx.split(Model(nnx.Rngs(0)), nnx.LoRAParam, ...)
+  lora = jax.tree_util.tree_map(lambda p: p + 0.3, lora)   # lora_b starts at 0
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 4), jnp.float64)
+  batch = {"x": x, "y": jnp.arange(8) % 3, "rest": rest}
+
+  def nnx_loss(p, b):
+    return kfe.softmax_cross_entropy(nnx.merge(graphdef, p, b["rest"])(b["x"]),
+                                     b["y"])
+
+  base = nnx.to_pure_dict(rest)
+  plain_params = {k: v for k, v in nnx.to_pure_dict(lora)["l1"].items()}
+
+  def plain_loss(p, b):
+    h = jnp.tanh(b["x"] @ base["l1"]["base_module"]["kernel"]
+                 + base["l1"]["base_module"]["bias"]
+                 + (b["x"] @ p["lora_a"]) @ p["lora_b"])
+    out = h @ base["head"]["kernel"] + base["head"]["bias"]
+    return kfe.softmax_cross_entropy(out, b["y"])
+
+  text = kfe.describe_layers(nnx_loss, lora, batch)
+  assert "l1/lora_a  dense" in text and "l1/lora_b  dense" in text, text
+  updates = []
+  for loss, params in ((nnx_loss, lora), (plain_loss, plain_params)):
+    tx = kfe.scale_by_kfac(loss, damping=0.05, ema_decay=0.0, fisher="empirical",
+                           damping_mode="tikhonov", example_batch=batch)
+    updates.append(tx.update(jax.grad(loss)(params, batch), tx.init(params),
+                             params, batch=batch)[0])
+  got = nnx.to_pure_dict(updates[0])["l1"]
+  for name in ("lora_a", "lora_b"):
+    np.testing.assert_allclose(got[name], updates[1][name], rtol=1e-10)
