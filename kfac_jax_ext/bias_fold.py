@@ -13,6 +13,10 @@ order and the token axes in theirs, so that the statistics read at the add
 (``g`` with the feature axes moved last) flatten exactly as before it. The
 bias leaf may have size-1 axes for the token axes (Griffin's ``[2, 1, 1, D]``
 for ``"...td,cdD->c...tD"``): its elements, in order, must be the features'.
+A reshape of the token axes alone (trailing feature axes unchanged) is
+looked through too: a per-example model under ``jax.vmap`` computes its
+conv on ``[N, H, W, C]`` and reshapes it to ``[N, 1, H, W, C]`` before the
+bias.
 
 Example (the bias of a per-head kernel after einsum's transpose):
   >>> y = jnp.einsum("...hi,hij->...hj", x, w) + b     # b: [H, J]
@@ -68,16 +72,38 @@ def _through_transpose(jaxpr, k, out_axes):
   return eqn.outvars[0], tuple(features)
 
 
+def _through_token_reshape(jaxpr, k, out_axes):
+  """``(var, out_axes)`` after equation ``k`` when it is a reshape of the
+  token axes only (the feature axes trailing, kept as they are: ``vmap``
+  over examples of a per-example model splits ``[N, ...]`` into ``[N, 1,
+  ...]``); None otherwise."""
+  eqn = jaxpr.eqns[k]
+  if eqn.primitive.name != "reshape" or eqn.params.get("dimensions"):
+    return None
+  old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+  f = len(out_axes)
+  if (tuple(out_axes) != tuple(range(len(old) - f, len(old))) or len(new) < f
+      or tuple(new[len(new) - f:]) != tuple(old[len(old) - f:])):
+    return None
+  return eqn.outvars[0], tuple(range(len(new) - f, len(new)))
+
+
+_LOOK_THROUGH = {"transpose": _through_transpose,
+                 "reshape": _through_token_reshape}
+
+
 def find_bias(jaxpr, use, out_axes, single, at_operand, shapes,
               marker=None) -> FoldedBias | None:
   """The bias leaf ``add``-ed to the output of ``use``'s equation (directly
-  or after an order-keeping transpose) aligned with ``out_axes``; None if
-  there is none. Inside a scan body the bias must enter the scan as the
-  kernel does (both scanned or both closed over: ``marker``)."""
+  or after order-keeping transposes and token-axis reshapes) aligned with
+  ``out_axes``; None if there is none. Inside a scan body the bias must
+  enter the scan as the kernel does (both scanned or both closed over:
+  ``marker``)."""
   s = jaxpr.eqns[use.eqn].outvars[0]
   con = _only_consumer(jaxpr, s)
-  if con is not None and jaxpr.eqns[con[0]].primitive.name == "transpose":
-    moved = _through_transpose(jaxpr, con[0], out_axes)
+  while con is not None and jaxpr.eqns[con[0]].primitive.name in _LOOK_THROUGH:
+    moved = _LOOK_THROUGH[jaxpr.eqns[con[0]].primitive.name](
+        jaxpr, con[0], out_axes)
     if moved is None:
       return None
     s, out_axes = moved

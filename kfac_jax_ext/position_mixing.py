@@ -172,8 +172,6 @@ def per_example_losses(traced, inputs, probes):
 
 def _feature_axes(layer, ndim: int) -> tuple:
   """The output's feature axes (all of their entries get the tangent)."""
-  if layer.kind == "conv2d":
-    return (layer.conv[4].out_spec[1],)
   if layer.kind == "embedding":
     return (ndim - 1,)
   return tuple(layer.out_axes)

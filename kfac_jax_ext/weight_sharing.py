@@ -52,17 +52,11 @@ def tokens(layer) -> int:
 def examples_lead(layer, num_examples: int) -> bool:
   """Whether the examples are the leading token axis of the layer's output
   (so each example's tokens are contiguous in the canonical token order):
-  a conv's batch axis; a dense layer's first output axis that is not a
-  feature axis (after the batch axes of a grouped one)."""
-  if layer.kind == "conv2d":
-    lead = layer.conv[4].out_spec[0] == 0
-    batch_axis = 0
-  else:
-    token_axes = [d for d in range(len(layer.outputs_shape))
-                  if layer.kind != "dense" or d not in layer.out_axes]
-    lead = bool(token_axes)
-    batch_axis = token_axes[0] if token_axes else 0
-  return bool(lead and layer.outputs_shape[batch_axis] == num_examples)
+  its first output axis that is not a feature axis (a conv's batch axis; a
+  grouped dense layer's first axis after its batch axes)."""
+  token_axes = [d for d in range(len(layer.outputs_shape))
+                if d not in layer.out_axes]
+  return bool(token_axes) and layer.outputs_shape[token_axes[0]] == num_examples
 
 
 def positions(layer, num_examples: int, mode: str) -> int:

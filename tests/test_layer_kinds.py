@@ -450,3 +450,39 @@ def test_bias_after_einsums_transpose_is_folded_into_the_block():
                              want["w"], rtol=1e-9, atol=1e-12)
   np.testing.assert_allclose(got["b"].reshape(-1), want["b"], rtol=1e-9,
                              atol=1e-12)
+
+
+class _SmallConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), param_dtype=jnp.float64)(x))
+    return nn.Dense(3, param_dtype=jnp.float64)(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("method", ["kfac", "tengrad"])
+def test_per_example_model_under_vmap_equals_the_batched_model(method):
+  """A per-example model mapped over the batch with ``jax.vmap`` (the conv
+  runs on ``[N, H, W, C]`` and its output is reshaped to ``[N, 1, H, W, C]``
+  before the bias): the bias joins the conv's block, and the update is the
+  batched model's."""
+  model = _SmallConvNet()
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 5, 5, 2), jnp.float64)
+  params = model.init(jax.random.PRNGKey(1), x)
+  batch = {"x": x, "y": jnp.array([0, 1, 2, 0, 1, 2])}
+  batched = lambda p, b: kfe.softmax_cross_entropy(model.apply(p, b["x"]),
+                                                   b["y"])
+  mapped = lambda p, b: kfe.softmax_cross_entropy(jax.vmap(
+      lambda xi: model.apply(p, xi[None])[0])(b["x"]), b["y"])
+  assert "kronecker 19x4" in kfe.describe_layers(mapped, params, batch)
+  updates = []
+  for loss in (mapped, batched):
+    if method == "kfac":
+      tx = kfe.scale_by_kfac(loss, damping=LAM, ema_decay=0.0, fisher="empirical",
+                             damping_mode="tikhonov", example_batch=batch)
+    else:
+      tx = kfe.scale_by_tengrad(loss, damping=LAM, fisher="empirical",
+                                example_batch=batch)
+    updates.append(tx.update(jax.grad(loss)(params, batch), tx.init(params),
+                             params, batch=batch)[0])
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-9, atol=1e-12), *updates)
