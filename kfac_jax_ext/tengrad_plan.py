@@ -34,7 +34,8 @@ def make_plan(traced, blocks) -> plan_lib.Plan:
   """K-FAC's plan, with 2-D (factored) leaves restricted to one location per
   example: their stored ``Ā``, ``G`` cannot hold sums over locations."""
   m = traced.num_examples
-  plan = plan_lib.make_plan(traced, blocks, fits=block_fits,
+  plan = plan_lib.make_plan(traced, blocks,
+                            fits=lambda *args: block_fits(*args, num_examples=m),
                             unsupported=lambda layer: unsupported(layer, m, traced))
   keep, unfactored = [], list(plan.unfactored_layers)
   for kl in plan.kronecker:
@@ -135,15 +136,17 @@ def woodbury_block(layer, traced, capacity: int, factored: bool,
       factored=factored, conv_gram=conv_gram, initial_damping=initial_damping)
 
 
-def block_fits(layer, block, a_side) -> bool:
+def block_fits(layer, block, a_side, num_examples=None) -> bool:
   """Whether a leaf's ``WoodburyBlock`` can store the layer's tokens (A in
-  ``a_side``)."""
+  ``a_side``); ``num_examples``: the loss examples M (default: the leading
+  axis of the layer's output)."""
   if block is None:
     return False
   d_a, d_g = layer.d_a, layer.d_out
   if isinstance(block, woodbury_embedding.EmbeddingWoodburyBlock) or (
       layer.kind == "embedding"):   # laid out for the table exactly
-    lookups = sharing_lib.tokens(layer) // max(layer.outputs_shape[0], 1)
+    m = num_examples or max(layer.outputs_shape[0], 1)
+    lookups = sharing_lib.tokens(layer) // m   # per example, as at init
     return (isinstance(block, woodbury_embedding.EmbeddingWoodburyBlock)
             and layer.kind == "embedding" and block.g.shape[-1] == d_g
             and block.ids.shape[-1] == lookups)

@@ -4,6 +4,8 @@ kernel closed over by a scan body (one block whose per-example gradient sums
 the steps), each against ``solve(λI + UUᵀ/n, ∇)`` with ``U`` from
 ``vmap(grad)``."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -224,6 +226,36 @@ def test_embedding_has_an_exact_woodbury_block():
     np.testing.assert_allclose(updates[name], want, rtol=1e-9, atol=1e-12)
   text = kfe.describe_layers(loss, params, batch, blocks="woodbury")
   assert "woodbury n=6 embedding 7x4" in text and "woodbury 100.0%" in text
+
+
+def test_embedding_under_a_per_token_loss_has_an_exact_woodbury_block():
+  """A language model's per-token loss (every position an example, M = N·T)
+  with nothing mixing the positions: the table's block is the exact damped
+  Fisher block of the per-token gradients (it used to fall back: the state,
+  laid out with one lookup per example, was checked against T)."""
+  ks = jax.random.split(jax.random.PRNGKey(6), 3)
+  params = {"table": jax.random.normal(ks[0], (V, D)),
+            "out": jax.random.normal(ks[1], (D, 3))}
+  ids = jax.random.randint(ks[2], (2, 3), 0, V)
+  batch = {"ids": ids, "y": (ids + 1) % 3}
+
+  def logits(p, i):
+    return jnp.tanh(jnp.take(p["table"], i, axis=0)) @ p["out"]
+
+  loss = lambda p, b: kfe.softmax_cross_entropy(logits(p, b["ids"]), b["y"])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    grads, updates, _ = _tengrad(loss, params, batch)
+  per_token = lambda p: -jnp.take_along_axis(   # ℓ_k, one per position
+      jax.nn.log_softmax(logits(p, ids)), batch["y"][..., None],
+      axis=-1).reshape(-1)
+  u = jax.jacobian(per_token)(params)
+  m = ids.size
+  for name in ("table", "out"):
+    x = u[name].reshape(m, -1)
+    want = jnp.linalg.solve(x.T @ x / m + LAM * jnp.eye(x.shape[1]),
+                            grads[name].reshape(-1)).reshape(grads[name].shape)
+    np.testing.assert_allclose(updates[name], want, rtol=1e-9, atol=1e-12)
 
 
 def test_embedding_laid_out_for_other_lookups_falls_back_loudly():
