@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+import optax
 
 from kfac_jax_ext import _jax_internals as jint
 from kfac_jax_ext import loss_scales as scales_lib
@@ -216,12 +217,31 @@ def _shifted_view(eqn, in_views) -> bool:
   return False
 
 
+def _check_not_masked(params) -> None:
+  """``optax.masked`` / ``optax.multi_transform`` hand a transform only its
+  own leaves (the others ``optax.MaskedNode``): ``loss_fn`` cannot run."""
+  masked_node = getattr(optax, "MaskedNode", None)
+  is_masked = lambda x: masked_node is not None and isinstance(x, masked_node)
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0]
+  masked = [jax.tree_util.keystr(k) for k, v in flat if is_masked(v)]
+  if masked:
+    raise ValueError(
+        f"params has {len(masked)} masked leaves ({', '.join(masked[:3])}"
+        f"{', ...' if len(masked) > 3 else ''}): optax.masked and "
+        "optax.multi_transform give a transform only its own parameters, but "
+        "the curvature needs loss_fn(params, batch) on the whole model. "
+        "Give it all the parameters, or write loss_fn(trained, batch) taking "
+        "the other parameters from batch (as when fine-tuning adapters with "
+        "the base frozen) and give those their own optimizer and gradient.")
+
+
 def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False,
                axis_name=None) -> TracedLoss:
   """Traces ``loss_fn(params, batch)`` (never runs it) and matches layers.
   ``axis_name`` (a name or a tuple of names): the data axes of the
   ``pmap`` / ``shard_map`` the loss runs under, bound while tracing outside
   them (a ``BatchNorm(axis_name=...)`` averages over them)."""
+  _check_not_masked(params)
   flat_params, param_treedef = jax.tree_util.tree_flatten_with_path(params)
   param_paths = tuple(readable_path(k) for k, _ in flat_params)
   param_leaves = [v for _, v in flat_params]

@@ -265,3 +265,18 @@ def test_statistics_of_the_other_fisher_are_refused(name):
     chex.assert_trees_all_close(fused, plain, rtol=1e-10)
   with pytest.raises(ValueError, match="fisher must be 'sampled' or 'empirical'"):
     kfe.value_and_grad(loss_fn, fisher="true")
+
+
+def test_masked_params_from_multi_transform_are_refused_clearly():
+  """Inside ``optax.multi_transform`` a transform sees only its own leaves
+  (the others ``optax.MaskedNode``): ``loss_fn`` cannot run on them, and the
+  error says so instead of failing inside the model."""
+  params, batch, loss_fn = _setup()
+  labels = jax.tree_util.tree_map(lambda _: "kfac", params)
+  labels[0] = jax.tree_util.tree_map(lambda _: "adam", params[0])
+  tx = optax.multi_transform(
+      {"kfac": kfe.scale_by_kfac(loss_fn, example_batch=batch),
+       "adam": optax.adam(1e-3)}, labels)
+  with pytest.raises(ValueError, match=r"2 masked leaves .*multi_transform.*"
+                     r"loss_fn\(trained, batch\)"):
+    tx.init(params)
