@@ -46,6 +46,17 @@ def _tengrad(loss, params, batch, **options):
   return grads, updates, state
 
 
+def _assert_exact_blocks(loss, params, batch, names):
+  """TENGraD's update of each leaf in ``names`` (a whole layer each) is
+  ``solve(λI + UUᵀ/n, ∇)`` of that leaf, and no refresh failed."""
+  grads, updates, state = _tengrad(loss, params, batch)
+  assert int(state.health.failed_inverses) == 0
+  u = _per_example_grads(loss, params, batch)
+  for name in names:
+    (want,) = _solve([u[name]], [grads[name]])
+    np.testing.assert_allclose(updates[name], want, rtol=1e-9, atol=1e-12)
+
+
 def _labels(seed=2, classes=2):
   return jax.random.randint(jax.random.PRNGKey(seed), (N,), 0, classes)
 
@@ -124,12 +135,7 @@ def test_recurrent_kernel_is_one_woodbury_block_over_the_steps(per_step_loss):
       return kfe.softmax_cross_entropy(logits.mean(axis=1), b["y"])
     return kfe.softmax_cross_entropy(h @ p["out"], b["y"])
 
-  grads, updates, state = _tengrad(loss, params, batch)
-  assert int(state.health.failed_inverses) == 0
-  u = _per_example_grads(loss, params, batch)
-  for name in ("wh", "out"):
-    (want,) = _solve([u[name]], [grads[name]])
-    np.testing.assert_allclose(updates[name], want, rtol=1e-9, atol=1e-12)
+  _assert_exact_blocks(loss, params, batch, ("wh", "out"))
 
 
 def test_time_major_tokens_get_no_woodbury_block():
@@ -158,12 +164,7 @@ def test_kernel_axes_before_the_examples_get_a_woodbury_block():
     h = jnp.tanh(jnp.einsum("fd,ntd->fnt", p["w"], b["x"]))   # [F, N, T]
     return kfe.softmax_cross_entropy(h.mean(axis=2).T @ p["out"], b["y"])
 
-  grads, updates, state = _tengrad(loss, params, batch)
-  assert int(state.health.failed_inverses) == 0
-  u = _per_example_grads(loss, params, batch)
-  for name in ("w", "out"):
-    (want,) = _solve([u[name]], [grads[name]])
-    np.testing.assert_allclose(updates[name], want, rtol=1e-9, atol=1e-12)
+  _assert_exact_blocks(loss, params, batch, ("w", "out"))
 
 
 class _LSTMClassifier(nn.Module):
@@ -294,12 +295,7 @@ def test_tied_table_has_an_exact_woodbury_block(projection_first):
   (tied,) = [l for l in tracing.trace_loss(loss, params, batch).layers
              if l.name == "embed"]
   assert tied.kind == "tied" and tied.transposed == (False, True)
-  grads, updates, state = _tengrad(loss, params, batch)
-  assert int(state.health.failed_inverses) == 0
-  u = _per_example_grads(loss, params, batch)
-  for name in params:
-    (want,) = _solve([u[name]], [grads[name]])
-    np.testing.assert_allclose(updates[name], want, rtol=1e-9, atol=1e-12)
+  _assert_exact_blocks(loss, params, batch, tuple(params))
   text = kfe.describe_layers(loss, params, batch, blocks="woodbury")
   shape = "4x7" if projection_first else "7x4"
   assert f"woodbury n=6 tied {shape}" in text and "woodbury 100.0%" in text
