@@ -5,7 +5,7 @@ K-FAC treats ``s = W x + b`` as one layer with the homogeneous input
 d_out]`` matrix and shares the kernel's ``A ⊗ G`` block. A bias leaf is
 folded when the layer's output ``s`` is consumed by a single ``add`` of a
 view of the leaf that lines up with the output's feature axes, or by a
-single ``transpose`` whose output is (``jnp.einsum`` often moves its
+single ``transpose`` whose output is so consumed (``jnp.einsum`` often moves its
 ``dot_general`` output's axes back into the order the user wrote, e.g.
 ``[H, J, N, T] -> [N, T, H, J]`` for ``"...hi,hij->...hj"``, before the bias).
 A transpose is looked through only when it keeps the feature axes in their
@@ -36,14 +36,15 @@ class FoldedBias:
 
   ``probe``: the equation whose output gets the zero probe (the ``add``);
   ``leaf``: the bias leaf; ``out_axes``/``outputs_shape``: the feature axes
-  and shape of that output (moved by a transpose in between, if any)."""
+  and shape of that output (moved by the transposes and reshapes in
+  between, if any)."""
   probe: int
   leaf: int
   out_axes: tuple
   outputs_shape: tuple
 
 
-def consumers(jaxpr, var):
+def _consumers(jaxpr, var):
   """``[(eqn, operand)]`` reading ``var``; ``(None, None)`` for an output."""
   found = [(i, j) for i, e in enumerate(jaxpr.eqns) for j, v in enumerate(e.invars)
            if v is var]
@@ -53,7 +54,7 @@ def consumers(jaxpr, var):
 
 
 def _only_consumer(jaxpr, var):
-  cons = consumers(jaxpr, var)
+  cons = _consumers(jaxpr, var)
   return cons[0] if len(cons) == 1 and cons[0][0] is not None else None
 
 
