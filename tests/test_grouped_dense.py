@@ -352,3 +352,37 @@ def test_per_head_kernels_stacked_under_scan_equal_the_unrolled_network():
                                  atol=1e-12)
       np.testing.assert_allclose(updates["b"][k, h], want_b, rtol=1e-9,
                                  atol=1e-12)
+
+
+def test_flax_nn_vmap_over_members_is_a_grouped_layer():
+  """``nn.vmap(nn.Dense)`` over members with their own inputs (an ensemble
+  or per-expert MLPs): the stacked kernel ``[M, I, J]`` gets a block per
+  member, the update equal to that of the same layer written as
+  ``einsum("nmi,mij->nmj") + b``."""
+  members = 3
+  dense = nn.vmap(nn.Dense, variable_axes={"params": 0},
+                  split_rngs={"params": True}, in_axes=1, out_axes=1,
+                  axis_size=members)(J, param_dtype=jnp.float64)
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, members, I), jnp.float64)
+  params = dense.init(jax.random.PRNGKey(1), x)["params"]
+  assert params["kernel"].shape == (members, I, J)
+  head = jax.random.normal(jax.random.PRNGKey(2), (members * J, C))
+  batch = {"x": x, "y": jnp.array([0, 1, 2, 0, 1, 2])}
+
+  def logits(out):
+    return jnp.tanh(out).reshape(6, -1) @ head
+
+  mapped = lambda p, b: kfe.softmax_cross_entropy(
+      logits(dense.apply({"params": p}, b["x"])), b["y"])
+  written = lambda p, b: kfe.softmax_cross_entropy(logits(
+      jnp.einsum("nmi,mij->nmj", b["x"], p["kernel"]) + p["bias"]), b["y"])
+  assert f"{members}x kronecker {I + 1}x{J}" in kfe.describe_layers(
+      mapped, params, batch)
+  updates = []
+  for loss in (mapped, written):
+    tx = kfe.scale_by_kfac(loss, damping=0.05, ema_decay=0.0, fisher="empirical",
+                           damping_mode="tikhonov", example_batch=batch)
+    updates.append(tx.update(jax.grad(loss)(params, batch), tx.init(params),
+                             params, batch=batch)[0])
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-10, atol=1e-13), *updates)
