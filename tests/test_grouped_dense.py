@@ -6,8 +6,10 @@ one block per head or expert, like a grouped conv's per group (float64).
 Oracles: the layout-free ``A ⊗ G`` of ``oracles.kfac_block_by_vjp`` with
 the entries across heads zeroed (K-FAC), ``solve(λI + UUᵀ/n, ∇)`` per head
 with ``U`` from ``vmap(grad)`` (TENGraD), the same network written with
-one plain dense layer per head (K-FAC expand and reduce, TKFAC), and the
-two-level step's Galerkin orthogonality with the exact coarse matrix.
+one plain dense layer per head (K-FAC expand and reduce, TKFAC), and, for
+two-level K-FAC (whose coarse level leaves grouped layers on their fine
+blocks), K-FAC's step on the grouped layer and Galerkin orthogonality on
+the plain head's row with the exact coarse matrix.
 """
 
 import warnings
