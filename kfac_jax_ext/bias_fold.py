@@ -13,10 +13,12 @@ order and the token axes in theirs, so that the statistics read at the add
 (``g`` with the feature axes moved last) flatten exactly as before it. The
 bias leaf may have size-1 axes for the token axes (Griffin's ``[2, 1, 1, D]``
 for ``"...td,cdD->c...tD"``): its elements, in order, must be the features'.
-A reshape of the token axes alone (trailing feature axes unchanged) is
-looked through too: a per-example model under ``jax.vmap`` computes its
-conv on ``[N, H, W, C]`` and reshapes it to ``[N, 1, H, W, C]`` before the
-bias.
+A reshape or squeeze that keeps each feature axis as an axis of its own
+(token axes merged or split, size-1 axes inserted or dropped) is looked
+through too: a per-example model under ``jax.vmap`` computes its conv on
+``[N, H, W, C]`` and reshapes it to ``[N, 1, H, W, C]`` before the bias;
+equinox's channels-first conv then squeezes that axis and adds a ``[C, 1,
+1]`` bias.
 
 Example (the bias of a per-head kernel after einsum's transpose):
   >>> y = jnp.einsum("...hi,hij->...hj", x, w) + b     # b: [H, J]
@@ -73,24 +75,61 @@ def _through_transpose(jaxpr, k, out_axes):
   return eqn.outvars[0], tuple(features)
 
 
-def _through_token_reshape(jaxpr, k, out_axes):
-  """``(var, out_axes)`` after equation ``k`` when it is a reshape of the
-  token axes only (the feature axes trailing, kept as they are: ``vmap``
-  over examples of a per-example model splits ``[N, ...]`` into ``[N, 1,
-  ...]``); None otherwise."""
+def _axis_map(old, new):
+  """``{old axis: new axis}`` for the axes of size > 1 that a row-major
+  reshape from ``old`` to ``new`` keeps as axes of their own (merging or
+  splitting only other axes, inserting or dropping size-1 axes)."""
+  kept, i, j = {}, 0, 0
+  while i < len(old) or j < len(new):
+    if i < len(old) and old[i] == 1:
+      i += 1
+      continue
+    if j < len(new) and new[j] == 1:
+      j += 1
+      continue
+    if i == len(old) or j == len(new):
+      return kept
+    group_old, group_new, p_old, p_new = [i], [j], old[i], new[j]
+    i, j = i + 1, j + 1
+    while p_old != p_new:
+      if p_old < p_new:
+        group_old.append(i)
+        p_old *= old[i]
+        i += 1
+      else:
+        group_new.append(j)
+        p_new *= new[j]
+        j += 1
+    if len(group_old) == 1 and len(group_new) == 1:
+      kept[group_old[0]] = group_new[0]
+  return kept
+
+
+def _through_reshape(jaxpr, k, out_axes):
+  """``(var, out_axes)`` after equation ``k`` when it is a ``reshape`` or
+  ``squeeze`` that keeps every feature axis as an axis of its own (only the
+  token axes merge or split, size-1 axes come and go): ``vmap`` over
+  examples of a per-example model splits ``[N, ...]`` into ``[N, 1, ...]``,
+  and equinox's per-example conv squeezes that axis again. Row-major order
+  is kept, so the tokens flatten as before. None otherwise."""
   eqn = jaxpr.eqns[k]
-  if eqn.primitive.name != "reshape" or eqn.params.get("dimensions"):
+  if eqn.primitive.name not in ("reshape", "squeeze") or eqn.params.get(
+      "dimensions") and eqn.primitive.name == "reshape":
     return None
   old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
   f = len(out_axes)
-  if (tuple(out_axes) != tuple(range(len(old) - f, len(old))) or len(new) < f
-      or tuple(new[len(new) - f:]) != tuple(old[len(old) - f:])):
+  if (tuple(out_axes) == tuple(range(len(old) - f, len(old))) and len(new) >= f
+      and tuple(new[len(new) - f:]) == tuple(old[len(old) - f:])):
+    # trailing feature axes kept as they are (sizes 1 included)
+    return eqn.outvars[0], tuple(range(len(new) - f, len(new)))
+  kept = _axis_map(old, new)
+  if any(a not in kept for a in out_axes):
     return None
-  return eqn.outvars[0], tuple(range(len(new) - f, len(new)))
+  return eqn.outvars[0], tuple(kept[a] for a in out_axes)
 
 
 _LOOK_THROUGH = {"transpose": _through_transpose,
-                 "reshape": _through_token_reshape}
+                 "reshape": _through_reshape, "squeeze": _through_reshape}
 
 
 def find_bias(jaxpr, use, out_axes, single, at_operand, shapes,

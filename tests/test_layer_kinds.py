@@ -486,3 +486,40 @@ def test_per_example_model_under_vmap_equals_the_batched_model(method):
                              params, batch=batch)[0])
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
       a, b, rtol=1e-9, atol=1e-12), *updates)
+
+
+def _channels_first_conv(q, x):
+  """equinox's ``nn.Conv2d`` on one ``[C, H, W]`` example: a batch of one,
+  squeezed, plus a ``[O, 1, 1]`` bias."""
+  y = jax.lax.conv_general_dilated(x[None], q["weight"], (1, 1), "VALID")
+  return jnp.squeeze(y, 0) + q["bias"]
+
+
+def test_equinox_style_channels_first_conv_under_vmap():
+  """A per-example channels-first conv (equinox's layout: ``[O, C, kh, kw]``
+  kernel, ``[O, 1, 1]`` bias, ``squeeze`` after the conv) and a ``[out,
+  in]`` linear, mapped over the batch with ``jax.vmap``: the bias is
+  looked for through the reshape and squeeze vmap leaves behind and joins
+  the conv's block, exact against the oracle."""
+  c, o = 2, 3
+
+  def model(p, x, probe=0.0):
+    probe = jnp.broadcast_to(probe, (x.shape[0], o, 1, 1))
+
+    def one(xi, pi):
+      h = _channels_first_conv(p["params"]["conv"], xi) + pi
+      head = p["params"]["head"]
+      return head["weight"] @ jnp.tanh(h).reshape(-1) + head["bias"]
+    return jax.vmap(one)(x, probe)
+
+  k = jax.random.split(jax.random.PRNGKey(0), 5)
+  params = {"params": {
+      "conv": {"weight": jax.random.normal(k[0], (o, c, 3, 3)),
+               "bias": jax.random.normal(k[1], (o, 1, 1))},
+      "head": {"weight": jax.random.normal(k[2], (3, o)),
+               "bias": jax.random.normal(k[3], (3,))}}}
+  batch = {"x": jax.random.normal(k[4], (6, c, 3, 3)),
+           "y": jnp.array([0, 1, 2, 0, 1, 2])}
+  text = _check_update(model, params, batch, "conv", _channels_first_conv,
+                       lambda p, x: x, (o, 1, 1))
+  assert f"kronecker {c * 9 + 1}x{o}" in text and "kronecker 4x3" in text, text
