@@ -254,17 +254,34 @@ def match_conv(use, eqn, leaf_shape):
 
 
 def match_embedding(use, eqn, leaf_shape):
-  """``gather`` of whole rows of a 2-D table by an index array."""
+  """``gather`` of whole rows of a 2-D table by an index array.
+
+  Two forms: ``jnp.take(table, ids, axis=0)`` (``nn.Embed``: one index per
+  lookup, the row axis collapsed) and ``table[i]`` of one id mapped with
+  ``jax.vmap`` (``equinox.nn.Embedding``: a ``(row, column)`` index pair
+  whose column start is 0 because the slice spans the whole row, under
+  ``CLIP`` or ``PROMISE_IN_BOUNDS``; the row axis kept as a size-1 axis).
+  Either way the ids are the index vectors' first entries."""
   if use.operand != 0 or len(leaf_shape) != 2 or use.view.chain:
     return None
   dn = eqn.params["dimension_numbers"]
   idx_shape = eqn.invars[1].aval.shape
   out_ndim = len(eqn.outvars[0].aval.shape)
-  if (tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
-      or tuple(dn.offset_dims) != (out_ndim - 1,)
-      or tuple(getattr(dn, "operand_batching_dims", ())) or not idx_shape
-      or idx_shape[-1] != 1
+  if (tuple(getattr(dn, "operand_batching_dims", ())) or not idx_shape
       or tuple(eqn.params["slice_sizes"]) != (1, leaf_shape[1])):
+    return None
+  take = (tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map)
+          == (0,) and tuple(dn.offset_dims) == (out_ndim - 1,)
+          and idx_shape[-1] == 1)
+  mode = str(eqn.params.get("mode", "")).rsplit(".", 1)[-1]
+  row_of_pair = (tuple(dn.start_index_map) == (0, 1) and idx_shape[-1] == 2
+                 and mode in ("CLIP", "PROMISE_IN_BOUNDS")
+                 and ((tuple(dn.collapsed_slice_dims) == (0,)
+                       and tuple(dn.offset_dims) == (out_ndim - 1,))
+                      or (tuple(dn.collapsed_slice_dims) == ()
+                          and tuple(dn.offset_dims) == (out_ndim - 2,
+                                                        out_ndim - 1))))
+  if not (take or row_of_pair):
     return None
   return dict(kind="embedding", x_operand=1, x_axes=(), out_axes=(out_ndim - 1,),
               kernel_perm=(0, 1), n_in=1)

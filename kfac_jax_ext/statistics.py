@@ -161,8 +161,8 @@ def _canonical_inputs(layer: tracing.LayerMatch, x):
   """The layer input as ``[tokens, d_in]`` (conv: im2col patches, feature
   order (C, kh, kw); grouped conv or dense: ``[G, tokens, d_in]``; embedding: the
   ids ``[tokens]``)."""
-  if layer.kind == "embedding":
-    return x.reshape(-1)
+  if layer.kind == "embedding":   # the index vectors' first entry: the row
+    return x[..., 0].reshape(-1)
   if layer.kind == "conv2d":
     strides, padding, lhs_dil, rhs_dil, dn, spatial = layer.conv
     x = jax.lax.conv_general_dilated_patches(

@@ -160,15 +160,28 @@ def test_einsum_kernel_whose_axes_come_before_the_batchs(spec):
                        lambda p, xn: xn, (c, k, h))
   assert "kronecker 4x12" in text, text
 
-def test_embedding_block_is_diag_counts_kron_g():
-  """``nn.Embed`` over ``[N, T]`` ids (a per-token loss): the input factor is
-  ``diag(f)``, the token frequencies, and the update is
+def _vmapped_rows(q, ids):
+  """equinox's ``nn.Embedding``: ``table[i]`` of one id, mapped over the
+  ids with ``jax.vmap`` (a gather of a (row, column) index pair)."""
+  row = lambda i: q["embedding"][i]
+  for _ in range(ids.ndim):
+    row = jax.vmap(row)
+  return row(ids)
+
+
+@pytest.mark.parametrize("lookup", ["take", "vmapped"])
+def test_embedding_block_is_diag_counts_kron_g(lookup):
+  """``nn.Embed`` over ``[N, T]`` ids (a per-token loss), and the same
+  lookup written as equinox does (``table[i]`` under ``jax.vmap``): the
+  input factor is ``diag(f)``, the token frequencies, and the update is
   ``solve(diag(f)⊗G + λI, ∇)``."""
   vocab, d = 7, 3
   emb, head = nn.Embed(vocab, d), nn.Dense(4)
+  look_up = ((lambda q, i: emb.apply({"params": q}, i)) if lookup == "take"
+             else _vmapped_rows)
 
   def model(p, ids, probe=0.0):
-    h = emb.apply({"params": p["params"]["emb"]}, ids) + probe
+    h = look_up(p["params"]["emb"], ids) + probe
     return head.apply({"params": p["params"]["head"]}, jnp.tanh(h))
 
   ids = jnp.array([[0, 1, 1, 5], [2, 1, 0, 0], [6, 6, 1, 3]])
@@ -177,8 +190,7 @@ def test_embedding_block_is_diag_counts_kron_g():
                                          jnp.ones((1, d)))["params"]}}
   params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params)
   batch = {"x": ids, "y": jnp.array([[0, 1, 2, 3], [3, 2, 1, 0], [1, 1, 2, 2]])}
-  text = _check_update(model, params, batch, "emb",
-                       lambda q, i: emb.apply({"params": q}, i),
+  text = _check_update(model, params, batch, "emb", look_up,
                        lambda p, i: i, (d,))
   assert "diag(7)x3" in text
   loss = lambda p, b: kfe.softmax_cross_entropy(model(p, b["x"]), b["y"])

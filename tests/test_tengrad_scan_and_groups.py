@@ -219,6 +219,24 @@ def _lookup_task(t=T):
 
 def test_embedding_has_an_exact_woodbury_block():
   loss, params, batch = _lookup_task()
+  _assert_exact_lookup_block(loss, params, batch)
+
+
+def test_vmapped_row_lookup_has_an_exact_woodbury_block():
+  """equinox's ``nn.Embedding`` (``table[i]`` of one id under ``jax.vmap``,
+  a gather of (row, column) pairs) is the same embedding layer."""
+  loss, params, batch = _lookup_task()
+  batch = dict(batch, ids=batch["ids"] % V)   # table[i] clips, take drops
+
+  def vmapped(p, b):
+    h = jax.vmap(jax.vmap(lambda i: p["table"][i]))(b["ids"])
+    return kfe.softmax_cross_entropy(jnp.tanh(h).mean(axis=1) @ p["out"],
+                                     b["y"])
+
+  _assert_exact_lookup_block(vmapped, params, batch)
+
+
+def _assert_exact_lookup_block(loss, params, batch):
   grads, updates, state = _tengrad(loss, params, batch)
   assert state.blocks[1].ids.shape == (8, T)    # the table: ids and g stored
   u = _per_example_grads(loss, params, batch)
