@@ -8,9 +8,14 @@ view of the leaf that lines up with the output's feature axes, or by a
 single ``transpose`` whose output is so consumed (``jnp.einsum`` often moves its
 ``dot_general`` output's axes back into the order the user wrote, e.g.
 ``[H, J, N, T] -> [N, T, H, J]`` for ``"...hi,hij->...hj"``, before the bias).
-A transpose is looked through only when it keeps the feature axes in their
-order and the token axes in theirs, so that the statistics read at the add
-(``g`` with the feature axes moved last) flatten exactly as before it. The
+A transpose is looked through when it keeps the feature axes in their
+order. When it keeps the token axes in theirs too, the statistics are read
+at the add (``g`` with the feature axes moved last flattens exactly as
+before it); when it reorders them (an equinox ``Linear`` mapped over a
+scan's ``[T, B, D]`` outputs, moved back to ``[B, T, C]``), they are read at
+the layer's own output, whose tokens are in its input's order: the add's
+gradient is the same array, rearranged, so the bias row's gradient (the
+sum of ``g`` over the tokens) is unchanged. The
 bias leaf may have size-1 axes for the token axes (Griffin's ``[2, 1, 1, D]``
 for ``"...td,cdD->c...tD"``): its elements, in order, must be the features'.
 A reshape or squeeze that keeps each feature axis as an axis of its own
@@ -69,8 +74,7 @@ def _through_transpose(jaxpr, k, out_axes):
   perm = tuple(eqn.params["permutation"])
   new = {old: new for new, old in enumerate(perm)}
   features = [new[a] for a in out_axes]
-  tokens = [new[a] for a in range(len(perm)) if a not in out_axes]
-  if features != sorted(features) or tokens != sorted(tokens):
+  if features != sorted(features):
     return None
   return eqn.outvars[0], tuple(features)
 
@@ -128,6 +132,14 @@ def _through_reshape(jaxpr, k, out_axes):
   return eqn.outvars[0], tuple(kept[a] for a in out_axes)
 
 
+def _moves_tokens(eqn, out_axes) -> bool:
+  """Whether a looked-through ``transpose`` reorders the token axes."""
+  if eqn.primitive.name != "transpose":
+    return False
+  tokens = [a for a in eqn.params["permutation"] if a not in out_axes]
+  return tokens != sorted(tokens)
+
+
 _LOOK_THROUGH = {"transpose": _through_transpose,
                  "reshape": _through_reshape, "squeeze": _through_reshape}
 
@@ -140,12 +152,15 @@ def find_bias(jaxpr, use, out_axes, single, at_operand, shapes,
   enter the scan as the kernel does (both scanned or both closed over:
   ``marker``)."""
   s = jaxpr.eqns[use.eqn].outvars[0]
+  at_use = FoldedBias(use.eqn, -1, tuple(out_axes), tuple(s.aval.shape))
+  tokens_moved = False
   con = _only_consumer(jaxpr, s)
   while con is not None and jaxpr.eqns[con[0]].primitive.name in _LOOK_THROUGH:
     moved = _LOOK_THROUGH[jaxpr.eqns[con[0]].primitive.name](
         jaxpr, con[0], out_axes)
     if moved is None:
       return None
+    tokens_moved |= _moves_tokens(jaxpr.eqns[con[0]], out_axes)
     s, out_axes = moved
     con = _only_consumer(jaxpr, s)
   if con is None:
@@ -165,5 +180,7 @@ def find_bias(jaxpr, use, out_axes, single, at_operand, shapes,
   features = tuple(s.aval.shape[a] for a in out_axes)
   if math.prod(shape) == math.prod(features) and patterns.aligned(
       patterns.simulate(shape, chain), features, s.aval.shape, out_axes):
+    if tokens_moved:   # read where the tokens are in the input's order
+      return dataclasses.replace(at_use, leaf=b.leaf)
     return FoldedBias(ci, b.leaf, tuple(out_axes), tuple(s.aval.shape))
   return None

@@ -535,3 +535,53 @@ def test_equinox_style_channels_first_conv_under_vmap():
   text = _check_update(model, params, batch, "conv", _channels_first_conv,
                        lambda p, x: x, (o, 1, 1))
   assert f"kronecker {c * 9 + 1}x{o}" in text and "kronecker 4x3" in text, text
+
+
+def test_bias_after_a_transpose_that_reorders_the_tokens():
+  """An equinox ``Linear`` mapped over a scan's outputs (``jax.vmap`` lays
+  them out ``[T, B, D]``; the logits come back ``[B, T, C]``): the bias
+  after the token-reordering transpose joins the kernel's block. K-FAC's
+  update equals the plainly written layer's, and TENGraD's joint block of
+  kernel and bias is exact under the per-token loss (statistics read where
+  the tokens are in the input's order)."""
+  b_, t, d, c = 2, 3, 4, 3
+  ks = jax.random.split(jax.random.PRNGKey(6), 4)
+  params = {"w": jax.random.normal(ks[0], (c, d), jnp.float64),
+            "b": jax.random.normal(ks[1], (c,), jnp.float64)}
+  x = jax.random.normal(ks[2], (b_, t, d), jnp.float64)
+  batch = {"x": x, "y": jax.random.randint(ks[3], (b_, t), 0, c)}
+
+  def reordered(p, x):
+    ht = jnp.tanh(x).transpose(1, 0, 2)                        # [T, B, D]
+    z = jnp.einsum("cd,tbd->ctb", p["w"], ht).transpose(2, 1, 0)
+    return z + p["b"]                                          # [B, T, C]
+
+  plain = lambda p, x: jnp.tanh(x) @ p["w"].T + p["b"]
+  losses = [lambda p, b, f=f: kfe.softmax_cross_entropy(f(p, b["x"]), b["y"])
+            for f in (reordered, plain)]
+  updates = []
+  for loss in losses:
+    assert "kronecker 5x3  w, b" in kfe.describe_layers(loss, params, batch)
+    tx = kfe.scale_by_kfac(loss, damping=LAM, damping_mode="tikhonov",
+                           ema_decay=0.0, fisher="empirical",
+                           example_batch=batch)
+    updates.append(tx.update(jax.grad(loss)(params, batch), tx.init(params),
+                             params, batch=batch)[0])
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-9, atol=1e-12), *updates)
+
+  loss = losses[0]
+  tx = kfe.scale_by_tengrad(loss, damping=LAM, fisher="empirical",
+                            example_batch=batch)
+  grads = jax.grad(loss)(params, batch)
+  got = tx.update(grads, tx.init(params), params, batch=batch)[0]
+  per_token = lambda p: -jnp.take_along_axis(jax.nn.log_softmax(
+      reordered(p, x)), batch["y"][..., None], axis=-1).reshape(-1)
+  u = jax.jacobian(per_token)(params)
+  m = b_ * t
+  jac = jnp.concatenate([u["w"].reshape(m, -1), u["b"].reshape(m, -1)], 1)
+  v = jnp.concatenate([grads["w"].reshape(-1), grads["b"]])
+  want = jnp.linalg.solve(jac.T @ jac / m + LAM * jnp.eye(jac.shape[1]), v)
+  np.testing.assert_allclose(
+      jnp.concatenate([got["w"].reshape(-1), got["b"]]), want, rtol=1e-9,
+      atol=1e-12)
