@@ -164,9 +164,7 @@ def _single_use_layers(ctx: _Uses, taken: set):
       bias = bias_fold.find_bias(ctx.jaxprs[use.path], use, layer.out_axes,
                                  ctx.single, ctx.at_operand, ctx.shapes,
                                  m.get("marker"))
-      grouped_conv = (layer.kind == "conv2d" and layer.groups > 1
-                      and not layer.stacked)   # a stacked layer's groups: slices
-      if bias is not None and not (grouped_conv and len(ctx.shapes[bias.leaf]) != 1):
+      if bias is not None:
         layer = dataclasses.replace(
             layer, bias=bias.leaf, probes=((use.path, bias.probe),),
             out_axes=bias.out_axes, outputs_shape=bias.outputs_shape)

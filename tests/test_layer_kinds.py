@@ -10,6 +10,8 @@ update with ``damping_mode="tikhonov"``, ``ema_decay=0`` and the empirical
 Fisher must equal ``solve(A ⊗ G + λI, ∇)``.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -500,41 +502,51 @@ def test_per_example_model_under_vmap_equals_the_batched_model(method):
       a, b, rtol=1e-9, atol=1e-12), *updates)
 
 
-def _channels_first_conv(q, x):
+def _channels_first_conv(q, x, groups=1):
   """equinox's ``nn.Conv2d`` on one ``[C, H, W]`` example: a batch of one,
   squeezed, plus a ``[O, 1, 1]`` bias."""
-  y = jax.lax.conv_general_dilated(x[None], q["weight"], (1, 1), "VALID")
+  y = jax.lax.conv_general_dilated(x[None], q["weight"], (1, 1), "VALID",
+                                   feature_group_count=groups)
   return jnp.squeeze(y, 0) + q["bias"]
 
 
-def test_equinox_style_channels_first_conv_under_vmap():
+@pytest.mark.parametrize("groups", [1, 2])
+def test_equinox_style_channels_first_conv_under_vmap(groups):
   """A per-example channels-first conv (equinox's layout: ``[O, C, kh, kw]``
-  kernel, ``[O, 1, 1]`` bias, ``squeeze`` after the conv) and a ``[out,
-  in]`` linear, mapped over the batch with ``jax.vmap``: the bias is
-  looked for through the reshape and squeeze vmap leaves behind and joins
-  the conv's block, exact against the oracle."""
-  c, o = 2, 3
+  kernel, ``[O, 1, 1]`` bias, ``squeeze`` after the conv; grouped too) and
+  a ``[out, in]`` linear, mapped over the batch with ``jax.vmap``: the bias
+  is looked for through the reshape and squeeze vmap leaves behind and
+  joins the conv's block (per group), exact against the oracle."""
+  c, o = 2, 4
+  conv = functools.partial(_channels_first_conv, groups=groups)
 
   def model(p, x, probe=0.0):
     probe = jnp.broadcast_to(probe, (x.shape[0], o, 1, 1))
 
     def one(xi, pi):
-      h = _channels_first_conv(p["params"]["conv"], xi) + pi
+      h = conv(p["params"]["conv"], xi) + pi
       head = p["params"]["head"]
       return head["weight"] @ jnp.tanh(h).reshape(-1) + head["bias"]
     return jax.vmap(one)(x, probe)
 
   k = jax.random.split(jax.random.PRNGKey(0), 5)
   params = {"params": {
-      "conv": {"weight": jax.random.normal(k[0], (o, c, 3, 3)),
+      "conv": {"weight": jax.random.normal(k[0], (o, c // groups, 3, 3)),
                "bias": jax.random.normal(k[1], (o, 1, 1))},
       "head": {"weight": jax.random.normal(k[2], (3, o)),
                "bias": jax.random.normal(k[3], (3,))}}}
   batch = {"x": jax.random.normal(k[4], (6, c, 3, 3)),
            "y": jnp.array([0, 1, 2, 0, 1, 2])}
-  text = _check_update(model, params, batch, "conv", _channels_first_conv,
-                       lambda p, x: x, (o, 1, 1))
-  assert f"kronecker {c * 9 + 1}x{o}" in text and "kronecker 4x3" in text, text
+  # ravel_pytree orders the leaves {bias, weight}; a group per output slice
+  per_group = o // groups
+  member = jnp.asarray(np.concatenate([
+      np.arange(o) // per_group,
+      np.repeat(np.arange(o) // per_group, c // groups * 9)]))
+  text = _check_update(model, params, batch, "conv", conv, lambda p, x: x,
+                       (o, 1, 1), groups=member)
+  block = f"kronecker {c // groups * 9 + 1}x{per_group}"
+  assert (block if groups == 1 else f"{groups}x {block}") in text, text
+  assert "kronecker 5x3" in text, text
 
 
 def test_bias_after_a_transpose_that_reorders_the_tokens():
