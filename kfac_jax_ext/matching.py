@@ -237,20 +237,25 @@ def _scale_and_shift_layers(ctx: _Uses, taken: set):
       shape = shape[1:] if marker is patterns.SCAN_SLICE else shape
       use = dataclasses.replace(use, view=patterns.View(use.leaf, rest))
     multiplier = ()
-    if patterns.scale_shift_axes(use, eqn, shape) is None:
+    axes = patterns.scale_shift_axes(use, eqn, shape)
+    if axes is None:
       rescaled = _rescaled_scale(ctx, use, eqn, shape)
       if rescaled is None:
         continue
       use, eqn, multiplier = rescaled
+      axes = patterns.scale_shift_axes(use, eqn, shape)
     out_shape = eqn.outvars[0].aval.shape
     role = "scale" if use.primitive == "mul" else "shift"
     new = lambda: dict(
         site=(use.path, use.eqn), captures=(), probes=(), scale=None,
-        shift=None, inputs_shape=tuple(out_shape), steps=steps, marker=marker)
+        shift=None, inputs_shape=tuple(out_shape), steps=steps, marker=marker,
+        axes=axes)
     g = groups.setdefault(ctx.name(leaf), new())
-    if g[role] is not None or (g["steps"], g["marker"]) != (steps, marker):
+    if g[role] is not None or (g["steps"], g["marker"], g["axes"]) != (
+        steps, marker, axes):
       # a second scale (or shift) in one module, as CaiT's layer scales
-      # gamma_1 and gamma_2: a layer of its own, named by the leaf's path
+      # gamma_1 and gamma_2, or one along other axes: a layer of its own,
+      # named by the leaf's path
       g = groups.setdefault("/".join(map(str, ctx.paths[leaf])), new())
       if g[role] is not None:
         continue
@@ -263,7 +268,7 @@ def _scale_and_shift_layers(ctx: _Uses, taken: set):
   return [(g["site"], LayerMatch(
       kind="scale_and_shift", name=name, scale=g["scale"], shift=g["shift"],
       captures=g["captures"], probes=g["probes"], inputs_shape=g["inputs_shape"],
-      outputs_shape=g["inputs_shape"], steps=g["steps"],
+      outputs_shape=g["inputs_shape"], out_axes=g["axes"], steps=g["steps"],
       stacked=g["marker"] is patterns.SCAN_SLICE)) for name, g in groups.items()]
 
 

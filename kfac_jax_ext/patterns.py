@@ -318,16 +318,19 @@ def layer_sizes(m: dict, leaf_shape) -> tuple[int, int]:
 
 
 def scale_shift_axes(use, eqn, leaf_shape):
-  """Trailing output axes the leaf aligns with when ``eqn`` is a batched
-  ``mul``/``add`` of the leaf; None otherwise (e.g. ``1 + scale`` alone).
-  Inside a scan body, ``use`` has its scan marker stripped and ``leaf_shape``
-  is the per-step shape."""
-  out_shape = eqn.outvars[0].aval.shape
-  k = len(leaf_shape)
-  if k > len(out_shape) or math.prod(out_shape) <= math.prod(leaf_shape):
+  """The output's feature axes, those the leaf's elements run along in
+  order (its size-1 axes broadcast: a channels-first ``[C, 1, 1]`` scale of
+  ``[N, C, H, W]`` runs along axis 1 only), when ``eqn`` is a batched
+  ``mul``/``add`` of a view of the leaf; None otherwise (e.g. ``1 + scale``
+  alone, or a view that reorders the leaf). Inside a scan body, ``use``
+  has its scan marker stripped and ``leaf_shape`` is the per-step shape."""
+  out_shape = tuple(eqn.outvars[0].aval.shape)
+  view = simulate(leaf_shape, use.view.chain)
+  if view.ndim > len(out_shape) or math.prod(out_shape) <= math.prod(leaf_shape):
     return None
-  axes = tuple(range(len(out_shape) - k, len(out_shape)))
-  if not aligned(simulate(leaf_shape, use.view.chain), leaf_shape, out_shape,
-                 axes):
+  padded = (1,) * (len(out_shape) - view.ndim) + tuple(view.shape)
+  axes = tuple(d for d, n in enumerate(padded) if n > 1)
+  if any(padded[d] != out_shape[d] for d in axes) or not aligned(
+      view, tuple(out_shape[d] for d in axes), out_shape, axes):
     return None
   return axes

@@ -37,11 +37,8 @@ from kfac_jax_ext.curvature_batch import CurvatureBatch
 
 
 def evaluate_jaxpr(jaxpr, consts, args, path, probes, actions, active):
-  env: dict = {}
-  for v, x in zip(jaxpr.constvars, consts):
-    env[v] = x
-  for v, x in zip(jaxpr.invars, args):
-    env[v] = x
+  env = dict(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
   captured = {}
   for i, eqn in enumerate(jaxpr.eqns):
     invals = [jint.read_atom(env, v) for v in eqn.invars]
@@ -232,7 +229,12 @@ def _scale_shift_statistics(layer, traced, captured, probe_grads, li):
   size = int(np.prod(traced.param_shapes[leaf][int(layer.stacked):]))
   lead = (traced.param_shapes[leaf][0],) if layer.stacked else ()
 
-  def tokens(u):
+  out_ndim, features_at = len(layer.outputs_shape), list(layer.out_axes)
+  features = [n if d in features_at else 1 for d, n in enumerate(layer.outputs_shape)]
+
+  def tokens(u):   # the feature axes last (a channels-first layer's too)
+    n, rest = u.ndim - out_ndim, [d for d in range(out_ndim) if d not in features_at]
+    u = jnp.transpose(u, list(range(n)) + [n + d for d in rest + features_at])
     if layer.steps and not layer.stacked:    # [L, ...] -> steps as tokens
       return u.reshape(-1, size)
     return u.reshape(lead + (-1, size))
@@ -245,7 +247,12 @@ def _scale_shift_statistics(layer, traced, captured, probe_grads, li):
     if len(layer.captures) > 1:   # the scale's per-feature multiplier (BatchNorm)
       r = captured[("a", li, 1)]    # in a scan: [L, features], stacked per step
       n_scans = len(_steps_shape(traced, layer.captures[1][0][0]))
-      r = r.reshape(r.shape[:n_scans] + (1,) * (g.ndim - r.ndim) + r.shape[n_scans:])
+      if np.prod(r.shape[n_scans:]) == np.prod(features):   # onto the features
+        r = r.reshape(r.shape[:n_scans] + (1,) * (g.ndim - n_scans - out_ndim)
+                      + tuple(features))
+      else:   # broadcast as it is (e.g. one value)
+        r = r.reshape(r.shape[:n_scans] + (1,) * (g.ndim - r.ndim)
+                      + r.shape[n_scans:])
       x = x * jnp.broadcast_to(r, g.shape)
     u_scale = tokens(x * g)
     k = 1
