@@ -21,8 +21,9 @@ class Layer:
 
   Attributes:
     name: readable name (the module path of its parameters).
-    kind: ``"dense"``, ``"conv2d"`` (grouped convs included),
-      ``"embedding"`` or ``"scale_and_shift"``.
+    kind: ``"dense"``, ``"conv2d"`` (a convolution over 1, 2 or 3 spatial
+      axes, grouped ones included; ``describe_layers`` shows ``conv1d`` and
+      ``conv3d`` for the others), ``"embedding"`` or ``"scale_and_shift"``.
     params: key paths of the parameter leaves it owns.
     inputs_shape: shape of its input (scale-and-shift: of the scaled array).
     outputs_shape: shape of its pre-activation output.
@@ -148,7 +149,8 @@ def describe_layers(loss_fn: Callable, params: Any, batch: Any,
   rows = []
   for m in traced.layers:
     layer = _public(traced, m)
-    rows.append((layer.name, layer.kind, block_label(m, max_factor_dim, chosen, n),
+    kind = f"conv{len(m.conv[5])}d" if m.kind == "conv2d" else layer.kind
+    rows.append((layer.name, kind, block_label(m, max_factor_dim, chosen, n),
                  ", ".join("/".join(map(str, p)) for p in layer.params),
                  layer.inputs_shape, layer.outputs_shape))
   text = f"Layers ({len(rows)}):\n" + _table(

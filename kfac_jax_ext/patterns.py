@@ -10,9 +10,9 @@ consumes a view of it) and either returns a ``LayerMatch`` recipe or None:
   of token axes on the other operand; batch dimensions shared with the
   other operand (per-head or per-expert kernels) make one block per index
   of them (``groups``, as a grouped conv's);
-* ``conv2d``: ``conv_general_dilated(x, W)`` with any stride, padding,
-  dilation and ``feature_group_count`` G (grouped/depthwise: one block per
-  group, ``groups = G``);
+* ``conv2d``: ``conv_general_dilated(x, W)`` over 1, 2 or 3 spatial axes
+  with any stride, padding, dilation and ``feature_group_count`` G
+  (grouped/depthwise: one block per group, ``groups = G``);
 * ``embedding``: a ``gather`` of whole rows of a 2-D table by integer ids
   (``jnp.take``, ``nn.Embed``): a dense layer with one-hot inputs, so its
   input factor is diagonal;
@@ -234,9 +234,12 @@ def match_dense(use, eqn, leaf_shape):
 
 
 def match_conv(use, eqn, leaf_shape):
-  """``conv_general_dilated(x, view(W))``, grouped or not."""
+  """``conv_general_dilated(x, view(W))`` over any number of spatial axes
+  (1-D: ``nn.Conv(f, (k,))``, a temporal conv; 2-D; 3-D: video), grouped or
+  not (kind ``"conv2d"`` whatever the number)."""
   prm = eqn.params
-  if use.operand != 1 or prm["batch_group_count"] != 1 or len(leaf_shape) != 4:
+  if use.operand != 1 or prm["batch_group_count"] != 1 or len(
+      eqn.invars[1].aval.shape) != len(leaf_shape):
     return None
   view = simulate(leaf_shape, use.view.chain)
   dn = prm["dimension_numbers"]
