@@ -272,10 +272,44 @@ def _scale_and_shift_layers(ctx: _Uses, taken: set):
       stacked=g["marker"] is patterns.SCAN_SLICE)) for name, g in groups.items()]
 
 
+def _broadcast_inputs(ctx: _Uses, taken: set):
+  """A leaf every use of which reads one broadcast of it over the batch (a
+  learned input: Perceiver latents or DETR queries ``broadcast_to(q, [N, L,
+  D])`` going into a LayerNorm and a residual; a ``cls`` token broadcast and
+  concatenated with the patches, or ``jnp.tile``-d as ``vit_jax`` does): a
+  shift of zeros, its per-token gradient
+  the gradient at the broadcast (a diagonal block, as a shift's). Outside
+  scans only."""
+  found = []
+  for leaf, us in ctx.by_leaf.items():
+    if leaf in taken or not us or any(u.reason for u in us):
+      continue
+    path, jaxpr = us[0].path, ctx.jaxprs[us[0].path]
+    var = jaxpr.eqns[us[0].eqn].invars[us[0].operand]
+    if any(u.path != path or jaxpr.eqns[u.eqn].invars[u.operand] is not var
+           or patterns.scan_view(u.view.chain) is not None for u in us):
+      continue
+    site = next((i for i, e in enumerate(jaxpr.eqns) if any(
+        v is var for v in e.outvars)), None)
+    shape = tuple(var.aval.shape)
+    if site is None or jaxpr.eqns[site].primitive.name not in ("broadcast_in_dim",
+                                                               "tile"):
+      continue
+    axes = patterns.feature_axes(ctx.shapes[leaf], us[0].view.chain, shape)
+    if axes is None:
+      continue
+    found.append(((path, site), LayerMatch(
+        kind="scale_and_shift", name="/".join(map(str, ctx.paths[leaf])), shift=leaf,
+        probes=((path, site),), inputs_shape=shape, outputs_shape=shape,
+        out_axes=axes)))
+    taken.add(leaf)
+  return found
+
+
 # The layer matchers, in order: each ``(uses, taken) -> [(site, LayerMatch)]``
 # claims leaves not yet ``taken`` (and adds them to it).
 LAYER_MATCHERS = (_concatenated_layers, _single_use_layers, _multi_use_layers,
-                  _scale_and_shift_layers)
+                  _scale_and_shift_layers, _broadcast_inputs)
 
 
 def match_layers(uses, jaxprs, shapes, paths, n, penalty_leaves=frozenset()):

@@ -36,7 +36,7 @@ import numpy as np
 ELEMENTWISE_VIEW = {"convert_element_type", "copy", "copy_p", "reduce_precision",
                     "pvary", "pcast"}
 STRUCTURAL_VIEW = ELEMENTWISE_VIEW | {"reshape", "broadcast_in_dim", "transpose",
-                                      "squeeze", "expand_dims", "slice"}
+                                      "squeeze", "expand_dims", "slice", "tile"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,13 +327,22 @@ def scale_shift_axes(use, eqn, leaf_shape):
   ``mul``/``add`` of a view of the leaf; None otherwise (e.g. ``1 + scale``
   alone, or a view that reorders the leaf). Inside a scan body, ``use``
   has its scan marker stripped and ``leaf_shape`` is the per-step shape."""
-  out_shape = tuple(eqn.outvars[0].aval.shape)
-  view = simulate(leaf_shape, use.view.chain)
+  return feature_axes(leaf_shape, use.view.chain,
+                      tuple(eqn.outvars[0].aval.shape))
+
+
+def feature_axes(leaf_shape, chain, out_shape):
+  """The axes of ``out_shape`` the leaf's elements run along, in order,
+  when its view (``chain``) broadcasts over the others (more elements than
+  the leaf); None otherwise."""
+  view = simulate(leaf_shape, chain)
   if view.ndim > len(out_shape) or math.prod(out_shape) <= math.prod(leaf_shape):
     return None
-  padded = (1,) * (len(out_shape) - view.ndim) + tuple(view.shape)
-  axes = tuple(d for d, n in enumerate(padded) if n > 1)
-  if any(padded[d] != out_shape[d] for d in axes) or not aligned(
+  view = view.reshape((1,) * (len(out_shape) - view.ndim) + view.shape)
+  # the leaf's elements vary along its axes; the broadcast ones repeat them
+  axes = tuple(d for d in range(view.ndim) if view.shape[d] > 1 and not np.all(
+      np.take(view, [0], axis=d) == view))
+  if any(view.shape[d] != out_shape[d] for d in axes) or not aligned(
       view, tuple(out_shape[d] for d in axes), out_shape, axes):
     return None
   return axes
