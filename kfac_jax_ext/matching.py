@@ -20,6 +20,7 @@ import numpy as np
 
 from kfac_jax_ext import _jax_internals as jint
 from kfac_jax_ext import bias_fold
+from kfac_jax_ext import broadcast_inputs
 from kfac_jax_ext import concatenated
 from kfac_jax_ext import patterns
 from kfac_jax_ext.patterns import LayerMatch
@@ -112,8 +113,11 @@ def _match_use(ctx: _Uses, use, shape=None):
   eqn = ctx.jaxprs[use.path].eqns[use.eqn]
   matcher = patterns.MATCHERS.get(use.primitive)
   m = matcher(use, eqn, shape) if matcher else None
-  if m is None or (use.path, use.eqn, m["x_operand"]) in ctx.at_operand:
-    return None  # no pattern, or the layer input is itself a parameter
+  x_use = None if m is None else ctx.at_operand.get((use.path, use.eqn,
+                                                     m["x_operand"]))
+  if m is None or (x_use is not None
+                   and not broadcast_inputs.repeated(ctx.shapes, x_use)):
+    return None  # no pattern, or the layer input is a parameter (not repeated)
   if steps and not (m["kind"] in ("dense", "conv2d") or (
       m["kind"] == "embedding" and marker is patterns.SCAN_CONST)):
     return None   # in a scan: dense layers, convs, a table closed over
@@ -272,44 +276,10 @@ def _scale_and_shift_layers(ctx: _Uses, taken: set):
       stacked=g["marker"] is patterns.SCAN_SLICE)) for name, g in groups.items()]
 
 
-def _broadcast_inputs(ctx: _Uses, taken: set):
-  """A leaf every use of which reads one broadcast of it over the batch (a
-  learned input: Perceiver latents or DETR queries ``broadcast_to(q, [N, L,
-  D])`` going into a LayerNorm and a residual; a ``cls`` token broadcast and
-  concatenated with the patches, or ``jnp.tile``-d as ``vit_jax`` does): a
-  shift of zeros, its per-token gradient
-  the gradient at the broadcast (a diagonal block, as a shift's). Outside
-  scans only."""
-  found = []
-  for leaf, us in ctx.by_leaf.items():
-    if leaf in taken or not us or any(u.reason for u in us):
-      continue
-    path, jaxpr = us[0].path, ctx.jaxprs[us[0].path]
-    var = jaxpr.eqns[us[0].eqn].invars[us[0].operand]
-    if any(u.path != path or jaxpr.eqns[u.eqn].invars[u.operand] is not var
-           or patterns.scan_view(u.view.chain) is not None for u in us):
-      continue
-    site = next((i for i, e in enumerate(jaxpr.eqns) if any(
-        v is var for v in e.outvars)), None)
-    shape = tuple(var.aval.shape)
-    if site is None or jaxpr.eqns[site].primitive.name not in ("broadcast_in_dim",
-                                                               "tile"):
-      continue
-    axes = patterns.feature_axes(ctx.shapes[leaf], us[0].view.chain, shape)
-    if axes is None:
-      continue
-    found.append(((path, site), LayerMatch(
-        kind="scale_and_shift", name="/".join(map(str, ctx.paths[leaf])), shift=leaf,
-        probes=((path, site),), inputs_shape=shape, outputs_shape=shape,
-        out_axes=axes)))
-    taken.add(leaf)
-  return found
-
-
 # The layer matchers, in order: each ``(uses, taken) -> [(site, LayerMatch)]``
 # claims leaves not yet ``taken`` (and adds them to it).
 LAYER_MATCHERS = (_concatenated_layers, _single_use_layers, _multi_use_layers,
-                  _scale_and_shift_layers, _broadcast_inputs)
+                  _scale_and_shift_layers, broadcast_inputs.layers)
 
 
 def match_layers(uses, jaxprs, shapes, paths, n, penalty_leaves=frozenset()):
