@@ -40,8 +40,9 @@ _SETTINGS = {   # stride, dilation, padding (of the T axis), groups
 
 
 def _net(spatial, stride, dilation, padding, groups):
-  """``(loss, conv)``: the conv over ``spatial`` axes (1, 2 or 3; the extra
-  ones of size 1) of ``[N, T, C]`` data, then a dense head."""
+  """``(loss, shaped)``: a conv over ``spatial`` axes (1, 2 or 3; the extra
+  ones of size 1) of ``[N, T, C]`` data, then a dense head; ``shaped``
+  puts a 1-D kernel ``[K, C, O]`` into this network's kernel shape."""
   lead = (1,) * (spatial - 1)
   pad = padding if isinstance(padding, str) else ((0, 0),) * (spatial - 1) + padding
   spec = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"),
@@ -76,7 +77,6 @@ def test_conv_over_one_or_three_axes_equals_the_2d_conv(method, spatial,
   ks = jax.random.split(jax.random.PRNGKey(0), 4)
   x = jax.random.normal(ks[0], (N, T, C), jnp.float64)
   batch = {"x": x, "y": jnp.arange(N) % 3}
-  loss_2d, _ = _net(2, stride, dilation, padding, groups)
   flat = {"conv": {"kernel": jax.random.normal(ks[1], (K, C // groups, O),
                                                jnp.float64),
                    "bias": 0.1 * jax.random.normal(ks[2], (O,), jnp.float64)}}
