@@ -15,7 +15,11 @@ before it); when it reorders them (an equinox ``Linear`` mapped over a
 scan's ``[T, B, D]`` outputs, moved back to ``[B, T, C]``), they are read at
 the layer's own output, whose tokens are in its input's order: the add's
 gradient is the same array, rearranged, so the bias row's gradient (the
-sum of ``g`` over the tokens) is unchanged. The
+sum of ``g`` over the tokens) is unchanged. An ``add`` of another array of
+the output's shape that is no parameter (an LSTM's ``W_ih x + W_hh h +
+b``) is looked through as well, the statistics again read at the layer's
+own output (the sum's gradient is the output's; reading there keeps the
+other layer's output out of what ``chains`` takes as this layer's). The
 bias leaf may have size-1 axes for the token axes (Griffin's ``[2, 1, 1, D]``
 for ``"...td,cdD->c...tD"``): its elements, in order, must be the features'.
 A reshape or squeeze that keeps each feature axis as an axis of its own
@@ -140,6 +144,17 @@ def _moves_tokens(eqn, out_axes) -> bool:
   return tokens != sorted(tokens)
 
 
+def _sum_of_layers(jaxpr, con, at_operand, path) -> bool:
+  """Whether equation ``con[0]`` adds to ``s`` (operand ``con[1]``) an
+  array of its shape that is no parameter (another layer's output: an
+  LSTM's ``W_ih x + W_hh h + b``): the sum's gradient is ``s``'s, so a bias
+  added after it is ``s``'s layer's bias exactly."""
+  eqn = jaxpr.eqns[con[0]]
+  if eqn.primitive.name != "add" or (path, con[0], 1 - con[1]) in at_operand:
+    return False
+  return eqn.invars[0].aval.shape == eqn.invars[1].aval.shape
+
+
 _LOOK_THROUGH = {"transpose": _through_transpose,
                  "reshape": _through_reshape, "squeeze": _through_reshape}
 
@@ -153,14 +168,19 @@ def find_bias(jaxpr, use, out_axes, single, at_operand, shapes,
   ``marker``)."""
   s = jaxpr.eqns[use.eqn].outvars[0]
   at_use = FoldedBias(use.eqn, -1, tuple(out_axes), tuple(s.aval.shape))
-  tokens_moved = False
+  read_at_use = False   # the tokens reordered, or another layer's output added
   con = _only_consumer(jaxpr, s)
-  while con is not None and jaxpr.eqns[con[0]].primitive.name in _LOOK_THROUGH:
-    moved = _LOOK_THROUGH[jaxpr.eqns[con[0]].primitive.name](
-        jaxpr, con[0], out_axes)
-    if moved is None:
-      return None
-    tokens_moved |= _moves_tokens(jaxpr.eqns[con[0]], out_axes)
+  while con is not None:
+    name = jaxpr.eqns[con[0]].primitive.name
+    if name in _LOOK_THROUGH:
+      moved = _LOOK_THROUGH[name](jaxpr, con[0], out_axes)
+      if moved is None:
+        return None
+      read_at_use |= _moves_tokens(jaxpr.eqns[con[0]], out_axes)
+    elif _sum_of_layers(jaxpr, con, at_operand, use.path):
+      moved, read_at_use = (jaxpr.eqns[con[0]].outvars[0], out_axes), True
+    else:
+      break
     s, out_axes = moved
     con = _only_consumer(jaxpr, s)
   if con is None:
@@ -180,7 +200,7 @@ def find_bias(jaxpr, use, out_axes, single, at_operand, shapes,
   features = tuple(s.aval.shape[a] for a in out_axes)
   if math.prod(shape) == math.prod(features) and patterns.aligned(
       patterns.simulate(shape, chain), features, s.aval.shape, out_axes):
-    if tokens_moved:   # read where the tokens are in the input's order
+    if read_at_use:   # the same gradient, at the layer's own output
       return dataclasses.replace(at_use, leaf=b.leaf)
     return FoldedBias(ci, b.leaf, tuple(out_axes), tuple(s.aval.shape))
   return None

@@ -168,7 +168,7 @@ def _single_use_layers(ctx: _Uses, taken: set):
       bias = bias_fold.find_bias(ctx.jaxprs[use.path], use, layer.out_axes,
                                  ctx.single, ctx.at_operand, ctx.shapes,
                                  m.get("marker"))
-      if bias is not None:
+      if bias is not None and bias.leaf not in taken:   # one layer's bias
         layer = dataclasses.replace(
             layer, bias=bias.leaf, probes=((use.path, bias.probe),),
             out_axes=bias.out_axes, outputs_shape=bias.outputs_shape)

@@ -597,3 +597,51 @@ def test_bias_after_a_transpose_that_reorders_the_tokens():
   np.testing.assert_allclose(
       jnp.concatenate([got["w"].reshape(-1), got["b"]]), want, rtol=1e-9,
       atol=1e-12)
+
+
+def test_bias_added_to_a_sum_of_two_layers_joins_the_first():
+  """equinox's ``LSTMCell`` writes ``W_ih x + W_hh h + b``: the sum's
+  gradient is each product's, so ``b`` is exactly the first layer's bias
+  (its block ``A ⊗ G`` with ``ā = [x, 1]``, exact against the oracle, and
+  TENGraD's joint block of ``W_ih`` and ``b`` exact); the second layer
+  keeps its kernel-only block, and no chain links the first layer to the
+  next (its recorded output is not the sum)."""
+  dx, dh, f = 3, 2, 4
+
+  def model(p, xh, probe=0.0):
+    x, h = xh[:, :dx], xh[:, dx:]
+    q = p["params"]
+    s = x @ q["ih"]["kernel"] + h @ q["hh"]["kernel"] + q["ih"]["bias"] + probe
+    return jnp.tanh(s) @ q["head"]["kernel"]
+
+  k = jax.random.split(jax.random.PRNGKey(0), 5)
+  params = {"params": {"ih": {"kernel": jax.random.normal(k[0], (dx, f)),
+                              "bias": jax.random.normal(k[1], (f,))},
+                       "hh": {"kernel": jax.random.normal(k[2], (dh, f))},
+                       "head": {"kernel": jax.random.normal(k[3], (f, 3))}}}
+  batch = {"x": jax.random.normal(k[4], (7, dx + dh)),
+           "y": jnp.array([0, 1, 2, 0, 1, 2, 0])}
+  text = _check_update(model, params, batch, "ih",
+                       lambda q, x: x @ q["kernel"] + q["bias"],
+                       lambda p, xh: xh[:, :dx], (f,))
+  rows = {r.split()[0]: r for r in text.splitlines() if "  dense  " in r}
+  assert "kronecker 4x4" in rows["params/ih"], text
+  assert "kronecker 2x4" in rows["params/hh"], text
+  assert "Chains of dense layers" not in text, text   # s is not ih's alone
+  # TENGraD: the joint block of W_ih and b is the exact damped one
+  params = _f64(params)
+  loss = lambda p, b: kfe.softmax_cross_entropy(model(p, b["x"]), b["y"])
+  tx = kfe.scale_by_tengrad(loss, damping=LAM, fisher="empirical",
+                            example_batch=batch)
+  grads = jax.grad(loss)(params, batch)
+  got = tx.update(grads, tx.init(params), params, batch=batch)[0]["params"]["ih"]
+  per_example = jax.vmap(jax.grad(lambda p, xh, y: -jax.nn.log_softmax(
+      model(p, xh[None])[0])[y]), (None, 0, 0))(params, batch["x"], batch["y"])
+  u = per_example["params"]["ih"]
+  jac = jnp.concatenate([u["kernel"].reshape(7, -1), u["bias"]], axis=1)
+  v = jnp.concatenate([grads["params"]["ih"]["kernel"].reshape(-1),
+                       grads["params"]["ih"]["bias"]])
+  want = jnp.linalg.solve(jac.T @ jac / 7 + LAM * jnp.eye(jac.shape[1]), v)
+  np.testing.assert_allclose(
+      jnp.concatenate([got["kernel"].reshape(-1), got["bias"]]), want,
+      rtol=1e-9, atol=1e-12)
