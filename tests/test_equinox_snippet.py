@@ -4,19 +4,18 @@ block, which defines the data, ``sample_batch`` and ``key`` it uses, and
 asserts that the loss falls; here it also checks that every parameter of
 the equinox model has a block."""
 
-import pathlib
 import re
 
 import jax
 import pytest
 
-GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guide.md"
+from tests.test_guide import GUIDE, _blocks
 
 
 def test_guide_equinox_block_runs(capsys):
   pytest.importorskip("equinox")
   text = GUIDE.read_text()
-  first = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)[0]
+  first = _blocks(text)[0]
   (equinox_block,) = re.findall(r"^```py\n(.*?)^```", text, flags=re.S | re.M)
   namespace = {"__name__": "guide"}
   with jax.enable_x64(False):
