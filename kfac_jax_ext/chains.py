@@ -34,7 +34,8 @@ def _chainable(layer) -> bool:
   return (layer.kind == "dense" and layer.is_plain and layer.n_in == 1
           and not layer.out_slice
           and len(layer.out_axes) == 1 and len(layer.x_axes) == 1
-          and len(layer.captures) == 1 and len(layer.probes) == 1)
+          and len(layer.captures) == 1 and len(layer.probes) == 1
+          and not layer.example_map)   # probed where it meets the batch
 
 
 def _producers(jaxpr) -> dict:

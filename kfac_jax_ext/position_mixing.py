@@ -44,6 +44,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_ext import batch_free
 from kfac_jax_ext import losses as losses_lib
 from kfac_jax_ext import statistics
 from kfac_jax_ext import weight_sharing as sharing_lib
@@ -118,7 +119,7 @@ def _mixing_sites(traced) -> frozenset:
   for layer in traced.layers:
     for one in (layer,) + tuple(layer.uses):
       if needs_check(one, traced.num_examples):
-        checked[one.probes[0]] = _feature_axes(one, len(one.outputs_shape))
+        checked[one.probes[0]] = one
   mixing = set()
   if checked:
     with jax.ensure_compile_time_eval():
@@ -129,8 +130,9 @@ def _mixing_sites(traced) -> frozenset:
           statistics.probe_zeros(traced))
       for k in (0, losses.shape[0] - 1):
         (grads,) = pullback(jnp.zeros_like(losses).at[k].set(1.0))
-        for site, feature in checked.items():
-          reached = np.any(np.asarray(grads[site]) != 0, axis=feature)
+        for site, one in checked.items():   # per example (batch_free)
+          g = np.asarray(batch_free.example_gradients(one, grads[site]))
+          reached = np.any(g != 0, axis=_feature_axes(one, len(one.outputs_shape)))
           if np.any(np.flatnonzero(reached) != k):   # not (only) its own
             mixing.add(site)
   sites = frozenset(mixing)

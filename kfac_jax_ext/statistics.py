@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfac_jax_ext import _jax_internals as jint
+from kfac_jax_ext import batch_free
 from kfac_jax_ext import distributed
 from kfac_jax_ext import loss_scales as scales_lib
 from kfac_jax_ext import schedule
@@ -149,8 +150,7 @@ def _out_columns(layer, g):
   return g[..., slice(*layer.out_slice)] if layer.out_slice else g
 
 
-def _grouped(x, groups):
-  """``[K, G·d] -> [G, K, d]``: the tokens of each feature group."""
+def _grouped(x, groups):   # [K, G·d] -> [G, K, d]: each feature group's tokens
   return x.reshape(x.shape[0], groups, -1).transpose(1, 0, 2)
 
 
@@ -214,10 +214,11 @@ def _layer_statistics(layer, traced, captured, probe_grads, li):
     if layer.stacked:
       return tuple(jnp.stack(x) for x in zip(*per_use))
     return per_use
-  if layer.kind in ("dense", "conv2d", "embedding"):
-    a = _canonical_inputs(layer, captured[("a", li, 0)])
-    g = _out_columns(layer, _to_end(probe_grads[layer.probes[0]], layer.out_axes))
-    return (a, _grouped(g, layer.groups) if layer.groups > 1 else g)
+  if layer.kind in ("dense", "conv2d", "embedding"):   # batch_free: per example
+    x, g = batch_free.per_example(layer, captured[("a", li, 0)],
+                                  probe_grads[layer.probes[0]])
+    g = _out_columns(layer, _to_end(g, layer.out_axes))
+    return (_canonical_inputs(layer, x), _grouped(g, layer.groups) if layer.groups > 1 else g)
   return _scale_shift_statistics(layer, traced, captured, probe_grads, li)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from kfac_jax_ext import _jax_internals as jint
+from kfac_jax_ext import batch_free
 from kfac_jax_ext import loss_scales as scales_lib
 from kfac_jax_ext import losses as losses_lib
 from kfac_jax_ext import matching
@@ -300,6 +301,8 @@ def trace_loss(loss_fn: Callable, params, batch, has_aux: bool = False,
   layers, reasons = matching.match_layers(walker.uses, walker.jaxprs, shapes,
                                           param_paths, n,
                                           frozenset(walker.penalty_leaves))
+  layers, free = batch_free.resolve(closed, layers, walker.jaxprs, n)
+  reasons = {**reasons, **free}
   return TracedLoss(closed, param_treedef, param_paths, shapes, batch_treedef,
                     store["out_treedef"], layers, tuple(walker.loss_sites),
                     reasons, walker.jaxprs, tuple(sorted(walker.penalty_leaves)),

@@ -1,0 +1,259 @@
+r"""Layers whose output does not depend on the batch: learned position tables.
+
+A GPT-style position embedding ``nn.Embed(T, D)(jnp.arange(T))``, T5's and
+Swin's relative position biases (a table gathered at constant buckets), a
+dense layer on a constant grid: the layer runs once, on constants, and its
+output ``y`` is broadcast over the examples where it meets the batch
+(``x + y``). The gradient at ``y`` is then the *sum* over the examples, and
+``g gᵀ`` of that sum is not the Fisher's ``Σ_n g_n g_nᵀ``: the statistics
+must be read per example, after the broadcast. Such a layer is the same
+function as the layer applied to its constants broadcast over the batch
+first, and gets exactly that layer's statistics:
+
+* its gradient is probed at the ``add`` that meets the batch (the
+  ``frontier``, whose leading axis is the examples' and repeats ``y``), and
+  mapped back, example by example, through the view chain between ``y``
+  and that ``add`` (transposes, reshapes, slices, broadcasts over heads,
+  additions of other constants): ``g_n[j] = Σ_{e: idx(e)=j} ∂L/∂out[n, e]``;
+* its inputs are the constants repeated for every example.
+
+The layer then reads as ``[N, ...]`` (``inputs_shape``, ``outputs_shape``),
+its tokens are example-major, and every method (K-FAC, TKFAC, TENGraD, the
+two-level coarse level, weight sharing) treats it as the per-example layer.
+Where that does not hold, the layer gets no block and a reason: its output
+reaches the batch through another operation (a product, a nonlinearity:
+Swin V2's ``16·sigmoid`` of its position MLP), is used several times, or it
+is a conv, a scale-and-shift, a tied or stacked kernel, or inside a scan. A
+batch-free layer output already repeated over its leading axis (Perceiver
+latents broadcast before the layer, an RNN's first step from a zero state;
+checked at random parameters) has its per-example gradients there and is
+left as it is, and so is one where that check cannot run eagerly (a
+collective over an axis name bound only by ``pmap``).
+
+Example:
+  >>> pos = nn.Embed(T, D)(jnp.arange(T))      # [T, D], no batch axis
+  >>> h = tok + pos                            # probed here, [N, T, D]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kfac_jax_ext import _jax_internals as jint
+from kfac_jax_ext import patterns
+
+_BROADCAST = object()    # chain entry: numpy broadcasting to params["shape"]
+_REMAPPED = ("dense", "embedding")
+
+
+def dependent_vars(jaxprs: dict, n_params: int) -> dict:
+  """``{path: set of vars}``: the variables of each jaxpr the tracing
+  walked (calls and scan bodies; path ``()`` the loss's, whose inputs after
+  the ``n_params`` parameter leaves are the batch's) that depend on the
+  batch. A scan's carry depends on it if its initial value or the body's
+  carry output does (a fixed point); other control flow's outputs if any
+  operand does."""
+  out: dict = {}
+  top = jaxprs[()]
+  _walk(top, (), [k >= n_params for k in range(len(top.invars))], out)
+  return out
+
+
+def _walk(jaxpr, path, dep_in, out) -> list:
+  dep = {v for v, d in zip(jaxpr.invars, dep_in) if d}
+  for i, eqn in enumerate(jaxpr.eqns):
+    ins = [not jint.is_literal(v) and v in dep for v in eqn.invars]
+    scan = jint.scan_parts(eqn)
+    if jint.call_kind(eqn) is not None:
+      outs = _walk(jint.call_body(eqn)[0], path + (i,), ins, out)
+    elif scan is not None:
+      c, n = scan.num_consts, scan.num_carry
+      carry = ins[c:c + n]
+      while True:
+        outs = _walk(scan.body.jaxpr, path + (i,), ins[:c] + carry + ins[c + n:], out)
+        new = [a or b for a, b in zip(carry, outs[:n])]
+        if new == carry:
+          break
+        carry = new
+    else:
+      outs = [any(ins)] * len(eqn.outvars)
+    dep.update(v for v, d in zip(eqn.outvars, outs) if d)
+  out[path] = dep
+  return [not jint.is_literal(v) and v in dep for v in jaxpr.outvars]
+
+
+def _replay(shape, chain) -> np.ndarray:
+  """Where each element of ``y`` (shape ``shape``) lands after ``chain``."""
+  x = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+  with jax.ensure_compile_time_eval():
+    for prim, params in chain:
+      if prim is _BROADCAST:
+        x = np.broadcast_to(x, params["shape"])
+      elif prim.name not in patterns.ELEMENTWISE_VIEW:
+        x = np.asarray(prim.bind(x, **params))
+  return x
+
+
+def _frontier(jaxprs, deps, site):
+  """Follows the probed output at ``site`` to where it meets the batch.
+  Returns ``(frontier site, chain)`` or a reason."""
+  path, i = site
+  var, chain = jaxprs[path].eqns[i].outvars[0], []
+  while True:
+    jaxpr = jaxprs[path]
+    users = [(k, e) for k, e in enumerate(jaxpr.eqns)
+             if any(v is var for v in e.invars)]
+    returned = any(v is var for v in jaxpr.outvars)
+    if returned and not users and path:       # out of a call body
+      parent = jaxprs[path[:-1]].eqns[path[-1]]
+      if jint.call_kind(parent) is None:
+        return "its output leaves a scan body"
+      var = parent.outvars[[k for k, v in enumerate(jaxpr.outvars) if v is var][0]]
+      path = path[:-1]
+      continue
+    if len(users) != 1 or returned:
+      return f"its output is used {len(users) + int(returned)} times"
+    k, eqn = users[0]
+    operand = [j for j, v in enumerate(eqn.invars) if v is var]
+    name = eqn.primitive.name
+    if jint.call_kind(eqn) is not None and len(operand) == 1:   # into a call
+      path, var = path + (k,), jint.call_body(eqn)[0].invars[operand[0]]
+      continue
+    out = eqn.outvars[0]
+    adds = name == "add" or (name == "sub" and operand == [0])
+    if len(operand) != 1 or not (adds or (
+        name in patterns.STRUCTURAL_VIEW and operand == [0])):
+      return f"its output reaches the batch through '{name}'"
+    if adds:
+      chain.append((_BROADCAST, {"shape": tuple(out.aval.shape)}))
+    else:
+      chain.append((eqn.primitive, dict(eqn.params)))
+    if out in deps.get(path, ()):
+      if not adds:
+        return f"its output reaches the batch through '{name}'"
+      idx = _replay(jaxprs[site[0]].eqns[site[1]].outvars[0].aval.shape, chain)
+      if idx.ndim == 0 or not np.all(idx == idx[:1]):
+        return ("where it meets the batch it is not repeated over the "
+                "leading (example) axis")
+      return (path, k), tuple(chain)
+    var = out
+
+
+def _value_at(closed, site, inputs):
+  """The probed output's value at ``site`` for ``inputs``, eagerly."""
+  def run(jaxpr, consts, args, path):
+    env = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for k, eqn in enumerate(jaxpr.eqns):
+      invals = [jint.read_atom(env, v) for v in eqn.invars]
+      sub = path + (k,)
+      if sub == site[0][:len(sub)] and jint.call_kind(eqn) is not None:
+        body, consts_ = jint.call_body(eqn)
+        outs = run(body, consts_, invals, sub)
+      else:
+        outs = jint.bind_equation(eqn, invals)
+      if (path, k) == site:
+        raise _Found(outs[0])
+      env.update(zip(eqn.outvars, outs))
+    return [jint.read_atom(env, v) for v in jaxpr.outvars]
+  try:
+    with jax.ensure_compile_time_eval():
+      run(closed.jaxpr, closed.consts, inputs, ())
+  except _Found as found:
+    return np.asarray(found.value)
+  except Exception:   # pylint: disable=broad-except  (e.g. an unbound axis name)
+    return None
+  return None
+
+
+class _Found(Exception):
+  def __init__(self, value):
+    super().__init__()
+    self.value = value
+
+
+def _repeated(value) -> bool:
+  """Whether ``value`` repeats one slice along its leading axis."""
+  if value is None or value.ndim == 0 or value.shape[0] < 2:
+    return False
+  scale = float(np.max(np.abs(value))) or 1.0
+  return bool(np.allclose(value, value[:1], rtol=1e-5, atol=1e-6 * scale))
+
+
+def _random_inputs(closed):
+  """Floats ``N(0, 1/fan_in)`` (nothing saturates or overflows), integers 0."""
+  def one(aval, key):
+    if jnp.issubdtype(aval.dtype, jnp.floating):
+      fan_in = max(int(np.prod(aval.shape[:-1])), 1) if aval.ndim > 1 else 1
+      return (jax.random.normal(key, aval.shape) / np.sqrt(fan_in)).astype(aval.dtype)
+    return jnp.zeros(aval.shape, aval.dtype)
+  with jax.ensure_compile_time_eval():
+    keys = jax.random.split(jax.random.PRNGKey(1), len(closed.in_avals))
+    return [one(a, k) for a, k in zip(closed.in_avals, keys)]
+
+
+def resolve(closed, layers, jaxprs, n_params):
+  """``(layers, {leaf: reason})``: the layers with every batch-free one
+  read per example (see the module docstring) or taken out with a
+  reason."""
+  deps = dependent_vars(jaxprs, n_params)
+  kept, reasons, inputs = [], {}, None
+  for layer in layers:
+    free = [site for site in layer.probes
+            if jaxprs[site[0]].eqns[site[1]].outvars[0] not in deps.get(site[0], ())]
+    if not free:
+      kept.append(layer)
+      continue
+    found = "its kind has no per-example reading"
+    if (layer.kind in _REMAPPED and not layer.uses and not layer.steps
+        and len(layer.probes) == 1):
+      found = _frontier(jaxprs, deps, layer.probes[0])
+    if isinstance(found, str) and not layer.steps:
+      if inputs is None:
+        inputs = _random_inputs(closed)
+      values = [_value_at(closed, s, inputs) for s in free]
+      if all(v is None or _repeated(v) for v in values):
+        kept.append(layer)     # repeated over the examples already (or the
+        continue               # check could not run: as before)
+    if isinstance(found, str):
+      why = (f"its output does not depend on the batch ({found}): its "
+             "per-example gradients cannot be read")
+      reasons.update({leaf: why for leaf in layer.leaves})
+      continue
+    site, chain = found
+    n = chain[-1][1]["shape"][0]
+    kept.append(dataclasses.replace(
+        layer, probes=(site,), example_map=(chain, layer.inputs_shape,
+                                            layer.outputs_shape),
+        inputs_shape=(n,) + layer.inputs_shape,
+        outputs_shape=(n,) + layer.outputs_shape,
+        x_axes=tuple(a + 1 for a in layer.x_axes),
+        out_axes=tuple(a + 1 for a in layer.out_axes)))
+  return tuple(kept), reasons
+
+
+def example_gradients(layer, g):
+  """The probe gradient ``g`` (at the frontier, ``[N, ...]``) as the layer's
+  per-example output gradients ``[N, *outputs]``; unchanged for a layer
+  read at its own output."""
+  if not layer.example_map:
+    return g
+  chain, _, own = layer.example_map
+  idx = _replay(own, chain)   # repeated over its leading axis (_frontier)
+  n, size = idx.shape[0], int(np.prod(own))
+  flat = g.reshape((n, -1))
+  per = jnp.zeros((n, size), g.dtype).at[:, idx[0].reshape(-1)].add(flat)
+  return per.reshape((n,) + tuple(own))
+
+
+def per_example(layer, x, g):
+  """``(x, g)``: the layer's captured input repeated for every example and
+  its output gradients per example (``example_gradients``); unchanged for
+  a layer read at its own output."""
+  if not layer.example_map:
+    return x, g
+  return jnp.broadcast_to(x, layer.inputs_shape), example_gradients(layer, g)
