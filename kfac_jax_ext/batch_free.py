@@ -111,12 +111,12 @@ def _frontier(jaxprs, deps, site):
     if returned and not users and path:       # out of a call body
       parent = jaxprs[path[:-1]].eqns[path[-1]]
       if jint.call_kind(parent) is None:
-        return "its output leaves a scan body"
+        return "it leaves a scan body"
       var = parent.outvars[[k for k, v in enumerate(jaxpr.outvars) if v is var][0]]
       path = path[:-1]
       continue
     if len(users) != 1 or returned:
-      return f"its output is used {len(users) + int(returned)} times"
+      return f"it is used {len(users) + int(returned)} times"
     k, eqn = users[0]
     operand = [j for j, v in enumerate(eqn.invars) if v is var]
     name = eqn.primitive.name
@@ -127,14 +127,14 @@ def _frontier(jaxprs, deps, site):
     adds = name == "add" or (name == "sub" and operand == [0])
     if len(operand) != 1 or not (adds or (
         name in patterns.STRUCTURAL_VIEW and operand == [0])):
-      return f"its output reaches the batch through '{name}'"
+      return f"it reaches the batch through '{name}'"
     if adds:
       chain.append((_BROADCAST, {"shape": tuple(out.aval.shape)}))
     else:
       chain.append((eqn.primitive, dict(eqn.params)))
     if out in deps.get(path, ()):
       if not adds:
-        return f"its output reaches the batch through '{name}'"
+        return f"it reaches the batch through '{name}'"
       idx = _replay(jaxprs[site[0]].eqns[site[1]].outvars[0].aval.shape, chain)
       if idx.ndim == 0 or not np.all(idx == idx[:1]):
         return ("where it meets the batch it is not repeated over the "
@@ -208,10 +208,13 @@ def resolve(closed, layers, jaxprs, n_params):
     if not free:
       kept.append(layer)
       continue
-    found = "its kind has no per-example reading"
-    if (layer.kind in _REMAPPED and not layer.uses and not layer.steps
-        and len(layer.probes) == 1):
-      found = _frontier(jaxprs, deps, layer.probes[0])
+    found = ("the layer is inside a scan body" if layer.steps else
+             "the layer is a tied or stacked kernel" if layer.uses else
+             "only dense and embedding layers are read per example there"
+             if layer.kind not in _REMAPPED else None)
+    if found is None:
+      found = (_frontier(jaxprs, deps, layer.probes[0]) if len(layer.probes) == 1
+               else "the layer is probed at several sites")
     if isinstance(found, str) and not layer.steps:
       if inputs is None:
         inputs = _random_inputs(closed)
@@ -220,8 +223,8 @@ def resolve(closed, layers, jaxprs, n_params):
         kept.append(layer)     # repeated over the examples already (or the
         continue               # check could not run: as before)
     if isinstance(found, str):
-      why = (f"its output does not depend on the batch ({found}): its "
-             "per-example gradients cannot be read")
+      why = (f"its layer's output does not depend on the batch and {found}: "
+             "its per-example gradients cannot be read")
       reasons.update({leaf: why for leaf in layer.leaves})
       continue
     site, chain = found
