@@ -14,7 +14,9 @@ first, and gets exactly that layer's statistics:
   ``frontier``, whose leading axis is the examples' and repeats ``y``), and
   mapped back, example by example, through the view chain between ``y``
   and that ``add`` (transposes, reshapes, slices, broadcasts over heads,
-  additions of other constants): ``g_n[j] = Σ_{e: idx(e)=j} ∂L/∂out[n, e]``;
+  additions of other constants): ``g_n[j] = Σ_{e: idx(e)=j} ∂L/∂out[n, e]``
+  (summed over the steps of a scan that closes over ``y``: T5's bias
+  computed once and added in every layer of a scanned stack);
 * its inputs are the constants repeated for every example.
 
 The layer then reads as ``[N, ...]`` (``inputs_shape``, ``outputs_shape``),
@@ -122,6 +124,11 @@ def _frontier(jaxprs, deps, site):
     name = eqn.primitive.name
     if jint.call_kind(eqn) is not None and len(operand) == 1:   # into a call
       path, var = path + (k,), jint.call_body(eqn)[0].invars[operand[0]]
+      continue
+    scan = jint.scan_parts(eqn)
+    if (scan is not None and len(operand) == 1 and operand[0] < scan.num_consts
+        and path + (k,) in jaxprs):   # closed over by a scan: read at each step
+      path, var = path + (k,), scan.body.jaxpr.invars[operand[0]]
       continue
     out = eqn.outvars[0]
     adds = name == "add" or (name == "sub" and operand == [0])
@@ -240,15 +247,16 @@ def resolve(closed, layers, jaxprs, n_params):
 
 
 def example_gradients(layer, g):
-  """The probe gradient ``g`` (at the frontier, ``[N, ...]``) as the layer's
-  per-example output gradients ``[N, *outputs]``; unchanged for a layer
-  read at its own output."""
+  """The probe gradient ``g`` (at the frontier, ``[N, ...]``; inside a scan
+  that closes over the layer's output, ``[steps, N, ...]``, the uses at
+  every step summed) as the layer's per-example output gradients
+  ``[N, *outputs]``; unchanged for a layer read at its own output."""
   if not layer.example_map:
     return g
   chain, _, own = layer.example_map
   idx = _replay(own, chain)   # repeated over its leading axis (_frontier)
   n, size = idx.shape[0], int(np.prod(own))
-  flat = g.reshape((n, -1))
+  flat = g.reshape((-1, n, idx[0].size)).sum(0)   # the steps of a scan: summed
   per = jnp.zeros((n, size), g.dtype).at[:, idx[0].reshape(-1)].add(flat)
   return per.reshape((n,) + tuple(own))
 

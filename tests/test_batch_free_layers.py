@@ -173,3 +173,46 @@ def test_batch_free_layer_meeting_the_batch_otherwise_gets_a_reason(meets):
   text = kfe.describe_layers(loss, params, batch)
   assert "does not depend on the batch" in text and f"'{meets}'" in text, text
   assert "params/w " not in text.split("Every")[0].split("\n\n")[0], text
+
+
+@pytest.mark.parametrize("method", ["kfac", "tengrad"])
+def test_bias_added_in_every_step_of_a_scanned_stack(method):
+  """T5 with scanned layers: the relative position bias is computed once,
+  outside the stack, and added to the logits in every layer of a
+  ``lax.scan``; its per-example gradient sums the steps' (equal to the
+  bias broadcast over the batch before the scan)."""
+  ks = jax.random.split(jax.random.PRNGKey(0), 5)
+  params = {"rel": jax.random.normal(ks[0], (4, H), jnp.float64),
+            "emb": jax.random.normal(ks[1], (V, D), jnp.float64),
+            "wq": jax.random.normal(ks[2], (3, D, D), jnp.float64) / np.sqrt(D),
+            "head": jax.random.normal(ks[3], (D, 3), jnp.float64)}
+  batch = {"ids": jax.random.randint(ks[4], (N, T), 0, V),
+           "y": jnp.arange(N) % 3}
+
+  def make_loss(per_example):
+    def loss(p, b):
+      n = b["ids"].shape[0]
+      buckets = _buckets(T)
+      if per_example:
+        buckets = jnp.broadcast_to(buckets, (n, T, T))
+      bias = jnp.moveaxis(p["rel"][buckets], -1, -3)      # [(N,) H, T, T]
+
+      def layer(h, wq):
+        q = (h @ wq).reshape(n, T, H, D // H)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, q) + bias
+        return h + jnp.einsum("bhqk,bkd->bqd", jax.nn.softmax(logits), h), None
+
+      h, _ = jax.lax.scan(layer, p["emb"][b["ids"]], p["wq"])
+      return kfe.softmax_cross_entropy(jnp.tanh(h).mean(1) @ p["head"], b["y"])
+    return loss
+
+  updates = []
+  for per_example in (False, True):
+    loss = make_loss(per_example)
+    text = kfe.describe_layers(loss, params, batch)
+    assert "fallback 0.0%" in text, text
+    opt = _METHODS[method](loss, batch)
+    updates.append(opt.update(jax.grad(loss)(params, batch), opt.init(params),
+                              params, batch=batch, key=jax.random.PRNGKey(2))[0])
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-8, atol=1e-11), *updates)
