@@ -10,13 +10,14 @@ must be read per example, after the broadcast. Such a layer is the same
 function as the layer applied to its constants broadcast over the batch
 first, and gets exactly that layer's statistics:
 
-* its gradient is probed at the ``add`` that meets the batch (the
+* its gradient is probed at each ``add`` that meets the batch (a
   ``frontier``, whose leading axis is the examples' and repeats ``y``), and
   mapped back, example by example, through the view chain between ``y``
   and that ``add`` (transposes, reshapes, slices, broadcasts over heads,
-  additions of other constants): ``g_n[j] = Σ_{e: idx(e)=j} ∂L/∂out[n, e]``
-  (summed over the steps of a scan that closes over ``y``: T5's bias
-  computed once and added in every layer of a scanned stack);
+  additions of other constants): ``g_n[j] = Σ_{e: idx(e)=j} ∂L/∂out[n, e]``,
+  summed over the uses (T5's bias computed once and added in every layer)
+  and over the steps of a scan that closes over ``y`` (the same in a
+  scanned stack);
 * its inputs are the constants repeated for every example.
 
 The layer then reads as ``[N, ...]`` (``inputs_shape``, ``outputs_shape``),
@@ -24,13 +25,13 @@ its tokens are example-major, and every method (K-FAC, TKFAC, TENGraD, the
 two-level coarse level, weight sharing) treats it as the per-example layer.
 Where that does not hold, the layer gets no block and a reason: its output
 reaches the batch through another operation (a product, a nonlinearity:
-Swin V2's ``16·sigmoid`` of its position MLP), is used several times, or it
-is a conv, a scale-and-shift, a tied or stacked kernel, or inside a scan. A
-batch-free layer output already repeated over its leading axis (Perceiver
-latents broadcast before the layer, an RNN's first step from a zero state;
-checked at random parameters) has its per-example gradients there and is
-left as it is, and so is one where that check cannot run eagerly (a
-collective over an axis name bound only by ``pmap``).
+Swin V2's ``16·sigmoid`` of its position MLP), or it is a conv, a
+scale-and-shift, a tied or stacked kernel, or inside a scan. A batch-free
+layer output already repeated over its leading axis (Perceiver latents
+broadcast before the layer, an RNN's first step from a zero state; checked
+at random parameters) has its per-example gradients there and is left as
+it is, and so is one where that check cannot run eagerly (a collective
+over an axis name bound only by ``pmap``).
 
 Example:
   >>> pos = nn.Embed(T, D)(jnp.arange(T))      # [T, D], no batch axis
@@ -100,54 +101,62 @@ def _replay(shape, chain) -> np.ndarray:
   return x
 
 
-def _frontier(jaxprs, deps, site):
-  """Follows the probed output at ``site`` to where it meets the batch.
-  Returns ``(frontier site, chain)`` or a reason."""
+def _frontiers(jaxprs, deps, site):
+  """Follows the probed output at ``site`` along every use to where it
+  meets the batch. Returns ``[(frontier site, chain)]`` (one per use: T5's
+  bias computed once and added in every layer) or a reason."""
   path, i = site
-  var, chain = jaxprs[path].eqns[i].outvars[0], []
-  while True:
+  shape = jaxprs[path].eqns[i].outvars[0].aval.shape
+  found = []
+
+  def follow(path, var, chain):   # a reason, or None with ``found`` extended
     jaxpr = jaxprs[path]
     users = [(k, e) for k, e in enumerate(jaxpr.eqns)
              if any(v is var for v in e.invars)]
-    returned = any(v is var for v in jaxpr.outvars)
-    if returned and not users and path:       # out of a call body
-      parent = jaxprs[path[:-1]].eqns[path[-1]]
-      if jint.call_kind(parent) is None:
-        return "it leaves a scan body"
-      var = parent.outvars[[k for k, v in enumerate(jaxpr.outvars) if v is var][0]]
-      path = path[:-1]
-      continue
-    if len(users) != 1 or returned:
-      return f"it is used {len(users) + int(returned)} times"
-    k, eqn = users[0]
+    if any(v is var for v in jaxpr.outvars):
+      parent = jaxprs[path[:-1]].eqns[path[-1]] if path else None
+      if parent is None or jint.call_kind(parent) is None:
+        return "it leaves a scan body or is returned by loss_fn"
+      out = parent.outvars[[k for k, v in enumerate(jaxpr.outvars) if v is var][0]]
+      why = follow(path[:-1], out, chain)    # out of a call body
+      if why:
+        return why
+    for k, eqn in users:
+      why = use(path, k, eqn, var, chain)
+      if why:
+        return why
+    return None
+
+  def use(path, k, eqn, var, chain):
     operand = [j for j, v in enumerate(eqn.invars) if v is var]
     name = eqn.primitive.name
-    if jint.call_kind(eqn) is not None and len(operand) == 1:   # into a call
-      path, var = path + (k,), jint.call_body(eqn)[0].invars[operand[0]]
-      continue
     scan = jint.scan_parts(eqn)
-    if (scan is not None and len(operand) == 1 and operand[0] < scan.num_consts
-        and path + (k,) in jaxprs):   # closed over by a scan: read at each step
-      path, var = path + (k,), scan.body.jaxpr.invars[operand[0]]
-      continue
+    if len(operand) != 1:
+      return f"it is used twice by '{name}'"
+    if jint.call_kind(eqn) is not None:     # into a call
+      return follow(path + (k,), jint.call_body(eqn)[0].invars[operand[0]], chain)
+    if (scan is not None and operand[0] < scan.num_consts
+        and path + (k,) in jaxprs):        # closed over by a scan: each step
+      return follow(path + (k,), scan.body.jaxpr.invars[operand[0]], chain)
     out = eqn.outvars[0]
     adds = name == "add" or (name == "sub" and operand == [0])
-    if len(operand) != 1 or not (adds or (
-        name in patterns.STRUCTURAL_VIEW and operand == [0])):
+    if not adds and not (name in patterns.STRUCTURAL_VIEW and operand == [0]):
       return f"it reaches the batch through '{name}'"
-    if adds:
-      chain.append((_BROADCAST, {"shape": tuple(out.aval.shape)}))
-    else:
-      chain.append((eqn.primitive, dict(eqn.params)))
-    if out in deps.get(path, ()):
-      if not adds:
-        return f"it reaches the batch through '{name}'"
-      idx = _replay(jaxprs[site[0]].eqns[site[1]].outvars[0].aval.shape, chain)
-      if idx.ndim == 0 or not np.all(idx == idx[:1]):
-        return ("where it meets the batch it is not repeated over the "
-                "leading (example) axis")
-      return (path, k), tuple(chain)
-    var = out
+    chain = chain + ((_BROADCAST, {"shape": tuple(out.aval.shape)}) if adds
+                     else (eqn.primitive, dict(eqn.params)),)
+    if out not in deps.get(path, ()):
+      return follow(path, out, chain)
+    if not adds:
+      return f"it reaches the batch through '{name}'"
+    idx = _replay(shape, chain)
+    if idx.ndim == 0 or not np.all(idx == idx[:1]):
+      return ("where it meets the batch it is not repeated over the leading "
+              "(example) axis")
+    found.append(((path, k), chain))
+    return None
+
+  why = follow(path, jaxprs[path].eqns[i].outvars[0], ())
+  return why or (found if found else "it never meets the batch")
 
 
 def _value_at(closed, site, inputs):
@@ -220,7 +229,7 @@ def resolve(closed, layers, jaxprs, n_params):
              "only dense and embedding layers are read per example there"
              if layer.kind not in _REMAPPED else None)
     if found is None:
-      found = (_frontier(jaxprs, deps, layer.probes[0]) if len(layer.probes) == 1
+      found = (_frontiers(jaxprs, deps, layer.probes[0]) if len(layer.probes) == 1
                else "the layer is probed at several sites")
     if isinstance(found, str) and not layer.steps:
       if inputs is None:
@@ -234,11 +243,11 @@ def resolve(closed, layers, jaxprs, n_params):
              "its per-example gradients cannot be read")
       reasons.update({leaf: why for leaf in layer.leaves})
       continue
-    site, chain = found
-    n = chain[-1][1]["shape"][0]
+    n = found[0][1][-1][1]["shape"][0]
     kept.append(dataclasses.replace(
-        layer, probes=(site,), example_map=(chain, layer.inputs_shape,
-                                            layer.outputs_shape),
+        layer, probes=tuple(site for site, _ in found),
+        example_map=(tuple(chain for _, chain in found), layer.inputs_shape,
+                     layer.outputs_shape),
         inputs_shape=(n,) + layer.inputs_shape,
         outputs_shape=(n,) + layer.outputs_shape,
         x_axes=tuple(a + 1 for a in layer.x_axes),
@@ -246,25 +255,28 @@ def resolve(closed, layers, jaxprs, n_params):
   return tuple(kept), reasons
 
 
-def example_gradients(layer, g):
-  """The probe gradient ``g`` (at the frontier, ``[N, ...]``; inside a scan
-  that closes over the layer's output, ``[steps, N, ...]``, the uses at
-  every step summed) as the layer's per-example output gradients
-  ``[N, *outputs]``; unchanged for a layer read at its own output."""
+def example_gradients(layer, grads):
+  """The layer's per-example output gradients ``[N, *outputs]`` from its
+  probes' gradients ``grads`` (one per probe, at the frontiers, ``[N, ...]``;
+  inside a scan that closes over the layer's output ``[steps, N, ...]``):
+  summed over the uses and the steps. A layer read at its own output: its
+  one probe's gradient, unchanged."""
   if not layer.example_map:
-    return g
-  chain, _, own = layer.example_map
-  idx = _replay(own, chain)   # repeated over its leading axis (_frontier)
-  n, size = idx.shape[0], int(np.prod(own))
-  flat = g.reshape((-1, n, idx[0].size)).sum(0)   # the steps of a scan: summed
-  per = jnp.zeros((n, size), g.dtype).at[:, idx[0].reshape(-1)].add(flat)
-  return per.reshape((n,) + tuple(own))
+    return grads[0]
+  chains, _, own = layer.example_map
+  total = 0
+  for g, chain in zip(grads, chains):
+    idx = _replay(own, chain)   # repeated over its leading axis (_frontiers)
+    n, size = idx.shape[0], int(np.prod(own))
+    flat = g.reshape((-1, n, idx[0].size)).sum(0)   # the steps of a scan
+    total = total + jnp.zeros((n, size), g.dtype).at[:, idx[0].reshape(-1)].add(flat)
+  return total.reshape((n,) + tuple(own))
 
 
-def per_example(layer, x, g):
+def per_example(layer, x, grads):
   """``(x, g)``: the layer's captured input repeated for every example and
   its output gradients per example (``example_gradients``); unchanged for
-  a layer read at its own output."""
+  a layer read at its own output (``g = grads[0]``)."""
   if not layer.example_map:
-    return x, g
-  return jnp.broadcast_to(x, layer.inputs_shape), example_gradients(layer, g)
+    return x, grads[0]
+  return jnp.broadcast_to(x, layer.inputs_shape), example_gradients(layer, grads)

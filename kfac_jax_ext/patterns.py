@@ -142,8 +142,8 @@ class LayerMatch:
                             # slices × slice_groups blocks)
   out_slice: tuple = ()     # (start, stop): the output columns it makes of a
                             # product with concatenated kernels
-  example_map: tuple = ()   # a batch-free layer read per example: (chain,
-                            # own inputs shape, own outputs shape)
+  example_map: tuple = ()   # a batch-free layer read per example: (a chain per
+                            # probe, own inputs shape, own outputs shape)
 
   @property
   def leaves(self) -> tuple[int, ...]:

@@ -131,7 +131,8 @@ def _mixing_sites(traced) -> frozenset:
       for k in (0, losses.shape[0] - 1):
         (grads,) = pullback(jnp.zeros_like(losses).at[k].set(1.0))
         for site, one in checked.items():   # per example (batch_free)
-          g = np.asarray(batch_free.example_gradients(one, grads[site]))
+          g = np.asarray(batch_free.example_gradients(
+              one, [grads[s] for s in one.probes]))
           reached = np.any(g != 0, axis=_feature_axes(one, len(one.outputs_shape)))
           if np.any(np.flatnonzero(reached) != k):   # not (only) its own
             mixing.add(site)

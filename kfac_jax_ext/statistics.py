@@ -211,12 +211,10 @@ def _layer_statistics(layer, traced, captured, probe_grads, li):
   if layer.uses:   # tied: per use, in its own orientation; stacked: per slice
     per_use = tuple(_layer_statistics(use, traced, {("a", li, 0): captured[
         ("a", li, ci)]}, probe_grads, li) for ci, use in enumerate(layer.uses))
-    if layer.stacked:
-      return tuple(jnp.stack(x) for x in zip(*per_use))
-    return per_use
+    return tuple(jnp.stack(x) for x in zip(*per_use)) if layer.stacked else per_use
   if layer.kind in ("dense", "conv2d", "embedding"):   # batch_free: per example
     x, g = batch_free.per_example(layer, captured[("a", li, 0)],
-                                  probe_grads[layer.probes[0]])
+                                  [probe_grads[site] for site in layer.probes])
     g = _out_columns(layer, _to_end(g, layer.out_axes))
     return (_canonical_inputs(layer, x), _grouped(g, layer.groups) if layer.groups > 1 else g)
   return _scale_shift_statistics(layer, traced, captured, probe_grads, li)

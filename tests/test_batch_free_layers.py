@@ -221,3 +221,43 @@ def test_bias_added_in_every_step_of_a_scanned_stack(method):
                               params, batch=batch, key=jax.random.PRNGKey(2))[0])
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
       a, b, rtol=1e-8, atol=1e-11), *updates)
+
+
+def test_bias_computed_once_and_added_in_every_layer():
+  """T5 as written without a scan: the encoder computes the relative
+  position bias once and every layer adds it to its logits; the per-example
+  gradient sums the layers' (equal to the bias broadcast first)."""
+  ks = jax.random.split(jax.random.PRNGKey(0), 6)
+  params = {"rel": jax.random.normal(ks[0], (4, H), jnp.float64),
+            "emb": jax.random.normal(ks[1], (V, D), jnp.float64),
+            "wq": [jax.random.normal(k, (D, D), jnp.float64) / np.sqrt(D)
+                   for k in ks[2:5]],
+            "head": jax.random.normal(ks[5], (D, 3), jnp.float64)}
+  batch = {"ids": jax.random.randint(ks[4], (N, T), 0, V),
+           "y": jnp.arange(N) % 3}
+
+  def make_loss(per_example):
+    def loss(p, b):
+      n = b["ids"].shape[0]
+      buckets = _buckets(T)
+      if per_example:
+        buckets = jnp.broadcast_to(buckets, (n, T, T))
+      bias = jnp.moveaxis(p["rel"][buckets], -1, -3)      # [(N,) H, T, T]
+      h = p["emb"][b["ids"]]
+      for wq in p["wq"]:
+        q = (h @ wq).reshape(n, T, H, D // H)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, q) + bias
+        h = h + jnp.einsum("bhqk,bkd->bqd", jax.nn.softmax(logits), h)
+      return kfe.softmax_cross_entropy(jnp.tanh(h).mean(1) @ p["head"], b["y"])
+    return loss
+
+  updates = []
+  for per_example in (False, True):
+    loss = make_loss(per_example)
+    text = kfe.describe_layers(loss, params, batch)
+    assert "fallback 0.0%" in text, text
+    opt = _METHODS["kfac"](loss, batch)
+    updates.append(opt.update(jax.grad(loss)(params, batch), opt.init(params),
+                              params, batch=batch, key=jax.random.PRNGKey(2))[0])
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-8, atol=1e-11), *updates)
