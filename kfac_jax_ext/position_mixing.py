@@ -96,13 +96,14 @@ def mixes_positions(traced, layer) -> bool:
   """
   if not needs_check(layer, traced.num_examples):
     return False
-  return layer.probes[0] in _mixing_sites(traced)
+  return (layer.probes[0], layer.kernel) in _mixing_sites(traced)
 
 
 def _mixing_sites(traced) -> frozenset:
-  """The probe sites, among the layers ``needs_check`` accepts, at which the
-  gradient of the first or of the last per-example loss is nonzero at more
-  than one position: two reverse-mode passes for all layers of a trace,
+  """``(probe site, kernel)`` of the layers ``needs_check`` accepts whose
+  output gradient (per example: ``batch_free``) of the first or of the last
+  per-example loss is nonzero at more than one position: two reverse-mode
+  passes for all layers of a trace,
   cached by the jaxpr's text (``init``, ``update`` and ``describe_layers``
   trace the same program)."""
   closed = traced.closed_jaxpr
@@ -119,7 +120,8 @@ def _mixing_sites(traced) -> frozenset:
   for layer in traced.layers:
     for one in (layer,) + tuple(layer.uses):
       if needs_check(one, traced.num_examples):
-        checked[one.probes[0]] = one
+        checked[(one.probes[0], one.kernel)] = one   # two batch-free layers
+                                                     # may meet the batch at one add
   mixing = set()
   if checked:
     with jax.ensure_compile_time_eval():
@@ -130,12 +132,12 @@ def _mixing_sites(traced) -> frozenset:
           statistics.probe_zeros(traced))
       for k in (0, losses.shape[0] - 1):
         (grads,) = pullback(jnp.zeros_like(losses).at[k].set(1.0))
-        for site, one in checked.items():   # per example (batch_free)
+        for key, one in checked.items():   # per example (batch_free)
           g = np.asarray(batch_free.example_gradients(
               one, [grads[s] for s in one.probes]))
           reached = np.any(g != 0, axis=_feature_axes(one, len(one.outputs_shape)))
           if np.any(np.flatnonzero(reached) != k):   # not (only) its own
-            mixing.add(site)
+            mixing.add(key)
   sites = frozenset(mixing)
   _CACHE[:] = ([(closed, key, sites)] + _CACHE)[:8]
   return sites
