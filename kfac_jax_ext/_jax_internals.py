@@ -82,6 +82,8 @@ def bind_equation(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     if all(set(axes) <= varying_axes(x) for x in invals):
       return list(invals) if eqn.primitive.multiple_results else [invals[0]]
+  if len(invals) > 1 and not sub_jaxprs(eqn):
+    invals = _same_varying_axes(invals)
   bind_params = eqn.primitive.get_bind_params(eqn.params)
   if isinstance(bind_params, tuple):  # jax < 0.9.2: (subfuns, params)
     subfuns, bind_params = bind_params
@@ -89,6 +91,19 @@ def bind_equation(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
   else:
     out = eqn.primitive.bind(*invals, **bind_params)
   return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _same_varying_axes(invals: Sequence[Any]) -> list[Any]:
+  """The operands cast to vary over the same manual axes: re-evaluated with
+  per-device (varying) parameters, an equation that met only invariant
+  values when traced (a table gathered at constant indices, a parameter
+  plus a constant array) would fail ``shard_map``'s type check."""
+  axes = [varying_axes(x) if is_tracer(x) else frozenset() for x in invals]
+  union = frozenset().union(*axes)
+  if not union or all(a == union for a, x in zip(axes, invals) if is_tracer(x)):
+    return list(invals)
+  return [jax.lax.pcast(x, tuple(sorted(union - a)), to="varying")
+          if is_tracer(x) and a != union else x for x, a in zip(invals, axes)]
 
 
 def read_atom(env: dict, atom: Any) -> Any:

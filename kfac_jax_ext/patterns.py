@@ -267,7 +267,8 @@ def match_embedding(use, eqn, leaf_shape):
   whose column start is 0 because the slice spans the whole row, under
   ``CLIP`` or ``PROMISE_IN_BOUNDS``; the row axis kept as a size-1 axis).
   Either way the ids are the index vectors' first entries."""
-  if use.operand != 0 or len(leaf_shape) != 2 or use.view.chain:
+  if use.operand != 0 or len(leaf_shape) != 2 or any(   # shard_map's pvary: a view
+      getattr(p, "name", None) not in ELEMENTWISE_VIEW for p, _ in use.view.chain):
     return None
   dn = eqn.params["dimension_numbers"]
   idx_shape = eqn.invars[1].aval.shape

@@ -409,3 +409,24 @@ def test_tengrad_gram_batch_smaller_than_devices_is_rejected():
     jax.pmap(lambda b: tx.update(grads, tx.init(params), params, batch=b,
                                  key=jax.random.PRNGKey(0))[0],
              axis_name=AXIS)(_split(batch))
+
+
+@pytest.mark.parametrize("method", ["kfac", "tengrad"])
+def test_embeddings_and_position_tables_under_shard_map(method):
+  """A token embedding and a GPT position embedding (``nn.Embed(T, D)`` at
+  ``arange(T)``, read per example where it meets the batch) under
+  ``shard_map`` equal one device. Before, inside ``shard_map`` the table
+  reached its gather through ``pvary`` and fell back, and a table gathered
+  at constant indices failed the statistics pass's type check."""
+  from tests import test_batch_free_layers as positions   # the same model
+  loss, params, batch = positions._task("gpt", False)
+  batch = jax.tree_util.tree_map(lambda x: jnp.concatenate([x] * 4), batch)
+  params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
+  make = {"kfac": kfe.scale_by_kfac, "tengrad": kfe.scale_by_tengrad}[method]
+  tx = lambda **kw: make(loss, damping=0.1, inverse_every=2, **kw)
+  local = jax.tree_util.tree_map(lambda x: x[:x.shape[0] // DEVICES], batch)
+  want, _ = _single_device(tx(example_batch=batch), loss, params, batch)
+  got, _ = _shard_mapped(tx(axis_name=AXIS, example_batch=local), loss, params,
+                         batch)
+  for g, w in zip(got, want):
+    _assert_close(g, w)
