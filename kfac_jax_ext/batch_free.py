@@ -29,9 +29,10 @@ Swin V2's ``16·sigmoid`` of its position MLP), or it is a conv, a
 scale-and-shift, a tied or stacked kernel, or inside a scan. A batch-free
 layer output already repeated over its leading axis (Perceiver latents
 broadcast before the layer, an RNN's first step from a zero state; checked
-at random parameters) has its per-example gradients there and is left as
-it is, and so is one where that check cannot run eagerly (a collective
-over an axis name bound only by ``pmap``).
+at random parameters, one compiled evaluation per program) has its
+per-example gradients there and is left as it is, and so is one where that
+check cannot run (a collective over an axis name bound only by ``pmap``)
+and every one in a batch of one example (the sum over it is the example's).
 
 Example:
   >>> pos = nn.Embed(T, D)(jnp.arange(T))      # [T, D], no batch axis
@@ -41,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -159,37 +161,51 @@ def _frontiers(jaxprs, deps, site):
   return why or (found if found else "it never meets the batch")
 
 
-def _value_at(closed, site, inputs):
-  """The probed output's value at ``site`` for ``inputs``, eagerly."""
-  def run(jaxpr, consts, args, path):
+_CACHE: list = []   # (the jaxpr's text, input shapes, constants; sites; values)
+
+
+def _values_at(closed, sites, inputs):
+  """The probed outputs' values at ``sites`` for ``inputs``: one compiled
+  evaluation of the jaxpr (XLA keeps only what they need), cached by the
+  program (``init``, ``update`` and ``describe_layers`` trace the same);
+  None where it cannot run (a collective over an axis name bound only by
+  ``pmap``)."""
+  key = (str(closed.jaxpr), tuple(closed.in_avals), tuple(
+      (np.shape(c), hashlib.sha1(np.asarray(c).tobytes()).hexdigest())
+      if isinstance(c, (np.ndarray, jax.Array)) else id(c) for c in closed.consts),
+         tuple(sites))
+  for cached, values in _CACHE:
+    if cached == key:
+      return values
+
+  def run(jaxpr, consts, args, path, found):
     env = dict(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
     for k, eqn in enumerate(jaxpr.eqns):
       invals = [jint.read_atom(env, v) for v in eqn.invars]
       sub = path + (k,)
-      if sub == site[0][:len(sub)] and jint.call_kind(eqn) is not None:
-        body, consts_ = jint.call_body(eqn)
-        outs = run(body, consts_, invals, sub)
+      if jint.call_kind(eqn) is not None and any(s[0][:len(sub)] == sub for s in sites):
+        body, body_consts = jint.call_body(eqn)
+        outs = run(body, body_consts, invals, sub, found)
       else:
         outs = jint.bind_equation(eqn, invals)
-      if (path, k) == site:
-        raise _Found(outs[0])
+      if (path, k) in sites:
+        found[(path, k)] = outs[0]
       env.update(zip(eqn.outvars, outs))
     return [jint.read_atom(env, v) for v in jaxpr.outvars]
+
+  def evaluate(args):
+    found = {}
+    run(closed.jaxpr, closed.consts, args, (), found)
+    return found
+
   try:
     with jax.ensure_compile_time_eval():
-      run(closed.jaxpr, closed.consts, inputs, ())
-  except _Found as found:
-    return np.asarray(found.value)
+      values = {k: np.asarray(v) for k, v in jax.jit(evaluate)(inputs).items()}
   except Exception:   # pylint: disable=broad-except  (e.g. an unbound axis name)
-    return None
-  return None
-
-
-class _Found(Exception):
-  def __init__(self, value):
-    super().__init__()
-    self.value = value
+    values = None
+  _CACHE[:] = ([(key, values)] + _CACHE)[:8]
+  return values
 
 
 def _repeated(value) -> bool:
@@ -212,12 +228,22 @@ def _random_inputs(closed):
     return [one(a, k) for a, k in zip(closed.in_avals, keys)]
 
 
+def _check_sites(layers, jaxprs, deps) -> tuple:
+  """The batch-free probe sites outside scans (for ``_repeated``)."""
+  return tuple(sorted({site for layer in layers if not layer.steps
+                       for site in layer.probes
+                       if jaxprs[site[0]].eqns[site[1]].outvars[0]
+                       not in deps.get(site[0], ())}))
+
+
 def resolve(closed, layers, jaxprs, n_params):
   """``(layers, {leaf: reason})``: the layers with every batch-free one
   read per example (see the module docstring) or taken out with a
   reason."""
+  # with one example the sum over the batch is that example's own
+  one = {a.shape[0] for a in closed.in_avals[n_params:] if a.ndim} == {1}
   deps = dependent_vars(jaxprs, n_params)
-  kept, reasons, inputs = [], {}, None
+  kept, reasons, values = [], {}, None
   for layer in layers:
     free = [site for site in layer.probes
             if jaxprs[site[0]].eqns[site[1]].outvars[0] not in deps.get(site[0], ())]
@@ -231,11 +257,14 @@ def resolve(closed, layers, jaxprs, n_params):
     if found is None:
       found = (_frontiers(jaxprs, deps, layer.probes[0]) if len(layer.probes) == 1
                else "the layer is probed at several sites")
+    if isinstance(found, str) and one:
+      kept.append(layer)
+      continue
     if isinstance(found, str) and not layer.steps:
-      if inputs is None:
-        inputs = _random_inputs(closed)
-      values = [_value_at(closed, s, inputs) for s in free]
-      if all(v is None or _repeated(v) for v in values):
+      if values is None:
+        values = _values_at(closed, _check_sites(layers, jaxprs, deps),
+                            _random_inputs(closed)) or {}
+      if all(s not in values or _repeated(values[s]) for s in free):
         kept.append(layer)     # repeated over the examples already (or the
         continue               # check could not run: as before)
     if isinstance(found, str):
