@@ -19,19 +19,12 @@ import numpy as np
 import pytest
 
 import kfac_jax_ext as kfe
+from tests import test_conv_dims
 
 N, T, D, V, H = 4, 5, 6, 7, 2
 F64 = dict(param_dtype=jnp.float64)
 
-_METHODS = {
-    "kfac": lambda f, b: kfe.kfac(f, 0.1, damping=0.1, example_batch=b),
-    "tkfac": lambda f, b: kfe.tkfac(f, 0.1, damping=0.1, example_batch=b),
-    "tengrad": lambda f, b: kfe.tengrad(f, 0.1, damping=0.1, example_batch=b),
-    "two_level": lambda f, b: kfe.two_level_kfac(
-        f, 0.1, damping=0.1, coarse_space="spectral", example_batch=b),
-    "natural_gradient": lambda f, b: kfe.natural_gradient(
-        f, 0.1, damping=0.1, example_batch=b),
-}
+_METHODS = test_conv_dims._METHODS   # the five methods, damping 0.1
 
 
 def _buckets(n):
@@ -96,6 +89,21 @@ def _task(kind, per_example):
   return loss, params, {"ids": ids, "y": y}
 
 
+def _equal_updates(method, variants):
+  """Each ``(loss, params, batch)`` of ``variants`` has every parameter in a
+  block, and ``method`` gives them equal updates."""
+  updates = []
+  for loss, params, batch in variants:
+    text = kfe.describe_layers(loss, params, batch)
+    assert "fallback 0.0%" in text, text
+    opt = _METHODS[method](loss, batch)
+    updates.append(opt.update(jax.grad(loss)(params, batch), opt.init(params),
+                              params, batch=batch, key=jax.random.PRNGKey(2))[0])
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-8, atol=1e-11), *updates)
+  return updates
+
+
 # The per-example reading is in the statistics pass every method shares: K-FAC
 # on every kind, each other method on one (TENGraD also under a per-token
 # loss, where its position-mixing guard reads the mapped gradients).
@@ -106,17 +114,7 @@ _CASES = [("kfac", k) for k in ("gpt", "t5", "swin", "position_mlp")] + [
 
 @pytest.mark.parametrize("method,kind", _CASES)
 def test_batch_free_layer_equals_the_layer_on_broadcast_constants(method, kind):
-  updates = []
-  for per_example in (False, True):
-    loss, params, batch = _task(kind, per_example)
-    text = kfe.describe_layers(loss, params, batch)
-    assert "fallback 0.0%" in text, text
-    opt = _METHODS[method](loss, batch)
-    u = opt.update(jax.grad(loss)(params, batch), opt.init(params), params,
-                   batch=batch, key=jax.random.PRNGKey(2))[0]
-    updates.append(u)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=1e-8, atol=1e-11), *updates)
+  updates = _equal_updates(method, [_task(kind, e) for e in (False, True)])
   moved = jax.tree_util.tree_leaves(updates[0]["params"]["positions"])[0]
   assert float(jnp.max(jnp.abs(moved))) > 1e-3
 
@@ -179,12 +177,13 @@ def test_batch_free_layer_meeting_the_batch_otherwise_gets_a_reason(meets):
   assert not any(line.split()[:1] == ["w"] for line in layers.splitlines()), text
 
 
-@pytest.mark.parametrize("method", ["kfac", "tengrad"])
-def test_bias_added_in_every_step_of_a_scanned_stack(method):
-  """T5 with scanned layers: the relative position bias is computed once,
-  outside the stack, and added to the logits in every layer of a
-  ``lax.scan``; its per-example gradient sums the steps' (equal to the
-  bias broadcast over the batch before the scan)."""
+@pytest.mark.parametrize("method,stack", [("kfac", "scan"), ("tengrad", "scan"),
+                                          ("kfac", "loop")])
+def test_bias_computed_once_and_added_in_every_layer(method, stack):
+  """T5's encoder computes the relative position bias once and every layer
+  adds it to its logits, in a Python loop or a ``lax.scan`` over the layers
+  (closed over by the scan); its per-example gradient sums the layers'
+  (equal to the bias broadcast over the batch first)."""
   ks = jax.random.split(jax.random.PRNGKey(0), 5)
   params = {"rel": jax.random.normal(ks[0], (4, H), jnp.float64),
             "emb": jax.random.normal(ks[1], (V, D), jnp.float64),
@@ -206,57 +205,13 @@ def test_bias_added_in_every_step_of_a_scanned_stack(method):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, q) + bias
         return h + jnp.einsum("bhqk,bkd->bqd", jax.nn.softmax(logits), h), None
 
-      h, _ = jax.lax.scan(layer, p["emb"][b["ids"]], p["wq"])
-      return kfe.softmax_cross_entropy(jnp.tanh(h).mean(1) @ p["head"], b["y"])
-    return loss
-
-  updates = []
-  for per_example in (False, True):
-    loss = make_loss(per_example)
-    text = kfe.describe_layers(loss, params, batch)
-    assert "fallback 0.0%" in text, text
-    opt = _METHODS[method](loss, batch)
-    updates.append(opt.update(jax.grad(loss)(params, batch), opt.init(params),
-                              params, batch=batch, key=jax.random.PRNGKey(2))[0])
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=1e-8, atol=1e-11), *updates)
-
-
-def test_bias_computed_once_and_added_in_every_layer():
-  """T5 as written without a scan: the encoder computes the relative
-  position bias once and every layer adds it to its logits; the per-example
-  gradient sums the layers' (equal to the bias broadcast first)."""
-  ks = jax.random.split(jax.random.PRNGKey(0), 6)
-  params = {"rel": jax.random.normal(ks[0], (4, H), jnp.float64),
-            "emb": jax.random.normal(ks[1], (V, D), jnp.float64),
-            "wq": [jax.random.normal(k, (D, D), jnp.float64) / np.sqrt(D)
-                   for k in ks[2:5]],
-            "head": jax.random.normal(ks[5], (D, 3), jnp.float64)}
-  batch = {"ids": jax.random.randint(ks[4], (N, T), 0, V),
-           "y": jnp.arange(N) % 3}
-
-  def make_loss(per_example):
-    def loss(p, b):
-      n = b["ids"].shape[0]
-      buckets = _buckets(T)
-      if per_example:
-        buckets = jnp.broadcast_to(buckets, (n, T, T))
-      bias = jnp.moveaxis(p["rel"][buckets], -1, -3)      # [(N,) H, T, T]
       h = p["emb"][b["ids"]]
-      for wq in p["wq"]:
-        q = (h @ wq).reshape(n, T, H, D // H)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, q) + bias
-        h = h + jnp.einsum("bhqk,bkd->bqd", jax.nn.softmax(logits), h)
+      if stack == "scan":
+        h, _ = jax.lax.scan(layer, h, p["wq"])
+      else:
+        for wq in p["wq"]:
+          h, _ = layer(h, wq)
       return kfe.softmax_cross_entropy(jnp.tanh(h).mean(1) @ p["head"], b["y"])
     return loss
 
-  updates = []
-  for per_example in (False, True):
-    loss = make_loss(per_example)
-    text = kfe.describe_layers(loss, params, batch)
-    assert "fallback 0.0%" in text, text
-    opt = _METHODS["kfac"](loss, batch)
-    updates.append(opt.update(jax.grad(loss)(params, batch), opt.init(params),
-                              params, batch=batch, key=jax.random.PRNGKey(2))[0])
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=1e-8, atol=1e-11), *updates)
+  _equal_updates(method, [(make_loss(e), params, batch) for e in (False, True)])
