@@ -164,8 +164,8 @@ def _frontiers(jaxprs, deps, site):
 _CACHE: list = []   # (the jaxpr's text, input shapes, constants; sites; values)
 
 
-def _values_at(closed, sites, inputs):
-  """The probed outputs' values at ``sites`` for ``inputs``: one compiled
+def _values_at(closed, sites):
+  """The probed outputs' values at ``sites`` at random inputs: one compiled
   evaluation of the jaxpr (XLA keeps only what they need), cached by the
   program (``init``, ``update`` and ``describe_layers`` trace the same);
   None where it cannot run (a collective over an axis name bound only by
@@ -194,6 +194,8 @@ def _values_at(closed, sites, inputs):
       env.update(zip(eqn.outvars, outs))
     return [jint.read_atom(env, v) for v in jaxpr.outvars]
 
+  inputs = random_inputs(closed)
+
   def evaluate(args):
     found = {}
     run(closed.jaxpr, closed.consts, args, (), found)
@@ -216,16 +218,35 @@ def _repeated(value) -> bool:
   return bool(np.allclose(value, value[:1], rtol=1e-5, atol=1e-6 * scale))
 
 
-def _random_inputs(closed):
-  """Floats ``N(0, 1/fan_in)`` (nothing saturates or overflows), integers 0."""
-  def one(aval, key):
+def random_inputs(closed):
+  """Pseudo-random inputs for ``closed``: floats ``N(0, 1/fan_in)`` (fan-in:
+  all but the last axis), so that no tanh or softmax saturates (a saturated
+  softmax has exactly zero derivatives and would hide a dependence) and
+  nothing overflows; integers 0 (ids stay in range). Drawn by numpy: no
+  program to compile per shape (``jax.random`` took 70 ms per leaf)."""
+  rng = np.random.default_rng(1)
+  def one(aval):
     if jnp.issubdtype(aval.dtype, jnp.floating):
       fan_in = max(int(np.prod(aval.shape[:-1])), 1) if aval.ndim > 1 else 1
-      return (jax.random.normal(key, aval.shape) / np.sqrt(fan_in)).astype(aval.dtype)
-    return jnp.zeros(aval.shape, aval.dtype)
-  with jax.ensure_compile_time_eval():
-    keys = jax.random.split(jax.random.PRNGKey(1), len(closed.in_avals))
-    return [one(a, k) for a, k in zip(closed.in_avals, keys)]
+      return (rng.standard_normal(aval.shape) / np.sqrt(fan_in)).astype(aval.dtype)
+    if jnp.issubdtype(aval.dtype, np.integer) or aval.dtype == np.bool_:
+      return np.zeros(aval.shape, aval.dtype)
+    with jax.ensure_compile_time_eval():   # e.g. PRNG keys
+      return jnp.zeros(aval.shape, aval.dtype)
+  return [one(a) for a in closed.in_avals]
+
+
+def _broadcast_site(jaxprs, site) -> bool:
+  """Whether the probed equation broadcasts its operand along the leading
+  axis (a new axis, or one of size 1 repeated): repeated by construction."""
+  eqn = jaxprs[site[0]].eqns[site[1]]
+  out = eqn.outvars[0].aval.shape
+  if eqn.primitive.name == "tile":
+    return bool(out) and eqn.invars[0].aval.shape[0] == 1 and out[0] > 1
+  if eqn.primitive.name != "broadcast_in_dim" or not out or out[0] < 2:
+    return False
+  dims = tuple(eqn.params["broadcast_dimensions"])
+  return 0 not in dims or eqn.invars[0].aval.shape[dims.index(0)] == 1
 
 
 def _check_sites(layers, jaxprs, deps) -> tuple:
@@ -260,10 +281,12 @@ def resolve(closed, layers, jaxprs, n_params):
     if isinstance(found, str) and one:
       kept.append(layer)
       continue
+    if isinstance(found, str) and all(_broadcast_site(jaxprs, s) for s in free):
+      kept.append(layer)     # probed at a broadcast over the examples
+      continue               # (``broadcast_inputs``: a cls token, latents)
     if isinstance(found, str) and not layer.steps:
       if values is None:
-        values = _values_at(closed, _check_sites(layers, jaxprs, deps),
-                            _random_inputs(closed)) or {}
+        values = _values_at(closed, _check_sites(layers, jaxprs, deps)) or {}
       if all(s not in values or _repeated(values[s]) for s in free):
         kept.append(layer)     # repeated over the examples already (or the
         continue               # check could not run: as before)

@@ -68,16 +68,6 @@ def needs_check(layer, num_examples: int) -> bool:
   return len(positions) > 1
 
 
-def _dummy(aval, key):
-  """A pseudo-random input: floats ``N(0, 1/fan_in)`` (fan-in: all but the
-  last axis), so that no tanh or softmax saturates (a saturated softmax has
-  exactly zero derivatives and would hide a dependence); integers zero."""
-  if jnp.issubdtype(aval.dtype, jnp.floating):
-    fan_in = max(int(np.prod(aval.shape[:-1])), 1) if aval.ndim > 1 else 1
-    return (jax.random.normal(key, aval.shape) / np.sqrt(fan_in)).astype(aval.dtype)
-  return jnp.zeros(aval.shape, aval.dtype)
-
-
 _CACHE: list = []   # (closed jaxpr, its text and input shapes, mixing sites)
 
 
@@ -125,8 +115,7 @@ def _mixing_sites(traced) -> frozenset:
   mixing = set()
   if checked:
     with jax.ensure_compile_time_eval():
-      keys = jax.random.split(jax.random.PRNGKey(0), len(closed.in_avals))
-      inputs = [_dummy(aval, k) for aval, k in zip(closed.in_avals, keys)]
+      inputs = batch_free.random_inputs(closed)
       losses, pullback = jax.vjp(
           lambda pr: per_example_losses(traced, inputs, pr),
           statistics.probe_zeros(traced))
