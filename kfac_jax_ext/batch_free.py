@@ -170,10 +170,8 @@ def _values_at(closed, sites):
   program (``init``, ``update`` and ``describe_layers`` trace the same);
   None where it cannot run (a collective over an axis name bound only by
   ``pmap``)."""
-  key = (str(closed.jaxpr), tuple(closed.in_avals), tuple(
-      (np.shape(c), hashlib.sha1(np.asarray(c).tobytes()).hexdigest())
-      if isinstance(c, (np.ndarray, jax.Array)) else id(c) for c in closed.consts),
-         tuple(sites))
+  key = (str(closed.jaxpr), tuple(closed.in_avals),
+         tuple(_const_key(c) for c in closed.consts), tuple(sites))
   for cached, values in _CACHE:
     if cached == key:
       return values
@@ -208,6 +206,15 @@ def _values_at(closed, sites):
     values = None
   _CACHE[:] = ([(key, values)] + _CACHE)[:8]
   return values
+
+
+def _const_key(c):
+  """A constant's value as a cache key (an abstract one: its identity)."""
+  try:
+    x = np.asarray(c)
+  except Exception:   # pylint: disable=broad-except  (a tracer)
+    return id(c)
+  return x.shape, str(x.dtype), hashlib.sha1(x.tobytes()).hexdigest()
 
 
 def _repeated(value) -> bool:
