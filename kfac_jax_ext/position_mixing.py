@@ -93,9 +93,8 @@ def _mixing_sites(traced) -> frozenset:
   """``(probe site, kernel)`` of the layers ``needs_check`` accepts whose
   output gradient (per example: ``batch_free``) of the first or of the last
   per-example loss is nonzero at more than one position: two reverse-mode
-  passes for all layers of a trace,
-  cached by the jaxpr's text (``init``, ``update`` and ``describe_layers``
-  trace the same program)."""
+  passes for all layers of a trace, cached by the jaxpr's text (``init``,
+  ``update`` and ``describe_layers`` trace the same program)."""
   closed = traced.closed_jaxpr
   for program, _, sites in _CACHE:     # the same trace: no text to build
     if program is closed:
@@ -121,12 +120,12 @@ def _mixing_sites(traced) -> frozenset:
           statistics.probe_zeros(traced))
       for k in (0, losses.shape[0] - 1):
         (grads,) = pullback(jnp.zeros_like(losses).at[k].set(1.0))
-        for key, one in checked.items():   # per example (batch_free)
+        for checked_key, one in checked.items():   # per example (batch_free)
           g = np.asarray(batch_free.example_gradients(
               one, [grads[s] for s in one.probes]))
           reached = np.any(g != 0, axis=_feature_axes(one, len(one.outputs_shape)))
           if np.any(np.flatnonzero(reached) != k):   # not (only) its own
-            mixing.add(key)
+            mixing.add(checked_key)
   sites = frozenset(mixing)
   _CACHE[:] = ([(closed, key, sites)] + _CACHE)[:8]
   return sites
