@@ -8,6 +8,9 @@ a one-file change. The rest of the package only sees the small functions below.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -69,14 +72,82 @@ def sub_jaxprs(eqn: JaxprEqn) -> list[Jaxpr]:
   return found
 
 
+_SIZE_ONE = [False]   # collectives as over axes of size one (one_device)
+_IDENTITY_COLLECTIVES = ("pvary", "pcast", "psum", "psum_invariant", "pmax",
+                         "pmin", "ppermute", "pbroadcast", "all_to_all")
+
+
+@contextlib.contextmanager
+def one_device():
+  """Within it, ``bind_equation`` applies a collective as over device axes
+  of size one (the identity; ``axis_index`` 0; ``all_gather`` a new axis of
+  one), as the jaxpr was traced (``make_closed_jaxpr``): a program traced
+  inside ``shard_map`` or ``pmap`` then evaluates outside them, on one
+  device's batch."""
+  _SIZE_ONE.append(True)
+  try:
+    yield
+  finally:
+    _SIZE_ONE.pop()
+
+
+def outside_traces(fn: Callable[[], Any]) -> Any:
+  """``fn()`` run eagerly outside every transformation the caller is in
+  (``jit``, ``pmap``, ``shard_map``, ``grad``), on concrete values: in a
+  thread of its own (JAX keeps its trace state per thread). Inside
+  ``shard_map`` an eager ``jax.vjp`` otherwise types its values as varying
+  over the manual axes and rejects the concrete operands it meets."""
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(fn).result()
+
+
+def _collective_on_one_device(eqn: JaxprEqn, invals: Sequence[Any]):
+  """The outputs of a collective over axes of size one, or None for any
+  other equation."""
+  name = eqn.primitive.name
+  if call_kind(eqn) is not None and _has_collective(eqn):   # evaluate its body
+    body, consts = call_body(eqn)
+    env = dict(zip(body.constvars, consts))
+    env.update(zip(body.invars, invals))
+    for inner in body.eqns:
+      env.update(zip(inner.outvars, bind_equation(
+          inner, [read_atom(env, v) for v in inner.invars])))
+    return [read_atom(env, v) for v in body.outvars]
+  if name in _IDENTITY_COLLECTIVES:
+    return list(invals)
+  if name == "axis_index":
+    return [jax.numpy.zeros((), eqn.outvars[0].aval.dtype)]
+  if name == "all_gather":
+    x = invals[0]
+    return [x if eqn.params.get("tiled") else jax.numpy.expand_dims(
+        x, eqn.params["all_gather_dimension"])]
+  return None
+
+
+def _has_collective(eqn: JaxprEqn) -> bool:
+  """Whether a collective over device axes is bound in the equation's
+  nested jaxprs (at any depth)."""
+  for jaxpr in sub_jaxprs(eqn):
+    for inner in jaxpr.eqns:
+      if inner.primitive.name in _IDENTITY_COLLECTIVES + (
+          "axis_index", "all_gather") or _has_collective(inner):
+        return True
+  return False
+
+
 def bind_equation(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
   """Re-applies an equation to new inputs; returns its outputs as a list.
 
   ``shard_map``'s invariant->varying cast (``pvary``, inserted where a
   replicated value meets a sharded one) is skipped for inputs that already
   vary over its axes: the statistics pass re-evaluates the traced loss with
-  per-device (varying) parameters.
+  per-device (varying) parameters. Within ``one_device()`` collectives act
+  as over axes of size one.
   """
+  if _SIZE_ONE[-1]:
+    outs = _collective_on_one_device(eqn, invals)
+    if outs is not None:
+      return outs
   if eqn.primitive.name in ("pvary", "pcast") and "axes" in eqn.params:
     axes = eqn.params["axes"]
     axes = (axes,) if isinstance(axes, str) else tuple(axes)

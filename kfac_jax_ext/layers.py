@@ -79,20 +79,24 @@ def _table(rows, header):
 
 
 def block_label(m: tracing.LayerMatch, max_factor_dim: int = 4096,
-                chosen: dict | None = None, gram_size: int = 128) -> str:
+                chosen: dict | None = None, gram_size: int = 128,
+                loss_examples: int = 1) -> str:
   """The block a layer gets from the Kronecker family when the state is laid
   out from an ``example_batch``: ``kronecker d_a×d_g``, ``G× kronecker`` per
   group, ``kronecker diag(V)×D`` for an embedding, ``diagonal``, or the
   fallback when a factor exceeds ``max_factor_dim``. With ``chosen`` (the
   ``natural_gradient_transform.choose_blocks`` of the layers) a layer chosen for a
   Woodbury block shows ``woodbury n=N d_a×d_g`` (N = ``gram_size``, the
-  examples in its Gram; ``G× `` in front for G groups or slices)."""
+  examples in its Gram; ``G× `` in front for G groups or slices; ``per
+  sequence`` after it when ``loss_examples`` > 1, the layer's sequences
+  being its examples: ``tengrad_plan.layer_examples``)."""
   if m.kind == "scale_and_shift":
     return "diagonal"
   if chosen is not None:
     kind = chosen.get(m.kernel)
     if kind == "woodbury":
-      return tengrad_plan.woodbury_kind(m)(m, capacity=gram_size).label()
+      return tengrad_plan.woodbury_kind(m)(
+          m, capacity=gram_size, loss_examples=loss_examples).label()
     if kind is None:
       return "fallback (no block of either kind)"
   largest = plan_lib.largest_dense_dim(m)
@@ -145,12 +149,15 @@ def describe_layers(loss_fn: Callable, params: Any, batch: Any,
   traced = tracing.trace_loss(loss_fn, params, batch, has_aux, axis_name)
   chosen = None if blocks is None else natural_gradient_transform.choose_blocks(
       traced, blocks, gram_batch, max_factor_dim)
-  n = min(gram_batch, traced.num_examples)
   rows = []
   for m in traced.layers:
     layer = _public(traced, m)
     kind = f"conv{len(m.conv[5])}d" if m.kind == "conv2d" else layer.kind
-    rows.append((layer.name, kind, block_label(m, max_factor_dim, chosen, n),
+    e = traced.num_examples if chosen is None else tengrad_plan.layer_examples(
+        m, traced)
+    label = block_label(m, max_factor_dim, chosen, min(gram_batch, e),
+                        traced.num_examples // e)
+    rows.append((layer.name, kind, label,
                  ", ".join("/".join(map(str, p)) for p in layer.params),
                  layer.inputs_shape, layer.outputs_shape))
   text = f"Layers ({len(rows)}):\n" + _table(

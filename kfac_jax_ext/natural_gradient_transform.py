@@ -69,14 +69,14 @@ def kronecker_cost(layer) -> float:
   return table.kronecker_block(layer).refresh_cost()
 
 
-def woodbury_cost(layer, n: int, num_examples: int) -> float:
-  """Refresh cost of a layer's Woodbury block for a Gram of ``n`` examples:
-  ``n²(d_a + d_g) + n³``, or with ``T`` positions per example
-  ``n²·min(T²(d_a + d_g), d_a d_g) + n³`` (TENGraD's cheaper Gram path);
-  per group or slice."""
+def woodbury_cost(layer, gram_batch: int, num_examples: int) -> float:
+  """Refresh cost of a layer's Woodbury block for a Gram of
+  ``n = min(gram_batch, E)`` of its E examples: ``n²(d_a + d_g) + n³``, or
+  with ``T`` positions per example ``n²·min(T²(d_a + d_g), d_a d_g) + n³``
+  (TENGraD's cheaper Gram path); per group or slice."""
   t = sharing_lib.tokens(layer) // num_examples
-  return tengrad_plan.woodbury_kind(layer)(layer, gram_size=n,
-                                          positions=t).refresh_cost()
+  return tengrad_plan.woodbury_kind(layer)(
+      layer, gram_size=min(gram_batch, num_examples), positions=t).refresh_cost()
 
 
 def choose_blocks(traced, blocks: str = "auto", gram_batch: int = 128,
@@ -84,7 +84,6 @@ def choose_blocks(traced, blocks: str = "auto", gram_batch: int = 128,
   """``{kernel leaf: "kronecker" | "woodbury"}`` for every dense, conv and
   embedding layer that has a block of either kind (see the module doc)."""
   _check_blocks(blocks)
-  n = min(gram_batch, traced.num_examples)
   choice = {}
   for layer in traced.layers:
     if layer.kind == "scale_and_shift":
@@ -94,7 +93,8 @@ def choose_blocks(traced, blocks: str = "auto", gram_batch: int = 128,
         layer) <= int(max_factor_dim):
       options.append(("kronecker", kronecker_cost(layer)))
     if tengrad_plan.unsupported(layer, traced.num_examples, traced) is None:
-      options.append(("woodbury", woodbury_cost(layer, n, traced.num_examples)))
+      options.append(("woodbury", woodbury_cost(
+          layer, gram_batch, tengrad_plan.layer_examples(layer, traced))))
     if not options:
       continue
     if blocks == "auto":

@@ -34,12 +34,14 @@ def make_plan(traced, blocks) -> plan_lib.Plan:
   """K-FAC's plan, with 2-D (factored) leaves restricted to one location per
   example: their stored ``Ā``, ``G`` cannot hold sums over locations."""
   m = traced.num_examples
-  plan = plan_lib.make_plan(traced, blocks,
-                            fits=lambda *args: block_fits(*args, num_examples=m),
+  fits = lambda layer, *args: block_fits(
+      layer, *args, num_examples=layer_examples(layer, traced))
+  plan = plan_lib.make_plan(traced, blocks, fits=fits,
                             unsupported=lambda layer: unsupported(layer, m, traced))
   keep, unfactored = [], list(plan.unfactored_layers)
   for kl in plan.kronecker:
     tokens = sharing_lib.tokens(kl.layer)
+    m = layer_examples(kl.layer, traced)
     factored = getattr(blocks[kl.layer.kernel], "per_example", 0) is None
     if factored and tokens != m:
       unfactored.append((kl.index, kl.layer,
@@ -64,7 +66,7 @@ def layout_blocks(traced, capacity, dtype, damping, share=None):
         layer.kind == "scale_and_shift") or (
         share is not None and not share.owns(layer)):
       continue
-    positions = sharing_lib.tokens(layer) // traced.num_examples
+    positions = sharing_lib.tokens(layer) // layer_examples(layer, traced)
     side = plan_lib.natural_a_side(layer, len(traced.param_shapes[layer.kernel]))
     block = woodbury_block(layer, traced, capacity, positions == 1,
                            initial_damping=damping)
@@ -83,18 +85,30 @@ def unsupported(layer, num_examples: int | None = None,
   them grouped by example: the examples lead its output. With ``traced``
   (the ``TracedLoss``), a layer with one token per example at several
   positions of an input must not reach other positions' losses
-  (``position_mixing``)."""
+  (``position_mixing``), unless its sequences can be its examples
+  (``position_mixing.sequence_examples``)."""
   reason = woodbury.Woodbury.unsupported(layer)
   if reason is not None or num_examples is None or (
       layer.kind == "scale_and_shift"):
     return reason
-  if layer.kind == "tied":   # every use's tokens
-    return next((r for r in (unsupported(use, num_examples, traced)
-                             for use in layer.uses) if r), None)
+  if layer.kind == "tied":   # every use's tokens, by loss example
+    reason = next((r for r in (_per_example_reason(use, num_examples, traced)
+                               for use in layer.uses) if r), None)
+  else:
+    reason = _per_example_reason(layer, num_examples, traced)
+  if reason is not None and traced is not None and (
+      position_mixing.sequence_examples(traced, layer) is not None):
+    return None
+  return reason
+
+
+def _per_example_reason(layer, num_examples: int, traced) -> str | None:
+  """Why the loss examples cannot be the layer's examples (None: they can)."""
   k = sharing_lib.tokens(layer)
   if k % num_examples:
     return (f"its {k} tokens do not split evenly over the {num_examples} loss "
-            "examples")
+            "examples, and no loss example stays within one entry of its "
+            "leading axis")
   if k != num_examples and not sharing_lib.examples_lead(layer, num_examples):
     return ("its tokens are not grouped by example (the loss examples are not "
             f"the leading axis of its output {layer.outputs_shape}), so its "
@@ -105,8 +119,24 @@ def unsupported(layer, num_examples: int | None = None,
             "not in the loss examples' order, e.g. a mixture of experts' "
             "capacity slots) while the loss has one example per position, so "
             "its per-example gradients are unknown (only the per-position "
-            "approximation, not the exact block)")
+            "approximation, not the exact block), nor can its sequences be "
+            "the examples (a loss reaches several entries of its leading "
+            "axis, or the layer is grouped, tied or in a scan)")
   return None
+
+
+def layer_examples(layer, traced) -> int:
+  """The examples TENGraD groups the layer's tokens by: the M loss examples,
+  or the S sequences of a layer whose per-example gradients are unknown
+  (``position_mixing.sequence_examples``; its block's Gram then holds
+  ``u_s/√R``, R = M/S loss examples per sequence). A tied kernel: its
+  uses' (all by loss example, or all by sequence)."""
+  m = traced.num_examples
+  uses = layer.uses if layer.kind == "tied" else (layer,)
+  if layer.kind == "scale_and_shift" or all(
+      _per_example_reason(use, m, traced) is None for use in uses):
+    return m
+  return position_mixing.sequence_examples(traced, layer) or m
 
 
 def woodbury_kind(layer) -> type:
@@ -127,13 +157,15 @@ def woodbury_block(layer, traced, capacity: int, factored: bool,
                    initial_damping=1.0) -> woodbury.Woodbury:
   """The layer's ``woodbury.Woodbury`` block: ``capacity`` = ``gram_batch``;
   ``examples`` (per device) and ``gram_size`` (all devices) default to
-  ``min(capacity, M)``."""
-  n = min(capacity, traced.num_examples)
+  ``min(capacity, E)``, E its examples (``layer_examples``)."""
+  e = layer_examples(layer, traced)
+  n = min(capacity, e)
   return woodbury_kind(layer)(
       layer, capacity=capacity, gram_size=n if gram_size is None else gram_size,
       examples=n if examples is None else examples,
-      positions=sharing_lib.tokens(layer) // traced.num_examples,
-      factored=factored, conv_gram=conv_gram, initial_damping=initial_damping)
+      positions=sharing_lib.tokens(layer) // e,
+      factored=factored, conv_gram=conv_gram, initial_damping=initial_damping,
+      loss_examples=traced.num_examples // e)
 
 
 def block_fits(layer, block, a_side, num_examples=None) -> bool:

@@ -64,7 +64,8 @@ def _gram_memory_check(plan, traced, blocks, n, capacity, conv_gram, dtype):
   size = jnp.dtype(dtype).itemsize
   total = 0
   for kl in plan.kronecker:   # per block (a grouped or stacked layer has G)
-    t = sharing_lib.tokens(kl.layer) // traced.num_examples
+    t = sharing_lib.tokens(kl.layer) // tengrad_plan.layer_examples(kl.layer,
+                                                                    traced)
     one = capacity * capacity * 2
     if kl.layer.kind == "embedding":   # the lookups' Gram terms
       one += 2 * n * n * t * t + n * t * kl.d_g
@@ -78,17 +79,18 @@ def _gram_memory_check(plan, traced, blocks, n, capacity, conv_gram, dtype):
                       "lower gram_batch.")
 
 
-def _examples(traced, gram_batch: int, axis_name) -> tuple[int, int]:
+def _examples(num_examples: int, gram_batch: int, axis_name) -> tuple[int, int]:
   """``(n_d, n)``: examples each device contributes and the Gram's size.
 
   Every device contributes the first ``n_d = min(M_d, gram_batch // D)`` of
-  its ``M_d`` examples; ``n = D·n_d``. With ``gram_batch ≥ M`` that is the
+  its ``M_d`` examples (``num_examples``: a layer's, ``tengrad_plan.
+  layer_examples``); ``n = D·n_d``. With ``gram_batch ≥ M`` that is the
   whole global batch (the single-device result); otherwise the Gram batch
   is the first ``n_d`` examples of each shard (on one device: the first
   ``gram_batch``). The scale is always ``F = UUᵀ/n``.
   """
   devices = distributed.num_devices(axis_name)
-  n_local = min(traced.num_examples, gram_batch // devices)
+  n_local = min(num_examples, gram_batch // devices)
   if n_local < 1:
     raise ValueError(f"gram_batch={gram_batch} is smaller than the {devices} "
                      f"devices of axis {axis_name!r}: every device must "
@@ -96,14 +98,20 @@ def _examples(traced, gram_batch: int, axis_name) -> tuple[int, int]:
   return n_local, devices * n_local
 
 
-def _blocks(plan, traced, state_blocks, n_local, n, conv_gram,
+def _blocks(plan, traced, state_blocks, gram_batch, axis_name, conv_gram,
             damping_scale="absolute"):
-  """The ``woodbury.Woodbury`` block of every layer in the plan."""
-  return [dataclasses.replace(tengrad_plan.woodbury_block(
-      kl.layer, traced, state_blocks[kl.layer.kernel].gram_inverse.shape[-1],
-      getattr(state_blocks[kl.layer.kernel], "per_example", 0) is None, conv_gram,
-      examples=n_local, gram_size=n), damping_scale=damping_scale)
-          for kl in plan.kronecker]
+  """The ``woodbury.Woodbury`` block of every layer in the plan, each with
+  the Gram examples of its own examples (``_examples``)."""
+  out = []
+  for kl in plan.kronecker:
+    entry = state_blocks[kl.layer.kernel]
+    n_local, n = _examples(tengrad_plan.layer_examples(kl.layer, traced),
+                           gram_batch, axis_name)
+    out.append(dataclasses.replace(tengrad_plan.woodbury_block(
+        kl.layer, traced, entry.gram_inverse.shape[-1],
+        getattr(entry, "per_example", 0) is None, conv_gram,
+        examples=n_local, gram_size=n), damping_scale=damping_scale))
+  return out
 
 
 def _refresh(plan, blocks, traced, state, cb, lam, fallback, dtype,
@@ -122,7 +130,9 @@ def _refresh(plan, blocks, traced, state, cb, lam, fallback, dtype,
   for kl, block in zip(plan.kronecker, blocks):
     batch = jax.tree_util.tree_map(
         lambda x: distributed.gather_examples(x, axis_name),
-        block.batch_statistics(cb.layers[kl.index], traced.num_examples, dtype))
+        block.batch_statistics(cb.layers[kl.index],
+                               tengrad_plan.layer_examples(kl.layer, traced),
+                               dtype))
     stats_ok = stats_ok & linalg.all_finite(*jax.tree_util.tree_leaves(batch))
     tokens.append(batch)
   refresh = [lambda b=b, t=t: b.refresh(t, lam) for b, t in zip(blocks, tokens)]
@@ -224,11 +234,11 @@ def tengrad_stepper(loss_fn, *, damping, gram_batch, conv_gram, damping_mode,
     dtype = state.diagonals[0].dtype if state.diagonals else jnp.float32
     lam = jnp.asarray(schedule.value_at(damping, state.count,
                                         extra_args.get("damping")), dtype)
-    n_local, n = _examples(traced, gram_batch, axis_name)
+    n = _examples(traced.num_examples, gram_batch, axis_name)[1]
     _gram_memory_check(plan, traced, state.blocks, n, gram_batch, conv_gram,
                        dtype)
-    blocks = _blocks(plan, traced, state.blocks, n_local, n, conv_gram,
-                     damping_scale)
+    blocks = _blocks(plan, traced, state.blocks, gram_batch, axis_name,
+                     conv_gram, damping_scale)
 
     def refresh(st):
       if curvature is not None:

@@ -324,6 +324,36 @@ def test_fused_statistics_under_pmap_equal_single_device():
   _assert_close(jax.tree_util.tree_map(lambda x: x[0], got), want)
 
 
+def _sequence_task(batch_size=16, length=4):
+  """One loss example per position of sequences whose positions mix (a
+  causal running mean): TENGraD's first layer takes the sequences as its
+  examples (``tengrad_plan.layer_examples``), its head the positions."""
+  ks = jax.random.split(jax.random.PRNGKey(5), 4)
+  params = {"w": jax.random.normal(ks[0], (3, 5)) / 2,
+            "v": jax.random.normal(ks[1], (5, 3)) / 2}
+  batch = {"x": jax.random.normal(ks[2], (batch_size, length, 3)),
+           "y": jax.random.randint(ks[3], (batch_size, length), 0, 3)}
+
+  def loss(p, b):
+    h = jnp.cumsum(jnp.tanh(b["x"] @ p["w"]), axis=1)
+    return kfe.softmax_cross_entropy((h @ p["v"]).reshape(-1, 3),
+                                     b["y"].reshape(-1))
+  return loss, params, batch
+
+
+@pytest.mark.parametrize("runner", ["pmap", "shard_map"])
+def test_tengrad_sequence_blocks_split_batch_equals_single_device(runner):
+  loss, params, batch = _sequence_task()
+  make = lambda **kw: kfe.scale_by_tengrad(
+      loss, damping=0.1, inverse_every=2, gram_batch=64, example_batch=batch,
+      **kw)
+  want = _single_device(make(), loss, params, batch)
+  run = {"pmap": _pmapped, "shard_map": _shard_mapped}[runner]
+  got = run(make(axis_name=AXIS), loss, params, batch)
+  assert got[1].blocks[1].per_example.shape[0] == 64   # laid out per sequence
+  _assert_close(got[0], want[0])
+
+
 def test_tengrad_gram_batch_subsamples_each_shard():
   """With gram_batch < M, each device contributes its first gram_batch // D
   examples: equal to one device on those examples."""

@@ -1,7 +1,9 @@
 """TENGraD under a loss with one example per position (float64): a layer whose
-output at one position reaches other positions' losses gets no Woodbury
-block (its per-example gradients are not in the summed loss's statistics),
-one that does not keeps its exact block, checked against
+output at one position reaches other positions' losses, and other
+sequences' too, gets no Woodbury block (its per-example gradients are not
+in the summed loss's statistics; within its sequence only, the sequences
+are its examples: ``test_tengrad_sequences.py``), one that does not keeps
+its exact block, checked against
 ``solve(UᵀU/n + λI, ∇)`` with ``U`` the per-position losses' gradients from
 ``jax.jacobian``."""
 
@@ -29,8 +31,10 @@ def _task(mix: bool):
 
   def logits(p, x):
     h = jnp.tanh(x @ p["w"])
-    if mix:   # causal running mean: position t sees positions <= t
+    if mix:   # causal running mean: position t sees positions <= t; and
+              # the batch mean: no sequence is on its own either
       h = jnp.cumsum(h, axis=1) / jnp.arange(1, T + 1)[None, :, None]
+      h = h + jnp.mean(h, axis=0, keepdims=True)
     return (h @ p["v"]).reshape(-1, C)
 
   def loss(p, b):   # one example per position
@@ -106,16 +110,6 @@ def test_flax_causal_attention_keys_values_and_embedding_mix():
   assert {name for name, mixes in mixing.items() if mixes} == {
       "embed", "key", "value"}, mixing
   assert {"query", "out", "head"} <= set(mixing)
-  # natural_gradient(blocks="woodbury") gives the mixing ones Kronecker blocks
-  text = kfe.describe_layers(loss, params, batch, blocks="woodbury")
-  rows = {line.split()[0].split("/")[-1]: line.split()[2] for line in
-          text.splitlines() if line.startswith("params/")}
-  assert rows == {"embed": "kronecker", "query": "woodbury", "key": "kronecker",
-                  "value": "kronecker", "out": "woodbury", "head": "woodbury"}
-  tx = kfe.scale_by_tengrad(loss, damping=LAM, gram_batch=16, example_batch=batch)
-  with pytest.warns(UserWarning, match="reaches the losses") as record:
-    tx.update(jax.grad(loss)(params, batch), tx.init(params), params,
-              batch=batch, key=jax.random.PRNGKey(0))
-  named = {str(w.message).split()[2].split("/")[-1] for w in record
-           if "reaches the losses" in str(w.message)}
-  assert named == {"embed", "key", "value"}
+  # their sequences are their examples instead (tests/test_tengrad_sequences.py)
+  assert all(position_mixing.sequence_examples(traced, l) == 2
+             for l in traced.layers if mixing[l.name.split("/")[-1]])

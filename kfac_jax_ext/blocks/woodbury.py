@@ -255,6 +255,11 @@ class Woodbury(base.CurvatureBlock):
     initial_damping: ``λ`` of the block before its first refresh.
     damping_scale: ``"absolute"`` (a refresh damps by λ) or ``"relative"``
       (by λ times the block's mean nonzero eigenvalue, ``invert_padded``).
+    loss_examples: R, the loss examples per example of the block: 1, or for
+      a layer whose sequences are its examples
+      (``position_mixing.sequence_examples``) the losses per sequence; the
+      output gradients enter the Gram as ``g/√R``, so ``F = UUᵀ/(nR)``
+      estimates the per-loss-example Fisher.
   """
   capacity: int = 128
   gram_size: int = 128
@@ -264,6 +269,13 @@ class Woodbury(base.CurvatureBlock):
   conv_gram: str = "exact"
   initial_damping: float = 1.0
   damping_scale: str = "absolute"
+  loss_examples: int = 1
+
+  def output_gradients(self, g):
+    """``g/√R`` (``loss_examples``): what the Gram is built from."""
+    if self.loss_examples == 1:
+      return g
+    return g * jnp.asarray(self.loss_examples, g.dtype) ** -0.5
 
   def invert_padded(self, gram, n: int, size: int, damping):
     """``((K/n + λ_r I)⁻¹, ok, λ_r)`` with ``K`` zero-padded to ``capacity``
@@ -296,7 +308,8 @@ class Woodbury(base.CurvatureBlock):
     """The tokens ``ā [n_d, T, d_a]``, ``g [n_d, T, d_g]`` of the first
     ``examples`` loss examples (a transform gathers them over devices)."""
     a, g = stats
-    return per_example_tokens(a.astype(dtype), g.astype(dtype),
+    return per_example_tokens(a.astype(dtype),
+                              self.output_gradients(g.astype(dtype)),
                               self.has_bias, num_examples, self.examples)
 
   def _gram(self, a, g):
@@ -348,8 +361,12 @@ class Woodbury(base.CurvatureBlock):
     body = d_a + d_g if t == 1 else min(t * t * (d_a + d_g), d_a * d_g)
     return n * n * body + n ** 3
 
-  def label(self) -> str:
-    return f"woodbury n={self.capacity} {self.layer.d_a}x{self.layer.d_out}"
+  def label(self, kind: str = "") -> str:
+    """``woodbury n=N [per sequence] [kind] d_a×d_g``."""
+    per = " per sequence" if self.loss_examples > 1 else ""
+    kind = f" {kind}" if kind else ""
+    return (f"woodbury n={self.capacity}{per}{kind} "
+            f"{self.layer.d_a}x{self.layer.d_out}")
 
   def store(self, entry: WoodburyBlock, data: WoodburyInverseData,
             a_side: str) -> WoodburyBlock:

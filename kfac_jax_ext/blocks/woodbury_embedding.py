@@ -87,7 +87,8 @@ class EmbeddingWoodbury(woodbury.Woodbury):
     ids = ids.reshape(num_examples, t)[:n].astype(jnp.int32)
     ids = jnp.where(ids < 0, ids + vocab, ids)
     ids = jnp.where((ids >= 0) & (ids < vocab), ids, vocab)
-    return ids, g.astype(dtype).reshape(num_examples, t, -1)[:n]
+    return ids, self.output_gradients(
+        g.astype(dtype).reshape(num_examples, t, -1)[:n])
 
   def refresh(self, estimate, damping):
     ids, g = estimate
@@ -112,8 +113,7 @@ class EmbeddingWoodbury(woodbury.Woodbury):
     return n * n * t * t * self.layer.d_out + n ** 3
 
   def label(self) -> str:
-    return (f"woodbury n={self.capacity} embedding "
-            f"{self.layer.d_in}x{self.layer.d_out}")
+    return super().label("embedding")
 
   def store(self, entry, data, a_side):
     del entry, a_side   # the entry is laid out exactly

@@ -58,12 +58,14 @@ class TiedWoodbury(woodbury.Woodbury):
 
   def batch_statistics(self, stats, num_examples, dtype):
     """``U [n_d, d_in, d_out]`` of the first ``examples`` examples, summed
-    over the uses (``stats``: one ``(a, g)`` per use)."""
+    over the uses (``stats``: one ``(a, g)`` per use), over ``√R``
+    (``output_gradients``)."""
     shape = (self.layer.d_in, self.layer.d_out)
-    return sum(_use_gradients(use, flip, a, g, self.examples, num_examples,
-                              shape, dtype)
-               for use, flip, (a, g) in zip(self.layer.uses,
-                                            self.layer.transposed, stats))
+    return self.output_gradients(sum(
+        _use_gradients(use, flip, a, g, self.examples, num_examples, shape,
+                       dtype)
+        for use, flip, (a, g) in zip(self.layer.uses, self.layer.transposed,
+                                     stats)))
 
   def refresh(self, estimate, damping):
     u = estimate
@@ -82,5 +84,4 @@ class TiedWoodbury(woodbury.Woodbury):
     return n * n * self.layer.d_in * self.layer.d_out + n ** 3
 
   def label(self) -> str:
-    return (f"woodbury n={self.capacity} tied "
-            f"{self.layer.d_in}x{self.layer.d_out}")
+    return super().label("tied")
