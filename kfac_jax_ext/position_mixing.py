@@ -146,6 +146,8 @@ def sequence_examples(traced, layer) -> int | None:
 def sequence_candidate(layer, num_examples: int) -> int | None:
   """``leading_extent`` of a layer whose per-example grouping does not
   apply (``needs_check``, or tokens not split by loss example)."""
+  if leading_extent(layer, num_examples) is None:
+    return None
   k, m = sharing_lib.tokens(layer), num_examples
   per_example = k == m or (k % m == 0 and sharing_lib.examples_lead(layer, m))
   if per_example and not needs_check(layer, m):

@@ -63,8 +63,15 @@ def scale_by_tengrad(
   over its uses (``blocks/woodbury_tied.py``). Under a loss with one example
   per position (a mean over a sequence's tokens), a layer whose output at
   one position reaches other positions' losses (keys, values and embeddings
-  before a causal attention) has no per-example gradients in the
-  statistics and falls back, with a warning (``position_mixing.py``).
+  before a causal attention, every layer before the last attention, the
+  convs of a per-pixel loss) has no per-example gradients in the
+  statistics; if no loss reaches another sequence (image), its block takes
+  the sequences as examples: ``U`` holds each sequence's gradient
+  ``u_s = Σ_t ā_st g_stᵀ`` over ``√R`` (R losses per sequence), so
+  ``UUᵀ/n`` estimates the same Fisher at rank ``min(n, sequences)``
+  (explicit layout, ``N·d_a·d_g`` per layer); otherwise it falls back,
+  with a warning (``position_mixing.py``). ``describe_layers(...,
+  blocks="woodbury")`` marks such blocks ``per sequence``.
 
   Args:
     loss_fn: ``loss_fn(params, batch)`` using a ``kfe`` loss helper.

@@ -227,7 +227,8 @@ def test_an_encoder_of_another_length_groups_by_sequence():
 
 
 class _TiedLM(nn.Module):
-  """GPT-style: the token table also computes the logits (``attend``)."""
+  """GPT-style: the token table also computes the logits (``attend``);
+  pre-norm residual block (scale-and-shift layers are never candidates)."""
 
   @nn.compact
   def __call__(self, ids):
@@ -235,8 +236,8 @@ class _TiedLM(nn.Module):
     h = embed(ids)
     h = h + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8,
                                             name="attn")(
-        h, mask=nn.make_causal_mask(ids))
-    return embed.attend(h)
+        nn.LayerNorm()(h), mask=nn.make_causal_mask(ids))
+    return embed.attend(nn.LayerNorm()(h))
 
 
 def test_a_tied_table_groups_all_its_uses_by_sequence():
