@@ -14,7 +14,10 @@ gives every dense, conv and embedding layer one exactly damped block:
 ``blocks="auto"`` takes, per layer, the cheaper of the two that the layer
 supports (a Kronecker block needs both factors within ``max_factor_dim``;
 TENGraD has no block for layers whose tokens are not grouped by
-example); ``"kronecker"`` / ``"woodbury"`` prefer one kind
+example), except that it does not take a Woodbury block over a layer's
+sequences (``tengrad_plan.layer_examples``) where a Kronecker block exists:
+that block's rank is the number of sequences, the Kronecker factors see
+every token; ``"kronecker"`` / ``"woodbury"`` prefer one kind
 and take the other only where the preferred one has no block. Scale-and-shift layers get
 their diagonal Fisher and the leaves no layer owns the ``fallback``, from
 the Kronecker side. The choice depends on the shapes only (the layers
@@ -92,9 +95,10 @@ def choose_blocks(traced, blocks: str = "auto", gram_batch: int = 128,
     if KFAC.unsupported(layer) is None and plan_lib.largest_dense_dim(
         layer) <= int(max_factor_dim):
       options.append(("kronecker", kronecker_cost(layer)))
-    if tengrad_plan.unsupported(layer, traced.num_examples, traced) is None:
-      options.append(("woodbury", woodbury_cost(
-          layer, gram_batch, tengrad_plan.layer_examples(layer, traced))))
+    examples = tengrad_plan.layer_examples(layer, traced)
+    if tengrad_plan.unsupported(layer, traced.num_examples, traced) is None and (
+        blocks != "auto" or examples == traced.num_examples or not options):
+      options.append(("woodbury", woodbury_cost(layer, gram_batch, examples)))
     if not options:
       continue
     if blocks == "auto":
