@@ -96,9 +96,20 @@ def outside_traces(fn: Callable[[], Any]) -> Any:
   (``jit``, ``pmap``, ``shard_map``, ``grad``), on concrete values: in a
   thread of its own (JAX keeps its trace state per thread). Inside
   ``shard_map`` an eager ``jax.vjp`` otherwise types its values as varying
-  over the manual axes and rejects the concrete operands it meets."""
+  over the manual axes and rejects the concrete operands it meets. The
+  caller's 64-bit mode (a thread-local ``jax.enable_x64`` context) carries
+  over."""
+  x64 = bool(jax.config.jax_enable_x64)
+  enable = getattr(jax, "enable_x64", None)
+
+  def run():
+    if enable is None:
+      return fn()
+    with enable(x64):
+      return fn()
+
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    return pool.submit(fn).result()
+    return pool.submit(run).result()
 
 
 def _collective_on_one_device(eqn: JaxprEqn, invals: Sequence[Any]):
