@@ -29,7 +29,6 @@ from kfac_jax_ext import schedule
 from kfac_jax_ext import statistics
 from kfac_jax_ext import tengrad_plan
 from kfac_jax_ext import tracing
-from kfac_jax_ext import weight_sharing as sharing_lib
 from kfac_jax_ext.blocks import diagonal
 from kfac_jax_ext.blocks import woodbury
 from kfac_jax_ext.state import Health, TengradState
@@ -59,17 +58,17 @@ def _check_options(gram_batch, conv_gram, damping_mode, stats_every,
                      f"{inverse_every}.")
 
 
-def _gram_memory_check(plan, traced, blocks, n, capacity, conv_gram, dtype):
-  """Raises before the refresh's transient arrays exceed free memory."""
+def _gram_memory_check(plan, entries, blocks, capacity, conv_gram, dtype):
+  """Raises before the refresh's transient arrays exceed free memory
+  (``blocks``: ``_blocks``, with each layer's Gram size and positions)."""
   size = jnp.dtype(dtype).itemsize
   total = 0
-  for kl in plan.kronecker:   # per block (a grouped or stacked layer has G)
-    t = sharing_lib.tokens(kl.layer) // tengrad_plan.layer_examples(kl.layer,
-                                                                    traced)
+  for kl, block in zip(plan.kronecker, blocks):   # a grouped or stacked
+    n, t = block.gram_size, block.positions       # layer has G blocks
     one = capacity * capacity * 2
     if kl.layer.kind == "embedding":   # the lookups' Gram terms
       one += 2 * n * n * t * t + n * t * kl.d_g
-    elif blocks[kl.layer.kernel].per_example is not None:
+    elif entries[kl.layer.kernel].per_example is not None:
       one += n * kl.d_a * kl.d_g + n * t * (kl.d_a + kl.d_g)
       if conv_gram == "exact" and woodbury.factored_conv_gram_is_cheaper(
           t, kl.d_a, kl.d_g):
@@ -234,11 +233,9 @@ def tengrad_stepper(loss_fn, *, damping, gram_batch, conv_gram, damping_mode,
     dtype = state.diagonals[0].dtype if state.diagonals else jnp.float32
     lam = jnp.asarray(schedule.value_at(damping, state.count,
                                         extra_args.get("damping")), dtype)
-    n = _examples(traced.num_examples, gram_batch, axis_name)[1]
-    _gram_memory_check(plan, traced, state.blocks, n, gram_batch, conv_gram,
-                       dtype)
     blocks = _blocks(plan, traced, state.blocks, gram_batch, axis_name,
                      conv_gram, damping_scale)
+    _gram_memory_check(plan, state.blocks, blocks, gram_batch, conv_gram, dtype)
 
     def refresh(st):
       if curvature is not None:
