@@ -68,12 +68,14 @@ from kfac_jax_ext import weight_sharing as sharing_lib
 
 
 def needs_check(layer, num_examples: int) -> bool:
-  """A layer outside any scan with one token per loss example whose output
-  has more than one position axis (so position t of one input can reach
-  the loss at another position), or a grouped dense layer with one token
-  per loss example (a mixture of experts' ``[E, C, F]``: its capacity slots
-  need not hold the examples in order)."""
-  if layer.steps or layer.kind not in ("dense", "conv2d", "embedding"):
+  """A layer with one token per loss example whose output has more than one
+  position axis, the scan steps sharing its kernel counted as one (so
+  position t of one input can reach the loss at another position: an RNN
+  cell's kernel under a per-step loss, a scanned stack's under a per-token
+  one), or a grouped dense layer with one token per loss example (a
+  mixture of experts' ``[E, C, F]``: its capacity slots need not hold the
+  examples in order)."""
+  if layer.kind not in ("dense", "conv2d", "embedding"):
     return False
   if sharing_lib.tokens(layer) != num_examples or num_examples < 2:
     return False
@@ -82,6 +84,9 @@ def needs_check(layer, num_examples: int) -> bool:
   feature = set(_feature_axes(layer, len(layer.outputs_shape)))
   positions = [n for d, n in enumerate(layer.outputs_shape)
                if d not in feature and n > 1]
+  slices = layer.groups // layer.slice_groups if layer.stacked else 1
+  if layer.steps // slices > 1:   # the steps that share one block
+    positions.append(layer.steps // slices)
   return len(positions) > 1
 
 
@@ -156,11 +161,13 @@ def sequence_candidate(layer, num_examples: int) -> int | None:
 
 
 def leading_extent(layer, num_examples: int) -> int | None:
-  """S, the extent of the layer's leading token axis, when S could be its
-  examples: outside a scan, a dense, conv or embedding layer with one
-  group, ``S < M`` dividing the M loss examples and the layer's tokens."""
-  if layer.steps or layer.kind not in ("dense", "conv2d", "embedding") or (
-      layer.groups > 1):
+  """S, the extent of the layer's leading token axis (of one scan step's
+  output), when S could be its examples: a dense, conv or embedding layer
+  with one group (or one per scanned slice), ``S < M`` dividing the M loss
+  examples and the layer's tokens."""
+  if layer.kind not in ("dense", "conv2d", "embedding") or (
+      layer.groups > 1 and not layer.stacked) or (
+      layer.stacked and layer.slice_groups > 1):
     return None
   k, m = sharing_lib.tokens(layer), num_examples
   feature = set(_feature_axes(layer, len(layer.outputs_shape)))
@@ -229,7 +236,11 @@ def _check(traced, checked) -> dict:
         for checked_key, one in checked.items():   # per example (batch_free)
           g = np.asarray(batch_free.example_gradients(
               one, [grads[s] for s in one.probes]))
-          reached = np.any(g != 0, axis=_feature_axes(one, len(one.outputs_shape)))
+          steps = g.ndim - len(one.outputs_shape)   # scan steps lead
+          reached = np.any(g != 0, axis=tuple(
+              steps + a for a in _feature_axes(one, len(one.outputs_shape))))
+          # the leading token axis first, then the steps: example-major
+          reached = np.moveaxis(reached, steps, 0)
           if np.any(np.flatnonzero(reached) != k):   # not (only) its own
             mixing.add(checked_key)
           lead = reached.reshape(reached.shape[:1] + (-1,)).any(axis=1)

@@ -260,3 +260,87 @@ def test_a_tied_table_groups_all_its_uses_by_sequence():
   name = "params/embed/embedding"
   np.testing.assert_allclose(up[name], _exact_leaf(per_sequence, params, g, name),
                              rtol=1e-8, atol=1e-11)
+
+
+class _RecurrentLM(nn.Module):
+  @nn.compact
+  def __call__(self, ids):
+    h = nn.Embed(7, 6, name="embed")(ids)
+    h = nn.RNN(nn.LSTMCell(6, param_dtype=h.dtype), name="rnn")(h)
+    return nn.Dense(7, name="head")(h)
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    mask = nn.make_causal_mask(jnp.ones(h.shape[:2]))
+    h = h + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=6,
+                                            name="attn")(h, mask=mask)
+    return h + nn.Dense(6, name="mlp")(jnp.tanh(h)), None
+
+
+class _ScannedLM(nn.Module):
+  """Two causal attention blocks scanned over (``nn.scan``, stacked
+  kernels)."""
+
+  @nn.compact
+  def __call__(self, ids):
+    h = nn.Embed(7, 6, name="embed")(ids)
+    stack = nn.scan(_Block, variable_axes={"params": 0},
+                    split_rngs={"params": True}, length=2)
+    h, _ = stack(name="blocks")(h, None)
+    return nn.Dense(7, name="head")(h)
+
+
+@pytest.mark.parametrize("model", [_RecurrentLM(), _ScannedLM()],
+                         ids=["lstm", "scanned_stack"])
+def test_layers_in_scans_under_a_per_step_loss_group_by_sequence(model):
+  """An LSTM cell's kernels (shared by the steps) and a scanned stack's
+  kernels reach later positions' losses: before, they got per-position
+  blocks (the check skipped layers in scans); now their sequences are
+  their examples, exact per leaf; the head stays per position."""
+  ids = jax.random.randint(jax.random.PRNGKey(7), (B, T), 0, 7)
+  params = _f64(model.init(jax.random.PRNGKey(0), ids))
+  batch = {"ids": ids, "y": jnp.roll(ids, -1, axis=1)}
+  loss = lambda p, b: kfe.softmax_cross_entropy(
+      model.apply(p, b["ids"]).reshape(-1, 7), b["y"].reshape(-1))
+  per_sequence = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply(p, batch["ids"]), batch["y"])
+  per_position = lambda p: per_sequence(p).reshape(B * T, 1)
+  traced = tracing.trace_loss(loss, params, batch)
+  examples = {l.name: tengrad_plan.layer_examples(l, traced)
+              for l in traced.layers if l.kind != "scale_and_shift"}
+  assert examples.pop("params/head") == B * T
+  assert set(examples.values()) == {B}, examples
+  grads, updates = _update(loss, params, batch)
+  g, up = _flat(grads), _flat(updates)
+  for name in g:
+    if "/blocks/" in name:   # a stacked kernel: one block per slice
+      for i in range(2):
+        np.testing.assert_allclose(
+            up[name][i], _exact_slice(per_sequence, params, g, name, i),
+            rtol=1e-8, atol=1e-11, err_msg=f"{name}[{i}]")
+      continue
+    oracle = per_position if "/head/" in name else per_sequence
+    np.testing.assert_allclose(up[name], _exact_leaf(oracle, params, g, name),
+                               rtol=1e-8, atol=1e-11, err_msg=name)
+
+
+def _exact_slice(per_group, params, g, name, i):
+  """``_exact_leaf`` for slice i of a stacked kernel (with its bias's
+  slice: one block per slice)."""
+  jac = _flat(jax.jacobian(lambda p: per_group(p).sum(axis=1))(params))
+  r = jax.eval_shape(per_group, params).shape[1]
+  prefix = name.rsplit("/", 1)[0]
+  names = [k for k in jac if k.rsplit("/", 1)[0] == prefix]
+  u = jnp.concatenate([jac[k][:, i].reshape(B, -1) for k in names], 1)
+  grad = jnp.concatenate([g[k][i].reshape(-1) for k in names])
+  f = u.T @ u / (B * r)
+  x = jnp.linalg.solve(f + LAM * jnp.eye(f.shape[0]), grad)
+  start = 0
+  for k in names:
+    size = g[k][i].size
+    if k == name:
+      return x[start:start + size].reshape(g[k][i].shape)
+    start += size
+  raise AssertionError(name)
