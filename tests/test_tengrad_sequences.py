@@ -147,22 +147,31 @@ def test_flax_causal_lm_embedding_keys_values_per_sequence():
                                err_msg=name)
 
 
-def _exact_leaf(per_group, params, g, name):
-  """``_exact`` for a leaf named by its path; a kernel and its bias form
-  one block, so the solve is over both."""
-  jac = _flat(jax.jacobian(lambda p: per_group(p).sum(axis=1))(params))
+_JACOBIANS = {}   # per oracle function (kept alive here: no id reuse)
+
+
+def _exact_leaf(per_group, params, g, name, i=None):
+  """``_exact`` for a leaf named by its path (slice i of a stacked one); a
+  kernel and its bias form one block, so the solve is over both. The
+  oracle's Jacobian is computed once (jitted) per ``per_group``."""
+  if per_group not in _JACOBIANS:
+    _JACOBIANS[per_group] = _flat(jax.jit(jax.jacobian(
+        lambda p: per_group(p).sum(axis=1)))(params))
+  jac = _JACOBIANS[per_group]
   r = jax.eval_shape(per_group, params).shape[1]
+  pick = (lambda x: x) if i is None else (lambda x: x[i])
   prefix = name.rsplit("/", 1)[0]
   names = [k for k in jac if k.rsplit("/", 1)[0] == prefix]
-  u = jnp.concatenate([jac[k].reshape(jac[k].shape[0], -1) for k in names], 1)
-  grad = jnp.concatenate([g[k].reshape(-1) for k in names])
+  u = jnp.concatenate([(jac[k] if i is None else jac[k][:, i]).reshape(
+      jac[k].shape[0], -1) for k in names], 1)
+  grad = jnp.concatenate([pick(g[k]).reshape(-1) for k in names])
   f = u.T @ u / (u.shape[0] * r)
   x = jnp.linalg.solve(f + LAM * jnp.eye(f.shape[0]), grad)
   start = 0
   for k in names:
-    size = g[k].size
+    size = pick(g[k]).size
     if k == name:
-      return x[start:start + size].reshape(g[k].shape)
+      return x[start:start + size].reshape(pick(g[k]).shape)
     start += size
   raise AssertionError(name)
 
@@ -318,29 +327,9 @@ def test_layers_in_scans_under_a_per_step_loss_group_by_sequence(model):
     if "/blocks/" in name:   # a stacked kernel: one block per slice
       for i in range(2):
         np.testing.assert_allclose(
-            up[name][i], _exact_slice(per_sequence, params, g, name, i),
+            up[name][i], _exact_leaf(per_sequence, params, g, name, i),
             rtol=1e-8, atol=1e-11, err_msg=f"{name}[{i}]")
       continue
     oracle = per_position if "/head/" in name else per_sequence
     np.testing.assert_allclose(up[name], _exact_leaf(oracle, params, g, name),
                                rtol=1e-8, atol=1e-11, err_msg=name)
-
-
-def _exact_slice(per_group, params, g, name, i):
-  """``_exact_leaf`` for slice i of a stacked kernel (with its bias's
-  slice: one block per slice)."""
-  jac = _flat(jax.jacobian(lambda p: per_group(p).sum(axis=1))(params))
-  r = jax.eval_shape(per_group, params).shape[1]
-  prefix = name.rsplit("/", 1)[0]
-  names = [k for k in jac if k.rsplit("/", 1)[0] == prefix]
-  u = jnp.concatenate([jac[k][:, i].reshape(B, -1) for k in names], 1)
-  grad = jnp.concatenate([g[k][i].reshape(-1) for k in names])
-  f = u.T @ u / (B * r)
-  x = jnp.linalg.solve(f + LAM * jnp.eye(f.shape[0]), grad)
-  start = 0
-  for k in names:
-    size = g[k][i].size
-    if k == name:
-      return x[start:start + size].reshape(g[k][i].shape)
-    start += size
-  raise AssertionError(name)
