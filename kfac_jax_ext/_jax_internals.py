@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import threading
 
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -72,7 +73,7 @@ def sub_jaxprs(eqn: JaxprEqn) -> list[Jaxpr]:
   return found
 
 
-_SIZE_ONE = [False]   # collectives as over axes of size one (one_device)
+_SIZE_ONE = threading.local()   # .on: collectives as over axes of size one
 _IDENTITY_COLLECTIVES = ("pvary", "pcast", "psum", "psum_invariant", "pmax",
                          "pmin", "ppermute", "pbroadcast", "all_to_all")
 
@@ -84,11 +85,12 @@ def one_device():
   one), as the jaxpr was traced (``make_closed_jaxpr``): a program traced
   inside ``shard_map`` or ``pmap`` then evaluates outside them, on one
   device's batch."""
-  _SIZE_ONE.append(True)
+  before = getattr(_SIZE_ONE, "on", False)
+  _SIZE_ONE.on = True
   try:
     yield
   finally:
-    _SIZE_ONE.pop()
+    _SIZE_ONE.on = before
 
 
 def outside_traces(fn: Callable[[], Any]) -> Any:
@@ -155,7 +157,7 @@ def bind_equation(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
   per-device (varying) parameters. Within ``one_device()`` collectives act
   as over axes of size one.
   """
-  if _SIZE_ONE[-1]:
+  if getattr(_SIZE_ONE, "on", False):
     outs = _collective_on_one_device(eqn, invals)
     if outs is not None:
       return outs

@@ -124,8 +124,8 @@ def sequence_examples(traced, layer) -> int | None:
   vanish), so ``(1/(nR)) Σ_s u_s u_sᵀ`` (R = M/S loss examples per
   sequence) estimates the same Fisher as the per-example block, at rank n
   sequences; with ``fisher="empirical"`` it is the empirical Fisher of the
-  sequences, not of the loss examples. None otherwise (in a scan, a grouped
-  layer, a loss reaching several sequences).
+  sequences, not of the loss examples. None otherwise (a grouped layer
+  other than a scanned stack's slices, a loss reaching several sequences).
   """
   m = traced.num_examples
   if layer.kind == "tied":
@@ -239,8 +239,9 @@ def _check(traced, checked) -> dict:
           steps = g.ndim - len(one.outputs_shape)   # scan steps lead
           reached = np.any(g != 0, axis=tuple(
               steps + a for a in _feature_axes(one, len(one.outputs_shape))))
-          # the leading token axis first, then the steps: example-major
-          reached = np.moveaxis(reached, steps, 0)
+          if reached.ndim > steps:   # the leading token axis first, then
+            reached = np.moveaxis(reached, steps, 0)   # the steps
+          reached = np.atleast_1d(reached)
           if np.any(np.flatnonzero(reached) != k):   # not (only) its own
             mixing.add(checked_key)
           lead = reached.reshape(reached.shape[:1] + (-1,)).any(axis=1)

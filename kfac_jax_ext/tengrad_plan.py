@@ -121,7 +121,7 @@ def _per_example_reason(layer, num_examples: int, traced) -> str | None:
             "its per-example gradients are unknown (only the per-position "
             "approximation, not the exact block), nor can its sequences be "
             "the examples (a loss reaches several entries of its leading "
-            "axis, or the layer is grouped, tied or in a scan)")
+            "axis, or the layer is grouped)")
   return None
 
 
