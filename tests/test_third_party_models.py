@@ -307,6 +307,16 @@ def test_flax_wmt_encoder_decoder_every_parameter_has_a_block_and_trains():
     shared = next(r.split() for r in text.splitlines()
                   if r.startswith("shared_embedding"))
     assert shared[1:4] == ["tied", "kronecker", "30x16"], shared
+    # TENGraD: the encoder, the table and the layers before the decoder's
+    # last attention take the 8 sequences as examples (their positions
+    # reach other positions' losses); the last MLP stays per target token
+    rows = {r.split()[0]: " ".join(r.split()[2:6]) for r in kfe.describe_layers(
+        loss_fn, params, batch, blocks="woodbury").splitlines() if r.strip()}
+    assert rows["shared_embedding"] == "woodbury n=8 per sequence", rows
+    assert rows["encoder/encoderblock_0/MlpBlock_0/Dense_0"].startswith(
+        "woodbury n=8 per sequence"), rows
+    assert rows["decoder/encoderdecoderblock_1/MlpBlock_0/Dense_0"].startswith(
+        "woodbury n=72 17x32"), rows
     # encoder: 2 × (q, k, v, out, 2 MLP) = 12; decoder: 2 × (self- and
     # cross-attention q, k, v, out, 2 MLP) = 20
     losses = _covered_and_trained(loss_fn, params, batch, dense_layers=32,
