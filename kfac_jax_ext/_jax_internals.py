@@ -14,6 +14,8 @@ import threading
 
 from typing import Any, Callable, NamedTuple, Sequence
 
+import numpy as np
+
 import jax
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
@@ -181,13 +183,16 @@ def _same_varying_axes(invals: Sequence[Any]) -> list[Any]:
   """The operands cast to vary over the same manual axes: re-evaluated with
   per-device (varying) parameters, an equation that met only invariant
   values when traced (a table gathered at constant indices, a parameter
-  plus a constant array) would fail ``shard_map``'s type check."""
+  plus a constant array, a constant grid times a parameter) would fail
+  ``shard_map``'s type check. Python scalars (weakly typed) are left."""
+  arrays = [is_tracer(x) or isinstance(x, (np.ndarray, jax.Array))
+            for x in invals]
   axes = [varying_axes(x) if is_tracer(x) else frozenset() for x in invals]
   union = frozenset().union(*axes)
-  if not union or all(a == union for a, x in zip(axes, invals) if is_tracer(x)):
+  if not union or all(a == union for a, arr in zip(axes, arrays) if arr):
     return list(invals)
   return [jax.lax.pcast(x, tuple(sorted(union - a)), to="varying")
-          if is_tracer(x) and a != union else x for x, a in zip(invals, axes)]
+          if arr and a != union else x for x, a, arr in zip(invals, axes, arrays)]
 
 
 def read_atom(env: dict, atom: Any) -> Any:

@@ -30,9 +30,10 @@ scale-and-shift, a tied or stacked kernel, or inside a scan. A batch-free
 layer output already repeated over its leading axis (Perceiver latents
 broadcast before the layer, an RNN's first step from a zero state; checked
 at random parameters, one compiled evaluation per program) has its
-per-example gradients there and is left as it is, and so is one where that
-check cannot run (a collective over an axis name bound only by ``pmap``)
-and every one in a batch of one example (the sum over it is the example's).
+per-example gradients there and is left as it is (the check runs outside
+the caller's transformations, collectives as over one device), and so is
+one where that check still cannot run, and every one in a batch of one
+example (the sum over it is the example's).
 
 Example:
   >>> pos = nn.Embed(T, D)(jnp.arange(T))      # [T, D], no batch axis
@@ -168,8 +169,9 @@ def _values_at(closed, sites):
   """The probed outputs' values at ``sites`` at random inputs: one compiled
   evaluation of the jaxpr (XLA keeps only what they need), cached by the
   program (``init``, ``update`` and ``describe_layers`` trace the same);
-  None where it cannot run (a collective over an axis name bound only by
-  ``pmap``)."""
+  evaluated outside the caller's transformations with collectives as over
+  one device (``_jax_internals.outside_traces``, ``one_device``: under
+  ``shard_map`` too); None where it still cannot run."""
   key = (str(closed.jaxpr), tuple(closed.in_avals),
          tuple(_const_key(c) for c in closed.consts), tuple(sites))
   for cached, values in _CACHE:
@@ -199,9 +201,12 @@ def _values_at(closed, sites):
     run(closed.jaxpr, closed.consts, args, (), found)
     return found
 
+  def compute():   # outside the caller's traces, collectives as on one device
+    with jax.ensure_compile_time_eval(), jint.one_device():
+      return {k: np.asarray(v) for k, v in jax.jit(evaluate)(inputs).items()}
+
   try:
-    with jax.ensure_compile_time_eval():
-      values = {k: np.asarray(v) for k, v in jax.jit(evaluate)(inputs).items()}
+    values = jint.outside_traces(compute)
   except Exception:   # pylint: disable=broad-except  (e.g. an unbound axis name)
     values = None
   _CACHE[:] = ([(key, values)] + _CACHE)[:8]

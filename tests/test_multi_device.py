@@ -441,15 +441,17 @@ def test_tengrad_gram_batch_smaller_than_devices_is_rejected():
              axis_name=AXIS)(_split(batch))
 
 
-@pytest.mark.parametrize("method", ["kfac", "tengrad"])
-def test_embeddings_and_position_tables_under_shard_map(method):
+@pytest.mark.parametrize("method,kind", [("kfac", "gpt"), ("tengrad", "gpt"),
+                                         ("kfac", "position_mlp")])
+def test_embeddings_and_position_tables_under_shard_map(method, kind):
   """A token embedding and a GPT position embedding (``nn.Embed(T, D)`` at
-  ``arange(T)``, read per example where it meets the batch) under
-  ``shard_map`` equal one device. Before, inside ``shard_map`` the table
-  reached its gather through ``pvary`` and fell back, and a table gathered
-  at constant indices failed the statistics pass's type check."""
+  ``arange(T)``, read per example where it meets the batch), or a position
+  MLP on a constant grid, under ``shard_map`` equal one device. Before,
+  inside ``shard_map`` the table reached its gather through ``pvary`` and
+  fell back, and a table gathered at constant indices failed the statistics
+  pass's type check."""
   from tests import test_batch_free_layers as positions   # the same model
-  loss, params, batch = positions._task("gpt", False)
+  loss, params, batch = positions._task(kind, False)
   batch = jax.tree_util.tree_map(lambda x: jnp.concatenate([x] * 4), batch)
   params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
   make = {"kfac": kfe.scale_by_kfac, "tengrad": kfe.scale_by_tengrad}[method]
@@ -460,3 +462,23 @@ def test_embeddings_and_position_tables_under_shard_map(method):
                          batch)
   for g, w in zip(got, want):
     _assert_close(g, w)
+
+
+def test_a_batch_free_layer_without_per_example_gradients_falls_back_under_shard_map():
+  """A position kernel that meets the batch through a product has no
+  per-example reading: under ``shard_map`` too its leaf falls back, with
+  the reason (before, the statistics pass failed the type check, and with
+  that fixed the repeated-output check could not run there and the layer
+  kept a block from the gradient summed over the examples)."""
+  grid = jnp.linspace(-1.0, 1.0, 5)[:, None]
+
+  def loss(p, b):
+    h = b["x"] * (grid @ p["w"])
+    return kfe.softmax_cross_entropy(h.mean(1) @ p["head"], b["y"])
+
+  params = {"w": jnp.ones((1, 6)), "head": jnp.ones((6, 3))}
+  batch = {"x": jax.random.normal(jax.random.PRNGKey(0), (16, 5, 6)),
+           "y": jnp.zeros((16,), jnp.int32)}
+  tx = kfe.scale_by_kfac(loss, damping=0.1, axis_name=AXIS)
+  with pytest.warns(UserWarning, match="get no curvature block.*the largest: w"):
+    _shard_mapped(tx, loss, params, batch)
