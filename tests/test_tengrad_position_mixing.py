@@ -22,26 +22,34 @@ B, T, D, C = 3, 4, 5, 3
 LAM = 0.05
 
 
-def _task(mix: bool):
+def _model(running_mean: bool, batch_mean: bool):
+  """``(loss, params, batch, logits)``: ``h = tanh(x w)``, mixed along the
+  positions by a causal running mean and/or across the batch by its mean,
+  then a head; one loss example per position."""
   ks = jax.random.split(jax.random.PRNGKey(0), 4)
   params = {"w": jax.random.normal(ks[0], (D, D)) / 2,
             "v": jax.random.normal(ks[1], (D, C)) / 2}
   batch = {"x": jax.random.normal(ks[2], (B, T, D)),
            "y": jax.random.randint(ks[3], (B, T), 0, C)}
 
-  def logits(p, x):
+  def logits(p, x):   # [B, T, C]
     h = jnp.tanh(x @ p["w"])
-    if mix:   # causal running mean: position t sees positions <= t; and
-              # the batch mean: no sequence is on its own either
+    if running_mean:   # position t sees positions <= t
       h = jnp.cumsum(h, axis=1) / jnp.arange(1, T + 1)[None, :, None]
+    if batch_mean:     # no sequence is on its own
       h = h + jnp.mean(h, axis=0, keepdims=True)
-    return (h @ p["v"]).reshape(-1, C)
+    return h @ p["v"]
 
-  def loss(p, b):   # one example per position
-    return kfe.softmax_cross_entropy(logits(p, b["x"]), b["y"].reshape(-1))
+  def loss(p, b):
+    return kfe.softmax_cross_entropy(logits(p, b["x"]).reshape(-1, C),
+                                     b["y"].reshape(-1))
+  return loss, params, batch, logits
 
+
+def _task(mix: bool):
+  loss, params, batch, logits = _model(mix, mix)
   per_position = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      logits(p, batch["x"]), batch["y"].reshape(-1))
+      logits(p, batch["x"]).reshape(-1, C), batch["y"].reshape(-1))
   return loss, params, batch, jax.jacobian(per_position)(params)
 
 

@@ -18,10 +18,7 @@ from kfac_jax_ext import position_mixing
 from kfac_jax_ext import tengrad_plan
 from kfac_jax_ext import tracing
 
-from test_tengrad_position_mixing import _CausalLM
-
-B, T, D, C = 3, 4, 5, 3
-LAM = 0.05
+from test_tengrad_position_mixing import B, C, D, LAM, T, _CausalLM, _model
 
 
 def _exact(per_sequence, params, grads, name, n=B):
@@ -53,27 +50,25 @@ def _update(loss, params, batch, gram_batch=16, fisher="empirical"):
 
 
 def _running_mean_task(across_batch=False):
-  """``h = tanh(x w)`` mixed along the positions by a causal running mean
-  (and, with ``across_batch``, by the batch mean too), then a head."""
-  ks = jax.random.split(jax.random.PRNGKey(0), 4)
-  params = {"w": jax.random.normal(ks[0], (D, D)) / 2,
-            "v": jax.random.normal(ks[1], (D, C)) / 2}
-  batch = {"x": jax.random.normal(ks[2], (B, T, D)),
-           "y": jax.random.randint(ks[3], (B, T), 0, C)}
-
-  def logits(p, x):
-    h = jnp.tanh(x @ p["w"])
-    h = jnp.cumsum(h, axis=1) / jnp.arange(1, T + 1)[None, :, None]
-    if across_batch:
-      h = h + jnp.mean(h, axis=0, keepdims=True)
-    return h @ p["v"]
-
-  def loss(p, b):   # one example per position
-    return kfe.softmax_cross_entropy(logits(p, b["x"]).reshape(-1, C),
-                                     b["y"].reshape(-1))
-
+  """A causal running mean over the positions (and, with ``across_batch``,
+  the batch mean too); ``per_sequence(p) [B, T]``: the losses by
+  sequence."""
+  loss, params, batch, logits = _model(True, across_batch)
   per_sequence = lambda p: optax.softmax_cross_entropy_with_integer_labels(
       logits(p, batch["x"]), batch["y"])
+  return loss, params, batch, per_sequence
+
+
+def _lm_task(model, seed):
+  """``(loss, params, batch, per_sequence)`` of a flax language model on
+  ``[B, T]`` ids of 7 symbols, the next id as the target (float64)."""
+  ids = jax.random.randint(jax.random.PRNGKey(seed), (B, T), 0, 7)
+  params = _f64(model.init(jax.random.PRNGKey(0), ids))
+  batch = {"ids": ids, "y": jnp.roll(ids, -1, axis=1)}
+  loss = lambda p, b: kfe.softmax_cross_entropy(
+      model.apply(p, b["ids"]).reshape(-1, 7), b["y"].reshape(-1))
+  per_sequence = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply(p, batch["ids"]), batch["y"])
   return loss, params, batch, per_sequence
 
 
@@ -116,15 +111,7 @@ def test_flax_causal_lm_embedding_keys_values_per_sequence():
   position (exact against the per-position gradients). With these shapes
   the keys' dependence was hidden before the check perturbed the layer
   outputs (equal ids: equal keys and values, zero derivatives)."""
-  ids = jax.random.randint(jax.random.PRNGKey(1), (B, T), 0, 7)
-  model = _CausalLM()
-  params = _f64(model.init(jax.random.PRNGKey(0), ids))
-  batch = {"ids": ids, "y": jnp.roll(ids, -1, axis=1)}
-  logits = lambda p: model.apply(p, batch["ids"])
-  loss = lambda p, b: kfe.softmax_cross_entropy(
-      model.apply(p, b["ids"]).reshape(-1, 7), b["y"].reshape(-1))
-  per_sequence = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      logits(p), batch["y"])
+  loss, params, batch, per_sequence = _lm_task(_CausalLM(), 1)
   text = kfe.describe_layers(loss, params, batch, blocks="woodbury",
                              gram_batch=16)
   rows = {line.split()[0].split("/")[-1]: " ".join(line.split()[2:5])
@@ -253,14 +240,7 @@ def test_a_tied_table_groups_all_its_uses_by_sequence():
   """The table's lookup reaches later positions' losses (through the
   attention), its ``attend`` its own: the tied block sums both uses'
   gradients per sequence."""
-  ids = jax.random.randint(jax.random.PRNGKey(5), (B, T), 0, 7)
-  model = _TiedLM()
-  params = _f64(model.init(jax.random.PRNGKey(0), ids))
-  batch = {"ids": ids, "y": jnp.roll(ids, -1, axis=1)}
-  loss = lambda p, b: kfe.softmax_cross_entropy(
-      model.apply(p, b["ids"]).reshape(-1, 7), b["y"].reshape(-1))
-  per_sequence = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      model.apply(p, batch["ids"]), batch["y"])
+  loss, params, batch, per_sequence = _lm_task(_TiedLM(), 5)
   traced = tracing.trace_loss(loss, params, batch)
   (tied,) = [l for l in traced.layers if l.kind == "tied"]
   assert tengrad_plan.layer_examples(tied, traced) == B
@@ -308,13 +288,7 @@ def test_layers_in_scans_under_a_per_step_loss_group_by_sequence(model):
   kernels reach later positions' losses: before, they got per-position
   blocks (the check skipped layers in scans); now their sequences are
   their examples, exact per leaf; the head stays per position."""
-  ids = jax.random.randint(jax.random.PRNGKey(7), (B, T), 0, 7)
-  params = _f64(model.init(jax.random.PRNGKey(0), ids))
-  batch = {"ids": ids, "y": jnp.roll(ids, -1, axis=1)}
-  loss = lambda p, b: kfe.softmax_cross_entropy(
-      model.apply(p, b["ids"]).reshape(-1, 7), b["y"].reshape(-1))
-  per_sequence = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      model.apply(p, batch["ids"]), batch["y"])
+  loss, params, batch, per_sequence = _lm_task(model, 7)
   per_position = lambda p: per_sequence(p).reshape(B * T, 1)
   traced = tracing.trace_loss(loss, params, batch)
   examples = {l.name: tengrad_plan.layer_examples(l, traced)
