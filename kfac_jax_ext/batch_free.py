@@ -173,7 +173,7 @@ def _values_at(closed, sites):
   one device (``_jax_internals.outside_traces``, ``one_device``: under
   ``shard_map`` too); None where it still cannot run."""
   key = (str(closed.jaxpr), tuple(closed.in_avals),
-         tuple(_const_key(c) for c in closed.consts), tuple(sites))
+         tuple(const_key(c) for c in closed.consts), tuple(sites))
   for cached, values in _CACHE:
     if cached == key:
       return values
@@ -213,8 +213,9 @@ def _values_at(closed, sites):
   return values
 
 
-def _const_key(c):
-  """A constant's value as a cache key (an abstract one: its identity)."""
+def const_key(c):
+  """A constant's value as a cache key (an abstract one: its identity):
+  a jaxpr's text does not show its constants' values."""
   try:
     x = np.asarray(c)
   except Exception:   # pylint: disable=broad-except  (a tracer)
@@ -230,19 +231,20 @@ def _repeated(value) -> bool:
   return bool(np.allclose(value, value[:1], rtol=1e-5, atol=1e-6 * scale))
 
 
-def random_inputs(closed):
+def random_inputs(closed, integers: int = 0):
   """Pseudo-random inputs for ``closed``: floats ``N(0, 1/fan_in)`` (fan-in:
   all but the last axis), so that no tanh or softmax saturates (a saturated
   softmax has exactly zero derivatives and would hide a dependence) and
-  nothing overflows; integers 0 (ids stay in range). Drawn by numpy: no
-  program to compile per shape (``jax.random`` took 70 ms per leaf)."""
+  nothing overflows; integers and booleans ``integers`` (0: ids stay in
+  range of any table). Drawn by numpy: no program to compile per shape
+  (``jax.random`` took 70 ms per leaf)."""
   rng = np.random.default_rng(1)
   def one(aval):
     if jnp.issubdtype(aval.dtype, jnp.floating):
       fan_in = max(int(np.prod(aval.shape[:-1])), 1) if aval.ndim > 1 else 1
       return (rng.standard_normal(aval.shape) / np.sqrt(fan_in)).astype(aval.dtype)
     if jnp.issubdtype(aval.dtype, np.integer) or aval.dtype == np.bool_:
-      return np.zeros(aval.shape, aval.dtype)
+      return np.full(aval.shape, integers, aval.dtype)
     with jax.ensure_compile_time_eval():   # e.g. PRNG keys
       return jnp.zeros(aval.shape, aval.dtype)
   return [one(a) for a in closed.in_avals]

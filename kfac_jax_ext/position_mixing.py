@@ -52,7 +52,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 
 import numpy as np
@@ -151,13 +150,12 @@ def sequence_examples(traced, layer) -> int | None:
 def sequence_candidate(layer, num_examples: int) -> int | None:
   """``leading_extent`` of a layer whose per-example grouping does not
   apply (``needs_check``, or tokens not split by loss example)."""
-  if leading_extent(layer, num_examples) is None:
+  s = leading_extent(layer, num_examples)
+  if s is None:
     return None
   k, m = sharing_lib.tokens(layer), num_examples
   per_example = k == m or (k % m == 0 and sharing_lib.examples_lead(layer, m))
-  if per_example and not needs_check(layer, m):
-    return None
-  return leading_extent(layer, m)
+  return None if per_example and not needs_check(layer, m) else s
 
 
 def leading_extent(layer, num_examples: int) -> int | None:
@@ -195,7 +193,8 @@ def _verdicts(traced) -> dict:
   for program, _, verdicts in _CACHE:     # the same trace: no text to build
     if program is closed:
       return verdicts
-  key = (str(closed.jaxpr), tuple(closed.in_avals), _consts_key(closed.consts))
+  key = (str(closed.jaxpr), tuple(closed.in_avals),
+         tuple(batch_free.const_key(c) for c in closed.consts))
   for _, cached, verdicts in _CACHE:
     if cached == key:
       _CACHE.insert(0, (closed, key, verdicts))
@@ -229,8 +228,10 @@ def _check(traced, checked) -> dict:
   if checked:
     with jax.ensure_compile_time_eval(), jint.one_device():
       losses, pullback = jax.vjp(
-          lambda pr: per_example_losses(traced, _check_inputs(
-              traced.closed_jaxpr), pr), _random_probes(traced))
+          # integers and booleans one: ids stay in range of any table of
+          # two rows or more, a padding mask (ids != 0) keeps every position
+          lambda pr: per_example_losses(traced, batch_free.random_inputs(
+              traced.closed_jaxpr, integers=1), pr), _random_probes(traced))
       for k in (0, losses.shape[0] - 1):
         (grads,) = pullback(jnp.zeros_like(losses).at[k].set(1.0))
         for checked_key, one in checked.items():   # per example (batch_free)
@@ -249,15 +250,6 @@ def _check(traced, checked) -> dict:
   return {k: (k in mixing, tuple(sequences[k])) for k in checked}
 
 
-def _check_inputs(closed) -> list:
-  """``batch_free.random_inputs`` with integers and booleans one: ids stay
-  in range of any table of two rows or more, a padding mask (``ids != 0``)
-  keeps every position, labels stay valid."""
-  return [np.ones_like(x) if isinstance(x, np.ndarray) and (
-      np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_) else x
-          for x in batch_free.random_inputs(closed)]
-
-
 def _random_probes(traced) -> dict:
   """Probes ``0.1·N(0, 1)`` rather than zeros: every layer's output then
   differs between positions, so that identical inputs (equal ids) cannot
@@ -266,20 +258,6 @@ def _random_probes(traced) -> dict:
   rng = np.random.default_rng(2)
   return {site: jnp.asarray(0.1 * rng.standard_normal(z.shape), z.dtype)
           for site, z in statistics.probe_zeros(traced).items()}
-
-
-def _consts_key(consts) -> tuple:
-  """The values of a jaxpr's constants (its text does not show them: two
-  losses that differ only in a closed-over routing or mask print alike)."""
-  out = []
-  for c in consts:
-    try:
-      x = np.asarray(c)
-    except Exception:   # pylint: disable=broad-except  (an abstract value)
-      out.append(id(c))
-      continue
-    out.append((x.shape, str(x.dtype), hashlib.sha1(x.tobytes()).hexdigest()))
-  return tuple(out)
 
 
 def per_example_losses(traced, inputs, probes):
