@@ -1,6 +1,6 @@
 """The names ``benchmarks.run --optimizers`` takes: the fixed ones and the
 parametrized families (``tengrad_gramN``, ``tengrad_everyN``,
-``kfac_statsN``, ``two_level_COMBINE_SPACE[_ggn|_mixed]``,
+``kfac_statsN``, ``two_level_COMBINE_SPACE[_ggn|_mixed|_kronecker]``,
 ``two_level_COMBINE_SPACE_stored[N]``, ``two_level_COMBINE_SPACE_subsampleN``,
 ``two_level_COMBINE_spectral_iterK``, ``two_level_COMBINE_RESIDUAL_refreshed``,
 ``two_level_COMBINE_SPACE_klN`` (also ``…_storedN_klN``, ``…_iterK_klN``,
@@ -28,11 +28,15 @@ NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
 # coarse matrix at its default (Tselepidis' Kronecker sums for a fixed
 # rank-one space with the additive combination, Koroko's exact one
 # otherwise), Fisher products from the statistics, the fine step
-# model-scaled for multiplicative and balanced.
+# model-scaled for multiplicative and balanced; ``…_kronecker``: the
+# multiplicative and balanced products from Tselepidis' Kronecker model of
+# the whole Fisher (``fisher_products="kronecker"``).
 TWO_LEVEL_VARIANTS = tuple(
     f"two_level_{c}_{s}{ggn}" for c in ("additive", "multiplicative", "balanced")
     for s in coarse.COARSE_SPACES if s != "parameters"
-    for ggn in ("", "_ggn", "_mixed"))
+    for ggn in ("", "_ggn", "_mixed")) + tuple(
+        f"two_level_{c}_{s}_kronecker" for c in ("multiplicative", "balanced")
+        for s in ("nicolaides", "spectral", "krylov_nicolaides"))
 
 
 def suffix_count(name: str, prefix: str):
@@ -66,7 +70,7 @@ def two_level_stored(name: str):
   """``(variant, coarse_batch)`` of ``two_level_COMBINE_SPACE_stored[N]``
   (``coarse_batch`` None: all examples), else None."""
   head, sep, tail = name.rpartition("_stored")
-  if not sep or head not in TWO_LEVEL_VARIANTS or head.endswith(("_ggn", "_mixed")) or (
+  if not sep or head not in TWO_LEVEL_VARIANTS or head.endswith(("_ggn", "_mixed", "_kronecker")) or (
       tail and suffix_count(tail, "") is None):
     return None
   return head, (int(tail) if tail else None)
@@ -77,16 +81,18 @@ def two_level_subsample(name: str):
   (statistics' products; between statistics steps a pass over the batch's
   first N rows), else None."""
   head, sep, tail = name.rpartition("_subsample")
-  if (not sep or head not in TWO_LEVEL_VARIANTS or head.endswith(("_ggn", "_mixed"))
+  if (not sep or head not in TWO_LEVEL_VARIANTS or head.endswith(("_ggn", "_mixed", "_kronecker"))
       or suffix_count(tail, "") is None):
     return None
   return head, int(tail)
 
 
 def two_level_spectral_iterations(name: str):
-  """``(variant, k)`` of ``two_level_COMBINE_spectral_iterK``, else None."""
+  """``(variant, k)`` of ``two_level_COMBINE_spectral[_kronecker]_iterK``,
+  else None."""
   head, sep, tail = name.rpartition("_iter")
-  if (not sep or head not in TWO_LEVEL_VARIANTS or not head.endswith("_spectral")
+  if (not sep or head not in TWO_LEVEL_VARIANTS
+      or not head.endswith(("_spectral", "_spectral_kronecker"))
       or suffix_count(tail, "") is None):
     return None
   return head, int(tail)

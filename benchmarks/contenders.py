@@ -51,7 +51,12 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   ``F_c`` with the batch's exact GGN (``fisher_products="ggn"``);
   ``two_level_COMBINE_SPACE_mixed``: the products it uses at full size
   from the exact GGN, ``F_c`` and the projected ones from the statistics
-  (``fisher_products="mixed"``); ``two_level_COMBINE_SPACE_storedN`` (or
+  (``fisher_products="mixed"``); ``two_level_COMBINE_SPACE_kronecker``
+  (multiplicative and balanced on Nicolaides, spectral, Krylov–Nicolaides):
+  their products from Tselepidis' Kronecker model of the whole Fisher,
+  running averages on the factors' schedule (``fisher_products=
+  "kronecker"``: no statistics pass between refreshes);
+  ``two_level_COMBINE_SPACE_storedN`` (or
   ``_stored``: all examples; statistics' products): the per-step correction from the tokens of
   the last statistics batch's first N examples (``coarse_statistics=
   "stored"``, ``coarse_batch=N``; Koroko et al.'s code, whose Fisher batch
@@ -60,7 +65,7 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   statistics steps the correction's Fisher from a statistics pass over the
   step's first N rows only (``coarse_statistics="subsample"``,
   ``coarse_batch=N``), on statistics steps the first N of the full pass;
-  ``two_level_COMBINE_spectral_iterK``: the spectral space by K steps of
+  ``two_level_COMBINE_spectral[_kronecker]_iterK``: the spectral space by K steps of
   warm-started inverse iteration per refresh (``spectral_iterations=K``)
   instead of an eigendecomposition, at the spectral variant's setting;
   ``two_level_COMBINE_RESIDUAL_refreshed`` (RESIDUAL ``residual`` or
@@ -398,9 +403,10 @@ def make_contender(name: str, task) -> Contender:
   if names.two_level_spectral_iterations(name) is not None:
     variant, steps = names.two_level_spectral_iterations(name)
     combine = variant[len("two_level_"):].split("_", 1)[0]
+    products = "kronecker" if variant.endswith("_kronecker") else "statistics"
     return _natural(name, task, kfe.two_level_kfac,
                     {"combine": combine, "coarse_space": "spectral",
-                     "spectral_iterations": steps})
+                     "spectral_iterations": steps, "fisher_products": products})
   if names.two_level_kl_clip(name) is not None:
     variant, kappa = names.two_level_kl_clip(name)
     return make_contender(variant, task._replace(kl_clip=float(kappa)))._replace(name=name)
@@ -418,7 +424,8 @@ def make_contender(name: str, task) -> Contender:
                      "coarse_statistics": "subsample", "coarse_batch": rows})
   if name in TWO_LEVEL_VARIANTS or names.two_level_stored(name) is not None:
     variant, stored = names.two_level_stored(name) or (name, False)
-    products = next((p for p in ("ggn", "mixed") if variant.endswith("_" + p)),
+    products = next((p for p in ("ggn", "mixed", "kronecker")
+                     if variant.endswith("_" + p)),
                     "statistics")
     combine, space = variant[len("two_level_"):].removesuffix(
         "_" + products).split("_", 1)

@@ -120,7 +120,8 @@ def check_two_level_choices(base, coarse_space, coarse_matrix, combine,
       ("coarse_matrix", coarse_matrix, coarse.COARSE_MATRICES + (None,)),
       ("combine", combine, coarse.COMBINES),
       ("coarse_damping", coarse_damping, ("consistent", "identity")),
-      ("fisher_products", fisher_products, ("statistics", "ggn", "mixed"))):
+      ("fisher_products", fisher_products,
+       ("statistics", "ggn", "mixed", "kronecker"))):
     if value not in allowed:
       raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
   if coarse_matrix == "kronecker" and fisher_products == "ggn":

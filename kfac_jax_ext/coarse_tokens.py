@@ -62,7 +62,7 @@ MODES = ("batch", "stored", "subsample")
 def per_step(combine: str, coarse_space, fisher_products: str,
              residual_refresh: str = "step") -> bool:
   """Whether ``F_c`` is the step's own (formed and inverted every step)."""
-  return coarse_space is not None and (
+  return coarse_space is not None and fisher_products != "kronecker" and (
       combine != "additive" or fisher_products == "ggn" or (
           coarse_space in coarse.PER_STEP_SPACES and residual_refresh == "step"))
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from kfac_jax_ext import coarse_krylov
 from kfac_jax_ext import coarse_level as level
+from kfac_jax_ext import coarse_model
 from kfac_jax_ext import coarse_refresh
 from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import linalg
@@ -44,6 +45,8 @@ class TwoLevelState(NamedTuple):
     bases: with ``residual_refresh="statistics"``, per leaf the residual
       space's basis of the last statistics step (``coarse_refresh``); else
       ``()``.
+    model: with ``fisher_products="kronecker"``, the Kronecker model's
+      ``coarse_model.ModelState``; else ``()``.
   """
   base: KfacState
   curvature_due: jax.Array
@@ -56,10 +59,12 @@ class TwoLevelState(NamedTuple):
   krylov: tuple = ()
   tokens: tuple = ()
   bases: tuple = ()
+  model: tuple = ()
 
 
 def initial(base_state, params, coarse_space, coarse_matrix, max_coarse: int, *,
-            krylov_factored: bool, refreshed: bool, tokens=None) -> TwoLevelState:
+            krylov_factored: bool, refreshed: bool, tokens=None,
+            modelled: bool = False) -> TwoLevelState:
   """The state before the first update.
 
   Args:
@@ -71,6 +76,7 @@ def initial(base_state, params, coarse_space, coarse_matrix, max_coarse: int, *,
     refreshed: residual bases kept between statistics steps.
     tokens: ``spectral slots ↦ stored tokens`` (``coarse_statistics="stored"``)
       or None.
+    modelled: the Kronecker model's products (``coarse_model``).
 
   Returns:
     A ``TwoLevelState`` of distinct buffers (no array twice: it is donatable).
@@ -90,4 +96,5 @@ def initial(base_state, params, coarse_space, coarse_matrix, max_coarse: int, *,
   bases = coarse_refresh.slots(shapes, coarse_space, dtype) if refreshed else ()
   return TwoLevelState(base_state, jnp.array(True), zero(), zeros, g0,
                        initial_arrays.identity((size, size), dtype), spectral,
-                       Health(zero(), zero()), krylov, toks, bases)
+                       Health(zero(), zero()), krylov, toks, bases,
+                       coarse_model.initial(shapes, size, dtype) if modelled else ())

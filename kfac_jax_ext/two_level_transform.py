@@ -17,6 +17,7 @@ import optax
 from kfac_jax_ext import checks
 from kfac_jax_ext import coarse
 from kfac_jax_ext import coarse_level as level
+from kfac_jax_ext import coarse_model
 from kfac_jax_ext import coarse_refresh
 from kfac_jax_ext import coarse_tokens
 from kfac_jax_ext import curvature_products
@@ -99,33 +100,29 @@ def scale_by_two_level_kfac(
       products used at full size, which ``M⁻¹`` amplifies: balanced's
       ``F_λQ∇`` and the residual ``∇ − F_λM⁻¹∇`` of the per-step spaces; the
       statistics for ``F_c`` and the products only projected on R; needs
-      combine="balanced" or a per-step space).
+      combine="balanced" or a per-step space) or ``"kronecker"``
+      (multiplicative and balanced on Nicolaides, spectral or
+      Krylov–Nicolaides: Tselepidis' Kronecker model of the whole Fisher,
+      ``F̃_ij = A_ij ⊗ G_ij``, from the last statistics batch: no statistics
+      pass between statistics steps; α measured on those, held between;
+      ``coarse_model``).
     fine_scale: multiplicative and balanced only. ``"model"`` (default):
       the fine step is ``αM⁻¹``, α the quadratic model's best scale
       ``α = xᵀr / xᵀF_λx`` of the fine direction ``x = M⁻¹r`` (``r = ∇``
-      multiplicative, ``r = ∇ − F_λQ∇`` balanced), from the product the
-      correction computes anyway: the update is then a descent direction
-      with ``ΔᵀF_λΔ < 2∇ᵀΔ`` (K-FAC's ``M⁻¹∇`` is often far longer than
-      ``F_λ⁻¹∇``, and the unscaled completion can cancel its descent; see
-      docs/methods.md). ``"none"``: α = 1, the formulas verbatim. With
-      ``R = I`` both give ``F_λ⁻¹∇``; Galerkin orthogonality holds for both.
-      Leaves outside the coarse layers get ``αM⁻¹∇``.
+      multiplicative, ``r = ∇ − F_λQ∇`` balanced): a descent direction with
+      ``ΔᵀF_λΔ < 2∇ᵀΔ`` (K-FAC's ``M⁻¹∇`` is often far longer than
+      ``F_λ⁻¹∇``; docs/methods.md). ``"none"``: α = 1. Galerkin
+      orthogonality holds for both. Other leaves get ``αM⁻¹∇``.
     coarse_batch: with ``fisher_products="statistics"``, the coarse level's
-      ``F`` (its products ``F_λx`` and a per-step or running ``F_c``) is
-      ``(1/n) Σ_{k<n} u_k u_kᵀ`` over the first ``n = min(M, coarse_batch)``
-      of the loss's ``M`` examples (as ``gram_batch``; per device): an
-      unbiased estimate of the same Fisher at ``n/M`` of the products' cost
-      (each product is two passes over the layers' tokens, about a forward
-      pass of the batch). ``None`` (default): all ``M`` examples. The fine
-      level always uses the whole batch.
+      ``F`` (products, ``F_c``) is ``(1/n) Σ_{k<n} u_k u_kᵀ`` over the first
+      ``n = min(M, coarse_batch)`` examples (per device): the same Fisher,
+      unbiased, at ``n/M`` of the products' cost. ``None`` (default): all
+      ``M``. The fine level always uses the whole batch.
     coarse_statistics: a per-step correction's ``F``: ``"batch"`` (default:
-      each step's batch; a statistics pass every step), ``"stored"`` (the
-      tokens of the last statistics batch, kept in the state: no statistics
-      pass between statistics steps, as in Koroko et al.'s code; needs
-      ``example_batch``) or ``"subsample"`` (each step's first
-      ``coarse_batch`` rows, required: between statistics steps a pass of
-      its own over those rows only, at their share of the pass's FLOPs; see
-      ``coarse_tokens``).
+      each step's; a statistics pass every step), ``"stored"`` (the last
+      statistics batch's tokens, kept in the state, as Koroko et al.'s code;
+      needs ``example_batch``) or ``"subsample"`` (each step's first
+      ``coarse_batch`` rows, required; ``coarse_tokens``).
     spectral_iterations: ``"spectral"`` only. None (default): ``eigh`` of
       every factor per refresh. ``k``: k steps of inverse iteration with the
       base's refreshed ``(A + γI)⁻¹`` from the last vectors, O(d²) each
@@ -157,10 +154,12 @@ def scale_by_two_level_kfac(
                                  coarse_space, spectral_iterations)
   coarse_tokens.check(coarse_statistics, fisher_products, options, coarse_batch)
   coarse_refresh.check(residual_refresh, coarse_space, fisher_products)
+  coarse_model.check(fisher_products, combine, coarse_space, coarse_matrix, options)
+  modelled = fisher_products == "kronecker" and coarse_space is not None
   if coarse_matrix is None:
-    coarse_matrix = ("kronecker" if fisher_products == "statistics" and combine
-                     == "additive" and coarse_space in coarse.RANK_ONE_SPACES
-                     else "exact")
+    coarse_matrix = ("kronecker" if fisher_products == "kronecker" or (
+        fisher_products == "statistics" and combine == "additive"
+        and coarse_space in coarse.RANK_ONE_SPACES) else "exact")
   if coarse_space is not None:
     relative_damping.require_absolute(options, "scale_by_two_level_kfac damps "
                                       "its fine and coarse levels (I12-I13)")
@@ -196,7 +195,7 @@ def scale_by_two_level_kfac(
     return two_level_state.initial(
         base_state, params, coarse_space, coarse_matrix, MAX_COARSE,
         krylov_factored=options.get("damping_mode", "factored") == "factored",
-        refreshed=refreshed, tokens=tokens)
+        refreshed=refreshed, tokens=tokens, modelled=modelled)
 
   def update_fn(updates, state, params=None, *, batch=None, key=None,
                 curvature=None, due=None, **extra_args):
@@ -283,92 +282,99 @@ def scale_by_two_level_kfac(
     sub = lambda xs, ys: [x - y for x, y in zip(xs, ys)]
     precondition = lambda xs: level.to_matrices(layers, ctx.precondition(
         level.write(layers, grads, xs, shapes)), dtype)
-    if refreshed:     # a statistics step's residual basis, kept till the next
-      bases, bases_ok = schedule.maybe(
-          stats_every, stats_due, lambda old: coarse_refresh.rebuilt(
-              coarse_space, layers, old, sub(v, level.statistics_fvp(
-                  level.tokens(layers, traced, cb, dtype, m), m, ctx.damping,
-                  axis_name)(unscaled)), precondition),
-          lambda old: (old, jnp.array(True)), state.bases, static_stats)
-      layers, tokens_ok = coarse_refresh.stored_layers(layers, bases), tokens_ok & bases_ok
-    residual, alpha = None, jnp.ones([], dtype)
-    if per_step_space or (combine == "multiplicative" and not projected):
-      fb = (full_fvp or fvp)(b)
-      if scaled and combine == "multiplicative":
-        alpha = level.model_scale(b, v, fb)
-        b, fb = [alpha * x for x in b], [alpha * x for x in fb]
-      residual = sub(v, fb)
-    if per_step_space:
-      layers = level.per_step_bases(coarse_space, layers, residual,
-                                     precondition)
-    coeffs = (level.example_coefficients(layers, toks, size, dtype)
-              if projected else None)
-
-    def batch_matrices():
-      if ggn:
-        return level.ggn_coarse(layers, operator, grads, shapes, size, dtype)
-      step_toks = (toks if every_step
-                   else level.tokens(layers, traced, cb, dtype, m))
-      return distributed.mean(level.batch_coarse(
-          layers, step_toks, size, coarse_matrix, m, dtype, coeffs), axis_name)
-
-    def accumulate(st):
-      new_a, new_g = batch_matrices()
-      k = (st.coarse_count + 1).astype(dtype)
-      eps = 0.0 if every_step or refreshed else jnp.minimum(1.0 - 1.0 / k, ema_decay)
-      ok = linalg.all_finite(new_a, new_g)
-      ema = lambda old, new: jnp.where(ok, eps * old + (1 - eps) * new, old)
-      health = st.health._replace(nonfinite_statistics=(
-          st.health.nonfinite_statistics + (~(ok & tokens_ok)).astype(jnp.int32)))
-      return (ema(st.coarse_a, new_a), ema(st.coarse_g, new_g),
-              st.coarse_count + ok.astype(jnp.int32), health, ok)
-
-    coarse_a, coarse_g, coarse_count, health, stats_ok = schedule.maybe(
-        1 if every_step else stats_every, stats_due, accumulate,
-        lambda st: (st.coarse_a, st.coarse_g, st.coarse_count, st.health,
-                    jnp.array(True)), state,
-        None if every_step else static_stats)
-    # A per-step basis has no previous F_c⁻¹ to fall back on: a failed step
-    # drops the correction (Q = 0) and is counted. (A refreshed basis keeps
-    # its previous F_c with it, hence its previous F_c⁻¹.)
-    per_step = per_step_space
-
-    def refresh(operand):
-      inverse, health = operand
-      new, ok = level.coarse_inverse(layers, coarse_a, coarse_g, ctx.damping,
-                                     coarse_damping, size, dtype)
-      ok = ok & stats_ok if per_step else ok
-      health = health._replace(failed_inverses=health.failed_inverses + (
-          ~ok).astype(jnp.int32))
-      keep = jnp.zeros_like(inverse) if per_step else inverse
-      return jnp.where(ok, new, keep), health
-
-    period, due_now, static_now = ((stats_every, stats_due, static_stats) if refreshed
-                                   else (inverse_every, refresh_due, static_refresh))
-    inverse, health = schedule.maybe(
-        1 if every_step else period, due_now, refresh, lambda o: o,
-        (state.coarse_inverse, health), None if every_step else static_now)
-
-    q = lambda xs: level.apply_q(layers, inverse, xs, size, dtype)
-    if combine == "additive":
-      w1, w2 = omega
-      delta = [w1 * bi + w2 * qi for bi, qi in zip(b, q(v))]
-    elif projected:
-      sf = level.StatisticsFisher(toks, coeffs, m, ctx.damping, axis_name)
-      combined = (level.projected_multiplicative if combine == "multiplicative"
-                  else level.projected_balanced)
-      delta, alpha = combined(sf, layers, inverse, v, b, precondition, scaled,
-                              size, dtype, lifted=full_fvp)
-    elif combine == "multiplicative":
-      delta = [bi + ci for bi, ci in zip(b, q(residual))]
+    if modelled:     # the Kronecker model's products: no per-step statistics
+      delta, alpha, inverse, model, coarse_count, health = coarse_model.corrected(
+          combine, layers, state, lambda: level.tokens(layers, traced, cb, dtype, m),
+          v, b, precondition, scaled, size, dtype, m, ctx.damping, coarse_damping,
+          (stats_every, stats_due, static_stats), axis_name)
+      coarse_a, coarse_g = state.coarse_a, state.coarse_g
     else:
-      y = q(v)
-      z = sub(v, fvp(y))                  # ggn only: the others are projected
-      w = precondition(z)
-      fw = fvp(w)
-      if scaled:
-        alpha = level.model_scale(w, z, fw)
-      delta = [alpha * (wi - ci) + yi for wi, ci, yi in zip(w, q(fw), y)]
+      if refreshed:     # a statistics step's residual basis, kept till the next
+        bases, bases_ok = schedule.maybe(
+            stats_every, stats_due, lambda old: coarse_refresh.rebuilt(
+                coarse_space, layers, old, sub(v, level.statistics_fvp(
+                    level.tokens(layers, traced, cb, dtype, m), m, ctx.damping,
+                    axis_name)(unscaled)), precondition),
+            lambda old: (old, jnp.array(True)), state.bases, static_stats)
+        layers, tokens_ok = coarse_refresh.stored_layers(layers, bases), tokens_ok & bases_ok
+      residual, alpha = None, jnp.ones([], dtype)
+      if per_step_space or (combine == "multiplicative" and not projected):
+        fb = (full_fvp or fvp)(b)
+        if scaled and combine == "multiplicative":
+          alpha = level.model_scale(b, v, fb)
+          b, fb = [alpha * x for x in b], [alpha * x for x in fb]
+        residual = sub(v, fb)
+      if per_step_space:
+        layers = level.per_step_bases(coarse_space, layers, residual,
+                                       precondition)
+      coeffs = (level.example_coefficients(layers, toks, size, dtype)
+                if projected else None)
+
+      def batch_matrices():
+        if ggn:
+          return level.ggn_coarse(layers, operator, grads, shapes, size, dtype)
+        step_toks = (toks if every_step
+                     else level.tokens(layers, traced, cb, dtype, m))
+        return distributed.mean(level.batch_coarse(
+            layers, step_toks, size, coarse_matrix, m, dtype, coeffs), axis_name)
+
+      def accumulate(st):
+        new_a, new_g = batch_matrices()
+        k = (st.coarse_count + 1).astype(dtype)
+        eps = 0.0 if every_step or refreshed else jnp.minimum(1.0 - 1.0 / k, ema_decay)
+        ok = linalg.all_finite(new_a, new_g)
+        ema = lambda old, new: jnp.where(ok, eps * old + (1 - eps) * new, old)
+        health = st.health._replace(nonfinite_statistics=(
+            st.health.nonfinite_statistics + (~(ok & tokens_ok)).astype(jnp.int32)))
+        return (ema(st.coarse_a, new_a), ema(st.coarse_g, new_g),
+                st.coarse_count + ok.astype(jnp.int32), health, ok)
+
+      coarse_a, coarse_g, coarse_count, health, stats_ok = schedule.maybe(
+          1 if every_step else stats_every, stats_due, accumulate,
+          lambda st: (st.coarse_a, st.coarse_g, st.coarse_count, st.health,
+                      jnp.array(True)), state,
+          None if every_step else static_stats)
+      # A per-step basis has no previous F_c⁻¹ to fall back on: a failed step
+      # drops the correction (Q = 0) and is counted. (A refreshed basis keeps
+      # its previous F_c with it, hence its previous F_c⁻¹.)
+      per_step = per_step_space
+
+      def refresh(operand):
+        inverse, health = operand
+        new, ok = level.coarse_inverse(layers, coarse_a, coarse_g, ctx.damping,
+                                       coarse_damping, size, dtype)
+        ok = ok & stats_ok if per_step else ok
+        health = health._replace(failed_inverses=health.failed_inverses + (
+            ~ok).astype(jnp.int32))
+        keep = jnp.zeros_like(inverse) if per_step else inverse
+        return jnp.where(ok, new, keep), health
+
+      period, due_now, static_now = ((stats_every, stats_due, static_stats) if refreshed
+                                     else (inverse_every, refresh_due, static_refresh))
+      inverse, health = schedule.maybe(
+          1 if every_step else period, due_now, refresh, lambda o: o,
+          (state.coarse_inverse, health), None if every_step else static_now)
+
+      q = lambda xs: level.apply_q(layers, inverse, xs, size, dtype)
+      if combine == "additive":
+        w1, w2 = omega
+        delta = [w1 * bi + w2 * qi for bi, qi in zip(b, q(v))]
+      elif projected:
+        sf = level.StatisticsFisher(toks, coeffs, m, ctx.damping, axis_name)
+        combined = (level.projected_multiplicative if combine == "multiplicative"
+                    else level.projected_balanced)
+        delta, alpha = combined(sf, layers, inverse, v, b, precondition, scaled,
+                                size, dtype, lifted=full_fvp)
+      elif combine == "multiplicative":
+        delta = [bi + ci for bi, ci in zip(b, q(residual))]
+      else:
+        y = q(v)
+        z = sub(v, fvp(y))                  # ggn only: the others are projected
+        w = precondition(z)
+        fw = fvp(w)
+        if scaled:
+          alpha = level.model_scale(w, z, fw)
+        delta = [alpha * (wi - ci) + yi for wi, ci, yi in zip(w, q(fw), y)]
     # Non-finite products (e.g. from a skipped, non-finite statistics batch)
     # leave the fine step alone; counted as a failed coarse inverse.
     ok = linalg.all_finite(alpha, *delta)
@@ -385,7 +391,8 @@ def scale_by_two_level_kfac(
     new_state = TwoLevelState(base_state, jnp.array(True) if tokens_every_step
                               else base_state.curvature_due, coarse_count,
                               coarse_a, coarse_g, inverse, spectral, health,
-                              krylov, stored_toks, bases if refreshed else ())
+                              krylov, stored_toks, bases if refreshed else (),
+                              model if modelled else state.model)
     treedef = jax.tree_util.tree_structure(updates)
     return jax.tree_util.tree_unflatten(treedef, fine), new_state
 
