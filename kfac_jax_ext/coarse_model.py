@@ -27,6 +27,13 @@ tracks K-FAC per step (docs/methods.md). ``F_c`` is formed from the same
 ``a``, ``c`` every step, so Galerkin orthogonality ``R(∇ − F̃_λΔ) = 0`` holds
 exactly for the model's ``F̃_λ = F̃ + λI``.
 
+Memory and cost: the state holds ``S × n_j`` numbers twice per ≥2-D leaf
+(``n_j`` its larger slot size: ``S·Σ_j n_j``, e.g. 8 × 4322 on the MNIST
+autoencoder; it grows with the square of the layer count), and a statistics
+step projects every layer's tokens on every atom, ``O(S·K·Σ_j(d_aj +
+d_gj))`` for ``K`` tokens: meant for models of tens of layers, as the
+coarse level's ``S × S`` matrix is.
+
 The fine step's model scale (``fine_scale="model"``) needs ``xᵀF x`` of a
 full-size ``x``, which the model cannot give cheaply (every pair of
 layers); it is measured with the statistics' Fisher on the statistics steps
