@@ -181,9 +181,10 @@ def ggn_coarse(layers, operator, leaves, shapes, size, dtype):
           jnp.ones((size, size), dtype))
 
 
-def coarse_inverse(layers, st_a, st_g, lam, coarse_damping, size, dtype):
-  """``(F_c + D)⁻¹``: ``D = λ RRᵀ`` (consistent) or ``λI``; indices without a
-  vector (unused, or a zero Krylov vector) get 1 on the diagonal."""
+def coarse_damping_matrix(layers, lam, coarse_damping, size, dtype):
+  """``(D, used)``: ``D = λ RRᵀ`` (consistent) or ``λI`` per layer's indices,
+  plus 1 on the diagonal of indices without a vector (unused, or a zero
+  Krylov vector); ``used`` marks the others."""
   used = jnp.zeros((size,), bool)
   damp = jnp.zeros((size, size), dtype)
   for l in layers:
@@ -192,8 +193,13 @@ def coarse_inverse(layers, st_a, st_g, lam, coarse_damping, size, dtype):
     block = (rrt if coarse_damping == "consistent"
              else jnp.eye(len(l.idx), dtype=dtype))
     damp = damp.at[jnp.ix_(l.idx, l.idx)].set(lam * block)
-  matrix = st_a * st_g + damp + jnp.diag(jnp.where(used, 0.0, 1.0).astype(dtype))
-  inverse = jnp.linalg.inv(linalg.symmetrize(matrix))
+  return damp + jnp.diag(jnp.where(used, 0.0, 1.0).astype(dtype)), used
+
+
+def coarse_inverse(layers, st_a, st_g, lam, coarse_damping, size, dtype):
+  """``(F_c + D)⁻¹`` (``coarse_damping_matrix``)."""
+  damp, _ = coarse_damping_matrix(layers, lam, coarse_damping, size, dtype)
+  inverse = jnp.linalg.inv(linalg.symmetrize(st_a * st_g + damp))
   return inverse, linalg.all_finite(inverse)
 
 

@@ -211,17 +211,10 @@ def coarse_inverse(fisher: ModelFisher, lam, coarse_damping, size, dtype):
   spectral or Krylov atoms were refreshed after the last statistics step,
   ``a``, ``c`` hold the previous atoms, and Galerkin orthogonality needs
   ``F_c`` exactly as the products give it); ``(inverse, ok)``."""
-  layers = fisher.layers
-  used = jnp.zeros((size,), bool)
-  damp = jnp.zeros((size, size), dtype)
-  for l in layers:
-    rrt = coarse.gram(l.basis, l.rank_one)
-    used = used.at[l.idx].set(linalg.diagonal(rrt) > 0)
-    block = (rrt if coarse_damping == "consistent"
-             else jnp.eye(len(l.idx), dtype=dtype))
-    damp = damp.at[jnp.ix_(l.idx, l.idx)].set(lam * block)
+  damp, used = level.coarse_damping_matrix(fisher.layers, lam, coarse_damping,
+                                           size, dtype)
   matrix = (fisher.coarse_matrix(size, dtype) * used[:, None] * used[None, :]
-            + damp + jnp.diag(jnp.where(used, 0.0, 1.0).astype(dtype)))
+            + damp)
   inverse = jnp.linalg.inv(matrix)
   return inverse, linalg.all_finite(inverse)
 
