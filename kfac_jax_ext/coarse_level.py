@@ -282,10 +282,12 @@ def model_scale(x, r, fx):
   """``α = xᵀr / xᵀF_λx`` (``fx = F_λx``, per-layer matrices): the scale
   minimising the quadratic model ``½αxᵀF_λx − αxᵀr``; 1 when undefined."""
   den = sum(jnp.vdot(a, b) for a, b in zip(x, fx))
-  return _model_ratio(sum(jnp.vdot(a, b) for a, b in zip(x, r)), den)
+  return model_ratio(sum(jnp.vdot(a, b) for a, b in zip(x, r)), den)
 
 
-def _model_ratio(num, den):
+def model_ratio(num, den):
+  """``num / den`` where ``den > 0`` and both are finite, else 1 (the
+  model scale's guard)."""
   ok = (den > 0) & jnp.isfinite(num) & jnp.isfinite(den)
   return jnp.where(ok, num / jnp.where(ok, den, 1.0), 1.0)
 
@@ -297,7 +299,7 @@ def projected_multiplicative(fisher, layers, inverse, v, b, precondition,
   the tokens. Returns ``(Δ per layer, α)``."""
   del precondition, lifted             # the signature of projected_balanced
   rfb, bfb = coarse_product(fisher, layers, b, size, dtype)
-  alpha = (_model_ratio(sum(jnp.vdot(x, y) for x, y in zip(b, v)), bfb)
+  alpha = (model_ratio(sum(jnp.vdot(x, y) for x, y in zip(b, v)), bfb)
            if scaled else jnp.ones([], dtype))
   beta = inverse @ (project_all(layers, v, size, dtype) - alpha * rfb)
   return [alpha * x + c for x, c in zip(b, lift_all(layers, beta))], alpha
@@ -318,7 +320,7 @@ def projected_balanced(fisher, layers, inverse, v, b, precondition, scaled,
   z = [x - f for x, f in zip(v, fy)]
   w = precondition(z)
   rfw, wfw = coarse_product(fisher, layers, w, size, dtype)
-  alpha = (_model_ratio(sum(jnp.vdot(x, y) for x, y in zip(w, z)), wfw)
+  alpha = (model_ratio(sum(jnp.vdot(x, y) for x, y in zip(w, z)), wfw)
            if scaled else jnp.ones([], dtype))
   qfw = lift_all(layers, inverse @ rfw)
   return [alpha * (x - c) + yi for x, c, yi in zip(w, qfw, y)], alpha

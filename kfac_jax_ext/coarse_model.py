@@ -225,7 +225,7 @@ def _statistics_scale(toks, m, lam, x, r, axis_name):
   s = coarse.example_products(toks, x)
   xfx = distributed.mean(jnp.vdot(s, s) / m, axis_name) + lam * sum(
       jnp.vdot(u, u) for u in x)
-  return level._model_ratio(sum(jnp.vdot(u, v) for u, v in zip(x, r)), xfx)
+  return level.model_ratio(sum(jnp.vdot(u, v) for u, v in zip(x, r)), xfx)
 
 
 def step(combine, fisher: ModelFisher, inverse, v, b, precondition, scaled,
