@@ -30,13 +30,16 @@ NATURAL = ("kfac", "tkfac", "tengrad", "two_level_kfac", "kfac_jax",
 # otherwise), Fisher products from the statistics, the fine step
 # model-scaled for multiplicative and balanced; ``…_kronecker``: the
 # multiplicative and balanced products from Tselepidis' Kronecker model of
-# the whole Fisher (``fisher_products="kronecker"``).
+# the whole Fisher (``fisher_products="kronecker"``; on the residual spaces
+# with their basis rebuilt on statistics steps, ``residual_refresh=
+# "statistics"``, the only schedule the model takes).
 TWO_LEVEL_VARIANTS = tuple(
     f"two_level_{c}_{s}{ggn}" for c in ("additive", "multiplicative", "balanced")
     for s in coarse.COARSE_SPACES if s != "parameters"
     for ggn in ("", "_ggn", "_mixed")) + tuple(
         f"two_level_{c}_{s}_kronecker" for c in ("multiplicative", "balanced")
-        for s in ("nicolaides", "spectral", "krylov_nicolaides"))
+        for s in ("nicolaides", "spectral", "krylov_nicolaides", "residual",
+                  "krylov_residual"))
 
 
 def suffix_count(name: str, prefix: str):

@@ -52,10 +52,12 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   ``two_level_COMBINE_SPACE_mixed``: the products it uses at full size
   from the exact GGN, ``F_c`` and the projected ones from the statistics
   (``fisher_products="mixed"``); ``two_level_COMBINE_SPACE_kronecker``
-  (multiplicative and balanced on Nicolaides, spectral, Krylov–Nicolaides):
-  their products from Tselepidis' Kronecker model of the whole Fisher,
-  running averages on the factors' schedule (``fisher_products=
-  "kronecker"``: no statistics pass between refreshes);
+  (multiplicative and balanced on Nicolaides, spectral, Krylov–Nicolaides,
+  and on residual or Krylov-residual with the basis rebuilt on statistics
+  steps, ``residual_refresh="statistics"``): their products from
+  Tselepidis' Kronecker model of the whole Fisher from the last statistics
+  batch (``fisher_products="kronecker"``: no statistics pass between
+  statistics steps);
   ``two_level_COMBINE_SPACE_storedN`` (or
   ``_stored``: all examples; statistics' products): the per-step correction from the tokens of
   the last statistics batch's first N examples (``coarse_statistics=
@@ -123,6 +125,7 @@ import numpy as np
 import optax
 
 import kfac_jax_ext as kfe
+from kfac_jax_ext import coarse
 from kfac_jax_ext import coarse_tokens
 
 from benchmarks import contender_names as names
@@ -431,6 +434,8 @@ def make_contender(name: str, task) -> Contender:
         "_" + products).split("_", 1)
     extra = ({} if stored is False else
              {"coarse_statistics": "stored", "coarse_batch": stored})
+    if products == "kronecker" and space in coarse.PER_STEP_SPACES:
+      extra["residual_refresh"] = "statistics"     # the model's only schedule
     return _natural(name, task, kfe.two_level_kfac,
                     {"combine": combine, "coarse_space": space,
                      "fisher_products": products, **extra})

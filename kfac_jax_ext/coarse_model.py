@@ -74,8 +74,10 @@ class ModelState(NamedTuple):
   scale: jax.Array
 
 
-def check(fisher_products, combine, coarse_space, coarse_matrix, options) -> None:
-  """Raises ``ValueError`` where ``fisher_products="kronecker"`` cannot apply."""
+def check(fisher_products, combine, coarse_space, coarse_matrix, options,
+          residual_refresh="step") -> None:
+  """Raises ``ValueError`` where ``fisher_products="kronecker"`` cannot apply
+  (the residual spaces: ``coarse_model_bases``)."""
   if fisher_products != "kronecker" or coarse_space is None:
     return
   if combine == "additive":
@@ -84,11 +86,14 @@ def check(fisher_products, combine, coarse_space, coarse_matrix, options) -> Non
                      "uses none (its coarse_matrix='kronecker' is the same F_c): "
                      "pass combine='multiplicative' or 'balanced', or "
                      "fisher_products='statistics'.")
-  if coarse_space not in SPACES:
+  if coarse_space not in SPACES and not (
+      coarse_space in coarse.PER_STEP_SPACES and residual_refresh == "statistics"):
     raise ValueError(f"fisher_products='kronecker' needs coarse vectors fixed "
-                     f"between refreshes and made of rank-one atoms {SPACES}; "
-                     f"coarse_space={coarse_space!r} is built from each step's "
-                     "residual: pass fisher_products='statistics' or 'mixed'.")
+                     f"between statistics steps ({SPACES}, or a residual space "
+                     f"with residual_refresh='statistics'); coarse_space="
+                     f"{coarse_space!r} is built from each step's residual: "
+                     "pass residual_refresh='statistics', or fisher_products="
+                     "'statistics' or 'mixed'.")
   if (coarse_space == "krylov_nicolaides"
       and options.get("damping_mode", "factored") != "factored"):
     raise ValueError("fisher_products='kronecker' with coarse_space="

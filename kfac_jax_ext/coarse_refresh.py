@@ -58,12 +58,12 @@ def check(mode, coarse_space, fisher_products: str) -> None:
                      f"spaces {coarse.PER_STEP_SPACES}; coarse_space="
                      f"{coarse_space!r} has its own schedule: leave "
                      "residual_refresh unset.")
-  if mode == "statistics" and fisher_products != "statistics":
+  if mode == "statistics" and fisher_products not in ("statistics", "kronecker"):
     raise ValueError(f"residual_refresh='statistics' builds the basis from the "
                      f"statistics batch's tokens; fisher_products="
                      f"{fisher_products!r} takes its products elsewhere: pass "
-                     "fisher_products='statistics' or leave residual_refresh "
-                     "unset.")
+                     "fisher_products='statistics' or 'kronecker', or leave "
+                     "residual_refresh unset.")
 
 
 def active(mode: str, coarse_space) -> bool:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from kfac_jax_ext import coarse_krylov
 from kfac_jax_ext import coarse_level as level
 from kfac_jax_ext import coarse_model
+from kfac_jax_ext import coarse_model_bases
 from kfac_jax_ext import coarse_refresh
 from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import linalg
@@ -46,7 +47,8 @@ class TwoLevelState(NamedTuple):
       space's basis of the last statistics step (``coarse_refresh``); else
       ``()``.
     model: with ``fisher_products="kronecker"``, the Kronecker model's
-      ``coarse_model.ModelState``; else ``()``.
+      ``coarse_model.ModelState`` (on a refreshed residual space
+      ``coarse_model_bases.BasesModelState``); else ``()``.
   """
   base: KfacState
   curvature_due: jax.Array
@@ -97,4 +99,5 @@ def initial(base_state, params, coarse_space, coarse_matrix, max_coarse: int, *,
   return TwoLevelState(base_state, jnp.array(True), zero(), zeros, g0,
                        initial_arrays.identity((size, size), dtype), spectral,
                        Health(zero(), zero()), krylov, toks, bases,
-                       coarse_model.initial(shapes, size, dtype) if modelled else ())
+                       (coarse_model_bases.initial if refreshed else coarse_model.initial)(
+                           shapes, size, dtype) if modelled else ())

@@ -18,6 +18,7 @@ from kfac_jax_ext import checks
 from kfac_jax_ext import coarse
 from kfac_jax_ext import coarse_level as level
 from kfac_jax_ext import coarse_model
+from kfac_jax_ext import coarse_model_bases
 from kfac_jax_ext import coarse_refresh
 from kfac_jax_ext import coarse_tokens
 from kfac_jax_ext import curvature_products
@@ -100,24 +101,21 @@ def scale_by_two_level_kfac(
       products used at full size, which ``M⁻¹`` amplifies: balanced's
       ``F_λQ∇`` and the residual ``∇ − F_λM⁻¹∇`` of the per-step spaces; the
       statistics for ``F_c`` and the products only projected on R; needs
-      combine="balanced" or a per-step space) or ``"kronecker"``
-      (multiplicative and balanced on Nicolaides, spectral or
-      Krylov–Nicolaides: Tselepidis' Kronecker model of the whole Fisher,
-      ``F̃_ij = A_ij ⊗ G_ij``, from the last statistics batch: no statistics
-      pass between statistics steps; α measured on those, held between;
-      ``coarse_model``).
+      combine="balanced" or a per-step space) or ``"kronecker"`` (multiplicative
+      and balanced on a space fixed between statistics steps, a residual one
+      with ``residual_refresh="statistics"``: Tselepidis' model of the whole
+      Fisher ``F̃_ij = A_ij ⊗ G_ij`` from the last statistics batch, α measured
+      there; ``coarse_model``, ``coarse_model_bases``).
     fine_scale: multiplicative and balanced only. ``"model"`` (default):
       the fine step is ``αM⁻¹``, α the quadratic model's best scale
-      ``α = xᵀr / xᵀF_λx`` of the fine direction ``x = M⁻¹r`` (``r = ∇``
-      multiplicative, ``r = ∇ − F_λQ∇`` balanced): a descent direction with
-      ``ΔᵀF_λΔ < 2∇ᵀΔ`` (K-FAC's ``M⁻¹∇`` is often far longer than
-      ``F_λ⁻¹∇``; docs/methods.md). ``"none"``: α = 1. Galerkin
-      orthogonality holds for both. Other leaves get ``αM⁻¹∇``.
+      ``α = xᵀr / xᵀF_λx`` of ``x = M⁻¹r`` (``r = ∇`` multiplicative,
+      ``r = ∇ − F_λQ∇`` balanced): a descent direction (K-FAC's ``M⁻¹∇`` is
+      often far longer than ``F_λ⁻¹∇``; docs/methods.md). ``"none"``: α = 1.
+      Galerkin orthogonality holds for both. Other leaves get ``αM⁻¹∇``.
     coarse_batch: with ``fisher_products="statistics"``, the coarse level's
       ``F`` (products, ``F_c``) is ``(1/n) Σ_{k<n} u_k u_kᵀ`` over the first
-      ``n = min(M, coarse_batch)`` examples (per device): the same Fisher,
-      unbiased, at ``n/M`` of the products' cost. ``None`` (default): all
-      ``M``. The fine level always uses the whole batch.
+      ``n = min(M, coarse_batch)`` examples (per device): unbiased, at ``n/M``
+      of the products' cost. ``None`` (default): all ``M``.
     coarse_statistics: a per-step correction's ``F``: ``"batch"`` (default:
       each step's; a statistics pass every step), ``"stored"`` (the last
       statistics batch's tokens, kept in the state, as Koroko et al.'s code;
@@ -136,12 +134,10 @@ def scale_by_two_level_kfac(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (same ``update`` as
-    ``scale_by_kfac``). A per-step correction with
-    ``fisher_products="statistics"`` reads the batch statistics on every
-    step: with a static ``due``, call ``kfe.value_and_grad`` with
-    ``due._replace(statistics=True)`` and pass it the ``curvature``, else
-    ``update`` runs its own statistics pass (a second forward) on the steps
-    where ``due.statistics`` is False (not with ``coarse_statistics="stored"``).
+    ``scale_by_kfac``). A per-step correction with ``fisher_products=
+    "statistics"`` reads the batch statistics every step: with a static
+    ``due``, pass ``kfe.value_and_grad``'s ``curvature`` for
+    ``due._replace(statistics=True)``, else ``update`` runs its own pass.
 
   Example:
     >>> tx = optax.chain(kfe.scale_by_two_level_kfac(
@@ -154,7 +150,8 @@ def scale_by_two_level_kfac(
                                  coarse_space, spectral_iterations)
   coarse_tokens.check(coarse_statistics, fisher_products, options, coarse_batch)
   coarse_refresh.check(residual_refresh, coarse_space, fisher_products)
-  coarse_model.check(fisher_products, combine, coarse_space, coarse_matrix, options)
+  coarse_model.check(fisher_products, combine, coarse_space, coarse_matrix, options,
+                     residual_refresh)
   modelled = fisher_products == "kronecker" and coarse_space is not None
   if coarse_matrix is None:
     coarse_matrix = ("kronecker" if fisher_products == "kronecker" or (
@@ -283,10 +280,12 @@ def scale_by_two_level_kfac(
     precondition = lambda xs: level.to_matrices(layers, ctx.precondition(
         level.write(layers, grads, xs, shapes)), dtype)
     if modelled:     # the Kronecker model's products: no per-step statistics
-      delta, alpha, inverse, model, coarse_count, health = coarse_model.corrected(
-          combine, layers, state, lambda: level.tokens(layers, traced, cb, dtype, m),
-          v, b, precondition, scaled, size, dtype, m, ctx.damping, coarse_damping,
-          (stats_every, stats_due, static_stats), axis_name)
+      args = (combine, layers, state, lambda: level.tokens(layers, traced, cb, dtype, m),
+              v, b, precondition, scaled, size, dtype, m, ctx.damping, coarse_damping,
+              (stats_every, stats_due, static_stats), axis_name)
+      delta, alpha, inverse, model, coarse_count, health, *bases = (
+          coarse_model_bases.corrected(coarse_space, *args) if refreshed
+          else coarse_model.corrected(*args))   # (bases: [the kept basis])
       coarse_a, coarse_g = state.coarse_a, state.coarse_g
     else:
       if refreshed:     # a statistics step's residual basis, kept till the next
@@ -391,7 +390,8 @@ def scale_by_two_level_kfac(
     new_state = TwoLevelState(base_state, jnp.array(True) if tokens_every_step
                               else base_state.curvature_due, coarse_count,
                               coarse_a, coarse_g, inverse, spectral, health,
-                              krylov, stored_toks, bases if refreshed else (),
+                              krylov, stored_toks, (bases[0] if modelled else bases)
+                              if refreshed else (),
                               model if modelled else state.model)
     treedef = jax.tree_util.tree_structure(updates)
     return jax.tree_util.tree_unflatten(treedef, fine), new_state

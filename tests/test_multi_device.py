@@ -83,6 +83,10 @@ METHODS = {
     "two_level_kronecker_products": lambda loss, **kw: kfe.scale_by_two_level_kfac(
         loss, damping=0.1, inverse_every=2, stats_every=2, combine="balanced",
         coarse_space="krylov_nicolaides", fisher_products="kronecker", **kw),
+    "two_level_residual_kronecker": lambda loss, **kw: kfe.scale_by_two_level_kfac(
+        loss, damping=0.1, inverse_every=2, stats_every=2, combine="multiplicative",
+        coarse_space="krylov_residual", residual_refresh="statistics",
+        fisher_products="kronecker", **kw),
     "two_level_residual_refreshed": lambda loss, **kw: kfe.scale_by_two_level_kfac(
         loss, damping=0.1, inverse_every=2, stats_every=2, coarse_space="residual",
         residual_refresh="statistics", **kw),

@@ -1,0 +1,228 @@
+r"""The Kronecker model's Galerkin corrections on the refreshed residual spaces.
+
+``fisher_products="kronecker"`` with ``coarse_space="residual"`` or
+``"krylov_residual"`` and ``residual_refresh="statistics"``. ``coarse_model``
+reads Tselepidis' model of the whole Fisher, ``F̃_jl = A_jl ⊗ G_jl``
+(``A_jl = E[ā_j ā_lᵀ]``, ``G_jl = E[g_j g_lᵀ]``), through rank-one atoms;
+the residual bases (``M_l⁻¹res_l``, ``{res_l, M_l⁻¹res_l}``) are full
+``[d_a, d_g]`` matrices, so here the model is read through their products:
+for the basis vector ``Z_k`` of layer ``l``,
+
+    B_kj = (F̃ Rᵀe_k)_j = A_jl Z_k G_lj       [d_aj, d_gj], every layer j
+
+    (R F̃ x)_k = Σ_j ⟨B_kj, X_j⟩               (projected)
+    (F̃ Rᵀβ)_j = Σ_k β_k B_kj                   (lifted)
+    (R F̃ Rᵀ)_kk' = ⟨B_k l(k'), Z_k'⟩          (F_c)
+
+On each statistics step the basis is rebuilt (``coarse_refresh``: the
+residual ``res = ∇ − F_λM⁻¹∇`` with that batch's statistics' Fisher and the
+refreshed ``M⁻¹``) and ``B`` formed from the same batch's tokens (``A_jl``,
+``G_lj`` per pair of layers, K-FAC's scaling, pooled per example where token
+counts differ, as ``coarse.kronecker_sums``); both are kept until the next
+one. Between statistics steps a multiplicative or balanced step then costs
+``O(S·P)`` (``S`` basis vectors, ``P`` coarse-layer parameters) and no
+statistics pass, as on the fixed spaces; ``F_c`` is formed from ``B`` every
+step, so Galerkin orthogonality ``R(∇ − F̃_λΔ) = 0`` holds exactly for the
+model's ``F̃_λ = F̃ + λI``. The fine step's model scale ``α`` is measured on
+statistics steps with the statistics' Fisher and held (``coarse_model``).
+
+Memory and cost: ``B`` is ``S × P`` numbers (8 × 2.8 M on the MNIST
+autoencoder with ``"residual"``, twice that with ``"krylov_residual"``), and a
+statistics step forms every pair's cross factors, ``O(K·((Σd_a)² +
+(Σd_g)²))`` for ``K`` tokens, plus ``O(Σ_l m_l·d_al·(d_gl·Σd_g + P))`` for the
+products: meant for models of tens of layers of moderate width.
+
+A non-finite batch (or basis) keeps the previous basis and ``B`` together,
+and is counted in ``health.nonfinite_statistics``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kfac_jax_ext import coarse_krylov
+from kfac_jax_ext import coarse_level as level
+from kfac_jax_ext import coarse_model
+from kfac_jax_ext import coarse_refresh
+from kfac_jax_ext import distributed
+from kfac_jax_ext import initial_arrays
+from kfac_jax_ext import linalg
+from kfac_jax_ext import schedule
+from kfac_jax_ext.blocks import kronecker
+
+
+class BasesModelState(NamedTuple):
+  """The model's products with the kept basis, and the held model scale.
+
+  Attributes:
+    products: per ≥2-D leaf ``j``, ``[S, rows, cols]``: row ``k`` holds
+      ``B_kj`` in the leaf's slot orientation (``coarse_krylov.oriented``);
+      None for ≤1-D leaves.
+    scale: the fine step's ``α`` of the last statistics step (1 before).
+  """
+  products: tuple
+  scale: jax.Array
+
+
+def initial(shapes, size: int, dtype) -> BasesModelState:
+  """Zeros: no correction before the first statistics step (the basis is
+  zero too, ``coarse_refresh.slots``)."""
+  return BasesModelState(
+      tuple(initial_arrays.zeros((size,) + tuple(kronecker.slot_sizes(s)), dtype)
+            if len(s) >= 2 else None for s in shapes),
+      initial_arrays.ones((), dtype))
+
+
+def cross_factors(tok_j, tok_l):
+  """``(A_jl [d_aj, d_al], G_lj [d_gl, d_gj])`` of one statistics batch from
+  two layers' tokens ``(ā [M,T,d_a], g [M,T,d_g])``, with ``coarse_model``'s
+  scaling (equal token counts: ``Σ_tok ā_j ā_lᵀ/(MT)``, ``Σ_tok g_l g_jᵀ/M``;
+  else pooled per example: means of ``ā``, sums of ``g`` over ``√(T_jT_l)``)."""
+  (a_j, g_j), (a_l, g_l) = tok_j, tok_l
+  m, tj, tl = a_j.shape[0], a_j.shape[1], a_l.shape[1]
+  if tj == tl:
+    return (jnp.einsum("mtd,mte->de", a_j, a_l) / (m * tj),
+            jnp.einsum("mtd,mte->de", g_l, g_j) / m)
+  return (jnp.einsum("md,me->de", a_j.mean(1), a_l.mean(1)) / m,
+          jnp.einsum("md,me->de", g_l.sum(1), g_j.sum(1)) / (m * (tj * tl) ** 0.5))
+
+
+def batch_products(layers, toks, size: int, dtype, axis_name=None):
+  """Per coarse layer ``j``, ``[S, d_aj, d_gj]``: ``B_kj = A_jl Z_k G_lj``
+  for every basis vector ``k`` (of layer ``l``: ``layers[l].basis``, at its
+  indices ``idx``) from this batch's tokens; 0 at unused indices. The cross
+  factors are the devices' mean before the products (``B`` is bilinear in
+  them)."""
+  n = len(layers)
+  factors = {}
+  for j in range(n):
+    for l in range(j, n):
+      factors[j, l] = distributed.mean(cross_factors(toks[j], toks[l]), axis_name)
+  out = []
+  for j, l_j in enumerate(layers):
+    prod = jnp.zeros((size, l_j.kl.d_a, l_j.kl.d_g), dtype)
+    for l, l_l in enumerate(layers):
+      if j <= l:
+        a_jl, g_lj = factors[j, l]
+      else:                   # A_jl = A_ljᵀ, G_lj = G_jlᵀ
+        a_lj, g_jl = factors[l, j]
+        a_jl, g_lj = a_lj.T, g_jl.T
+      prod = prod.at[l_l.idx].set(
+          jnp.einsum("de,kef,fg->kdg", a_jl, l_l.basis, g_lj))
+    out.append(prod)
+  return out
+
+
+def stored_products(layers, model: BasesModelState):
+  """Per coarse layer, ``[S, d_a, d_g]`` read from the state's slots."""
+  out = []
+  for l in layers:
+    slot = model.products[l.kl.layer.kernel]
+    shape = (slot.shape[0],) + coarse_krylov.oriented_shape(l.kl)
+    out.append(jax.vmap(lambda x, kl=l.kl: coarse_krylov.oriented(kl, x))(
+        linalg.leading(slot, shape)))
+  return out
+
+
+def _written(model: BasesModelState, layers, products) -> tuple:
+  slots = list(model.products)
+  for l, p in zip(layers, products):
+    oriented = jax.vmap(lambda x, kl=l.kl: coarse_krylov.oriented(kl, x))(p)
+    slots[l.kl.layer.kernel] = linalg.set_leading(slots[l.kl.layer.kernel],
+                                                  oriented)
+  return tuple(slots)
+
+
+class BasesFisher(NamedTuple):
+  """``F̃_λ`` on the coarse layers through ``B`` (duck-types
+  ``coarse_model.ModelFisher`` for ``coarse_model.step``).
+
+  Attributes:
+    layers: the ``CoarseLayer``s with the kept basis.
+    products: ``stored_products``.
+    damping: ``λ``.
+  """
+  layers: Any
+  products: Any
+  damping: Any
+
+  def project(self, xs, size, dtype):
+    """``R F̃_λ x`` ``[S]``."""
+    on = sum(jnp.einsum("kde,de->k", p, x) for p, x in zip(self.products, xs))
+    return on + self.damping * level.project_all(self.layers, xs, size, dtype)
+
+  def lift(self, beta):
+    """``F̃_λ Rᵀβ`` per layer."""
+    return [jnp.einsum("k,kde->de", beta, p) + self.damping * x
+            for p, x in zip(self.products, level.lift_all(self.layers, beta))]
+
+  def coarse_matrix(self, size, dtype):
+    """``R F̃ Rᵀ`` ``[S, S]`` (undamped)."""
+    fc = jnp.zeros((size, size), dtype)
+    for l, p in zip(self.layers, self.products):
+      fc = fc.at[:, l.idx].set(jnp.einsum("kde,nde->kn", p, l.basis))
+    return fc
+
+
+def corrected(space, combine, layers, state, toks_of, v, b, precondition,
+              scaled, size, dtype, m, lam, coarse_damping, schedule_of_stats,
+              axis_name):
+  """One multiplicative or balanced correction on a refreshed residual space
+  with the model's products.
+
+  Args:
+    space: ``"residual"`` or ``"krylov_residual"``.
+    combine: ``"multiplicative"`` or ``"balanced"``.
+    layers: the ``CoarseLayer``s (placeholder bases).
+    state: the ``TwoLevelState`` (its ``bases``, ``model``, ``coarse_count``,
+      ``health`` and previous ``coarse_inverse``).
+    toks_of: ``() ↦`` the statistics' tokens of the coarse layers (called on
+      statistics steps only).
+    v, b: ``∇`` and ``M⁻¹∇`` per coarse layer.
+    precondition: per-layer matrices ↦ ``M⁻¹`` of them.
+    scaled: ``fine_scale="model"``.
+    size, dtype, m: ``S``, the coarse dtype, the statistics' examples.
+    lam: ``λ``; coarse_damping: ``"consistent"`` or ``"identity"``.
+    schedule_of_stats: ``(stats_every, stats_due, static_stats)``.
+    axis_name: the data-parallel axis, or None.
+
+  Returns:
+    ``(Δ per layer, α, inverse, model, coarse_count, health, bases)``. A
+    failed ``F_c`` inverse keeps the previous one and is counted.
+  """
+  every, due, static = schedule_of_stats
+
+  def rebuild(operand):
+    bases, model, count, health = operand
+    toks = toks_of()
+    fb = level.statistics_fvp(toks, m, lam, axis_name)(b)
+    new_bases, ok = coarse_refresh.rebuilt(
+        space, layers, bases, [x - f for x, f in zip(v, fb)], precondition)
+    new_layers = coarse_refresh.stored_layers(layers, new_bases)
+    products = batch_products(new_layers, toks, size, dtype, axis_name)
+    ok = ok & linalg.all_finite(*products)
+    keep = lambda old, new: None if old is None else jnp.where(ok, new, old)
+    health = health._replace(nonfinite_statistics=health.nonfinite_statistics
+                             + (~ok).astype(jnp.int32))
+    return (tuple(map(keep, bases, new_bases)),
+            model._replace(products=tuple(map(
+                keep, model.products, _written(model, new_layers, products)))),
+            count + ok.astype(jnp.int32), health)
+
+  bases, model, count, health = schedule.maybe(
+      every, due, rebuild, lambda o: o,
+      (state.bases, state.model, state.coarse_count, state.health), static)
+  kept = coarse_refresh.stored_layers(layers, bases)
+  fisher = BasesFisher(kept, stored_products(kept, model), lam)
+  new, ok = coarse_model.coarse_inverse(fisher, lam, coarse_damping, size, dtype)
+  inverse = jnp.where(ok, new, state.coarse_inverse)
+  health = health._replace(failed_inverses=health.failed_inverses
+                           + (~ok).astype(jnp.int32))
+  delta, alpha = coarse_model.step(
+      combine, fisher, inverse, v, b, precondition, scaled, size, dtype,
+      coarse_model.scale_of(model, toks_of, m, lam, every, due, static,
+                            axis_name))
+  return delta, alpha, inverse, model._replace(scale=alpha), count, health, bases
