@@ -3,6 +3,7 @@ parametrized families (``tengrad_gramN``, ``tengrad_everyN``,
 ``kfac_statsN``, ``two_level_COMBINE_SPACE[_ggn|_mixed|_kronecker]``,
 ``two_level_COMBINE_SPACE_stored[N]``, ``two_level_COMBINE_SPACE_subsampleN``,
 ``two_level_COMBINE_spectral_iterK``, ``two_level_COMBINE_RESIDUAL_refreshed``,
+``two_level_COMBINE_SPACE_kronecker_batchN``,
 ``two_level_COMBINE_SPACE_klN`` (also ``…_storedN_klN``, ``…_iterK_klN``,
 ``…_refreshed_klN``, ``…_subsampleN_klN``),
 ``kfac_adaptive_relative_modelN``),
@@ -110,17 +111,29 @@ def two_level_refreshed(name: str):
   return head if ok else None
 
 
+def two_level_model_batch(name: str):
+  """``(variant, coarse_batch)`` of ``two_level_COMBINE_SPACE_kronecker_batchN``
+  (the Kronecker model's tokens from the statistics' first N examples),
+  else None."""
+  head, sep, tail = name.rpartition("_batch")
+  if (not sep or head not in TWO_LEVEL_VARIANTS or not head.endswith("_kronecker")
+      or suffix_count(tail, "") is None):
+    return None
+  return head, int(tail)
+
+
 def two_level_kl_clip(name: str):
   """``(variant, κ)`` of ``VARIANT_klN``: a two-level variant
   (``two_level_COMBINE_SPACE``, or its ``_stored[N]``, ``_subsampleN``,
-  ``_iterK`` or ``_refreshed`` form)
+  ``_iterK``, ``_refreshed`` or ``_kronecker_batchN`` form)
   with KL-clip κ = N instead of the task's, else None."""
   head, sep, tail = name.rpartition("_kl")
   if not sep or suffix_count(tail, "") is None or not (
       head in TWO_LEVEL_VARIANTS or two_level_stored(head) is not None
       or two_level_subsample(head) is not None
       or two_level_spectral_iterations(head) is not None
-      or two_level_refreshed(head) is not None):
+      or two_level_refreshed(head) is not None
+      or two_level_model_batch(head) is not None):
     return None
   return head, int(tail)
 
@@ -143,6 +156,7 @@ def known(name: str) -> bool:
           or two_level_subsample(name) is not None
           or two_level_spectral_iterations(name) is not None
           or two_level_refreshed(name) is not None
+          or two_level_model_batch(name) is not None
           or two_level_kl_clip(name) is not None
           or tengrad_gram(name) is not None
           or tengrad_every(name) is not None

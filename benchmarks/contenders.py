@@ -57,7 +57,8 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   steps, ``residual_refresh="statistics"``): their products from
   Tselepidis' Kronecker model of the whole Fisher from the last statistics
   batch (``fisher_products="kronecker"``: no statistics pass between
-  statistics steps);
+  statistics steps); ``…_kronecker_batchN``: the model's tokens from the
+  statistics' first N examples (``coarse_batch=N``);
   ``two_level_COMBINE_SPACE_storedN`` (or
   ``_stored``: all examples; statistics' products): the per-step correction from the tokens of
   the last statistics batch's first N examples (``coarse_statistics=
@@ -425,8 +426,10 @@ def make_contender(name: str, task) -> Contender:
     return _natural(name, task, kfe.two_level_kfac,
                     {"combine": combine, "coarse_space": space,
                      "coarse_statistics": "subsample", "coarse_batch": rows})
-  if name in TWO_LEVEL_VARIANTS or names.two_level_stored(name) is not None:
+  if (name in TWO_LEVEL_VARIANTS or names.two_level_stored(name) is not None
+      or names.two_level_model_batch(name) is not None):
     variant, stored = names.two_level_stored(name) or (name, False)
+    variant, model_rows = names.two_level_model_batch(variant) or (variant, None)
     products = next((p for p in ("ggn", "mixed", "kronecker")
                      if variant.endswith("_" + p)),
                     "statistics")
@@ -436,6 +439,8 @@ def make_contender(name: str, task) -> Contender:
              {"coarse_statistics": "stored", "coarse_batch": stored})
     if products == "kronecker" and space in coarse.PER_STEP_SPACES:
       extra["residual_refresh"] = "statistics"     # the model's only schedule
+    if model_rows is not None:                     # the model's first N examples
+      extra["coarse_batch"] = model_rows
     return _natural(name, task, kfe.two_level_kfac,
                     {"combine": combine, "coarse_space": space,
                      "fisher_products": products, **extra})

@@ -103,9 +103,10 @@ def check_two_level_options(fine_scale, coarse_batch, fisher_products, options,
   if options.get("stats_batch") is not None:
     raise ValueError("scale_by_two_level_kfac reads the whole batch's statistics"
                      ": leave stats_batch unset (see coarse_batch=).")
-  if coarse_batch is not None and fisher_products != "statistics":
+  if coarse_batch is not None and fisher_products not in ("statistics", "kronecker"):
     raise ValueError(f"coarse_batch subsamples the statistics' per-example "
-                     f"gradients (fisher_products='statistics'); with "
+                     f"gradients (fisher_products='statistics') or the Kronecker "
+                     f"model's tokens ('kronecker'); with "
                      f"fisher_products={fisher_products!r} pass a smaller batch "
                      f"to update, or leave coarse_batch unset.")
 

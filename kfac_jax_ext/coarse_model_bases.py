@@ -19,11 +19,11 @@ residual ``res = ∇ − F_λM⁻¹∇`` with that batch's statistics' Fisher an
 refreshed ``M⁻¹``) and ``B`` formed from the same batch's tokens (``A_jl``,
 ``G_lj`` per pair of layers, K-FAC's scaling, pooled per example where token
 counts differ, as ``coarse.kronecker_sums``); both are kept until the next
-one. Between statistics steps a multiplicative or balanced step then costs
-``O(S·P)`` (``S`` basis vectors, ``P`` coarse-layer parameters) and no
-statistics pass, as on the fixed spaces; ``F_c`` is formed from ``B`` every
-step, so Galerkin orthogonality ``R(∇ − F̃_λΔ) = 0`` holds exactly for the
-model's ``F̃_λ = F̃ + λI``. The fine step's model scale ``α`` is measured on
+one, with ``F_c = R F̃ Rᵀ`` from ``B`` and its inverse. Between statistics
+steps a multiplicative or balanced step then costs ``O(S·P)`` (``S`` basis
+vectors, ``P`` coarse-layer parameters) and no statistics pass, as on the
+fixed spaces, and Galerkin orthogonality ``R(∇ − F̃_λΔ) = 0`` holds exactly
+for the model's ``F̃_λ = F̃ + λI``. The fine step's model scale ``α`` is measured on
 statistics steps with the statistics' Fisher and held (``coarse_model``).
 
 Memory and cost: ``B`` is ``S × P`` numbers (8 × 2.8 M on the MNIST
@@ -93,26 +93,37 @@ def cross_factors(tok_j, tok_l):
 def batch_products(layers, toks, size: int, dtype, axis_name=None):
   """Per coarse layer ``j``, ``[S, d_aj, d_gj]``: ``B_kj = A_jl Z_k G_lj``
   for every basis vector ``k`` (of layer ``l``: ``layers[l].basis``, at its
-  indices ``idx``) from this batch's tokens; 0 at unused indices. The cross
-  factors are the devices' mean before the products (``B`` is bilinear in
-  them)."""
-  n = len(layers)
-  factors = {}
-  for j in range(n):
-    for l in range(j, n):
-      factors[j, l] = distributed.mean(cross_factors(toks[j], toks[l]), axis_name)
-  out = []
-  for j, l_j in enumerate(layers):
-    prod = jnp.zeros((size, l_j.kl.d_a, l_j.kl.d_g), dtype)
-    for l, l_l in enumerate(layers):
-      if j <= l:
-        a_jl, g_lj = factors[j, l]
-      else:                   # A_jl = A_ljᵀ, G_lj = G_jlᵀ
-        a_lj, g_jl = factors[l, j]
-        a_jl, g_lj = a_lj.T, g_jl.T
-      prod = prod.at[l_l.idx].set(
-          jnp.einsum("de,kef,fg->kdg", a_jl, l_l.basis, g_lj))
-    out.append(prod)
+  indices ``idx``) from this batch's tokens; 0 at unused indices.
+
+  Where a pair's factors are one token per example (dense layers, or
+  pooled per example where the token counts differ) through the examples:
+  ``C_k = P_al Z_k P_glᵀ`` ``[N, N]`` and ``B_kj = P_ajᵀ C_k P_gj /
+  (N²√(T_jT_l))`` (``P_a``: per-example means of ``ā``, ``P_g``: sums of
+  ``g``), ``O(N·P + N²·Σd_g)`` per basis vector for ``N`` examples, the
+  devices' examples gathered (``B`` is bilinear in the batch). Two layers
+  with the same ``T > 1`` tokens per example (convs of one map size) through
+  their cross factors (``cross_factors``, the devices' mean), as the
+  examples' ``C_k`` would be ``[NT, NT]``.
+  """
+  gather = lambda x: distributed.gather_examples(x, axis_name)
+  pooled = [(gather(a.mean(1)), gather(g.sum(1))) for a, g in toks]
+  count = pooled[0][0].shape[0]
+  out = [jnp.zeros((size, l.kl.d_a, l.kl.d_g), dtype) for l in layers]
+  for l, l_l in enumerate(layers):
+    t_l = toks[l][0].shape[1]
+    c = None
+    for j in range(len(layers)):
+      t_j = toks[j][0].shape[1]
+      if t_j == t_l > 1:
+        a_jl, g_lj = distributed.mean(cross_factors(toks[j], toks[l]), axis_name)
+        block = jnp.einsum("de,kef,fg->kdg", a_jl, l_l.basis, g_lj)
+      else:
+        if c is None:   # [m_l, N, N]
+          c = jnp.einsum("nd,kde,me->knm", pooled[l][0], l_l.basis, pooled[l][1])
+        p_a, p_g = pooled[j]
+        block = jnp.einsum("nd,kne->kde", p_a, jnp.einsum("knm,me->kne", c, p_g)) / (
+            count ** 2 * (t_j * t_l) ** 0.5)
+      out[j] = out[j].at[l_l.idx].set(block)
   return out
 
 
@@ -190,37 +201,42 @@ def corrected(space, combine, layers, state, toks_of, v, b, precondition,
     axis_name: the data-parallel axis, or None.
 
   Returns:
-    ``(Δ per layer, α, inverse, model, coarse_count, health, bases)``. A
-    failed ``F_c`` inverse keeps the previous one and is counted.
+    ``(Δ per layer, α, inverse, model, coarse_count, health, bases)``.
+    ``F_c⁻¹`` is formed on statistics steps with the basis and ``B`` (all
+    three fixed between them); a non-finite batch or a failed inverse keeps
+    the previous three and is counted.
   """
   every, due, static = schedule_of_stats
 
   def rebuild(operand):
-    bases, model, count, health = operand
+    bases, model, inverse, count, health = operand
     toks = toks_of()
     fb = level.statistics_fvp(toks, m, lam, axis_name)(b)
     new_bases, ok = coarse_refresh.rebuilt(
         space, layers, bases, [x - f for x, f in zip(v, fb)], precondition)
     new_layers = coarse_refresh.stored_layers(layers, new_bases)
     products = batch_products(new_layers, toks, size, dtype, axis_name)
-    ok = ok & linalg.all_finite(*products)
+    stats_ok = ok & linalg.all_finite(*products)
+    new_inverse, inverse_ok = coarse_model.coarse_inverse(
+        BasesFisher(new_layers, products, lam), lam, coarse_damping, size, dtype)
+    ok = stats_ok & inverse_ok       # basis, B and F_c⁻¹ change together
     keep = lambda old, new: None if old is None else jnp.where(ok, new, old)
-    health = health._replace(nonfinite_statistics=health.nonfinite_statistics
-                             + (~ok).astype(jnp.int32))
+    health = health._replace(
+        nonfinite_statistics=health.nonfinite_statistics
+        + (~stats_ok).astype(jnp.int32),
+        failed_inverses=health.failed_inverses
+        + (stats_ok & ~inverse_ok).astype(jnp.int32))
     return (tuple(map(keep, bases, new_bases)),
             model._replace(products=tuple(map(
                 keep, model.products, _written(model, new_layers, products)))),
-            count + ok.astype(jnp.int32), health)
+            keep(inverse, new_inverse), count + ok.astype(jnp.int32), health)
 
-  bases, model, count, health = schedule.maybe(
-      every, due, rebuild, lambda o: o,
-      (state.bases, state.model, state.coarse_count, state.health), static)
+  bases, model, inverse, count, health = schedule.maybe(
+      every, due, rebuild, lambda o: o, (state.bases, state.model,
+                                         state.coarse_inverse, state.coarse_count,
+                                         state.health), static)
   kept = coarse_refresh.stored_layers(layers, bases)
   fisher = BasesFisher(kept, stored_products(kept, model), lam)
-  new, ok = coarse_model.coarse_inverse(fisher, lam, coarse_damping, size, dtype)
-  inverse = jnp.where(ok, new, state.coarse_inverse)
-  health = health._replace(failed_inverses=health.failed_inverses
-                           + (~ok).astype(jnp.int32))
   delta, alpha = coarse_model.step(
       combine, fisher, inverse, v, b, precondition, scaled, size, dtype,
       coarse_model.scale_of(model, toks_of, m, lam, every, due, static,

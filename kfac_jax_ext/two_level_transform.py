@@ -112,10 +112,10 @@ def scale_by_two_level_kfac(
       ``r = ∇ − F_λQ∇`` balanced): a descent direction (K-FAC's ``M⁻¹∇`` is
       often far longer than ``F_λ⁻¹∇``; docs/methods.md). ``"none"``: α = 1.
       Galerkin orthogonality holds for both. Other leaves get ``αM⁻¹∇``.
-    coarse_batch: with ``fisher_products="statistics"``, the coarse level's
-      ``F`` (products, ``F_c``) is ``(1/n) Σ_{k<n} u_k u_kᵀ`` over the first
-      ``n = min(M, coarse_batch)`` examples (per device): unbiased, at ``n/M``
-      of the products' cost. ``None`` (default): all ``M``.
+    coarse_batch: the coarse level's ``F`` (products, ``F_c``; with
+      ``"kronecker"`` the model's tokens) from the statistics' first ``n =
+      min(M, coarse_batch)`` examples (per device): unbiased, at ``n/M`` of
+      the products' cost. ``None`` (default): all ``M``.
     coarse_statistics: a per-step correction's ``F``: ``"batch"`` (default:
       each step's; a statistics pass every step), ``"stored"`` (the last
       statistics batch's tokens, kept in the state, as Koroko et al.'s code;

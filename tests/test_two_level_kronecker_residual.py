@@ -56,6 +56,27 @@ def test_residual_step_equals_the_closed_form_with_the_kronecker_model(space, co
   assert float(jnp.max(jnp.abs(expected - alpha * minv(grad)))) > 1e-3 * scale
 
 
+def test_coarse_batch_takes_the_model_from_the_first_examples():
+  """``coarse_batch=4`` of 7 examples: the basis' residual, the model ``F̃``
+  and α from the first 4 examples' statistics, the gradient and ``M⁻¹``
+  from all 7."""
+  loss, params, batch = _mlp(squared=True)
+  delta, _ = _direction(loss, params, batch, combine="multiplicative",
+                        coarse_space="residual", coarse_batch=4, **MODELLED)
+  grad, _, _ = _fishers(loss, params, batch)
+  first = jax.tree_util.tree_map(lambda x: x[:4], batch)
+  _, model, stats = _fishers(loss, params, first)
+  minv = _base_inverse(loss, params, batch)
+  rows = _rows("residual", params, grad, stats, minv)
+  expected, _ = _expected("multiplicative", rows, model, stats, grad, minv)
+  scale = float(jnp.max(jnp.abs(expected)))
+  np.testing.assert_allclose(delta, expected, rtol=0, atol=1e-9 * scale)
+  _, whole, stats7 = _fishers(loss, params, batch)
+  other, _ = _expected("multiplicative", _rows("residual", params, grad, stats7,
+                                               minv), whole, stats7, grad, minv)
+  assert float(jnp.max(jnp.abs(other - expected))) > 1e-4 * scale
+
+
 def test_between_statistics_steps_the_basis_products_and_scale_are_held():
   """Statistics every second step: the second update runs no statistics
   pass and equals the closed form with the first step's basis, model and α
@@ -94,22 +115,22 @@ def test_products_on_rank_one_bases_equal_the_atoms_projections():
   """With rank-one bases ``p qᵀ`` the full products are the atoms'
   ``a_kj c_kjᵀ`` of ``coarse_model`` (tested against Tselepidis' ``F_c`` on a
   CNN), for equal and for different token counts (pooled per example)."""
-  keys = jax.random.split(jax.random.PRNGKey(7), 12)
-  dims, tokens = [(3, 4, 4), (5, 2, 4), (4, 3, 1)], []
+  keys = jax.random.split(jax.random.PRNGKey(7), 12)   # T: equal, pooled, one
+  dims, tokens = [(3, 4, 4), (5, 2, 4), (4, 3, 1), (2, 3, 9)], []
   for k, (d_a, d_g, t) in enumerate(dims):
     tokens.append((jax.random.normal(keys[2 * k], (6, t, d_a), jnp.float64),
                    jax.random.normal(keys[2 * k + 1], (6, t, d_g), jnp.float64)))
   layers = []
   for k, (d_a, d_g, _) in enumerate(dims):
     basis, rank_one = coarse.layer_basis(
-        "spectral", d_a, d_g, jax.random.normal(keys[6 + k], (d_a,), jnp.float64),
+        "spectral", d_a, d_g, jax.random.normal(keys[8 + k], (d_a,), jnp.float64),
         jnp.linspace(-1.0, 2.0, d_g, dtype=jnp.float64))
     layers.append(coarse_level.CoarseLayer(_Layer(d_a, d_g), jnp.array([k]),
                                            basis, rank_one))
-  full = coarse_model_bases.batch_products(layers, tokens, 3, jnp.float64)
+  full = coarse_model_bases.batch_products(layers, tokens, 4, jnp.float64)
   atoms = coarse_model.batch_projections(layers, tokens)
-  for j in range(3):
-    for i in range(3):
+  for j in range(4):
+    for i in range(4):
       a_ij, c_ij = atoms[j][i]
       np.testing.assert_allclose(full[j][i], jnp.outer(a_ij[0], c_ij[0]),
                                  rtol=1e-12, atol=1e-14)
