@@ -19,7 +19,9 @@ Koroko et al.'s residual spaces follow the gradient: ``"residual"`` is
   until the next rebuild. The additive step between statistics steps is
   then ``ω₁M⁻¹∇ + ω₂Q∇`` with no statistics pass and no product: it costs
   what Nicolaides' does. Multiplicative and balanced steps treat it as
-  any fixed space (their products and ``F_c`` from each step's tokens).
+  any fixed space (their products and ``F_c`` from each step's tokens; with
+  ``fisher_products="kronecker"`` from the Kronecker model's products with
+  the basis, formed with it: ``coarse_model_bases``).
 
 (Koroko et al.'s code rebuilds ``R`` every step but refreshes ``F_c`` only
 every ``T_cov`` steps, so its ``F_c`` is that of an older basis; here the
