@@ -16,24 +16,33 @@ for the basis vector ``Z_k`` of layer ``l``,
 
 On each statistics step the basis is rebuilt (``coarse_refresh``: the
 residual ``res = ∇ − F_λM⁻¹∇`` with that batch's statistics' Fisher and the
-refreshed ``M⁻¹``) and ``B`` formed from the same batch's tokens (``A_jl``,
-``G_lj`` per pair of layers, K-FAC's scaling, pooled per example where token
-counts differ, as ``coarse.kronecker_sums``); both are kept until the next
-one, with ``F_c = R F̃ Rᵀ`` from ``B`` and its inverse. Between statistics
-steps a multiplicative or balanced step then costs ``O(S·P)`` (``S`` basis
-vectors, ``P`` coarse-layer parameters) and no statistics pass, as on the
-fixed spaces, and Galerkin orthogonality ``R(∇ − F̃_λΔ) = 0`` holds exactly
-for the model's ``F̃_λ = F̃ + λI``. The fine step's model scale ``α`` is measured on
-statistics steps with the statistics' Fisher and held (``coarse_model``).
+refreshed ``M⁻¹``), ``B`` is formed from the same batch's tokens (the
+factors as ``coarse_model``'s: K-FAC's scaling, pooled per example where
+token counts differ) and ``F_c = R F̃ Rᵀ`` from ``B`` inverted; the three
+are kept until the next one. Between statistics steps a multiplicative or
+balanced step then costs ``O(S·P)`` (``S`` basis vectors, ``P`` coarse-layer
+parameters: a read of ``B``) and no statistics pass, as on the fixed
+spaces, and Galerkin orthogonality ``R(∇ − F̃_λΔ) = 0`` holds exactly for
+the model's ``F̃_λ = F̃ + λI``. The fine step's model scale ``α`` is measured
+on statistics steps with the statistics' Fisher and held (``coarse_model``).
 
 Memory and cost: ``B`` is ``S × P`` numbers (8 × 2.8 M on the MNIST
-autoencoder with ``"residual"``, twice that with ``"krylov_residual"``), and a
-statistics step forms every pair's cross factors, ``O(K·((Σd_a)² +
-(Σd_g)²))`` for ``K`` tokens, plus ``O(Σ_l m_l·d_al·(d_gl·Σd_g + P))`` for the
-products: meant for models of tens of layers of moderate width.
+autoencoder with ``"residual"``, twice that with ``"krylov_residual"``); a
+statistics step forms it in ``O(N·P + N²·Σd_g)`` per basis vector for ``N``
+examples (``batch_products``): pass ``coarse_batch`` (e.g. a quarter of the
+batch) to take the model, the residual's Fisher and α from the first
+``N`` examples only. Meant for models of tens of layers, as the coarse
+level's ``S × S`` matrix is.
 
-A non-finite batch (or basis) keeps the previous basis and ``B`` together,
-and is counted in ``health.nonfinite_statistics``.
+A non-finite batch or basis, or a failed ``F_c`` inverse, keeps the previous
+basis, ``B`` and ``F_c⁻¹`` together, and is counted in ``health``.
+
+Example::
+
+  >>> tx = kfe.two_level_kfac(loss_fn, 0.3, damping=0.03, kl_clip=1.0,
+  ...                         combine="multiplicative", coarse_space="residual",
+  ...                         residual_refresh="statistics",
+  ...                         fisher_products="kronecker", coarse_batch=250)
 """
 
 from __future__ import annotations
