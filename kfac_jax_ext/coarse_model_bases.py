@@ -195,19 +195,8 @@ def corrected(space, combine, layers, state, toks_of, v, b, precondition,
 
   Args:
     space: ``"residual"`` or ``"krylov_residual"``.
-    combine: ``"multiplicative"`` or ``"balanced"``.
-    layers: the ``CoarseLayer``s (placeholder bases).
-    state: the ``TwoLevelState`` (its ``bases``, ``model``, ``coarse_count``,
-      ``health`` and previous ``coarse_inverse``).
-    toks_of: ``() ↦`` the statistics' tokens of the coarse layers (called on
-      statistics steps only).
-    v, b: ``∇`` and ``M⁻¹∇`` per coarse layer.
-    precondition: per-layer matrices ↦ ``M⁻¹`` of them.
-    scaled: ``fine_scale="model"``.
-    size, dtype, m: ``S``, the coarse dtype, the statistics' examples.
-    lam: ``λ``; coarse_damping: ``"consistent"`` or ``"identity"``.
-    schedule_of_stats: ``(stats_every, stats_due, static_stats)``.
-    axis_name: the data-parallel axis, or None.
+    The others as ``coarse_model.corrected``'s (``layers`` with placeholder
+    bases; ``state`` gives ``bases`` too).
 
   Returns:
     ``(Δ per layer, α, inverse, model, coarse_count, health, bases)``.

@@ -557,6 +557,19 @@ def test_refreshed_residual_variants_parse_and_build(monkeypatch):
       "residual_refresh": "statistics"}
 
 
+def test_kronecker_model_batch_variants_parse_and_build(monkeypatch):
+  name = "two_level_balanced_krylov_residual_kronecker_batch64"
+  assert contenders.known(name) and contenders.known(name + "_kl1")
+  for bad in ("two_level_balanced_krylov_residual_batch64",
+              "two_level_additive_nicolaides_kronecker_batch64",
+              "two_level_balanced_residual_kronecker_batch0"):
+    assert not contenders.known(bad)
+  assert _two_level_options_of(name, monkeypatch, "coarse_batch") == {
+      "combine": "balanced", "coarse_space": "krylov_residual", "coarse_batch": 64}
+  assert _two_level_options_of(name, monkeypatch, "residual_refresh")[
+      "residual_refresh"] == "statistics"
+
+
 def test_subsample_variants_parse_and_take_no_statistics_every_step(monkeypatch):
   name = "two_level_multiplicative_nicolaides_subsample16"
   assert contenders.known(name) and contenders.settings_name(name) == (
