@@ -52,7 +52,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kfac_jax_ext import coarse_krylov
 from kfac_jax_ext import coarse_level as level
 from kfac_jax_ext import coarse_model
 from kfac_jax_ext import coarse_refresh
@@ -138,21 +137,16 @@ def batch_products(layers, toks, size: int, dtype, axis_name=None):
 
 def stored_products(layers, model: BasesModelState):
   """Per coarse layer, ``[S, d_a, d_g]`` read from the state's slots."""
-  out = []
-  for l in layers:
-    slot = model.products[l.kl.layer.kernel]
-    shape = (slot.shape[0],) + coarse_krylov.oriented_shape(l.kl)
-    out.append(jax.vmap(lambda x, kl=l.kl: coarse_krylov.oriented(kl, x))(
-        linalg.leading(slot, shape)))
-  return out
+  return [coarse_refresh.read_matrices(model.products[l.kl.layer.kernel], l.kl,
+                                       model.products[l.kl.layer.kernel].shape[0])
+          for l in layers]
 
 
 def _written(model: BasesModelState, layers, products) -> tuple:
   slots = list(model.products)
   for l, p in zip(layers, products):
-    oriented = jax.vmap(lambda x, kl=l.kl: coarse_krylov.oriented(kl, x))(p)
-    slots[l.kl.layer.kernel] = linalg.set_leading(slots[l.kl.layer.kernel],
-                                                  oriented)
+    slots[l.kl.layer.kernel] = coarse_refresh.written_matrices(
+        slots[l.kl.layer.kernel], l.kl, p)
   return tuple(slots)
 
 

@@ -82,15 +82,24 @@ def slots(shapes, space: str, dtype) -> tuple:
                if len(s) >= 2 else None for s in shapes)
 
 
+def read_matrices(slot, kl, count: int):
+  """``[count, d_a, d_g]``: the first ``count`` matrices of a leaf's
+  ``[m, rows, cols]`` slot, in the layer's ``[d_a, d_g]`` orientation."""
+  shape = (count,) + coarse_krylov.oriented_shape(kl)
+  return jax.vmap(lambda x: coarse_krylov.oriented(kl, x))(linalg.leading(slot, shape))
+
+
+def written_matrices(slot, kl, mats):
+  """``slot`` with ``mats`` ``[n, d_a, d_g]`` written at its leading corner in
+  the leaf's (rows, cols) orientation (``read_matrices``' inverse)."""
+  return linalg.set_leading(slot, jax.vmap(lambda x: coarse_krylov.oriented(kl, x))(mats))
+
+
 def stored_layers(layers, bases):
   """The coarse layers with their basis read from the state's slots."""
-  out = []
-  for l in layers:
-    shape = (l.idx.shape[0],) + coarse_krylov.oriented_shape(l.kl)
-    basis = linalg.leading(bases[l.kl.layer.kernel], shape)
-    out.append(l._replace(basis=jax.vmap(
-        lambda x, kl=l.kl: coarse_krylov.oriented(kl, x))(basis), rank_one=None))
-  return out
+  return [l._replace(basis=read_matrices(bases[l.kl.layer.kernel], l.kl,
+                                         l.idx.shape[0]), rank_one=None)
+          for l in layers]
 
 
 def rebuilt(space: str, layers, bases, residual, precondition):
@@ -104,6 +113,5 @@ def rebuilt(space: str, layers, bases, residual, precondition):
   bases = list(bases)
   for l in new:
     slot = bases[l.kl.layer.kernel]
-    basis = jax.vmap(lambda x, kl=l.kl: coarse_krylov.oriented(kl, x))(l.basis)
-    bases[l.kl.layer.kernel] = jnp.where(ok, linalg.set_leading(slot, basis), slot)
+    bases[l.kl.layer.kernel] = jnp.where(ok, written_matrices(slot, l.kl, l.basis), slot)
   return tuple(bases), ok
