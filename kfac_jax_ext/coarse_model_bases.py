@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_ext import coarse_krylov
 from kfac_jax_ext import coarse_level as level
 from kfac_jax_ext import coarse_model
 from kfac_jax_ext import coarse_refresh
@@ -135,11 +136,11 @@ def batch_products(layers, toks, size: int, dtype, axis_name=None):
   return out
 
 
-def stored_products(layers, model: BasesModelState):
-  """Per coarse layer, ``[S, d_a, d_g]`` read from the state's slots."""
-  return [coarse_refresh.read_matrices(model.products[l.kl.layer.kernel], l.kl,
-                                       model.products[l.kl.layer.kernel].shape[0])
-          for l in layers]
+def _slot_of(layers, model: BasesModelState):
+  """Per coarse layer, its ``[S, rows, cols]`` slot of ``B`` (not sliced:
+  ``BasesFisher`` brings ``x`` to the slot instead, as a sliced ``B`` would
+  be a copy of ``S × P`` numbers on every step)."""
+  return [model.products[l.kl.layer.kernel] for l in layers]
 
 
 def _written(model: BasesModelState, layers, products) -> tuple:
@@ -150,28 +151,56 @@ def _written(model: BasesModelState, layers, products) -> tuple:
   return tuple(slots)
 
 
+def _to_slot(kl, x, shape):
+  """A ``[d_a, d_g]`` matrix in a ``shape`` ``(rows, cols)`` slot's
+  orientation, zero-padded to it (``B``'s padding is zero: written at the
+  leading corner of zeros)."""
+  x = coarse_krylov.oriented(kl, x)
+  return jnp.pad(x, [(0, n - m) for n, m in zip(shape, x.shape)])
+
+
+def _from_slot(kl, y):
+  """``_to_slot``'s inverse on a ``(rows, cols)`` matrix."""
+  return coarse_krylov.oriented(kl, linalg.leading(y, coarse_krylov.oriented_shape(kl)))
+
+
 class BasesFisher(NamedTuple):
-  """``F̃_λ`` on the coarse layers through ``B`` (duck-types
-  ``coarse_model.ModelFisher`` for ``coarse_model.step``).
+  """``F̃_λ`` on the coarse layers through the kept ``B`` (duck-types
+  ``coarse_model.ModelFisher``'s products for ``coarse_model.step``).
 
   Attributes:
     layers: the ``CoarseLayer``s with the kept basis.
-    products: ``stored_products``.
+    slots: per layer, ``B`` in its state slot ``[S, rows, cols]``
+      (``BasesModelState.products``).
     damping: ``λ``.
   """
   layers: Any
-  products: Any
+  slots: Any
   damping: Any
 
   def project(self, xs, size, dtype):
     """``R F̃_λ x`` ``[S]``."""
-    on = sum(jnp.einsum("kde,de->k", p, x) for p, x in zip(self.products, xs))
+    on = sum(jnp.einsum("kde,de->k", p, _to_slot(l.kl, x, p.shape[1:]))
+             for l, p, x in zip(self.layers, self.slots, xs))
     return on + self.damping * level.project_all(self.layers, xs, size, dtype)
 
   def lift(self, beta):
     """``F̃_λ Rᵀβ`` per layer."""
-    return [jnp.einsum("k,kde->de", beta, p) + self.damping * x
-            for p, x in zip(self.products, level.lift_all(self.layers, beta))]
+    return [_from_slot(l.kl, jnp.einsum("k,kde->de", beta, p)) + self.damping * x
+            for l, p, x in zip(self.layers, self.slots,
+                               level.lift_all(self.layers, beta))]
+
+
+class FormedProducts(NamedTuple):
+  """A statistics step's ``B`` as formed (``batch_products``), for
+  ``coarse_model.coarse_inverse``.
+
+  Attributes:
+    layers: the ``CoarseLayer``s with the new basis.
+    products: per layer, ``[S, d_a, d_g]``.
+  """
+  layers: Any
+  products: Any
 
   def coarse_matrix(self, size, dtype):
     """``R F̃ Rᵀ`` ``[S, S]`` (undamped)."""
@@ -210,7 +239,7 @@ def corrected(space, combine, layers, state, toks_of, v, b, precondition,
     products = batch_products(new_layers, toks, size, dtype, axis_name)
     stats_ok = ok & linalg.all_finite(*products)
     new_inverse, inverse_ok = coarse_model.coarse_inverse(
-        BasesFisher(new_layers, products, lam), lam, coarse_damping, size, dtype)
+        FormedProducts(new_layers, products), lam, coarse_damping, size, dtype)
     ok = stats_ok & inverse_ok       # basis, B and F_c⁻¹ change together
     keep = lambda old, new: None if old is None else jnp.where(ok, new, old)
     health = health._replace(
@@ -228,7 +257,7 @@ def corrected(space, combine, layers, state, toks_of, v, b, precondition,
                                          state.coarse_inverse, state.coarse_count,
                                          state.health), static)
   kept = coarse_refresh.stored_layers(layers, bases)
-  fisher = BasesFisher(kept, stored_products(kept, model), lam)
+  fisher = BasesFisher(kept, _slot_of(kept, model), lam)
   delta, alpha = coarse_model.step(
       combine, fisher, inverse, v, b, precondition, scaled, size, dtype,
       coarse_model.scale_of(model, toks_of, m, lam, every, due, static,
