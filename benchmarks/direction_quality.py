@@ -22,8 +22,15 @@ step's batch or from another one (its reuse between refreshes), with
   takes it to be (``∇ᵀd``, right for ``d = M⁻¹∇`` with ``M ≈ F_λ``): above 1,
   the clip lets through a step that much larger than it means to.
 
+With ``--methods`` naming rows of ``RESIDUAL_KRON`` (e.g. ``"2L mult
+residual kron other batch"``): the Kronecker model's residual forms
+(``fisher_products="kronecker"``, ``residual_refresh="statistics"``,
+``coarse_batch=250``), their basis, ``B`` and α built on the step's batch
+or on another one (as between statistics steps); the running K-FAC state
+then takes that batch's statistics too (its inverses are not refreshed).
+
 Run: ``python -m benchmarks.direction_quality [--task autoencoder]
-[--steps 0,20,60] [--lr 0.1] [--damping 0.3]``.
+[--steps 0,20,60] [--lr 0.1] [--damping 0.3] [--methods a,b,...]``.
 """
 
 from __future__ import annotations
@@ -55,6 +62,17 @@ METHODS = {
                                    coarse_space="krylov_residual",
                                    fisher_products="ggn"),
 }
+# The Kronecker model's residual forms (basis, B and α from a statistics
+# batch, held until the next): built on the step's batch, and on another
+# one (as on the steps between statistics steps). Rows named in RESIDUAL_KRON
+# are run with ``--methods`` only (not by default).
+_KRON = dict(fisher_products="kronecker", residual_refresh="statistics",
+             coarse_batch=250)
+RESIDUAL_KRON = {
+    f"2L {dict(multiplicative='mult', balanced='bal')[c]} {space} kron{' other batch' if other else ''}": (
+        dict(combine=c, coarse_space=space, **_KRON), other)
+    for c in ("multiplicative", "balanced")
+    for space in ("residual", "krylov_residual") for other in (False, True)}
 
 
 def _dot(x, y):
@@ -108,6 +126,19 @@ def main(argv=None):
                     jax.tree_util.tree_map(lambda a, b: a - b, fvp(exact), grads))
     out = {"d*": (exact, jnp.sqrt(residual / _dot(grads, grads)))}
     for name in args.methods.split(","):
+      if name in RESIDUAL_KRON:
+        options, other = RESIDUAL_KRON[name]
+        tx = kfe.scale_by_two_level_kfac(task.loss_fn, **common, **options)
+        st = tx.init(params)._replace(base=base_state)
+        built = kfe.Due(statistics=True, inverses=False)
+        if other:   # basis, B, α from the other batch; this step between refreshes
+          _, st = tx.update(jax.grad(task.loss_fn)(params, stale), st, params,
+                            batch=stale, key=key, due=built)
+          st = st._replace(base=base_state)
+          built = kfe.Due(statistics=False, inverses=False)
+        d, _ = tx.update(grads, st, params, batch=batch, key=key, due=built)
+        out[name] = (d, None)
+        continue
       options = METHODS[name]
       # the additive correction's running coarse matrix starts from this
       # batch: its K-FAC row is refreshed on this batch too
