@@ -126,16 +126,26 @@ def two_level_kl_clip(name: str):
   """``(variant, κ)`` of ``VARIANT_klN``: a two-level variant
   (``two_level_COMBINE_SPACE``, or its ``_stored[N]``, ``_subsampleN``,
   ``_iterK``, ``_refreshed`` or ``_kronecker_batchN`` form)
-  with KL-clip κ = N instead of the task's, else None."""
+  with KL-clip κ = N instead of the task's (a positive int, or a decimal
+  such as ``0.25``), else None."""
   head, sep, tail = name.rpartition("_kl")
-  if not sep or suffix_count(tail, "") is None or not (
+  if not sep or _positive_number(tail) is None or not (
       head in TWO_LEVEL_VARIANTS or two_level_stored(head) is not None
       or two_level_subsample(head) is not None
       or two_level_spectral_iterations(head) is not None
       or two_level_refreshed(head) is not None
       or two_level_model_batch(head) is not None):
     return None
-  return head, int(tail)
+  return head, _positive_number(tail)
+
+
+def _positive_number(tail: str):
+  """``tail`` as a positive int (``"1"``) or decimal (``"0.25"``), else None."""
+  whole, dot, frac = tail.partition(".")
+  if not whole.isdigit() or (dot and not frac.isdigit()):
+    return None
+  value = float(tail) if dot else int(tail)
+  return value if value > 0 else None
 
 
 def settings_name(name: str) -> str:

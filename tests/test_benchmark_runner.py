@@ -12,7 +12,7 @@ import pickle
 import numpy as np
 import pytest
 
-from benchmarks import contenders, run, step_time, summary, tasks, training
+from benchmarks import contender_names, contenders, run, step_time, summary, tasks, training
 from kfac_jax_ext import datasets as data
 
 
@@ -597,8 +597,15 @@ def test_kl_clip_variants_parse_and_build_with_their_own_kappa(monkeypatch):
   for bad in ("two_level_multiplicative_nicolaides_kl0", "two_level_kfac_kl1",
               "kfac_kl1", "two_level_multiplicative_nicolaides_klx",
               "two_level_additive_nicolaides_iter2_kl1",
-              "two_level_multiplicative_nicolaides_kl1_kl1"):
+              "two_level_multiplicative_nicolaides_kl1_kl1",
+              "two_level_balanced_residual_kronecker_batch250_kl0.0",
+              "two_level_balanced_residual_kronecker_batch250_kl.25",
+              "two_level_balanced_residual_kronecker_batch250_kl0.",
+              "two_level_balanced_residual_kronecker_batch250_kl0.2.5"):
     assert not contenders.known(bad)
+  decimal = "two_level_balanced_residual_kronecker_batch250_kl0.25"
+  assert contenders.known(decimal) and contender_names.two_level_kl_clip(
+      decimal) == ("two_level_balanced_residual_kronecker_batch250", 0.25)
   seen = []
   real = contenders.kfe.two_level_kfac
 
@@ -610,14 +617,16 @@ def test_kl_clip_variants_parse_and_build_with_their_own_kappa(monkeypatch):
   monkeypatch.setattr(contenders.kfe, "two_level_kfac", recording)
   task = tasks.make_task("mlp", quick=True)
   hp = {"lr": 0.03, "damping": 0.1}
-  for contender_name in (name, "two_level_multiplicative_nicolaides", iterated):
+  for contender_name in (name, "two_level_multiplicative_nicolaides", iterated,
+                         "two_level_balanced_nicolaides_kl0.25"):
     built = contenders.make_contender(contender_name, task)
     assert built.name == contender_name
     built.init(task.params, hp)
   assert seen == [(1.0, "multiplicative", "nicolaides", None),
                   (task.kl_clip, "multiplicative", "nicolaides", None),
-                  (3.0, "balanced", "spectral", 2)]
-  assert task.kl_clip not in (1.0, 3.0)
+                  (3.0, "balanced", "spectral", 2),
+                  (0.25, "balanced", "nicolaides", None)]
+  assert task.kl_clip not in (1.0, 3.0, 0.25)
 
 
 def test_overview_table_spans_runs_and_bolds_the_fastest(tmp_path):
