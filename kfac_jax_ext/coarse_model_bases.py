@@ -153,8 +153,8 @@ def _written(model: BasesModelState, layers, products) -> tuple:
 
 def _to_slot(kl, x, shape):
   """A ``[d_a, d_g]`` matrix in a ``shape`` ``(rows, cols)`` slot's
-  orientation, zero-padded to it (``B``'s padding is zero: written at the
-  leading corner of zeros)."""
+  orientation, zero-padded to it (so ``⟨B_k, x⟩`` over the slot ignores
+  what ``B``'s padding holds)."""
   x = coarse_krylov.oriented(kl, x)
   return jnp.pad(x, [(0, n - m) for n, m in zip(shape, x.shape)])
 

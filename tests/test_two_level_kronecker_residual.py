@@ -161,3 +161,24 @@ def test_residual_spaces_need_the_statistics_refresh():
                                 fisher_products="kronecker")
   with pytest.raises(ValueError, match="additive one uses none"):
     kfe.scale_by_two_level_kfac(loss, coarse_space="residual", **MODELLED)
+
+
+@pytest.mark.parametrize("combine", ["multiplicative", "balanced"])
+def test_a_kernel_used_transposed_gives_the_transposed_step(combine):
+  """A 2-D kernel used as ``x @ Wᵀ`` (``W`` ``[out, in]``: A in the slot's
+  columns) gives the transposed step of the same model written ``x @ V``:
+  ``B`` and the basis live in the slot's orientation, ``x`` is brought to it."""
+  loss, params, batch = _mlp(n=7, sizes=(3, 5, 2), squared=True)
+  flipped = [dict(p, w=p["w"].T) for p in params]
+
+  def flipped_loss(p, b):
+    return loss([dict(q, w=q["w"].T) for q in p], b)
+
+  options = dict(combine=combine, coarse_space="krylov_residual", **MODELLED)
+  delta, _ = _direction(loss, params, batch, **options)
+  tx = kfe.scale_by_two_level_kfac(flipped_loss, **{**EXACT, **options})
+  out, _ = tx.update(jax.grad(flipped_loss)(flipped, batch), tx.init(flipped),
+                     flipped, batch=batch)
+  back = _flat([dict(q, w=q["w"].T) for q in out])
+  np.testing.assert_allclose(back, delta, rtol=0,
+                             atol=1e-10 * float(jnp.max(jnp.abs(delta))))
