@@ -58,7 +58,9 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   Tselepidis' Kronecker model of the whole Fisher from the last statistics
   batch (``fisher_products="kronecker"``: no statistics pass between
   statistics steps); ``…_kronecker_batchN``: the model's tokens from the
-  statistics' first N examples (``coarse_batch=N``);
+  statistics' first N examples (``coarse_batch=N``); ``…_kronecker[_batchN]_both``:
+  ``fine_scale="both"`` (the fine and the coarse step each scaled by its
+  own quadratic-model ratio, α and γ, with the statistics' Fisher);
   ``two_level_COMBINE_SPACE_storedN`` (or
   ``_stored``: all examples; statistics' products): the per-step correction from the tokens of
   the last statistics batch's first N examples (``coarse_statistics=
@@ -427,8 +429,10 @@ def make_contender(name: str, task) -> Contender:
                     {"combine": combine, "coarse_space": space,
                      "coarse_statistics": "subsample", "coarse_batch": rows})
   if (name in TWO_LEVEL_VARIANTS or names.two_level_stored(name) is not None
-      or names.two_level_model_batch(name) is not None):
-    variant, stored = names.two_level_stored(name) or (name, False)
+      or names.two_level_model_batch(name) is not None
+      or names.two_level_both(name) is not None):
+    both = names.two_level_both(name)             # α and γ from the model
+    variant, stored = names.two_level_stored(both or name) or (both or name, False)
     variant, model_rows = names.two_level_model_batch(variant) or (variant, None)
     products = next((p for p in ("ggn", "mixed", "kronecker")
                      if variant.endswith("_" + p)),
@@ -441,6 +445,8 @@ def make_contender(name: str, task) -> Contender:
       extra["residual_refresh"] = "statistics"     # the model's only schedule
     if model_rows is not None:                     # the model's first N examples
       extra["coarse_batch"] = model_rows
+    if both is not None:
+      extra["fine_scale"] = "both"
     return _natural(name, task, kfe.two_level_kfac,
                     {"combine": combine, "coarse_space": space,
                      "fisher_products": products, **extra})

@@ -96,8 +96,16 @@ def check_two_level_options(fine_scale, coarse_batch, fisher_products, options,
       raise ValueError(f"spectral_iterations must be a positive int (steps of "
                        f"inverse iteration per refresh) or None, got "
                        f"{spectral_iterations!r}.")
-  if fine_scale not in ("model", "none"):
-    raise ValueError(f"fine_scale must be 'model' or 'none', got {fine_scale!r}.")
+  if fine_scale not in ("model", "both", "none"):
+    raise ValueError(f"fine_scale must be 'model', 'both' or 'none', got "
+                     f"{fine_scale!r}.")
+  if fine_scale == "both" and fisher_products != "kronecker":
+    raise ValueError(f"fine_scale='both' measures the fine and the coarse "
+                     f"step's scales on the statistics steps and holds them, "
+                     f"which fisher_products='kronecker' does; with "
+                     f"fisher_products={fisher_products!r} pass fine_scale="
+                     "'model' (the coarse step is then Galerkin-optimal for "
+                     "the products used).")
   stats_subsample.check_examples(coarse_batch, "coarse_batch",
                                  "scale_by_two_level_kfac")
   if options.get("stats_batch") is not None:

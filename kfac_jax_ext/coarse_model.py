@@ -68,10 +68,13 @@ class ModelState(NamedTuple):
       leaves.
     c: the same for ``c_kj`` (first ``d_gj`` entries).
     scale: the fine step's ``α`` of the last statistics step (1 before).
+    coarse_scale: the coarse step's ``γ`` of the last statistics step
+      (``fine_scale="both"``; 1 otherwise and before).
   """
   a: tuple
   c: tuple
   scale: jax.Array
+  coarse_scale: jax.Array
 
 
 def check(fisher_products, combine, coarse_space, coarse_matrix, options,
@@ -115,7 +118,7 @@ def initial(shapes, size: int, dtype) -> ModelState:
       return None
     return initial_arrays.zeros((size, max(kronecker.slot_sizes(shape))), dtype)
   return ModelState(tuple(one(s) for s in shapes), tuple(one(s) for s in shapes),
-                    initial_arrays.ones((), dtype))
+                    initial_arrays.ones((), dtype), initial_arrays.ones((), dtype))
 
 
 def batch_projections(layers, toks):
@@ -224,18 +227,26 @@ def coarse_inverse(fisher: ModelFisher, lam, coarse_damping, size, dtype):
   return inverse, linalg.all_finite(inverse)
 
 
-def _statistics_scale(toks, m, lam, x, r, axis_name):
-  """``α = xᵀr / xᵀF_λx`` with the statistics' Fisher (one forward pass over
-  the tokens)."""
-  s = coarse.example_products(toks, x)
-  xfx = distributed.mean(jnp.vdot(s, s) / m, axis_name) + lam * sum(
-      jnp.vdot(u, u) for u in x)
-  return level.model_ratio(sum(jnp.vdot(u, v) for u, v in zip(x, r)), xfx)
+def _statistics_coefficients(toks, m, lam, xs, rs, axis_name):
+  """Each direction's quadratic-model scale with the statistics' Fisher,
+  ``c_i = x_iᵀr_i / x_iᵀF_λx_i`` (1 where the denominator is not positive
+  and finite; one forward pass over the tokens per direction): ``[len(xs)]``."""
+  s = [coarse.example_products(toks, x) for x in xs]
+  fisher = distributed.mean(jnp.stack([jnp.vdot(u, u) for u in s]) / m, axis_name)
+  return jnp.stack([
+      level.model_ratio(sum(jnp.vdot(u, w) for u, w in zip(x, r)),
+                        f + lam * sum(jnp.vdot(u, u) for u in x))
+      for x, r, f in zip(xs, rs, fisher)])
 
 
 def step(combine, fisher: ModelFisher, inverse, v, b, precondition, scaled,
-         size, dtype, scale_of):
+         size, dtype, coefficients_of):
   """The multiplicative or balanced step with the model's products.
+
+  Both are ``αf + γy`` with ``y = Qv`` (``Q = RᵀF_c⁻¹R``) and ``f = x −
+  QF̃_λx``: ``x = b`` multiplicative (``αb + RᵀF_c⁻¹(Rv − αRF̃_λb)``),
+  ``x = w = M⁻¹(v − F̃_λy)`` balanced; ``γ = 1`` (Galerkin orthogonality
+  ``R(v − F̃_λΔ) = 0`` for any α) unless ``scaled == "both"``.
 
   Args:
     combine: ``"multiplicative"`` or ``"balanced"``.
@@ -243,28 +254,40 @@ def step(combine, fisher: ModelFisher, inverse, v, b, precondition, scaled,
     inverse: ``(F_c + D)⁻¹`` from ``coarse_inverse``.
     v: ``∇`` per coarse layer; b: ``M⁻¹∇`` per coarse layer.
     precondition: per-layer matrices ↦ ``M⁻¹`` of them.
-    scaled: ``fine_scale="model"``.
+    scaled: the ``fine_scale``: False (α = 1), True (``"model"``: α =
+      ``xᵀr / xᵀF_λx``, ``r = v`` multiplicative, ``r = v − F̃_λy``
+      balanced) or ``"both"`` (each part's own scale in the quadratic model
+      ``−vᵀΔ + ½ΔᵀF_λΔ``: ``α = fᵀv / fᵀF_λf``, ``γ = yᵀv / yᵀF_λy``;
+      Galerkin orthogonality then only where γ = 1).
     size, dtype: ``S`` and the coarse dtype.
-    scale_of: ``(x, r) ↦ α`` (measured on statistics steps, else held).
+    coefficients_of: ``(xs, rs) ↦`` the directions' model scales
+      (measured on statistics steps, else held; ``scale_of``).
 
   Returns:
-    ``(Δ per layer, α)``: multiplicative ``αb + Rᵀ F_c⁻¹(Rv − αR F̃_λb)``;
-    balanced ``α(w − QF̃_λw) + y`` with ``y = Qv``, ``w = M⁻¹(v − F̃_λy)``.
+    ``(Δ per layer, [α, γ])``.
   """
   one = jnp.ones([], dtype)
-  if combine == "multiplicative":
-    alpha = scale_of(b, v) if scaled else one
+  both = isinstance(scaled, str) and scaled == "both"
+  if combine == "multiplicative" and not both:
+    alpha = coefficients_of([b], [v])[0] if scaled else one
     beta = inverse @ (level.project_all(fisher.layers, v, size, dtype)
                       - alpha * fisher.project(b, size, dtype))
     lifted = level.lift_all(fisher.layers, beta)
-    return [alpha * x + y for x, y in zip(b, lifted)], alpha
+    return [alpha * x + y for x, y in zip(b, lifted)], jnp.stack([alpha, one])
   beta = inverse @ level.project_all(fisher.layers, v, size, dtype)
   y = level.lift_all(fisher.layers, beta)
-  z = [x - f for x, f in zip(v, fisher.lift(beta))]
-  w = precondition(z)
-  alpha = scale_of(w, z) if scaled else one
+  z = v
+  w = b
+  if combine == "balanced":
+    z = [x - f for x, f in zip(v, fisher.lift(beta))]
+    w = precondition(z)
   qfw = level.lift_all(fisher.layers, inverse @ fisher.project(w, size, dtype))
-  return [alpha * (x - q) + yi for x, q, yi in zip(w, qfw, y)], alpha
+  f = [x - q for x, q in zip(w, qfw)]
+  if both:
+    alpha, gamma = coefficients_of([f, y], [v, v])
+  else:
+    alpha, gamma = (coefficients_of([w], [z])[0] if scaled else one), one
+  return [alpha * x + gamma * yi for x, yi in zip(f, y)], jnp.stack([alpha, gamma])
 
 
 def updated(model: ModelState, layers, toks_of, count, stats_every, stats_due,
@@ -281,14 +304,17 @@ def updated(model: ModelState, layers, toks_of, count, stats_every, stats_due,
                         (model, count, health), static_stats)
 
 
-def scale_of(model: ModelState, toks_of, m, lam, stats_every, stats_due,
-             static_stats, axis_name):
-  """``(x, r) ↦ α`` for ``step``: on statistics steps ``xᵀr / xᵀF_λx`` with
-  the statistics' Fisher (``toks_of()``: their tokens), else the held one."""
-  return lambda x, r: schedule.maybe(
+def scale_of(model, toks_of, m, lam, stats_every, stats_due, static_stats,
+             axis_name):
+  """``(xs, rs) ↦`` the model scales for ``step``: on statistics steps each
+  direction's with the statistics' Fisher (``toks_of()``: their tokens;
+  ``_statistics_coefficients``), else the held ``[α, γ]`` (as many as
+  ``xs``). ``model``: a ``ModelState`` or ``BasesModelState``."""
+  held = jnp.stack([model.scale, model.coarse_scale])
+  return lambda xs, rs: schedule.maybe(
       stats_every, stats_due,
-      lambda _: _statistics_scale(toks_of(), m, lam, x, r, axis_name),
-      lambda _: model.scale, None, static_stats).astype(model.scale.dtype)
+      lambda _: _statistics_coefficients(toks_of(), m, lam, xs, rs, axis_name),
+      lambda _: held[:len(xs)], None, static_stats).astype(model.scale.dtype)
 
 
 def corrected(combine, layers, state, toks_of, v, b, precondition, scaled,
@@ -323,7 +349,9 @@ def corrected(combine, layers, state, toks_of, v, b, precondition, scaled,
   inverse = jnp.where(ok, new, state.coarse_inverse)
   health = health._replace(failed_inverses=health.failed_inverses
                            + (~ok).astype(jnp.int32))
-  delta, alpha = step(combine, fisher, inverse, v, b, precondition, scaled,
-                      size, dtype, scale_of(model, toks_of, m, lam, every, due,
-                                            static, axis_name))
-  return delta, alpha, inverse, model._replace(scale=alpha), count, health
+  delta, (alpha, gamma) = step(combine, fisher, inverse, v, b, precondition,
+                               scaled, size, dtype, scale_of(
+                                   model, toks_of, m, lam, every, due, static,
+                                   axis_name))
+  return (delta, alpha, inverse, model._replace(scale=alpha, coarse_scale=gamma),
+          count, health)

@@ -71,9 +71,11 @@ class BasesModelState(NamedTuple):
       ``B_kj`` in the leaf's slot orientation (``coarse_krylov.oriented``);
       None for ≤1-D leaves.
     scale: the fine step's ``α`` of the last statistics step (1 before).
+    coarse_scale: the coarse step's ``γ`` (``fine_scale="both"``; else 1).
   """
   products: tuple
   scale: jax.Array
+  coarse_scale: jax.Array
 
 
 def initial(shapes, size: int, dtype) -> BasesModelState:
@@ -82,7 +84,7 @@ def initial(shapes, size: int, dtype) -> BasesModelState:
   return BasesModelState(
       tuple(initial_arrays.zeros((size,) + tuple(kronecker.slot_sizes(s)), dtype)
             if len(s) >= 2 else None for s in shapes),
-      initial_arrays.ones((), dtype))
+      initial_arrays.ones((), dtype), initial_arrays.ones((), dtype))
 
 
 def cross_factors(tok_j, tok_l):
@@ -258,8 +260,9 @@ def corrected(space, combine, layers, state, toks_of, v, b, precondition,
                                          state.health), static)
   kept = coarse_refresh.stored_layers(layers, bases)
   fisher = BasesFisher(kept, _slot_of(kept, model), lam)
-  delta, alpha = coarse_model.step(
+  delta, (alpha, gamma) = coarse_model.step(
       combine, fisher, inverse, v, b, precondition, scaled, size, dtype,
       coarse_model.scale_of(model, toks_of, m, lam, every, due, static,
                             axis_name))
-  return delta, alpha, inverse, model._replace(scale=alpha), count, health, bases
+  return (delta, alpha, inverse, model._replace(scale=alpha, coarse_scale=gamma),
+          count, health, bases)

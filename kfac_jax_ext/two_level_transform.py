@@ -75,8 +75,7 @@ def scale_by_two_level_kfac(
       per-step spaces from the residual ``res = ∇ − F_λM⁻¹∇`` (one
       Fisher-vector product per step; per statistics step with
       ``residual_refresh="statistics"``): ``"residual"`` (``M_l⁻¹res_l``),
-      ``"krylov_residual"`` (``{res_l, M_l⁻¹res_l}``), or None (the base
-      method).
+      ``"krylov_residual"`` (``{res_l, M_l⁻¹res_l}``), or None (the base).
     coarse_matrix: with ``fisher_products="statistics"``: ``"kronecker"``
       (Tselepidis: ``F_c[i,j] = (r_aᵀA_ij r_a)(r_gᵀG_ij r_g)`` from per-token
       projections; the default for the additive combination with Nicolaides
@@ -87,8 +86,7 @@ def scale_by_two_level_kfac(
       inverted with the fine inverses; otherwise the step's batch's ``F_c``,
       inverted every step (``S×S``): Galerkin orthogonality at every step.
     combine: ``"additive"`` (default), ``"multiplicative"`` or ``"balanced"``.
-    omega: ``(ω₁, ω₂)`` of the additive combination.
-    coarse_damping: ``"consistent"`` (``λRRᵀ``, i.e. ``λ·n_i`` for
+    omega: ``(ω₁, ω₂)`` of the additive combination. coarse_damping: ``"consistent"`` (``λRRᵀ``, i.e. ``λ·n_i`` for
       Nicolaides, so that ``F_c = R F_λ Rᵀ``; default) or ``"identity"``
       (``λI``, Tselepidis' code).
     fisher_products: the ``F`` of ``F_λ v`` and of a per-step ``F_c``:
@@ -107,11 +105,12 @@ def scale_by_two_level_kfac(
       Fisher ``F̃_ij = A_ij ⊗ G_ij`` from the last statistics batch, α measured
       there; ``coarse_model``, ``coarse_model_bases``).
     fine_scale: multiplicative and balanced only. ``"model"`` (default):
-      the fine step is ``αM⁻¹``, α the quadratic model's best scale
-      ``α = xᵀr / xᵀF_λx`` of ``x = M⁻¹r`` (``r = ∇`` multiplicative,
-      ``r = ∇ − F_λQ∇`` balanced): a descent direction (K-FAC's ``M⁻¹∇`` is
-      often far longer than ``F_λ⁻¹∇``; docs/methods.md). ``"none"``: α = 1.
-      Galerkin orthogonality holds for both. Other leaves get ``αM⁻¹∇``.
+      the fine step is ``αM⁻¹``, α the quadratic model's ``xᵀr / xᵀF_λx``
+      of ``x = M⁻¹r`` (``r = ∇`` multiplicative, ``∇ − F_λQ∇`` balanced;
+      K-FAC's ``M⁻¹∇`` is often far longer than ``F_λ⁻¹∇``; docs/methods.md).
+      ``"none"``: α = 1. Galerkin orthogonality holds for both. ``"both"``
+      (``fisher_products="kronecker"``): ``αf + γQ∇``, each part scaled by
+      its own model ratio (``coarse_model.step``). Other leaves get ``αM⁻¹∇``.
     coarse_batch: the coarse level's ``F`` (products, ``F_c``; with
       ``"kronecker"`` the model's tokens) from the statistics' first ``n =
       min(M, coarse_batch)`` examples (per device): unbiased, at ``n/M`` of
@@ -173,7 +172,7 @@ def scale_by_two_level_kfac(
   fisher, has_aux, axis_name = (options.get("fisher", "sampled"),
                                 options.get("has_aux", False), options.get("axis_name"))
   ggn = fisher_products == "ggn"
-  scaled = fine_scale == "model"
+  scaled = {"model": True, "none": False}.get(fine_scale, fine_scale)  # or "both"
   every_step = coarse_tokens.per_step(combine, coarse_space, fisher_products,
                                       residual_refresh)
   refreshed = coarse_refresh.active(residual_refresh, coarse_space)

@@ -570,6 +570,20 @@ def test_kronecker_model_batch_variants_parse_and_build(monkeypatch):
       "residual_refresh"] == "statistics"
 
 
+def test_both_scales_variants_parse_and_build(monkeypatch):
+  name = "two_level_balanced_krylov_residual_kronecker_batch64_both"
+  assert contenders.known(name) and contenders.known(name + "_kl0.25")
+  assert contenders.known("two_level_multiplicative_nicolaides_kronecker_both")
+  for bad in ("two_level_balanced_krylov_residual_both",      # no model
+              "two_level_balanced_krylov_residual_kronecker_both_batch64",
+              "two_level_additive_nicolaides_kronecker_both",
+              "two_level_balanced_nicolaides_kronecker_both2"):
+    assert not contenders.known(bad)
+  assert _two_level_options_of(name, monkeypatch, "fine_scale") == {
+      "combine": "balanced", "coarse_space": "krylov_residual", "fine_scale": "both"}
+  assert _two_level_options_of(name, monkeypatch, "coarse_batch")["coarse_batch"] == 64
+
+
 def test_subsample_variants_parse_and_take_no_statistics_every_step(monkeypatch):
   name = "two_level_multiplicative_nicolaides_subsample16"
   assert contenders.known(name) and contenders.settings_name(name) == (
