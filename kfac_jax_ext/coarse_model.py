@@ -38,7 +38,10 @@ The fine step's model scale (``fine_scale="model"``) needs ``xᵀF x`` of a
 full-size ``x``, which the model cannot give cheaply (every pair of
 layers); it is measured with the statistics' Fisher on the statistics steps
 (``α = xᵀr / xᵀF_λx``, one pass over the tokens there) and held until the
-next one.
+next one. ``fine_scale="both"`` measures the coarse part's ``γ = yᵀ∇ /
+yᵀF_λy`` (``y = Q∇``) the same way: on residual spaces the model
+underestimates the Fisher along the coarse vectors (they are where it is
+wrong), so ``y`` solved in it is too long (docs/methods.md).
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ def scale_by_two_level_kfac(
       inverted with the fine inverses; otherwise the step's batch's ``F_c``,
       inverted every step (``S×S``): Galerkin orthogonality at every step.
     combine: ``"additive"`` (default), ``"multiplicative"`` or ``"balanced"``.
-    omega: ``(ω₁, ω₂)`` of the additive combination. coarse_damping: ``"consistent"`` (``λRRᵀ``, i.e. ``λ·n_i`` for
+    omega: ``(ω₁, ω₂)`` of the additive combination.
+    coarse_damping: ``"consistent"`` (``λRRᵀ``, i.e. ``λ·n_i`` for
       Nicolaides, so that ``F_c = R F_λ Rᵀ``; default) or ``"identity"``
       (``λI``, Tselepidis' code).
     fisher_products: the ``F`` of ``F_λ v`` and of a per-step ``F_c``:
@@ -107,10 +108,9 @@ def scale_by_two_level_kfac(
     fine_scale: multiplicative and balanced only. ``"model"`` (default):
       the fine step is ``αM⁻¹``, α the quadratic model's ``xᵀr / xᵀF_λx``
       of ``x = M⁻¹r`` (``r = ∇`` multiplicative, ``∇ − F_λQ∇`` balanced;
-      K-FAC's ``M⁻¹∇`` is often far longer than ``F_λ⁻¹∇``; docs/methods.md).
-      ``"none"``: α = 1. Galerkin orthogonality holds for both. ``"both"``
-      (``fisher_products="kronecker"``): ``αf + γQ∇``, each part scaled by
-      its own model ratio (``coarse_model.step``). Other leaves get ``αM⁻¹∇``.
+      docs/methods.md); ``"none"``: α = 1 (Galerkin orthogonal: both);
+      ``"both"`` (``"kronecker"`` only): ``αf + γQ∇``, each part its own
+      model ratio (``coarse_model.step``). Other leaves get ``αM⁻¹∇``.
     coarse_batch: the coarse level's ``F`` (products, ``F_c``; with
       ``"kronecker"`` the model's tokens) from the statistics' first ``n =
       min(M, coarse_batch)`` examples (per device): unbiased, at ``n/M`` of
