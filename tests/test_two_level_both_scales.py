@@ -7,15 +7,14 @@ and ``F̃`` from the Kronecker model's dense oracle), on a fixed space
 (Nicolaides: ``coarse_model``) and on a residual one rebuilt on statistics
 steps (``coarse_model_bases``)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kfac_jax_ext as kfe
-from tests.test_two_level import EXACT, _brute, _direction, _flat, _mlp, _nicolaides_rows
+from tests.test_two_level import EXACT, _direction, _flat, _mlp, _nicolaides_rows
 from tests.test_two_level_kronecker_products import _expected, _fishers
-from tests.test_two_level_kronecker_residual import MODELLED, _rows
+from tests.test_two_level_kronecker_residual import MODELLED, _rows, held_update
 from tests.test_two_level_spaces import _base_inverse
 
 
@@ -75,12 +74,7 @@ def test_both_scales_are_held_between_statistics_steps():
   grad, model, stats = _fishers(loss, params, batch)
   minv = _base_inverse(loss, params, batch)
   rows = _space_rows("krylov_residual", params, grad, stats, minv)
-  _, state = tx.update(jax.grad(loss)(params, batch), tx.init(params), params,
-                       batch=batch)
-  other = dict(batch, y=batch["y"] + 1.0)    # another gradient, same inputs
-  grad2, _ = _brute(loss, params, other)
-  second, state2 = tx.update(jax.grad(loss)(params, other), state, params,
-                             batch=other)
+  state, grad2, second, state2 = held_update(tx, loss, params, batch)
   held = (state.model.scale, state.model.coarse_scale)
   expected, _, _ = _expected_both("balanced", rows, model, stats, grad2, minv,
                                   scales=held)

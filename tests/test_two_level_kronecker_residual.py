@@ -77,6 +77,19 @@ def test_coarse_batch_takes_the_model_from_the_first_examples():
   assert float(jnp.max(jnp.abs(other - expected))) > 1e-4 * scale
 
 
+def held_update(tx, loss, params, batch):
+  """A statistics step on ``batch``, then (``stats_every=2``) an update
+  without statistics on another gradient of the same inputs: ``(state after
+  the first, the second gradient, the second update, its state)``."""
+  _, state = tx.update(jax.grad(loss)(params, batch), tx.init(params), params,
+                       batch=batch)
+  other = dict(batch, y=batch["y"] + 1.0)    # another gradient, same inputs
+  grad2, _ = _brute(loss, params, other)
+  second, state2 = tx.update(jax.grad(loss)(params, other), state, params,
+                             batch=other)
+  return state, grad2, second, state2
+
+
 def test_between_statistics_steps_the_basis_products_and_scale_are_held():
   """Statistics every second step: the second update runs no statistics
   pass and equals the closed form with the first step's basis, model and α
@@ -87,12 +100,7 @@ def test_between_statistics_steps_the_basis_products_and_scale_are_held():
   grad, model, stats = _fishers(loss, params, batch)
   minv = _base_inverse(loss, params, batch)
   rows = _rows("residual", params, grad, stats, minv)
-  _, state = tx.update(jax.grad(loss)(params, batch), tx.init(params), params,
-                       batch=batch)
-  other = dict(batch, y=batch["y"] + 1.0)    # another gradient, same inputs
-  grad2, _ = _brute(loss, params, other)
-  second, state2 = tx.update(jax.grad(loss)(params, other), state, params,
-                             batch=other)
+  state, grad2, second, state2 = held_update(tx, loss, params, batch)
   expected, _ = _expected("balanced", rows, model, stats, grad2, minv,
                           alpha=state.model.scale)
   scale = float(jnp.max(jnp.abs(expected)))
