@@ -18,6 +18,7 @@ import argparse
 
 import numpy as np
 
+from benchmarks import contender_names
 from benchmarks import contenders
 from benchmarks import tasks
 from benchmarks import training
@@ -59,6 +60,8 @@ def main(argv=None):
   if args.kl_clip is not None:
     task = task._replace(kl_clip=args.kl_clip)
   evaluate = training.make_evaluator(task.metrics_fn)
+  # a ``…_klN`` contender runs with its own κ, whatever the task's
+  kappa = (contender_names.two_level_kl_clip(args.optimizer) or (None, task.kl_clip))[1]
   hp = {"lr": args.lr, "damping": args.damping}
   rows = []
   for warmup in warmups:
@@ -73,7 +76,7 @@ def main(argv=None):
       curve = "" if args.evals == 1 else " (" + ", ".join(
           f"{e['step']}: {e['train']['loss']:.4f}" for e in result["evals"][1:]) + ")"
       print(f"{args.task} {args.optimizer} lr {args.lr} λ {args.damping} "
-            f"κ {task.kl_clip} ema {task.ema_decay} warm-up {warmup}"
+            f"κ {kappa} ema {task.ema_decay} warm-up {warmup}"
             f"{' nesterov' if form == '1' else ''}: train loss after "
             f"{args.steps} steps {rows[-1][2]:.4f} ({rows[-1][3]:.1f} s of steps)"
             + curve, flush=True)
