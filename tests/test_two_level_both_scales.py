@@ -1,6 +1,7 @@
 """``fine_scale="both"`` with ``fisher_products="kronecker"``: the
-multiplicative and balanced steps ``αf + γy`` (``y = Q∇``, ``f = x − QF̃_λx``,
-``x = M⁻¹∇`` multiplicative, ``M⁻¹(∇ − F̃_λy)`` balanced), each part scaled
+multiplicative and balanced steps ``αf + γy`` (``y = Q∇``, ``f = x −
+γQF̃_λx``, ``x = M⁻¹∇`` multiplicative, ``M⁻¹(∇ − γF̃_λy)`` balanced: each
+combination with the coarse operator ``γQ`` for ``Q``), each part scaled
 by its own quadratic-model ratio with the statistics' Fisher, ``α = fᵀ∇ /
 fᵀF_λf`` and ``γ = yᵀ∇ / yᵀF_λy``, against closed forms in float64 (``Q``
 and ``F̃`` from the Kronecker model's dense oracle), on a fixed space
@@ -19,13 +20,18 @@ from tests.test_two_level_spaces import _base_inverse
 
 
 def _expected_both(combine, rows, model, stats, grad, minv, scales=None):
-  """``(αf + γy, α, γ)``; ``scales``: a given ``(α, γ)`` (held ones)."""
+  """``(αf + γy, α, γ)``; ``scales``: a given ``(α, γ)`` (held ones).
+
+  Each combination's preconditioner with ``γQ`` for ``Q``: ``f = x −
+  γQF̃_λx``, ``x = M⁻¹∇`` multiplicative (``γQ + α(I − γQF̃_λ)M⁻¹``),
+  ``x = M⁻¹(∇ − γF̃_λy)`` balanced (``γQ + α(I − γQF̃_λ)M⁻¹(I −
+  γF̃_λQ)``)."""
   q = rows.T @ jnp.linalg.solve(rows @ model @ rows.T, rows)
   y = q @ grad
-  x = minv(grad) if combine == "multiplicative" else minv(grad - model @ y)
-  f = x - q @ model @ x
-  alpha, gamma = scales if scales is not None else (
-      (f @ grad) / (f @ stats @ f), (y @ grad) / (y @ stats @ y))
+  gamma = scales[1] if scales is not None else (y @ grad) / (y @ stats @ y)
+  x = minv(grad) if combine == "multiplicative" else minv(grad - gamma * model @ y)
+  f = x - gamma * q @ model @ x
+  alpha = scales[0] if scales is not None else (f @ grad) / (f @ stats @ f)
   return alpha * f + gamma * y, alpha, gamma
 
 
