@@ -119,22 +119,24 @@ def batch_products(layers, toks, size: int, dtype, axis_name=None):
   gather = lambda x: distributed.gather_examples(x, axis_name)
   pooled = [(gather(a.mean(1)), gather(g.sum(1))) for a, g in toks]
   count = pooled[0][0].shape[0]
-  out = [jnp.zeros((size, l.kl.d_a, l.kl.d_g), dtype) for l in layers]
+  tokens = [a.shape[1] for a, _ in toks]
+  # every basis vector's C_k / √T_l [S, N, N] (0 at unused indices): each
+  # layer j's blocks are then one contraction over all k
+  c = jnp.zeros((size, count, count), dtype)
   for l, l_l in enumerate(layers):
-    t_l = toks[l][0].shape[1]
-    c = None
-    for j in range(len(layers)):
-      t_j = toks[j][0].shape[1]
-      if t_j == t_l > 1:
-        a_jl, g_lj = distributed.mean(cross_factors(toks[j], toks[l]), axis_name)
-        block = jnp.einsum("de,kef,fg->kdg", a_jl, l_l.basis, g_lj)
-      else:
-        if c is None:   # [m_l, N, N]
-          c = jnp.einsum("nd,kde,me->knm", pooled[l][0], l_l.basis, pooled[l][1])
-        p_a, p_g = pooled[j]
-        block = jnp.einsum("nd,kne->kde", p_a, jnp.einsum("knm,me->kne", c, p_g)) / (
-            count ** 2 * (t_j * t_l) ** 0.5)
-      out[j] = out[j].at[l_l.idx].set(block)
+    c = c.at[l_l.idx].set(jnp.einsum("nd,kde,me->knm", pooled[l][0], l_l.basis,
+                                     pooled[l][1]) / tokens[l] ** 0.5)
+  out = []
+  for j in range(len(layers)):
+    p_a, p_g = pooled[j]
+    block = jnp.einsum("nd,kne->kde", p_a, jnp.einsum("knm,me->kne", c, p_g)) / (
+        count ** 2 * tokens[j] ** 0.5)
+    crossed = [l for l in range(len(layers)) if tokens[l] == tokens[j] > 1]
+    for l in crossed:   # these rows from the cross factors: C_k would be [NT, NT]
+      a_jl, g_lj = distributed.mean(cross_factors(toks[j], toks[l]), axis_name)
+      block = block.at[layers[l].idx].set(
+          jnp.einsum("de,kef,fg->kdg", a_jl, layers[l].basis, g_lj))
+    out.append(block)
   return out
 
 
