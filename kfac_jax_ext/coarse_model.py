@@ -41,10 +41,12 @@ layers); it is measured with the statistics' Fisher on the statistics steps
 next one. ``fine_scale="both"`` measures the coarse part's ``γ = yᵀ∇ /
 yᵀF_λy`` (``y = Q∇``) the same way: on residual spaces the model
 underestimates the Fisher along the coarse vectors (they are where it is
-wrong), so ``y`` solved in it is too long (docs/methods.md); the
-combination is then formed with ``γQ`` for ``Q`` (``F_c/γ``), so that the
-balanced fine part corrects the residual of the coarse step taken, ``∇ −
-γF̃_λy``, not of ``y``.
+wrong), so ``y`` solved in it is too long (docs/methods.md). The
+projections keep ``Q``: ``γy + α(I − QF̃_λ)x`` is then exactly the
+combination for the model corrected along the coarse space, ``F̂ = F̃_λ +
+(1/γ − 1)F̃_λQF̃_λ`` (``RF̂Rᵀ = RF̃_λRᵀ/γ``, ``Q̂ = γQ``, ``F̂Q̂ = F̃_λQ``);
+``γQ`` in the projections too, with ``F̃_λ`` unchanged, is no model's
+combination and was measured worse (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -250,11 +252,10 @@ def step(combine, fisher: ModelFisher, inverse, v, b, precondition, scaled,
   """The multiplicative or balanced step with the model's products.
 
   Both are ``αf + γy`` with ``y = Qv`` (``Q = RᵀF_c⁻¹R``) and ``f = x −
-  γQF̃_λx``: ``x = b`` multiplicative (``αb + RᵀF_c⁻¹(Rv − αRF̃_λb)`` at
-  γ = 1), ``x = w = M⁻¹(v − γF̃_λy)`` balanced: the preconditioners
-  ``γQ + α(I − γQF̃_λ)M⁻¹`` and ``γQ + α(I − γQF̃_λ)M⁻¹(I − γF̃_λQ)``, the
-  coarse operator ``γQ`` (``F_c/γ``) in every place. ``γ = 1`` (Galerkin
-  orthogonality ``R(v − F̃_λΔ) = 0`` for any α) unless ``scaled == "both"``.
+  QF̃_λx``: ``x = b`` multiplicative (``αb + RᵀF_c⁻¹(Rv − αRF̃_λb)``),
+  ``x = w = M⁻¹(v − F̃_λy)`` balanced; ``γ = 1`` (Galerkin orthogonality
+  ``R(v − F̃_λΔ) = 0`` for any α) unless ``scaled == "both"`` (then the
+  combination of ``F̂ = F̃_λ + (1/γ − 1)F̃_λQF̃_λ``: ``Q̂ = γQ``, ``F̂Q̂ = F̃_λQ``).
 
   Args:
     combine: ``"multiplicative"`` or ``"balanced"``.
@@ -265,12 +266,11 @@ def step(combine, fisher: ModelFisher, inverse, v, b, precondition, scaled,
     scaled: the ``fine_scale``: False (α = 1), True (``"model"``: α =
       ``xᵀr / xᵀF_λx``, ``r = v`` multiplicative, ``r = v − F̃_λy``
       balanced) or ``"both"`` (each part's own scale in the quadratic model
-      ``−vᵀΔ + ½ΔᵀF_λΔ``, ``γ = yᵀv / yᵀF_λy`` first, then ``α = fᵀv /
-      fᵀF_λf``; Galerkin orthogonality then only where γ = 1).
+      ``−vᵀΔ + ½ΔᵀF_λΔ``: ``α = fᵀv / fᵀF_λf``, ``γ = yᵀv / yᵀF_λy``;
+      Galerkin orthogonality then only where γ = 1).
     size, dtype: ``S`` and the coarse dtype.
-    coefficients_of: ``(xs, rs, first=0) ↦`` the directions' model scales
-      (measured on statistics steps, else the held ``[α, γ][first:]``;
-      ``scale_of``).
+    coefficients_of: ``(xs, rs) ↦`` the directions' model scales
+      (measured on statistics steps, else held; ``scale_of``).
 
   Returns:
     ``(Δ per layer, [α, γ])``.
@@ -285,17 +285,17 @@ def step(combine, fisher: ModelFisher, inverse, v, b, precondition, scaled,
     return [alpha * x + y for x, y in zip(b, lifted)], jnp.stack([alpha, one])
   beta = inverse @ level.project_all(fisher.layers, v, size, dtype)
   y = level.lift_all(fisher.layers, beta)
-  gamma = coefficients_of([y], [v], 1)[0] if both else one
-  z, w = v, b
+  z = v
+  w = b
   if combine == "balanced":
-    z = [x - gamma * g for x, g in zip(v, fisher.lift(beta))]
+    z = [x - f for x, f in zip(v, fisher.lift(beta))]
     w = precondition(z)
   qfw = level.lift_all(fisher.layers, inverse @ fisher.project(w, size, dtype))
-  f = [x - gamma * q for x, q in zip(w, qfw)]
+  f = [x - q for x, q in zip(w, qfw)]
   if both:
-    alpha = coefficients_of([f], [v])[0]
+    alpha, gamma = coefficients_of([f, y], [v, v])
   else:
-    alpha = coefficients_of([w], [z])[0] if scaled else one
+    alpha, gamma = (coefficients_of([w], [z])[0] if scaled else one), one
   return [alpha * x + gamma * yi for x, yi in zip(f, y)], jnp.stack([alpha, gamma])
 
 
@@ -315,17 +315,15 @@ def updated(model: ModelState, layers, toks_of, count, stats_every, stats_due,
 
 def scale_of(model, toks_of, m, lam, stats_every, stats_due, static_stats,
              axis_name):
-  """``(xs, rs, first=0) ↦`` the model scales for ``step``: on statistics
-  steps each direction's with the statistics' Fisher (``toks_of()``: their
-  tokens; ``_statistics_coefficients``), else the held ``[α, γ]`` from
-  ``first`` on (as many as ``xs``). ``model``: a ``ModelState`` or
-  ``BasesModelState``."""
+  """``(xs, rs) ↦`` the model scales for ``step``: on statistics steps each
+  direction's with the statistics' Fisher (``toks_of()``: their tokens;
+  ``_statistics_coefficients``), else the held ``[α, γ]`` (as many as
+  ``xs``). ``model``: a ``ModelState`` or ``BasesModelState``."""
   held = jnp.stack([model.scale, model.coarse_scale])
-  return lambda xs, rs, first=0: schedule.maybe(
+  return lambda xs, rs: schedule.maybe(
       stats_every, stats_due,
       lambda _: _statistics_coefficients(toks_of(), m, lam, xs, rs, axis_name),
-      lambda _: held[first:first + len(xs)], None,
-      static_stats).astype(model.scale.dtype)
+      lambda _: held[:len(xs)], None, static_stats).astype(model.scale.dtype)
 
 
 def corrected(combine, layers, state, toks_of, v, b, precondition, scaled,

@@ -109,9 +109,8 @@ def scale_by_two_level_kfac(
       the fine step is ``αM⁻¹``, α the quadratic model's ``xᵀr / xᵀF_λx``
       of ``x = M⁻¹r`` (``r = ∇`` multiplicative, ``∇ − F_λQ∇`` balanced;
       docs/methods.md); ``"none"``: α = 1 (Galerkin orthogonal: both);
-      ``"both"`` (``"kronecker"`` only): the combination with ``γQ`` for
-      ``Q``, ``αf + γQ∇``, each part its own model ratio
-      (``coarse_model.step``). Other leaves get ``αM⁻¹∇``.
+      ``"both"`` (``"kronecker"`` only): ``αf + γQ∇``, each part its own
+      model ratio (``coarse_model.step``). Other leaves get ``αM⁻¹∇``.
     coarse_batch: the coarse level's ``F`` (products, ``F_c``; with
       ``"kronecker"`` the model's tokens) from the statistics' first ``n =
       min(M, coarse_batch)`` examples (per device): unbiased, at ``n/M`` of

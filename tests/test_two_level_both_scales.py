@@ -1,7 +1,6 @@
 """``fine_scale="both"`` with ``fisher_products="kronecker"``: the
-multiplicative and balanced steps ``αf + γy`` (``y = Q∇``, ``f = x −
-γQF̃_λx``, ``x = M⁻¹∇`` multiplicative, ``M⁻¹(∇ − γF̃_λy)`` balanced: each
-combination with the coarse operator ``γQ`` for ``Q``), each part scaled
+multiplicative and balanced steps ``αf + γy`` (``y = Q∇``, ``f = x − QF̃_λx``,
+``x = M⁻¹∇`` multiplicative, ``M⁻¹(∇ − F̃_λy)`` balanced), each part scaled
 by its own quadratic-model ratio with the statistics' Fisher, ``α = fᵀ∇ /
 fᵀF_λf`` and ``γ = yᵀ∇ / yᵀF_λy``, against closed forms in float64 (``Q``
 and ``F̃`` from the Kronecker model's dense oracle), on a fixed space
@@ -20,18 +19,13 @@ from tests.test_two_level_spaces import _base_inverse
 
 
 def _expected_both(combine, rows, model, stats, grad, minv, scales=None):
-  """``(αf + γy, α, γ)``; ``scales``: a given ``(α, γ)`` (held ones).
-
-  Each combination's preconditioner with ``γQ`` for ``Q``: ``f = x −
-  γQF̃_λx``, ``x = M⁻¹∇`` multiplicative (``γQ + α(I − γQF̃_λ)M⁻¹``),
-  ``x = M⁻¹(∇ − γF̃_λy)`` balanced (``γQ + α(I − γQF̃_λ)M⁻¹(I −
-  γF̃_λQ)``)."""
+  """``(αf + γy, α, γ)``; ``scales``: a given ``(α, γ)`` (held ones)."""
   q = rows.T @ jnp.linalg.solve(rows @ model @ rows.T, rows)
   y = q @ grad
-  gamma = scales[1] if scales is not None else (y @ grad) / (y @ stats @ y)
-  x = minv(grad) if combine == "multiplicative" else minv(grad - gamma * model @ y)
-  f = x - gamma * q @ model @ x
-  alpha = scales[0] if scales is not None else (f @ grad) / (f @ stats @ f)
+  x = minv(grad) if combine == "multiplicative" else minv(grad - model @ y)
+  f = x - q @ model @ x
+  alpha, gamma = scales if scales is not None else (
+      (f @ grad) / (f @ stats @ f), (y @ grad) / (y @ stats @ y))
   return alpha * f + gamma * y, alpha, gamma
 
 
@@ -67,6 +61,34 @@ def test_both_scales_each_part_by_its_own_model_ratio(space, combine):
   assert float(jnp.max(jnp.abs(plain - expected))) > 1e-3 * scale
   # a descent direction for the statistics' quadratic model
   assert float(grad @ expected - 0.5 * expected @ stats @ expected) > 0
+
+
+@pytest.mark.parametrize("combine", ["multiplicative", "balanced"])
+def test_both_is_the_combination_of_the_model_corrected_along_the_coarse_space(
+    combine):
+  """The step is the plain combination (``Q̂ + α(I − Q̂F̂)M⁻¹`` multiplicative,
+  ``Q̂ + α(I − Q̂F̂)M⁻¹(I − F̂Q̂)`` balanced) of ``F̂ = F̃_λ + (1/γ −
+  1)F̃_λQF̃_λ``, ``Q̂ = Rᵀ(RF̂Rᵀ)⁻¹R`` (= ``γQ``): the model scaled by ``1/γ``
+  along the coarse space, where ``γ`` measured it wrong."""
+  loss, params, batch = _mlp(squared=True)
+  delta, state = _direction(loss, params, batch, combine=combine,
+                            coarse_space="nicolaides", fine_scale="both",
+                            fisher_products="kronecker")
+  grad, model, stats = _fishers(loss, params, batch)
+  minv = _base_inverse(loss, params, batch)
+  rows = _nicolaides_rows(params)
+  alpha, gamma = state.model.scale, state.model.coarse_scale
+  q = rows.T @ jnp.linalg.solve(rows @ model @ rows.T, rows)
+  corrected = model + (1.0 / gamma - 1.0) * model @ q @ model
+  q_hat = rows.T @ jnp.linalg.solve(rows @ corrected @ rows.T, rows)
+  np.testing.assert_allclose(q_hat, gamma * q, rtol=0,
+                             atol=1e-9 * float(jnp.max(jnp.abs(q))))
+  inner = grad if combine == "multiplicative" else grad - corrected @ q_hat @ grad
+  x = minv(inner)
+  expected = q_hat @ grad + alpha * (x - q_hat @ corrected @ x)
+  scale = float(jnp.max(jnp.abs(expected)))
+  np.testing.assert_allclose(delta, expected, rtol=0, atol=1e-9 * scale)
+  assert abs(float(gamma) - 1.0) > 1e-2      # a real correction
 
 
 def test_both_scales_are_held_between_statistics_steps():
