@@ -46,7 +46,8 @@ projections keep ``Q``: ``γy + α(I − QF̃_λ)x`` is then exactly the
 combination for the model corrected along the coarse space, ``F̂ = F̃_λ +
 (1/γ − 1)F̃_λQF̃_λ`` (``RF̂Rᵀ = RF̃_λRᵀ/γ``, ``Q̂ = γQ``, ``F̂Q̂ = F̃_λQ``);
 ``γQ`` in the projections too, with ``F̃_λ`` unchanged, is no model's
-combination and was measured worse (docs/methods.md).
+combination (tried: it blew up early on the MNIST autoencoder's sweep
+batches; docs/methods.md).
 """
 
 from __future__ import annotations
