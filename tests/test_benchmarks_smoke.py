@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import kfac_jax_ext as kfe
 import pytest
 
-from benchmarks import (adaptive_trace, equal_steps, models, paired_setting, quickstart, step_phases,
-                        step_progress, step_time, thread_spin)
+from benchmarks import (adaptive_trace, coarse_model_cost, equal_steps, models, paired_setting,
+                        quickstart, step_phases, step_progress, step_time, thread_spin)
 from kfac_jax_ext import gram
 
 
@@ -103,6 +103,15 @@ def test_step_phases_runs(capsys):
   out = capsys.readouterr().out
   assert "predicted amortized step" in out
   assert out.count("FLOP floor") == 4 and "(from 8 examples)" in out
+
+
+def test_coarse_model_cost_times_every_piece(capsys):
+  coarse_model_cost.main(["--model", "mlp", "--examples", "6", "--repeats", "1"])
+  out = capsys.readouterr().out
+  assert "S = 4, N = 6" in out
+  for piece in ("form B", "lift B", "project B", "form C (per-example)",
+                "lift (per-example)", "project (per-example)"):
+    assert f"{piece}:" in out
 
 
 def test_flop_floor_counts_each_phase_once_per_its_period():
