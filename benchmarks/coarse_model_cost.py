@@ -21,13 +21,12 @@ Krylov-residual's two basis vectors per layer).
 from __future__ import annotations
 
 import argparse
-import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from benchmarks import cpu_facts
 from kfac_jax_ext import coarse_level
 from kfac_jax_ext import coarse_model_bases
 
@@ -43,19 +42,10 @@ class _Layer(NamedTuple):
   d_g: int
 
 
-def _median_ms(fn, *args, repeats):
-  fn = jax.jit(fn)
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
-
-
 def measure(shapes, examples, per_layer, repeats, seed=0):
   """``{piece: median ms}`` for the pieces in the module docstring."""
+  _median_ms = lambda fn, *args, repeats: cpu_facts._median_ms(
+      jax.jit(fn), *args, repeats=repeats)
   keys = iter(jax.random.split(jax.random.PRNGKey(seed), 5 * len(shapes) + 2))
   normal = lambda shape: jax.random.normal(next(keys), shape)
   size = per_layer * len(shapes)
