@@ -4,6 +4,7 @@ parametrized families (``tengrad_gramN``, ``tengrad_everyN``,
 ``two_level_COMBINE_SPACE_stored[N]``, ``two_level_COMBINE_SPACE_subsampleN``,
 ``two_level_COMBINE_spectral_iterK``, ``two_level_COMBINE_RESIDUAL_refreshed``,
 ``two_level_COMBINE_SPACE_kronecker_batchN``, ``…_kronecker[_batchN]_both``,
+``…_kronecker[_batchN][_both]_scaleall``,
 ``two_level_COMBINE_SPACE_klN`` (also ``…_storedN_klN``, ``…_iterK_klN``,
 ``…_refreshed_klN``, ``…_subsampleN_klN``),
 ``kfac_adaptive_relative_modelN``),
@@ -133,10 +134,22 @@ def two_level_both(name: str):
   return head if ok else None
 
 
+def two_level_scale_all(name: str):
+  """The variant of ``two_level_COMBINE_SPACE_kronecker[_batchN][_both]_scaleall``
+  (``scale_batch=None``: the model scales α, γ from all the statistics'
+  examples, not the model's first N), else None."""
+  head, sep, tail = name.rpartition("_scaleall")
+  ok = sep and not tail and (
+      (head in TWO_LEVEL_VARIANTS and head.endswith("_kronecker"))
+      or two_level_model_batch(head) is not None or two_level_both(head) is not None)
+  return head if ok else None
+
+
 def two_level_kl_clip(name: str):
   """``(variant, κ)`` of ``VARIANT_klN``: a two-level variant
   (``two_level_COMBINE_SPACE``, or its ``_stored[N]``, ``_subsampleN``,
-  ``_iterK``, ``_refreshed``, ``_kronecker_batchN`` or ``…_both`` form)
+  ``_iterK``, ``_refreshed``, ``_kronecker_batchN``, ``…_both`` or
+  ``…_scaleall`` form)
   with KL-clip κ = N instead of the task's (a positive int, or a decimal
   such as ``0.25``), else None."""
   head, sep, tail = name.rpartition("_kl")
@@ -146,7 +159,8 @@ def two_level_kl_clip(name: str):
       or two_level_spectral_iterations(head) is not None
       or two_level_refreshed(head) is not None
       or two_level_model_batch(head) is not None
-      or two_level_both(head) is not None):
+      or two_level_both(head) is not None
+      or two_level_scale_all(head) is not None):
     return None
   return head, _positive_number(tail)
 
@@ -180,6 +194,7 @@ def known(name: str) -> bool:
           or two_level_refreshed(name) is not None
           or two_level_model_batch(name) is not None
           or two_level_both(name) is not None
+          or two_level_scale_all(name) is not None
           or two_level_kl_clip(name) is not None
           or tengrad_gram(name) is not None
           or tengrad_every(name) is not None

@@ -61,6 +61,8 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   statistics' first N examples (``coarse_batch=N``); ``…_kronecker[_batchN]_both``:
   ``fine_scale="both"`` (the fine and the coarse step each scaled by its
   own quadratic-model ratio, α and γ, with the statistics' Fisher);
+  ``…_scaleall``: those scales from all the statistics' examples
+  (``scale_batch=None``) while the model keeps its first N;
   ``two_level_COMBINE_SPACE_storedN`` (or
   ``_stored``: all examples; statistics' products): the per-step correction from the tokens of
   the last statistics batch's first N examples (``coarse_statistics=
@@ -430,9 +432,12 @@ def make_contender(name: str, task) -> Contender:
                      "coarse_statistics": "subsample", "coarse_batch": rows})
   if (name in TWO_LEVEL_VARIANTS or names.two_level_stored(name) is not None
       or names.two_level_model_batch(name) is not None
-      or names.two_level_both(name) is not None):
-    both = names.two_level_both(name)             # α and γ from the model
-    variant, stored = names.two_level_stored(both or name) or (both or name, False)
+      or names.two_level_both(name) is not None
+      or names.two_level_scale_all(name) is not None):
+    scale_all = names.two_level_scale_all(name)   # α (γ) from every example
+    name_ = scale_all or name
+    both = names.two_level_both(name_)            # α and γ from the model
+    variant, stored = names.two_level_stored(both or name_) or (both or name_, False)
     variant, model_rows = names.two_level_model_batch(variant) or (variant, None)
     products = next((p for p in ("ggn", "mixed", "kronecker")
                      if variant.endswith("_" + p)),
@@ -447,6 +452,8 @@ def make_contender(name: str, task) -> Contender:
       extra["coarse_batch"] = model_rows
     if both is not None:
       extra["fine_scale"] = "both"
+    if scale_all is not None:
+      extra["scale_batch"] = None
     return _natural(name, task, kfe.two_level_kfac,
                     {"combine": combine, "coarse_space": space,
                      "fisher_products": products, **extra})

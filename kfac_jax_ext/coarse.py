@@ -59,6 +59,15 @@ COMBINES = ("additive", "multiplicative", "balanced")
 SPAN_TOL = 1e-6
 
 
+def default_matrix(fisher_products: str, combine: str, space) -> str:
+  """``coarse_matrix=None``'s choice: ``"kronecker"`` for the model's
+  products and for the additive step on a rank-one space with statistics
+  products (Tselepidis), else ``"exact"`` (``F_c = R F_λ Rᵀ`` of the products)."""
+  return ("kronecker" if fisher_products == "kronecker" or (
+      fisher_products == "statistics" and combine == "additive"
+      and space in RANK_ONE_SPACES) else "exact")
+
+
 def leaf_slots(shapes, space: str) -> list:
   """Per leaf, the coarse indices it may host (``[]`` for ≤1-D leaves)."""
   slots, start = [], 0

@@ -63,6 +63,7 @@ from kfac_jax_ext import distributed
 from kfac_jax_ext import initial_arrays
 from kfac_jax_ext import linalg
 from kfac_jax_ext import schedule
+from kfac_jax_ext import stats_subsample
 from kfac_jax_ext.blocks import kronecker
 
 SPACES = ("nicolaides", "spectral", "krylov_nicolaides")
@@ -87,9 +88,22 @@ class ModelState(NamedTuple):
 
 
 def check(fisher_products, combine, coarse_space, coarse_matrix, options,
-          residual_refresh="step") -> None:
+          residual_refresh="step", scale_batch="coarse_batch",
+          fine_scale="model") -> None:
   """Raises ``ValueError`` where ``fisher_products="kronecker"`` cannot apply
-  (the residual spaces: ``coarse_model_bases``)."""
+  (the residual spaces: ``coarse_model_bases``), or ``scale_batch`` is set
+  where no model scale is measured on its own."""
+  if scale_batch != "coarse_batch":
+    if isinstance(scale_batch, str) or (
+        fisher_products != "kronecker" or coarse_space is None or fine_scale == "none"):
+      raise ValueError(f"scale_batch chooses the examples of the model scales α, γ "
+                       f"that fisher_products='kronecker' measures on statistics "
+                       f"steps (fine_scale 'model' or 'both'); got scale_batch="
+                       f"{scale_batch!r} with fisher_products={fisher_products!r}, "
+                       f"fine_scale={fine_scale!r}, coarse_space={coarse_space!r}: "
+                       "pass None (all examples), a positive int, or leave it unset.")
+    stats_subsample.check_examples(scale_batch, "scale_batch",
+                                   "scale_by_two_level_kfac")
   if fisher_products != "kronecker" or coarse_space is None:
     return
   if combine == "additive":
@@ -329,7 +343,7 @@ def scale_of(model, toks_of, m, lam, stats_every, stats_due, static_stats,
 
 def corrected(combine, layers, state, toks_of, v, b, precondition, scaled,
               size, dtype, m, lam, coarse_damping, schedule_of_stats,
-              axis_name):
+              axis_name, scale_tokens=None):
   """One multiplicative or balanced correction with the model's products.
 
   Args:
@@ -346,6 +360,8 @@ def corrected(combine, layers, state, toks_of, v, b, precondition, scaled,
     lam: ``λ``; coarse_damping: ``"consistent"`` or ``"identity"``.
     schedule_of_stats: ``(stats_every, stats_due, static_stats)``.
     axis_name: the data-parallel axis, or None.
+    scale_tokens: ``(tokens_of, n)`` of the model scales' examples
+      (``scale_batch``); None: ``(toks_of, m)``.
 
   Returns:
     ``(Δ per layer, α, inverse, model, coarse_count, health)``. A failed
@@ -361,7 +377,7 @@ def corrected(combine, layers, state, toks_of, v, b, precondition, scaled,
                            + (~ok).astype(jnp.int32))
   delta, (alpha, gamma) = step(combine, fisher, inverse, v, b, precondition,
                                scaled, size, dtype, scale_of(
-                                   model, toks_of, m, lam, every, due, static,
-                                   axis_name))
+                                   model, *(scale_tokens or (toks_of, m)), lam,
+                                   every, due, static, axis_name))
   return (delta, alpha, inverse, model._replace(scale=alpha, coarse_scale=gamma),
           count, health)

@@ -216,7 +216,7 @@ class FormedProducts(NamedTuple):
 
 def corrected(space, combine, layers, state, toks_of, v, b, precondition,
               scaled, size, dtype, m, lam, coarse_damping, schedule_of_stats,
-              axis_name):
+              axis_name, scale_tokens=None):
   """One multiplicative or balanced correction on a refreshed residual space
   with the model's products.
 
@@ -264,7 +264,7 @@ def corrected(space, combine, layers, state, toks_of, v, b, precondition,
   fisher = BasesFisher(kept, _slot_of(kept, model), lam)
   delta, (alpha, gamma) = coarse_model.step(
       combine, fisher, inverse, v, b, precondition, scaled, size, dtype,
-      coarse_model.scale_of(model, toks_of, m, lam, every, due, static,
-                            axis_name))
+      coarse_model.scale_of(model, *(scale_tokens or (toks_of, m)), lam, every,
+                            due, static, axis_name))
   return (delta, alpha, inverse, model._replace(scale=alpha, coarse_scale=gamma),
           count, health, bases)

@@ -131,6 +131,15 @@ def examples(num_examples: int, coarse_batch) -> int:
   return num_examples if coarse_batch is None else min(num_examples, coarse_batch)
 
 
+def scale_examples(num_examples: int, coarse_examples: int, scale_batch) -> int:
+  """The examples the model scales α, γ are measured on (``scale_batch``:
+  ``"coarse_batch"``: the coarse level's ``coarse_examples``; None: all ``M``;
+  ``k``: ``min(M, k)``)."""
+  if isinstance(scale_batch, str):
+    return coarse_examples
+  return examples(num_examples, scale_batch)
+
+
 def initial(loss_fn, params, example_batch, has_aux, factors, unsupported,
             spectral, coarse_batch, dtype, axis_name=None) -> tuple:
   """Zero tokens ``(ā [n, T, d_a], g [n, T, d_g])`` per coarse layer of the

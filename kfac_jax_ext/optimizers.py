@@ -284,7 +284,8 @@ def _two_level_options(*, base="kfac", coarse_space="nicolaides",
                        omega=(1.0, 1.0), coarse_damping="consistent",
                        fisher_products="statistics", fine_scale="model",
                        coarse_batch=None, coarse_statistics="batch",
-                       spectral_iterations=None, residual_refresh="step"):
+                       spectral_iterations=None, residual_refresh="step",
+                       scale_batch="coarse_batch"):
   """Two-level K-FAC's own options (see ``scale_by_two_level_kfac``)."""
 
 
@@ -298,7 +299,8 @@ decay → momentum → lr.
 Same signature as ``kfe.kfac`` plus ``base``, ``coarse_space``,
 ``coarse_matrix``, ``combine``, ``omega``, ``coarse_damping``,
 ``fisher_products``, ``fine_scale``, ``coarse_batch``,
-``coarse_statistics``, ``spectral_iterations`` and ``residual_refresh``.
+``coarse_statistics``, ``spectral_iterations``, ``residual_refresh`` and
+``scale_batch``.
 
 KL clip: ``clip_by_kl`` reads ``∇ᵀΔ`` as the step's KL. The
 ``combine="multiplicative"`` and ``"balanced"`` steps are model-consistent

@@ -52,6 +52,7 @@ def scale_by_two_level_kfac(
     coarse_statistics: str = "batch",
     spectral_iterations: int | None = None,
     residual_refresh: str = "step",
+    scale_batch: int | str | None = "coarse_batch",
     **options,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Two-level K-FAC: the base preconditioner plus a coarse correction.
@@ -129,6 +130,9 @@ def scale_by_two_level_kfac(
       or ``"statistics"`` (rebuilt on statistics steps only, with its
       ``F_c``, and kept between; the additive step then needs no statistics
       pass between them; see ``coarse_refresh``).
+    scale_batch: ``"kronecker"``: α's (and γ's) examples, ``"coarse_batch"``
+      (default: the model's ``n``), None (all ``M``: ``M·P`` per direction per
+      statistics step) or ``k`` (the first ``min(M, k)``); held till the next.
     **options: the base method's options (``scale_by_kfac``).
 
   Returns:
@@ -150,21 +154,18 @@ def scale_by_two_level_kfac(
   coarse_tokens.check(coarse_statistics, fisher_products, options, coarse_batch)
   coarse_refresh.check(residual_refresh, coarse_space, fisher_products)
   coarse_model.check(fisher_products, combine, coarse_space, coarse_matrix, options,
-                     residual_refresh)
-  modelled = fisher_products == "kronecker" and coarse_space is not None
-  if coarse_matrix is None:
-    coarse_matrix = ("kronecker" if fisher_products == "kronecker" or (
-        fisher_products == "statistics" and combine == "additive"
-        and coarse_space in coarse.RANK_ONE_SPACES) else "exact")
-  if coarse_space is not None:
-    relative_damping.require_absolute(options, "scale_by_two_level_kfac damps "
-                                      "its fine and coarse levels (I12-I13)")
+                     residual_refresh, scale_batch, fine_scale)
   variant = (kronecker_variants.KFAC if base == "kfac"
              else kronecker_variants.tkfac_variant())
   name = "scale_by_two_level_kfac"
   if coarse_space is None:     # the base method
     return kronecker_family.scale_by_kronecker(loss_fn, variant, name=name,
                                                **options)
+  relative_damping.require_absolute(options, "scale_by_two_level_kfac damps "
+                                    "its fine and coarse levels (I12-I13)")
+  modelled = fisher_products == "kronecker"
+  coarse_matrix = coarse_matrix or coarse.default_matrix(fisher_products, combine,
+                                                         coarse_space)
   base_init, base_step = kronecker_family.kronecker_stepper(
       loss_fn, variant, name=name, **options)
   ema_decay, inverse_every, stats_every = (options.get(k, d) for k, d in (
@@ -279,9 +280,11 @@ def scale_by_two_level_kfac(
     precondition = lambda xs: level.to_matrices(layers, ctx.precondition(
         level.write(layers, grads, xs, shapes)), dtype)
     if modelled:     # the Kronecker model's products: no per-step statistics
-      args = (combine, layers, state, lambda: level.tokens(layers, traced, cb, dtype, m),
-              v, b, precondition, scaled, size, dtype, m, ctx.damping, coarse_damping,
-              (stats_every, stats_due, static_stats), axis_name)
+      toks_of = lambda n: (lambda: level.tokens(layers, traced, cb, dtype, n), n)
+      args = (combine, layers, state, toks_of(m)[0], v, b, precondition, scaled, size,
+              dtype, m, ctx.damping, coarse_damping, (stats_every, stats_due, static_stats),
+              axis_name, toks_of(coarse_tokens.scale_examples(traced.num_examples, m,
+                                                              scale_batch)))
       delta, alpha, inverse, model, coarse_count, health, *bases = (
           coarse_model_bases.corrected(coarse_space, *args) if refreshed
           else coarse_model.corrected(*args))   # (bases: [the kept basis])
@@ -386,14 +389,12 @@ def scale_by_two_level_kfac(
       alpha = jnp.where(ok, alpha, 1.0)
       fine = [(alpha * x).astype(x.dtype) for x in fine]
     fine = level.write(layers, fine, delta, shapes)
-    new_state = TwoLevelState(base_state, jnp.array(True) if tokens_every_step
-                              else base_state.curvature_due, coarse_count,
-                              coarse_a, coarse_g, inverse, spectral, health,
-                              krylov, stored_toks, (bases[0] if modelled else bases)
-                              if refreshed else (),
-                              model if modelled else state.model)
-    treedef = jax.tree_util.tree_structure(updates)
-    return jax.tree_util.tree_unflatten(treedef, fine), new_state
+    kept_bases = ((bases[0] if modelled else bases) if refreshed else ())
+    new_state = TwoLevelState(
+        base_state, jnp.array(True) if tokens_every_step else base_state.curvature_due,
+        coarse_count, coarse_a, coarse_g, inverse, spectral, health, krylov,
+        stored_toks, kept_bases, model if modelled else state.model)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(updates), fine), new_state
 
   return optax.GradientTransformationExtraArgs(
       init_fn, eager.compile_when_eager(update_fn))
