@@ -130,9 +130,9 @@ def scale_by_two_level_kfac(
       or ``"statistics"`` (rebuilt on statistics steps only, with its
       ``F_c``, and kept between; the additive step then needs no statistics
       pass between them; see ``coarse_refresh``).
-    scale_batch: ``"kronecker"``: α's (and γ's) examples, ``"coarse_batch"``
-      (default: the model's ``n``), None (all ``M``: ``M·P`` per direction per
-      statistics step) or ``k`` (the first ``min(M, k)``); held till the next.
+    scale_batch: ``"kronecker"`` only: the examples α (γ) are measured on, held
+      till the next statistics step: ``"coarse_batch"`` (default: the model's
+      ``n``), None (all ``M``: ``M·P`` per direction) or ``k`` (``min(M, k)``).
     **options: the base method's options (``scale_by_kfac``).
 
   Returns:
