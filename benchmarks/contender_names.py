@@ -4,7 +4,7 @@ parametrized families (``tengrad_gramN``, ``tengrad_everyN``,
 ``two_level_COMBINE_SPACE_stored[N]``, ``two_level_COMBINE_SPACE_subsampleN``,
 ``two_level_COMBINE_spectral_iterK``, ``two_level_COMBINE_RESIDUAL_refreshed``,
 ``two_level_COMBINE_SPACE_kronecker_batchN``, ``…_kronecker[_batchN]_both``,
-``…_kronecker[_batchN][_both]_scaleall``,
+``…_kronecker[_batchN][_both][_scaleall]_modelperiod``,
 ``two_level_COMBINE_SPACE_klN`` (also ``…_storedN_klN``, ``…_iterK_klN``,
 ``…_refreshed_klN``, ``…_subsampleN_klN``),
 ``kfac_adaptive_relative_modelN``),
@@ -145,11 +145,23 @@ def two_level_scale_all(name: str):
   return head if ok else None
 
 
+def two_level_model_period(name: str):
+  """The variant of ``two_level_COMBINE_SPACE_kronecker[…]_modelperiod``
+  (``model_refresh="period"``: the model rebuilt on the statistics period's
+  steps only, not on a refresh warm-up's extra ones), else None."""
+  head, sep, tail = name.rpartition("_modelperiod")
+  ok = sep and not tail and (
+      (head in TWO_LEVEL_VARIANTS and head.endswith("_kronecker"))
+      or two_level_model_batch(head) is not None or two_level_both(head) is not None
+      or two_level_scale_all(head) is not None)
+  return head if ok else None
+
+
 def two_level_kl_clip(name: str):
   """``(variant, κ)`` of ``VARIANT_klN``: a two-level variant
   (``two_level_COMBINE_SPACE``, or its ``_stored[N]``, ``_subsampleN``,
-  ``_iterK``, ``_refreshed``, ``_kronecker_batchN``, ``…_both`` or
-  ``…_scaleall`` form)
+  ``_iterK``, ``_refreshed``, ``_kronecker_batchN``, ``…_both``,
+  ``…_scaleall`` or ``…_modelperiod`` form)
   with KL-clip κ = N instead of the task's (a positive int, or a decimal
   such as ``0.25``), else None."""
   head, sep, tail = name.rpartition("_kl")
@@ -160,7 +172,8 @@ def two_level_kl_clip(name: str):
       or two_level_refreshed(head) is not None
       or two_level_model_batch(head) is not None
       or two_level_both(head) is not None
-      or two_level_scale_all(head) is not None):
+      or two_level_scale_all(head) is not None
+      or two_level_model_period(head) is not None):
     return None
   return head, _positive_number(tail)
 
@@ -195,6 +208,7 @@ def known(name: str) -> bool:
           or two_level_model_batch(name) is not None
           or two_level_both(name) is not None
           or two_level_scale_all(name) is not None
+          or two_level_model_period(name) is not None
           or two_level_kl_clip(name) is not None
           or tengrad_gram(name) is not None
           or tengrad_every(name) is not None

@@ -63,6 +63,8 @@ hyper-parameters as traced arrays, so one compilation serves the whole sweep.
   own quadratic-model ratio, α and γ, with the statistics' Fisher);
   ``…_scaleall``: those scales from all the statistics' examples
   (``scale_batch=None``) while the model keeps its first N;
+  ``…_modelperiod``: the model rebuilt on the task's statistics period
+  only, not on each step of a refresh warm-up (``model_refresh="period"``);
   ``two_level_COMBINE_SPACE_storedN`` (or
   ``_stored``: all examples; statistics' products): the per-step correction from the tokens of
   the last statistics batch's first N examples (``coarse_statistics=
@@ -433,9 +435,11 @@ def make_contender(name: str, task) -> Contender:
   if (name in TWO_LEVEL_VARIANTS or names.two_level_stored(name) is not None
       or names.two_level_model_batch(name) is not None
       or names.two_level_both(name) is not None
-      or names.two_level_scale_all(name) is not None):
-    scale_all = names.two_level_scale_all(name)   # α (γ) from every example
-    name_ = scale_all or name
+      or names.two_level_scale_all(name) is not None
+      or names.two_level_model_period(name) is not None):
+    periodic = names.two_level_model_period(name)  # not rebuilt in the warm-up
+    scale_all = names.two_level_scale_all(periodic or name)   # α (γ): all examples
+    name_ = scale_all or periodic or name
     both = names.two_level_both(name_)            # α and γ from the model
     variant, stored = names.two_level_stored(both or name_) or (both or name_, False)
     variant, model_rows = names.two_level_model_batch(variant) or (variant, None)
@@ -454,6 +458,8 @@ def make_contender(name: str, task) -> Contender:
       extra["fine_scale"] = "both"
     if scale_all is not None:
       extra["scale_batch"] = None
+    if periodic is not None:
+      extra["model_refresh"] = "period"
     return _natural(name, task, kfe.two_level_kfac,
                     {"combine": combine, "coarse_space": space,
                      "fisher_products": products, **extra})

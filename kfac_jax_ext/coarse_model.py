@@ -89,7 +89,7 @@ class ModelState(NamedTuple):
 
 def check(fisher_products, combine, coarse_space, coarse_matrix, options,
           residual_refresh="step", scale_batch="coarse_batch",
-          fine_scale="model") -> None:
+          fine_scale="model", model_refresh="statistics") -> None:
   """Raises ``ValueError`` where ``fisher_products="kronecker"`` cannot apply
   (the residual spaces: ``coarse_model_bases``), or ``scale_batch`` is set
   where no model scale is measured on its own."""
@@ -104,6 +104,12 @@ def check(fisher_products, combine, coarse_space, coarse_matrix, options,
                        "pass None (all examples), a positive int, or leave it unset.")
     stats_subsample.check_examples(scale_batch, "scale_batch",
                                    "scale_by_two_level_kfac")
+  if model_refresh != "statistics" and (model_refresh != "period" or (
+      fisher_products != "kronecker" or coarse_space is None)):
+    raise ValueError(f"model_refresh is 'statistics' or 'period' (the Kronecker "
+                     f"model's rebuild, fisher_products='kronecker'); got "
+                     f"{model_refresh!r} with fisher_products={fisher_products!r}, "
+                     f"coarse_space={coarse_space!r}: leave it unset.")
   if fisher_products != "kronecker" or coarse_space is None:
     return
   if combine == "additive":
@@ -326,6 +332,15 @@ def updated(model: ModelState, layers, toks_of, count, stats_every, stats_due,
     return new, n + ok.astype(jnp.int32), h
   return schedule.maybe(stats_every, stats_due, accumulate, lambda o: o,
                         (model, count, health), static_stats)
+
+
+def model_schedule(model_refresh, stats_every, stats_due, static_stats, count):
+  """``(period, due, static)`` of the model's rebuild: every statistics step,
+  or (``"period"``) those at ``count % stats_every == 0`` only, decided at run
+  time (a refresh warm-up's extra ones keep the model)."""
+  if model_refresh == "period" and static_stats:
+    return stats_every, count % stats_every == 0, None
+  return stats_every, stats_due, static_stats
 
 
 def scale_of(model, toks_of, m, lam, stats_every, stats_due, static_stats,

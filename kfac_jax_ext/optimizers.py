@@ -285,7 +285,7 @@ def _two_level_options(*, base="kfac", coarse_space="nicolaides",
                        fisher_products="statistics", fine_scale="model",
                        coarse_batch=None, coarse_statistics="batch",
                        spectral_iterations=None, residual_refresh="step",
-                       scale_batch="coarse_batch"):
+                       scale_batch="coarse_batch", model_refresh="statistics"):
   """Two-level K-FAC's own options (see ``scale_by_two_level_kfac``)."""
 
 
@@ -299,8 +299,8 @@ decay → momentum → lr.
 Same signature as ``kfe.kfac`` plus ``base``, ``coarse_space``,
 ``coarse_matrix``, ``combine``, ``omega``, ``coarse_damping``,
 ``fisher_products``, ``fine_scale``, ``coarse_batch``,
-``coarse_statistics``, ``spectral_iterations``, ``residual_refresh`` and
-``scale_batch``.
+``coarse_statistics``, ``spectral_iterations``, ``residual_refresh``,
+``scale_batch`` and ``model_refresh``.
 
 KL clip: ``clip_by_kl`` reads ``∇ᵀΔ`` as the step's KL. The
 ``combine="multiplicative"`` and ``"balanced"`` steps are model-consistent

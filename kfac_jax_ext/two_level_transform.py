@@ -53,6 +53,7 @@ def scale_by_two_level_kfac(
     spectral_iterations: int | None = None,
     residual_refresh: str = "step",
     scale_batch: int | str | None = "coarse_batch",
+    model_refresh: str = "statistics",
     **options,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Two-level K-FAC: the base preconditioner plus a coarse correction.
@@ -117,22 +118,20 @@ def scale_by_two_level_kfac(
       min(M, coarse_batch)`` examples (per device): unbiased, at ``n/M`` of
       the products' cost. ``None`` (default): all ``M``.
     coarse_statistics: a per-step correction's ``F``: ``"batch"`` (default:
-      each step's; a statistics pass every step), ``"stored"`` (the last
-      statistics batch's tokens, kept in the state, as Koroko et al.'s code;
-      needs ``example_batch``) or ``"subsample"`` (each step's first
-      ``coarse_batch`` rows, required; ``coarse_tokens``).
+      each step's), ``"stored"`` (the last statistics batch's tokens, kept;
+      Koroko et al.'s code; needs ``example_batch``) or ``"subsample"``
+      (each step's first ``coarse_batch`` rows; ``coarse_tokens``).
     spectral_iterations: ``"spectral"`` only. None (default): ``eigh`` of
-      every factor per refresh. ``k``: k steps of inverse iteration with the
-      base's refreshed ``(A + γI)⁻¹`` from the last vectors, O(d²) each
-      (``coarse.inverse_iteration``; tikhonov mode: the base's eigenvectors).
-    residual_refresh: ``"residual"`` and ``"krylov_residual"`` only:
-      ``"step"`` (default: the basis is rebuilt from every step's residual)
-      or ``"statistics"`` (rebuilt on statistics steps only, with its
-      ``F_c``, and kept between; the additive step then needs no statistics
-      pass between them; see ``coarse_refresh``).
+      every factor per refresh; ``k``: k steps of inverse iteration with the
+      base's ``(A + γI)⁻¹`` (``coarse.inverse_iteration``).
+    residual_refresh: ``"residual"``, ``"krylov_residual"``: ``"step"``
+      (default: rebuilt from every step's residual) or ``"statistics"``
+      (with its ``F_c`` on statistics steps only; ``coarse_refresh``).
     scale_batch: ``"kronecker"`` only: the examples α (γ) are measured on, held
       till the next statistics step: ``"coarse_batch"`` (default: the model's
       ``n``), None (all ``M``: ``M·P`` per direction) or ``k`` (``min(M, k)``).
+    model_refresh: ``"kronecker"``: the model (basis, ``F_c``, α, γ) rebuilt on
+      every ``"statistics"`` step (default) or the ``"period"``'s, not warm-up's.
     **options: the base method's options (``scale_by_kfac``).
 
   Returns:
@@ -154,7 +153,7 @@ def scale_by_two_level_kfac(
   coarse_tokens.check(coarse_statistics, fisher_products, options, coarse_batch)
   coarse_refresh.check(residual_refresh, coarse_space, fisher_products)
   coarse_model.check(fisher_products, combine, coarse_space, coarse_matrix, options,
-                     residual_refresh, scale_batch, fine_scale)
+                     residual_refresh, scale_batch, fine_scale, model_refresh)
   variant = (kronecker_variants.KFAC if base == "kfac"
              else kronecker_variants.tkfac_variant())
   name = "scale_by_two_level_kfac"
@@ -282,7 +281,8 @@ def scale_by_two_level_kfac(
     if modelled:     # the Kronecker model's products: no per-step statistics
       toks_of = lambda n: (lambda: level.tokens(layers, traced, cb, dtype, n), n)
       args = (combine, layers, state, toks_of(m)[0], v, b, precondition, scaled, size,
-              dtype, m, ctx.damping, coarse_damping, (stats_every, stats_due, static_stats),
+              dtype, m, ctx.damping, coarse_damping, coarse_model.model_schedule(
+                  model_refresh, stats_every, stats_due, static_stats, state.base.count),
               axis_name, toks_of(coarse_tokens.scale_examples(traced.num_examples, m,
                                                               scale_batch)))
       delta, alpha, inverse, model, coarse_count, health, *bases = (

@@ -1,7 +1,8 @@
 """``scale_batch``: the examples the Kronecker model's scales α (and γ) are
 measured on, apart from the model's own ``coarse_batch``, against closed
 forms in float64 (the model ``F̃`` and the basis from the first 4 of 7
-examples, α from all 7 or from the first 5)."""
+examples, α from all 7 or from the first 5); ``model_refresh="period"``:
+the model kept on a refresh warm-up's extra statistics steps."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 import kfac_jax_ext as kfe
-from tests.test_two_level import _direction, _mlp, _nicolaides_rows
+from tests.test_two_level import EXACT, _direction, _flat, _mlp, _nicolaides_rows
 from tests.test_two_level_kronecker_products import _expected, _fishers
 from tests.test_two_level_kronecker_residual import MODELLED, _rows
 from tests.test_two_level_spaces import _base_inverse
@@ -82,3 +83,50 @@ def test_scale_batch_where_no_scale_is_measured_is_refused(options, match):
     kfe.scale_by_two_level_kfac(loss, **options)
   with pytest.raises(ValueError, match=match):
     kfe.two_level_kfac(loss, 0.1, **options)
+
+
+@pytest.mark.parametrize("space", ["nicolaides", "residual"])
+def test_model_refresh_period_keeps_the_model_on_a_warm_up_statistics_step(space):
+  """``stats_every=2`` and a warm-up's ``Due(True, True)`` on both updates:
+  with ``model_refresh="period"`` the second (count 1) refreshes the fine
+  level from its batch but keeps the first batch's basis, model and α —
+  the closed form with those and the second ``M⁻¹``; the default rebuilds."""
+  loss, params, batch = _mlp(squared=True)
+  other = dict(batch, y=batch["y"] + 1.0)       # another gradient, same inputs
+  options = (dict(fisher_products="kronecker") if space == "nicolaides"
+             else dict(MODELLED, coarse_space=space))
+  due = kfe.Due(statistics=True, inverses=True)
+  states = {}
+  for refresh in ("period", "statistics"):
+    tx = kfe.scale_by_two_level_kfac(loss, combine="balanced", model_refresh=refresh,
+                                     **{**EXACT, "stats_every": 2, "inverse_every": 2},
+                                     **options)
+    _, first = tx.update(jax.grad(loss)(params, batch), tx.init(params), params,
+                         batch=batch, due=due)
+    out, second = tx.update(jax.grad(loss)(params, other), first, params,
+                            batch=other, due=due)
+    states[refresh] = (first, second, _flat(out))
+  first, second, delta = states["period"]
+  grad, model, stats = _fishers(loss, params, batch)
+  grad2, _, _ = _fishers(loss, params, other)
+  rows = (_nicolaides_rows(params) if space == "nicolaides"
+          else _rows(space, params, grad, stats, _base_inverse(loss, params, batch)))
+  expected, _ = _expected("balanced", rows, model, stats, grad2,
+                          _base_inverse(loss, params, other), alpha=first.model.scale)
+  scale = float(jnp.max(jnp.abs(expected)))
+  np.testing.assert_allclose(delta, expected, rtol=0, atol=1e-9 * scale)
+  np.testing.assert_array_equal(second.model.scale, first.model.scale)
+  # the default rebuilt the model from the second batch: the test could fail
+  _, rebuilt, delta_default = states["statistics"]
+  assert abs(float(rebuilt.model.scale - first.model.scale)) > 1e-6
+  assert float(jnp.max(jnp.abs(delta_default - expected))) > 1e-4 * scale
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(fisher_products="statistics", model_refresh="period"), "model_refresh"),
+    (dict(fisher_products="kronecker", model_refresh="warmup"), "'warmup'"),
+])
+def test_model_refresh_is_refused_where_it_does_not_apply(options, match):
+  loss, _, _ = _mlp(squared=True)
+  with pytest.raises(ValueError, match=match):
+    kfe.scale_by_two_level_kfac(loss, combine="balanced", **options)
