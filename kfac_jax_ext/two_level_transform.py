@@ -130,8 +130,8 @@ def scale_by_two_level_kfac(
     scale_batch: ``"kronecker"`` only: the examples α (γ) are measured on, held
       till the next statistics step: ``"coarse_batch"`` (default: the model's
       ``n``), None (all ``M``: ``M·P`` per direction) or ``k`` (``min(M, k)``).
-    model_refresh: ``"kronecker"``: the model (basis, ``F_c``, α, γ) rebuilt on
-      every ``"statistics"`` step (default) or the ``"period"``'s, not warm-up's.
+    model_refresh: ``"kronecker"``: the model rebuilt on every statistics step
+      (``"statistics"``) or at ``count % stats_every == 0`` only (``"period"``).
     **options: the base method's options (``scale_by_kfac``).
 
   Returns:
