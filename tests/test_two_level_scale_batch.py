@@ -20,9 +20,9 @@ def _first(batch, n):
   return jax.tree_util.tree_map(lambda x: x[:n], batch)
 
 
-@pytest.mark.parametrize("space", ["nicolaides", "residual"])
-@pytest.mark.parametrize("combine", ["multiplicative", "balanced"])
-@pytest.mark.parametrize("scale_batch,scale_rows", [(None, 7), (5, 5)])
+@pytest.mark.parametrize("space,combine,scale_batch,scale_rows", [
+    ("nicolaides", "multiplicative", None, 7), ("nicolaides", "balanced", 5, 5),
+    ("residual", "multiplicative", 5, 5), ("residual", "balanced", None, 7)])
 def test_the_scale_is_measured_on_its_own_examples(space, combine, scale_batch,
                                                    scale_rows):
   loss, params, batch = _mlp(squared=True)
