@@ -123,38 +123,36 @@ def two_level_model_batch(name: str):
   return head, int(tail)
 
 
+def _kronecker_form(name: str, suffix: str, *inner):
+  """``HEAD`` of ``HEAD + suffix`` where ``HEAD`` is a ``…_kronecker``
+  variant or a name one of the ``inner`` parsers accepts, else None."""
+  head, sep, tail = name.rpartition(suffix)
+  ok = sep and not tail and (
+      (head in TWO_LEVEL_VARIANTS and head.endswith("_kronecker"))
+      or any(parse(head) is not None for parse in inner))
+  return head if ok else None
+
+
 def two_level_both(name: str):
   """The variant of ``two_level_COMBINE_SPACE_kronecker[_batchN]_both``
   (``fine_scale="both"``: the fine and the coarse step each scaled by its
   own quadratic-model ratio with the statistics' Fisher), else None."""
-  head, sep, tail = name.rpartition("_both")
-  ok = sep and not tail and (
-      (head in TWO_LEVEL_VARIANTS and head.endswith("_kronecker"))
-      or two_level_model_batch(head) is not None)
-  return head if ok else None
+  return _kronecker_form(name, "_both", two_level_model_batch)
 
 
 def two_level_scale_all(name: str):
   """The variant of ``two_level_COMBINE_SPACE_kronecker[_batchN][_both]_scaleall``
   (``scale_batch=None``: the model scales α, γ from all the statistics'
   examples, not the model's first N), else None."""
-  head, sep, tail = name.rpartition("_scaleall")
-  ok = sep and not tail and (
-      (head in TWO_LEVEL_VARIANTS and head.endswith("_kronecker"))
-      or two_level_model_batch(head) is not None or two_level_both(head) is not None)
-  return head if ok else None
+  return _kronecker_form(name, "_scaleall", two_level_model_batch, two_level_both)
 
 
 def two_level_model_period(name: str):
   """The variant of ``two_level_COMBINE_SPACE_kronecker[…]_modelperiod``
   (``model_refresh="period"``: the model rebuilt on the statistics period's
   steps only, not on a refresh warm-up's extra ones), else None."""
-  head, sep, tail = name.rpartition("_modelperiod")
-  ok = sep and not tail and (
-      (head in TWO_LEVEL_VARIANTS and head.endswith("_kronecker"))
-      or two_level_model_batch(head) is not None or two_level_both(head) is not None
-      or two_level_scale_all(head) is not None)
-  return head if ok else None
+  return _kronecker_form(name, "_modelperiod", two_level_model_batch,
+                         two_level_both, two_level_scale_all)
 
 
 def two_level_kl_clip(name: str):

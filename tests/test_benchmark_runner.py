@@ -677,3 +677,25 @@ def test_a_named_overview_section_is_filled_and_the_first_left_alone(tmp_path):
                                        str(readme)]):
     with pytest.raises(SystemExit):
       summary.main([str(path), *bad])
+
+
+def test_kronecker_model_suffixes_set_their_options(monkeypatch):
+  seen = {}
+  monkeypatch.setattr(contenders, "_natural",
+                      lambda name, task, alias, options: seen.setdefault(name, options))
+  task = tasks.make_task("mlp")
+  base = "two_level_balanced_krylov_residual_kronecker_batch125"
+  common = {"combine": "balanced", "coarse_space": "krylov_residual",
+            "fisher_products": "kronecker", "residual_refresh": "statistics",
+            "coarse_batch": 125}
+  for suffix, extra in [
+      ("_both", {"fine_scale": "both"}),
+      ("_scaleall", {"scale_batch": None}),
+      ("_both_scaleall_modelperiod", {"fine_scale": "both", "scale_batch": None,
+                                      "model_refresh": "period"})]:
+    contenders.make_contender(base + suffix, task)
+    assert seen[base + suffix] == {**common, **extra}
+  for bad in ("two_level_balanced_krylov_residual_scaleall",      # no model
+              "two_level_balanced_nicolaides_kronecker_modelperiod_both",
+              "kfac_scaleall"):
+    assert not contenders.known(bad)
