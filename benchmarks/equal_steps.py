@@ -7,7 +7,8 @@ Every schedule gets the same batches and sampling keys (``--seed``), so the
 losses compare progress per step, not per second (``benchmarks.run`` measures
 time). Prints, per schedule, the training loss on the task's fixed training
 subset after the last step (with ``--evals N``: at N evenly spaced steps)
-and the total step seconds.
+and the total step seconds; with ``--scales`` (a two-level contender on the
+Kronecker model) also the held model scales α, γ from each step they change.
 
 This is how docs/performance.md's refresh warm-up table was measured.
 """
@@ -16,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 
+import jax
+
 import numpy as np
 
 from benchmarks import contender_names
 from benchmarks import contenders
 from benchmarks import tasks
 from benchmarks import training
+from kfac_jax_ext.two_level_state import TwoLevelState
 
 
 def main(argv=None):
@@ -43,6 +47,9 @@ def main(argv=None):
   parser.add_argument("--evals", type=int, default=1,
                       help="training-loss evaluations spread over the steps")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--scales", action="store_true",
+                      help="two-level with fisher_products='kronecker': print the "
+                           "held model scales α, γ after each statistics step")
   parser.add_argument("--quick", action="store_true",
                       help="the task's small model (keeps the script tested)")
   args = parser.parse_args(argv)
@@ -68,9 +75,11 @@ def main(argv=None):
     for form in forms:
       run_task = task._replace(refresh_warmup=warmup, nesterov=form == "1")
       contender = contenders.make_contender(args.optimizer, run_task)
+      scales = []
       result = training.train(contender, run_task, hp, steps=args.steps,
                               seed=args.seed, progress=False, evaluate=evaluate,
-                              evals=args.evals)
+                              evals=args.evals, on_step=(lambda i, carry: scales.append(
+                                  (i, *_held_scales(carry)))) if args.scales else None)
       rows.append((warmup, form == "1", result["evals"][-1]["train"]["loss"],
                    float(np.sum(result["step_seconds"]))))
       curve = "" if args.evals == 1 else " (" + ", ".join(
@@ -80,7 +89,21 @@ def main(argv=None):
             f"{' nesterov' if form == '1' else ''}: train loss after "
             f"{args.steps} steps {rows[-1][2]:.4f} ({rows[-1][3]:.1f} s of steps)"
             + curve, flush=True)
+      if args.scales:     # the steps after which α, γ changed: statistics steps
+        changed = [s for k, s in enumerate(scales) if k == 0 or s[1:] != scales[k - 1][1:]]
+        print("held α, γ from step: " + ", ".join(
+            f"{i}: {a:.4g}, {g:.4g}" for i, a, g in changed), flush=True)
   return rows
+
+
+def _held_scales(carry):
+  """``(α, γ)`` of the two-level Kronecker model's state in ``carry``."""
+  found = [x for x in jax.tree_util.tree_leaves(
+      carry, is_leaf=lambda x: isinstance(x, TwoLevelState)) if isinstance(x, TwoLevelState)]
+  if not found or not hasattr(found[0].model, "coarse_scale"):
+    raise SystemExit("--scales reads the held α, γ of a two-level optimizer with "
+                     "fisher_products='kronecker' (a two_level_…_kronecker… contender)")
+  return float(found[0].model.scale), float(found[0].model.coarse_scale)
 
 
 if __name__ == "__main__":

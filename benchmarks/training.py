@@ -65,7 +65,7 @@ class Progress:
 
 
 def train(contender, task, hp, *, steps=None, seconds=None, seed=0, label="",
-          progress=True, evaluate=None, evals=EVALS):
+          progress=True, evaluate=None, evals=EVALS, on_step=None):
   """Trains ``contender`` on ``task`` with hyper-parameters ``hp``.
 
   Args:
@@ -80,6 +80,8 @@ def train(contender, task, hp, *, steps=None, seconds=None, seed=0, label="",
     evaluate: a ``make_evaluator(task.metrics_fn)`` (made if None).
     evals: evaluations spread over the budget (besides the one at step 0);
       1 evaluates only at the end (the sweep's score).
+    on_step: ``(step, carry) ↦ None``, called after each timed step, outside
+      its timing (e.g. to read the optimizer state), or None.
 
   Returns:
     A dict: ``loss`` (minibatch loss per step), ``step_seconds`` (each
@@ -121,6 +123,8 @@ def train(contender, task, hp, *, steps=None, seconds=None, seed=0, label="",
     carry, loss = contender.step(carry, batch, jax.random.fold_in(key, i), hp_arrays, i)
     loss = float(loss)
     took = time.perf_counter() - start
+    if on_step is not None:
+      on_step(i, carry)
     elapsed += took
     i += 1
     losses.append(loss)

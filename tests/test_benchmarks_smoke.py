@@ -65,6 +65,20 @@ def test_step_progress_splits_step_cost_from_per_step_loss(tmp_path, capsys):
     step_progress.compare(results, "slow", window=80)
 
 
+def test_equal_steps_prints_the_held_model_scales(capsys):
+  equal_steps.main(["--task", "mlp", "--quick", "--lr", "0.1", "--damping", "0.1",
+                    "--steps", "4", "--refresh-warmup", "0", "--scales",
+                    "--optimizer", "two_level_balanced_nicolaides_kronecker"])
+  line = [x for x in capsys.readouterr().out.splitlines()
+          if x.startswith("held α, γ from step: ")]
+  assert len(line) == 1
+  steps = [int(part.split(":")[0]) for part in line[0].split("step: ")[1].split(", ")[::2]]
+  assert steps[0] == 0                       # the first statistics step's α
+  with pytest.raises(SystemExit, match="--scales reads"):
+    equal_steps.main(["--task", "mlp", "--quick", "--lr", "0.1", "--damping", "0.1",
+                      "--steps", "2", "--refresh-warmup", "0", "--scales"])
+
+
 def test_equal_steps_compares_schedules_on_the_same_batches(capsys):
   rows = equal_steps.main(["--task", "mlp", "--quick", "--lr", "0.1", "--damping",
                            "0.1", "--steps", "4", "--refresh-warmup", "0,3,0"])
